@@ -1,0 +1,259 @@
+//! The wire format: the JSON batch of the dcmon spec.
+//!
+//! ```json
+//! {"machine_id": "…", "timestamp": 1693401234,
+//!  "metrics": [{"name": "cpu_load_1m", "value": 2.5, "labels": {}, "timestamp": 1693401234}]}
+//! ```
+//!
+//! The server rejects label values that are not strings and fractional timestamps (422), and
+//! stores Infinity in a way that breaks every later read of the machine, so this module is the
+//! one place that guarantees: integer second timestamps, string labels, finite values only.
+
+use serde::ser::{SerializeMap, SerializeStruct};
+use serde::{Serialize, Serializer};
+
+/// A metric value. Counters and byte counts stay integers on the wire.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Value {
+    /// A count (events, bytes, state); serialized as a JSON integer.
+    Count(u64),
+    /// A measurement; serialized as a JSON number. Never sent when not finite.
+    Gauge(f64),
+}
+
+impl Value {
+    /// Whether this value may be sent (the server mishandles NaN and infinities).
+    pub fn is_finite(self) -> bool {
+        match self {
+            Value::Count(_) => true,
+            Value::Gauge(v) => v.is_finite(),
+        }
+    }
+
+    /// The value as a float (for tests and arithmetic).
+    pub fn as_f64(self) -> f64 {
+        match self {
+            #[allow(clippy::cast_precision_loss, reason = "the server stores f64 anyway")]
+            Value::Count(v) => v as f64,
+            Value::Gauge(v) => v,
+        }
+    }
+}
+
+/// Label pairs of one sample, in a fixed order. Keys are static: the label names are a contract.
+pub type Labels = Vec<(&'static str, String)>;
+
+/// One metric reading.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    /// Metric name, e.g. `disk_read_bytes_total`.
+    pub name: &'static str,
+    /// The reading.
+    pub value: Value,
+    /// Labels such as `device` or `interface`.
+    pub labels: Labels,
+}
+
+impl Sample {
+    /// A gauge without labels.
+    pub fn gauge(name: &'static str, value: f64) -> Self {
+        Self {
+            name,
+            value: Value::Gauge(value),
+            labels: Labels::new(),
+        }
+    }
+
+    /// A counter without labels.
+    pub fn count(name: &'static str, value: u64) -> Self {
+        Self {
+            name,
+            value: Value::Count(value),
+            labels: Labels::new(),
+        }
+    }
+
+    /// This sample with one more label.
+    #[must_use]
+    pub fn label(mut self, key: &'static str, value: impl Into<String>) -> Self {
+        self.labels.push((key, value.into()));
+        self
+    }
+}
+
+/// A batch ready to send: every metric carries the batch's timestamp.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Batch {
+    /// The machine this batch describes (must match the API key's machine on the server).
+    pub machine_id: String,
+    /// Collection time, whole seconds since the Unix epoch.
+    pub timestamp: i64,
+    /// Finite samples only (see [`Batch::push`]).
+    samples: Vec<Sample>,
+    /// How many samples [`Batch::push`] refused because their value was not finite.
+    nonfinite_dropped: u64,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new(machine_id: impl Into<String>, timestamp: i64) -> Self {
+        Self {
+            machine_id: machine_id.into(),
+            timestamp,
+            samples: Vec::new(),
+            nonfinite_dropped: 0,
+        }
+    }
+
+    /// Add a sample; a sample whose value is NaN or infinite is dropped and counted instead.
+    pub fn push(&mut self, sample: Sample) {
+        if sample.value.is_finite() {
+            self.samples.push(sample);
+        } else {
+            tracing::debug!(metric = sample.name, labels = ?sample.labels, "dropping non-finite value");
+            self.nonfinite_dropped += 1;
+        }
+    }
+
+    /// Add many samples (see [`Batch::push`]).
+    pub fn extend(&mut self, samples: impl IntoIterator<Item = Sample>) {
+        for s in samples {
+            self.push(s);
+        }
+    }
+
+    /// The samples in this batch.
+    pub fn samples(&self) -> &[Sample] {
+        &self.samples
+    }
+
+    /// Samples refused by [`Batch::push`] because their value was not finite.
+    pub fn nonfinite_dropped(&self) -> u64 {
+        self.nonfinite_dropped
+    }
+
+    /// The JSON body for `POST /api/metrics`.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing plain strings and numbers into a Vec cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// The JSON body, indented for people (`dcmon-agent once`).
+    pub fn to_json_pretty(&self) -> Vec<u8> {
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+}
+
+impl Serialize for Value {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match *self {
+            Value::Count(v) => s.serialize_u64(v),
+            Value::Gauge(v) => s.serialize_f64(v),
+        }
+    }
+}
+
+struct WireLabels<'a>(&'a Labels);
+
+impl Serialize for WireLabels<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.0.len()))?;
+        for (k, v) in self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+struct WireMetric<'a> {
+    sample: &'a Sample,
+    timestamp: i64,
+}
+
+impl Serialize for WireMetric<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_struct("Metric", 4)?;
+        m.serialize_field("name", self.sample.name)?;
+        m.serialize_field("value", &self.sample.value)?;
+        m.serialize_field("labels", &WireLabels(&self.sample.labels))?;
+        m.serialize_field("timestamp", &self.timestamp)?;
+        m.end()
+    }
+}
+
+struct WireMetrics<'a>(&'a Batch);
+
+impl Serialize for WireMetrics<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.samples.iter().map(|sample| WireMetric {
+            sample,
+            timestamp: self.0.timestamp,
+        }))
+    }
+}
+
+impl Serialize for Batch {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut b = s.serialize_struct("Batch", 3)?;
+        b.serialize_field("machine_id", &self.machine_id)?;
+        b.serialize_field("timestamp", &self.timestamp)?;
+        b.serialize_field("metrics", &WireMetrics(self))?;
+        b.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wire_format_matches_the_spec() {
+        let mut b = Batch::new("m1", 1_693_401_234);
+        b.push(Sample::gauge("cpu_load_1m", 2.5));
+        b.push(Sample::count("disk_read_bytes_total", 1 << 40).label("device", "vda"));
+        let v: serde_json::Value = serde_json::from_slice(&b.to_json()).expect("valid json");
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "machine_id": "m1", "timestamp": 1_693_401_234,
+                "metrics": [
+                    {"name": "cpu_load_1m", "value": 2.5, "labels": {}, "timestamp": 1_693_401_234},
+                    {"name": "disk_read_bytes_total", "value": 1_099_511_627_776_u64,
+                     "labels": {"device": "vda"}, "timestamp": 1_693_401_234},
+                ]
+            })
+        );
+        // Counters are integers on the wire, not 1.0995e12.
+        let text = String::from_utf8(b.to_json()).expect("utf8");
+        assert!(text.contains("\"value\":1099511627776,"), "{text}");
+    }
+
+    #[test]
+    fn non_finite_values_are_dropped_and_counted() {
+        let mut b = Batch::new("m1", 1);
+        b.extend([
+            Sample::gauge("a", f64::NAN),
+            Sample::gauge("b", f64::INFINITY),
+            Sample::gauge("c", f64::NEG_INFINITY),
+            Sample::gauge("d", 0.0),
+            Sample::count("e", u64::MAX),
+        ]);
+        let names: Vec<_> = b.samples().iter().map(|s| s.name).collect();
+        assert_eq!(names, ["d", "e"]);
+        assert_eq!(b.nonfinite_dropped(), 3);
+        let text = String::from_utf8(b.to_json()).expect("utf8");
+        assert!(
+            !text.contains("null") && !text.contains("NaN") && !text.contains("inf"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped_strings() {
+        let mut b = Batch::new("m\"1", 7);
+        b.push(Sample::count("x", 1).label("device", "a\"b\\c\n"));
+        let v: serde_json::Value = serde_json::from_slice(&b.to_json()).expect("valid json");
+        assert_eq!(v["machine_id"], "m\"1");
+        assert_eq!(v["metrics"][0]["labels"]["device"], "a\"b\\c\n");
+    }
+}

@@ -1,0 +1,50 @@
+//! Collectors: one module per data source.
+//!
+//! # The contract
+//! [`Collector::collect`] appends samples to `out` and returns:
+//! - `Ok(())`: this round worked.
+//! - `Err(CollectError::NotPresent)`: the source does not exist on this host (no such file,
+//!   tool or hardware). The scheduler says so once in the log and stops calling it.
+//! - `Err(CollectError::Failed)`: this round failed; it is counted in
+//!   `dcmon_collector_success` and tried again next round. Samples appended before the error
+//!   are kept: a collector reports what it could read.
+//!
+//! A collector must not panic; if one does anyway, the scheduler catches it, reports it as
+//! failed and carries on with the others.
+
+pub mod disk;
+pub mod net;
+pub mod os;
+
+use crate::batch::Sample;
+use crate::config::Config;
+use crate::host::Host;
+
+/// Why a collection round produced nothing (or only part).
+#[derive(Debug, thiserror::Error)]
+pub enum CollectError {
+    /// The data source does not exist here; stop asking.
+    #[error("not present on this host: {0}")]
+    NotPresent(String),
+    /// This round failed; try again next round.
+    #[error(transparent)]
+    Failed(#[from] anyhow::Error),
+}
+
+/// One data source.
+pub trait Collector: Send + 'static {
+    /// The name in the `collector` label of self-metrics.
+    fn name(&self) -> &'static str;
+    /// Collect one round of samples into `out` (see the module docs for the error contract).
+    fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError>;
+}
+
+/// The collectors this config enables, in reporting order.
+pub fn from_config(config: &Config) -> Vec<Box<dyn Collector>> {
+    let host = Host::new(&config.host_root);
+    vec![
+        Box::new(os::OsCollector::new(host.clone())),
+        Box::new(disk::DiskCollector::new(host.clone(), config.disks.clone())),
+        Box::new(net::NetCollector::new(host, config.interfaces.clone())),
+    ]
+}

@@ -1,0 +1,278 @@
+//! Load average, CPU usage and memory from /proc/loadavg, /proc/stat and /proc/meminfo.
+
+use anyhow::Context as _;
+use dcmon_common::collector_names;
+use procfs_core::{FromRead as _, Meminfo};
+
+use super::{CollectError, Collector};
+use crate::batch::Sample;
+use crate::host::Host;
+
+/// CPU time counters from the `cpu ` line of /proc/stat, in clock ticks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CpuTicks {
+    /// Ticks spent doing work: user, nice, system, irq, softirq, steal.
+    pub busy: u64,
+    /// All ticks: busy plus idle and iowait.
+    pub total: u64,
+}
+
+impl CpuTicks {
+    /// CPU usage in percent between `earlier` and `self`; `None` when no time has passed or
+    /// the counters went backwards (CPU hot-unplug), so no value is better than a wrong one.
+    pub fn usage_percent_since(self, earlier: CpuTicks) -> Option<f64> {
+        let total = self.total.checked_sub(earlier.total)?;
+        let busy = self.busy.checked_sub(earlier.busy)?;
+        if total == 0 || busy > total {
+            return None;
+        }
+        #[allow(clippy::cast_precision_loss, reason = "tick deltas are far below 2^52")]
+        Some(busy as f64 * 100.0 / total as f64)
+    }
+}
+
+/// `cpu  user nice system idle iowait irq softirq steal guest guest_nice` (first line of
+/// /proc/stat). Every field counts: iowait and idle are idle time; irq, softirq and steal are
+/// busy. guest and guest_nice are already inside user and nice, so adding them would count
+/// them twice (the kernel's own accounting, and psutil's).
+///
+/// Parsed here rather than with procfs-core's `KernelStats`, which needs every other line of
+/// the file and parses each per-CPU line too; this needs the first line only.
+pub fn parse_cpu_ticks(stat: &str) -> anyhow::Result<CpuTicks> {
+    let line = stat.lines().next().unwrap_or_default();
+    let fields = line.strip_prefix("cpu ").ok_or_else(|| {
+        anyhow::anyhow!(
+            "expected the first line to start with \"cpu \", got {:?}",
+            excerpt(line)
+        )
+    })?;
+    let mut ticks = [0u64; 8];
+    let mut count = 0;
+    for (slot, field) in ticks.iter_mut().zip(fields.split_whitespace()) {
+        *slot = field.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "expected tick counts on the \"cpu\" line, got {:?}",
+                excerpt(line)
+            )
+        })?;
+        count += 1;
+    }
+    if count < 4 {
+        anyhow::bail!(
+            "expected at least 4 tick counts on the \"cpu\" line, got {:?}",
+            excerpt(line)
+        );
+    }
+    let [user, nice, system, idle, iowait, irq, softirq, steal] = ticks;
+    let busy = user + nice + system + irq + softirq + steal;
+    Ok(CpuTicks {
+        busy,
+        total: busy + idle + iowait,
+    })
+}
+
+/// `0.52 0.58 0.59 1/467 12345` (/proc/loadavg) into the three load samples. (procfs-core
+/// parses these as f32, which turns 0.87 into 0.8700000047683716 on the wire.)
+pub fn parse_loadavg(text: &str) -> anyhow::Result<[Sample; 3]> {
+    let mut fields = text.split_whitespace().map(str::parse::<f64>);
+    let mut next = || match fields.next() {
+        Some(Ok(v)) => Ok(v),
+        _ => Err(anyhow::anyhow!(
+            "expected three load averages such as \"0.52 0.58 0.59 ...\", got {:?}",
+            excerpt(text)
+        )),
+    };
+    Ok([
+        Sample::gauge("cpu_load_1m", next()?),
+        Sample::gauge("cpu_load_5m", next()?),
+        Sample::gauge("cpu_load_15m", next()?),
+    ])
+}
+
+/// The start of a line for an error message.
+fn excerpt(text: &str) -> &str {
+    let line = text.lines().next().unwrap_or_default();
+    match line.char_indices().nth(120) {
+        Some((i, _)) => &line[..i],
+        None => line,
+    }
+}
+
+/// `MemTotal:  8136412 kB` ... (/proc/meminfo) into the four memory samples. `used` is
+/// total minus available, the memory that cannot be reclaimed without swapping (what `free`
+/// shows as used since procps 3.3.10).
+pub fn parse_meminfo(text: &str) -> Result<[Sample; 4], procfs_core::ProcError> {
+    let m = Meminfo::from_read(text.as_bytes())?;
+    // Kernels before 3.14 have no MemAvailable; free + buffers + cache is what tools used then.
+    let available = m
+        .mem_available
+        .unwrap_or(m.mem_free + m.buffers + m.cached)
+        .min(m.mem_total);
+    let used = m.mem_total - available;
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "memory sizes are far below 2^52"
+    )]
+    let used_percent = used as f64 * 100.0 / m.mem_total as f64;
+    Ok([
+        Sample::count("memory_total_bytes", m.mem_total),
+        Sample::count("memory_available_bytes", available),
+        Sample::count("memory_used_bytes", used),
+        // NaN when MemTotal is 0 (a broken fixture); the batch drops and counts it.
+        Sample::gauge("memory_usage_percent", used_percent),
+    ])
+}
+
+/// Load, CPU usage and memory.
+#[derive(Debug)]
+pub struct OsCollector {
+    host: Host,
+    buf: String,
+    prev_cpu: Option<CpuTicks>,
+}
+
+impl OsCollector {
+    /// Takes the first CPU sample now, so that the first collection already reports
+    /// `cpu_usage_percent`.
+    pub fn new(host: Host) -> Self {
+        let mut c = Self {
+            host,
+            buf: String::new(),
+            prev_cpu: None,
+        };
+        c.prev_cpu = c.read_cpu().ok();
+        c
+    }
+
+    fn read_cpu(&mut self) -> anyhow::Result<CpuTicks> {
+        self.host.read_into("/proc/stat", &mut self.buf)?;
+        parse_cpu_ticks(&self.buf)
+            .with_context(|| format!("parsing {}", self.host.path("/proc/stat").display()))
+    }
+
+    fn collect_load(&mut self, out: &mut Vec<Sample>) -> anyhow::Result<()> {
+        self.host.read_into("/proc/loadavg", &mut self.buf)?;
+        let samples = parse_loadavg(&self.buf)
+            .with_context(|| format!("parsing {}", self.host.path("/proc/loadavg").display()))?;
+        out.extend(samples);
+        Ok(())
+    }
+
+    fn collect_cpu(&mut self, out: &mut Vec<Sample>) -> anyhow::Result<()> {
+        let now = self.read_cpu()?;
+        if let Some(pct) = self.prev_cpu.and_then(|prev| now.usage_percent_since(prev)) {
+            out.push(Sample::gauge("cpu_usage_percent", pct));
+        }
+        self.prev_cpu = Some(now);
+        Ok(())
+    }
+
+    fn collect_memory(&mut self, out: &mut Vec<Sample>) -> anyhow::Result<()> {
+        self.host.read_into("/proc/meminfo", &mut self.buf)?;
+        let samples = parse_meminfo(&self.buf)
+            .with_context(|| format!("parsing {}", self.host.path("/proc/meminfo").display()))?;
+        out.extend(samples);
+        Ok(())
+    }
+}
+
+impl Collector for OsCollector {
+    fn name(&self) -> &'static str {
+        collector_names::OS
+    }
+
+    fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
+        // Each file is independent: a failure in one must not hide the others.
+        let results = [
+            self.collect_load(out),
+            self.collect_cpu(out),
+            self.collect_memory(out),
+        ];
+        let mut errors = results.into_iter().filter_map(Result::err);
+        match errors.next() {
+            None => Ok(()),
+            Some(first) => {
+                let rest: Vec<String> = errors.map(|e| format!("{e:#}")).collect();
+                Err(if rest.is_empty() {
+                    first
+                } else {
+                    first.context(rest.join("; "))
+                }
+                .into())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_usage_counts_every_field() {
+        // user nice system idle iowait irq softirq steal guest guest_nice
+        let a = parse_cpu_ticks("cpu  100 0 50 800 40 5 5 0 30 0\n").expect("a");
+        let b = parse_cpu_ticks("cpu  160 0 70 900 80 10 10 10 60 0\n").expect("b");
+        assert_eq!(
+            a,
+            CpuTicks {
+                busy: 160,
+                total: 1000
+            }
+        );
+        // busy delta: 60 user + 20 system + 5 irq + 5 softirq + 10 steal = 100;
+        // idle delta: 100 idle + 40 iowait = 140; guest is inside user and not added again.
+        assert_eq!(b.usage_percent_since(a), Some(100.0 * 100.0 / 240.0));
+        assert_eq!(a.usage_percent_since(a), None, "no time passed");
+        assert_eq!(a.usage_percent_since(b), None, "counters went backwards");
+    }
+
+    #[test]
+    fn loadavg_keeps_decimal_values_exact() {
+        let s = parse_loadavg("0.87 0.38 0.17 1/467 12345\n").expect("loadavg");
+        assert_eq!(
+            s.map(|s| s.value),
+            [0.87, 0.38, 0.17].map(crate::batch::Value::Gauge)
+        );
+    }
+
+    #[test]
+    fn old_kernel_cpu_line_with_four_fields() {
+        let t = parse_cpu_ticks("cpu  10 20 30 40\n").expect("short line");
+        assert_eq!(
+            t,
+            CpuTicks {
+                busy: 60,
+                total: 100
+            }
+        );
+    }
+
+    #[test]
+    fn meminfo_without_memavailable_uses_free_buffers_cached() {
+        let text = "MemTotal: 1000 kB\nMemFree: 100 kB\nBuffers: 50 kB\nCached: 250 kB\nSwapCached: 0 kB\n\
+                    Active: 0 kB\nInactive: 0 kB\nSwapTotal: 0 kB\nSwapFree: 0 kB\nDirty: 0 kB\n\
+                    Writeback: 0 kB\nMapped: 0 kB\nSlab: 0 kB\nCommitLimit: 0 kB\nCommitted_AS: 0 kB\n\
+                    VmallocTotal: 0 kB\nVmallocUsed: 0 kB\nVmallocChunk: 0 kB\nAnonPages: 0 kB\nShmem: 0 kB\n\
+                    KernelStack: 0 kB\nPageTables: 0 kB\nNFS_Unstable: 0 kB\nBounce: 0 kB\nWritebackTmp: 0 kB\n";
+        match parse_meminfo(text) {
+            Ok(s) => {
+                assert_eq!(s[1].value, crate::batch::Value::Count(400 * 1024));
+                assert_eq!(s[2].value, crate::batch::Value::Count(600 * 1024));
+            }
+            // procfs-core insists on a handful of fields every kernel since 2.6 has; make sure
+            // the error is a parse error, not a panic.
+            Err(e) => panic!("old meminfo should parse: {e}"),
+        }
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(parse_loadavg("not a loadavg").is_err());
+        assert!(parse_cpu_ticks("cpu  x y z 1\n").is_err());
+        assert!(parse_cpu_ticks("cpu  1 2 3\n").is_err());
+        assert!(parse_cpu_ticks("intr 1 2 3 4\n").is_err());
+        assert!(parse_loadavg("0.5 0.4\n").is_err());
+        assert!(parse_meminfo("MemTotal: lots\n").is_err());
+    }
+}

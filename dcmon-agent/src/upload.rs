@@ -1,0 +1,213 @@
+//! The HTTP client that posts batches to `POST {server_url}/api/metrics`.
+//!
+//! Answers are classified so the caller can decide: retry later (network error, timeout, 408,
+//! 429, 5xx), or give up on this batch because retrying cannot help (other 4xx: a wrong key, a
+//! machine id mismatch or a schema violation). Everything read from the server is untrusted:
+//! only a short, sanitized excerpt of a body ever reaches the log.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::StatusCode;
+
+use crate::api_key::ApiKey;
+
+/// How many bytes of an error body are kept for the log.
+const BODY_EXCERPT_BYTES: usize = 200;
+
+/// Posts batches to one server with one key.
+#[derive(Debug, Clone)]
+pub struct Uploader {
+    client: reqwest::Client,
+    metrics_url: String,
+    key: ApiKey,
+}
+
+/// A batch the server did not accept.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    /// No HTTP answer: DNS, connect, TLS, timeout, connection reset.
+    #[error("cannot reach {url}: {reason}")]
+    Unreachable {
+        /// The URL posted to.
+        url: String,
+        /// The error chain, flattened.
+        reason: String,
+    },
+    /// The server answered with a non-2xx status.
+    #[error("server answered {status}{}: {excerpt}", hint(*status))]
+    Status {
+        /// The HTTP status.
+        status: StatusCode,
+        /// The start of the body, sanitized (the `detail` field when it is JSON).
+        excerpt: String,
+        /// Seconds from a Retry-After header, if any.
+        retry_after_secs: Option<u64>,
+    },
+}
+
+fn hint(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        401 => " (the API key was refused: check the api_key_file)",
+        403 => {
+            " (not authorised: missing key, machine id mismatch, or client disabled on the server)"
+        }
+        422 => " (the server rejected the batch format)",
+        _ => "",
+    }
+}
+
+impl UploadError {
+    /// Whether sending the same batch again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            UploadError::Unreachable { .. } => true,
+            UploadError::Status { status, .. } => {
+                status.is_server_error()
+                    || *status == StatusCode::REQUEST_TIMEOUT
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+        }
+    }
+}
+
+impl Uploader {
+    /// A client for `server_base` (no trailing slash) with connect and total timeouts.
+    pub fn new(
+        server_base: &str,
+        key: ApiKey,
+        connect_timeout: Duration,
+        total_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(connect_timeout)
+            .timeout(total_timeout)
+            .user_agent(concat!("dcmon-agent/", env!("CARGO_PKG_VERSION")))
+            // The batch is all the agent sends; one idle connection is all it needs.
+            .pool_max_idle_per_host(1)
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
+        Ok(Self {
+            client,
+            metrics_url: format!("{server_base}/api/metrics"),
+            key,
+        })
+    }
+
+    /// The URL batches go to.
+    pub fn metrics_url(&self) -> &str {
+        &self.metrics_url
+    }
+
+    /// Post one JSON batch. Returns the number of metrics the server says it accepted, when
+    /// it says.
+    pub async fn send(&self, body: Bytes) -> Result<Option<u64>, UploadError> {
+        let resp = self
+            .client
+            .post(&self.metrics_url)
+            .bearer_auth(self.key.expose())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| UploadError::Unreachable {
+                url: self.metrics_url.clone(),
+                reason: error_chain(&e),
+            })?;
+        let status = resp.status();
+        let retry_after_secs = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        let body = resp.bytes().await.unwrap_or_default();
+        if status.is_success() {
+            let accepted = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("metrics_count").and_then(serde_json::Value::as_u64));
+            return Ok(accepted);
+        }
+        Err(UploadError::Status {
+            status,
+            excerpt: excerpt(&body),
+            retry_after_secs,
+        })
+    }
+}
+
+/// `e` and its sources joined with ": " (reqwest's Display alone says only "error sending
+/// request").
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        cur = inner.source();
+    }
+    s
+}
+
+/// A log-safe excerpt of an untrusted body: the `detail` of a FastAPI error when there is one,
+/// else the raw start; at most [`BODY_EXCERPT_BYTES`], control characters replaced.
+pub fn excerpt(body: &[u8]) -> String {
+    let detail = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| match v.get("detail") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(other) => Some(other.to_string()),
+            None => None,
+        });
+    let text = detail.unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
+    let mut out: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .take(BODY_EXCERPT_BYTES)
+        .collect();
+    if text.chars().count() > BODY_EXCERPT_BYTES {
+        out.push('…');
+    }
+    if out.trim().is_empty() {
+        "(empty body)".to_owned()
+    } else {
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn excerpt_prefers_detail_and_sanitizes() {
+        assert_eq!(
+            excerpt(br#"{"detail": "Invalid API key"}"#),
+            "Invalid API key"
+        );
+        assert_eq!(excerpt(b"bad\x1b[31mgateway\n"), "bad [31mgateway ");
+        assert_eq!(excerpt(b""), "(empty body)");
+        let long = "x".repeat(1000);
+        assert_eq!(
+            excerpt(long.as_bytes()).chars().count(),
+            BODY_EXCERPT_BYTES + 1
+        );
+        let v = excerpt(br#"{"detail": [{"loc": ["body"], "msg": "field required"}]}"#);
+        assert!(v.contains("field required"), "{v}");
+    }
+
+    #[test]
+    fn retry_classification() {
+        let st = |code: u16| UploadError::Status {
+            status: StatusCode::from_u16(code).expect("status"),
+            excerpt: String::new(),
+            retry_after_secs: None,
+        };
+        for code in [408, 429, 500, 502, 503] {
+            assert!(st(code).is_retryable(), "{code}");
+        }
+        for code in [400, 401, 403, 413, 422] {
+            assert!(!st(code).is_retryable(), "{code}");
+        }
+        assert!(st(401).to_string().contains("API key was refused"));
+    }
+}
