@@ -103,6 +103,8 @@ impl DeviceFilter {
             include: PatternList::match_all(),
             exclude: PatternList::new([
                 "lo",
+                // ifb devices mirror other interfaces' traffic for shaping: counting them counts twice.
+                "ifb*",
                 "docker*",
                 "veth*",
                 "br-*",
@@ -218,7 +220,7 @@ impl Config {
         let mut on_unknown = |p: serde_ignored::Path<'_>| unknown_keys.push(p.to_string());
         let ignoring = serde_ignored::Deserializer::new(&mut de, &mut on_unknown);
         let config: Config = serde_path_to_error::deserialize(ignoring).map_err(|e| {
-            let field = Some(e.path().to_string()).filter(|p| p != ".");
+            let field = Some(e.path().to_string()).filter(|p| p != "." && p != "?");
             let inner = e.into_inner();
             ConfigError::Parse {
                 path: path.to_owned(),
@@ -271,13 +273,11 @@ impl Config {
                 return Err(invalid(field, "must be at least 1 second, got 0".into()));
             }
         }
-        if let Some(id) = &self.machine_id {
-            if id.trim().is_empty() {
-                return Err(invalid(
-                    "machine_id",
-                    "must not be empty (remove the key to use /etc/machine-id)".into(),
-                ));
-            }
+        if self.machine_id.as_ref().is_some_and(|id| id.trim().is_empty()) {
+            return Err(invalid(
+                "machine_id",
+                "must not be empty (remove the key to use /etc/machine-id)".into(),
+            ));
         }
         Ok(())
     }

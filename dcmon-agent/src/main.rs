@@ -1,6 +1,6 @@
 //! `dcmon-agent`: argument parsing and wiring only; the work lives in the library.
 
-use std::io::Write as _;
+use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -45,6 +45,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_max_level(cli.log_level)
         .with_target(false)
+        // Colour codes only for people at a terminal, not in the journal or a log file.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
 
     let (path, explicit) = match &cli.config {
