@@ -273,7 +273,11 @@ impl Config {
                 return Err(invalid(field, "must be at least 1 second, got 0".into()));
             }
         }
-        if self.machine_id.as_ref().is_some_and(|id| id.trim().is_empty()) {
+        if self
+            .machine_id
+            .as_ref()
+            .is_some_and(|id| id.trim().is_empty())
+        {
             return Err(invalid(
                 "machine_id",
                 "must not be empty (remove the key to use /etc/machine-id)".into(),
