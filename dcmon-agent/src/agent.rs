@@ -9,18 +9,17 @@
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use std::sync::{Arc, Mutex};
+
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 
 use crate::batch::{Batch, Sample};
 use crate::collector::{CollectError, Collector};
-use crate::upload::{UploadError, Uploader};
-
-/// Batches waiting for upload before new ones are dropped (durable queuing is the outbox's job).
-const UPLOAD_QUEUE_BATCHES: usize = 64;
-/// Attempts per batch for retryable failures, and the pause before each retry.
-const UPLOAD_RETRY_DELAYS: [Duration; 2] = [Duration::from_secs(1), Duration::from_secs(3)];
+use crate::deliver::{self as delivery, DeliveryPolicy, SharedOutbox, deliver};
+use crate::outbox::Outbox;
+use crate::upload::Uploader;
 
 type RunResult = (
     Box<dyn Collector>,
@@ -218,93 +217,136 @@ pub fn unix_now_secs() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-/// Run the daemon until `shutdown` resolves: a batch every `interval`, uploaded in the
-/// background so a slow server never delays collection.
+/// This host's offset within the interval, so that many agents do not post at the same
+/// instant. Derived from the machine id (FNV-1a, stable across restarts and Rust versions).
+pub fn phase_offset(machine_id: &str, interval: Duration) -> Duration {
+    let hash = machine_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let interval_ms = u64::try_from(interval.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    Duration::from_millis(hash % interval_ms)
+}
+
+/// Time from `now_unix_ms` to the first tick: the first wall-clock instant at least `min_gap`
+/// away whose offset within the interval is `phase`.
+pub fn first_tick_delay(
+    now_unix_ms: u64,
+    phase: Duration,
+    interval: Duration,
+    min_gap: Duration,
+) -> Duration {
+    let interval_ms = u64::try_from(interval.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    let phase_ms = u64::try_from(phase.as_millis()).unwrap_or(0) % interval_ms;
+    let earliest = now_unix_ms + u64::try_from(min_gap.as_millis()).unwrap_or(0);
+    let base = earliest - earliest % interval_ms + phase_ms;
+    let first = if base >= earliest {
+        base
+    } else {
+        base + interval_ms
+    };
+    Duration::from_millis(first - now_unix_ms)
+}
+
+/// Everything the daemon loop needs besides the scheduler.
+#[derive(Debug)]
+pub struct Daemon {
+    /// Time between batches.
+    pub interval: Duration,
+    /// Offset of this host's ticks within the interval ([`phase_offset`]).
+    pub phase: Duration,
+    /// The durable queue of unsent batches.
+    pub outbox: Outbox,
+    /// The HTTP client.
+    pub uploader: Uploader,
+    /// Retry and pacing rules.
+    pub policy: DeliveryPolicy,
+}
+
+/// How long delivery may take to finish its in-flight request after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+
+/// Run the daemon until `shutdown` resolves: a batch every interval, each stored in the outbox
+/// before delivery, which runs in its own task so a slow or absent server never delays
+/// collection.
 pub async fn run(
     mut scheduler: Scheduler,
-    uploader: Uploader,
-    interval: Duration,
-    first_delay: Duration,
+    daemon: Daemon,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let (tx, rx) = mpsc::channel::<Bytes>(UPLOAD_QUEUE_BATCHES);
-    let upload_task = tokio::spawn(upload_loop(uploader, rx));
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + first_delay, interval);
+    let outbox: SharedOutbox = Arc::new(Mutex::new(daemon.outbox));
+    let wake = Arc::new(Notify::new());
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut delivery = tokio::spawn(deliver(
+        Arc::clone(&outbox),
+        daemon.uploader,
+        daemon.policy,
+        Arc::clone(&wake),
+        stop_rx,
+    ));
+
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+    // At least a second before the first round, so CPU usage has a window to measure.
+    let delay = first_tick_delay(
+        now_ms,
+        daemon.phase,
+        daemon.interval,
+        Duration::from_secs(1),
+    );
+    tracing::info!(
+        "first batch in {delay:.1?}, then every {:?}",
+        daemon.interval
+    );
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + delay, daemon.interval);
     // After a stall (suspend, overload) skip the missed rounds instead of bursting them.
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut dropped_batches: u64 = 0;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             _ = ticker.tick() => {
-                let batch = scheduler.collect(unix_now_secs()).await;
-                let metrics = batch.samples().len();
-                if let Err(mpsc::error::TrySendError::Full(_)) = tx.try_send(Bytes::from(batch.to_json())) {
-                    dropped_batches += 1;
-                    tracing::warn!(dropped_batches, "upload queue full ({UPLOAD_QUEUE_BATCHES} batches): dropping this batch");
-                } else {
-                    tracing::debug!(metrics, "batch queued");
+                let mut batch = scheduler.collect(unix_now_secs()).await;
+                let stats = delivery::lock(&outbox).stats();
+                batch.extend(stats.samples());
+                let (timestamp, body) = (batch.timestamp, Bytes::from(batch.to_json()));
+                let shared = Arc::clone(&outbox);
+                // write + fsync off the async thread; awaited so batches stay in order.
+                let pushed = tokio::task::spawn_blocking(move || delivery::lock(&shared).push(timestamp, body)).await;
+                if let Err(e) = pushed {
+                    tracing::error!("storing a batch failed: {e}");
                 }
+                wake.notify_one();
             }
         }
     }
-    tracing::info!("shutting down: finishing queued uploads (at most 5 s)");
-    drop(tx);
-    if tokio::time::timeout(Duration::from_secs(5), upload_task)
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut delivery)
         .await
         .is_err()
     {
-        tracing::warn!("uploads still pending at shutdown were abandoned");
+        delivery.abort();
+        tracing::warn!("abandoned the upload in flight at shutdown; its batch stays in the outbox");
     }
-}
-
-async fn upload_loop(uploader: Uploader, mut rx: mpsc::Receiver<Bytes>) {
-    let mut last_failure: Option<String> = None;
-    while let Some(body) = rx.recv().await {
-        let mut delays = UPLOAD_RETRY_DELAYS.iter();
-        loop {
-            match uploader.send(body.clone()).await {
-                Ok(accepted) => {
-                    if last_failure.take().is_some() {
-                        tracing::info!(url = uploader.metrics_url(), "uploads succeeding again");
-                    }
-                    tracing::debug!(accepted, "batch accepted");
-                    break;
-                }
-                Err(e) => {
-                    let retry = e.is_retryable().then(|| delays.next()).flatten();
-                    log_upload_failure(&e, retry.is_some(), &mut last_failure);
-                    match retry {
-                        Some(d) => tokio::time::sleep(retry_delay(&e, *d)).await,
-                        None => break,
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Honour a short Retry-After; never wait longer than a minute here (the queue is in memory).
-fn retry_delay(e: &UploadError, default: Duration) -> Duration {
-    match e {
-        UploadError::Status {
-            retry_after_secs: Some(s),
-            ..
-        } => Duration::from_secs((*s).min(60)),
-        _ => default,
-    }
-}
-
-fn log_upload_failure(e: &UploadError, will_retry: bool, last: &mut Option<String>) {
-    let msg = e.to_string();
-    let action = if will_retry {
-        "will retry"
+    let o = delivery::lock(&outbox);
+    let stats = o.stats();
+    if stats.in_memory > 0 {
+        tracing::error!(
+            "{} unsent batches were held in memory ({}) and are lost",
+            stats.in_memory,
+            o.persist_error().unwrap_or("outbox not writable")
+        );
     } else {
-        "batch dropped"
-    };
-    tracing::warn!("upload failed, {action}: {msg}");
-    *last = Some(msg);
+        tracing::info!(
+            backlog = stats.batches,
+            "outbox {} left for the next start",
+            o.dir().display()
+        );
+    }
 }
 
 #[cfg(test)]
@@ -335,6 +377,46 @@ mod tests {
             .iter()
             .find(|s| s.name == "dcmon_collector_success" && s.labels[0].1 == collector)
             .map(|s| s.value)
+    }
+
+    #[test]
+    fn phase_is_stable_and_within_the_interval() {
+        let i = Duration::from_secs(30);
+        assert_eq!(phase_offset("abc", i), phase_offset("abc", i));
+        assert_ne!(phase_offset("abc", i), phase_offset("abd", i));
+        assert!(phase_offset("abc", i) < i);
+        let spread: std::collections::HashSet<_> = (0..100)
+            .map(|n| phase_offset(&format!("host-{n}"), i).as_secs())
+            .collect();
+        assert!(spread.len() > 20, "phases bunch up: {spread:?}");
+    }
+
+    #[test]
+    fn first_tick_lands_on_the_phase_at_least_min_gap_away() {
+        let (i, gap) = (Duration::from_secs(30), Duration::from_secs(1));
+        // now = 100.000 s, phase 5 s: next instant = 5 s into the 90..120 window -> 95 is past, so 125.
+        assert_eq!(
+            first_tick_delay(100_000, Duration::from_secs(5), i, gap),
+            Duration::from_secs(25)
+        );
+        // phase 10.5 s -> 100.5 s is under the 1 s gap; next is 130.5 s.
+        assert_eq!(
+            first_tick_delay(100_000, Duration::from_millis(10_500), i, gap),
+            Duration::from_millis(30_500)
+        );
+        assert_eq!(
+            first_tick_delay(100_000, Duration::from_secs(11), i, gap),
+            Duration::from_secs(1)
+        );
+        // interval 1 s: always within [gap, gap + interval).
+        for now in [0_u64, 999, 1000, 123_456] {
+            let d = first_tick_delay(now, Duration::from_millis(250), Duration::from_secs(1), gap);
+            assert!(d >= gap && d < gap + Duration::from_secs(1), "{now}: {d:?}");
+            assert_eq!(
+                (now + u64::try_from(d.as_millis()).expect("ms")) % 1000,
+                250
+            );
+        }
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -42,6 +42,18 @@ pub struct Config {
     pub upload_timeout: u64,
     /// Seconds to wait for the TCP/TLS connection to the server.
     pub connect_timeout: u64,
+    /// Directory of the durable queue of unsent batches.
+    pub outbox_dir: PathBuf,
+    /// Bytes the outbox may hold before the oldest batches are dropped.
+    pub outbox_max_bytes: u64,
+    /// Seconds a batch may wait in the outbox before it is dropped.
+    pub outbox_max_age: u64,
+    /// Longest wait, in seconds, between retries while the server is unreachable or failing.
+    pub retry_max_backoff: u64,
+    /// Seconds between retries while the server answers 401/403.
+    pub auth_retry_interval: u64,
+    /// Batches per second sent while catching up on a backlog.
+    pub catchup_batches_per_second: u32,
 }
 
 /// The spec's `exporters` map. Collectors for these arrive in later releases; until a collector
@@ -131,6 +143,12 @@ impl Default for Config {
             collector_timeout: 10,
             upload_timeout: 15,
             connect_timeout: 5,
+            outbox_dir: PathBuf::from("/var/lib/dcmon/outbox"),
+            outbox_max_bytes: 64 * 1024 * 1024,
+            outbox_max_age: 7 * 24 * 3600,
+            retry_max_backoff: 300,
+            auth_retry_interval: 60,
+            catchup_batches_per_second: 10,
         }
     }
 }
@@ -268,9 +286,16 @@ impl Config {
             ("collector_timeout", self.collector_timeout),
             ("upload_timeout", self.upload_timeout),
             ("connect_timeout", self.connect_timeout),
+            ("outbox_max_age", self.outbox_max_age),
+            ("retry_max_backoff", self.retry_max_backoff),
+            ("auth_retry_interval", self.auth_retry_interval),
+            (
+                "catchup_batches_per_second",
+                u64::from(self.catchup_batches_per_second),
+            ),
         ] {
             if secs < 1 {
-                return Err(invalid(field, "must be at least 1 second, got 0".into()));
+                return Err(invalid(field, "must be at least 1, got 0".into()));
             }
         }
         if self

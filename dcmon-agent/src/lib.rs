@@ -2,13 +2,15 @@
 //!
 //! The flow: [`collector`]s (one per data source) produce [`batch::Sample`]s, the
 //! [`agent`] scheduler runs them concurrently on a fixed cadence and builds a [`batch::Batch`],
-//! and [`upload`] posts it to the dcmon server.
+//! the [`outbox`] stores it durably, and [`deliver`] sends it with [`upload`] to the dcmon server.
 
 pub mod agent;
 pub mod api_key;
 pub mod batch;
 pub mod collector;
 pub mod config;
+pub mod deliver;
 pub mod filter;
 pub mod host;
+pub mod outbox;
 pub mod upload;

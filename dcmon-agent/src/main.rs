@@ -6,9 +6,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use dcmon_agent::agent::{self, Scheduler};
+use dcmon_agent::agent::{self, Daemon, Scheduler};
 use dcmon_agent::config::{self, Config};
+use dcmon_agent::deliver::DeliveryPolicy;
 use dcmon_agent::host::Host;
+use dcmon_agent::outbox::{Outbox, OutboxLimits};
 use dcmon_agent::upload::Uploader;
 use dcmon_agent::{api_key, collector};
 
@@ -141,21 +143,29 @@ async fn run(config: &Config, config_path: &std::path::Path) -> anyhow::Result<(
         "dcmon-agent {} starting",
         env!("CARGO_PKG_VERSION")
     );
+    let limits = OutboxLimits {
+        max_bytes: config.outbox_max_bytes,
+        max_age: Duration::from_secs(config.outbox_max_age),
+    };
+    let daemon = Daemon {
+        interval: config.interval(),
+        phase: agent::phase_offset(&machine_id, config.interval()),
+        outbox: Outbox::open(&config.outbox_dir, limits, agent::unix_now_secs()),
+        uploader,
+        policy: DeliveryPolicy {
+            backoff_base: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(config.retry_max_backoff),
+            auth_retry: Duration::from_secs(config.auth_retry_interval),
+            catchup_batches_per_sec: config.catchup_batches_per_second,
+            api_key_file: config.api_key_file.clone(),
+        },
+    };
     let scheduler = Scheduler::new(
         collector::from_config(config),
         machine_id,
         Duration::from_secs(config.collector_timeout),
     );
-    // The first batch comes one second after start (CPU usage needs two samples), then every interval.
-    let first_delay = Duration::from_secs(1).min(config.interval());
-    agent::run(
-        scheduler,
-        uploader,
-        config.interval(),
-        first_delay,
-        shutdown_signal(),
-    )
-    .await;
+    agent::run(scheduler, daemon, shutdown_signal()).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! The HTTP client that posts batches to `POST {server_url}/api/metrics`.
 //!
-//! Answers are classified so the caller can decide: retry later (network error, timeout, 408,
-//! 429, 5xx), or give up on this batch because retrying cannot help (other 4xx: a wrong key, a
-//! machine id mismatch or a schema violation). Everything read from the server is untrusted:
+//! Failures are classified ([`Verdict`]) for the delivery loop: retry later (network error,
+//! timeout, 408, 429, 5xx), not authorised (401/403: keep the batches), or rejected for good
+//! (other 4xx). Everything read from the server is untrusted:
 //! only a short, sanitized excerpt of a body ever reaches the log.
 
 use std::time::Duration;
@@ -57,16 +57,38 @@ fn hint(status: StatusCode) -> &'static str {
     }
 }
 
+/// What to do with a batch after a failed send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Transient (network, timeout, 408, 429, 5xx): back off and send it again.
+    RetryLater {
+        /// The server's Retry-After, honoured on 429 and 503.
+        retry_after: Option<Duration>,
+    },
+    /// 401/403: the key or this client is not accepted; keep everything, retry slowly.
+    NotAuthorized,
+    /// 400, 413, 422 and other 4xx: this batch will never be accepted.
+    Rejected,
+}
+
 impl UploadError {
-    /// Whether sending the same batch again later may succeed.
-    pub fn is_retryable(&self) -> bool {
+    /// How the delivery loop should treat this failure.
+    pub fn verdict(&self) -> Verdict {
         match self {
-            UploadError::Unreachable { .. } => true,
-            UploadError::Status { status, .. } => {
-                status.is_server_error()
-                    || *status == StatusCode::REQUEST_TIMEOUT
-                    || *status == StatusCode::TOO_MANY_REQUESTS
-            }
+            UploadError::Unreachable { .. } => Verdict::RetryLater { retry_after: None },
+            UploadError::Status {
+                status,
+                retry_after_secs,
+                ..
+            } => match status.as_u16() {
+                401 | 403 => Verdict::NotAuthorized,
+                429 | 503 => Verdict::RetryLater {
+                    retry_after: retry_after_secs.map(Duration::from_secs),
+                },
+                408 => Verdict::RetryLater { retry_after: None },
+                s if s >= 500 => Verdict::RetryLater { retry_after: None },
+                _ => Verdict::Rejected,
+            },
         }
     }
 }
@@ -92,6 +114,11 @@ impl Uploader {
             metrics_url: format!("{server_base}/api/metrics"),
             key,
         })
+    }
+
+    /// Use a new key from now on (the operator fixed the key file after a 401).
+    pub fn set_key(&mut self, key: ApiKey) {
+        self.key = key;
     }
 
     /// The URL batches go to.
@@ -196,18 +223,27 @@ mod tests {
     }
 
     #[test]
-    fn retry_classification() {
-        let st = |code: u16| UploadError::Status {
+    fn verdicts() {
+        let st = |code: u16, retry_after_secs| UploadError::Status {
             status: StatusCode::from_u16(code).expect("status"),
             excerpt: String::new(),
-            retry_after_secs: None,
+            retry_after_secs,
         };
-        for code in [408, 429, 500, 502, 503] {
-            assert!(st(code).is_retryable(), "{code}");
+        assert_eq!(
+            st(429, Some(7)).verdict(),
+            Verdict::RetryLater {
+                retry_after: Some(Duration::from_secs(7))
+            }
+        );
+        assert_eq!(
+            st(500, Some(7)).verdict(),
+            Verdict::RetryLater { retry_after: None },
+            "Retry-After only on 429/503"
+        );
+        assert_eq!(st(401, None).verdict(), Verdict::NotAuthorized);
+        assert_eq!(st(403, None).verdict(), Verdict::NotAuthorized);
+        for code in [400, 404, 413, 422] {
+            assert_eq!(st(code, None).verdict(), Verdict::Rejected, "{code}");
         }
-        for code in [400, 401, 403, 413, 422] {
-            assert!(!st(code).is_retryable(), "{code}");
-        }
-        assert!(st(401).to_string().contains("API key was refused"));
     }
 }

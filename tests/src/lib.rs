@@ -39,6 +39,10 @@ pub struct Rejected {
     pub status: u16,
     /// The `detail` sent back.
     pub detail: String,
+    /// When it arrived.
+    pub at: Instant,
+    /// The batch timestamp, when the body had one.
+    pub batch_timestamp: Option<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -49,6 +53,8 @@ struct Inner {
     rejected: Vec<Rejected>,
     /// When set, every /api/metrics request gets this status (outage simulation).
     forced_status: Option<u16>,
+    /// Answers for the next requests, used up one per request: (status, Retry-After seconds).
+    scripted: std::collections::VecDeque<(u16, Option<u64>)>,
 }
 
 /// A dcmon-server stand-in on 127.0.0.1, running on its own thread until dropped.
@@ -70,6 +76,11 @@ fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 impl Receiver {
     /// Start a receiver that knows the given `(api_key, machine_id)` clients.
     pub fn start(clients: &[(&str, &str)]) -> anyhow::Result<Self> {
+        Self::start_on("127.0.0.1:0".parse()?, clients)
+    }
+
+    /// Start on a given address (to bring a "crashed" server back on the same port).
+    pub fn start_on(addr: SocketAddr, clients: &[(&str, &str)]) -> anyhow::Result<Self> {
         let inner = Arc::new(Mutex::new(Inner {
             keys: clients
                 .iter()
@@ -77,7 +88,7 @@ impl Receiver {
                 .collect(),
             ..Inner::default()
         }));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let listener = std::net::TcpListener::bind(addr)?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -130,6 +141,19 @@ impl Receiver {
         lock(&self.inner).forced_status = status;
     }
 
+    /// Answer the next `n` batches with `status` (and a Retry-After header when given).
+    pub fn fail_next(&self, n: usize, status: u16, retry_after_secs: Option<u64>) {
+        let mut g = lock(&self.inner);
+        for _ in 0..n {
+            g.scripted.push_back((status, retry_after_secs));
+        }
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// Wait until at least `n` batches were accepted, or `timeout` passes.
     pub fn wait_for_accepted(&self, n: usize, timeout: Duration) -> Vec<Accepted> {
         wait_until(timeout, || {
@@ -175,6 +199,16 @@ pub fn wait_until<T>(timeout: Duration, mut check: impl FnMut() -> Option<T>) ->
 }
 
 fn error(inner: &Mutex<Inner>, status: StatusCode, detail: Value) -> Response {
+    error_for(inner, status, detail, None, None)
+}
+
+fn error_for(
+    inner: &Mutex<Inner>,
+    status: StatusCode,
+    detail: Value,
+    batch_timestamp: Option<i64>,
+    retry_after_secs: Option<u64>,
+) -> Response {
     let text = match &detail {
         Value::String(s) => s.clone(),
         other => other.to_string(),
@@ -182,8 +216,15 @@ fn error(inner: &Mutex<Inner>, status: StatusCode, detail: Value) -> Response {
     lock(inner).rejected.push(Rejected {
         status: status.as_u16(),
         detail: text,
+        at: Instant::now(),
+        batch_timestamp,
     });
-    (status, axum::Json(json!({ "detail": detail }))).into_response()
+    let mut resp = (status, axum::Json(json!({ "detail": detail }))).into_response();
+    if let Some(secs) = retry_after_secs {
+        resp.headers_mut()
+            .insert("retry-after", axum::http::HeaderValue::from(secs));
+    }
+    resp
 }
 
 async fn submit(
@@ -191,31 +232,55 @@ async fn submit(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let forced = lock(&inner).forced_status;
-    if let Some(code) = forced {
+    let batch_timestamp = serde_json::from_slice::<Value>(&body)
+        .ok()
+        .and_then(|v| v["timestamp"].as_i64());
+    let forced = {
+        let mut g = lock(&inner);
+        g.scripted
+            .pop_front()
+            .or(g.forced_status.map(|s| (s, None)))
+    };
+    if let Some((code, retry_after)) = forced {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        return error(&inner, status, json!("forced by test"));
+        return error_for(
+            &inner,
+            status,
+            json!("answer scripted by the test"),
+            batch_timestamp,
+            retry_after,
+        );
     }
     if headers.get("content-encoding").is_some() {
         // The real server does not decode Content-Encoding and fails to parse the body.
-        return error(
+        return error_for(
             &inner,
             StatusCode::BAD_REQUEST,
             json!("There was an error parsing the body"),
+            batch_timestamp,
+            None,
         );
     }
     let parsed: Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => {
-            return error(
+            return error_for(
                 &inner,
                 StatusCode::UNPROCESSABLE_ENTITY,
                 json!([{"type": "json_invalid", "msg": e.to_string()}]),
+                batch_timestamp,
+                None,
             );
         }
     };
     if let Err(problems) = validate_batch(&parsed) {
-        return error(&inner, StatusCode::UNPROCESSABLE_ENTITY, json!(problems));
+        return error_for(
+            &inner,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            json!(problems),
+            batch_timestamp,
+            None,
+        );
     }
     let authorization = headers
         .get("authorization")
@@ -228,14 +293,32 @@ async fn submit(
         } else {
             "Invalid authentication credentials"
         };
-        return error(&inner, StatusCode::FORBIDDEN, json!(detail));
+        return error_for(
+            &inner,
+            StatusCode::FORBIDDEN,
+            json!(detail),
+            batch_timestamp,
+            None,
+        );
     };
     let machine = lock(&inner).keys.get(key).cloned();
     let Some(machine) = machine else {
-        return error(&inner, StatusCode::UNAUTHORIZED, json!("Invalid API key"));
+        return error_for(
+            &inner,
+            StatusCode::UNAUTHORIZED,
+            json!("Invalid API key"),
+            batch_timestamp,
+            None,
+        );
     };
     if parsed["machine_id"] != machine.as_str() {
-        return error(&inner, StatusCode::FORBIDDEN, json!("Machine ID mismatch"));
+        return error_for(
+            &inner,
+            StatusCode::FORBIDDEN,
+            json!("Machine ID mismatch"),
+            batch_timestamp,
+            None,
+        );
     }
     let count = parsed["metrics"].as_array().map_or(0, Vec::len);
     lock(&inner).accepted.push(Accepted {

@@ -14,6 +14,7 @@ fn write_config(dir: &std::path::Path, extra: Value) -> std::path::PathBuf {
         "collection_interval": 1,
         "machine_id": MACHINE,
         "api_key_file": dir.join("api_key"),
+        "outbox_dir": dir.join("outbox"),
         "exporters": {"ipmi": false, "apt": false, "nvme": false, "nvsmi": false},
     });
     for (k, v) in extra.as_object().cloned().unwrap_or_default() {
