@@ -1,10 +1,15 @@
 //! A stand-in dcmon server for trying the agent without one:
+//! `dcmon-test-receiver API_KEY MACHINE_ID [SECONDS]` listens on 127.0.0.1, prints its URL, then
+//! one line per request it answered, and exits after SECONDS (default: never).
+
 #![allow(
     clippy::print_stdout,
     reason = "printing what arrives is what this tool is for"
 )]
-//! `dcmon-test-receiver API_KEY MACHINE_ID [SECONDS]` listens on 127.0.0.1, prints its URL, then
-//! one line per request it answered, and exits after SECONDS (default: never).
+#![allow(
+    clippy::print_stdout,
+    reason = "printing what arrives is what this tool is for"
+)]
 
 use std::time::Duration;
 
