@@ -6,10 +6,6 @@
     clippy::print_stdout,
     reason = "printing what arrives is what this tool is for"
 )]
-#![allow(
-    clippy::print_stdout,
-    reason = "printing what arrives is what this tool is for"
-)]
 
 use std::time::Duration;
 
