@@ -9,16 +9,16 @@
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::batch::{Batch, Sample};
 use crate::collector::{CollectError, Collector};
 use crate::deliver::{self as delivery, DeliveryPolicy, SharedOutbox, deliver};
-use crate::outbox::Outbox;
+use crate::notify::Notifier;
 use crate::upload::Uploader;
 
 type RunResult = (
@@ -252,38 +252,49 @@ pub fn first_tick_delay(
 }
 
 /// Everything the daemon loop needs besides the scheduler.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Daemon {
     /// Time between batches.
     pub interval: Duration,
     /// Offset of this host's ticks within the interval ([`phase_offset`]).
     pub phase: Duration,
-    /// The durable queue of unsent batches.
-    pub outbox: Outbox,
+    /// The durable queue of unsent batches (kept across config reloads).
+    pub outbox: SharedOutbox,
     /// The HTTP client.
     pub uploader: Uploader,
     /// Retry and pacing rules.
     pub policy: DeliveryPolicy,
 }
 
-/// How long delivery may take to finish its in-flight request after SIGTERM.
+/// Requests to the daemon loop (from signal handlers, or tests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// SIGTERM / SIGINT: stop.
+    Shutdown,
+    /// SIGHUP: re-read the config.
+    Reload,
+}
+
+/// How long delivery may take to finish its in-flight request when the loop stops.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
-/// Run the daemon until `shutdown` resolves: a batch every interval, each stored in the outbox
-/// before delivery, which runs in its own task so a slow or absent server never delays
-/// collection.
+/// Run the daemon until a [`Control`] arrives (a closed channel means shutdown), and return
+/// it: a batch every interval, each stored in the outbox before delivery, which runs in its
+/// own task so a slow or absent server never delays collection. Pings the systemd watchdog
+/// from this loop, so a stuck loop gets the service restarted.
 pub async fn run(
-    mut scheduler: Scheduler,
-    daemon: Daemon,
-    shutdown: impl std::future::Future<Output = ()>,
-) {
-    let outbox: SharedOutbox = Arc::new(Mutex::new(daemon.outbox));
+    scheduler: &mut Scheduler,
+    daemon: &Daemon,
+    control: &mut mpsc::Receiver<Control>,
+    notifier: &Notifier,
+) -> Control {
+    let outbox = Arc::clone(&daemon.outbox);
     let wake = Arc::new(Notify::new());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut delivery = tokio::spawn(deliver(
         Arc::clone(&outbox),
-        daemon.uploader,
-        daemon.policy,
+        daemon.uploader.clone(),
+        daemon.policy.clone(),
         Arc::clone(&wake),
         stop_rx,
     ));
@@ -305,10 +316,13 @@ pub async fn run(
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + delay, daemon.interval);
     // After a stall (suspend, overload) skip the missed rounds instead of bursting them.
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    tokio::pin!(shutdown);
-    loop {
+    let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
+    let exit = loop {
         tokio::select! {
-            () = &mut shutdown => break,
+            c = control.recv() => break c.unwrap_or(Control::Shutdown),
+            () = async { match watchdog.as_mut() { Some(w) => { w.tick().await; } None => std::future::pending().await } } => {
+                notifier.notify("WATCHDOG=1");
+            }
             _ = ticker.tick() => {
                 let mut batch = scheduler.collect(unix_now_secs()).await;
                 let stats = delivery::lock(&outbox).stats();
@@ -323,16 +337,21 @@ pub async fn run(
                 wake.notify_one();
             }
         }
-    }
+    };
     let _ = stop_tx.send(true);
     if tokio::time::timeout(SHUTDOWN_GRACE, &mut delivery)
         .await
         .is_err()
     {
         delivery.abort();
-        tracing::warn!("abandoned the upload in flight at shutdown; its batch stays in the outbox");
+        tracing::warn!("abandoned the upload in flight; its batch stays in the outbox");
     }
-    let o = delivery::lock(&outbox);
+    exit
+}
+
+/// Log what is left in the outbox at shutdown.
+pub fn report_outbox_at_exit(outbox: &SharedOutbox) {
+    let o = delivery::lock(outbox);
     let stats = o.stats();
     if stats.in_memory > 0 {
         tracing::error!(

@@ -311,6 +311,11 @@ impl Config {
         Ok(())
     }
 
+    /// Whether this config may load eBPF programs. This build has none, so it never does.
+    pub fn ebpf_may_load(&self) -> bool {
+        false
+    }
+
     /// Time between batches.
     pub fn interval(&self) -> Duration {
         Duration::from_secs(self.collection_interval)

@@ -7,10 +7,14 @@
 pub mod agent;
 pub mod api_key;
 pub mod batch;
+pub mod check;
 pub mod collector;
 pub mod config;
 pub mod deliver;
 pub mod filter;
 pub mod host;
+pub mod install;
+pub mod notify;
 pub mod outbox;
+pub mod register;
 pub mod upload;

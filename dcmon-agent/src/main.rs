@@ -1,24 +1,36 @@
 //! `dcmon-agent`: argument parsing and wiring only; the work lives in the library.
 
 use std::io::{IsTerminal as _, Write as _};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use dcmon_agent::agent::{self, Daemon, Scheduler};
-use dcmon_agent::config::{self, Config};
+use dcmon_agent::agent::{self, Control, Daemon, Scheduler};
+use dcmon_agent::config::{self, Config, ConfigError, Loaded};
 use dcmon_agent::deliver::DeliveryPolicy;
 use dcmon_agent::host::Host;
+use dcmon_agent::install::{self, InstallOptions};
+use dcmon_agent::notify::Notifier;
 use dcmon_agent::outbox::{Outbox, OutboxLimits};
 use dcmon_agent::upload::Uploader;
-use dcmon_agent::{api_key, collector};
+use dcmon_agent::{api_key, check, collector, register};
+use tokio::sync::mpsc;
 
 /// How long `once` waits between the two CPU samples that `cpu_usage_percent` needs.
 const ONCE_CPU_WINDOW: Duration = Duration::from_millis(250);
 
+/// `--version`: version, commit, and whether the eBPF object is built in.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("DCMON_GIT_COMMIT"),
+    ", eBPF object: not embedded)"
+);
+
 #[derive(Debug, Parser)]
-#[command(name = "dcmon-agent", version, about = "dcmon host monitoring agent")]
+#[command(name = "dcmon-agent", version = VERSION, about = "dcmon host monitoring agent")]
 struct Cli {
     /// Config file (default /etc/dcmon/config.json; a missing default file means defaults).
     #[arg(long, global = true, value_name = "PATH")]
@@ -32,10 +44,44 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Run the agent: collect every interval and upload to the server.
+    /// Run the agent: collect every interval and upload to the server (SIGHUP reloads the config).
     Run,
     /// Collect one batch and print it as JSON on stdout (no server or API key needed).
     Once,
+    /// Report what this host offers and whether the configuration can run (exit 0 if it can).
+    Check,
+    /// Ask the server for this machine's API key and write it to the api_key_file (mode 0600).
+    Register {
+        /// Server base URL (default: the config's server_url).
+        #[arg(long, value_name = "URL")]
+        server: Option<String>,
+        /// Replace an existing key file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Install the binary, config, state directory and systemd unit (idempotent).
+    Install(InstallArgs),
+    /// Remove the binary and unit; config, key and outbox stay unless --purge.
+    Uninstall {
+        #[command(flatten)]
+        args: InstallArgs,
+        /// Also remove /etc/dcmon (config and key) and /var/lib/dcmon (unsent batches).
+        #[arg(long)]
+        purge: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct InstallArgs {
+    /// Installation prefix: the binary goes to PREFIX/bin/dcmon-agent.
+    #[arg(long, default_value = "/usr/local", value_name = "PATH")]
+    prefix: PathBuf,
+    /// Install under this directory instead of / (for tests and image builds).
+    #[arg(long, default_value = "/", value_name = "DIR")]
+    root: PathBuf,
+    /// Print every action without doing it.
+    #[arg(long)]
+    dry_run: bool,
 }
 
 /// Exit code for a config or key problem the operator must fix (sysexits EX_CONFIG).
@@ -55,21 +101,6 @@ fn main() -> ExitCode {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from(config::DEFAULT_CONFIG_PATH), false),
     };
-    let loaded = match Config::load(&path, explicit) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!("{e}");
-            return ExitCode::from(EXIT_CONFIG);
-        }
-    };
-    for key in &loaded.unknown_keys {
-        tracing::warn!("config {}: unknown key `{key}` ignored", path.display());
-    }
-    if !loaded.from_file {
-        tracing::info!("config {} not found: using defaults", path.display());
-    }
-    let config = loaded.config;
-
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(8)
@@ -81,9 +112,40 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    match cli.command {
+        Command::Check => {
+            let report = runtime.block_on(check::check(&path, Config::load(&path, explicit)));
+            let _ = std::io::stdout().lock().write_all(report.text.as_bytes());
+            return if report.ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            };
+        }
+        Command::Install(args) => return print_report(install_cmd(&args, &path, explicit)),
+        Command::Uninstall { args, purge } => {
+            let opts = install_options(&args, &path, explicit);
+            return print_report(opts.and_then(|o| install::uninstall(&o, purge)));
+        }
+        _ => {}
+    }
+
+    let config = match load_config(&path, explicit) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let result = match cli.command {
         Command::Once => runtime.block_on(once(&config)),
-        Command::Run => runtime.block_on(run(&config, &path)),
+        Command::Run => runtime.block_on(run(config, &path, explicit)),
+        Command::Register { server, force } => runtime
+            .block_on(register_cmd(&config, server, force))
+            .map(|line| {
+                let _ = writeln!(std::io::stdout().lock(), "{line}");
+            }),
+        Command::Check | Command::Install(_) | Command::Uninstall { .. } => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -92,6 +154,67 @@ fn main() -> ExitCode {
             ExitCode::from(EXIT_CONFIG)
         }
     }
+}
+
+/// Load the config and log its warnings.
+fn load_config(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+    let Loaded {
+        config,
+        unknown_keys,
+        from_file,
+    } = Config::load(path, explicit)?;
+    for key in &unknown_keys {
+        tracing::warn!("config {}: unknown key `{key}` ignored", path.display());
+    }
+    if !from_file {
+        tracing::info!("config {} not found: using defaults", path.display());
+    }
+    Ok(config)
+}
+
+fn print_report(report: anyhow::Result<install::Report>) -> ExitCode {
+    match report {
+        Ok(lines) => {
+            let mut out = std::io::stdout().lock();
+            for l in lines {
+                let _ = writeln!(out, "{l}");
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn install_options(
+    args: &InstallArgs,
+    config_path: &Path,
+    _explicit: bool,
+) -> anyhow::Result<InstallOptions> {
+    Ok(InstallOptions {
+        root: args.root.clone(),
+        prefix: args.prefix.clone(),
+        config_path: config_path.to_owned(),
+        source_binary: std::env::current_exe()
+            .map_err(|e| anyhow::anyhow!("cannot find the running binary: {e}"))?,
+        dry_run: args.dry_run,
+    })
+}
+
+fn install_cmd(
+    args: &InstallArgs,
+    config_path: &Path,
+    explicit: bool,
+) -> anyhow::Result<install::Report> {
+    let opts = install_options(args, config_path, explicit)?;
+    // Render the unit for the operator's config when there is one (it decides the capabilities).
+    let on_target = args
+        .root
+        .join(config_path.strip_prefix("/").unwrap_or(config_path));
+    let config = Config::load(&on_target, false)?.config;
+    install::install(&opts, &config)
 }
 
 fn machine_id(config: &Config) -> anyhow::Result<String> {
@@ -123,7 +246,37 @@ async fn once(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn run(config: &Config, config_path: &std::path::Path) -> anyhow::Result<()> {
+async fn register_cmd(
+    config: &Config,
+    server: Option<String>,
+    force: bool,
+) -> anyhow::Result<String> {
+    let machine_id = machine_id(config)?;
+    let server = server.map_or_else(
+        || config.server_base().to_owned(),
+        |s| s.trim().trim_end_matches('/').to_owned(),
+    );
+    if !(server.starts_with("http://") || server.starts_with("https://")) {
+        anyhow::bail!("--server: expected an http:// or https:// URL, got {server:?}");
+    }
+    let host = Host::new(&config.host_root);
+    let hostname = host
+        .read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    register::register(
+        &server,
+        &machine_id,
+        &hostname,
+        &config.api_key_file,
+        force,
+        Duration::from_secs(config.upload_timeout),
+    )
+    .await
+}
+
+/// The scheduler and daemon settings for `config`, sharing `outbox`.
+fn prepare(config: &Config, outbox: &Arc<Mutex<Outbox>>) -> anyhow::Result<(Scheduler, Daemon)> {
     let machine_id = machine_id(config)?;
     let (key, warning) = api_key::load(&config.api_key_file)?;
     if let Some(w) = warning {
@@ -136,21 +289,15 @@ async fn run(config: &Config, config_path: &std::path::Path) -> anyhow::Result<(
         Duration::from_secs(config.upload_timeout),
     )?;
     tracing::info!(
-        config = %config_path.display(),
         url = uploader.metrics_url(),
         machine_id,
         interval_secs = config.collection_interval,
-        "dcmon-agent {} starting",
-        env!("CARGO_PKG_VERSION")
+        "dcmon-agent {VERSION} collecting"
     );
-    let limits = OutboxLimits {
-        max_bytes: config.outbox_max_bytes,
-        max_age: Duration::from_secs(config.outbox_max_age),
-    };
     let daemon = Daemon {
         interval: config.interval(),
         phase: agent::phase_offset(&machine_id, config.interval()),
-        outbox: Outbox::open(&config.outbox_dir, limits, agent::unix_now_secs()),
+        outbox: Arc::clone(outbox),
         uploader,
         policy: DeliveryPolicy {
             backoff_base: Duration::from_secs(1),
@@ -165,27 +312,79 @@ async fn run(config: &Config, config_path: &std::path::Path) -> anyhow::Result<(
         machine_id,
         Duration::from_secs(config.collector_timeout),
     );
-    agent::run(scheduler, daemon, shutdown_signal()).await;
+    Ok((scheduler, daemon))
+}
+
+async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::Result<()> {
+    let limits = |c: &Config| OutboxLimits {
+        max_bytes: c.outbox_max_bytes,
+        max_age: Duration::from_secs(c.outbox_max_age),
+    };
+    let outbox = Arc::new(Mutex::new(Outbox::open(
+        &config.outbox_dir,
+        limits(&config),
+        agent::unix_now_secs(),
+    )));
+    let (mut scheduler, mut daemon) = prepare(&config, &outbox)?;
+    let notifier = Notifier::from_env();
+    let mut control = control_from_signals()?;
+    tracing::info!(config = %config_path.display(), "dcmon-agent {VERSION} started");
+    notifier.notify("READY=1");
+    loop {
+        match agent::run(&mut scheduler, &daemon, &mut control, &notifier).await {
+            Control::Shutdown => break,
+            Control::Reload => {
+                notifier.notify("RELOADING=1");
+                tracing::info!("SIGHUP: reloading {}", config_path.display());
+                match load_config(config_path, explicit)
+                    .map_err(anyhow::Error::from)
+                    .and_then(|new| {
+                        let parts = prepare(&new, &outbox)?;
+                        Ok((new, parts))
+                    }) {
+                    Ok((new, parts)) => {
+                        if new.outbox_dir != config.outbox_dir {
+                            tracing::warn!(
+                                "outbox_dir changed: it takes effect at the next restart"
+                            );
+                        }
+                        dcmon_agent::deliver::lock(&outbox).set_limits(limits(&new));
+                        (scheduler, daemon) = parts;
+                        config = new;
+                        tracing::info!("config reloaded");
+                    }
+                    Err(e) => {
+                        tracing::error!("config reload rejected, keeping the running config: {e:#}")
+                    }
+                }
+                notifier.notify("READY=1");
+            }
+        }
+    }
+    notifier.notify("STOPPING=1");
+    agent::report_outbox_at_exit(&outbox);
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
+/// SIGTERM and SIGINT stop the daemon, SIGHUP reloads its config.
+fn control_from_signals() -> anyhow::Result<mpsc::Receiver<Control>> {
     use tokio::signal::unix::{SignalKind, signal};
-    match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(mut term), Ok(mut int)) => {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let (tx, rx) = mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            let c = tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM received"); Control::Shutdown }
+                _ = int.recv() => { tracing::info!("SIGINT received"); Control::Shutdown }
+                _ = hup.recv() => Control::Reload,
+            };
+            if tx.send(c).await.is_err() || c == Control::Shutdown {
+                return;
             }
         }
-        (Err(e), _) | (_, Err(e)) => {
-            tracing::error!("cannot install signal handlers ({e}); stop with SIGKILL");
-            std::future::pending::<()>().await;
-        }
-    }
+    });
+    Ok(rx)
 }

@@ -387,6 +387,11 @@ impl Outbox {
         }
     }
 
+    /// New bounds (a config reload); applied from the next push.
+    pub fn set_limits(&mut self, limits: OutboxLimits) {
+        self.limits = limits;
+    }
+
     /// Depth and counters.
     pub fn stats(&self) -> OutboxStats {
         self.stats

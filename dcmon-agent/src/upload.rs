@@ -164,7 +164,7 @@ impl Uploader {
 
 /// `e` and its sources joined with ": " (reqwest's Display alone says only "error sending
 /// request").
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(inner) = cur {

@@ -485,15 +485,26 @@ pub struct AgentProcess {
 }
 
 impl AgentProcess {
-    /// Start `dcmon-agent --log-level LEVEL --config CONFIG ARGS...`; stderr goes to
-    /// `<dir>/agent.stderr`, stdout to `<dir>/agent.stdout`.
+    /// Start `dcmon-agent --config CONFIG ARGS...`; stderr goes to `<dir>/agent.stderr`,
+    /// stdout to `<dir>/agent.stdout`.
     pub fn start(
         dir: &std::path::Path,
         config: &std::path::Path,
         args: &[&str],
     ) -> anyhow::Result<Self> {
+        Self::start_with_env(dir, config, args, &[])
+    }
+
+    /// [`AgentProcess::start`] with extra environment variables.
+    pub fn start_with_env(
+        dir: &std::path::Path,
+        config: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> anyhow::Result<Self> {
         let stderr_path = dir.join("agent.stderr");
         let child = std::process::Command::new(agent_bin())
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
             .arg("--config")
             .arg(config)
             .args(args)

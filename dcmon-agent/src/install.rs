@@ -1,0 +1,486 @@
+//! `dcmon-agent install` / `uninstall`: the binary, the config, the state directory and the
+//! systemd unit, as idempotent steps (a second install changes nothing), each printable with
+//! `--dry-run`, all under a `--root` so tests (and image builders) can install into a folder.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+
+/// The unit's name, as the spec's `systemctl start dcmon-client`.
+pub const UNIT_NAME: &str = "dcmon-client.service";
+/// The config written on first install: the spec's default.
+pub const DEFAULT_CONFIG_JSON: &str = r#"{
+  "server_url": "http://your-server.com:8000",
+  "collection_interval": 30,
+  "exporters": {
+    "ipmi": true,
+    "apt": true,
+    "nvme": true,
+    "nvsmi": true
+  }
+}
+"#;
+
+/// Which capabilities the enabled collectors need; everything else is dropped from the
+/// unit's bounding set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CapNeeds {
+    /// Loading and reading the eBPF programs: CAP_BPF, CAP_PERFMON, CAP_DAC_READ_SEARCH.
+    pub ebpf: bool,
+    /// The NVMe admin ioctl (SMART log): CAP_SYS_ADMIN.
+    pub nvme: bool,
+    /// IPMI through the local BMC device: CAP_SYS_RAWIO.
+    pub ipmi: bool,
+}
+
+impl CapNeeds {
+    /// The needs of `config`'s enabled collectors.
+    pub fn from_config(config: &Config) -> Self {
+        // Every mode but an explicit "off" may load the eBPF programs.
+        Self {
+            ebpf: config.ebpf_may_load(),
+            nvme: config.exporters.nvme,
+            ipmi: config.exporters.ipmi,
+        }
+    }
+
+    /// The capability names, in a stable order.
+    pub fn capabilities(self) -> Vec<&'static str> {
+        let mut caps = Vec::new();
+        if self.ebpf {
+            caps.extend(["CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH"]);
+        }
+        if self.nvme {
+            caps.push("CAP_SYS_ADMIN");
+        }
+        if self.ipmi {
+            caps.push("CAP_SYS_RAWIO");
+        }
+        caps
+    }
+}
+
+/// The systemd unit for an agent installed at `binary`, reading `config_path`.
+pub fn render_unit(binary: &Path, config_path: &Path, config: &Config) -> String {
+    let caps = CapNeeds::from_config(config).capabilities().join(" ");
+    // The outbox must be writable under ProtectSystem=strict; '-' tolerates a missing path.
+    let mut writable = vec!["/var/lib/dcmon".to_owned()];
+    if !config.outbox_dir.starts_with("/var/lib/dcmon") {
+        writable.push(format!("-{}", config.outbox_dir.display()));
+    }
+    format!(
+        "# Written by `dcmon-agent install`; it is rewritten on the next install.\n\
+         # Local changes belong in `systemctl edit dcmon-client`.\n\
+         [Unit]\n\
+         Description=dcmon host monitoring agent\n\
+         Wants=network-online.target\n\
+         After=network-online.target\n\
+         \n\
+         [Service]\n\
+         Type=notify\n\
+         NotifyAccess=main\n\
+         ExecStart={binary} --config {config} run\n\
+         ExecReload=/bin/kill -HUP $MAINPID\n\
+         Restart=on-failure\n\
+         RestartSec=5s\n\
+         WatchdogSec=60s\n\
+         TimeoutStopSec=15s\n\
+         StateDirectory=dcmon\n\
+         StateDirectoryMode=0750\n\
+         ReadWritePaths={writable}\n\
+         NoNewPrivileges=yes\n\
+         ProtectSystem=strict\n\
+         ProtectHome=yes\n\
+         PrivateTmp=yes\n\
+         ProtectKernelModules=yes\n\
+         ProtectControlGroups=yes\n\
+         ProtectClock=yes\n\
+         ProtectHostname=yes\n\
+         RestrictNamespaces=yes\n\
+         RestrictRealtime=yes\n\
+         RestrictSUIDSGID=yes\n\
+         LockPersonality=yes\n\
+         MemoryDenyWriteExecute=yes\n\
+         SystemCallArchitectures=native\n\
+         RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK\n\
+         CapabilityBoundingSet={caps}\n\
+         StandardOutput=journal\n\
+         StandardError=journal\n\
+         \n\
+         [Install]\n\
+         WantedBy=multi-user.target\n",
+        binary = binary.display(),
+        config = config_path.display(),
+        writable = writable.join(" "),
+    )
+}
+
+/// Where and how to install.
+#[derive(Debug, Clone)]
+pub struct InstallOptions {
+    /// Filesystem root to install under (`/` for the real system).
+    pub root: PathBuf,
+    /// Installation prefix; the binary goes to `<prefix>/bin/dcmon-agent`.
+    pub prefix: PathBuf,
+    /// The config path the unit passes to the agent (as seen on the installed system).
+    pub config_path: PathBuf,
+    /// The binary to install (normally the running one).
+    pub source_binary: PathBuf,
+    /// Print the steps, do nothing.
+    pub dry_run: bool,
+}
+
+impl InstallOptions {
+    fn under_root(&self, p: &Path) -> PathBuf {
+        self.root.join(p.strip_prefix("/").unwrap_or(p))
+    }
+
+    fn installed_binary(&self) -> PathBuf {
+        self.prefix.join("bin/dcmon-agent")
+    }
+
+    fn systemd_running(&self) -> bool {
+        self.root == Path::new("/") && Path::new("/run/systemd/system").is_dir()
+    }
+}
+
+/// One step of an install or uninstall.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Step {
+    Dir {
+        path: PathBuf,
+        mode: u32,
+    },
+    File {
+        path: PathBuf,
+        contents: Vec<u8>,
+        mode: u32,
+        keep_existing: bool,
+    },
+    Remove {
+        path: PathBuf,
+    },
+    RemoveTree {
+        path: PathBuf,
+    },
+    Run {
+        argv: Vec<String>,
+    },
+}
+
+/// What happened (or, with `--dry-run`, would happen): one line per step.
+pub type Report = Vec<String>;
+
+/// Install the agent (see the module docs). `config` is the config the unit is rendered for
+/// (the existing one at `config_path`, or the defaults).
+pub fn install(opts: &InstallOptions, config: &Config) -> anyhow::Result<Report> {
+    let binary = std::fs::read(&opts.source_binary).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the agent binary {}: {e}",
+            opts.source_binary.display()
+        )
+    })?;
+    let config_dir = opts
+        .config_path
+        .parent()
+        .unwrap_or(Path::new("/etc/dcmon"))
+        .to_owned();
+    let unit_path = PathBuf::from("/etc/systemd/system").join(UNIT_NAME);
+    let unit = render_unit(&opts.installed_binary(), &opts.config_path, config);
+    let unit_changed =
+        std::fs::read(opts.under_root(&unit_path)).ok().as_deref() != Some(unit.as_bytes());
+    let mut steps = vec![
+        Step::Dir {
+            path: opts.prefix.join("bin"),
+            mode: 0o755,
+        },
+        Step::File {
+            path: opts.installed_binary(),
+            contents: binary,
+            mode: 0o755,
+            keep_existing: false,
+        },
+        Step::Dir {
+            path: config_dir,
+            mode: 0o755,
+        },
+        Step::File {
+            path: opts.config_path.clone(),
+            contents: DEFAULT_CONFIG_JSON.as_bytes().to_vec(),
+            mode: 0o644,
+            keep_existing: true,
+        },
+        Step::Dir {
+            path: PathBuf::from("/var/lib/dcmon"),
+            mode: 0o750,
+        },
+        Step::Dir {
+            path: PathBuf::from("/etc/systemd/system"),
+            mode: 0o755,
+        },
+        Step::File {
+            path: unit_path,
+            contents: unit.into_bytes(),
+            mode: 0o644,
+            keep_existing: false,
+        },
+    ];
+    let mut report = Report::new();
+    if opts.systemd_running() {
+        if unit_changed {
+            steps.push(Step::Run {
+                argv: vec!["systemctl".into(), "daemon-reload".into()],
+            });
+        }
+        let enabled = std::process::Command::new("systemctl")
+            .args(["is-enabled", "--quiet", UNIT_NAME])
+            .status()
+            .is_ok_and(|s| s.success());
+        if !enabled {
+            steps.push(Step::Run {
+                argv: vec!["systemctl".into(), "enable".into(), UNIT_NAME.into()],
+            });
+        }
+        run_steps(opts, &steps, &mut report)?;
+    } else {
+        run_steps(opts, &steps, &mut report)?;
+        report.push(format!(
+            "systemd is not running here: on the target system run `systemctl daemon-reload && systemctl enable --now {UNIT_NAME}`"
+        ));
+    }
+    report.push(format!(
+        "next: set the API key (dcmon-agent register --server URL, or echo 'YOUR_API_KEY' | sudo tee /etc/dcmon/api_key > /dev/null && sudo chmod 600 /etc/dcmon/api_key), then `systemctl start {UNIT_NAME}`"
+    ));
+    Ok(report)
+}
+
+/// Remove what install put in place. Config, key and outbox stay unless `purge`.
+pub fn uninstall(opts: &InstallOptions, purge: bool) -> anyhow::Result<Report> {
+    let mut steps = Vec::new();
+    if opts.systemd_running() {
+        steps.push(Step::Run {
+            argv: vec![
+                "systemctl".into(),
+                "disable".into(),
+                "--now".into(),
+                UNIT_NAME.into(),
+            ],
+        });
+    }
+    steps.push(Step::Remove {
+        path: PathBuf::from("/etc/systemd/system").join(UNIT_NAME),
+    });
+    if opts.systemd_running() {
+        steps.push(Step::Run {
+            argv: vec!["systemctl".into(), "daemon-reload".into()],
+        });
+    }
+    steps.push(Step::Remove {
+        path: opts.installed_binary(),
+    });
+    let config_dir = opts
+        .config_path
+        .parent()
+        .unwrap_or(Path::new("/etc/dcmon"))
+        .to_owned();
+    if purge {
+        steps.push(Step::RemoveTree {
+            path: config_dir.clone(),
+        });
+        steps.push(Step::RemoveTree {
+            path: PathBuf::from("/var/lib/dcmon"),
+        });
+    }
+    let mut report = Report::new();
+    run_steps(opts, &steps, &mut report)?;
+    if !purge {
+        report.push(format!(
+            "kept {} (config and API key) and /var/lib/dcmon (unsent batches); `uninstall --purge` removes them",
+            config_dir.display()
+        ));
+    }
+    Ok(report)
+}
+
+fn run_steps(opts: &InstallOptions, steps: &[Step], report: &mut Report) -> anyhow::Result<()> {
+    let would = if opts.dry_run { "would " } else { "" };
+    for step in steps {
+        match step {
+            Step::Dir { path, mode } => {
+                let real = opts.under_root(path);
+                if real.is_dir() {
+                    report.push(format!("unchanged: directory {}", path.display()));
+                    continue;
+                }
+                report.push(format!(
+                    "{would}create directory {} (mode {mode:04o})",
+                    path.display()
+                ));
+                if !opts.dry_run {
+                    std::fs::create_dir_all(&real)
+                        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", real.display()))?;
+                    set_mode(&real, *mode)?;
+                }
+            }
+            Step::File {
+                path,
+                contents,
+                mode,
+                keep_existing,
+            } => {
+                let real = opts.under_root(path);
+                match std::fs::read(&real) {
+                    Ok(_) if *keep_existing => {
+                        report.push(format!("unchanged: {} exists and is kept", path.display()));
+                        continue;
+                    }
+                    Ok(existing) if existing == *contents && file_mode(&real) == Some(*mode) => {
+                        report.push(format!("unchanged: {}", path.display()));
+                        continue;
+                    }
+                    Ok(_) => report.push(format!(
+                        "{would}update {} (mode {mode:04o})",
+                        path.display()
+                    )),
+                    Err(_) => {
+                        report.push(format!("{would}write {} (mode {mode:04o})", path.display()))
+                    }
+                }
+                if !opts.dry_run {
+                    write_atomically(&real, contents, *mode)?;
+                }
+            }
+            Step::Remove { path } => {
+                let real = opts.under_root(path);
+                if !real.exists() {
+                    report.push(format!("unchanged: {} is not there", path.display()));
+                    continue;
+                }
+                report.push(format!("{would}remove {}", path.display()));
+                if !opts.dry_run {
+                    std::fs::remove_file(&real)
+                        .map_err(|e| anyhow::anyhow!("cannot remove {}: {e}", real.display()))?;
+                }
+            }
+            Step::RemoveTree { path } => {
+                let real = opts.under_root(path);
+                if !real.exists() {
+                    report.push(format!("unchanged: {} is not there", path.display()));
+                    continue;
+                }
+                report.push(format!(
+                    "{would}remove {} and everything in it",
+                    path.display()
+                ));
+                if !opts.dry_run {
+                    std::fs::remove_dir_all(&real)
+                        .map_err(|e| anyhow::anyhow!("cannot remove {}: {e}", real.display()))?;
+                }
+            }
+            Step::Run { argv } => {
+                report.push(format!("{would}run {}", argv.join(" ")));
+                if !opts.dry_run {
+                    let status = std::process::Command::new(&argv[0])
+                        .args(&argv[1..])
+                        .status()
+                        .map_err(|e| anyhow::anyhow!("cannot run {}: {e}", argv[0]))?;
+                    if !status.success() {
+                        anyhow::bail!("`{}` failed with {status}", argv.join(" "));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn file_mode(p: &Path) -> Option<u32> {
+    std::fs::metadata(p)
+        .ok()
+        .map(|m| m.permissions().mode() & 0o7777)
+}
+
+fn set_mode(p: &Path, mode: u32) -> anyhow::Result<()> {
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| anyhow::anyhow!("cannot set mode {mode:04o} on {}: {e}", p.display()))
+}
+
+/// Write via a temporary file and rename, so a running binary or a unit is never half-written.
+fn write_atomically(p: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
+    let tmp = p.with_extension("dcmon-new");
+    std::fs::write(&tmp, contents)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
+    set_mode(&tmp, mode)?;
+    std::fs::rename(&tmp, p)
+        .map_err(|e| anyhow::anyhow!("cannot move {} to {}: {e}", tmp.display(), p.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capability_set_follows_the_enabled_collectors() {
+        let mut c = Config::default();
+        assert_eq!(
+            CapNeeds::from_config(&c).capabilities(),
+            ["CAP_SYS_ADMIN", "CAP_SYS_RAWIO"]
+        );
+        let all = CapNeeds {
+            ebpf: true,
+            nvme: true,
+            ipmi: true,
+        };
+        assert_eq!(
+            all.capabilities(),
+            [
+                "CAP_BPF",
+                "CAP_PERFMON",
+                "CAP_DAC_READ_SEARCH",
+                "CAP_SYS_ADMIN",
+                "CAP_SYS_RAWIO"
+            ]
+        );
+        c.exporters.nvme = false;
+        let unit = render_unit(
+            Path::new("/usr/local/bin/dcmon-agent"),
+            Path::new("/etc/dcmon/config.json"),
+            &c,
+        );
+        assert!(
+            unit.contains("\nCapabilityBoundingSet=CAP_SYS_RAWIO\n"),
+            "{unit}"
+        );
+        c.exporters.ipmi = false;
+        let unit = render_unit(
+            Path::new("/usr/local/bin/dcmon-agent"),
+            Path::new("/etc/dcmon/config.json"),
+            &c,
+        );
+        assert!(
+            unit.contains("\nCapabilityBoundingSet=\n"),
+            "no collector needs a capability: drop all: {unit}"
+        );
+        assert!(unit.contains(
+            "\nExecStart=/usr/local/bin/dcmon-agent --config /etc/dcmon/config.json run\n"
+        ));
+    }
+
+    #[test]
+    fn outbox_outside_var_lib_is_made_writable() {
+        let c = Config {
+            outbox_dir: "/srv/dcmon-outbox".into(),
+            ..Config::default()
+        };
+        let unit = render_unit(
+            Path::new("/usr/local/bin/dcmon-agent"),
+            Path::new("/etc/dcmon/config.json"),
+            &c,
+        );
+        assert!(
+            unit.contains("\nReadWritePaths=/var/lib/dcmon -/srv/dcmon-outbox\n"),
+            "{unit}"
+        );
+    }
+}
