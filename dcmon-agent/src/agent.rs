@@ -210,6 +210,16 @@ fn log_failure(slot: &mut Slot, msg: String) {
     }
 }
 
+/// The Unix second of a tick's scheduled instant. A round that starts late on a busy host
+/// still carries its own second, so consecutive batches never share or skip a timestamp.
+fn unix_secs_at(scheduled: tokio::time::Instant) -> i64 {
+    let late = tokio::time::Instant::now().saturating_duration_since(scheduled);
+    SystemTime::now()
+        .checked_sub(late)
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 /// Seconds since the Unix epoch, as the batch wants them.
 pub fn unix_now_secs() -> i64 {
     SystemTime::now()
@@ -323,8 +333,8 @@ pub async fn run(
             () = async { match watchdog.as_mut() { Some(w) => { w.tick().await; } None => std::future::pending().await } } => {
                 notifier.notify("WATCHDOG=1");
             }
-            _ = ticker.tick() => {
-                let mut batch = scheduler.collect(unix_now_secs()).await;
+            scheduled = ticker.tick() => {
+                let mut batch = scheduler.collect(unix_secs_at(scheduled)).await;
                 let stats = delivery::lock(&outbox).stats();
                 batch.extend(stats.samples());
                 let (timestamp, body) = (batch.timestamp, Bytes::from(batch.to_json()));
