@@ -42,10 +42,18 @@ pub struct Config {
     pub upload_timeout: u64,
     /// Seconds to wait for the TCP/TLS connection to the server.
     pub connect_timeout: u64,
+    /// The `apt` exporter's settings.
+    pub apt: AptConfig,
+    /// The `nvme` exporter's settings.
+    pub nvme: NvmeConfig,
+    /// The `ipmi` exporter's settings.
+    pub ipmi: IpmiConfig,
+    /// The `nvsmi` exporter's settings.
+    pub nvsmi: NvsmiConfig,
 }
 
-/// The spec's `exporters` map. Collectors for these arrive in later releases; until a collector
-/// exists its switch has no effect (a missing collector is absent, never zeros).
+/// The spec's `exporters` map: each switch enables one collector, configured in its own
+/// section (`apt`, `nvme`, `ipmi`, `nvsmi`). A collector without its hardware is absent, never zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(default)]
 pub struct Exporters {
@@ -129,6 +137,10 @@ impl Default for Config {
             collector_timeout: 10,
             upload_timeout: 15,
             connect_timeout: 5,
+            apt: AptConfig::default(),
+            nvme: NvmeConfig::default(),
+            ipmi: IpmiConfig::default(),
+            nvsmi: NvsmiConfig::default(),
         }
     }
 }
@@ -271,6 +283,22 @@ impl Config {
                 return Err(invalid(field, "must be at least 1 second, got 0".into()));
             }
         }
+        for (field, secs) in [
+            ("apt.interval", self.apt.interval),
+            ("apt.timeout", self.apt.timeout),
+            ("nvme.timeout", self.nvme.timeout),
+            ("ipmi.interval", self.ipmi.interval),
+            ("ipmi.timeout", self.ipmi.timeout),
+            ("ipmi.sdr_cache_max_age", self.ipmi.sdr_cache_max_age),
+            ("nvsmi.timeout", self.nvsmi.timeout),
+        ] {
+            if secs < 1 {
+                return Err(invalid(field, "must be at least 1 second, got 0".into()));
+            }
+        }
+        self.ipmi
+            .validate()
+            .map_err(|(field, detail)| invalid(field, detail))?;
         if let Some(id) = &self.machine_id {
             if id.trim().is_empty() {
                 return Err(invalid(
@@ -290,6 +318,137 @@ impl Config {
     /// The server URL without a trailing slash, so `{base}/api/metrics` is well-formed.
     pub fn server_base(&self) -> &str {
         self.server_url.trim().trim_end_matches('/')
+    }
+}
+
+/// The `apt` section: pending upgrades, reboot flag, package list age.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct AptConfig {
+    /// Seconds between upgrade counts (also recounted when dpkg's status or the lists change).
+    pub interval: u64,
+    /// Seconds one count may take before apt-get is killed.
+    pub timeout: u64,
+    /// The apt-get program.
+    pub apt_get: PathBuf,
+}
+
+impl Default for AptConfig {
+    fn default() -> Self {
+        Self {
+            interval: 3600,
+            timeout: 120,
+            apt_get: PathBuf::from("apt-get"),
+        }
+    }
+}
+
+/// The `nvme` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct NvmeConfig {
+    /// Controller device nodes (`/dev/nvme0`); empty means every controller in /sys/class/nvme.
+    pub devices: Vec<PathBuf>,
+    /// The nvme-cli program, used when the admin ioctl is not permitted.
+    pub nvme_cli: PathBuf,
+    /// Seconds one nvme-cli run may take.
+    pub timeout: u64,
+}
+
+impl Default for NvmeConfig {
+    fn default() -> Self {
+        Self {
+            devices: Vec::new(),
+            nvme_cli: PathBuf::from("nvme"),
+            timeout: 5,
+        }
+    }
+}
+
+/// The `ipmi` section: where the BMC is and how often to ask it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct IpmiConfig {
+    /// ipmitool interface: `open` (the local BMC through /dev/ipmi0), `lan` or `lanplus`.
+    pub interface: String,
+    /// BMC address for `lan`/`lanplus`.
+    pub host: Option<String>,
+    /// BMC UDP port.
+    pub port: u16,
+    /// BMC user.
+    pub username: Option<String>,
+    /// File holding the BMC password (never the password itself in the config).
+    pub password_file: Option<PathBuf>,
+    /// lanplus cipher suite (`-C`); without it ipmitool spends seconds probing.
+    pub cipher_suite: Option<u8>,
+    /// Seconds between sensor reads.
+    pub interval: u64,
+    /// Seconds one ipmitool run may take before it is killed.
+    pub timeout: u64,
+    /// The ipmitool program.
+    pub ipmitool: PathBuf,
+    /// Where the SDR cache lives (rebuilt when missing, stale or failing).
+    pub sdr_cache: PathBuf,
+    /// Seconds after which the SDR cache is rebuilt.
+    pub sdr_cache_max_age: u64,
+}
+
+impl Default for IpmiConfig {
+    fn default() -> Self {
+        Self {
+            interface: "open".to_owned(),
+            host: None,
+            port: 623,
+            username: None,
+            password_file: None,
+            cipher_suite: None,
+            interval: 60,
+            timeout: 30,
+            ipmitool: PathBuf::from("ipmitool"),
+            sdr_cache: PathBuf::from("/var/cache/dcmon/ipmi-sdr.cache"),
+            sdr_cache_max_age: 86_400,
+        }
+    }
+}
+
+impl IpmiConfig {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        match self.interface.as_str() {
+            "open" => Ok(()),
+            "lan" | "lanplus" if self.host.as_deref().is_some_and(|h| !h.trim().is_empty()) => {
+                Ok(())
+            }
+            "lan" | "lanplus" => Err((
+                "ipmi.host",
+                format!("interface {:?} needs the BMC address", self.interface),
+            )),
+            other => Err((
+                "ipmi.interface",
+                format!("expected \"open\", \"lan\" or \"lanplus\", got {other:?}"),
+            )),
+        }
+    }
+}
+
+/// The `nvsmi` section: where NVML and nvidia-smi are.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct NvsmiConfig {
+    /// libnvidia-ml.so path; unset means the loader's default search.
+    pub nvml_library: Option<PathBuf>,
+    /// The nvidia-smi program, used when NVML cannot be loaded.
+    pub nvidia_smi: PathBuf,
+    /// Seconds one nvidia-smi run may take.
+    pub timeout: u64,
+}
+
+impl Default for NvsmiConfig {
+    fn default() -> Self {
+        Self {
+            nvml_library: None,
+            nvidia_smi: PathBuf::from("nvidia-smi"),
+            timeout: 10,
+        }
     }
 }
 
@@ -396,6 +555,33 @@ mod tests {
         assert!(!c.interfaces.allows("lo"));
         assert!(c.disks.allows("vda"));
         assert!(!c.disks.allows("sda"));
+    }
+
+    #[test]
+    fn exporter_sections_parse_and_validate() {
+        let (c, unknown) = parse(
+            r#"{"apt": {"interval": 600}, "nvme": {"devices": ["/dev/nvme1"]},
+                "ipmi": {"interface": "lanplus", "host": "10.0.0.5", "cipher_suite": 3,
+                         "username": "admin", "password_file": "/etc/dcmon/bmc"},
+                "nvsmi": {"nvml_library": "/opt/nv/libnvidia-ml.so.1"}}"#,
+        )
+        .expect("ok");
+        assert!(unknown.is_empty(), "{unknown:?}");
+        assert_eq!(c.apt.interval, 600);
+        assert_eq!(c.apt.timeout, AptConfig::default().timeout);
+        assert_eq!(c.nvme.devices, [PathBuf::from("/dev/nvme1")]);
+        assert_eq!(c.ipmi.cipher_suite, Some(3));
+        assert_eq!(c.ipmi.interval, 60);
+        assert_eq!(
+            c.nvsmi.nvml_library.as_deref(),
+            Some(Path::new("/opt/nv/libnvidia-ml.so.1"))
+        );
+        let err = parse(r#"{"ipmi": {"interface": "lanplus"}}"#).expect_err("no host");
+        assert!(err.to_string().contains("field `ipmi.host`"), "{err}");
+        let err = parse(r#"{"ipmi": {"interface": "serial"}}"#).expect_err("bad interface");
+        assert!(err.to_string().contains("field `ipmi.interface`"), "{err}");
+        let err = parse(r#"{"apt": {"interval": 0}}"#).expect_err("zero");
+        assert!(err.to_string().contains("field `apt.interval`"), "{err}");
     }
 
     #[test]
