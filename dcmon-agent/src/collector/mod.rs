@@ -16,6 +16,7 @@ pub mod apt;
 pub mod background;
 pub mod disk;
 pub mod net;
+pub mod nvme;
 pub mod os;
 
 use crate::batch::Sample;
@@ -53,7 +54,10 @@ pub fn from_config(config: &Config) -> Vec<Box<dyn Collector>> {
         )),
     ];
     if config.exporters.apt {
-        collectors.push(Box::new(apt::AptCollector::new(host, &config.apt)));
+        collectors.push(Box::new(apt::AptCollector::new(host.clone(), &config.apt)));
+    }
+    if config.exporters.nvme {
+        collectors.push(Box::new(nvme::NvmeCollector::new(host, &config.nvme)));
     }
     collectors
 }
