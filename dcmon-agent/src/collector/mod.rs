@@ -15,6 +15,7 @@
 pub mod apt;
 pub mod background;
 pub mod disk;
+pub mod ipmi;
 pub mod net;
 pub mod nvme;
 pub mod os;
@@ -57,7 +58,13 @@ pub fn from_config(config: &Config) -> Vec<Box<dyn Collector>> {
         collectors.push(Box::new(apt::AptCollector::new(host.clone(), &config.apt)));
     }
     if config.exporters.nvme {
-        collectors.push(Box::new(nvme::NvmeCollector::new(host, &config.nvme)));
+        collectors.push(Box::new(nvme::NvmeCollector::new(
+            host.clone(),
+            &config.nvme,
+        )));
+    }
+    if config.exporters.ipmi {
+        collectors.push(Box::new(ipmi::IpmiCollector::new(host, &config.ipmi)));
     }
     collectors
 }
