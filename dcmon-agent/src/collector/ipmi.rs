@@ -503,6 +503,72 @@ garbage line without fields
         );
     }
 
+    /// A fake ipmitool: `sdr dump FILE` logs "dump" and writes FILE; `-S FILE sdr list all`
+    /// logs "list" and prints the file `list` beside the script.
+    fn fake_ipmitool(dir: &std::path::Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let script = dir.join("ipmitool");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nd={d}\nfor a in \"$@\"; do last=\"$a\"; done\n\
+                 case \"$*\" in\n\
+                 *'sdr dump'*) echo dump >> $d/calls; echo cache > \"$last\";;\n\
+                 *'sdr list all'*) echo list >> $d/calls; cat $d/list;;\n\
+                 esac\n",
+                d = dir.display()
+            ),
+        )
+        .expect("write");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        script
+    }
+
+    #[test]
+    fn cache_is_rebuilt_when_missing_stale_or_sensors_go_unreadable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let mut reader = Reader {
+            base: Cmd::new(fake_ipmitool(d)),
+            cache: d.join("cache/sdr"),
+            cache_max_age: Duration::from_secs(3600),
+            unreadable_after_rebuild: None,
+            rebuild: false,
+        };
+        let calls = || std::fs::read_to_string(d.join("calls")).unwrap_or_default();
+        std::fs::write(d.join("list"), "A | 1 Volts | ok\nB | no reading | ns\n").expect("w");
+        // Missing cache: dump, then list.
+        assert_eq!(reader.read().expect("read").len(), 1);
+        assert_eq!(calls(), "dump\nlist\n");
+        // Fresh cache, same unreadable count: list only.
+        reader.read().expect("read");
+        assert_eq!(calls(), "dump\nlist\nlist\n");
+        // A sensor goes unreadable: this read is reported, the next one rebuilds first.
+        std::fs::write(d.join("list"), "A | na | ns\nB | no reading | ns\n").expect("w");
+        assert!(reader.read().expect("read").is_empty());
+        assert_eq!(calls(), "dump\nlist\nlist\nlist\n");
+        reader.read().expect("read");
+        assert_eq!(calls(), "dump\nlist\nlist\nlist\ndump\nlist\n");
+        // Still two unreadable after the rebuild: that is the new normal, no more rebuilds.
+        reader.read().expect("read");
+        assert_eq!(calls(), "dump\nlist\nlist\nlist\ndump\nlist\nlist\n");
+        // Output without a single sensor row: rebuild once and retry, then fail.
+        std::fs::write(d.join("list"), "").expect("w");
+        let err = reader.read().expect_err("no rows");
+        assert!(
+            matches!(&err, ReadError::Failed(m) if m.contains("no sensors")),
+            "{err:?}"
+        );
+        assert!(calls().ends_with("list\ndump\nlist\n"), "{}", calls());
+        // Stale by age.
+        reader.cache_max_age = Duration::from_millis(1);
+        std::fs::write(d.join("list"), "A | 1 Volts | ok\n").expect("w");
+        std::fs::remove_file(d.join("calls")).expect("rm");
+        std::thread::sleep(Duration::from_millis(20));
+        reader.read().expect("read");
+        assert_eq!(calls(), "dump\nlist\n");
+    }
+
     #[test]
     fn no_local_bmc_is_not_present() {
         let dir = tempfile::tempdir().expect("tempdir");
