@@ -6,12 +6,20 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// (source under csrc/, output file, env var name, extra linker args)
-const LIBS: &[(&str, &str, &str, &[&str])] = &[(
-    "nvme_shim.c",
-    "libdcmon_nvme_shim.so",
-    "DCMON_NVME_SHIM_SO",
-    &["-ldl"],
-)];
+const LIBS: &[(&str, &str, &str, &[&str])] = &[
+    (
+        "nvme_shim.c",
+        "libdcmon_nvme_shim.so",
+        "DCMON_NVME_SHIM_SO",
+        &["-ldl"],
+    ),
+    (
+        "fake_nvml.c",
+        "libnvidia-ml.so.1",
+        "DCMON_FAKE_NVML_SO",
+        &[],
+    ),
+];
 
 fn main() {
     let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));

@@ -15,6 +15,7 @@
 pub mod apt;
 pub mod background;
 pub mod disk;
+pub mod gpu;
 pub mod ipmi;
 pub mod net;
 pub mod nvme;
@@ -65,6 +66,9 @@ pub fn from_config(config: &Config) -> Vec<Box<dyn Collector>> {
     }
     if config.exporters.ipmi {
         collectors.push(Box::new(ipmi::IpmiCollector::new(host, &config.ipmi)));
+    }
+    if config.exporters.nvsmi {
+        collectors.push(Box::new(gpu::GpuCollector::new(&config.nvsmi)));
     }
     collectors
 }
