@@ -230,6 +230,7 @@ impl Cmd {
                 }
             }
         })?;
+        let child_pid = i32::try_from(child.id()).ok();
         let mut guard = KillOnDrop(Some(child));
         let deadline = Instant::now() + self.timeout;
         let (stdout, stderr) = match guard.0.as_mut() {
@@ -276,12 +277,24 @@ impl Cmd {
                 Err(source) => return Err(ExecError::Io { program, source }),
             }
         };
-        // The child has exited; a grandchild still holding our pipes dies with the group, or
-        // the readers below would wait for it.
-        if let Some(child) = guard.0.as_mut() {
-            kill_group(child);
-        }
+        // The child has exited and been reaped. A grandchild still holding our pipes (a
+        // script's background job) would keep the readers waiting: give it a moment, then kill
+        // the group. Only then: while such a member lives the group id cannot be reused, but
+        // once the group is empty the id may belong to an unrelated new process group.
         guard.0 = None;
+        let pipes_held = || !(out_reader.is_finished() && err_reader.is_finished());
+        let grace = Instant::now() + POLL_INTERVAL * 10;
+        while pipes_held() && Instant::now() < grace {
+            std::thread::sleep(POLL_INTERVAL);
+        }
+        if pipes_held() {
+            if let Some(pgid) = child_pid {
+                // SAFETY: kill(2) has no memory-safety preconditions.
+                unsafe {
+                    libc::kill(-pgid, libc::SIGKILL);
+                }
+            }
+        }
         let Some(status) = status else {
             return Err(ExecError::Io {
                 program,
@@ -365,6 +378,21 @@ mod tests {
         assert!(start.elapsed() < Duration::from_secs(5));
         std::thread::sleep(Duration::from_millis(1500));
         assert!(!marker.exists(), "grandchild outlived the kill");
+    }
+
+    #[test]
+    fn a_background_job_holding_the_pipe_is_killed_after_exit() {
+        let start = Instant::now();
+        let out = sh("echo hi; sleep 30 &")
+            .timeout(Duration::from_secs(20))
+            .run()
+            .expect("run");
+        assert_eq!(out.stdout, b"hi\n");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
     }
 
     #[test]
