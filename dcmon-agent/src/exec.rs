@@ -287,12 +287,12 @@ impl Cmd {
         while pipes_held() && Instant::now() < grace {
             std::thread::sleep(POLL_INTERVAL);
         }
-        if pipes_held() {
-            if let Some(pgid) = child_pid {
-                // SAFETY: kill(2) has no memory-safety preconditions.
-                unsafe {
-                    libc::kill(-pgid, libc::SIGKILL);
-                }
+        if let Some(pgid) = child_pid
+            && pipes_held()
+        {
+            // SAFETY: kill(2) has no memory-safety preconditions.
+            unsafe {
+                libc::kill(-pgid, libc::SIGKILL);
             }
         }
         let Some(status) = status else {
