@@ -11,15 +11,9 @@ use bytes::Bytes;
 use dcmon_agent::outbox::{Outbox, OutboxLimits};
 
 fn main() {
-    let base = std::env::args()
-        .nth(1)
-        .filter(|a| !a.starts_with('-'))
-        .unwrap_or_else(|| "/var/tmp".to_owned());
+    let base = std::env::args().nth(1).filter(|a| !a.starts_with('-')).unwrap_or_else(|| "/var/tmp".to_owned());
     let dir = tempfile::tempdir_in(&base).expect("temp dir");
-    let limits = OutboxLimits {
-        max_bytes: 1 << 30,
-        max_age: Duration::from_secs(3600),
-    };
+    let limits = OutboxLimits { max_bytes: 1 << 30, max_age: Duration::from_secs(3600) };
     let mut outbox = Outbox::open(dir.path(), limits, 0);
     // A typical OS-collector batch is about 2 KB; GPU servers with many devices send ~10 KB.
     for size in [2_048usize, 16_384] {

@@ -21,12 +21,7 @@ use crate::deliver::{self as delivery, DeliveryPolicy, SharedOutbox, deliver};
 use crate::notify::Notifier;
 use crate::upload::Uploader;
 
-type RunResult = (
-    Box<dyn Collector>,
-    Vec<Sample>,
-    Result<(), CollectError>,
-    Duration,
-);
+type RunResult = (Box<dyn Collector>, Vec<Sample>, Result<(), CollectError>, Duration);
 
 enum SlotState {
     Idle(Box<dyn Collector>),
@@ -60,10 +55,7 @@ pub struct Scheduler {
 impl std::fmt::Debug for Scheduler {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Scheduler")
-            .field(
-                "collectors",
-                &self.slots.iter().map(|s| s.name).collect::<Vec<_>>(),
-            )
+            .field("collectors", &self.slots.iter().map(|s| s.name).collect::<Vec<_>>())
             .field("machine_id", &self.machine_id)
             .finish_non_exhaustive()
     }
@@ -71,25 +63,12 @@ impl std::fmt::Debug for Scheduler {
 
 impl Scheduler {
     /// A scheduler over `collectors`, labelling batches with `machine_id`.
-    pub fn new(
-        collectors: Vec<Box<dyn Collector>>,
-        machine_id: String,
-        collector_timeout: Duration,
-    ) -> Self {
+    pub fn new(collectors: Vec<Box<dyn Collector>>, machine_id: String, collector_timeout: Duration) -> Self {
         let slots = collectors
             .into_iter()
-            .map(|c| Slot {
-                name: c.name(),
-                state: SlotState::Idle(c),
-                last_error: None,
-            })
+            .map(|c| Slot { name: c.name(), state: SlotState::Idle(c), last_error: None })
             .collect();
-        Self {
-            slots,
-            machine_id,
-            collector_timeout,
-            stats: SelfStats::default(),
-        }
+        Self { slots, machine_id, collector_timeout, stats: SelfStats::default() }
     }
 
     /// One round: run every collector concurrently and build the batch stamped `timestamp`.
@@ -104,26 +83,16 @@ impl Scheduler {
             let state = std::mem::replace(&mut slot.state, SlotState::Absent);
             match state {
                 SlotState::Absent => {}
-                SlotState::Idle(c) => {
-                    running.push((i, tokio::task::spawn_blocking(move || run_collector(c))))
-                }
+                SlotState::Idle(c) => running.push((i, tokio::task::spawn_blocking(move || run_collector(c)))),
                 SlotState::Overrunning(h) if h.is_finished() => match h.await {
                     // The late result is stale: drop its samples, run afresh.
-                    Ok((c, ..)) => {
-                        running.push((i, tokio::task::spawn_blocking(move || run_collector(c))))
-                    }
-                    Err(e) => tracing::error!(
-                        collector = slot.name,
-                        "collector thread failed: {e}; disabling it"
-                    ),
+                    Ok((c, ..)) => running.push((i, tokio::task::spawn_blocking(move || run_collector(c)))),
+                    Err(e) => tracing::error!(collector = slot.name, "collector thread failed: {e}; disabling it"),
                 },
                 SlotState::Overrunning(h) => {
                     slot.state = SlotState::Overrunning(h);
                     self_samples.extend(outcome_samples(slot.name, self.collector_timeout, false));
-                    log_failure(
-                        slot,
-                        "still running from an earlier round (not started again)".into(),
-                    );
+                    log_failure(slot, "still running from an earlier round (not started again)".into());
                 }
             }
         }
@@ -134,16 +103,10 @@ impl Scheduler {
                 Err(_elapsed) => {
                     slot.state = SlotState::Overrunning(handle);
                     self_samples.extend(outcome_samples(slot.name, self.collector_timeout, false));
-                    log_failure(
-                        slot,
-                        format!("timed out after {:?}", self.collector_timeout),
-                    );
+                    log_failure(slot, format!("timed out after {:?}", self.collector_timeout));
                 }
                 // run_collector catches panics, so a JoinError means the runtime is shutting down.
-                Ok(Err(e)) => tracing::error!(
-                    collector = slot.name,
-                    "collector thread failed: {e}; disabling it"
-                ),
+                Ok(Err(e)) => tracing::error!(collector = slot.name, "collector thread failed: {e}; disabling it"),
                 Ok(Ok((c, samples, result, took))) => {
                     batch.extend(samples);
                     match result {
@@ -170,10 +133,7 @@ impl Scheduler {
 
         self.stats.nonfinite_dropped_total += batch.nonfinite_dropped();
         batch.extend(self_samples);
-        batch.push(Sample::count(
-            "dcmon_nonfinite_values_dropped_total",
-            self.stats.nonfinite_dropped_total,
-        ));
+        batch.push(Sample::count("dcmon_nonfinite_values_dropped_total", self.stats.nonfinite_dropped_total));
         batch
     }
 }
@@ -181,24 +141,20 @@ impl Scheduler {
 fn run_collector(mut c: Box<dyn Collector>) -> RunResult {
     let start = Instant::now();
     let mut samples = Vec::new();
-    let result = std::panic::catch_unwind(AssertUnwindSafe(|| c.collect(&mut samples)))
-        .unwrap_or_else(|panic| {
-            let msg = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".to_owned());
-            Err(CollectError::Failed(anyhow::anyhow!(
-                "collector panicked (a bug): {msg}"
-            )))
-        });
+    let result = std::panic::catch_unwind(AssertUnwindSafe(|| c.collect(&mut samples))).unwrap_or_else(|panic| {
+        let msg = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_owned());
+        Err(CollectError::Failed(anyhow::anyhow!("collector panicked (a bug): {msg}")))
+    });
     (c, samples, result, start.elapsed())
 }
 
 fn outcome_samples(collector: &'static str, took: Duration, success: bool) -> [Sample; 2] {
     [
-        Sample::gauge("dcmon_collector_duration_seconds", took.as_secs_f64())
-            .label("collector", collector),
+        Sample::gauge("dcmon_collector_duration_seconds", took.as_secs_f64()).label("collector", collector),
         Sample::count("dcmon_collector_success", u64::from(success)).label("collector", collector),
     ]
 }
@@ -222,42 +178,26 @@ fn unix_secs_at(scheduled: tokio::time::Instant) -> i64 {
 
 /// Seconds since the Unix epoch, as the batch wants them.
 pub fn unix_now_secs() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// This host's offset within the interval, so that many agents do not post at the same
 /// instant. Derived from the machine id (FNV-1a, stable across restarts and Rust versions).
 pub fn phase_offset(machine_id: &str, interval: Duration) -> Duration {
-    let hash = machine_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
-    });
-    let interval_ms = u64::try_from(interval.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1);
+    let hash =
+        machine_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX).max(1);
     Duration::from_millis(hash % interval_ms)
 }
 
 /// Time from `now_unix_ms` to the first tick: the first wall-clock instant at least `min_gap`
 /// away whose offset within the interval is `phase`.
-pub fn first_tick_delay(
-    now_unix_ms: u64,
-    phase: Duration,
-    interval: Duration,
-    min_gap: Duration,
-) -> Duration {
-    let interval_ms = u64::try_from(interval.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1);
+pub fn first_tick_delay(now_unix_ms: u64, phase: Duration, interval: Duration, min_gap: Duration) -> Duration {
+    let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX).max(1);
     let phase_ms = u64::try_from(phase.as_millis()).unwrap_or(0) % interval_ms;
     let earliest = now_unix_ms + u64::try_from(min_gap.as_millis()).unwrap_or(0);
     let base = earliest - earliest % interval_ms + phase_ms;
-    let first = if base >= earliest {
-        base
-    } else {
-        base + interval_ms
-    };
+    let first = if base >= earliest { base } else { base + interval_ms };
     Duration::from_millis(first - now_unix_ms)
 }
 
@@ -309,20 +249,10 @@ pub async fn run(
         stop_rx,
     ));
 
-    let now_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
     // At least a second before the first round, so CPU usage has a window to measure.
-    let delay = first_tick_delay(
-        now_ms,
-        daemon.phase,
-        daemon.interval,
-        Duration::from_secs(1),
-    );
-    tracing::info!(
-        "first batch in {delay:.1?}, then every {:?}",
-        daemon.interval
-    );
+    let delay = first_tick_delay(now_ms, daemon.phase, daemon.interval, Duration::from_secs(1));
+    tracing::info!("first batch in {delay:.1?}, then every {:?}", daemon.interval);
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + delay, daemon.interval);
     // After a stall (suspend, overload) skip the missed rounds instead of bursting them.
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -349,10 +279,7 @@ pub async fn run(
         }
     };
     let _ = stop_tx.send(true);
-    if tokio::time::timeout(SHUTDOWN_GRACE, &mut delivery)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut delivery).await.is_err() {
         delivery.abort();
         tracing::warn!("abandoned the upload in flight; its batch stays in the outbox");
     }
@@ -370,11 +297,7 @@ pub fn report_outbox_at_exit(outbox: &SharedOutbox) {
             o.persist_error().unwrap_or("outbox not writable")
         );
     } else {
-        tracing::info!(
-            backlog = stats.batches,
-            "outbox {} left for the next start",
-            o.dir().display()
-        );
+        tracing::info!(backlog = stats.batches, "outbox {} left for the next start", o.dir().display());
     }
 }
 
@@ -402,10 +325,7 @@ mod tests {
     }
 
     fn success_of(b: &Batch, collector: &str) -> Option<Value> {
-        b.samples()
-            .iter()
-            .find(|s| s.name == "dcmon_collector_success" && s.labels[0].1 == collector)
-            .map(|s| s.value)
+        b.samples().iter().find(|s| s.name == "dcmon_collector_success" && s.labels[0].1 == collector).map(|s| s.value)
     }
 
     #[test]
@@ -414,9 +334,8 @@ mod tests {
         assert_eq!(phase_offset("abc", i), phase_offset("abc", i));
         assert_ne!(phase_offset("abc", i), phase_offset("abd", i));
         assert!(phase_offset("abc", i) < i);
-        let spread: std::collections::HashSet<_> = (0..100)
-            .map(|n| phase_offset(&format!("host-{n}"), i).as_secs())
-            .collect();
+        let spread: std::collections::HashSet<_> =
+            (0..100).map(|n| phase_offset(&format!("host-{n}"), i).as_secs()).collect();
         assert!(spread.len() > 20, "phases bunch up: {spread:?}");
     }
 
@@ -424,27 +343,15 @@ mod tests {
     fn first_tick_lands_on_the_phase_at_least_min_gap_away() {
         let (i, gap) = (Duration::from_secs(30), Duration::from_secs(1));
         // now = 100.000 s, phase 5 s: next instant = 5 s into the 90..120 window -> 95 is past, so 125.
-        assert_eq!(
-            first_tick_delay(100_000, Duration::from_secs(5), i, gap),
-            Duration::from_secs(25)
-        );
+        assert_eq!(first_tick_delay(100_000, Duration::from_secs(5), i, gap), Duration::from_secs(25));
         // phase 10.5 s -> 100.5 s is under the 1 s gap; next is 130.5 s.
-        assert_eq!(
-            first_tick_delay(100_000, Duration::from_millis(10_500), i, gap),
-            Duration::from_millis(30_500)
-        );
-        assert_eq!(
-            first_tick_delay(100_000, Duration::from_secs(11), i, gap),
-            Duration::from_secs(1)
-        );
+        assert_eq!(first_tick_delay(100_000, Duration::from_millis(10_500), i, gap), Duration::from_millis(30_500));
+        assert_eq!(first_tick_delay(100_000, Duration::from_secs(11), i, gap), Duration::from_secs(1));
         // interval 1 s: always within [gap, gap + interval).
         for now in [0_u64, 999, 1000, 123_456] {
             let d = first_tick_delay(now, Duration::from_millis(250), Duration::from_secs(1), gap);
             assert!(d >= gap && d < gap + Duration::from_secs(1), "{now}: {d:?}");
-            assert_eq!(
-                (now + u64::try_from(d.as_millis()).expect("ms")) % 1000,
-                250
-            );
+            assert_eq!((now + u64::try_from(d.as_millis()).expect("ms")) % 1000, 250);
         }
     }
 
@@ -460,27 +367,15 @@ mod tests {
         let mut s = Scheduler::new(collectors, "m".into(), Duration::from_millis(300));
         let started = Instant::now();
         let b = s.collect(5).await;
-        assert!(
-            started.elapsed() < Duration::from_millis(1200),
-            "slow collector delayed the round"
-        );
+        assert!(started.elapsed() < Duration::from_millis(1200), "slow collector delayed the round");
         assert_eq!(b.timestamp, 5);
         assert_eq!(success_of(&b, "good"), Some(Value::Count(1)));
         assert_eq!(success_of(&b, "bad"), Some(Value::Count(0)));
         assert_eq!(success_of(&b, "panics"), Some(Value::Count(0)));
         assert_eq!(success_of(&b, "slow"), Some(Value::Count(0)));
-        assert_eq!(
-            success_of(&b, "absent"),
-            None,
-            "absent collectors report nothing"
-        );
+        assert_eq!(success_of(&b, "absent"), None, "absent collectors report nothing");
         // Samples a failing collector produced before failing are kept; the timed-out one's are not.
-        let froms: Vec<&str> = b
-            .samples()
-            .iter()
-            .filter(|s| s.name == "x")
-            .map(|s| s.labels[0].1.as_str())
-            .collect();
+        let froms: Vec<&str> = b.samples().iter().filter(|s| s.name == "x").map(|s| s.labels[0].1.as_str()).collect();
         assert_eq!(froms, ["good", "bad", "absent", "panics"]);
 
         // Next round: the slow one is still running and is not started twice.
@@ -491,10 +386,6 @@ mod tests {
         // Once it returned, it runs again (and its late result was discarded).
         let b = s.collect(7).await;
         assert_eq!(success_of(&b, "good"), Some(Value::Count(1)));
-        assert_eq!(
-            success_of(&b, "slow"),
-            Some(Value::Count(0)),
-            "1.5 s > 0.3 s timeout again"
-        );
+        assert_eq!(success_of(&b, "slow"), Some(Value::Count(0)), "1.5 s > 0.3 s timeout again");
     }
 }

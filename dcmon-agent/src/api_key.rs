@@ -76,34 +76,19 @@ impl fmt::Display for PermissionWarning {
 pub fn load(path: &Path) -> Result<(ApiKey, Option<PermissionWarning>), ApiKeyError> {
     use std::os::unix::fs::PermissionsExt;
     let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => ApiKeyError::Missing {
-            path: path.to_owned(),
-        },
-        _ => ApiKeyError::Read {
-            path: path.to_owned(),
-            source,
-        },
+        std::io::ErrorKind::NotFound => ApiKeyError::Missing { path: path.to_owned() },
+        _ => ApiKeyError::Read { path: path.to_owned(), source },
     })?;
     let key = text.trim();
-    let malformed = |problem| ApiKeyError::Malformed {
-        path: path.to_owned(),
-        problem,
-    };
+    let malformed = |problem| ApiKeyError::Malformed { path: path.to_owned(), problem };
     if key.is_empty() {
         return Err(malformed("is empty"));
     }
     if !key.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(malformed(
-            "must hold one key of printable ASCII without spaces (as the server issues)",
-        ));
+        return Err(malformed("must hold one key of printable ASCII without spaces (as the server issues)"));
     }
-    let mode = std::fs::metadata(path)
-        .map(|m| m.permissions().mode())
-        .unwrap_or(0);
-    let warning = (mode & 0o077 != 0).then(|| PermissionWarning {
-        path: path.to_owned(),
-        mode,
-    });
+    let mode = std::fs::metadata(path).map(|m| m.permissions().mode()).unwrap_or(0);
+    let warning = (mode & 0o077 != 0).then(|| PermissionWarning { path: path.to_owned(), mode });
     Ok((ApiKey(key.to_owned()), warning))
 }
 
@@ -131,10 +116,7 @@ mod tests {
         let p = write(dir.path(), KEY, 0o644);
         let (_, warning) = load(&p).expect("key");
         let w = warning.expect("warning for 0644");
-        assert!(
-            w.to_string().contains("0644") && w.to_string().contains("chmod 600"),
-            "{w}"
-        );
+        assert!(w.to_string().contains("0644") && w.to_string().contains("chmod 600"), "{w}");
         assert!(!w.to_string().contains(KEY));
     }
 
@@ -153,18 +135,10 @@ mod tests {
     fn missing_key_says_how_to_create_it() {
         let err = load(Path::new("/nonexistent/dcmon/api_key")).expect_err("missing");
         let msg = err.to_string();
-        assert!(
-            msg.contains("echo 'YOUR_API_KEY' | sudo tee /nonexistent/dcmon/api_key"),
-            "{msg}"
-        );
+        assert!(msg.contains("echo 'YOUR_API_KEY' | sudo tee /nonexistent/dcmon/api_key"), "{msg}");
         assert!(msg.contains("chmod 600"), "{msg}");
         let dir = tempfile::tempdir().expect("tempdir");
         let p = write(dir.path(), "\n", 0o600);
-        assert!(
-            load(&p)
-                .expect_err("empty")
-                .to_string()
-                .contains("is empty")
-        );
+        assert!(load(&p).expect_err("empty").to_string().contains("is empty"));
     }
 }

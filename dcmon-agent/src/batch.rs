@@ -57,20 +57,12 @@ pub struct Sample {
 impl Sample {
     /// A gauge without labels.
     pub fn gauge(name: &'static str, value: f64) -> Self {
-        Self {
-            name,
-            value: Value::Gauge(value),
-            labels: Labels::new(),
-        }
+        Self { name, value: Value::Gauge(value), labels: Labels::new() }
     }
 
     /// A counter without labels.
     pub fn count(name: &'static str, value: u64) -> Self {
-        Self {
-            name,
-            value: Value::Count(value),
-            labels: Labels::new(),
-        }
+        Self { name, value: Value::Count(value), labels: Labels::new() }
     }
 
     /// This sample with one more label.
@@ -97,12 +89,7 @@ pub struct Batch {
 impl Batch {
     /// An empty batch.
     pub fn new(machine_id: impl Into<String>, timestamp: i64) -> Self {
-        Self {
-            machine_id: machine_id.into(),
-            timestamp,
-            samples: Vec::new(),
-            nonfinite_dropped: 0,
-        }
+        Self { machine_id: machine_id.into(), timestamp, samples: Vec::new(), nonfinite_dropped: 0 }
     }
 
     /// Add a sample; a sample whose value is NaN or infinite is dropped and counted instead.
@@ -185,10 +172,7 @@ struct WireMetrics<'a>(&'a Batch);
 
 impl Serialize for WireMetrics<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(self.0.samples.iter().map(|sample| WireMetric {
-            sample,
-            timestamp: self.0.timestamp,
-        }))
+        s.collect_seq(self.0.samples.iter().map(|sample| WireMetric { sample, timestamp: self.0.timestamp }))
     }
 }
 
@@ -242,10 +226,7 @@ mod tests {
         assert_eq!(names, ["d", "e"]);
         assert_eq!(b.nonfinite_dropped(), 3);
         let text = String::from_utf8(b.to_json()).expect("utf8");
-        assert!(
-            !text.contains("null") && !text.contains("NaN") && !text.contains("inf"),
-            "{text}"
-        );
+        assert!(!text.contains("null") && !text.contains("NaN") && !text.contains("inf"), "{text}");
     }
 
     #[test]

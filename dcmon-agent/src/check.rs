@@ -37,24 +37,13 @@ pub async fn check(
     config_path: &Path,
     loaded: Result<crate::config::Loaded, crate::config::ConfigError>,
 ) -> CheckReport {
-    let mut r = CheckReport {
-        text: String::new(),
-        ok: true,
-    };
+    let mut r = CheckReport { text: String::new(), ok: true };
     let config = match loaded {
         Ok(l) => {
             if l.from_file {
-                r.line(
-                    " OK ",
-                    "config",
-                    format!("{} is valid", config_path.display()),
-                );
+                r.line(" OK ", "config", format!("{} is valid", config_path.display()));
             } else {
-                r.line(
-                    "WARN",
-                    "config",
-                    format!("{} not found: using the defaults", config_path.display()),
-                );
+                r.line("WARN", "config", format!("{} not found: using the defaults", config_path.display()));
             }
             for key in &l.unknown_keys {
                 r.line("WARN", "config", format!("unknown key `{key}` is ignored"));
@@ -92,14 +81,10 @@ pub async fn check(
                 &format!("collector {}", c.name()),
                 format!("{} samples, e.g. {}", got.len(), example(got)),
             ),
-            Err(CollectError::NotPresent(why)) => r.line(
-                " -- ",
-                &format!("collector {}", c.name()),
-                format!("not present: {why}"),
-            ),
-            Err(CollectError::Failed(e)) => {
-                r.line("FAIL", &format!("collector {}", c.name()), format!("{e:#}"))
+            Err(CollectError::NotPresent(why)) => {
+                r.line(" -- ", &format!("collector {}", c.name()), format!("not present: {why}"))
             }
+            Err(CollectError::Failed(e)) => r.line("FAIL", &format!("collector {}", c.name()), format!("{e:#}")),
         }
     }
 
@@ -107,11 +92,7 @@ pub async fn check(
         Ok((key, warning)) => {
             match warning {
                 Some(w) => r.line("WARN", "API key", w),
-                None => r.line(
-                    " OK ",
-                    "API key",
-                    format!("{} present, mode 0600", config.api_key_file.display()),
-                ),
+                None => r.line(" OK ", "API key", format!("{} present, mode 0600", config.api_key_file.display())),
             }
             Some(key)
         }
@@ -138,23 +119,12 @@ pub async fn check(
                 true
             }
             Err(e) => {
-                r.line(
-                    "FAIL",
-                    "server",
-                    format!(
-                        "cannot reach {health_url}: {}",
-                        crate::upload::error_chain(&e)
-                    ),
-                );
+                r.line("FAIL", "server", format!("cannot reach {health_url}: {}", crate::upload::error_chain(&e)));
                 false
             }
         },
         Err(e) => {
-            r.line(
-                "FAIL",
-                "server",
-                format!("cannot build the HTTP client: {e}"),
-            );
+            r.line("FAIL", "server", format!("cannot build the HTTP client: {e}"));
             false
         }
     };
@@ -171,11 +141,9 @@ pub async fn check(
         );
         match uploader {
             Ok(u) => match u.send(Bytes::from(batch.to_json())).await {
-                Ok(n) => r.line(
-                    " OK ",
-                    "key accepted",
-                    format!("the server stored a batch of {} metrics", n.unwrap_or(0)),
-                ),
+                Ok(n) => {
+                    r.line(" OK ", "key accepted", format!("the server stored a batch of {} metrics", n.unwrap_or(0)))
+                }
                 Err(e @ UploadError::Status { .. }) => r.line("FAIL", "key accepted", e),
                 Err(e) => r.line("FAIL", "key accepted", e),
             },
@@ -190,10 +158,6 @@ fn example(samples: &[Sample]) -> String {
         return "none".to_owned();
     };
     let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
-    let labels = if labels.is_empty() {
-        String::new()
-    } else {
-        format!("{{{}}}", labels.join(","))
-    };
+    let labels = if labels.is_empty() { String::new() } else { format!("{{{}}}", labels.join(",")) };
     format!("{}{labels} = {}", s.name, s.value.as_f64())
 }

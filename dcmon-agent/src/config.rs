@@ -54,10 +54,18 @@ pub struct Config {
     pub auth_retry_interval: u64,
     /// Batches per second sent while catching up on a backlog.
     pub catchup_batches_per_second: u32,
+    /// The `apt` exporter's settings.
+    pub apt: AptConfig,
+    /// The `nvme` exporter's settings.
+    pub nvme: NvmeConfig,
+    /// The `ipmi` exporter's settings.
+    pub ipmi: IpmiConfig,
+    /// The `nvsmi` exporter's settings.
+    pub nvsmi: NvsmiConfig,
 }
 
-/// The spec's `exporters` map. Collectors for these arrive in later releases; until a collector
-/// exists its switch has no effect (a missing collector is absent, never zeros).
+/// The spec's `exporters` map: each switch enables one collector, configured in its own
+/// section (`apt`, `nvme`, `ipmi`, `nvsmi`). A collector without its hardware is absent, never zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(default)]
 pub struct Exporters {
@@ -73,12 +81,7 @@ pub struct Exporters {
 
 impl Default for Exporters {
     fn default() -> Self {
-        Self {
-            ipmi: true,
-            apt: true,
-            nvme: true,
-            nvsmi: true,
-        }
+        Self { ipmi: true, apt: true, nvme: true, nvsmi: true }
     }
 }
 
@@ -103,10 +106,7 @@ impl DeviceFilter {
     /// Disks: every whole block device, but not the virtual ones that are not storage.
     /// (Partitions are left out by the collector through sysfs, not by name.)
     pub fn default_disks() -> Self {
-        Self {
-            include: PatternList::match_all(),
-            exclude: PatternList::new(["loop*", "ram*", "zram*", "sr*", "fd*"]),
-        }
+        Self { include: PatternList::match_all(), exclude: PatternList::new(["loop*", "ram*", "zram*", "sr*", "fd*"]) }
     }
 
     /// Interfaces: physical and bonded links, not loopback or container/VPN plumbing.
@@ -149,6 +149,10 @@ impl Default for Config {
             retry_max_backoff: 300,
             auth_retry_interval: 60,
             catchup_batches_per_second: 10,
+            apt: AptConfig::default(),
+            nvme: NvmeConfig::default(),
+            ipmi: IpmiConfig::default(),
+            nvsmi: NvsmiConfig::default(),
         }
     }
 }
@@ -191,10 +195,7 @@ pub enum ConfigError {
 }
 
 fn field_prefix(field: &Option<String>) -> String {
-    field
-        .as_ref()
-        .map(|f| format!("field `{f}`: "))
-        .unwrap_or_default()
+    field.as_ref().map(|f| format!("field `{f}`: ")).unwrap_or_default()
 }
 
 /// A loaded config plus the unknown keys that were ignored (to be logged as warnings once
@@ -214,20 +215,13 @@ impl Config {
     /// default location); when the operator named the file explicitly it must exist.
     pub fn load(path: &Path, must_exist: bool) -> Result<Loaded, ConfigError> {
         match std::fs::read_to_string(path) {
-            Ok(text) => Self::parse(path, &text).map(|(config, unknown_keys)| Loaded {
-                config,
-                unknown_keys,
-                from_file: true,
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => Ok(Loaded {
-                config: Config::default(),
-                unknown_keys: Vec::new(),
-                from_file: false,
-            }),
-            Err(source) => Err(ConfigError::Read {
-                path: path.to_owned(),
-                source,
-            }),
+            Ok(text) => {
+                Self::parse(path, &text).map(|(config, unknown_keys)| Loaded { config, unknown_keys, from_file: true })
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
+                Ok(Loaded { config: Config::default(), unknown_keys: Vec::new(), from_file: false })
+            }
+            Err(source) => Err(ConfigError::Read { path: path.to_owned(), source }),
         }
     }
 
@@ -260,16 +254,9 @@ impl Config {
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |field, detail: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            field,
-            detail,
-        };
+        let invalid = |field, detail: String| ConfigError::Invalid { path: path.to_owned(), field, detail };
         if self.collection_interval < 1 {
-            return Err(invalid(
-                "collection_interval",
-                "must be at least 1 second, got 0".into(),
-            ));
+            return Err(invalid("collection_interval", "must be at least 1 second, got 0".into()));
         }
         let url = self.server_url.trim();
         let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
@@ -282,31 +269,36 @@ impl Config {
                 ),
             ));
         }
-        for (field, secs) in [
+        // Durations in seconds and rates: zero would mean "never" or a busy loop.
+        for (field, value) in [
             ("collector_timeout", self.collector_timeout),
             ("upload_timeout", self.upload_timeout),
             ("connect_timeout", self.connect_timeout),
             ("outbox_max_age", self.outbox_max_age),
             ("retry_max_backoff", self.retry_max_backoff),
             ("auth_retry_interval", self.auth_retry_interval),
-            (
-                "catchup_batches_per_second",
-                u64::from(self.catchup_batches_per_second),
-            ),
+            ("catchup_batches_per_second", u64::from(self.catchup_batches_per_second)),
+            ("apt.interval", self.apt.interval),
+            ("apt.timeout", self.apt.timeout),
+            ("nvme.timeout", self.nvme.timeout),
+            ("ipmi.interval", self.ipmi.interval),
+            ("ipmi.timeout", self.ipmi.timeout),
+            ("ipmi.sdr_cache_max_age", self.ipmi.sdr_cache_max_age),
+            ("nvsmi.timeout", self.nvsmi.timeout),
         ] {
-            if secs < 1 {
+            if value < 1 {
                 return Err(invalid(field, "must be at least 1, got 0".into()));
             }
         }
-        if self
-            .machine_id
-            .as_ref()
-            .is_some_and(|id| id.trim().is_empty())
-        {
+        if self.outbox_max_bytes < 64 * 1024 {
             return Err(invalid(
-                "machine_id",
-                "must not be empty (remove the key to use /etc/machine-id)".into(),
+                "outbox_max_bytes",
+                format!("must be at least 65536 (room for a batch), got {}", self.outbox_max_bytes),
             ));
+        }
+        self.ipmi.validate().map_err(|(field, detail)| invalid(field, detail))?;
+        if self.machine_id.as_ref().is_some_and(|id| id.trim().is_empty()) {
+            return Err(invalid("machine_id", "must not be empty (remove the key to use /etc/machine-id)".into()));
         }
         Ok(())
     }
@@ -324,6 +316,117 @@ impl Config {
     /// The server URL without a trailing slash, so `{base}/api/metrics` is well-formed.
     pub fn server_base(&self) -> &str {
         self.server_url.trim().trim_end_matches('/')
+    }
+}
+
+/// The `apt` section: pending upgrades, reboot flag, package list age.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct AptConfig {
+    /// Seconds between upgrade counts (also recounted when dpkg's status or the lists change).
+    pub interval: u64,
+    /// Seconds one count may take before apt-get is killed.
+    pub timeout: u64,
+    /// The apt-get program.
+    pub apt_get: PathBuf,
+}
+
+impl Default for AptConfig {
+    fn default() -> Self {
+        Self { interval: 3600, timeout: 120, apt_get: PathBuf::from("apt-get") }
+    }
+}
+
+/// The `nvme` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct NvmeConfig {
+    /// Controller device nodes (`/dev/nvme0`); empty means every controller in /sys/class/nvme.
+    pub devices: Vec<PathBuf>,
+    /// The nvme-cli program, used when the admin ioctl is not permitted.
+    pub nvme_cli: PathBuf,
+    /// Seconds one nvme-cli run may take.
+    pub timeout: u64,
+}
+
+impl Default for NvmeConfig {
+    fn default() -> Self {
+        Self { devices: Vec::new(), nvme_cli: PathBuf::from("nvme"), timeout: 5 }
+    }
+}
+
+/// The `ipmi` section: where the BMC is and how often to ask it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct IpmiConfig {
+    /// ipmitool interface: `open` (the local BMC through /dev/ipmi0), `lan` or `lanplus`.
+    pub interface: String,
+    /// BMC address for `lan`/`lanplus`.
+    pub host: Option<String>,
+    /// BMC UDP port.
+    pub port: u16,
+    /// BMC user.
+    pub username: Option<String>,
+    /// File holding the BMC password (never the password itself in the config).
+    pub password_file: Option<PathBuf>,
+    /// lanplus cipher suite (`-C`); without it ipmitool spends seconds probing.
+    pub cipher_suite: Option<u8>,
+    /// Seconds between sensor reads.
+    pub interval: u64,
+    /// Seconds one ipmitool run may take before it is killed.
+    pub timeout: u64,
+    /// The ipmitool program.
+    pub ipmitool: PathBuf,
+    /// Where the SDR cache lives (rebuilt when missing, stale or failing).
+    pub sdr_cache: PathBuf,
+    /// Seconds after which the SDR cache is rebuilt.
+    pub sdr_cache_max_age: u64,
+}
+
+impl Default for IpmiConfig {
+    fn default() -> Self {
+        Self {
+            interface: "open".to_owned(),
+            host: None,
+            port: 623,
+            username: None,
+            password_file: None,
+            cipher_suite: None,
+            interval: 60,
+            timeout: 30,
+            ipmitool: PathBuf::from("ipmitool"),
+            sdr_cache: PathBuf::from("/var/cache/dcmon/ipmi-sdr.cache"),
+            sdr_cache_max_age: 86_400,
+        }
+    }
+}
+
+impl IpmiConfig {
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        match self.interface.as_str() {
+            "open" => Ok(()),
+            "lan" | "lanplus" if self.host.as_deref().is_some_and(|h| !h.trim().is_empty()) => Ok(()),
+            "lan" | "lanplus" => Err(("ipmi.host", format!("interface {:?} needs the BMC address", self.interface))),
+            other => Err(("ipmi.interface", format!("expected \"open\", \"lan\" or \"lanplus\", got {other:?}"))),
+        }
+    }
+}
+
+/// The `nvsmi` section: where NVML and nvidia-smi are.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct NvsmiConfig {
+    /// libnvidia-ml.so path; unset means the loader's default search.
+    pub nvml_library: Option<PathBuf>,
+    /// The nvidia-smi program, used when NVML cannot be loaded.
+    pub nvidia_smi: PathBuf,
+    /// Seconds one nvidia-smi run may take.
+    pub timeout: u64,
+}
+
+impl Default for NvsmiConfig {
+    fn default() -> Self {
+        Self { nvml_library: None, nvidia_smi: PathBuf::from("nvidia-smi"), timeout: 10 }
     }
 }
 
@@ -362,8 +465,7 @@ mod tests {
     #[test]
     fn unknown_keys_are_reported_not_fatal() {
         let (c, unknown) =
-            parse(r#"{"collection_interval": 5, "log_file": "/x", "exporters": {"gpu2": true}}"#)
-                .expect("ok");
+            parse(r#"{"collection_interval": 5, "log_file": "/x", "exporters": {"gpu2": true}}"#).expect("ok");
         assert_eq!(c.collection_interval, 5);
         assert_eq!(unknown, ["log_file", "exporters.gpu2"]);
     }
@@ -373,41 +475,25 @@ mod tests {
         let err = parse("{\n  \"collection_interval\": 30,\n  \"server_url\": \"http://x\"\n  \"exporters\": {}\n}")
             .expect_err("missing comma");
         let msg = err.to_string();
-        assert!(
-            msg.starts_with("config /etc/dcmon/config.json: line 4, column 3:"),
-            "{msg}"
-        );
+        assert!(msg.starts_with("config /etc/dcmon/config.json: line 4, column 3:"), "{msg}");
     }
 
     #[test]
     fn wrong_type_names_the_field() {
         let err = parse("{\"exporters\": {\"apt\": \"yes\"}}").expect_err("wrong type");
         let msg = err.to_string();
-        assert!(
-            msg.contains("line 1") && msg.contains("field `exporters.apt`"),
-            "{msg}"
-        );
+        assert!(msg.contains("line 1") && msg.contains("field `exporters.apt`"), "{msg}");
         assert!(msg.contains("expected a boolean"), "{msg}");
         let err = parse("{\"collection_interval\": \"30\"}").expect_err("string interval");
-        assert!(
-            err.to_string().contains("field `collection_interval`"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("field `collection_interval`"), "{err}");
         let err = parse("{\"collection_interval\": 0.5}").expect_err("fractional interval");
-        assert!(
-            err.to_string().contains("field `collection_interval`"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("field `collection_interval`"), "{err}");
     }
 
     #[test]
     fn invalid_values_are_rejected() {
         let err = parse("{\"collection_interval\": 0}").expect_err("zero");
-        assert!(
-            err.to_string()
-                .contains("`collection_interval`: must be at least 1 second"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("`collection_interval`: must be at least 1 second"), "{err}");
         for url in ["ftp://x", "localhost:8000", "", "http://"] {
             let err = parse(&format!("{{\"server_url\": {url:?}}}")).expect_err(url);
             assert!(err.to_string().contains("field `server_url`"), "{err}");
@@ -424,12 +510,35 @@ mod tests {
 
     #[test]
     fn filters_keep_their_defaults_when_only_one_side_is_given() {
-        let (c, _) = parse(r#"{"interfaces": {"exclude": ["lo"]}, "disks": {"include": ["vd*"]}}"#)
-            .expect("ok");
+        let (c, _) = parse(r#"{"interfaces": {"exclude": ["lo"]}, "disks": {"include": ["vd*"]}}"#).expect("ok");
         assert!(c.interfaces.allows("veth0"));
         assert!(!c.interfaces.allows("lo"));
         assert!(c.disks.allows("vda"));
         assert!(!c.disks.allows("sda"));
+    }
+
+    #[test]
+    fn exporter_sections_parse_and_validate() {
+        let (c, unknown) = parse(
+            r#"{"apt": {"interval": 600}, "nvme": {"devices": ["/dev/nvme1"]},
+                "ipmi": {"interface": "lanplus", "host": "10.0.0.5", "cipher_suite": 3,
+                         "username": "admin", "password_file": "/etc/dcmon/bmc"},
+                "nvsmi": {"nvml_library": "/opt/nv/libnvidia-ml.so.1"}}"#,
+        )
+        .expect("ok");
+        assert!(unknown.is_empty(), "{unknown:?}");
+        assert_eq!(c.apt.interval, 600);
+        assert_eq!(c.apt.timeout, AptConfig::default().timeout);
+        assert_eq!(c.nvme.devices, [PathBuf::from("/dev/nvme1")]);
+        assert_eq!(c.ipmi.cipher_suite, Some(3));
+        assert_eq!(c.ipmi.interval, 60);
+        assert_eq!(c.nvsmi.nvml_library.as_deref(), Some(Path::new("/opt/nv/libnvidia-ml.so.1")));
+        let err = parse(r#"{"ipmi": {"interface": "lanplus"}}"#).expect_err("no host");
+        assert!(err.to_string().contains("field `ipmi.host`"), "{err}");
+        let err = parse(r#"{"ipmi": {"interface": "serial"}}"#).expect_err("bad interface");
+        assert!(err.to_string().contains("field `ipmi.interface`"), "{err}");
+        let err = parse(r#"{"apt": {"interval": 0}}"#).expect_err("zero");
+        assert!(err.to_string().contains("field `apt.interval`"), "{err}");
     }
 
     #[test]

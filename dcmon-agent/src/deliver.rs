@@ -40,17 +40,12 @@ pub type SharedOutbox = Arc<Mutex<Outbox>>;
 /// Lock the outbox. Its state stays consistent even if a holder panicked (every method leaves
 /// the index matching the files), so a poisoned lock is used as is.
 pub fn lock(outbox: &SharedOutbox) -> MutexGuard<'_, Outbox> {
-    outbox
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    outbox.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Full jitter: uniform in [0, min(max, base * 2^failures)).
 pub fn backoff_delay(policy: &DeliveryPolicy, failures: u32) -> Duration {
-    let ceiling = policy
-        .backoff_base
-        .saturating_mul(1u32 << failures.min(20))
-        .min(policy.backoff_max);
+    let ceiling = policy.backoff_base.saturating_mul(1u32 << failures.min(20)).min(policy.backoff_max);
     let random = RandomState::new().hash_one(Instant::now());
     let nanos = u64::try_from(ceiling.as_nanos()).unwrap_or(u64::MAX);
     Duration::from_nanos(if nanos == 0 { 0 } else { random % nanos })
@@ -85,10 +80,7 @@ pub async fn deliver(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut failures: u32 = 0;
-    let mut log = SlowLog {
-        every: Duration::from_secs(600),
-        last: None,
-    };
+    let mut log = SlowLog { every: Duration::from_secs(600), last: None };
     let pace = Duration::from_secs(1) / policy.catchup_batches_per_sec.max(1);
     loop {
         if *shutdown.borrow() {
@@ -112,11 +104,7 @@ pub async fn deliver(
                 }
                 failures = 0;
                 // Pace only the backlog: with nothing waiting the loop sleeps on `wake`.
-                if o.stats().batches > 0 {
-                    pace
-                } else {
-                    Duration::ZERO
-                }
+                if o.stats().batches > 0 { pace } else { Duration::ZERO }
             }
             Err(e) => match e.verdict() {
                 Verdict::RetryLater { retry_after } => {
@@ -124,10 +112,7 @@ pub async fn deliver(
                     let delay = retry_after.unwrap_or_else(|| backoff_delay(&policy, failures));
                     if log.should_log(&e.to_string()) {
                         let backlog = lock(&outbox).stats().batches;
-                        tracing::warn!(
-                            backlog,
-                            "upload failed: {e}; retrying in {delay:.1?} (batches are kept)"
-                        );
+                        tracing::warn!(backlog, "upload failed: {e}; retrying in {delay:.1?} (batches are kept)");
                     }
                     delay
                 }
@@ -147,9 +132,7 @@ pub async fn deliver(
                     policy.auth_retry
                 }
                 Verdict::Rejected => {
-                    tracing::error!(
-                        "server refused a batch for good: {e}; moved it to rejected/ and going on"
-                    );
+                    tracing::error!("server refused a batch for good: {e}; moved it to rejected/ and going on");
                     lock(&outbox).reject(seq, &e.to_string());
                     Duration::ZERO
                 }
@@ -178,22 +161,17 @@ mod tests {
             api_key_file: PathBuf::new(),
         };
         for failures in 0..40 {
-            let ceiling =
-                Duration::from_secs(1u64 << failures.min(20)).min(Duration::from_secs(300));
+            let ceiling = Duration::from_secs(1u64 << failures.min(20)).min(Duration::from_secs(300));
             let d = backoff_delay(&policy, failures);
             assert!(d < ceiling, "{failures}: {d:?} >= {ceiling:?}");
         }
-        let draws: std::collections::HashSet<Duration> =
-            (0..20).map(|_| backoff_delay(&policy, 10)).collect();
+        let draws: std::collections::HashSet<Duration> = (0..20).map(|_| backoff_delay(&policy, 10)).collect();
         assert!(draws.len() > 10, "not random: {draws:?}");
     }
 
     #[test]
     fn slow_log_repeats_only_on_change() {
-        let mut l = SlowLog {
-            every: Duration::from_secs(600),
-            last: None,
-        };
+        let mut l = SlowLog { every: Duration::from_secs(600), last: None };
         assert!(l.should_log("a"));
         assert!(!l.should_log("a"));
         assert!(l.should_log("b"));

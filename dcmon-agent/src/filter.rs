@@ -20,9 +20,7 @@ impl PatternList {
 
     /// Whether any pattern matches the whole of `name`.
     pub fn matches(&self, name: &str) -> bool {
-        self.0
-            .iter()
-            .any(|p| wildcard_match(p.as_bytes(), name.as_bytes()))
+        self.0.iter().any(|p| wildcard_match(p.as_bytes(), name.as_bytes()))
     }
 }
 
@@ -77,11 +75,7 @@ mod tests {
             ("", "x", false),
         ];
         for (pattern, name, want) in cases {
-            assert_eq!(
-                PatternList::new([pattern]).matches(name),
-                want,
-                "{pattern:?} vs {name:?}"
-            );
+            assert_eq!(PatternList::new([pattern]).matches(name), want, "{pattern:?} vs {name:?}");
         }
         assert!(!PatternList::default().matches("eth0"));
     }

@@ -93,18 +93,13 @@ mod tests {
         let host = Host::new("/fixture");
         assert_eq!(host.path("/proc/stat"), PathBuf::from("/fixture/proc/stat"));
         assert_eq!(host.path("proc/stat"), PathBuf::from("/fixture/proc/stat"));
-        assert_eq!(
-            Host::default().path("/proc/stat"),
-            PathBuf::from("/proc/stat")
-        );
+        assert_eq!(Host::default().path("/proc/stat"), PathBuf::from("/proc/stat"));
     }
 
     #[test]
     fn read_error_names_the_path() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let err = Host::new(dir.path())
-            .read_to_string("/proc/nope")
-            .expect_err("missing file");
+        let err = Host::new(dir.path()).read_to_string("/proc/nope").expect_err("missing file");
         assert!(err.is_not_found());
         assert!(err.to_string().contains("/proc/nope"), "{err}");
     }

@@ -38,11 +38,7 @@ impl CapNeeds {
     /// The needs of `config`'s enabled collectors.
     pub fn from_config(config: &Config) -> Self {
         // Every mode but an explicit "off" may load the eBPF programs.
-        Self {
-            ebpf: config.ebpf_may_load(),
-            nvme: config.exporters.nvme,
-            ipmi: config.exporters.ipmi,
-        }
+        Self { ebpf: config.ebpf_may_load(), nvme: config.exporters.nvme, ipmi: config.exporters.ipmi }
     }
 
     /// The capability names, in a stable order.
@@ -148,25 +144,11 @@ impl InstallOptions {
 /// One step of an install or uninstall.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Step {
-    Dir {
-        path: PathBuf,
-        mode: u32,
-    },
-    File {
-        path: PathBuf,
-        contents: Vec<u8>,
-        mode: u32,
-        keep_existing: bool,
-    },
-    Remove {
-        path: PathBuf,
-    },
-    RemoveTree {
-        path: PathBuf,
-    },
-    Run {
-        argv: Vec<String>,
-    },
+    Dir { path: PathBuf, mode: u32 },
+    File { path: PathBuf, contents: Vec<u8>, mode: u32, keep_existing: bool },
+    Remove { path: PathBuf },
+    RemoveTree { path: PathBuf },
+    Run { argv: Vec<String> },
 }
 
 /// What happened (or, with `--dry-run`, would happen): one line per step.
@@ -175,72 +157,37 @@ pub type Report = Vec<String>;
 /// Install the agent (see the module docs). `config` is the config the unit is rendered for
 /// (the existing one at `config_path`, or the defaults).
 pub fn install(opts: &InstallOptions, config: &Config) -> anyhow::Result<Report> {
-    let binary = std::fs::read(&opts.source_binary).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot read the agent binary {}: {e}",
-            opts.source_binary.display()
-        )
-    })?;
-    let config_dir = opts
-        .config_path
-        .parent()
-        .unwrap_or(Path::new("/etc/dcmon"))
-        .to_owned();
+    let binary = std::fs::read(&opts.source_binary)
+        .map_err(|e| anyhow::anyhow!("cannot read the agent binary {}: {e}", opts.source_binary.display()))?;
+    let config_dir = opts.config_path.parent().unwrap_or(Path::new("/etc/dcmon")).to_owned();
     let unit_path = PathBuf::from("/etc/systemd/system").join(UNIT_NAME);
     let unit = render_unit(&opts.installed_binary(), &opts.config_path, config);
-    let unit_changed =
-        std::fs::read(opts.under_root(&unit_path)).ok().as_deref() != Some(unit.as_bytes());
+    let unit_changed = std::fs::read(opts.under_root(&unit_path)).ok().as_deref() != Some(unit.as_bytes());
     let mut steps = vec![
-        Step::Dir {
-            path: opts.prefix.join("bin"),
-            mode: 0o755,
-        },
-        Step::File {
-            path: opts.installed_binary(),
-            contents: binary,
-            mode: 0o755,
-            keep_existing: false,
-        },
-        Step::Dir {
-            path: config_dir,
-            mode: 0o755,
-        },
+        Step::Dir { path: opts.prefix.join("bin"), mode: 0o755 },
+        Step::File { path: opts.installed_binary(), contents: binary, mode: 0o755, keep_existing: false },
+        Step::Dir { path: config_dir, mode: 0o755 },
         Step::File {
             path: opts.config_path.clone(),
             contents: DEFAULT_CONFIG_JSON.as_bytes().to_vec(),
             mode: 0o644,
             keep_existing: true,
         },
-        Step::Dir {
-            path: PathBuf::from("/var/lib/dcmon"),
-            mode: 0o750,
-        },
-        Step::Dir {
-            path: PathBuf::from("/etc/systemd/system"),
-            mode: 0o755,
-        },
-        Step::File {
-            path: unit_path,
-            contents: unit.into_bytes(),
-            mode: 0o644,
-            keep_existing: false,
-        },
+        Step::Dir { path: PathBuf::from("/var/lib/dcmon"), mode: 0o750 },
+        Step::Dir { path: PathBuf::from("/etc/systemd/system"), mode: 0o755 },
+        Step::File { path: unit_path, contents: unit.into_bytes(), mode: 0o644, keep_existing: false },
     ];
     let mut report = Report::new();
     if opts.systemd_running() {
         if unit_changed {
-            steps.push(Step::Run {
-                argv: vec!["systemctl".into(), "daemon-reload".into()],
-            });
+            steps.push(Step::Run { argv: vec!["systemctl".into(), "daemon-reload".into()] });
         }
         let enabled = std::process::Command::new("systemctl")
             .args(["is-enabled", "--quiet", UNIT_NAME])
             .status()
             .is_ok_and(|s| s.success());
         if !enabled {
-            steps.push(Step::Run {
-                argv: vec!["systemctl".into(), "enable".into(), UNIT_NAME.into()],
-            });
+            steps.push(Step::Run { argv: vec!["systemctl".into(), "enable".into(), UNIT_NAME.into()] });
         }
         run_steps(opts, &steps, &mut report)?;
     } else {
@@ -259,38 +206,17 @@ pub fn install(opts: &InstallOptions, config: &Config) -> anyhow::Result<Report>
 pub fn uninstall(opts: &InstallOptions, purge: bool) -> anyhow::Result<Report> {
     let mut steps = Vec::new();
     if opts.systemd_running() {
-        steps.push(Step::Run {
-            argv: vec![
-                "systemctl".into(),
-                "disable".into(),
-                "--now".into(),
-                UNIT_NAME.into(),
-            ],
-        });
+        steps.push(Step::Run { argv: vec!["systemctl".into(), "disable".into(), "--now".into(), UNIT_NAME.into()] });
     }
-    steps.push(Step::Remove {
-        path: PathBuf::from("/etc/systemd/system").join(UNIT_NAME),
-    });
+    steps.push(Step::Remove { path: PathBuf::from("/etc/systemd/system").join(UNIT_NAME) });
     if opts.systemd_running() {
-        steps.push(Step::Run {
-            argv: vec!["systemctl".into(), "daemon-reload".into()],
-        });
+        steps.push(Step::Run { argv: vec!["systemctl".into(), "daemon-reload".into()] });
     }
-    steps.push(Step::Remove {
-        path: opts.installed_binary(),
-    });
-    let config_dir = opts
-        .config_path
-        .parent()
-        .unwrap_or(Path::new("/etc/dcmon"))
-        .to_owned();
+    steps.push(Step::Remove { path: opts.installed_binary() });
+    let config_dir = opts.config_path.parent().unwrap_or(Path::new("/etc/dcmon")).to_owned();
     if purge {
-        steps.push(Step::RemoveTree {
-            path: config_dir.clone(),
-        });
-        steps.push(Step::RemoveTree {
-            path: PathBuf::from("/var/lib/dcmon"),
-        });
+        steps.push(Step::RemoveTree { path: config_dir.clone() });
+        steps.push(Step::RemoveTree { path: PathBuf::from("/var/lib/dcmon") });
     }
     let mut report = Report::new();
     run_steps(opts, &steps, &mut report)?;
@@ -313,22 +239,14 @@ fn run_steps(opts: &InstallOptions, steps: &[Step], report: &mut Report) -> anyh
                     report.push(format!("unchanged: directory {}", path.display()));
                     continue;
                 }
-                report.push(format!(
-                    "{would}create directory {} (mode {mode:04o})",
-                    path.display()
-                ));
+                report.push(format!("{would}create directory {} (mode {mode:04o})", path.display()));
                 if !opts.dry_run {
                     std::fs::create_dir_all(&real)
                         .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", real.display()))?;
                     set_mode(&real, *mode)?;
                 }
             }
-            Step::File {
-                path,
-                contents,
-                mode,
-                keep_existing,
-            } => {
+            Step::File { path, contents, mode, keep_existing } => {
                 let real = opts.under_root(path);
                 match std::fs::read(&real) {
                     Ok(_) if *keep_existing => {
@@ -339,13 +257,8 @@ fn run_steps(opts: &InstallOptions, steps: &[Step], report: &mut Report) -> anyh
                         report.push(format!("unchanged: {}", path.display()));
                         continue;
                     }
-                    Ok(_) => report.push(format!(
-                        "{would}update {} (mode {mode:04o})",
-                        path.display()
-                    )),
-                    Err(_) => {
-                        report.push(format!("{would}write {} (mode {mode:04o})", path.display()))
-                    }
+                    Ok(_) => report.push(format!("{would}update {} (mode {mode:04o})", path.display())),
+                    Err(_) => report.push(format!("{would}write {} (mode {mode:04o})", path.display())),
                 }
                 if !opts.dry_run {
                     write_atomically(&real, contents, *mode)?;
@@ -369,10 +282,7 @@ fn run_steps(opts: &InstallOptions, steps: &[Step], report: &mut Report) -> anyh
                     report.push(format!("unchanged: {} is not there", path.display()));
                     continue;
                 }
-                report.push(format!(
-                    "{would}remove {} and everything in it",
-                    path.display()
-                ));
+                report.push(format!("{would}remove {} and everything in it", path.display()));
                 if !opts.dry_run {
                     std::fs::remove_dir_all(&real)
                         .map_err(|e| anyhow::anyhow!("cannot remove {}: {e}", real.display()))?;
@@ -396,9 +306,7 @@ fn run_steps(opts: &InstallOptions, steps: &[Step], report: &mut Report) -> anyh
 }
 
 fn file_mode(p: &Path) -> Option<u32> {
-    std::fs::metadata(p)
-        .ok()
-        .map(|m| m.permissions().mode() & 0o7777)
+    std::fs::metadata(p).ok().map(|m| m.permissions().mode() & 0o7777)
 }
 
 fn set_mode(p: &Path, mode: u32) -> anyhow::Result<()> {
@@ -409,11 +317,9 @@ fn set_mode(p: &Path, mode: u32) -> anyhow::Result<()> {
 /// Write via a temporary file and rename, so a running binary or a unit is never half-written.
 fn write_atomically(p: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
     let tmp = p.with_extension("dcmon-new");
-    std::fs::write(&tmp, contents)
-        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::write(&tmp, contents).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
     set_mode(&tmp, mode)?;
-    std::fs::rename(&tmp, p)
-        .map_err(|e| anyhow::anyhow!("cannot move {} to {}: {e}", tmp.display(), p.display()))
+    std::fs::rename(&tmp, p).map_err(|e| anyhow::anyhow!("cannot move {} to {}: {e}", tmp.display(), p.display()))
 }
 
 #[cfg(test)]
@@ -423,64 +329,25 @@ mod tests {
     #[test]
     fn capability_set_follows_the_enabled_collectors() {
         let mut c = Config::default();
-        assert_eq!(
-            CapNeeds::from_config(&c).capabilities(),
-            ["CAP_SYS_ADMIN", "CAP_SYS_RAWIO"]
-        );
-        let all = CapNeeds {
-            ebpf: true,
-            nvme: true,
-            ipmi: true,
-        };
+        assert_eq!(CapNeeds::from_config(&c).capabilities(), ["CAP_SYS_ADMIN", "CAP_SYS_RAWIO"]);
+        let all = CapNeeds { ebpf: true, nvme: true, ipmi: true };
         assert_eq!(
             all.capabilities(),
-            [
-                "CAP_BPF",
-                "CAP_PERFMON",
-                "CAP_DAC_READ_SEARCH",
-                "CAP_SYS_ADMIN",
-                "CAP_SYS_RAWIO"
-            ]
+            ["CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH", "CAP_SYS_ADMIN", "CAP_SYS_RAWIO"]
         );
         c.exporters.nvme = false;
-        let unit = render_unit(
-            Path::new("/usr/local/bin/dcmon-agent"),
-            Path::new("/etc/dcmon/config.json"),
-            &c,
-        );
-        assert!(
-            unit.contains("\nCapabilityBoundingSet=CAP_SYS_RAWIO\n"),
-            "{unit}"
-        );
+        let unit = render_unit(Path::new("/usr/local/bin/dcmon-agent"), Path::new("/etc/dcmon/config.json"), &c);
+        assert!(unit.contains("\nCapabilityBoundingSet=CAP_SYS_RAWIO\n"), "{unit}");
         c.exporters.ipmi = false;
-        let unit = render_unit(
-            Path::new("/usr/local/bin/dcmon-agent"),
-            Path::new("/etc/dcmon/config.json"),
-            &c,
-        );
-        assert!(
-            unit.contains("\nCapabilityBoundingSet=\n"),
-            "no collector needs a capability: drop all: {unit}"
-        );
-        assert!(unit.contains(
-            "\nExecStart=/usr/local/bin/dcmon-agent --config /etc/dcmon/config.json run\n"
-        ));
+        let unit = render_unit(Path::new("/usr/local/bin/dcmon-agent"), Path::new("/etc/dcmon/config.json"), &c);
+        assert!(unit.contains("\nCapabilityBoundingSet=\n"), "no collector needs a capability: drop all: {unit}");
+        assert!(unit.contains("\nExecStart=/usr/local/bin/dcmon-agent --config /etc/dcmon/config.json run\n"));
     }
 
     #[test]
     fn outbox_outside_var_lib_is_made_writable() {
-        let c = Config {
-            outbox_dir: "/srv/dcmon-outbox".into(),
-            ..Config::default()
-        };
-        let unit = render_unit(
-            Path::new("/usr/local/bin/dcmon-agent"),
-            Path::new("/etc/dcmon/config.json"),
-            &c,
-        );
-        assert!(
-            unit.contains("\nReadWritePaths=/var/lib/dcmon -/srv/dcmon-outbox\n"),
-            "{unit}"
-        );
+        let c = Config { outbox_dir: "/srv/dcmon-outbox".into(), ..Config::default() };
+        let unit = render_unit(Path::new("/usr/local/bin/dcmon-agent"), Path::new("/etc/dcmon/config.json"), &c);
+        assert!(unit.contains("\nReadWritePaths=/var/lib/dcmon -/srv/dcmon-outbox\n"), "{unit}");
     }
 }

@@ -22,12 +22,8 @@ use tokio::sync::mpsc;
 const ONCE_CPU_WINDOW: Duration = Duration::from_millis(250);
 
 /// `--version`: version, commit, and whether the eBPF object is built in.
-const VERSION: &str = concat!(
-    env!("CARGO_PKG_VERSION"),
-    " (commit ",
-    env!("DCMON_GIT_COMMIT"),
-    ", eBPF object: not embedded)"
-);
+const VERSION: &str =
+    concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("DCMON_GIT_COMMIT"), ", eBPF object: not embedded)");
 
 #[derive(Debug, Parser)]
 #[command(name = "dcmon-agent", version = VERSION, about = "dcmon host monitoring agent")]
@@ -101,11 +97,7 @@ fn main() -> ExitCode {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from(config::DEFAULT_CONFIG_PATH), false),
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .max_blocking_threads(8)
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().max_blocking_threads(8).build() {
         Ok(rt) => rt,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");
@@ -116,11 +108,7 @@ fn main() -> ExitCode {
         Command::Check => {
             let report = runtime.block_on(check::check(&path, Config::load(&path, explicit)));
             let _ = std::io::stdout().lock().write_all(report.text.as_bytes());
-            return if report.ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            };
+            return if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE };
         }
         Command::Install(args) => return print_report(install_cmd(&args, &path, explicit)),
         Command::Uninstall { args, purge } => {
@@ -140,11 +128,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Once => runtime.block_on(once(&config)),
         Command::Run => runtime.block_on(run(config, &path, explicit)),
-        Command::Register { server, force } => runtime
-            .block_on(register_cmd(&config, server, force))
-            .map(|line| {
-                let _ = writeln!(std::io::stdout().lock(), "{line}");
-            }),
+        Command::Register { server, force } => runtime.block_on(register_cmd(&config, server, force)).map(|line| {
+            let _ = writeln!(std::io::stdout().lock(), "{line}");
+        }),
         Command::Check | Command::Install(_) | Command::Uninstall { .. } => Ok(()),
     };
     match result {
@@ -158,11 +144,7 @@ fn main() -> ExitCode {
 
 /// Load the config and log its warnings.
 fn load_config(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
-    let Loaded {
-        config,
-        unknown_keys,
-        from_file,
-    } = Config::load(path, explicit)?;
+    let Loaded { config, unknown_keys, from_file } = Config::load(path, explicit)?;
     for key in &unknown_keys {
         tracing::warn!("config {}: unknown key `{key}` ignored", path.display());
     }
@@ -188,31 +170,20 @@ fn print_report(report: anyhow::Result<install::Report>) -> ExitCode {
     }
 }
 
-fn install_options(
-    args: &InstallArgs,
-    config_path: &Path,
-    _explicit: bool,
-) -> anyhow::Result<InstallOptions> {
+fn install_options(args: &InstallArgs, config_path: &Path, _explicit: bool) -> anyhow::Result<InstallOptions> {
     Ok(InstallOptions {
         root: args.root.clone(),
         prefix: args.prefix.clone(),
         config_path: config_path.to_owned(),
-        source_binary: std::env::current_exe()
-            .map_err(|e| anyhow::anyhow!("cannot find the running binary: {e}"))?,
+        source_binary: std::env::current_exe().map_err(|e| anyhow::anyhow!("cannot find the running binary: {e}"))?,
         dry_run: args.dry_run,
     })
 }
 
-fn install_cmd(
-    args: &InstallArgs,
-    config_path: &Path,
-    explicit: bool,
-) -> anyhow::Result<install::Report> {
+fn install_cmd(args: &InstallArgs, config_path: &Path, explicit: bool) -> anyhow::Result<install::Report> {
     let opts = install_options(args, config_path, explicit)?;
     // Render the unit for the operator's config when there is one (it decides the capabilities).
-    let on_target = args
-        .root
-        .join(config_path.strip_prefix("/").unwrap_or(config_path));
+    let on_target = args.root.join(config_path.strip_prefix("/").unwrap_or(config_path));
     let config = Config::load(&on_target, false)?.config;
     install::install(&opts, &config)
 }
@@ -233,11 +204,8 @@ fn machine_id(config: &Config) -> anyhow::Result<String> {
 
 async fn once(config: &Config) -> anyhow::Result<()> {
     let machine_id = machine_id(config)?;
-    let mut scheduler = Scheduler::new(
-        collector::from_config(config),
-        machine_id,
-        Duration::from_secs(config.collector_timeout),
-    );
+    let mut scheduler =
+        Scheduler::new(collector::from_config(config), machine_id, Duration::from_secs(config.collector_timeout));
     tokio::time::sleep(ONCE_CPU_WINDOW).await;
     let batch = scheduler.collect(agent::unix_now_secs()).await;
     let mut out = batch.to_json_pretty();
@@ -246,24 +214,14 @@ async fn once(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn register_cmd(
-    config: &Config,
-    server: Option<String>,
-    force: bool,
-) -> anyhow::Result<String> {
+async fn register_cmd(config: &Config, server: Option<String>, force: bool) -> anyhow::Result<String> {
     let machine_id = machine_id(config)?;
-    let server = server.map_or_else(
-        || config.server_base().to_owned(),
-        |s| s.trim().trim_end_matches('/').to_owned(),
-    );
+    let server = server.map_or_else(|| config.server_base().to_owned(), |s| s.trim().trim_end_matches('/').to_owned());
     if !(server.starts_with("http://") || server.starts_with("https://")) {
         anyhow::bail!("--server: expected an http:// or https:// URL, got {server:?}");
     }
     let host = Host::new(&config.host_root);
-    let hostname = host
-        .read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default();
+    let hostname = host.read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
     register::register(
         &server,
         &machine_id,
@@ -307,24 +265,15 @@ fn prepare(config: &Config, outbox: &Arc<Mutex<Outbox>>) -> anyhow::Result<(Sche
             api_key_file: config.api_key_file.clone(),
         },
     };
-    let scheduler = Scheduler::new(
-        collector::from_config(config),
-        machine_id,
-        Duration::from_secs(config.collector_timeout),
-    );
+    let scheduler =
+        Scheduler::new(collector::from_config(config), machine_id, Duration::from_secs(config.collector_timeout));
     Ok((scheduler, daemon))
 }
 
 async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::Result<()> {
-    let limits = |c: &Config| OutboxLimits {
-        max_bytes: c.outbox_max_bytes,
-        max_age: Duration::from_secs(c.outbox_max_age),
-    };
-    let outbox = Arc::new(Mutex::new(Outbox::open(
-        &config.outbox_dir,
-        limits(&config),
-        agent::unix_now_secs(),
-    )));
+    let limits =
+        |c: &Config| OutboxLimits { max_bytes: c.outbox_max_bytes, max_age: Duration::from_secs(c.outbox_max_age) };
+    let outbox = Arc::new(Mutex::new(Outbox::open(&config.outbox_dir, limits(&config), agent::unix_now_secs())));
     let (mut scheduler, mut daemon) = prepare(&config, &outbox)?;
     let notifier = Notifier::from_env();
     let mut control = control_from_signals()?;
@@ -336,17 +285,13 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
             Control::Reload => {
                 notifier.notify("RELOADING=1");
                 tracing::info!("SIGHUP: reloading {}", config_path.display());
-                match load_config(config_path, explicit)
-                    .map_err(anyhow::Error::from)
-                    .and_then(|new| {
-                        let parts = prepare(&new, &outbox)?;
-                        Ok((new, parts))
-                    }) {
+                match load_config(config_path, explicit).map_err(anyhow::Error::from).and_then(|new| {
+                    let parts = prepare(&new, &outbox)?;
+                    Ok((new, parts))
+                }) {
                     Ok((new, parts)) => {
                         if new.outbox_dir != config.outbox_dir {
-                            tracing::warn!(
-                                "outbox_dir changed: it takes effect at the next restart"
-                            );
+                            tracing::warn!("outbox_dir changed: it takes effect at the next restart");
                         }
                         dcmon_agent::deliver::lock(&outbox).set_limits(limits(&new));
                         (scheduler, daemon) = parts;

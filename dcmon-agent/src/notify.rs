@@ -23,8 +23,7 @@ impl Notifier {
             Some((sock, addr))
         });
         // WATCHDOG_PID, when set, says which process the watchdog is meant for.
-        let for_us = std::env::var("WATCHDOG_PID")
-            .map_or(true, |p| p.trim() == std::process::id().to_string());
+        let for_us = std::env::var("WATCHDOG_PID").map_or(true, |p| p.trim() == std::process::id().to_string());
         let watchdog = std::env::var("WATCHDOG_USEC")
             .ok()
             .and_then(|v| v.trim().parse::<u64>().ok())
@@ -55,9 +54,7 @@ fn socket_addr(path: &[u8]) -> Option<std::os::unix::net::SocketAddr> {
     match path.strip_prefix(b"@") {
         // A leading '@' names a socket in the abstract namespace.
         Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name).ok(),
-        None => {
-            std::os::unix::net::SocketAddr::from_pathname(std::ffi::OsStr::from_bytes(path)).ok()
-        }
+        None => std::os::unix::net::SocketAddr::from_pathname(std::ffi::OsStr::from_bytes(path)).ok(),
     }
 }
 
@@ -86,14 +83,10 @@ mod tests {
     fn abstract_socket_names_are_understood() {
         let name = format!("dcmon-test-{}", std::process::id());
         use std::os::linux::net::SocketAddrExt as _;
-        let server_addr =
-            std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
+        let server_addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).expect("addr");
         let server = UnixDatagram::bind_addr(&server_addr).expect("bind");
         let addr = socket_addr(format!("@{name}").as_bytes()).expect("addr");
-        let n = Notifier {
-            socket: Some((UnixDatagram::unbound().expect("sock"), addr)),
-            watchdog: None,
-        };
+        let n = Notifier { socket: Some((UnixDatagram::unbound().expect("sock"), addr)), watchdog: None };
         n.notify("WATCHDOG=1");
         let mut buf = [0u8; 64];
         let len = server.recv(&mut buf).expect("recv");

@@ -120,25 +120,17 @@ pub fn encode(body: &[u8]) -> Vec<u8> {
 
 /// The body of a stored batch file, checked.
 pub fn decode(data: &[u8]) -> Result<&[u8], Corrupt> {
-    let nl = data
-        .iter()
-        .position(|&b| b == b'\n')
-        .ok_or(Corrupt::Header)?;
+    let nl = data.iter().position(|&b| b == b'\n').ok_or(Corrupt::Header)?;
     let header = std::str::from_utf8(&data[..nl]).map_err(|_| Corrupt::Header)?;
     let mut parts = header.split(' ');
-    let (Some(MAGIC), Some(crc), Some(len), None) =
-        (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let (Some(MAGIC), Some(crc), Some(len), None) = (parts.next(), parts.next(), parts.next(), parts.next()) else {
         return Err(Corrupt::Header);
     };
     let crc = u32::from_str_radix(crc, 16).map_err(|_| Corrupt::Header)?;
     let expected: usize = len.parse().map_err(|_| Corrupt::Header)?;
     let body = &data[nl + 1..];
     if body.len() != expected {
-        return Err(Corrupt::Length {
-            expected,
-            actual: body.len(),
-        });
+        return Err(Corrupt::Length { expected, actual: body.len() });
     }
     if crc32fast::hash(body) != crc {
         return Err(Corrupt::Checksum);
@@ -206,12 +198,7 @@ impl Outbox {
                 let _ = std::fs::remove_file(&path);
             } else if let Some((seq, timestamp)) = parse_name(&name) {
                 let bytes = entry.metadata().map_or(0, |m| m.len());
-                found.push(Entry {
-                    seq,
-                    timestamp,
-                    bytes,
-                    stored: Stored::File(path),
-                });
+                found.push(Entry { seq, timestamp, bytes, stored: Stored::File(path) });
             }
         }
         found.sort_by_key(|e| e.seq);
@@ -223,9 +210,7 @@ impl Outbox {
 
     fn persist_failed(&mut self, why: String) {
         if self.persist_error.as_deref() != Some(why.as_str()) {
-            tracing::error!(
-                "outbox: {why}; keeping batches in memory until they are sent (lost if the agent stops)"
-            );
+            tracing::error!("outbox: {why}; keeping batches in memory until they are sent (lost if the agent stops)");
             self.persist_error = Some(why);
         }
     }
@@ -243,10 +228,7 @@ impl Outbox {
                 Stored::File(path)
             }
             Err(e) => {
-                self.persist_failed(format!(
-                    "cannot write a batch to {}: {e}",
-                    self.dir.display()
-                ));
+                self.persist_failed(format!("cannot write a batch to {}: {e}", self.dir.display()));
                 self.stats.in_memory += 1;
                 Stored::Memory(body.clone())
             }
@@ -255,12 +237,7 @@ impl Outbox {
             Stored::File(_) => (encode_len(&body)) as u64,
             Stored::Memory(b) => b.len() as u64,
         };
-        self.entries.push_back(Entry {
-            seq,
-            timestamp,
-            bytes,
-            stored,
-        });
+        self.entries.push_back(Entry { seq, timestamp, bytes, stored });
         self.stats.batches += 1;
         self.stats.bytes += bytes;
         self.enforce_limits(timestamp);
@@ -297,10 +274,7 @@ impl Outbox {
                     Ok(body) => return Some((front.seq, Bytes::copy_from_slice(body))),
                     Err(why) => {
                         let seq = front.seq;
-                        tracing::warn!(
-                            "outbox: {} is unusable ({why}); moved to corrupt/",
-                            path.display()
-                        );
+                        tracing::warn!("outbox: {} is unusable ({why}); moved to corrupt/", path.display());
                         self.stats.corrupt_total += 1;
                         self.set_aside(seq, "corrupt", &why.to_string());
                     }
@@ -317,11 +291,7 @@ impl Outbox {
 
     /// The server accepted batch `seq`: forget it.
     pub fn remove(&mut self, seq: u64) {
-        if let Some(Entry {
-            stored: Stored::File(p),
-            ..
-        }) = self.take(seq)
-        {
+        if let Some(Entry { stored: Stored::File(p), .. }) = self.take(seq) {
             let _ = std::fs::remove_file(p);
         }
     }
@@ -417,11 +387,8 @@ fn prune(folder: &Path, keep: usize) {
     let Ok(read) = std::fs::read_dir(folder) else {
         return;
     };
-    let mut batches: Vec<PathBuf> = read
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "batch"))
-        .collect();
+    let mut batches: Vec<PathBuf> =
+        read.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "batch")).collect();
     if batches.len() <= keep {
         return;
     }
@@ -438,10 +405,7 @@ fn prune(folder: &Path, keep: usize) {
 mod tests {
     use super::*;
 
-    const LIMITS: OutboxLimits = OutboxLimits {
-        max_bytes: 1 << 20,
-        max_age: Duration::from_secs(3600),
-    };
+    const LIMITS: OutboxLimits = OutboxLimits { max_bytes: 1 << 20, max_age: Duration::from_secs(3600) };
 
     fn body(i: u32) -> Bytes {
         Bytes::from(format!("{{\"batch\": {i}}}"))
@@ -451,13 +415,7 @@ mod tests {
     fn encode_decode_round_trip_and_detects_damage() {
         let data = encode(b"{\"a\":1}");
         assert_eq!(decode(&data), Ok(&b"{\"a\":1}"[..]));
-        assert_eq!(
-            decode(&data[..data.len() - 1]),
-            Err(Corrupt::Length {
-                expected: 7,
-                actual: 6
-            })
-        );
+        assert_eq!(decode(&data[..data.len() - 1]), Err(Corrupt::Length { expected: 7, actual: 6 }));
         let mut flipped = data.clone();
         *flipped.last_mut().expect("byte") ^= 1;
         assert_eq!(decode(&flipped), Err(Corrupt::Checksum));
@@ -524,30 +482,18 @@ mod tests {
         assert_eq!(got, [body(1), body(3)]);
         assert_eq!(o.stats().corrupt_total, 2);
         assert_eq!(
-            std::fs::read_dir(dir.path().join("corrupt"))
-                .expect("corrupt/")
-                .count(),
+            std::fs::read_dir(dir.path().join("corrupt")).expect("corrupt/").count(),
             4,
             "2 batches + 2 reasons"
         );
-        assert!(
-            !dir.path().join(".0000000000000009-100.batch.tmp").exists(),
-            "leftover temp file removed"
-        );
+        assert!(!dir.path().join(".0000000000000009-100.batch.tmp").exists(), "leftover temp file removed");
     }
 
     #[test]
     fn size_and_age_limits_drop_the_oldest() {
         let dir = tempfile::tempdir().expect("tempdir");
         let one = encode_len(&body(0)) as u64;
-        let mut o = Outbox::open(
-            dir.path(),
-            OutboxLimits {
-                max_bytes: one * 2,
-                max_age: Duration::from_secs(60),
-            },
-            0,
-        );
+        let mut o = Outbox::open(dir.path(), OutboxLimits { max_bytes: one * 2, max_age: Duration::from_secs(60) }, 0);
         for i in 0..3 {
             o.push(1000, body(i));
         }
@@ -557,11 +503,7 @@ mod tests {
         o.push(1061, body(7)); // the two at t=1000 are now 61 s old
         assert_eq!(o.stats().batches, 1);
         assert_eq!(o.stats().dropped_total, 3);
-        assert_eq!(
-            std::fs::read_dir(dir.path()).expect("ls").count(),
-            1,
-            "dropped files deleted"
-        );
+        assert_eq!(std::fs::read_dir(dir.path()).expect("ls").count(), 1, "dropped files deleted");
     }
 
     #[test]
@@ -591,8 +533,7 @@ mod tests {
         assert_eq!(o.oldest().map(|(_, b)| b), Some(body(6)));
         assert_eq!(o.stats().rejected_total, 1);
         let reason =
-            std::fs::read_to_string(dir.path().join("rejected/0000000000000000-5.batch.reason"))
-                .expect("reason");
+            std::fs::read_to_string(dir.path().join("rejected/0000000000000000-5.batch.reason")).expect("reason");
         assert!(reason.contains("expected a string"));
     }
 }

@@ -50,23 +50,21 @@ pub async fn register(
         anyhow::bail!("{url} answered {status}: {}", excerpt(&bytes));
     }
     // The answer is untrusted: check the key's shape before it goes into a file and a header.
-    let answer: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "{url} answered 200 but not with JSON ({e}): {}",
-            excerpt(&bytes)
-        )
-    })?;
+    let answer: serde_json::Value = serde_json::from_slice(&bytes)
+        .map_err(|e| anyhow::anyhow!("{url} answered 200 but not with JSON ({e}): {}", excerpt(&bytes)))?;
     let key = answer
         .get("api_key")
         .and_then(serde_json::Value::as_str)
         .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN && k.bytes().all(|b| b.is_ascii_graphic()))
-        .ok_or_else(|| anyhow::anyhow!("{url} answered without a usable `api_key` (expected printable ASCII, 1 to {MAX_KEY_LEN} characters)"))?;
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{url} answered without a usable `api_key` (expected printable ASCII, 1 to {MAX_KEY_LEN} characters)"
+            )
+        })?;
     if let Some(other) = answer.get("machine_id").and_then(serde_json::Value::as_str)
         && other != machine_id
     {
-        anyhow::bail!(
-            "{url} registered machine id {other:?}, not ours ({machine_id:?}); key not written"
-        );
+        anyhow::bail!("{url} registered machine id {other:?}, not ours ({machine_id:?}); key not written");
     }
     write_key_file(key_path, key)?;
     Ok(format!(
@@ -79,8 +77,7 @@ pub async fn register(
 /// others), fsync it, and rename it into place.
 fn write_key_file(path: &Path, key: &str) -> anyhow::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)
-        .map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", dir.display()))?;
     let tmp = path.with_extension("new");
     let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
@@ -92,6 +89,5 @@ fn write_key_file(path: &Path, key: &str) -> anyhow::Result<()> {
     f.write_all(format!("{key}\n").as_bytes())
         .and_then(|()| f.sync_all())
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .map_err(|e| anyhow::anyhow!("cannot move the key into {}: {e}", path.display()))
+    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("cannot move the key into {}: {e}", path.display()))
 }

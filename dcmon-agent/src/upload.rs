@@ -49,9 +49,7 @@ pub enum UploadError {
 fn hint(status: StatusCode) -> &'static str {
     match status.as_u16() {
         401 => " (the API key was refused: check the api_key_file)",
-        403 => {
-            " (not authorised: missing key, machine id mismatch, or client disabled on the server)"
-        }
+        403 => " (not authorised: missing key, machine id mismatch, or client disabled on the server)",
         422 => " (the server rejected the batch format)",
         _ => "",
     }
@@ -76,15 +74,9 @@ impl UploadError {
     pub fn verdict(&self) -> Verdict {
         match self {
             UploadError::Unreachable { .. } => Verdict::RetryLater { retry_after: None },
-            UploadError::Status {
-                status,
-                retry_after_secs,
-                ..
-            } => match status.as_u16() {
+            UploadError::Status { status, retry_after_secs, .. } => match status.as_u16() {
                 401 | 403 => Verdict::NotAuthorized,
-                429 | 503 => Verdict::RetryLater {
-                    retry_after: retry_after_secs.map(Duration::from_secs),
-                },
+                429 | 503 => Verdict::RetryLater { retry_after: retry_after_secs.map(Duration::from_secs) },
                 408 => Verdict::RetryLater { retry_after: None },
                 s if s >= 500 => Verdict::RetryLater { retry_after: None },
                 _ => Verdict::Rejected,
@@ -109,11 +101,7 @@ impl Uploader {
             .pool_max_idle_per_host(1)
             .build()
             .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
-        Ok(Self {
-            client,
-            metrics_url: format!("{server_base}/api/metrics"),
-            key,
-        })
+        Ok(Self { client, metrics_url: format!("{server_base}/api/metrics"), key })
     }
 
     /// Use a new key from now on (the operator fixed the key file after a 401).
@@ -137,10 +125,7 @@ impl Uploader {
             .body(body)
             .send()
             .await
-            .map_err(|e| UploadError::Unreachable {
-                url: self.metrics_url.clone(),
-                reason: error_chain(&e),
-            })?;
+            .map_err(|e| UploadError::Unreachable { url: self.metrics_url.clone(), reason: error_chain(&e) })?;
         let status = resp.status();
         let retry_after_secs = resp
             .headers()
@@ -154,11 +139,7 @@ impl Uploader {
                 .and_then(|v| v.get("metrics_count").and_then(serde_json::Value::as_u64));
             return Ok(accepted);
         }
-        Err(UploadError::Status {
-            status,
-            excerpt: excerpt(&body),
-            retry_after_secs,
-        })
+        Err(UploadError::Status { status, excerpt: excerpt(&body), retry_after_secs })
     }
 }
 
@@ -178,27 +159,17 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// A log-safe excerpt of an untrusted body: the `detail` of a FastAPI error when there is one,
 /// else the raw start; at most [`BODY_EXCERPT_BYTES`], control characters replaced.
 pub fn excerpt(body: &[u8]) -> String {
-    let detail = serde_json::from_slice::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| match v.get("detail") {
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
-            Some(other) => Some(other.to_string()),
-            None => None,
-        });
+    let detail = serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|v| match v.get("detail") {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(other) => Some(other.to_string()),
+        None => None,
+    });
     let text = detail.unwrap_or_else(|| String::from_utf8_lossy(body).into_owned());
-    let mut out: String = text
-        .chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .take(BODY_EXCERPT_BYTES)
-        .collect();
+    let mut out: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).take(BODY_EXCERPT_BYTES).collect();
     if text.chars().count() > BODY_EXCERPT_BYTES {
         out.push('…');
     }
-    if out.trim().is_empty() {
-        "(empty body)".to_owned()
-    } else {
-        out
-    }
+    if out.trim().is_empty() { "(empty body)".to_owned() } else { out }
 }
 
 #[cfg(test)]
@@ -207,17 +178,11 @@ mod tests {
 
     #[test]
     fn excerpt_prefers_detail_and_sanitizes() {
-        assert_eq!(
-            excerpt(br#"{"detail": "Invalid API key"}"#),
-            "Invalid API key"
-        );
+        assert_eq!(excerpt(br#"{"detail": "Invalid API key"}"#), "Invalid API key");
         assert_eq!(excerpt(b"bad\x1b[31mgateway\n"), "bad [31mgateway ");
         assert_eq!(excerpt(b""), "(empty body)");
         let long = "x".repeat(1000);
-        assert_eq!(
-            excerpt(long.as_bytes()).chars().count(),
-            BODY_EXCERPT_BYTES + 1
-        );
+        assert_eq!(excerpt(long.as_bytes()).chars().count(), BODY_EXCERPT_BYTES + 1);
         let v = excerpt(br#"{"detail": [{"loc": ["body"], "msg": "field required"}]}"#);
         assert!(v.contains("field required"), "{v}");
     }
@@ -229,12 +194,7 @@ mod tests {
             excerpt: String::new(),
             retry_after_secs,
         };
-        assert_eq!(
-            st(429, Some(7)).verdict(),
-            Verdict::RetryLater {
-                retry_after: Some(Duration::from_secs(7))
-            }
-        );
+        assert_eq!(st(429, Some(7)).verdict(), Verdict::RetryLater { retry_after: Some(Duration::from_secs(7)) });
         assert_eq!(
             st(500, Some(7)).verdict(),
             Verdict::RetryLater { retry_after: None },

@@ -12,6 +12,14 @@ pub mod collector_names {
     pub const DISK: &str = "disk";
     /// Per-interface network I/O.
     pub const NET: &str = "net";
+    /// APT pending upgrades, reboot flag and package list age.
+    pub const APT: &str = "apt";
+    /// NVMe SMART/health per controller.
+    pub const NVME: &str = "nvme";
+    /// IPMI sensors through ipmitool.
+    pub const IPMI: &str = "ipmi";
+    /// NVIDIA GPUs through NVML or nvidia-smi.
+    pub const NVSMI: &str = "nvsmi";
 }
 
 /// Linux sector size used by /proc/diskstats and block-layer tracepoints, independent of the

@@ -68,9 +68,7 @@ pub struct Receiver {
 
 fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     // A test that panicked while holding the lock must not hide its own failure behind ours.
-    inner
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Receiver {
@@ -82,10 +80,7 @@ impl Receiver {
     /// Start on a given address (to bring a "crashed" server back on the same port).
     pub fn start_on(addr: SocketAddr, clients: &[(&str, &str)]) -> anyhow::Result<Self> {
         let inner = Arc::new(Mutex::new(Inner {
-            keys: clients
-                .iter()
-                .map(|(k, m)| ((*k).to_owned(), (*m).to_owned()))
-                .collect(),
+            keys: clients.iter().map(|(k, m)| ((*k).to_owned(), (*m).to_owned())).collect(),
             ..Inner::default()
         }));
         let listener = std::net::TcpListener::bind(addr)?;
@@ -97,10 +92,7 @@ impl Receiver {
             .route("/api/register", post(register))
             .route("/health", get(health))
             .with_state(Arc::clone(&inner));
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()?;
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
         let thread = std::thread::spawn(move || {
             rt.block_on(async move {
                 let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
@@ -113,12 +105,7 @@ impl Receiver {
                     .await;
             });
         });
-        Ok(Self {
-            addr,
-            inner,
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        })
+        Ok(Self { addr, inner, stop: Some(stop_tx), thread: Some(thread) })
     }
 
     /// The `server_url` for the agent's config.
@@ -213,43 +200,23 @@ fn error_for(
         Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    lock(inner).rejected.push(Rejected {
-        status: status.as_u16(),
-        detail: text,
-        at: Instant::now(),
-        batch_timestamp,
-    });
+    lock(inner).rejected.push(Rejected { status: status.as_u16(), detail: text, at: Instant::now(), batch_timestamp });
     let mut resp = (status, axum::Json(json!({ "detail": detail }))).into_response();
     if let Some(secs) = retry_after_secs {
-        resp.headers_mut()
-            .insert("retry-after", axum::http::HeaderValue::from(secs));
+        resp.headers_mut().insert("retry-after", axum::http::HeaderValue::from(secs));
     }
     resp
 }
 
-async fn submit(
-    State(inner): State<Arc<Mutex<Inner>>>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
-    let batch_timestamp = serde_json::from_slice::<Value>(&body)
-        .ok()
-        .and_then(|v| v["timestamp"].as_i64());
+async fn submit(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: Bytes) -> Response {
+    let batch_timestamp = serde_json::from_slice::<Value>(&body).ok().and_then(|v| v["timestamp"].as_i64());
     let forced = {
         let mut g = lock(&inner);
-        g.scripted
-            .pop_front()
-            .or(g.forced_status.map(|s| (s, None)))
+        g.scripted.pop_front().or(g.forced_status.map(|s| (s, None)))
     };
     if let Some((code, retry_after)) = forced {
         let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        return error_for(
-            &inner,
-            status,
-            json!("answer scripted by the test"),
-            batch_timestamp,
-            retry_after,
-        );
+        return error_for(&inner, status, json!("answer scripted by the test"), batch_timestamp, retry_after);
     }
     if headers.get("content-encoding").is_some() {
         // The real server does not decode Content-Encoding and fails to parse the body.
@@ -274,102 +241,48 @@ async fn submit(
         }
     };
     if let Err(problems) = validate_batch(&parsed) {
-        return error_for(
-            &inner,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            json!(problems),
-            batch_timestamp,
-            None,
-        );
+        return error_for(&inner, StatusCode::UNPROCESSABLE_ENTITY, json!(problems), batch_timestamp, None);
     }
-    let authorization = headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let authorization = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let Some(key) = authorization.strip_prefix("Bearer ") else {
-        let detail = if authorization.is_empty() {
-            "Not authenticated"
-        } else {
-            "Invalid authentication credentials"
-        };
-        return error_for(
-            &inner,
-            StatusCode::FORBIDDEN,
-            json!(detail),
-            batch_timestamp,
-            None,
-        );
+        let detail = if authorization.is_empty() { "Not authenticated" } else { "Invalid authentication credentials" };
+        return error_for(&inner, StatusCode::FORBIDDEN, json!(detail), batch_timestamp, None);
     };
     let machine = lock(&inner).keys.get(key).cloned();
     let Some(machine) = machine else {
-        return error_for(
-            &inner,
-            StatusCode::UNAUTHORIZED,
-            json!("Invalid API key"),
-            batch_timestamp,
-            None,
-        );
+        return error_for(&inner, StatusCode::UNAUTHORIZED, json!("Invalid API key"), batch_timestamp, None);
     };
     if parsed["machine_id"] != machine.as_str() {
-        return error_for(
-            &inner,
-            StatusCode::FORBIDDEN,
-            json!("Machine ID mismatch"),
-            batch_timestamp,
-            None,
-        );
+        return error_for(&inner, StatusCode::FORBIDDEN, json!("Machine ID mismatch"), batch_timestamp, None);
     }
     let count = parsed["metrics"].as_array().map_or(0, Vec::len);
-    lock(&inner).accepted.push(Accepted {
-        body,
-        json: parsed,
-        authorization,
-        at: Instant::now(),
-    });
-    axum::Json(json!({"status": "accepted", "metrics_count": count, "timestamp": now_secs()}))
-        .into_response()
+    lock(&inner).accepted.push(Accepted { body, json: parsed, authorization, at: Instant::now() });
+    axum::Json(json!({"status": "accepted", "metrics_count": count, "timestamp": now_secs()})).into_response()
 }
 
 async fn register(State(inner): State<Arc<Mutex<Inner>>>, body: Bytes) -> Response {
     let Ok(v) = serde_json::from_slice::<Value>(&body) else {
-        return error(
-            &inner,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            json!("invalid JSON"),
-        );
+        return error(&inner, StatusCode::UNPROCESSABLE_ENTITY, json!("invalid JSON"));
     };
     let Some(machine_id) = v["machine_id"].as_str().map(str::to_owned) else {
-        return error(
-            &inner,
-            StatusCode::UNPROCESSABLE_ENTITY,
-            json!("machine_id: field required"),
-        );
+        return error(&inner, StatusCode::UNPROCESSABLE_ENTITY, json!("machine_id: field required"));
     };
     let mut g = lock(&inner);
-    let existing = g
-        .keys
-        .iter()
-        .find(|(_, m)| **m == machine_id)
-        .map(|(k, _)| k.clone());
+    let existing = g.keys.iter().find(|(_, m)| **m == machine_id).map(|(k, _)| k.clone());
     let key = existing.unwrap_or_else(|| {
         let k = format!("dcmon_{:0>43}", g.keys.len() + 1);
         g.keys.insert(k.clone(), machine_id.clone());
         k
     });
-    axum::Json(json!({"message": "registered", "api_key": key, "machine_id": machine_id}))
-        .into_response()
+    axum::Json(json!({"message": "registered", "api_key": key, "machine_id": machine_id})).into_response()
 }
 
 async fn health() -> Response {
-    axum::Json(json!({"status": "healthy", "timestamp": now_secs(), "database": {"status": "ok"}}))
-        .into_response()
+    axum::Json(json!({"status": "healthy", "timestamp": now_secs(), "database": {"status": "ok"}})).into_response()
 }
 
 fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
 /// The server's pydantic model, checked strictly where the real server is strict:
@@ -394,49 +307,31 @@ pub fn validate_batch(v: &Value) -> Result<(), Vec<String>> {
                 }
                 // JSON from serde_json cannot hold NaN or Infinity; a number that is not an
                 // f64 (too large) is the only other way to be non-finite.
-                if !m
-                    .get("value")
-                    .and_then(Value::as_f64)
-                    .is_some_and(f64::is_finite)
-                {
+                if !m.get("value").and_then(Value::as_f64).is_some_and(f64::is_finite) {
                     problems.push(format!("metrics.{i}.value: expected a finite number"));
                 }
-                check_int(
-                    m.get("timestamp"),
-                    &format!("metrics.{i}.timestamp"),
-                    &mut problems,
-                );
+                check_int(m.get("timestamp"), &format!("metrics.{i}.timestamp"), &mut problems);
                 match m.get("labels") {
                     None => {}
                     Some(Value::Object(labels)) => {
                         for (k, lv) in labels {
                             if !lv.is_string() {
-                                problems.push(format!(
-                                    "metrics.{i}.labels.{k}: expected a string, got {lv}"
-                                ));
+                                problems.push(format!("metrics.{i}.labels.{k}: expected a string, got {lv}"));
                             }
                         }
                     }
-                    Some(other) => problems.push(format!(
-                        "metrics.{i}.labels: expected an object, got {other}"
-                    )),
+                    Some(other) => problems.push(format!("metrics.{i}.labels: expected an object, got {other}")),
                 }
             }
         }
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(problems)
-    }
+    if problems.is_empty() { Ok(()) } else { Err(problems) }
 }
 
 /// pydantic's int accepts integers and floats without a fraction; 123.5 is a 422.
 fn check_int(v: Option<&Value>, field: &str, problems: &mut Vec<String>) {
     let ok = match v {
-        Some(Value::Number(n)) => {
-            n.is_i64() || n.is_u64() || n.as_f64().is_some_and(|f| f.fract() == 0.0)
-        }
+        Some(Value::Number(n)) => n.is_i64() || n.is_u64() || n.as_f64().is_some_and(|f| f.fract() == 0.0),
         _ => false,
     };
     if !ok {
@@ -463,11 +358,7 @@ pub fn agent_bin() -> PathBuf {
     }
     let exe = std::env::current_exe().unwrap_or_default();
     // target/<profile>/deps/<test-exe> -> target/<profile>/dcmon-agent
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .map(PathBuf::from)
-        .unwrap_or_default();
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).map(PathBuf::from).unwrap_or_default();
     let bin = profile_dir.join("dcmon-agent");
     assert!(
         bin.exists(),
@@ -487,11 +378,7 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Start `dcmon-agent --config CONFIG ARGS...`; stderr goes to `<dir>/agent.stderr`,
     /// stdout to `<dir>/agent.stdout`.
-    pub fn start(
-        dir: &std::path::Path,
-        config: &std::path::Path,
-        args: &[&str],
-    ) -> anyhow::Result<Self> {
+    pub fn start(dir: &std::path::Path, config: &std::path::Path, args: &[&str]) -> anyhow::Result<Self> {
         Self::start_with_env(dir, config, args, &[])
     }
 
@@ -531,15 +418,8 @@ impl AgentProcess {
     }
 
     /// Send a signal (e.g. "TERM") with kill(1) and wait up to `timeout` for the exit.
-    pub fn signal_and_wait(
-        &mut self,
-        signal: &str,
-        timeout: Duration,
-    ) -> Option<std::process::ExitStatus> {
-        let _ = std::process::Command::new("kill")
-            .arg(format!("-{signal}"))
-            .arg(self.pid().to_string())
-            .status();
+    pub fn signal_and_wait(&mut self, signal: &str, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let _ = std::process::Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status();
         wait_until(timeout, || self.try_wait())
     }
 }

@@ -10,18 +10,16 @@ use dcmon_agent::config::Config;
 use dcmon_agent::host::Host;
 use dcmon_tests::fixture_host;
 
+/// The OS collectors only: the hardware exporters have tests of their own.
 fn config_for(root: &Path) -> Config {
-    Config {
-        host_root: root.to_owned(),
-        ..Config::default()
-    }
+    let exporters = dcmon_agent::config::Exporters { ipmi: false, apt: false, nvme: false, nvsmi: false };
+    Config { host_root: root.to_owned(), exporters, ..Config::default() }
 }
 
 fn collect_all(root: &Path) -> Vec<Sample> {
     let mut out = Vec::new();
     for mut c in collector::from_config(&config_for(root)) {
-        c.collect(&mut out)
-            .unwrap_or_else(|e| panic!("collector {} on {}: {e:#}", c.name(), root.display()));
+        c.collect(&mut out).unwrap_or_else(|e| panic!("collector {} on {}: {e:#}", c.name(), root.display()));
     }
     out
 }
@@ -29,10 +27,7 @@ fn collect_all(root: &Path) -> Vec<Sample> {
 fn value(samples: &[Sample], name: &str, label: Option<(&str, &str)>) -> Option<Value> {
     samples
         .iter()
-        .find(|s| {
-            s.name == name
-                && label.is_none_or(|(k, v)| s.labels.iter().any(|(lk, lv)| *lk == k && lv == v))
-        })
+        .find(|s| s.name == name && label.is_none_or(|(k, v)| s.labels.iter().any(|(lk, lv)| *lk == k && lv == v)))
         .map(|s| s.value)
 }
 
@@ -40,12 +35,7 @@ fn label_set(samples: &[Sample], name: &str, key: &str) -> Vec<String> {
     samples
         .iter()
         .filter(|s| s.name == name)
-        .filter_map(|s| {
-            s.labels
-                .iter()
-                .find(|(k, _)| *k == key)
-                .map(|(_, v)| v.clone())
-        })
+        .filter_map(|s| s.labels.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()))
         .collect()
 }
 
@@ -56,53 +46,24 @@ fn gpu_server_fixture_exact_values() {
     assert_eq!(value(&s, "cpu_load_5m", None), Some(Value::Gauge(10.07)));
     assert_eq!(value(&s, "cpu_load_15m", None), Some(Value::Gauge(9.51)));
     let (total_kib, avail_kib) = (1_056_544_760_u64, 987_654_320_u64);
-    assert_eq!(
-        value(&s, "memory_total_bytes", None),
-        Some(Value::Count(total_kib * 1024))
-    );
-    assert_eq!(
-        value(&s, "memory_available_bytes", None),
-        Some(Value::Count(avail_kib * 1024))
-    );
-    assert_eq!(
-        value(&s, "memory_used_bytes", None),
-        Some(Value::Count((total_kib - avail_kib) * 1024))
-    );
+    assert_eq!(value(&s, "memory_total_bytes", None), Some(Value::Count(total_kib * 1024)));
+    assert_eq!(value(&s, "memory_available_bytes", None), Some(Value::Count(avail_kib * 1024)));
+    assert_eq!(value(&s, "memory_used_bytes", None), Some(Value::Count((total_kib - avail_kib) * 1024)));
     let pct = (total_kib - avail_kib) as f64 * 1024.0 * 100.0 / (total_kib as f64 * 1024.0);
-    assert_eq!(
-        value(&s, "memory_usage_percent", None),
-        Some(Value::Gauge(pct))
-    );
+    assert_eq!(value(&s, "memory_usage_percent", None), Some(Value::Gauge(pct)));
 
     // Whole disks only: no partitions (sda1, nvme0n1p1), no loop or optical drives.
     assert_eq!(
         label_set(&s, "disk_reads_total", "device"),
-        [
-            "sda", "nvme0n1", "nvme1n1", "nvme10n1", "md0", "dm-0", "dm-1"
-        ]
+        ["sda", "nvme0n1", "nvme1n1", "nvme10n1", "md0", "dm-0", "dm-1"]
     );
     let sda = Some(("device", "sda"));
-    assert_eq!(
-        value(&s, "disk_reads_total", sda),
-        Some(Value::Count(1_204_551))
-    );
-    assert_eq!(
-        value(&s, "disk_read_bytes_total", sda),
-        Some(Value::Count(98_012_344 * 512))
-    );
-    assert_eq!(
-        value(&s, "disk_writes_total", sda),
-        Some(Value::Count(8_812_003))
-    );
-    assert_eq!(
-        value(&s, "disk_write_bytes_total", sda),
-        Some(Value::Count(301_221_800 * 512))
-    );
+    assert_eq!(value(&s, "disk_reads_total", sda), Some(Value::Count(1_204_551)));
+    assert_eq!(value(&s, "disk_read_bytes_total", sda), Some(Value::Count(98_012_344 * 512)));
+    assert_eq!(value(&s, "disk_writes_total", sda), Some(Value::Count(8_812_003)));
+    assert_eq!(value(&s, "disk_write_bytes_total", sda), Some(Value::Count(301_221_800 * 512)));
     let nvme = Some(("device", "nvme0n1"));
-    assert_eq!(
-        value(&s, "disk_write_bytes_total", nvme),
-        Some(Value::Count(91_233_400_112 * 512))
-    );
+    assert_eq!(value(&s, "disk_write_bytes_total", nvme), Some(Value::Count(91_233_400_112 * 512)));
 
     // Physical links, bonds and VLANs; not loopback, containers, bridges or VPN tunnels.
     assert_eq!(
@@ -110,34 +71,18 @@ fn gpu_server_fixture_exact_values() {
         ["bond0", "bond0.100", "eno1", "eno2", "ib0"]
     );
     let ib0 = Some(("interface", "ib0"));
-    assert_eq!(
-        value(&s, "network_receive_bytes_total", ib0),
-        Some(Value::Count(18_446_744_073_709_551_000))
-    );
-    assert_eq!(
-        value(&s, "network_transmit_bytes_total", ib0),
-        Some(Value::Count(77_120_033_448_811))
-    );
-    assert_eq!(
-        Host::new(fixture_host("gpu-server"))
-            .machine_id()
-            .as_deref(),
-        Some("6b1c0e2f9a8d4e7c8f1a2b3c4d5e6f70")
-    );
+    assert_eq!(value(&s, "network_receive_bytes_total", ib0), Some(Value::Count(18_446_744_073_709_551_000)));
+    assert_eq!(value(&s, "network_transmit_bytes_total", ib0), Some(Value::Count(77_120_033_448_811)));
+    assert_eq!(Host::new(fixture_host("gpu-server")).machine_id().as_deref(), Some("6b1c0e2f9a8d4e7c8f1a2b3c4d5e6f70"));
 }
 
 #[test]
 fn container_without_sysfs_finds_the_same_whole_disks_by_name() {
     let with_sysfs = collect_all(&fixture_host("gpu-server"));
     let without = collect_all(&fixture_host("container-no-sysfs"));
+    assert_eq!(label_set(&without, "disk_reads_total", "device"), label_set(&with_sysfs, "disk_reads_total", "device"));
     assert_eq!(
-        label_set(&without, "disk_reads_total", "device"),
-        label_set(&with_sysfs, "disk_reads_total", "device")
-    );
-    assert_eq!(
-        Host::new(fixture_host("container-no-sysfs"))
-            .machine_id()
-            .as_deref(),
+        Host::new(fixture_host("container-no-sysfs")).machine_id().as_deref(),
         Some("0f0e0d0c0b0a09080706050403020100"),
         "falls back to /var/lib/dbus/machine-id"
     );
@@ -149,43 +94,13 @@ fn virtio_vm_fixture_reports_its_disk() {
     let s = collect_all(&fixture_host("debian12-virtio"));
     assert_eq!(label_set(&s, "disk_reads_total", "device"), ["vda"]);
     let vda = Some(("device", "vda"));
-    assert_eq!(
-        value(&s, "disk_reads_total", vda),
-        Some(Value::Count(33_790))
-    );
-    assert_eq!(
-        value(&s, "disk_read_bytes_total", vda),
-        Some(Value::Count(4_713_402 * 512))
-    );
-    assert_eq!(
-        value(&s, "disk_writes_total", vda),
-        Some(Value::Count(11_411))
-    );
-    assert_eq!(
-        value(&s, "disk_write_bytes_total", vda),
-        Some(Value::Count(4_846_368 * 512))
-    );
-    assert_eq!(
-        label_set(&s, "network_receive_bytes_total", "interface"),
-        ["eth0"],
-        "lo and ifb* are skipped"
-    );
-    assert_eq!(
-        value(
-            &s,
-            "network_receive_bytes_total",
-            Some(("interface", "eth0"))
-        ),
-        Some(Value::Count(225_445_968))
-    );
-    assert_eq!(
-        value(
-            &s,
-            "network_transmit_bytes_total",
-            Some(("interface", "eth0"))
-        ),
-        Some(Value::Count(327_439))
-    );
+    assert_eq!(value(&s, "disk_reads_total", vda), Some(Value::Count(33_790)));
+    assert_eq!(value(&s, "disk_read_bytes_total", vda), Some(Value::Count(4_713_402 * 512)));
+    assert_eq!(value(&s, "disk_writes_total", vda), Some(Value::Count(11_411)));
+    assert_eq!(value(&s, "disk_write_bytes_total", vda), Some(Value::Count(4_846_368 * 512)));
+    assert_eq!(label_set(&s, "network_receive_bytes_total", "interface"), ["eth0"], "lo and ifb* are skipped");
+    assert_eq!(value(&s, "network_receive_bytes_total", Some(("interface", "eth0"))), Some(Value::Count(225_445_968)));
+    assert_eq!(value(&s, "network_transmit_bytes_total", Some(("interface", "eth0"))), Some(Value::Count(327_439)));
 }
 
 #[test]
@@ -195,52 +110,28 @@ fn first_collection_already_has_cpu_usage() {
     let proc_dir = dir.path().join("proc");
     std::fs::create_dir_all(&proc_dir).expect("mkdir");
     for f in ["loadavg", "meminfo"] {
-        std::fs::copy(
-            fixture_host("gpu-server").join("proc").join(f),
-            proc_dir.join(f),
-        )
-        .expect("copy");
+        std::fs::copy(fixture_host("gpu-server").join("proc").join(f), proc_dir.join(f)).expect("copy");
     }
-    std::fs::write(
-        proc_dir.join("stat"),
-        "cpu  1000 0 1000 7000 1000 0 0 0 0 0\n",
-    )
-    .expect("write");
+    std::fs::write(proc_dir.join("stat"), "cpu  1000 0 1000 7000 1000 0 0 0 0 0\n").expect("write");
     let mut os = collector::os::OsCollector::new(Host::new(dir.path()));
     // +300 user, +100 system, +100 steal busy; +400 idle, +100 iowait idle -> 50 %.
-    std::fs::write(
-        proc_dir.join("stat"),
-        "cpu  1300 0 1100 7400 1100 0 0 100 0 0\n",
-    )
-    .expect("write");
+    std::fs::write(proc_dir.join("stat"), "cpu  1300 0 1100 7400 1100 0 0 100 0 0\n").expect("write");
     let mut out = Vec::new();
     os.collect(&mut out).expect("collect");
-    assert_eq!(
-        value(&out, "cpu_usage_percent", None),
-        Some(Value::Gauge(50.0))
-    );
+    assert_eq!(value(&out, "cpu_usage_percent", None), Some(Value::Gauge(50.0)));
 }
 
 #[test]
 fn missing_proc_files_are_reported_with_their_path() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut out = Vec::new();
-    let err = collector::os::OsCollector::new(Host::new(dir.path()))
-        .collect(&mut out)
-        .expect_err("empty root");
+    let err = collector::os::OsCollector::new(Host::new(dir.path())).collect(&mut out).expect_err("empty root");
     let msg = format!("{err:#}");
-    assert!(
-        msg.contains("proc/loadavg") && msg.contains("proc/meminfo"),
-        "{msg}"
-    );
+    assert!(msg.contains("proc/loadavg") && msg.contains("proc/meminfo"), "{msg}");
     let filter = dcmon_agent::config::DeviceFilter::default_disks();
-    let err = collector::disk::DiskCollector::new(Host::new(dir.path()), filter)
-        .collect(&mut out)
-        .expect_err("no diskstats");
-    assert!(
-        matches!(err, collector::CollectError::NotPresent(_)),
-        "{err}"
-    );
+    let err =
+        collector::disk::DiskCollector::new(Host::new(dir.path()), filter).collect(&mut out).expect_err("no diskstats");
+    assert!(matches!(err, collector::CollectError::NotPresent(_)), "{err}");
 }
 
 #[test]
@@ -255,17 +146,10 @@ fn live_host_smoke() {
         "memory_used_bytes",
         "memory_usage_percent",
     ] {
-        assert!(
-            value(&s, name, None).is_some(),
-            "{name} missing on this host"
-        );
+        assert!(value(&s, name, None).is_some(), "{name} missing on this host");
     }
-    let Some(Value::Count(total)) = value(&s, "memory_total_bytes", None) else {
-        panic!("memory_total_bytes")
-    };
-    let Some(Value::Count(used)) = value(&s, "memory_used_bytes", None) else {
-        panic!("memory_used_bytes")
-    };
+    let Some(Value::Count(total)) = value(&s, "memory_total_bytes", None) else { panic!("memory_total_bytes") };
+    let Some(Value::Count(used)) = value(&s, "memory_used_bytes", None) else { panic!("memory_used_bytes") };
     assert!(total > 0 && used <= total);
     // Cross-check against sysfs, an independent source: every whole disk that is not a loop,
     // ram, zram, optical or floppy device, and every interface the default filter keeps.
@@ -275,17 +159,13 @@ fn live_host_smoke() {
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| defaults.disks.allows(n))
         .collect();
-    let got_disks: BTreeSet<String> = label_set(&s, "disk_reads_total", "device")
-        .into_iter()
-        .collect();
+    let got_disks: BTreeSet<String> = label_set(&s, "disk_reads_total", "device").into_iter().collect();
     assert_eq!(got_disks, sys_disks);
     let sys_ifaces: BTreeSet<String> = std::fs::read_dir("/sys/class/net")
         .expect("/sys/class/net")
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter(|n| defaults.interfaces.allows(n))
         .collect();
-    let got_ifaces: BTreeSet<String> = label_set(&s, "network_receive_bytes_total", "interface")
-        .into_iter()
-        .collect();
+    let got_ifaces: BTreeSet<String> = label_set(&s, "network_receive_bytes_total", "interface").into_iter().collect();
     assert_eq!(got_ifaces, sys_ifaces);
 }

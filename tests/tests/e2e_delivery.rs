@@ -41,10 +41,7 @@ fn config(dir: &Path, server: &str, machine: &str, extra: Value) -> PathBuf {
 }
 
 fn timestamps(batches: &[Accepted]) -> Vec<i64> {
-    batches
-        .iter()
-        .filter_map(|b| b.json["timestamp"].as_i64())
-        .collect()
+    batches.iter().filter_map(|b| b.json["timestamp"].as_i64()).collect()
 }
 
 /// Every second from the first to the last delivered timestamp arrived, in order; returns how
@@ -56,13 +53,7 @@ fn assert_complete_in_order(ts: &[i64]) -> usize {
     }
     let distinct: Vec<i64> = seen.keys().copied().collect();
     for w in distinct.windows(2) {
-        assert_eq!(
-            w[1] - w[0],
-            1,
-            "a second is missing between {} and {}: {ts:?}",
-            w[0],
-            w[1]
-        );
+        assert_eq!(w[1] - w[0], 1, "a second is missing between {} and {}: {ts:?}", w[0], w[1]);
     }
     let mut first_seen: Vec<i64> = Vec::new();
     for t in ts {
@@ -96,17 +87,9 @@ fn outage_503_then_recovery_delivers_every_batch_in_order() {
     let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
     let dir = tempfile::tempdir().expect("tempdir");
     write_key(dir.path(), KEY).expect("key");
-    let agent = AgentProcess::start(
-        dir.path(),
-        &config(dir.path(), &receiver.url(), &machine, json!({})),
-        &["run"],
-    )
-    .expect("agent");
-    assert!(
-        receiver.wait_for_accepted(2, Duration::from_secs(10)).len() >= 2,
-        "{}",
-        agent.stderr()
-    );
+    let agent = AgentProcess::start(dir.path(), &config(dir.path(), &receiver.url(), &machine, json!({})), &["run"])
+        .expect("agent");
+    assert!(receiver.wait_for_accepted(2, Duration::from_secs(10)).len() >= 2, "{}", agent.stderr());
 
     receiver.force_status(Some(503));
     let outage_start = unix_now();
@@ -118,36 +101,15 @@ fn outage_503_then_recovery_delivers_every_batch_in_order() {
         let got = receiver.accepted();
         (timestamps(&got).iter().max().copied()? > outage_end + 2).then_some(got)
     })
-    .unwrap_or_else(|| {
-        panic!(
-            "no recovery: {:?}\n{}",
-            timestamps(&receiver.accepted()),
-            agent.stderr()
-        )
-    });
+    .unwrap_or_else(|| panic!("no recovery: {:?}\n{}", timestamps(&receiver.accepted()), agent.stderr()));
     let ts = timestamps(&done);
     let dups = assert_complete_in_order(&ts);
-    assert_eq!(
-        dups, 0,
-        "no 2xx was cut off, so nothing may arrive twice: {ts:?}"
-    );
-    assert!(
-        ts.iter().any(|t| *t <= outage_start) && ts.iter().any(|t| *t >= outage_end),
-        "{ts:?}"
-    );
-    let during = ts
-        .iter()
-        .filter(|t| (outage_start + 1..outage_end).contains(*t))
-        .count();
-    assert!(
-        during >= 8,
-        "batches collected during the 10 s outage: {during}: {ts:?}"
-    );
+    assert_eq!(dups, 0, "no 2xx was cut off, so nothing may arrive twice: {ts:?}");
+    assert!(ts.iter().any(|t| *t <= outage_start) && ts.iter().any(|t| *t >= outage_end), "{ts:?}");
+    let during = ts.iter().filter(|t| (outage_start + 1..outage_end).contains(*t)).count();
+    assert!(during >= 8, "batches collected during the 10 s outage: {during}: {ts:?}");
     assert!(receiver.rejected().iter().all(|r| r.status == 503));
-    eprintln!(
-        "outage 503: {} batches delivered, {during} from the outage, 0 lost, {dups} duplicates",
-        ts.len()
-    );
+    eprintln!("outage 503: {} batches delivered, {during} from the outage, 0 lost, {dups} duplicates", ts.len());
 }
 
 #[test]
@@ -157,23 +119,14 @@ fn refused_connections_then_recovery_delivers_every_batch() {
     let addr = receiver.addr();
     let dir = tempfile::tempdir().expect("tempdir");
     write_key(dir.path(), KEY).expect("key");
-    let agent = AgentProcess::start(
-        dir.path(),
-        &config(dir.path(), &receiver.url(), &machine, json!({})),
-        &["run"],
-    )
-    .expect("agent");
-    assert!(
-        receiver.wait_for_accepted(2, Duration::from_secs(10)).len() >= 2,
-        "{}",
-        agent.stderr()
-    );
+    let agent = AgentProcess::start(dir.path(), &config(dir.path(), &receiver.url(), &machine, json!({})), &["run"])
+        .expect("agent");
+    assert!(receiver.wait_for_accepted(2, Duration::from_secs(10)).len() >= 2, "{}", agent.stderr());
     let before = receiver.accepted();
     drop(receiver); // the port now refuses connections
     let outage_end = unix_now() + 10;
     std::thread::sleep(Duration::from_secs(10));
-    let receiver =
-        Receiver::start_on(addr, &[(KEY, &machine)]).expect("receiver back on the same port");
+    let receiver = Receiver::start_on(addr, &[(KEY, &machine)]).expect("receiver back on the same port");
     let after = wait_until(Duration::from_secs(20), || {
         let got = receiver.accepted();
         (timestamps(&got).iter().max().copied()? > outage_end + 2).then_some(got)
@@ -183,19 +136,9 @@ fn refused_connections_then_recovery_delivers_every_batch() {
     all.extend(after);
     let ts = timestamps(&all);
     let dups = assert_complete_in_order(&ts);
-    assert!(
-        dups <= 1,
-        "at most the batch whose answer was cut off: {ts:?}"
-    );
-    assert!(
-        agent.stderr().contains("cannot reach"),
-        "{}",
-        agent.stderr()
-    );
-    eprintln!(
-        "outage refused: {} batches delivered, 0 lost, {dups} duplicates",
-        ts.len()
-    );
+    assert!(dups <= 1, "at most the batch whose answer was cut off: {ts:?}");
+    assert!(agent.stderr().contains("cannot reach"), "{}", agent.stderr());
+    eprintln!("outage refused: {} batches delivered, 0 lost, {dups} duplicates", ts.len());
 }
 
 #[test]
@@ -208,11 +151,7 @@ fn kill_9_during_an_outage_loses_nothing() {
     receiver.force_status(Some(503));
     let mut agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
     std::thread::sleep(Duration::from_secs(6));
-    assert!(
-        agent
-            .signal_and_wait("KILL", Duration::from_secs(5))
-            .is_some()
-    );
+    assert!(agent.signal_and_wait("KILL", Duration::from_secs(5)).is_some());
     let stored = outbox_timestamps(&dir.path().join("outbox"));
     assert!(stored.len() >= 4, "batches on disk at the kill: {stored:?}");
 
@@ -227,19 +166,9 @@ fn kill_9_during_an_outage_loses_nothing() {
     .unwrap_or_else(|| panic!("no delivery after restart:\n{}", agent.stderr()));
     let ts = timestamps(&got);
     let missing: Vec<i64> = stored.iter().copied().filter(|t| !ts.contains(t)).collect();
-    assert!(
-        missing.is_empty(),
-        "lost across kill -9: {missing:?} (delivered {ts:?})"
-    );
-    assert_eq!(
-        ts[..stored.len()],
-        stored[..],
-        "the backlog goes first, oldest first"
-    );
-    eprintln!(
-        "kill -9: {} batches on disk at the kill, all delivered after restart",
-        stored.len()
-    );
+    assert!(missing.is_empty(), "lost across kill -9: {missing:?} (delivered {ts:?})");
+    assert_eq!(ts[..stored.len()], stored[..], "the backlog goes first, oldest first");
+    eprintln!("kill -9: {} batches on disk at the kill, all delivered after restart", stored.len());
 }
 
 #[test]
@@ -252,14 +181,8 @@ fn torn_and_corrupt_outbox_files_are_reported_and_the_rest_delivered() {
     receiver.force_status(Some(503));
     let mut agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
     std::thread::sleep(Duration::from_secs(5));
-    let status = agent
-        .signal_and_wait("TERM", Duration::from_secs(10))
-        .expect("exit on SIGTERM");
-    assert!(
-        status.success(),
-        "SIGTERM exit: {status:?}\n{}",
-        agent.stderr()
-    );
+    let status = agent.signal_and_wait("TERM", Duration::from_secs(10)).expect("exit on SIGTERM");
+    assert!(status.success(), "SIGTERM exit: {status:?}\n{}", agent.stderr());
     let outbox = dir.path().join("outbox");
     let mut files: Vec<PathBuf> = std::fs::read_dir(&outbox)
         .expect("outbox")
@@ -280,22 +203,10 @@ fn torn_and_corrupt_outbox_files_are_reported_and_the_rest_delivered() {
     let agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("restart");
     let got = receiver.wait_for_accepted(intact.len() + 2, Duration::from_secs(15));
     let ts = timestamps(&got);
-    assert_eq!(
-        ts[..intact.len()],
-        intact[..],
-        "intact batches first, in order"
-    );
+    assert_eq!(ts[..intact.len()], intact[..], "intact batches first, in order");
     let log = agent.stderr();
-    assert!(
-        log.contains("torn write") && log.contains("checksum mismatch") && log.contains("corrupt/"),
-        "{log}"
-    );
-    assert_eq!(
-        std::fs::read_dir(outbox.join("corrupt"))
-            .expect("corrupt/")
-            .count(),
-        4
-    );
+    assert!(log.contains("torn write") && log.contains("checksum mismatch") && log.contains("corrupt/"), "{log}");
+    assert_eq!(std::fs::read_dir(outbox.join("corrupt")).expect("corrupt/").count(), 4);
     let corrupt_metric = got.last().and_then(|b| {
         b.json["metrics"]
             .as_array()?
@@ -312,17 +223,9 @@ fn poison_422_is_set_aside_and_429_retry_after_is_honoured() {
     let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
     let dir = tempfile::tempdir().expect("tempdir");
     write_key(dir.path(), KEY).expect("key");
-    let agent = AgentProcess::start(
-        dir.path(),
-        &config(dir.path(), &receiver.url(), &machine, json!({})),
-        &["run"],
-    )
-    .expect("agent");
-    assert!(
-        receiver.wait_for_accepted(1, Duration::from_secs(10)).len() == 1,
-        "{}",
-        agent.stderr()
-    );
+    let agent = AgentProcess::start(dir.path(), &config(dir.path(), &receiver.url(), &machine, json!({})), &["run"])
+        .expect("agent");
+    assert!(receiver.wait_for_accepted(1, Duration::from_secs(10)).len() == 1, "{}", agent.stderr());
 
     receiver.fail_next(1, 422, None);
     let rejected = receiver.wait_for_rejected(1, Duration::from_secs(5));
@@ -330,27 +233,17 @@ fn poison_422_is_set_aside_and_429_retry_after_is_honoured() {
     let n = receiver.accepted().len();
     let later = receiver.wait_for_accepted(n + 3, Duration::from_secs(10));
     assert!(later.len() >= n + 3, "batches stopped after the 422");
-    assert!(
-        !timestamps(&later).contains(&poison),
-        "the poison batch must not be retried"
-    );
+    assert!(!timestamps(&later).contains(&poison), "the poison batch must not be retried");
     let set_aside = outbox_timestamps(&dir.path().join("outbox/rejected"));
     assert_eq!(set_aside, [poison]);
-    assert!(
-        agent.stderr().contains("refused a batch for good"),
-        "{}",
-        agent.stderr()
-    );
+    assert!(agent.stderr().contains("refused a batch for good"), "{}", agent.stderr());
 
     receiver.fail_next(1, 429, Some(3));
     let rejected = receiver.wait_for_rejected(2, Duration::from_secs(5));
     let limited_at = rejected[1].at;
     let limited_ts = rejected[1].batch_timestamp;
     let retried = wait_until(Duration::from_secs(10), || {
-        receiver
-            .accepted()
-            .into_iter()
-            .find(|b| b.json["timestamp"].as_i64() == limited_ts)
+        receiver.accepted().into_iter().find(|b| b.json["timestamp"].as_i64() == limited_ts)
     })
     .expect("the 429 batch is retried");
     let gap = retried.at.duration_since(limited_at);
@@ -367,12 +260,7 @@ fn wrong_key_keeps_batches_until_the_key_is_fixed() {
     let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
     let dir = tempfile::tempdir().expect("tempdir");
     write_key(dir.path(), "dcmon_notTheRightKeyNotTheRightKeyNotTheRigh").expect("key");
-    let cfg = config(
-        dir.path(),
-        &receiver.url(),
-        &machine,
-        json!({"auth_retry_interval": 1}),
-    );
+    let cfg = config(dir.path(), &receiver.url(), &machine, json!({"auth_retry_interval": 1}));
     let agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
     let refused = receiver.wait_for_rejected(3, Duration::from_secs(10));
     assert!(refused.iter().all(|r| r.status == 401), "{refused:?}");
@@ -386,16 +274,9 @@ fn wrong_key_keeps_batches_until_the_key_is_fixed() {
     })
     .unwrap_or_else(|| panic!("not delivered after fixing the key:\n{}", agent.stderr()));
     let ts = timestamps(&got);
-    assert_eq!(
-        ts[0], first_refused,
-        "the first refused batch was kept: {ts:?}"
-    );
+    assert_eq!(ts[0], first_refused, "the first refused batch was kept: {ts:?}");
     assert_eq!(assert_complete_in_order(&ts), 0);
-    assert!(
-        agent.stderr().matches("upload refused").count() <= 2,
-        "401 logged at a slow rate:\n{}",
-        agent.stderr()
-    );
+    assert!(agent.stderr().matches("upload refused").count() <= 2, "401 logged at a slow rate:\n{}", agent.stderr());
 }
 
 #[test]
@@ -405,20 +286,11 @@ fn unwritable_outbox_keeps_sending_from_memory_and_says_why() {
     let dir = tempfile::tempdir().expect("tempdir");
     write_key(dir.path(), KEY).expect("key");
     std::fs::write(dir.path().join("not-a-dir"), "x").expect("file");
-    let cfg = config(
-        dir.path(),
-        &receiver.url(),
-        &machine,
-        json!({"outbox_dir": dir.path().join("not-a-dir/outbox")}),
-    );
+    let cfg = config(dir.path(), &receiver.url(), &machine, json!({"outbox_dir": dir.path().join("not-a-dir/outbox")}));
     let agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
     let got = receiver.wait_for_accepted(3, Duration::from_secs(10));
     assert!(got.len() >= 3, "{}", agent.stderr());
-    assert!(
-        agent.stderr().contains("keeping batches in memory"),
-        "{}",
-        agent.stderr()
-    );
+    assert!(agent.stderr().contains("keeping batches in memory"), "{}", agent.stderr());
 }
 
 #[test]
@@ -441,39 +313,24 @@ fn full_disk_keeps_sending_from_memory_and_says_why() {
         .expect("mount");
     assert!(mounted.success());
     let _unmount = Unmount(mnt.clone());
-    let cfg = config(
-        dir.path(),
-        &receiver.url(),
-        &machine,
-        json!({"outbox_dir": mnt.join("outbox")}),
-    );
+    let cfg = config(dir.path(), &receiver.url(), &machine, json!({"outbox_dir": mnt.join("outbox")}));
     // The server is down, so batches pile up until the 12 KiB filesystem is full.
     receiver.force_status(Some(503));
     let agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
-    let log = wait_until(Duration::from_secs(20), || {
-        Some(agent.stderr()).filter(|l| l.contains("No space left on device"))
-    });
+    let log =
+        wait_until(Duration::from_secs(20), || Some(agent.stderr()).filter(|l| l.contains("No space left on device")));
     assert!(log.is_some(), "{}", agent.stderr());
     receiver.force_status(None);
     let start = Instant::now();
     let got = receiver.wait_for_accepted(8, Duration::from_secs(20));
-    assert!(
-        got.len() >= 8,
-        "after {:?}:\n{}",
-        start.elapsed(),
-        agent.stderr()
-    );
+    assert!(got.len() >= 8, "after {:?}:\n{}", start.elapsed(), agent.stderr());
     assert_eq!(assert_complete_in_order(&timestamps(&got)), 0);
 }
 
 fn nix_is_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .map(|l| l.split_whitespace().nth(2) == Some("0"))
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
         .unwrap_or(false)
 }
 
@@ -481,9 +338,6 @@ struct Unmount(PathBuf);
 
 impl Drop for Unmount {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }

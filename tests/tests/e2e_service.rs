@@ -16,26 +16,15 @@ const KEY: &str = "dcmon_serviceKeyServiceKeyServiceKeyServiceK";
 const MACHINE: &str = "service-test-machine";
 
 fn agent(args: &[&str]) -> Output {
-    Command::new(agent_bin())
-        .args(args)
-        .output()
-        .expect("run dcmon-agent")
+    Command::new(agent_bin()).args(args).output().expect("run dcmon-agent")
 }
 
 fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
 }
 
 fn mode(p: &Path) -> u32 {
-    std::fs::metadata(p)
-        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-        .permissions()
-        .mode()
-        & 0o7777
+    std::fs::metadata(p).unwrap_or_else(|e| panic!("{}: {e}", p.display())).permissions().mode() & 0o7777
 }
 
 #[test]
@@ -55,38 +44,24 @@ fn install_is_complete_idempotent_and_keeps_the_operators_config() {
     ] {
         assert!(out.contains(want), "missing {want:?} in:\n{out}");
     }
-    assert_eq!(
-        std::fs::read_dir(root.path()).expect("ls").count(),
-        0,
-        "dry run wrote something"
-    );
+    assert_eq!(std::fs::read_dir(root.path()).expect("ls").count(), 0, "dry run wrote something");
 
     let first = agent(&["install", "--root", r]);
     assert!(first.status.success(), "{}", text(&first));
     let bin = root.path().join("usr/local/bin/dcmon-agent");
-    assert_eq!(
-        std::fs::read(&bin).expect("binary"),
-        std::fs::read(agent_bin()).expect("agent")
-    );
+    assert_eq!(std::fs::read(&bin).expect("binary"), std::fs::read(agent_bin()).expect("agent"));
     assert_eq!(mode(&bin), 0o755);
     let cfg = root.path().join("etc/dcmon/config.json");
     assert_eq!(mode(&cfg), 0o644);
-    let (parsed, unknown) =
-        Config::parse(&cfg, &std::fs::read_to_string(&cfg).expect("config")).expect("valid config");
+    let (parsed, unknown) = Config::parse(&cfg, &std::fs::read_to_string(&cfg).expect("config")).expect("valid config");
     assert_eq!(parsed, Config::default());
     assert!(unknown.is_empty());
     assert_eq!(mode(&root.path().join("var/lib/dcmon")), 0o750);
     let unit_path = root.path().join("etc/systemd/system/dcmon-client.service");
     assert_eq!(mode(&unit_path), 0o644);
     let unit = std::fs::read_to_string(&unit_path).expect("unit");
-    assert!(
-        unit.contains("ExecStart=/usr/local/bin/dcmon-agent --config /etc/dcmon/config.json run"),
-        "{unit}"
-    );
-    assert!(
-        text(&first)
-            .contains("systemctl daemon-reload && systemctl enable --now dcmon-client.service")
-    );
+    assert!(unit.contains("ExecStart=/usr/local/bin/dcmon-agent --config /etc/dcmon/config.json run"), "{unit}");
+    assert!(text(&first).contains("systemctl daemon-reload && systemctl enable --now dcmon-client.service"));
 
     // Twice: nothing changes.
     let second = agent(&["install", "--root", r]);
@@ -94,23 +69,16 @@ fn install_is_complete_idempotent_and_keeps_the_operators_config() {
     let stdout = String::from_utf8_lossy(&second.stdout).into_owned();
     let changes: Vec<&str> = stdout
         .lines()
-        .filter(|l| {
-            !l.starts_with("unchanged")
-                && !l.starts_with("systemd is not running")
-                && !l.starts_with("next:")
-        })
+        .filter(|l| !l.starts_with("unchanged") && !l.starts_with("systemd is not running") && !l.starts_with("next:"))
         .collect();
     assert!(changes.is_empty(), "second install changed: {changes:?}");
 
     // An operator's config survives, and the unit follows it (no NVMe, no IPMI: fewer caps).
-    std::fs::write(&cfg, r#"{"server_url": "http://dcmon.example:8000", "exporters": {"nvme": false, "ipmi": false}}"#).expect("write");
+    std::fs::write(&cfg, r#"{"server_url": "http://dcmon.example:8000", "exporters": {"nvme": false, "ipmi": false}}"#)
+        .expect("write");
     let third = agent(&["install", "--root", r]);
     assert!(third.status.success());
-    assert!(
-        std::fs::read_to_string(&cfg)
-            .expect("cfg")
-            .contains("dcmon.example")
-    );
+    assert!(std::fs::read_to_string(&cfg).expect("cfg").contains("dcmon.example"));
     let unit = std::fs::read_to_string(&unit_path).expect("unit");
     assert!(unit.contains("\nCapabilityBoundingSet=\n"), "{unit}");
     assert!(text(&third).contains("update /etc/systemd/system/dcmon-client.service"));
@@ -121,15 +89,10 @@ fn install_is_complete_idempotent_and_keeps_the_operators_config() {
     assert!(un.status.success(), "{}", text(&un));
     assert!(!bin.exists() && !unit_path.exists());
     assert!(
-        cfg.exists()
-            && root.path().join("etc/dcmon/api_key").exists()
-            && root.path().join("var/lib/dcmon").exists()
+        cfg.exists() && root.path().join("etc/dcmon/api_key").exists() && root.path().join("var/lib/dcmon").exists()
     );
     let again = agent(&["uninstall", "--root", r]);
-    assert!(
-        again.status.success()
-            && text(&again).contains("unchanged: /usr/local/bin/dcmon-agent is not there")
-    );
+    assert!(again.status.success() && text(&again).contains("unchanged: /usr/local/bin/dcmon-agent is not there"));
     let purge = agent(&["uninstall", "--root", r, "--purge"]);
     assert!(purge.status.success());
     assert!(!root.path().join("etc/dcmon").exists() && !root.path().join("var/lib/dcmon").exists());
@@ -145,10 +108,7 @@ fn systemd_analyze_verifies_the_unit_for_every_capability_set() {
         config.exporters.ipmi = ipmi;
         let unit = render_unit(&bin, Path::new("/etc/dcmon/config.json"), &config);
         let caps = CapNeeds::from_config(&config).capabilities().join(" ");
-        assert!(
-            unit.contains(&format!("\nCapabilityBoundingSet={caps}\n")),
-            "{unit}"
-        );
+        assert!(unit.contains(&format!("\nCapabilityBoundingSet={caps}\n")), "{unit}");
         let path = dir.path().join("dcmon-client.service");
         std::fs::write(&path, &unit).expect("write unit");
         let out = Command::new("systemd-analyze")
@@ -170,44 +130,22 @@ fn register_writes_the_key_0600_and_never_overwrites_without_force() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key_path = dir.path().join("etc/api_key");
     let cfg = dir.path().join("config.json");
-    std::fs::write(
-        &cfg,
-        json!({"machine_id": MACHINE, "api_key_file": key_path}).to_string(),
-    )
-    .expect("cfg");
+    std::fs::write(&cfg, json!({"machine_id": MACHINE, "api_key_file": key_path}).to_string()).expect("cfg");
     let c = cfg.to_str().expect("utf8");
     let out = agent(&["--config", c, "register", "--server", &receiver.url()]);
     assert!(out.status.success(), "{}", text(&out));
-    let key = std::fs::read_to_string(&key_path)
-        .expect("key")
-        .trim()
-        .to_owned();
+    let key = std::fs::read_to_string(&key_path).expect("key").trim().to_owned();
     assert!(key.starts_with("dcmon_") && key.len() == 49, "{key}");
     assert_eq!(mode(&key_path), 0o600);
     assert!(!text(&out).contains(&key), "register printed the key");
 
     let again = agent(&["--config", c, "register", "--server", &receiver.url()]);
     assert!(!again.status.success());
-    assert!(
-        text(&again).contains("already exists") && text(&again).contains("--force"),
-        "{}",
-        text(&again)
-    );
+    assert!(text(&again).contains("already exists") && text(&again).contains("--force"), "{}", text(&again));
     std::fs::write(&key_path, "operator-key\n").expect("write");
-    let forced = agent(&[
-        "--config",
-        c,
-        "register",
-        "--server",
-        &receiver.url(),
-        "--force",
-    ]);
+    let forced = agent(&["--config", c, "register", "--server", &receiver.url(), "--force"]);
     assert!(forced.status.success(), "{}", text(&forced));
-    assert_eq!(
-        std::fs::read_to_string(&key_path).expect("key").trim(),
-        key,
-        "same machine, same key"
-    );
+    assert_eq!(std::fs::read_to_string(&key_path).expect("key").trim(), key, "same machine, same key");
     assert_eq!(mode(&key_path), 0o600);
 }
 
@@ -223,12 +161,7 @@ fn check(dir: &Path, server: &str, key: Option<&str>) -> Output {
         .to_string(),
     )
     .expect("cfg");
-    Command::new(agent_bin())
-        .arg("--config")
-        .arg(&cfg)
-        .arg("check")
-        .output()
-        .expect("check")
+    Command::new(agent_bin()).arg("--config").arg(&cfg).arg("check").output().expect("check")
 }
 
 #[test]
@@ -253,42 +186,21 @@ fn check_reports_and_exit_codes() {
     assert_eq!(receiver.accepted().len(), 1, "check sends one real batch");
     assert!(!report.contains(KEY));
 
-    let bad_key = check(
-        dir.path(),
-        &receiver.url(),
-        Some("dcmon_wrongKeyWrongKeyWrongKeyWrongKeyWrongKe"),
-    );
+    let bad_key = check(dir.path(), &receiver.url(), Some("dcmon_wrongKeyWrongKeyWrongKeyWrongKeyWrongKe"));
     assert_eq!(bad_key.status.code(), Some(1));
-    assert!(
-        text(&bad_key).contains("[FAIL] key accepted: server answered 401"),
-        "{}",
-        text(&bad_key)
-    );
+    assert!(text(&bad_key).contains("[FAIL] key accepted: server answered 401"), "{}", text(&bad_key));
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
     let unreachable = check(dir.path(), &format!("http://127.0.0.1:{port}"), Some(KEY));
     assert_eq!(unreachable.status.code(), Some(1));
-    assert!(
-        text(&unreachable).contains("[FAIL] server: cannot reach"),
-        "{}",
-        text(&unreachable)
-    );
+    assert!(text(&unreachable).contains("[FAIL] server: cannot reach"), "{}", text(&unreachable));
 
     let cfg = dir.path().join("config.json");
     std::fs::write(&cfg, "{\"collection_interval\": }").expect("cfg");
-    let malformed = Command::new(agent_bin())
-        .arg("--config")
-        .arg(&cfg)
-        .arg("check")
-        .output()
-        .expect("check");
+    let malformed = Command::new(agent_bin()).arg("--config").arg(&cfg).arg("check").output().expect("check");
     assert_eq!(malformed.status.code(), Some(1));
     assert!(
-        text(&malformed).contains("[FAIL] config: config ")
-            && text(&malformed).contains("line 1, column"),
+        text(&malformed).contains("[FAIL] config: config ") && text(&malformed).contains("line 1, column"),
         "{}",
         text(&malformed)
     );
@@ -296,11 +208,7 @@ fn check_reports_and_exit_codes() {
     std::fs::remove_file(dir.path().join("api_key")).expect("rm key");
     let no_key = check(dir.path(), &receiver.url(), None);
     assert_eq!(no_key.status.code(), Some(1));
-    assert!(
-        text(&no_key).contains("[FAIL] API key:"),
-        "{}",
-        text(&no_key)
-    );
+    assert!(text(&no_key).contains("[FAIL] API key:"), "{}", text(&no_key));
 }
 
 fn daemon_config(dir: &Path, server: &str) -> PathBuf {
@@ -323,16 +231,10 @@ fn sighup_reloads_a_good_config_and_rejects_a_bad_one() {
     write_key(dir.path(), KEY).expect("key");
     let cfg = daemon_config(dir.path(), &a.url());
     let mut agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
-    assert!(
-        a.wait_for_accepted(1, Duration::from_secs(10)).len() == 1,
-        "{}",
-        agent.stderr()
-    );
+    assert!(a.wait_for_accepted(1, Duration::from_secs(10)).len() == 1, "{}", agent.stderr());
 
     daemon_config(dir.path(), &b.url());
-    let _ = Command::new("kill")
-        .args(["-HUP", &agent.pid().to_string()])
-        .status();
+    let _ = Command::new("kill").args(["-HUP", &agent.pid().to_string()]).status();
     assert!(
         b.wait_for_accepted(2, Duration::from_secs(10)).len() >= 2,
         "reload did not switch servers:\n{}",
@@ -340,26 +242,14 @@ fn sighup_reloads_a_good_config_and_rejects_a_bad_one() {
     );
 
     std::fs::write(&cfg, "{\"server_url\": 42}").expect("bad cfg");
-    let _ = Command::new("kill")
-        .args(["-HUP", &agent.pid().to_string()])
-        .status();
-    let log = wait_until(Duration::from_secs(5), || {
-        Some(agent.stderr()).filter(|l| l.contains("config reload rejected"))
-    });
-    assert!(
-        log.is_some_and(|l| l.contains("field `server_url`")),
-        "{}",
-        agent.stderr()
-    );
+    let _ = Command::new("kill").args(["-HUP", &agent.pid().to_string()]).status();
+    let log =
+        wait_until(Duration::from_secs(5), || Some(agent.stderr()).filter(|l| l.contains("config reload rejected")));
+    assert!(log.is_some_and(|l| l.contains("field `server_url`")), "{}", agent.stderr());
     let n = b.accepted().len();
-    assert!(
-        b.wait_for_accepted(n + 2, Duration::from_secs(10)).len() >= n + 2,
-        "old config not kept"
-    );
+    assert!(b.wait_for_accepted(n + 2, Duration::from_secs(10)).len() >= n + 2, "old config not kept");
     assert!(agent.try_wait().is_none());
-    let status = agent
-        .signal_and_wait("TERM", Duration::from_secs(10))
-        .expect("exit");
+    let status = agent.signal_and_wait("TERM", Duration::from_secs(10)).expect("exit");
     assert!(status.success());
 }
 
@@ -371,12 +261,9 @@ fn systemd_readiness_and_watchdog_notifications() {
     let cfg = daemon_config(dir.path(), &receiver.url());
     let sock_path = dir.path().join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).expect("bind");
-    sock.set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    let env: [(&str, &std::ffi::OsStr); 2] = [
-        ("NOTIFY_SOCKET", sock_path.as_os_str()),
-        ("WATCHDOG_USEC", std::ffi::OsStr::new("2000000")),
-    ];
+    sock.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let env: [(&str, &std::ffi::OsStr); 2] =
+        [("NOTIFY_SOCKET", sock_path.as_os_str()), ("WATCHDOG_USEC", std::ffi::OsStr::new("2000000"))];
     let mut agent = AgentProcess::start_with_env(dir.path(), &cfg, &["run"], &env).expect("agent");
     let recv = || {
         let mut buf = [0u8; 256];
@@ -386,9 +273,7 @@ fn systemd_readiness_and_watchdog_notifications() {
     assert_eq!(recv(), "READY=1", "{}", agent.stderr());
     assert_eq!(recv(), "WATCHDOG=1");
     assert_eq!(recv(), "WATCHDOG=1", "pinged repeatedly");
-    let _ = agent
-        .signal_and_wait("TERM", Duration::from_secs(10))
-        .expect("exit");
+    let _ = agent.signal_and_wait("TERM", Duration::from_secs(10)).expect("exit");
     let mut rest = Vec::new();
     for _ in 0..5 {
         let m = recv();
@@ -397,21 +282,12 @@ fn systemd_readiness_and_watchdog_notifications() {
         }
         rest.push(m);
     }
-    assert_eq!(
-        rest.last().map(String::as_str),
-        Some("STOPPING=1"),
-        "{rest:?}"
-    );
+    assert_eq!(rest.last().map(String::as_str), Some("STOPPING=1"), "{rest:?}");
 }
 
 #[test]
 fn version_names_commit_and_ebpf_object() {
     let out = agent(&["--version"]);
     let v = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success()
-            && v.starts_with("dcmon-agent 0.1.0 (commit ")
-            && v.contains("eBPF object: "),
-        "{v}"
-    );
+    assert!(out.status.success() && v.starts_with("dcmon-agent 0.1.0 (commit ") && v.contains("eBPF object: "), "{v}");
 }

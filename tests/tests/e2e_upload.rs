@@ -41,25 +41,15 @@ fn batches_arrive_every_interval_with_auth_names_labels_and_integer_timestamps()
         receiver.rejected(),
         agent.stderr()
     );
-    assert!(
-        agent.try_wait().is_none(),
-        "agent exited:\n{}",
-        agent.stderr()
-    );
-    assert!(
-        receiver.rejected().is_empty(),
-        "rejected: {:?}",
-        receiver.rejected()
-    );
+    assert!(agent.try_wait().is_none(), "agent exited:\n{}", agent.stderr());
+    assert!(receiver.rejected().is_empty(), "rejected: {:?}", receiver.rejected());
 
     let mut timestamps = Vec::new();
     for b in &got {
         assert_eq!(b.authorization, format!("Bearer {KEY}"));
         validate_batch(&b.json).expect("schema");
         assert_eq!(b.json["machine_id"], MACHINE);
-        let ts = b.json["timestamp"]
-            .as_i64()
-            .expect("integer batch timestamp");
+        let ts = b.json["timestamp"].as_i64().expect("integer batch timestamp");
         timestamps.push(ts);
         let metrics = b.json["metrics"].as_array().expect("metrics");
         let names: BTreeSet<&str> = metrics.iter().filter_map(|m| m["name"].as_str()).collect();
@@ -82,10 +72,7 @@ fn batches_arrive_every_interval_with_auth_names_labels_and_integer_timestamps()
             assert!(names.contains(want), "{want} missing from batch: {names:?}");
         }
         for m in metrics {
-            assert!(
-                m["timestamp"].is_i64(),
-                "metric timestamp not an integer: {m}"
-            );
+            assert!(m["timestamp"].is_i64(), "metric timestamp not an integer: {m}");
             assert_eq!(m["timestamp"].as_i64(), Some(ts));
             let labels = m["labels"].as_object().expect("labels object");
             assert!(labels.values().all(Value::is_string), "{m}");
@@ -96,26 +83,17 @@ fn batches_arrive_every_interval_with_auth_names_labels_and_integer_timestamps()
                 n if n.starts_with("dcmon_collector_") => &["collector"],
                 _ => &[],
             };
-            assert_eq!(
-                labels.keys().map(String::as_str).collect::<Vec<_>>(),
-                want_labels,
-                "{m}"
-            );
+            assert_eq!(labels.keys().map(String::as_str).collect::<Vec<_>>(), want_labels, "{m}");
             if name.ends_with("_total") || name.ends_with("_bytes") {
-                assert!(
-                    m["value"].is_u64(),
-                    "counter {name} not sent as an integer: {m}"
-                );
+                assert!(m["value"].is_u64(), "counter {name} not sent as an integer: {m}");
             }
         }
         // All three OS collectors worked.
         for c in ["os", "disk", "net"] {
             assert!(
-                metrics
-                    .iter()
-                    .any(|m| m["name"] == "dcmon_collector_success"
-                        && m["labels"]["collector"] == c
-                        && m["value"] == 1),
+                metrics.iter().any(|m| m["name"] == "dcmon_collector_success"
+                    && m["labels"]["collector"] == c
+                    && m["value"] == 1),
                 "collector {c} not successful in {}",
                 b.json
             );
@@ -124,24 +102,16 @@ fn batches_arrive_every_interval_with_auth_names_labels_and_integer_timestamps()
     // Fixed cadence: one batch per second, consecutive timestamps 1 s apart (give or take the
     // second boundary), arrival gaps close to 1 s.
     for w in timestamps.windows(2) {
-        assert!(
-            (1..=2).contains(&(w[1] - w[0])),
-            "timestamps {timestamps:?}"
-        );
+        assert!((1..=2).contains(&(w[1] - w[0])), "timestamps {timestamps:?}");
     }
     for w in got.windows(2) {
         let gap = w[1].at.duration_since(w[0].at);
-        assert!(
-            gap > Duration::from_millis(500) && gap < Duration::from_millis(1700),
-            "gap {gap:?}"
-        );
+        assert!(gap > Duration::from_millis(500) && gap < Duration::from_millis(1700), "gap {gap:?}");
     }
     assert!(!agent.stderr().contains(KEY), "the key leaked into the log");
 
     // SIGTERM: clean exit 0.
-    let status = agent
-        .signal_and_wait("TERM", Duration::from_secs(10))
-        .expect("exit after SIGTERM");
+    let status = agent.signal_and_wait("TERM", Duration::from_secs(10)).expect("exit after SIGTERM");
     assert!(status.success(), "exit {status:?}:\n{}", agent.stderr());
 }
 
@@ -151,29 +121,16 @@ fn wrong_key_is_logged_as_401_and_the_agent_keeps_running() {
     let dir = tempfile::tempdir().expect("tempdir");
     let wrong = "dcmon_wrongWrongWrongWrongWrongWrongWrongWron";
     write_key(dir.path(), wrong).expect("key");
-    let config = write_config(dir.path(), json!({"server_url": receiver.url()}));
+    let config = write_config(dir.path(), json!({"server_url": receiver.url(), "auth_retry_interval": 1}));
     let mut agent = AgentProcess::start(dir.path(), &config, &["run"]).expect("start agent");
 
     let rejected = receiver.wait_for_rejected(3, Duration::from_secs(15));
-    assert!(
-        rejected.len() >= 3,
-        "agent stopped trying: {rejected:?}\n{}",
-        agent.stderr()
-    );
+    assert!(rejected.len() >= 3, "agent stopped trying: {rejected:?}\n{}", agent.stderr());
     assert!(rejected.iter().all(|r| r.status == 401), "{rejected:?}");
     assert!(receiver.accepted().is_empty());
-    assert!(
-        agent.try_wait().is_none(),
-        "agent exited on 401:\n{}",
-        agent.stderr()
-    );
+    assert!(agent.try_wait().is_none(), "agent exited on 401:\n{}", agent.stderr());
     let log = agent.stderr();
-    assert!(
-        log.contains("401")
-            && log.contains("Invalid API key")
-            && log.contains("API key was refused"),
-        "{log}"
-    );
+    assert!(log.contains("401") && log.contains("Invalid API key") && log.contains("API key was refused"), "{log}");
     assert!(!log.contains(wrong), "the key leaked into the log:\n{log}");
 }
 
@@ -185,14 +142,8 @@ fn machine_id_mismatch_is_a_clear_403() {
     let config = write_config(dir.path(), json!({"server_url": receiver.url()}));
     let agent = AgentProcess::start(dir.path(), &config, &["run"]).expect("start agent");
     let rejected = receiver.wait_for_rejected(1, Duration::from_secs(10));
-    assert_eq!(
-        rejected.first().map(|r| r.status),
-        Some(403),
-        "{rejected:?}"
-    );
-    let log = wait_until(Duration::from_secs(5), || {
-        Some(agent.stderr()).filter(|l| l.contains("Machine ID mismatch"))
-    });
+    assert_eq!(rejected.first().map(|r| r.status), Some(403), "{rejected:?}");
+    let log = wait_until(Duration::from_secs(5), || Some(agent.stderr()).filter(|l| l.contains("Machine ID mismatch")));
     assert!(log.is_some(), "{}", agent.stderr());
 }
 
@@ -200,32 +151,20 @@ fn machine_id_mismatch_is_a_clear_403() {
 fn malformed_config_exits_non_zero_naming_file_and_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = dir.path().join("config.json");
-    std::fs::write(
-        &config,
-        "{\n  \"server_url\": \"http://127.0.0.1:9\",\n  \"collection_interval\": 30,,\n}\n",
-    )
-    .expect("write");
+    std::fs::write(&config, "{\n  \"server_url\": \"http://127.0.0.1:9\",\n  \"collection_interval\": 30,,\n}\n")
+        .expect("write");
     let mut agent = AgentProcess::start(dir.path(), &config, &["run"]).expect("start agent");
-    let status =
-        wait_until(Duration::from_secs(10), || agent.try_wait()).expect("agent should exit");
+    let status = wait_until(Duration::from_secs(10), || agent.try_wait()).expect("agent should exit");
     assert!(!status.success());
     let log = agent.stderr();
-    assert!(
-        log.contains(&config.display().to_string()) && log.contains("line 3, column 29"),
-        "{log}"
-    );
+    assert!(log.contains(&config.display().to_string()) && log.contains("line 3, column 29"), "{log}");
 
     // A value of the wrong type: the field is named.
     std::fs::write(&config, "{\"collection_interval\": \"often\"}").expect("write");
     let mut agent = AgentProcess::start(dir.path(), &config, &["once"]).expect("start agent");
-    let status =
-        wait_until(Duration::from_secs(10), || agent.try_wait()).expect("agent should exit");
+    let status = wait_until(Duration::from_secs(10), || agent.try_wait()).expect("agent should exit");
     assert!(!status.success());
-    assert!(
-        agent.stderr().contains("field `collection_interval`"),
-        "{}",
-        agent.stderr()
-    );
+    assert!(agent.stderr().contains("field `collection_interval`"), "{}", agent.stderr());
 }
 
 #[test]
@@ -233,37 +172,22 @@ fn missing_key_file_says_how_to_create_it() {
     let dir = tempfile::tempdir().expect("tempdir");
     let config = write_config(dir.path(), json!({"server_url": "http://127.0.0.1:9"}));
     let mut agent = AgentProcess::start(dir.path(), &config, &["run"]).expect("start agent");
-    let status =
-        wait_until(Duration::from_secs(10), || agent.try_wait()).expect("agent should exit");
+    let status = wait_until(Duration::from_secs(10), || agent.try_wait()).expect("agent should exit");
     assert!(!status.success());
     let log = agent.stderr();
-    assert!(
-        log.contains("echo 'YOUR_API_KEY' | sudo tee") && log.contains("chmod 600"),
-        "{log}"
-    );
+    assert!(log.contains("echo 'YOUR_API_KEY' | sudo tee") && log.contains("chmod 600"), "{log}");
 }
 
 #[test]
 fn unreachable_server_does_not_stop_collection() {
     // Nothing listens on the port: uploads fail with a connection error, the agent keeps going.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("port")
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
     let dir = tempfile::tempdir().expect("tempdir");
     write_key(dir.path(), KEY).expect("key");
-    let config = write_config(
-        dir.path(),
-        json!({"server_url": format!("http://127.0.0.1:{port}"), "connect_timeout": 1}),
-    );
+    let config =
+        write_config(dir.path(), json!({"server_url": format!("http://127.0.0.1:{port}"), "connect_timeout": 1}));
     let mut agent = AgentProcess::start(dir.path(), &config, &["run"]).expect("start agent");
-    let log = wait_until(Duration::from_secs(10), || {
-        Some(agent.stderr()).filter(|l| l.contains("cannot reach"))
-    });
+    let log = wait_until(Duration::from_secs(10), || Some(agent.stderr()).filter(|l| l.contains("cannot reach")));
     assert!(log.is_some(), "{}", agent.stderr());
-    assert!(
-        agent.try_wait().is_none(),
-        "agent exited:\n{}",
-        agent.stderr()
-    );
+    assert!(agent.try_wait().is_none(), "agent exited:\n{}", agent.stderr());
 }

@@ -56,11 +56,8 @@ pub fn parse_diskstats(
     whole: &WholeDisks,
     filter: &DeviceFilter,
 ) -> Result<Vec<DiskCounters>, procfs_core::ProcError> {
-    let stats = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(DiskStat::from_line)
-        .collect::<Result<Vec<_>, _>>()?;
+    let stats =
+        text.lines().filter(|l| !l.trim().is_empty()).map(DiskStat::from_line).collect::<Result<Vec<_>, _>>()?;
     let names: HashSet<&str> = stats.iter().map(|s| s.name.as_str()).collect();
     Ok(stats
         .iter()
@@ -98,21 +95,15 @@ pub struct DiskCollector {
 impl DiskCollector {
     /// A collector reading `host`'s diskstats, reporting disks `filter` allows.
     pub fn new(host: Host, filter: DeviceFilter) -> Self {
-        Self {
-            host,
-            filter,
-            buf: String::new(),
-        }
+        Self { host, filter, buf: String::new() }
     }
 
     /// Whole-disk names from /sys/block, re-read every round so hot-plugged disks appear.
     fn whole_disks(&self) -> WholeDisks {
         match std::fs::read_dir(self.host.path("/sys/block")) {
-            Ok(dir) => WholeDisks::Sysfs(
-                dir.filter_map(Result::ok)
-                    .filter_map(|e| e.file_name().into_string().ok())
-                    .collect(),
-            ),
+            Ok(dir) => {
+                WholeDisks::Sysfs(dir.filter_map(Result::ok).filter_map(|e| e.file_name().into_string().ok()).collect())
+            }
             Err(_) => WholeDisks::ByName,
         }
     }
@@ -162,8 +153,7 @@ mod tests {
 
     #[test]
     fn by_name_keeps_whole_disks_only() {
-        let d = parse_diskstats(STATS, &WholeDisks::ByName, &DeviceFilter::default_disks())
-            .expect("parse");
+        let d = parse_diskstats(STATS, &WholeDisks::ByName, &DeviceFilter::default_disks()).expect("parse");
         assert_eq!(names(&d), ["vda", "nvme0n1", "mmcblk0", "md0", "dm-0"]);
         assert_eq!(
             d[0],
@@ -181,11 +171,7 @@ mod tests {
     fn sysfs_list_is_authoritative() {
         let whole = WholeDisks::Sysfs(["vda", "loop0", "sr0"].map(String::from).into());
         let d = parse_diskstats(STATS, &whole, &DeviceFilter::default_disks()).expect("parse");
-        assert_eq!(
-            names(&d),
-            ["vda"],
-            "loop0 and sr0 are whole but excluded by default"
-        );
+        assert_eq!(names(&d), ["vda"], "loop0 and sr0 are whole but excluded by default");
     }
 
     #[test]
@@ -200,13 +186,6 @@ mod tests {
 
     #[test]
     fn malformed_line_is_an_error() {
-        assert!(
-            parse_diskstats(
-                "254 0 vda x y\n",
-                &WholeDisks::ByName,
-                &DeviceFilter::default_disks()
-            )
-            .is_err()
-        );
+        assert!(parse_diskstats("254 0 vda x y\n", &WholeDisks::ByName, &DeviceFilter::default_disks()).is_err());
     }
 }

@@ -12,8 +12,13 @@
 //! A collector must not panic; if one does anyway, the scheduler catches it, reports it as
 //! failed and carries on with the others.
 
+pub mod apt;
+pub mod background;
 pub mod disk;
+pub mod gpu;
+pub mod ipmi;
 pub mod net;
+pub mod nvme;
 pub mod os;
 
 use crate::batch::Sample;
@@ -42,9 +47,22 @@ pub trait Collector: Send + 'static {
 /// The collectors this config enables, in reporting order.
 pub fn from_config(config: &Config) -> Vec<Box<dyn Collector>> {
     let host = Host::new(&config.host_root);
-    vec![
+    let mut collectors: Vec<Box<dyn Collector>> = vec![
         Box::new(os::OsCollector::new(host.clone())),
         Box::new(disk::DiskCollector::new(host.clone(), config.disks.clone())),
-        Box::new(net::NetCollector::new(host, config.interfaces.clone())),
-    ]
+        Box::new(net::NetCollector::new(host.clone(), config.interfaces.clone())),
+    ];
+    if config.exporters.apt {
+        collectors.push(Box::new(apt::AptCollector::new(host.clone(), &config.apt)));
+    }
+    if config.exporters.nvme {
+        collectors.push(Box::new(nvme::NvmeCollector::new(host.clone(), &config.nvme)));
+    }
+    if config.exporters.ipmi {
+        collectors.push(Box::new(ipmi::IpmiCollector::new(host, &config.ipmi)));
+    }
+    if config.exporters.nvsmi {
+        collectors.push(Box::new(gpu::GpuCollector::new(&config.nvsmi)));
+    }
+    collectors
 }

@@ -27,8 +27,7 @@ impl InterfaceCounters {
         let i = self.interface.as_str();
         [
             Sample::count("network_receive_bytes_total", self.receive_bytes).label("interface", i),
-            Sample::count("network_transmit_bytes_total", self.transmit_bytes)
-                .label("interface", i),
+            Sample::count("network_transmit_bytes_total", self.transmit_bytes).label("interface", i),
         ]
     }
 }
@@ -39,20 +38,13 @@ impl InterfaceCounters {
 ///   eth0: 1234567    8901    0    0    0     0          0         0   7654321    5432 ...
 /// ```
 /// (/proc/net/dev) into the interfaces `filter` allows, sorted by name.
-pub fn parse_net_dev(
-    text: &str,
-    filter: &DeviceFilter,
-) -> Result<Vec<InterfaceCounters>, procfs_core::ProcError> {
+pub fn parse_net_dev(text: &str, filter: &DeviceFilter) -> Result<Vec<InterfaceCounters>, procfs_core::ProcError> {
     let status = InterfaceDeviceStatus::from_read(text.as_bytes())?;
     let mut ifaces: Vec<InterfaceCounters> = status
         .0
         .into_values()
         .filter(|d| filter.allows(&d.name))
-        .map(|d| InterfaceCounters {
-            interface: d.name,
-            receive_bytes: d.recv_bytes,
-            transmit_bytes: d.sent_bytes,
-        })
+        .map(|d| InterfaceCounters { interface: d.name, receive_bytes: d.recv_bytes, transmit_bytes: d.sent_bytes })
         .collect();
     ifaces.sort_by(|a, b| a.interface.cmp(&b.interface));
     Ok(ifaces)
@@ -69,11 +61,7 @@ pub struct NetCollector {
 impl NetCollector {
     /// A collector reading `host`'s /proc/net/dev, reporting interfaces `filter` allows.
     pub fn new(host: Host, filter: DeviceFilter) -> Self {
-        Self {
-            host,
-            filter,
-            buf: String::new(),
-        }
+        Self { host, filter, buf: String::new() }
     }
 }
 
@@ -117,24 +105,14 @@ vethab12: 100 1 0 0 0 0 0 0 200 2 0 0 0 0 0 0
         assert_eq!(
             i,
             [
-                InterfaceCounters {
-                    interface: "bond0".into(),
-                    receive_bytes: u64::MAX,
-                    transmit_bytes: 5
-                },
-                InterfaceCounters {
-                    interface: "eth0".into(),
-                    receive_bytes: 98_765_432,
-                    transmit_bytes: 12_345_678
-                },
+                InterfaceCounters { interface: "bond0".into(), receive_bytes: u64::MAX, transmit_bytes: 5 },
+                InterfaceCounters { interface: "eth0".into(), receive_bytes: 98_765_432, transmit_bytes: 12_345_678 },
             ]
         );
     }
 
     #[test]
     fn malformed_is_an_error() {
-        assert!(
-            parse_net_dev("h1\nh2\n eth0: x y\n", &DeviceFilter::default_interfaces()).is_err()
-        );
+        assert!(parse_net_dev("h1\nh2\n eth0: x y\n", &DeviceFilter::default_interfaces()).is_err());
     }
 }

@@ -40,35 +40,23 @@ impl CpuTicks {
 /// the file and parses each per-CPU line too; this needs the first line only.
 pub fn parse_cpu_ticks(stat: &str) -> anyhow::Result<CpuTicks> {
     let line = stat.lines().next().unwrap_or_default();
-    let fields = line.strip_prefix("cpu ").ok_or_else(|| {
-        anyhow::anyhow!(
-            "expected the first line to start with \"cpu \", got {:?}",
-            excerpt(line)
-        )
-    })?;
+    let fields = line
+        .strip_prefix("cpu ")
+        .ok_or_else(|| anyhow::anyhow!("expected the first line to start with \"cpu \", got {:?}", excerpt(line)))?;
     let mut ticks = [0u64; 8];
     let mut count = 0;
     for (slot, field) in ticks.iter_mut().zip(fields.split_whitespace()) {
-        *slot = field.parse().map_err(|_| {
-            anyhow::anyhow!(
-                "expected tick counts on the \"cpu\" line, got {:?}",
-                excerpt(line)
-            )
-        })?;
+        *slot = field
+            .parse()
+            .map_err(|_| anyhow::anyhow!("expected tick counts on the \"cpu\" line, got {:?}", excerpt(line)))?;
         count += 1;
     }
     if count < 4 {
-        anyhow::bail!(
-            "expected at least 4 tick counts on the \"cpu\" line, got {:?}",
-            excerpt(line)
-        );
+        anyhow::bail!("expected at least 4 tick counts on the \"cpu\" line, got {:?}", excerpt(line));
     }
     let [user, nice, system, idle, iowait, irq, softirq, steal] = ticks;
     let busy = user + nice + system + irq + softirq + steal;
-    Ok(CpuTicks {
-        busy,
-        total: busy + idle + iowait,
-    })
+    Ok(CpuTicks { busy, total: busy + idle + iowait })
 }
 
 /// `0.52 0.58 0.59 1/467 12345` (/proc/loadavg) into the three load samples. (procfs-core
@@ -77,10 +65,9 @@ pub fn parse_loadavg(text: &str) -> anyhow::Result<[Sample; 3]> {
     let mut fields = text.split_whitespace().map(str::parse::<f64>);
     let mut next = || match fields.next() {
         Some(Ok(v)) => Ok(v),
-        _ => Err(anyhow::anyhow!(
-            "expected three load averages such as \"0.52 0.58 0.59 ...\", got {:?}",
-            excerpt(text)
-        )),
+        _ => {
+            Err(anyhow::anyhow!("expected three load averages such as \"0.52 0.58 0.59 ...\", got {:?}", excerpt(text)))
+        }
     };
     Ok([
         Sample::gauge("cpu_load_1m", next()?),
@@ -104,15 +91,9 @@ fn excerpt(text: &str) -> &str {
 pub fn parse_meminfo(text: &str) -> Result<[Sample; 4], procfs_core::ProcError> {
     let m = Meminfo::from_read(text.as_bytes())?;
     // Kernels before 3.14 have no MemAvailable; free + buffers + cache is what tools used then.
-    let available = m
-        .mem_available
-        .unwrap_or(m.mem_free + m.buffers + m.cached)
-        .min(m.mem_total);
+    let available = m.mem_available.unwrap_or(m.mem_free + m.buffers + m.cached).min(m.mem_total);
     let used = m.mem_total - available;
-    #[allow(
-        clippy::cast_precision_loss,
-        reason = "memory sizes are far below 2^52"
-    )]
+    #[allow(clippy::cast_precision_loss, reason = "memory sizes are far below 2^52")]
     let used_percent = used as f64 * 100.0 / m.mem_total as f64;
     Ok([
         Sample::count("memory_total_bytes", m.mem_total),
@@ -135,19 +116,14 @@ impl OsCollector {
     /// Takes the first CPU sample now, so that the first collection already reports
     /// `cpu_usage_percent`.
     pub fn new(host: Host) -> Self {
-        let mut c = Self {
-            host,
-            buf: String::new(),
-            prev_cpu: None,
-        };
+        let mut c = Self { host, buf: String::new(), prev_cpu: None };
         c.prev_cpu = c.read_cpu().ok();
         c
     }
 
     fn read_cpu(&mut self) -> anyhow::Result<CpuTicks> {
         self.host.read_into("/proc/stat", &mut self.buf)?;
-        parse_cpu_ticks(&self.buf)
-            .with_context(|| format!("parsing {}", self.host.path("/proc/stat").display()))
+        parse_cpu_ticks(&self.buf).with_context(|| format!("parsing {}", self.host.path("/proc/stat").display()))
     }
 
     fn collect_load(&mut self, out: &mut Vec<Sample>) -> anyhow::Result<()> {
@@ -183,22 +159,13 @@ impl Collector for OsCollector {
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
         // Each file is independent: a failure in one must not hide the others.
-        let results = [
-            self.collect_load(out),
-            self.collect_cpu(out),
-            self.collect_memory(out),
-        ];
+        let results = [self.collect_load(out), self.collect_cpu(out), self.collect_memory(out)];
         let mut errors = results.into_iter().filter_map(Result::err);
         match errors.next() {
             None => Ok(()),
             Some(first) => {
                 let rest: Vec<String> = errors.map(|e| format!("{e:#}")).collect();
-                Err(if rest.is_empty() {
-                    first
-                } else {
-                    first.context(rest.join("; "))
-                }
-                .into())
+                Err(if rest.is_empty() { first } else { first.context(rest.join("; ")) }.into())
             }
         }
     }
@@ -213,13 +180,7 @@ mod tests {
         // user nice system idle iowait irq softirq steal guest guest_nice
         let a = parse_cpu_ticks("cpu  100 0 50 800 40 5 5 0 30 0\n").expect("a");
         let b = parse_cpu_ticks("cpu  160 0 70 900 80 10 10 10 60 0\n").expect("b");
-        assert_eq!(
-            a,
-            CpuTicks {
-                busy: 160,
-                total: 1000
-            }
-        );
+        assert_eq!(a, CpuTicks { busy: 160, total: 1000 });
         // busy delta: 60 user + 20 system + 5 irq + 5 softirq + 10 steal = 100;
         // idle delta: 100 idle + 40 iowait = 140; guest is inside user and not added again.
         assert_eq!(b.usage_percent_since(a), Some(100.0 * 100.0 / 240.0));
@@ -230,22 +191,13 @@ mod tests {
     #[test]
     fn loadavg_keeps_decimal_values_exact() {
         let s = parse_loadavg("0.87 0.38 0.17 1/467 12345\n").expect("loadavg");
-        assert_eq!(
-            s.map(|s| s.value),
-            [0.87, 0.38, 0.17].map(crate::batch::Value::Gauge)
-        );
+        assert_eq!(s.map(|s| s.value), [0.87, 0.38, 0.17].map(crate::batch::Value::Gauge));
     }
 
     #[test]
     fn old_kernel_cpu_line_with_four_fields() {
         let t = parse_cpu_ticks("cpu  10 20 30 40\n").expect("short line");
-        assert_eq!(
-            t,
-            CpuTicks {
-                busy: 60,
-                total: 100
-            }
-        );
+        assert_eq!(t, CpuTicks { busy: 60, total: 100 });
     }
 
     #[test]

@@ -2,10 +2,7 @@
 //! `dcmon-test-receiver API_KEY MACHINE_ID [SECONDS]` listens on 127.0.0.1, prints its URL, then
 //! one line per request it answered, and exits after SECONDS (default: never).
 
-#![allow(
-    clippy::print_stdout,
-    reason = "printing what arrives is what this tool is for"
-)]
+#![allow(clippy::print_stdout, reason = "printing what arrives is what this tool is for")]
 
 use std::time::Duration;
 

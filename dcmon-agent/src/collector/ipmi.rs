@@ -1,0 +1,548 @@
+//! IPMI sensors through ipmitool, locally (`-I open`) or from a BMC over the network
+//! (`-I lanplus`).
+//!
+//! ipmitool takes seconds to minutes on real BMCs, so it runs on its own thread and interval
+//! (default 60 s) with its own timeout; `collect()` reports the latest finished read at once.
+//! Reads use a local SDR cache (`ipmitool -S FILE`): against the ipmi_sim test BMC with 11
+//! sensors, `sdr list all` sent 57 UDP packets without the cache and 21 with it (building the
+//! cache with `sdr dump`: 46). `ipmitool sensor` would give thresholds too but ignores `-S` (66
+//! packets every time), and `sdr elist` prints discrete sensors as text instead of their state
+//! bits, so the source is `sdr list all`.
+//!
+//! The cache is rebuilt (`sdr dump`) when it is missing, older than `sdr_cache_max_age`, when
+//! ipmitool complains about it or prints nothing usable with it, and when more sensors than
+//! right after the last rebuild have no reading (a stale cache names sensors the BMC no longer
+//! has).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use dcmon_common::collector_names;
+
+use super::background::Refresher;
+use super::{CollectError, Collector};
+use crate::batch::Sample;
+use crate::config::IpmiConfig;
+use crate::exec::{Cmd, ExecError};
+use crate::host::Host;
+
+/// How long the first round waits for the first read (below the 10 s collector timeout).
+const FIRST_READ_WAIT: Duration = Duration::from_secs(6);
+/// Device nodes of the local BMC driver (ipmi_devintf), any of which `-I open` can use.
+const LOCAL_DEVICES: [&str; 3] = ["/dev/ipmi0", "/dev/ipmi/0", "/dev/ipmidev/0"];
+/// A BMC with 500 sensors prints about 30 KiB.
+const MAX_OUTPUT_BYTES: usize = 4 << 20;
+
+/// What one sensor row means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `ipmi_temperature_celsius`.
+    Temperature,
+    /// `ipmi_power_watts`.
+    Power,
+    /// `ipmi_speed_rpm`.
+    Speed,
+    /// `ipmi_volts`.
+    Volts,
+    /// `ipmi_amps`.
+    Amps,
+    /// `ipmi_sensor_state`: a discrete sensor's state bits.
+    State,
+}
+
+impl Kind {
+    fn metric(self) -> &'static str {
+        match self {
+            Kind::Temperature => "ipmi_temperature_celsius",
+            Kind::Power => "ipmi_power_watts",
+            Kind::Speed => "ipmi_speed_rpm",
+            Kind::Volts => "ipmi_volts",
+            Kind::Amps => "ipmi_amps",
+            Kind::State => "ipmi_sensor_state",
+        }
+    }
+}
+
+/// One usable sensor reading.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reading {
+    /// Sensor name as the BMC reports it (not unique on real BMCs).
+    pub sensor: String,
+    /// Row position in the SDR list: tells duplicate names apart, stable while the SDR
+    /// repository is unchanged.
+    pub id: usize,
+    /// What it measures.
+    pub kind: Kind,
+    /// Value in the metric's unit.
+    pub value: f64,
+}
+
+impl Reading {
+    fn sample(&self) -> Sample {
+        Sample::gauge(self.kind.metric(), self.value)
+            .label("sensor", self.sensor.as_str())
+            .label("id", self.id.to_string())
+    }
+}
+
+/// What `sdr list` printed: the readings, and how many sensors had none.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SdrList {
+    /// Sensors with a usable reading.
+    pub readings: Vec<Reading>,
+    /// Rows in sensor format whose reading was absent (`no reading`, `na`, `disabled`).
+    pub unreadable: usize,
+    /// Rows in sensor format, usable or not.
+    pub rows: usize,
+}
+
+/// ```text
+/// CPU Temp         | 48 degrees C      | ok
+/// Intrusion        | 0x01              | ok
+/// Missing          | no reading        | ns
+/// ```
+/// (`ipmitool sdr list all`; analog rows are "value unit", discrete rows the state bits in hex).
+/// Rows with units this agent does not report (percent, CFM, unspecified) and locator records
+/// ("Dynamic MC @ 20h") are counted as rows but give no reading.
+pub fn parse_sdr_list(text: &str) -> SdrList {
+    let mut list = SdrList::default();
+    for line in text.lines() {
+        let mut fields = line.split('|').map(str::trim);
+        let (Some(name), Some(value), Some(_status), None) =
+            (fields.next(), fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        if name.is_empty() {
+            continue;
+        }
+        let id = list.rows;
+        list.rows += 1;
+        match parse_value(value) {
+            Some((kind, value)) => list.readings.push(Reading { sensor: name.to_owned(), id, kind, value }),
+            None if is_absent(value) => list.unreadable += 1,
+            None => {}
+        }
+    }
+    list
+}
+
+fn is_absent(value: &str) -> bool {
+    let v = value.to_ascii_lowercase();
+    v.is_empty() || v == "na" || v == "no reading" || v == "disabled" || v == "not readable"
+}
+
+fn parse_value(value: &str) -> Option<(Kind, f64)> {
+    if let Some(hex) = value.strip_prefix("0x") {
+        let bits = u32::from_str_radix(hex, 16).ok()?;
+        return Some((Kind::State, f64::from(bits)));
+    }
+    let (number, unit) = value.split_once(' ')?;
+    let v: f64 = number.parse().ok()?;
+    if !v.is_finite() {
+        return None;
+    }
+    let kind_value = match unit.trim() {
+        "degrees C" => (Kind::Temperature, v),
+        "degrees F" => (Kind::Temperature, (v - 32.0) * 5.0 / 9.0),
+        "Watts" => (Kind::Power, v),
+        "RPM" => (Kind::Speed, v),
+        "Volts" => (Kind::Volts, v),
+        "Amps" => (Kind::Amps, v),
+        _ => return None,
+    };
+    Some(kind_value)
+}
+
+/// Why a read produced nothing (cloneable: cached and reported every round).
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum ReadError {
+    NotPresent(String),
+    Failed(String),
+}
+
+/// The ipmitool invocations and the cache bookkeeping; lives on the refresh thread.
+#[derive(Debug)]
+struct Reader {
+    base: Cmd,
+    cache: PathBuf,
+    cache_max_age: Duration,
+    /// Unreadable sensors right after the last rebuild.
+    unreadable_after_rebuild: Option<usize>,
+    /// Rebuild before the next read.
+    rebuild: bool,
+}
+
+impl Reader {
+    fn cache_is_stale(&self) -> bool {
+        let age = std::fs::metadata(&self.cache)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| SystemTime::now().duration_since(t).ok());
+        age.is_none_or(|a| a >= self.cache_max_age)
+    }
+
+    fn dump_cache(&self) -> Result<(), ReadError> {
+        if let Some(dir) = self.cache.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| ReadError::Failed(format!("cannot create {}: {e}", dir.display())))?;
+        }
+        // Dump to a temporary name and rename, so a dump killed half-way never leaves a
+        // truncated cache for the next read.
+        let mut tmp = self.cache.clone().into_os_string();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        self.base
+            .clone()
+            .args([std::ffi::OsStr::new("sdr"), "dump".as_ref(), tmp.as_os_str()])
+            .run()
+            .map_err(exec_error)?;
+        std::fs::rename(&tmp, &self.cache)
+            .map_err(|e| ReadError::Failed(format!("cannot move {} to {}: {e}", tmp.display(), self.cache.display())))
+    }
+
+    fn list(&self) -> Result<(SdrList, String), ReadError> {
+        let out = self
+            .base
+            .clone()
+            .args([std::ffi::OsStr::new("-S"), self.cache.as_os_str(), "sdr".as_ref(), "list".as_ref(), "all".as_ref()])
+            .run()
+            .map_err(exec_error)?;
+        Ok((parse_sdr_list(&String::from_utf8_lossy(&out.stdout)), out.stderr_text()))
+    }
+
+    fn read(&mut self) -> Result<Vec<Reading>, ReadError> {
+        let mut rebuilt = false;
+        if self.rebuild || self.cache_is_stale() {
+            self.dump_cache()?;
+            self.rebuild = false;
+            rebuilt = true;
+        }
+        let (mut list, mut stderr) = self.list()?;
+        // ipmitool exits 0 with an unreadable cache, printing nothing (or falling back to the
+        // BMC) and complaining on stderr.
+        let cache_failed = list.rows == 0 || stderr.contains("SDR cache") || stderr.contains("sdr header");
+        if cache_failed && !rebuilt {
+            tracing::info!(cache = %self.cache.display(), "SDR cache unusable ({stderr}); rebuilding");
+            self.dump_cache()?;
+            rebuilt = true;
+            (list, stderr) = self.list()?;
+        }
+        if list.rows == 0 {
+            return Err(ReadError::Failed(format!(
+                "{}: no sensors in `sdr list` output{}",
+                self.base.program(),
+                if stderr.is_empty() { String::new() } else { format!(" ({stderr})") }
+            )));
+        }
+        if rebuilt {
+            self.unreadable_after_rebuild = Some(list.unreadable);
+        } else if self.unreadable_after_rebuild.is_some_and(|n| list.unreadable > n) {
+            // More sensors without a reading than after the last rebuild: the cache may name
+            // sensors the BMC no longer has. Report this read, rebuild before the next.
+            self.rebuild = true;
+        }
+        Ok(list.readings)
+    }
+}
+
+fn exec_error(e: ExecError) -> ReadError {
+    if e.is_not_found() {
+        ReadError::NotPresent(format!("cannot read IPMI sensors: {e}"))
+    } else {
+        ReadError::Failed(e.to_string())
+    }
+}
+
+/// The IPMI collector.
+#[derive(Debug)]
+pub struct IpmiCollector {
+    host: Host,
+    local: bool,
+    interval: Duration,
+    first_wait: Duration,
+    reader: Option<Reader>,
+    refresher: Option<Refresher<Result<Vec<Reading>, ReadError>>>,
+    last_trigger: Option<Instant>,
+}
+
+impl IpmiCollector {
+    /// A collector with the `ipmi` config section; `host` locates the local BMC device.
+    pub fn new(host: Host, config: &IpmiConfig) -> Self {
+        let timeout = Duration::from_secs(config.timeout);
+        let mut base = Cmd::new(&config.ipmitool)
+            .timeout(timeout)
+            .max_output(MAX_OUTPUT_BYTES)
+            .env("LANG", "C")
+            .env("LC_ALL", "C")
+            .args(["-I", config.interface.as_str()]);
+        if let Some(h) = &config.host {
+            base = base.args(["-H", h.as_str()]);
+        }
+        if config.interface != "open" {
+            base = base.args(["-p".to_owned(), config.port.to_string()]);
+        }
+        if let Some(u) = &config.username {
+            base = base.args(["-U", u.as_str()]);
+        }
+        if let Some(f) = &config.password_file {
+            // -f reads the password from the file: it never appears in the process list.
+            base = base.args([std::ffi::OsStr::new("-f"), f.as_os_str()]);
+        }
+        if let Some(c) = config.cipher_suite {
+            base = base.args(["-C".to_owned(), c.to_string()]);
+        }
+        Self {
+            host,
+            local: config.interface == "open",
+            interval: Duration::from_secs(config.interval),
+            first_wait: FIRST_READ_WAIT.min(timeout.saturating_mul(3)),
+            reader: Some(Reader {
+                base,
+                cache: config.sdr_cache.clone(),
+                cache_max_age: Duration::from_secs(config.sdr_cache_max_age),
+                unreadable_after_rebuild: None,
+                rebuild: false,
+            }),
+            refresher: None,
+            last_trigger: None,
+        }
+    }
+
+    fn local_device(&self) -> Option<PathBuf> {
+        LOCAL_DEVICES.iter().map(|d| self.host.path(d)).find(|p| p.exists())
+    }
+}
+
+impl Collector for IpmiCollector {
+    fn name(&self) -> &'static str {
+        collector_names::IPMI
+    }
+
+    fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
+        if self.refresher.is_none() {
+            if self.local && self.local_device().is_none() {
+                return Err(CollectError::NotPresent(format!(
+                    "no local BMC: none of {} exists (load ipmi_si and ipmi_devintf, or set \
+                     ipmi.interface to lanplus for a remote BMC)",
+                    LOCAL_DEVICES
+                        .iter()
+                        .map(|d| self.host.path(d).display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )));
+            }
+            let Some(mut reader) = self.reader.take() else {
+                return Err(anyhow::anyhow!("IPMI reader thread is gone").into());
+            };
+            let r = Refresher::spawn("dcmon-ipmi", move || reader.read())
+                .map_err(|e| anyhow::anyhow!("cannot start the IPMI thread: {e}"))?;
+            self.refresher = Some(r);
+        }
+        let Some(refresher) = &self.refresher else {
+            return Ok(());
+        };
+        let first = self.last_trigger.is_none();
+        if self.last_trigger.is_none_or(|t| t.elapsed() >= self.interval) && refresher.trigger() {
+            self.last_trigger = Some(Instant::now());
+        }
+        if first {
+            refresher.wait_past(0, self.first_wait);
+        }
+        match refresher.latest() {
+            Some(Ok(readings)) => out.extend(readings.iter().map(Reading::sample)),
+            Some(Err(ReadError::NotPresent(why))) => return Err(CollectError::NotPresent(why)),
+            Some(Err(ReadError::Failed(why))) => return Err(anyhow::anyhow!(why).into()),
+            None => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Captured from `ipmitool -I lanplus ... -S cache sdr list all` against ipmi_sim.
+    const SIM_SDR_LIST: &str = "\
+CPU Temp         | 48 degrees C      | ok
+FAN1             | 5400 RPM          | ok
+PSU1 Power       | 360 Watts         | ok
+12V              | 12 Volts          | ok
+PSU1 Current     | 2.50 Amps         | ok
+Intrusion        | 0x01              | ok
+Temp             | 41 degrees C      | ok
+Temp             | 43 degrees C      | ok
+Inlet            | -10 degrees C     | ok
+Missing          | no reading        | ns
+";
+
+    /// Rows in the shapes real server BMCs print (Supermicro/Dell style): locator records,
+    /// percent and CFM units, `na`, disabled sensors, Fahrenheit, duplicate names.
+    const BMC_SDR_LIST: &str = "\
+CPU1 Temp        | 41 degrees C      | ok
+Inlet Temp       | 75 degrees F      | ok
+FAN1             | na                | ns
+FAN2             | 8400 RPM          | ok
+PS1 Status       | 0x01              | ok
+PS2 Status       | 0x00              | ok
+Pwr Consumption  | 238 Watts         | ok
+Current 1        | 0.60 Amps         | ok
+Voltage 1        | 230 Volts         | ok
+Airflow          | 43.20 CFM         | ok
+CPU Usage        | 12 percent        | ok
+Intrusion        | disabled          | ns
+Temp             | -7 degrees C      | ok
+Temp             | 29 degrees C      | ok
+BMC              | Dynamic MC @ 20h  | ok
+garbage line without fields
+";
+
+    fn find<'a>(l: &'a SdrList, sensor: &str) -> Vec<&'a Reading> {
+        l.readings.iter().filter(|r| r.sensor == sensor).collect()
+    }
+
+    #[test]
+    fn sim_list_parses_every_kind() {
+        let l = parse_sdr_list(SIM_SDR_LIST);
+        assert_eq!(l.rows, 10);
+        assert_eq!(l.unreadable, 1);
+        let one = |s: &str| {
+            let r = find(&l, s);
+            assert_eq!(r.len(), 1, "{s}");
+            (r[0].kind, r[0].value)
+        };
+        assert_eq!(one("CPU Temp"), (Kind::Temperature, 48.0));
+        assert_eq!(one("FAN1"), (Kind::Speed, 5400.0));
+        assert_eq!(one("PSU1 Power"), (Kind::Power, 360.0));
+        assert_eq!(one("12V"), (Kind::Volts, 12.0));
+        assert_eq!(one("PSU1 Current"), (Kind::Amps, 2.5));
+        assert_eq!(one("Intrusion"), (Kind::State, 1.0));
+        assert_eq!(one("Inlet"), (Kind::Temperature, -10.0));
+        assert!(find(&l, "Missing").is_empty());
+        let temps = find(&l, "Temp");
+        assert_eq!(temps.len(), 2);
+        assert_ne!(temps[0].id, temps[1].id);
+        assert_eq!((temps[0].value, temps[1].value), (41.0, 43.0));
+    }
+
+    #[test]
+    fn real_bmc_shapes() {
+        let l = parse_sdr_list(BMC_SDR_LIST);
+        assert_eq!(l.rows, 15, "locator record counts as a row, garbage does not");
+        assert_eq!(l.unreadable, 2, "na and disabled");
+        let inlet = find(&l, "Inlet Temp")[0];
+        assert!((inlet.value - 23.888_888).abs() < 1e-3, "{}", inlet.value);
+        assert_eq!(find(&l, "PS2 Status")[0].value, 0.0);
+        assert!(find(&l, "FAN1").is_empty());
+        assert!(find(&l, "Airflow").is_empty() && find(&l, "CPU Usage").is_empty());
+        assert!(find(&l, "BMC").is_empty());
+        let temps: Vec<f64> = find(&l, "Temp").iter().map(|r| r.value).collect();
+        assert_eq!(temps, [-7.0, 29.0]);
+        let ids: Vec<usize> = find(&l, "Temp").iter().map(|r| r.id).collect();
+        assert_eq!(ids, [12, 13]);
+        assert_eq!(l.readings.len(), 10);
+    }
+
+    #[test]
+    fn nan_and_inf_readings_are_skipped() {
+        let l = parse_sdr_list("A | nan degrees C | ok\nB | inf Watts | ok\nC | 0xzz | ok\n");
+        assert!(l.readings.is_empty());
+        assert_eq!(l.rows, 3);
+    }
+
+    #[test]
+    fn samples_carry_sensor_and_id() {
+        let l = parse_sdr_list(SIM_SDR_LIST);
+        let s = l.readings[6].sample();
+        assert_eq!(s.name, "ipmi_temperature_celsius");
+        assert_eq!(s.labels, [("sensor", "Temp".to_owned()), ("id", "6".to_owned())]);
+    }
+
+    /// A fake ipmitool: `sdr dump FILE` logs "dump" and writes FILE; `-S FILE sdr list all`
+    /// logs "list" and prints the file `list` beside the script.
+    fn fake_ipmitool(dir: &std::path::Path) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt as _;
+        let script = dir.join("ipmitool");
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nd={d}\nfor a in \"$@\"; do last=\"$a\"; done\n\
+                 case \"$*\" in\n\
+                 *'sdr dump'*) echo dump >> $d/calls; echo cache > \"$last\";;\n\
+                 *'sdr list all'*) echo list >> $d/calls; cat $d/list;;\n\
+                 esac\n",
+                d = dir.display()
+            ),
+        )
+        .expect("write");
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        script
+    }
+
+    #[test]
+    fn cache_is_rebuilt_when_missing_stale_or_sensors_go_unreadable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let mut reader = Reader {
+            base: Cmd::new(fake_ipmitool(d)),
+            cache: d.join("cache/sdr"),
+            cache_max_age: Duration::from_secs(3600),
+            unreadable_after_rebuild: None,
+            rebuild: false,
+        };
+        let calls = || std::fs::read_to_string(d.join("calls")).unwrap_or_default();
+        std::fs::write(d.join("list"), "A | 1 Volts | ok\nB | no reading | ns\n").expect("w");
+        // Missing cache: dump, then list.
+        assert_eq!(reader.read().expect("read").len(), 1);
+        assert_eq!(calls(), "dump\nlist\n");
+        // Fresh cache, same unreadable count: list only.
+        reader.read().expect("read");
+        assert_eq!(calls(), "dump\nlist\nlist\n");
+        // A sensor goes unreadable: this read is reported, the next one rebuilds first.
+        std::fs::write(d.join("list"), "A | na | ns\nB | no reading | ns\n").expect("w");
+        assert!(reader.read().expect("read").is_empty());
+        assert_eq!(calls(), "dump\nlist\nlist\nlist\n");
+        reader.read().expect("read");
+        assert_eq!(calls(), "dump\nlist\nlist\nlist\ndump\nlist\n");
+        // Still two unreadable after the rebuild: that is the new normal, no more rebuilds.
+        reader.read().expect("read");
+        assert_eq!(calls(), "dump\nlist\nlist\nlist\ndump\nlist\nlist\n");
+        // Output without a single sensor row: rebuild once and retry, then fail.
+        std::fs::write(d.join("list"), "").expect("w");
+        let err = reader.read().expect_err("no rows");
+        assert!(matches!(&err, ReadError::Failed(m) if m.contains("no sensors")), "{err:?}");
+        assert!(calls().ends_with("list\ndump\nlist\n"), "{}", calls());
+        // Stale by age.
+        reader.cache_max_age = Duration::from_millis(1);
+        std::fs::write(d.join("list"), "A | 1 Volts | ok\n").expect("w");
+        std::fs::remove_file(d.join("calls")).expect("rm");
+        std::thread::sleep(Duration::from_millis(20));
+        reader.read().expect("read");
+        assert_eq!(calls(), "dump\nlist\n");
+    }
+
+    #[test]
+    fn no_local_bmc_is_not_present() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut c = IpmiCollector::new(Host::new(dir.path()), &IpmiConfig::default());
+        let err = c.collect(&mut Vec::new()).expect_err("absent");
+        assert!(matches!(&err, CollectError::NotPresent(w) if w.contains("ipmi0")), "{err}");
+    }
+
+    #[test]
+    fn missing_ipmitool_is_not_present() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("dev")).expect("mkdir");
+        std::fs::write(dir.path().join("dev/ipmi0"), "").expect("touch");
+        let config = IpmiConfig {
+            ipmitool: "/nonexistent/ipmitool".into(),
+            sdr_cache: dir.path().join("cache/sdr"),
+            ..IpmiConfig::default()
+        };
+        let mut c = IpmiCollector::new(Host::new(dir.path()), &config);
+        let err = c.collect(&mut Vec::new()).expect_err("absent");
+        assert!(matches!(&err, CollectError::NotPresent(w) if w.contains("/nonexistent/ipmitool")), "{err}");
+    }
+}

@@ -1,0 +1,37 @@
+//! NVIDIA collector falling back to nvidia-smi: the fake libnvidia-ml.so loads but its
+//! nvmlInit fails (driver not loaded), and a stand-in nvidia-smi script answers instead.
+//!
+//! One test per binary: the fake library reads its switches from the environment.
+
+mod common;
+
+use std::path::Path;
+
+use dcmon_agent::collector::Collector as _;
+use dcmon_agent::collector::gpu::GpuCollector;
+use dcmon_agent::config::NvsmiConfig;
+
+#[test]
+fn failed_nvml_init_falls_back_to_nvidia_smi_with_the_same_metrics() {
+    // SAFETY: the only test in this binary, set before anything reads the environment.
+    unsafe { std::env::set_var("FAKE_NVML_INIT_FAIL", "1") };
+    let config = NvsmiConfig {
+        nvml_library: Some(env!("DCMON_FAKE_NVML_SO").into()),
+        nvidia_smi: Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/gpu/nvidia-smi"),
+        timeout: 5,
+    };
+    let mut collector = GpuCollector::new(&config);
+    for _ in 0..2 {
+        let mut out = Vec::new();
+        collector.collect(&mut out).expect("collect through nvidia-smi");
+        assert_eq!(common::gpu::rows(&out), common::gpu::expected());
+    }
+
+    // Neither NVML nor nvidia-smi: the collector is absent, not failing.
+    let config = NvsmiConfig { nvidia_smi: "/nonexistent/nvidia-smi".into(), ..config };
+    let err = GpuCollector::new(&config).collect(&mut Vec::new()).expect_err("absent");
+    assert!(
+        matches!(&err, dcmon_agent::collector::CollectError::NotPresent(w) if w.contains("NVIDIA driver is not loaded") && w.contains("/nonexistent/nvidia-smi: not found")),
+        "{err}"
+    );
+}
