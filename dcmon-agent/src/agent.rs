@@ -1,7 +1,10 @@
 //! The scheduler and the daemon loop.
 //!
-//! Every round, each collector runs on its own blocking thread, all at once, each under the
-//! collector timeout; whatever is done by then goes into the batch. A collector that overruns is
+//! Every round, each collector that may block (hardware, tools) runs on its own blocking thread,
+//! all at once, each under the collector timeout; whatever is done by then goes into the batch.
+//! Collectors that cannot block (procfs reads, served by the kernel from memory) run on the
+//! runtime thread meanwhile: handing them to a thread cost more than their work (measured:
+//! each handoff is two context switches, and on a VM a switch costs more than parsing the file). A collector that overruns is
 //! reported as failed and is not started again until its earlier run returns (no overlapping
 //! runs), so one hung file read never delays or multiplies the others. Rounds start on a fixed
 //! cadence: the time a round takes does not stretch the interval.
@@ -77,16 +80,25 @@ impl Scheduler {
         let mut batch = Batch::new(self.machine_id.clone(), timestamp);
         let mut self_samples = Vec::new();
 
-        // Start everything first, then wait: the collectors run side by side.
+        // Start the collectors that may block on their own threads first, run the ones that
+        // cannot block right here meanwhile, then wait for the rest.
         let mut running: Vec<(usize, JoinHandle<RunResult>)> = Vec::new();
+        let mut inline: Vec<(usize, Box<dyn Collector>)> = Vec::new();
+        let mut start = |i: usize, c: Box<dyn Collector>| {
+            if c.may_block() {
+                running.push((i, tokio::task::spawn_blocking(move || run_collector(c))));
+            } else {
+                inline.push((i, c));
+            }
+        };
         for (i, slot) in self.slots.iter_mut().enumerate() {
             let state = std::mem::replace(&mut slot.state, SlotState::Absent);
             match state {
                 SlotState::Absent => {}
-                SlotState::Idle(c) => running.push((i, tokio::task::spawn_blocking(move || run_collector(c)))),
+                SlotState::Idle(c) => start(i, c),
                 SlotState::Overrunning(h) if h.is_finished() => match h.await {
                     // The late result is stale: drop its samples, run afresh.
-                    Ok((c, ..)) => running.push((i, tokio::task::spawn_blocking(move || run_collector(c)))),
+                    Ok((c, ..)) => start(i, c),
                     Err(e) => tracing::error!(collector = slot.name, "collector thread failed: {e}; disabling it"),
                 },
                 SlotState::Overrunning(h) => {
@@ -96,7 +108,9 @@ impl Scheduler {
                 }
             }
         }
-
+        for (i, c) in inline {
+            record(&mut self.slots[i], run_collector(c), &mut batch, &mut self_samples);
+        }
         for (i, mut handle) in running {
             let slot = &mut self.slots[i];
             match tokio::time::timeout_at(deadline, &mut handle).await {
@@ -107,27 +121,7 @@ impl Scheduler {
                 }
                 // run_collector catches panics, so a JoinError means the runtime is shutting down.
                 Ok(Err(e)) => tracing::error!(collector = slot.name, "collector thread failed: {e}; disabling it"),
-                Ok(Ok((c, samples, result, took))) => {
-                    batch.extend(samples);
-                    match result {
-                        Ok(()) => {
-                            if slot.last_error.take().is_some() {
-                                tracing::info!(collector = slot.name, "collector recovered");
-                            }
-                            slot.state = SlotState::Idle(c);
-                            self_samples.extend(outcome_samples(slot.name, took, true));
-                        }
-                        Err(CollectError::NotPresent(why)) => {
-                            tracing::info!(collector = slot.name, "not collecting: {why}");
-                            slot.state = SlotState::Absent;
-                        }
-                        Err(CollectError::Failed(e)) => {
-                            slot.state = SlotState::Idle(c);
-                            self_samples.extend(outcome_samples(slot.name, took, false));
-                            log_failure(slot, format!("{e:#}"));
-                        }
-                    }
-                }
+                Ok(Ok(result)) => record(slot, result, &mut batch, &mut self_samples),
             }
         }
 
@@ -135,6 +129,30 @@ impl Scheduler {
         batch.extend(self_samples);
         batch.push(Sample::count("dcmon_nonfinite_values_dropped_total", self.stats.nonfinite_dropped_total));
         batch
+    }
+}
+
+/// File a finished run: its samples into the batch, its outcome into the self-metrics and the
+/// slot's state.
+fn record(slot: &mut Slot, (c, samples, result, took): RunResult, batch: &mut Batch, self_samples: &mut Vec<Sample>) {
+    batch.extend(samples);
+    match result {
+        Ok(()) => {
+            if slot.last_error.take().is_some() {
+                tracing::info!(collector = slot.name, "collector recovered");
+            }
+            slot.state = SlotState::Idle(c);
+            self_samples.extend(outcome_samples(slot.name, took, true));
+        }
+        Err(CollectError::NotPresent(why)) => {
+            tracing::info!(collector = slot.name, "not collecting: {why}");
+            slot.state = SlotState::Absent;
+        }
+        Err(CollectError::Failed(e)) => {
+            slot.state = SlotState::Idle(c);
+            self_samples.extend(outcome_samples(slot.name, took, false));
+            log_failure(slot, format!("{e:#}"));
+        }
     }
 }
 

@@ -84,6 +84,48 @@ impl Host {
     }
 }
 
+/// A host file kept open and re-read from offset 0 each time: procfs and sysfs regenerate their
+/// contents on every read from the start, so this sees fresh values without paying for a path
+/// walk, an open and a close every cycle. Reopened after any error (a device that went away).
+#[derive(Debug)]
+pub struct OpenFile {
+    path: PathBuf,
+    file: Option<std::fs::File>,
+}
+
+impl OpenFile {
+    /// `rel` under `host`; nothing is opened until the first read.
+    pub fn new(host: &Host, rel: impl AsRef<Path>) -> Self {
+        Self { path: host.path(rel), file: None }
+    }
+
+    /// The full path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Read the whole file into `buf` (cleared first).
+    pub fn read_into(&mut self, buf: &mut String) -> Result<(), ReadError> {
+        buf.clear();
+        let result = self.read_at_start(buf);
+        if result.is_err() {
+            // Next time, start from a fresh open.
+            self.file = None;
+        }
+        result.map_err(|source| ReadError { path: self.path.clone(), source })
+    }
+
+    fn read_at_start(&mut self, buf: &mut String) -> io::Result<()> {
+        use std::io::{Read as _, Seek as _};
+        let file = match &mut self.file {
+            Some(f) => f,
+            None => self.file.insert(std::fs::File::open(&self.path)?),
+        };
+        file.rewind()?;
+        file.read_to_string(buf).map(|_| ())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +144,37 @@ mod tests {
         let err = Host::new(dir.path()).read_to_string("/proc/nope").expect_err("missing file");
         assert!(err.is_not_found());
         assert!(err.to_string().contains("/proc/nope"), "{err}");
+    }
+
+    #[test]
+    fn open_file_sees_rewritten_contents() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let host = Host::new(dir.path());
+        std::fs::create_dir_all(dir.path().join("proc")).expect("mkdir");
+        let p = dir.path().join("proc/loadavg");
+        let mut f = OpenFile::new(&host, "/proc/loadavg");
+        let mut buf = String::new();
+        assert!(f.read_into(&mut buf).expect_err("missing").is_not_found());
+        std::fs::write(&p, "0.10 0.20 0.30 1/2 3\n").expect("write");
+        f.read_into(&mut buf).expect("read");
+        assert_eq!(buf, "0.10 0.20 0.30 1/2 3\n");
+        std::fs::write(&p, "x".repeat(10_000)).expect("rewrite bigger");
+        f.read_into(&mut buf).expect("read");
+        assert_eq!(buf.len(), 10_000);
+        std::fs::write(&p, "short\n").expect("rewrite shorter");
+        f.read_into(&mut buf).expect("read");
+        assert_eq!(buf, "short\n");
+    }
+
+    #[test]
+    fn open_file_reads_live_proc_repeatedly() {
+        let mut f = OpenFile::new(&Host::default(), "/proc/stat");
+        let (mut a, mut b) = (String::new(), String::new());
+        f.read_into(&mut a).expect("first");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        f.read_into(&mut b).expect("second");
+        assert!(a.starts_with("cpu ") && b.starts_with("cpu "), "{a:.40}");
+        assert_ne!(a, b, "procfs content is regenerated on each read from offset 0");
     }
 
     #[test]

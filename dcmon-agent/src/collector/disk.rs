@@ -9,7 +9,7 @@ use procfs_core::DiskStat;
 use super::{CollectError, Collector};
 use crate::batch::Sample;
 use crate::config::DeviceFilter;
-use crate::host::Host;
+use crate::host::{Host, OpenFile};
 
 /// Counters of one whole disk, in the units the metrics use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -89,17 +89,23 @@ fn is_partition_by_name(name: &str, all: &HashSet<&str>) -> bool {
 pub struct DiskCollector {
     host: Host,
     filter: DeviceFilter,
+    diskstats: OpenFile,
     buf: String,
+    /// Device names of the last diskstats read, in order, and the whole disks among them:
+    /// /sys/block is listed again only when this list changes (a disk came or went).
+    names: Vec<String>,
+    whole: WholeDisks,
 }
 
 impl DiskCollector {
     /// A collector reading `host`'s diskstats, reporting disks `filter` allows.
     pub fn new(host: Host, filter: DeviceFilter) -> Self {
-        Self { host, filter, buf: String::new() }
+        let diskstats = OpenFile::new(&host, "/proc/diskstats");
+        Self { host, filter, diskstats, buf: String::new(), names: Vec::new(), whole: WholeDisks::ByName }
     }
 
-    /// Whole-disk names from /sys/block, re-read every round so hot-plugged disks appear.
-    fn whole_disks(&self) -> WholeDisks {
+    /// Whole-disk names from /sys/block.
+    fn list_whole_disks(&self) -> WholeDisks {
         match std::fs::read_dir(self.host.path("/sys/block")) {
             Ok(dir) => {
                 WholeDisks::Sysfs(dir.filter_map(Result::ok).filter_map(|e| e.file_name().into_string().ok()).collect())
@@ -109,22 +115,29 @@ impl DiskCollector {
     }
 }
 
+/// The device name column of each diskstats line.
+fn device_names(diskstats: &str) -> impl Iterator<Item = &str> {
+    diskstats.lines().filter_map(|l| l.split_whitespace().nth(2))
+}
+
 impl Collector for DiskCollector {
     fn name(&self) -> &'static str {
         collector_names::DISK
     }
 
+    /// procfs and sysfs are served from kernel memory: nothing here waits on a device.
+    fn may_block(&self) -> bool {
+        false
+    }
+
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
-        if let Err(e) = self.host.read_into("/proc/diskstats", &mut self.buf) {
-            return Err(if e.is_not_found() {
-                CollectError::NotPresent(e.to_string())
-            } else {
-                anyhow::Error::from(e).into()
-            });
+        self.diskstats.read_into(&mut self.buf)?;
+        if !device_names(&self.buf).eq(self.names.iter().map(String::as_str)) {
+            self.names = device_names(&self.buf).map(str::to_owned).collect();
+            self.whole = self.list_whole_disks();
         }
-        let whole = self.whole_disks();
-        let disks = parse_diskstats(&self.buf, &whole, &self.filter)
-            .with_context(|| format!("parsing {}", self.host.path("/proc/diskstats").display()))?;
+        let disks = parse_diskstats(&self.buf, &self.whole, &self.filter)
+            .with_context(|| format!("parsing {}", self.diskstats.path().display()))?;
         out.extend(disks.iter().flat_map(DiskCounters::samples));
         Ok(())
     }
@@ -182,6 +195,27 @@ mod tests {
         };
         let d = parse_diskstats(STATS, &WholeDisks::ByName, &filter).expect("parse");
         assert_eq!(names(&d), ["loop0", "nvme0n1"]);
+    }
+
+    #[test]
+    fn hot_plugged_disk_appears_in_the_next_round() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("proc")).expect("mkdir");
+        std::fs::create_dir_all(root.join("sys/block/vda")).expect("mkdir");
+        let line_vda = " 254 0 vda 1 0 2 0 3 0 4 0 0 0 0\n";
+        std::fs::write(root.join("proc/diskstats"), line_vda).expect("write");
+        let mut c = DiskCollector::new(Host::new(root), DeviceFilter::default_disks());
+        let mut out = Vec::new();
+        c.collect(&mut out).expect("collect");
+        assert_eq!(out.len(), 4);
+        std::fs::create_dir_all(root.join("sys/block/vdb")).expect("mkdir");
+        std::fs::write(root.join("proc/diskstats"), format!("{line_vda} 254 16 vdb 5 0 6 0 7 0 8 0 0 0 0\n"))
+            .expect("write");
+        out.clear();
+        c.collect(&mut out).expect("collect");
+        let devices: Vec<&str> = out.iter().map(|s| s.labels[0].1.as_str()).collect();
+        assert_eq!(devices, ["vda", "vda", "vda", "vda", "vdb", "vdb", "vdb", "vdb"]);
     }
 
     #[test]

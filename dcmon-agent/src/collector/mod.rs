@@ -36,12 +36,26 @@ pub enum CollectError {
     Failed(#[from] anyhow::Error),
 }
 
+impl From<crate::host::ReadError> for CollectError {
+    /// A missing file means the source is not on this host; any other read error is this
+    /// round's failure.
+    fn from(e: crate::host::ReadError) -> Self {
+        if e.is_not_found() { CollectError::NotPresent(e.to_string()) } else { CollectError::Failed(e.into()) }
+    }
+}
+
 /// One data source.
 pub trait Collector: Send + 'static {
     /// The name in the `collector` label of self-metrics.
     fn name(&self) -> &'static str;
     /// Collect one round of samples into `out` (see the module docs for the error contract).
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError>;
+    /// Whether `collect` can block (device I/O, a tool, a driver call). Collectors that can
+    /// run on their own thread under the collector timeout; those that cannot (procfs and
+    /// sysfs reads only) run inline on the scheduler's thread, with no timeout to enforce.
+    fn may_block(&self) -> bool {
+        true
+    }
 }
 
 /// The collectors this config enables, in reporting order.

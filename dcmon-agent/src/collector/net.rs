@@ -8,7 +8,7 @@ use procfs_core::net::InterfaceDeviceStatus;
 use super::{CollectError, Collector};
 use crate::batch::Sample;
 use crate::config::DeviceFilter;
-use crate::host::Host;
+use crate::host::{Host, OpenFile};
 
 /// Counters of one interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,7 +53,7 @@ pub fn parse_net_dev(text: &str, filter: &DeviceFilter) -> Result<Vec<InterfaceC
 /// Per-interface received and transmitted bytes.
 #[derive(Debug)]
 pub struct NetCollector {
-    host: Host,
+    net_dev: OpenFile,
     filter: DeviceFilter,
     buf: String,
 }
@@ -61,7 +61,7 @@ pub struct NetCollector {
 impl NetCollector {
     /// A collector reading `host`'s /proc/net/dev, reporting interfaces `filter` allows.
     pub fn new(host: Host, filter: DeviceFilter) -> Self {
-        Self { host, filter, buf: String::new() }
+        Self { net_dev: OpenFile::new(&host, "/proc/net/dev"), filter, buf: String::new() }
     }
 }
 
@@ -70,16 +70,15 @@ impl Collector for NetCollector {
         collector_names::NET
     }
 
+    /// procfs and sysfs are served from kernel memory: nothing here waits on a device.
+    fn may_block(&self) -> bool {
+        false
+    }
+
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
-        if let Err(e) = self.host.read_into("/proc/net/dev", &mut self.buf) {
-            return Err(if e.is_not_found() {
-                CollectError::NotPresent(e.to_string())
-            } else {
-                anyhow::Error::from(e).into()
-            });
-        }
+        self.net_dev.read_into(&mut self.buf)?;
         let ifaces = parse_net_dev(&self.buf, &self.filter)
-            .with_context(|| format!("parsing {}", self.host.path("/proc/net/dev").display()))?;
+            .with_context(|| format!("parsing {}", self.net_dev.path().display()))?;
         out.extend(ifaces.iter().flat_map(InterfaceCounters::samples));
         Ok(())
     }

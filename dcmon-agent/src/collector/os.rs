@@ -6,7 +6,7 @@ use procfs_core::{FromRead as _, Meminfo};
 
 use super::{CollectError, Collector};
 use crate::batch::Sample;
-use crate::host::Host;
+use crate::host::{Host, OpenFile};
 
 /// CPU time counters from the `cpu ` line of /proc/stat, in clock ticks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +107,9 @@ pub fn parse_meminfo(text: &str) -> Result<[Sample; 4], procfs_core::ProcError> 
 /// Load, CPU usage and memory.
 #[derive(Debug)]
 pub struct OsCollector {
-    host: Host,
+    stat: OpenFile,
+    loadavg: OpenFile,
+    meminfo: OpenFile,
     buf: String,
     prev_cpu: Option<CpuTicks>,
 }
@@ -116,20 +118,25 @@ impl OsCollector {
     /// Takes the first CPU sample now, so that the first collection already reports
     /// `cpu_usage_percent`.
     pub fn new(host: Host) -> Self {
-        let mut c = Self { host, buf: String::new(), prev_cpu: None };
+        let mut c = Self {
+            stat: OpenFile::new(&host, "/proc/stat"),
+            loadavg: OpenFile::new(&host, "/proc/loadavg"),
+            meminfo: OpenFile::new(&host, "/proc/meminfo"),
+            buf: String::new(),
+            prev_cpu: None,
+        };
         c.prev_cpu = c.read_cpu().ok();
         c
     }
 
     fn read_cpu(&mut self) -> anyhow::Result<CpuTicks> {
-        self.host.read_into("/proc/stat", &mut self.buf)?;
-        parse_cpu_ticks(&self.buf).with_context(|| format!("parsing {}", self.host.path("/proc/stat").display()))
+        self.stat.read_into(&mut self.buf)?;
+        parse_cpu_ticks(&self.buf).with_context(|| format!("parsing {}", self.stat.path().display()))
     }
 
     fn collect_load(&mut self, out: &mut Vec<Sample>) -> anyhow::Result<()> {
-        self.host.read_into("/proc/loadavg", &mut self.buf)?;
-        let samples = parse_loadavg(&self.buf)
-            .with_context(|| format!("parsing {}", self.host.path("/proc/loadavg").display()))?;
+        self.loadavg.read_into(&mut self.buf)?;
+        let samples = parse_loadavg(&self.buf).with_context(|| format!("parsing {}", self.loadavg.path().display()))?;
         out.extend(samples);
         Ok(())
     }
@@ -144,9 +151,8 @@ impl OsCollector {
     }
 
     fn collect_memory(&mut self, out: &mut Vec<Sample>) -> anyhow::Result<()> {
-        self.host.read_into("/proc/meminfo", &mut self.buf)?;
-        let samples = parse_meminfo(&self.buf)
-            .with_context(|| format!("parsing {}", self.host.path("/proc/meminfo").display()))?;
+        self.meminfo.read_into(&mut self.buf)?;
+        let samples = parse_meminfo(&self.buf).with_context(|| format!("parsing {}", self.meminfo.path().display()))?;
         out.extend(samples);
         Ok(())
     }
@@ -155,6 +161,11 @@ impl OsCollector {
 impl Collector for OsCollector {
     fn name(&self) -> &'static str {
         collector_names::OS
+    }
+
+    /// procfs and sysfs are served from kernel memory: nothing here waits on a device.
+    fn may_block(&self) -> bool {
+        false
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
