@@ -68,9 +68,16 @@ impl OutboxStats {
 
 #[derive(Debug)]
 enum Stored {
-    File(PathBuf),
+    /// On disk; `cached` holds the body while the queue is short, so the common case (send
+    /// right after the write) does not read the file back.
+    File { path: PathBuf, cached: Option<Bytes> },
+    /// The directory could not be written.
     Memory(Bytes),
 }
+
+/// Bodies of on-disk batches are kept in memory only while the queue is at most this long;
+/// a backlog after an outage is read back from disk.
+const CACHED_BATCHES: usize = 4;
 
 #[derive(Debug)]
 struct Entry {
@@ -198,7 +205,7 @@ impl Outbox {
                 let _ = std::fs::remove_file(&path);
             } else if let Some((seq, timestamp)) = parse_name(&name) {
                 let bytes = entry.metadata().map_or(0, |m| m.len());
-                found.push(Entry { seq, timestamp, bytes, stored: Stored::File(path) });
+                found.push(Entry { seq, timestamp, bytes, stored: Stored::File { path, cached: None } });
             }
         }
         found.sort_by_key(|e| e.seq);
@@ -225,7 +232,8 @@ impl Outbox {
                 if let Some(was) = self.persist_error.take() {
                     tracing::info!("outbox {}: writable again (was: {was})", self.dir.display());
                 }
-                Stored::File(path)
+                let cached = (self.entries.len() < CACHED_BATCHES).then(|| body.clone());
+                Stored::File { path, cached }
             }
             Err(e) => {
                 self.persist_failed(format!("cannot write a batch to {}: {e}", self.dir.display()));
@@ -234,7 +242,7 @@ impl Outbox {
             }
         };
         let bytes = match &stored {
-            Stored::File(_) => (encode_len(&body)) as u64,
+            Stored::File { .. } => (encode_len(&body)) as u64,
             Stored::Memory(b) => b.len() as u64,
         };
         self.entries.push_back(Entry { seq, timestamp, bytes, stored });
@@ -266,8 +274,8 @@ impl Outbox {
         loop {
             let front = self.entries.front()?;
             let path = match &front.stored {
-                Stored::Memory(b) => return Some((front.seq, b.clone())),
-                Stored::File(p) => p.clone(),
+                Stored::Memory(b) | Stored::File { cached: Some(b), .. } => return Some((front.seq, b.clone())),
+                Stored::File { path, cached: None } => path.clone(),
             };
             match std::fs::read(&path) {
                 Ok(data) => match decode(&data) {
@@ -291,8 +299,8 @@ impl Outbox {
 
     /// The server accepted batch `seq`: forget it.
     pub fn remove(&mut self, seq: u64) {
-        if let Some(Entry { stored: Stored::File(p), .. }) = self.take(seq) {
-            let _ = std::fs::remove_file(p);
+        if let Some(Entry { stored: Stored::File { path, .. }, .. }) = self.take(seq) {
+            let _ = std::fs::remove_file(path);
         }
     }
 
@@ -320,14 +328,14 @@ impl Outbox {
         let folder = self.dir.join(kind);
         let name = format!("{:016x}-{}{BATCH_SUFFIX}", e.seq, e.timestamp);
         let moved = std::fs::create_dir_all(&folder).and_then(|()| match &e.stored {
-            Stored::File(p) => std::fs::rename(p, folder.join(&name)),
+            Stored::File { path, .. } => std::fs::rename(path, folder.join(&name)),
             Stored::Memory(b) => std::fs::write(folder.join(&name), encode(b)),
         });
         if moved.is_ok() {
             let _ = std::fs::write(folder.join(format!("{name}.reason")), why);
             prune(&folder, SET_ASIDE_KEEP);
-        } else if let Stored::File(p) = &e.stored {
-            let _ = std::fs::remove_file(p);
+        } else if let Stored::File { path, .. } = &e.stored {
+            let _ = std::fs::remove_file(path);
         }
     }
 
@@ -342,8 +350,8 @@ impl Outbox {
             let seq = front.seq;
             let why = if too_big { "size limit" } else { "age limit" };
             if let Some(e) = self.take(seq) {
-                if let Stored::File(p) = &e.stored {
-                    let _ = std::fs::remove_file(p);
+                if let Stored::File { path, .. } = &e.stored {
+                    let _ = std::fs::remove_file(path);
                 }
                 self.stats.dropped_total += 1;
                 tracing::warn!(
