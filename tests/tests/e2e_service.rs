@@ -216,7 +216,8 @@ fn daemon_config(dir: &Path, server: &str) -> PathBuf {
     std::fs::write(
         &cfg,
         json!({"server_url": server, "collection_interval": 1, "machine_id": MACHINE,
-               "api_key_file": dir.join("api_key"), "outbox_dir": dir.join("outbox")})
+               "api_key_file": dir.join("api_key"), "outbox_dir": dir.join("outbox"),
+               "exporters": {"ipmi": false, "apt": false, "nvme": false, "nvsmi": false}})
         .to_string(),
     )
     .expect("cfg");
@@ -231,7 +232,7 @@ fn sighup_reloads_a_good_config_and_rejects_a_bad_one() {
     write_key(dir.path(), KEY).expect("key");
     let cfg = daemon_config(dir.path(), &a.url());
     let mut agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
-    assert!(a.wait_for_accepted(1, Duration::from_secs(10)).len() == 1, "{}", agent.stderr());
+    assert!(!a.wait_for_accepted(1, Duration::from_secs(10)).is_empty(), "{}", agent.stderr());
 
     daemon_config(dir.path(), &b.url());
     let _ = Command::new("kill").args(["-HUP", &agent.pid().to_string()]).status();

@@ -1,0 +1,445 @@
+//! `cargo xtask bench`: what dcmon-agent costs a host, side by side with node_exporter and
+//! collectd measured in the same run, alternating, several rounds each.
+//!
+//! For each subject: CPU per cycle from /proc/PID/stat (utime+stime, all threads) and from
+//! /proc/PID/task/*/schedstat (ns, threads alive at both ends), resident memory (VmRSS sampled
+//! every second, median; VmHWM at the end), and bytes sent per cycle. Then the same for the
+//! agent with 1,000 and 10,000 interfaces (dummy interfaces in a network namespace) and with
+//! 64 loop devices. Prints markdown tables.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+/// Options of `cargo xtask bench`.
+#[derive(Debug, Clone)]
+pub struct BenchArgs {
+    /// Measured seconds per run (interval 1 s: one cycle per second).
+    pub seconds: u64,
+    /// Runs per subject, alternating.
+    pub rounds: u32,
+    /// Also measure with many interfaces and loop devices (needs root).
+    pub scale: bool,
+}
+
+impl BenchArgs {
+    /// Parse `--seconds N --rounds N --no-scale`.
+    pub fn parse(args: &[String]) -> anyhow::Result<Self> {
+        let mut out = Self { seconds: 20, rounds: 3, scale: true };
+        let mut it = args.iter();
+        while let Some(a) = it.next() {
+            match a.as_str() {
+                "--seconds" => out.seconds = it.next().context("--seconds N")?.parse().context("--seconds N")?,
+                "--rounds" => out.rounds = it.next().context("--rounds N")?.parse().context("--rounds N")?,
+                "--no-scale" => out.scale = false,
+                other => {
+                    bail!("unknown option {other:?}; usage: cargo xtask bench [--seconds N] [--rounds N] [--no-scale]")
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One run's numbers.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    cpu_ms_stat: f64,
+    cpu_ms_sched: f64,
+    rss_kib: f64,
+    hwm_kib: f64,
+    bytes_per_cycle: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Subject {
+    Agent,
+    NodeExporter,
+    Collectd,
+}
+
+impl Subject {
+    fn name(self) -> &'static str {
+        match self {
+            Subject::Agent => "dcmon-agent (procfs)",
+            Subject::NodeExporter => "node_exporter 5 collectors, scraped 1/s",
+            Subject::Collectd => "collectd cpu,memory,disk,interface,load",
+        }
+    }
+}
+
+const KEY: &str = "dcmon_benchKeyBenchKeyBenchKeyBenchKeyBenchKe";
+
+/// Run the benchmark.
+pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
+    let status = Command::new(env!("CARGO"))
+        .current_dir(workspace)
+        .args([
+            "build",
+            "--release",
+            "-p",
+            "dcmon-agent",
+            "-p",
+            "dcmon-tests",
+            "--bin",
+            "dcmon-agent",
+            "--bin",
+            "dcmon-test-receiver",
+        ])
+        .status()?;
+    if !status.success() {
+        bail!("cargo build --release failed");
+    }
+    let bin = workspace.join("target/release");
+    let mut subjects = vec![Subject::Agent];
+    if which("prometheus-node-exporter").is_some() {
+        subjects.push(Subject::NodeExporter);
+    } else {
+        eprintln!("node_exporter not installed (apt install prometheus-node-exporter): left out");
+    }
+    if which("collectd").is_some() {
+        subjects.push(Subject::Collectd);
+    } else {
+        eprintln!("collectd not installed (apt install collectd-core): left out");
+    }
+    let mut results: Vec<Vec<Run>> = vec![Vec::new(); subjects.len()];
+    for round in 1..=args.rounds {
+        for (i, s) in subjects.iter().enumerate() {
+            eprintln!("round {round}/{}: {} for {} s", args.rounds, s.name(), args.seconds);
+            let run = match s {
+                Subject::Agent => measure_agent(&bin, args.seconds, None, false)?,
+                Subject::NodeExporter => measure_node_exporter(args.seconds)?,
+                Subject::Collectd => measure_collectd(args.seconds)?,
+            };
+            results[i].push(run);
+        }
+    }
+    let mut out = String::new();
+    out.push_str(&format!(
+        "\n### Cost per 1 s cycle ({} rounds of {} s, alternating; median [min–max])\n\n",
+        args.rounds, args.seconds
+    ));
+    out.push_str(&table(&subjects.iter().map(|s| s.name().to_owned()).collect::<Vec<_>>(), &results));
+    if let Some(agent) = results.first() {
+        // Ratios from schedstat: nanoseconds, where stat counts 10 ms ticks.
+        let a = median(agent.iter().map(|r| r.cpu_ms_sched).collect());
+        for (s, runs) in subjects.iter().zip(&results).skip(1) {
+            let p = median(runs.iter().map(|r| r.cpu_ms_sched).collect());
+            let m =
+                median(runs.iter().map(|r| r.rss_kib).collect()) / median(agent.iter().map(|r| r.rss_kib).collect());
+            out.push_str(&format!(
+                "\n{}: {:.1}x the agent's CPU per cycle, {:.1}x its resident memory",
+                s.name(),
+                p / a,
+                m
+            ));
+        }
+        out.push('\n');
+    }
+    if args.scale {
+        out.push_str(&scale(&bin, args)?);
+    }
+    println_out(&out);
+    Ok(())
+}
+
+fn println_out(s: &str) {
+    let _ = std::io::stdout().lock().write_all(s.as_bytes());
+    let _ = std::io::stdout().lock().write_all(b"\n");
+}
+
+/// The agent's config as JSON text (xtask has no serde): interval 1, OS collectors only,
+/// outbox on disk under `dir`; `all_disks` also reports loop devices.
+fn agent_config(url: &str, dir: &Path, all_disks: bool) -> String {
+    let disks = if all_disks { r#", "disks": {"include": ["*"], "exclude": []}"# } else { "" };
+    format!(
+        r#"{{"collection_interval": 1, "machine_id": "bench", "server_url": "{url}", "api_key_file": "{key}", "outbox_dir": "{outbox}", "exporters": {{"ipmi": false, "apt": false, "nvme": false, "nvsmi": false}}{disks}}}"#,
+        key = dir.join("api_key").display(),
+        outbox = dir.join("outbox").display(),
+    )
+}
+
+fn scale(bin: &Path, args: &BenchArgs) -> anyhow::Result<String> {
+    let mut names = Vec::new();
+    let mut results = Vec::new();
+    let seconds = args.seconds;
+    for n in [1_000usize, 10_000] {
+        let ns = format!("dcmon-bench-{n}");
+        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        run_ok(Command::new("ip").args(["netns", "add", &ns]))?;
+        let batch: String = std::iter::once("link set lo up\n".to_owned())
+            .chain((0..n).map(|i| format!("link add d{i} type dummy\nlink set d{i} up\n")))
+            .collect();
+        let mut child = Command::new("ip").args(["-n", &ns, "-batch", "-"]).stdin(Stdio::piped()).spawn()?;
+        child.stdin.take().context("stdin")?.write_all(batch.as_bytes())?;
+        if !child.wait()?.success() {
+            bail!("creating {n} dummy interfaces in {ns} failed");
+        }
+        eprintln!("scale: {n} interfaces for {seconds} s");
+        let run = measure_agent(bin, seconds, Some(&ns), false);
+        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        names.push(format!("dcmon-agent, {n} interfaces"));
+        results.push(vec![run?]);
+    }
+    // 64 loop devices, reported (the default filter leaves loop devices out).
+    let dir = tempfile_dir("dcmon-bench-loops")?;
+    let mut loops = Vec::new();
+    for i in 0..64 {
+        let img = dir.join(format!("img{i}"));
+        std::fs::write(&img, vec![0u8; 1 << 20])?;
+        let out = Command::new("losetup").args(["--find", "--show"]).arg(&img).output()?;
+        if !out.status.success() {
+            break;
+        }
+        loops.push(String::from_utf8_lossy(&out.stdout).trim().to_owned());
+    }
+    eprintln!("scale: {} loop devices for {seconds} s", loops.len());
+    let run = measure_agent(bin, seconds, None, true);
+    for l in &loops {
+        let _ = Command::new("losetup").args(["-d", l]).status();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    names.push(format!("dcmon-agent, {} more loop disks reported", loops.len()));
+    results.push(vec![run?]);
+    Ok(format!("\n### Scale (1 run of {seconds} s each)\n\n{}", table(&names, &results)))
+}
+
+fn table(names: &[String], results: &[Vec<Run>]) -> String {
+    let mut t = String::from(
+        "| subject | CPU ms/cycle (stat) | CPU ms/cycle (schedstat) | VmRSS MiB | VmHWM MiB | bytes sent/cycle |\n|---|---|---|---|---|---|\n",
+    );
+    for (name, runs) in names.iter().zip(results) {
+        let col = |f: fn(&Run) -> f64, scale: f64, prec: usize| {
+            let v: Vec<f64> = runs.iter().map(|r| f(r) / scale).collect();
+            let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+            if v.len() > 1 {
+                format!("{:.prec$} [{:.prec$}–{:.prec$}]", median(v.clone()), lo, hi)
+            } else {
+                format!("{:.prec$}", median(v))
+            }
+        };
+        t.push_str(&format!(
+            "| {name} | {} | {} | {} | {} | {} |\n",
+            col(|r| r.cpu_ms_stat, 1.0, 3),
+            col(|r| r.cpu_ms_sched, 1.0, 3),
+            col(|r| r.rss_kib, 1024.0, 1),
+            col(|r| r.hwm_kib, 1024.0, 1),
+            col(|r| r.bytes_per_cycle, 1.0, 0),
+        ));
+    }
+    t
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn which(cmd: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| Path::new(d).join(cmd)).find(|p| p.is_file())
+}
+
+fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("{cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn tempfile_dir(prefix: &str) -> anyhow::Result<PathBuf> {
+    // /var/tmp is disk-backed where /tmp may be tmpfs: the outbox cost must be the real one.
+    let dir = PathBuf::from(format!("/var/tmp/{prefix}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// A child process killed when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn in_netns(ns: Option<&str>, program: &Path) -> Command {
+    match ns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns]).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
+}
+
+fn measure_agent(bin: &Path, seconds: u64, ns: Option<&str>, all_disks: bool) -> anyhow::Result<Run> {
+    let dir = tempfile_dir("dcmon-bench-agent")?;
+    let mut receiver = Guard(
+        in_netns(ns, &bin.join("dcmon-test-receiver"))
+            .args([KEY, "bench", &(seconds + 30).to_string()])
+            .stdout(Stdio::piped())
+            .spawn()?,
+    );
+    let mut lines = BufReader::new(receiver.0.stdout.take().context("receiver stdout")?).lines();
+    let url = lines.next().context("receiver printed no URL")??;
+    // Count bytes of accepted batches as they arrive.
+    let bytes = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&bytes);
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if let Some(b) =
+                line.strip_suffix(" bytes").and_then(|l| l.rsplit(' ').next()).and_then(|n| n.parse::<u64>().ok())
+            {
+                counter.fetch_add(b, Ordering::Relaxed);
+            }
+        }
+    });
+    std::fs::write(dir.join("api_key"), format!("{KEY}\n"))?;
+    std::fs::set_permissions(dir.join("api_key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    let config = agent_config(&url, &dir, all_disks);
+    std::fs::write(dir.join("config.json"), config)?;
+    let agent = Guard(
+        in_netns(ns, &bin.join("dcmon-agent"))
+            .arg("--config")
+            .arg(dir.join("config.json"))
+            .args(["--log-level", "warn", "run"])
+            .spawn()?,
+    );
+    // With `ip netns exec` the agent is a child of ip's exec: same pid.
+    let run = measure_process(agent.0.id(), seconds, || bytes.load(Ordering::Relaxed));
+    drop(agent);
+    drop(receiver);
+    let _ = std::fs::remove_dir_all(&dir);
+    run
+}
+
+fn measure_node_exporter(seconds: u64) -> anyhow::Result<Run> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let ne = Guard(
+        Command::new("prometheus-node-exporter")
+            .args([
+                "--collector.disable-defaults",
+                "--collector.loadavg",
+                "--collector.meminfo",
+                "--collector.cpu",
+                "--collector.diskstats",
+                "--collector.netdev",
+                &format!("--web.listen-address=127.0.0.1:{port}"),
+            ])
+            .stderr(Stdio::null())
+            .spawn()?,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let bytes = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (b, s) = (Arc::clone(&bytes), Arc::clone(&stop));
+    // The scraper: one GET /metrics per second, like a Prometheus server would.
+    let scraper = std::thread::spawn(move || {
+        while !s.load(Ordering::Relaxed) {
+            let start = Instant::now();
+            if let Ok(mut conn) = TcpStream::connect(("127.0.0.1", port)) {
+                let _ = conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n");
+                let mut body = Vec::new();
+                let _ = conn.read_to_end(&mut body);
+                b.fetch_add(body.len() as u64, Ordering::Relaxed);
+            }
+            std::thread::sleep(Duration::from_secs(1).saturating_sub(start.elapsed()));
+        }
+    });
+    let run = measure_process(ne.0.id(), seconds, || bytes.load(Ordering::Relaxed));
+    stop.store(true, Ordering::Relaxed);
+    let _ = scraper.join();
+    run
+}
+
+fn measure_collectd(seconds: u64) -> anyhow::Result<Run> {
+    let dir = tempfile_dir("dcmon-bench-collectd")?;
+    let conf = dir.join("collectd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "Interval 1\nFQDNLookup false\nBaseDir \"{d}\"\nPIDFile \"{d}/collectd.pid\"\nPluginDir \"/usr/lib/collectd\"\n\
+             LoadPlugin cpu\nLoadPlugin memory\nLoadPlugin disk\nLoadPlugin interface\nLoadPlugin load\n",
+            d = dir.display()
+        ),
+    )?;
+    let cd = Guard(
+        Command::new("collectd").arg("-f").arg("-C").arg(&conf).stdout(Stdio::null()).stderr(Stdio::null()).spawn()?,
+    );
+    // No write plugin: collectd reads and aggregates but sends nothing.
+    let run = measure_process(cd.0.id(), seconds, || 0);
+    drop(cd);
+    let _ = std::fs::remove_dir_all(&dir);
+    run
+}
+
+/// Warm up 3 s, then measure `seconds` of process `pid`.
+fn measure_process(pid: u32, seconds: u64, sent_bytes: impl Fn() -> u64) -> anyhow::Result<Run> {
+    std::thread::sleep(Duration::from_secs(3));
+    let ticks_per_sec = clock_ticks()?;
+    let (t0, s0, b0) = (stat_ticks(pid)?, schedstat_ns(pid), sent_bytes());
+    let rss = Arc::new(Mutex::new(Vec::new()));
+    for _ in 0..seconds {
+        std::thread::sleep(Duration::from_secs(1));
+        if let Some(kib) = status_kib(pid, "VmRSS:") {
+            rss.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.push(kib);
+        }
+    }
+    let (t1, s1, b1) = (stat_ticks(pid)?, schedstat_ns(pid), sent_bytes());
+    let hwm = status_kib(pid, "VmHWM:").unwrap_or(f64::NAN);
+    let cycles = seconds as f64;
+    let rss = rss.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clone();
+    Ok(Run {
+        cpu_ms_stat: (t1 - t0) as f64 * 1000.0 / ticks_per_sec / cycles,
+        cpu_ms_sched: s1.saturating_sub(s0) as f64 / 1e6 / cycles,
+        rss_kib: median(rss),
+        hwm_kib: hwm,
+        bytes_per_cycle: (b1 - b0) as f64 / cycles,
+    })
+}
+
+fn clock_ticks() -> anyhow::Result<f64> {
+    let out = Command::new("getconf").arg("CLK_TCK").output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().parse::<f64>()?)
+}
+
+/// utime + stime of the whole process (all threads, dead ones included), in clock ticks.
+fn stat_ticks(pid: u32) -> anyhow::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("process {pid} gone"))?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    Ok(f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
+}
+
+/// Run time in ns of the threads alive now, summed (threads that exited are not counted).
+fn schedstat_ns(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+                .filter_map(|s| s.split_whitespace().next().and_then(|v| v.parse::<u64>().ok()))
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn status_kib(pid: u32, field: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
+}
