@@ -77,6 +77,14 @@ fn outbox_timestamps(dir: &Path) -> Vec<i64> {
     ts
 }
 
+/// Everything accepted, once a batch stamped after `second` has arrived (or `None` at timeout).
+fn accepted_past(receiver: &Receiver, second: i64, timeout: Duration) -> Option<Vec<Accepted>> {
+    wait_until(timeout, || {
+        let got = receiver.accepted();
+        (timestamps(&got).iter().max().copied()? > second).then_some(got)
+    })
+}
+
 fn unix_now() -> i64 {
     dcmon_agent::agent::unix_now_secs()
 }
@@ -97,11 +105,8 @@ fn outage_503_then_recovery_delivers_every_batch_in_order() {
     let outage_end = unix_now();
     receiver.force_status(None);
 
-    let done = wait_until(Duration::from_secs(20), || {
-        let got = receiver.accepted();
-        (timestamps(&got).iter().max().copied()? > outage_end + 2).then_some(got)
-    })
-    .unwrap_or_else(|| panic!("no recovery: {:?}\n{}", timestamps(&receiver.accepted()), agent.stderr()));
+    let done = accepted_past(&receiver, outage_end + 2, Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no recovery: {:?}\n{}", timestamps(&receiver.accepted()), agent.stderr()));
     let ts = timestamps(&done);
     let dups = assert_complete_in_order(&ts);
     assert_eq!(dups, 0, "no 2xx was cut off, so nothing may arrive twice: {ts:?}");
@@ -127,11 +132,8 @@ fn refused_connections_then_recovery_delivers_every_batch() {
     let outage_end = unix_now() + 10;
     std::thread::sleep(Duration::from_secs(10));
     let receiver = Receiver::start_on(addr, &[(KEY, &machine)]).expect("receiver back on the same port");
-    let after = wait_until(Duration::from_secs(20), || {
-        let got = receiver.accepted();
-        (timestamps(&got).iter().max().copied()? > outage_end + 2).then_some(got)
-    })
-    .unwrap_or_else(|| panic!("no recovery:\n{}", agent.stderr()));
+    let after = accepted_past(&receiver, outage_end + 2, Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no recovery:\n{}", agent.stderr()));
     let mut all = before;
     all.extend(after);
     let ts = timestamps(&all);
@@ -159,11 +161,8 @@ fn kill_9_during_an_outage_loses_nothing() {
     std::thread::sleep(Duration::from_secs(2));
     receiver.force_status(None);
     let last_stored = *stored.last().expect("stored");
-    let got = wait_until(Duration::from_secs(20), || {
-        let got = receiver.accepted();
-        (timestamps(&got).iter().max().copied()? > last_stored + 3).then_some(got)
-    })
-    .unwrap_or_else(|| panic!("no delivery after restart:\n{}", agent.stderr()));
+    let got = accepted_past(&receiver, last_stored + 3, Duration::from_secs(20))
+        .unwrap_or_else(|| panic!("no delivery after restart:\n{}", agent.stderr()));
     let ts = timestamps(&got);
     let missing: Vec<i64> = stored.iter().copied().filter(|t| !ts.contains(t)).collect();
     assert!(missing.is_empty(), "lost across kill -9: {missing:?} (delivered {ts:?})");
@@ -268,11 +267,8 @@ fn wrong_key_keeps_batches_until_the_key_is_fixed() {
     std::thread::sleep(Duration::from_secs(2));
     write_key(dir.path(), KEY).expect("fix key");
     let fixed_at = unix_now();
-    let got = wait_until(Duration::from_secs(15), || {
-        let got = receiver.accepted();
-        (timestamps(&got).iter().max().copied()? > fixed_at + 1).then_some(got)
-    })
-    .unwrap_or_else(|| panic!("not delivered after fixing the key:\n{}", agent.stderr()));
+    let got = accepted_past(&receiver, fixed_at + 1, Duration::from_secs(15))
+        .unwrap_or_else(|| panic!("not delivered after fixing the key:\n{}", agent.stderr()));
     let ts = timestamps(&got);
     assert_eq!(ts[0], first_refused, "the first refused batch was kept: {ts:?}");
     assert_eq!(assert_complete_in_order(&ts), 0);
