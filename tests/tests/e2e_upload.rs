@@ -191,3 +191,25 @@ fn unreachable_server_does_not_stop_collection() {
     assert!(log.is_some(), "{}", agent.stderr());
     assert!(agent.try_wait().is_none(), "agent exited:\n{}", agent.stderr());
 }
+
+#[test]
+fn a_five_megabyte_batch_is_accepted_like_the_real_server_does() {
+    // A host with ~25,000 interfaces sends batches of several MB; the real server takes them.
+    use dcmon_agent::batch::{Batch, Sample};
+    let receiver = Receiver::start(&[(KEY, MACHINE)]).expect("receiver");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key_path = write_key(dir.path(), KEY).expect("key");
+    let (key, _) = dcmon_agent::api_key::load(&key_path).expect("key");
+    let mut batch = Batch::new(MACHINE, 1_795_540_732);
+    for i in 0..50_000 {
+        batch.push(Sample::count("network_receive_bytes_total", i).label("interface", format!("eth{i}")));
+    }
+    let body = batch.to_json();
+    assert!(body.len() > 4_000_000, "{} bytes", body.len());
+    let uploader =
+        dcmon_agent::upload::Uploader::new(&receiver.url(), key, Duration::from_secs(5), Duration::from_secs(30))
+            .expect("uploader");
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let accepted = rt.block_on(uploader.send(body.into())).expect("accepted");
+    assert_eq!(accepted, Some(50_000));
+}

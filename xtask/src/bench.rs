@@ -174,9 +174,12 @@ fn scale(bin: &Path, args: &BenchArgs) -> anyhow::Result<String> {
         let _ = Command::new("ip").args(["netns", "del", &ns]).status();
         run_ok(Command::new("ip").args(["netns", "add", &ns]))?;
         // veth pairs, as this kernel has no dummy driver; named so the default filter keeps them.
-        let batch: String = std::iter::once("link set lo up\n".to_owned())
-            .chain((0..n / 2).map(|i| format!("link add ea{i} type veth peer name eb{i}\nlink set ea{i} up\nlink set eb{i} up\n")))
-            .collect();
+        let batch: String =
+            std::iter::once("link set lo up\n".to_owned())
+                .chain((0..n / 2).map(|i| {
+                    format!("link add ea{i} type veth peer name eb{i}\nlink set ea{i} up\nlink set eb{i} up\n")
+                }))
+                .collect();
         let mut child = Command::new("ip").args(["-n", &ns, "-batch", "-"]).stdin(Stdio::piped()).spawn()?;
         child.stdin.take().context("stdin")?.write_all(batch.as_bytes())?;
         if !child.wait()?.success() {
