@@ -42,6 +42,8 @@ pub struct Config {
     pub upload_timeout: u64,
     /// Seconds to wait for the TCP/TLS connection to the server.
     pub connect_timeout: u64,
+    /// Count disk and network I/O with eBPF: `"auto"` (fall back to procfs), `"on"`, `"off"`.
+    pub ebpf: crate::ebpf::EbpfMode,
 }
 
 /// The spec's `exporters` map. Collectors for these arrive in later releases; until a collector
@@ -129,6 +131,7 @@ impl Default for Config {
             collector_timeout: 10,
             upload_timeout: 15,
             connect_timeout: 5,
+            ebpf: crate::ebpf::EbpfMode::Auto,
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod api_key;
 pub mod batch;
 pub mod collector;
 pub mod config;
+pub mod ebpf;
 pub mod filter;
 pub mod host;
 pub mod upload;

@@ -107,7 +107,7 @@ fn machine_id(config: &Config) -> anyhow::Result<String> {
 async fn once(config: &Config) -> anyhow::Result<()> {
     let machine_id = machine_id(config)?;
     let mut scheduler = Scheduler::new(
-        collector::from_config(config),
+        collector::build(config)?,
         machine_id,
         Duration::from_secs(config.collector_timeout),
     );
@@ -140,7 +140,7 @@ async fn run(config: &Config, config_path: &std::path::Path) -> anyhow::Result<(
         env!("CARGO_PKG_VERSION")
     );
     let scheduler = Scheduler::new(
-        collector::from_config(config),
+        collector::build(config)?,
         machine_id,
         Duration::from_secs(config.collector_timeout),
     );

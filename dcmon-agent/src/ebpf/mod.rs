@@ -1,0 +1,149 @@
+//! eBPF mode: the BPF programs count disk and network I/O in kernel maps and the collectors
+//! here report them under the same metric names and labels as the procfs collectors.
+//!
+//! - [`btf`]: field offsets from the running kernel's BTF.
+//! - [`load`]: loading the embedded object, attaching, classifying failures.
+//! - [`maps`]: batch reads of the per-CPU maps.
+//! - [`collect`]: the disk, network and status collectors.
+//!
+//! The mode choice (`"ebpf": "auto" | "on" | "off"`) is made once at start in
+//! [`crate::collector::build`].
+
+pub mod btf;
+pub mod collect;
+pub mod load;
+pub mod maps;
+
+use std::os::fd::{AsFd as _, BorrowedFd};
+use std::sync::Mutex;
+
+use anyhow::{Context as _, anyhow};
+use aya::Ebpf;
+use aya::maps::Map;
+use dcmon_common::ebpf::{DISK_MAP, DiskKey, DiskValue, NET_MAP, NetKey, NetValue, PROGRAMS};
+use serde::Deserialize;
+
+pub use load::{LoadError, Reason};
+
+/// The config's `ebpf` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EbpfMode {
+    /// Use eBPF when it loads; otherwise log why once and use procfs.
+    #[default]
+    Auto,
+    /// eBPF or nothing: the agent refuses to start without it.
+    On,
+    /// Never load BPF programs.
+    Off,
+}
+
+/// The loaded and attached programs and their maps. Dropping it detaches everything.
+#[derive(Debug)]
+pub struct Probes {
+    ebpf: Mutex<Ebpf>,
+    ncpus: usize,
+}
+
+/// Per-program counters from `kernel.bpf_stats_enabled`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgramStats {
+    /// Program name (see `dcmon_common::ebpf::PROGRAMS`).
+    pub program: &'static str,
+    /// Times the program ran since it was loaded.
+    pub run_count: u64,
+    /// Total time it ran, in nanoseconds.
+    pub run_time_ns: u64,
+}
+
+impl Probes {
+    /// Loads the embedded object and attaches every program.
+    pub fn attach() -> Result<Self, LoadError> {
+        let ebpf = load::load_and_attach(load::OBJECT)?;
+        let ncpus = maps::possible_cpus().map_err(|e| LoadError {
+            reason: Reason::Other,
+            detail: format!("counting possible CPUs: {e}"),
+        })?;
+        Ok(Self {
+            ebpf: Mutex::new(ebpf),
+            ncpus,
+        })
+    }
+
+    fn with_map_fd<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<T>,
+    ) -> anyhow::Result<T> {
+        let ebpf = self
+            .ebpf
+            .lock()
+            .map_err(|_| anyhow!("eBPF state poisoned by an earlier panic"))?;
+        match ebpf.map(name) {
+            Some(Map::PerCpuHashMap(data)) => {
+                f(data.fd().as_fd()).with_context(|| format!("reading BPF map {name}"))
+            }
+            Some(_) => Err(anyhow!("BPF map {name} is not a per-CPU hash map")),
+            None => Err(anyhow!("BPF map {name} is not in the loaded object")),
+        }
+    }
+
+    /// Every disk's counters since attach, summed over CPUs.
+    pub fn disk_totals(&self) -> anyhow::Result<Vec<(DiskKey, DiskValue)>> {
+        let n = self.ncpus;
+        self.with_map_fd(DISK_MAP, |fd| {
+            maps::lookup_all_percpu(fd, n, |t: &mut DiskValue, v: &DiskValue| {
+                t.reads += v.reads;
+                t.read_sectors += v.read_sectors;
+                t.writes += v.writes;
+                t.write_sectors += v.write_sectors;
+            })
+        })
+    }
+
+    /// Every (namespace, interface)'s counters since attach, summed over CPUs.
+    pub fn net_totals(&self) -> anyhow::Result<Vec<(NetKey, NetValue)>> {
+        let n = self.ncpus;
+        self.with_map_fd(NET_MAP, |fd| {
+            maps::lookup_all_percpu(fd, n, |t: &mut NetValue, v: &NetValue| {
+                t.rx_packets += v.rx_packets;
+                t.rx_bytes += v.rx_bytes;
+                t.tx_packets += v.tx_packets;
+                t.tx_bytes += v.tx_bytes;
+            })
+        })
+    }
+
+    /// Forgets a disk that is gone, so a new disk reusing its number starts from zero.
+    pub fn forget_disk(&self, key: &DiskKey) -> anyhow::Result<()> {
+        self.with_map_fd(DISK_MAP, |fd| maps::delete(fd, key))
+    }
+
+    /// Forgets an interface that is gone.
+    pub fn forget_net(&self, key: &NetKey) -> anyhow::Result<()> {
+        self.with_map_fd(NET_MAP, |fd| maps::delete(fd, key))
+    }
+
+    /// Run count and time of each program; zeros unless `kernel.bpf_stats_enabled` is 1.
+    pub fn program_stats(&self) -> anyhow::Result<Vec<ProgramStats>> {
+        let ebpf = self
+            .ebpf
+            .lock()
+            .map_err(|_| anyhow!("eBPF state poisoned by an earlier panic"))?;
+        PROGRAMS
+            .iter()
+            .map(|&(program, _)| {
+                let info = ebpf
+                    .program(program)
+                    .ok_or_else(|| anyhow!("program {program} not loaded"))?
+                    .info()
+                    .with_context(|| format!("BPF_OBJ_GET_INFO_BY_FD for program {program}"))?;
+                Ok(ProgramStats {
+                    program,
+                    run_count: info.run_count(),
+                    run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+                })
+            })
+            .collect()
+    }
+}
