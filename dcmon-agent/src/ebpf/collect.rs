@@ -176,11 +176,11 @@ impl Collector for EbpfDiskCollector {
     }
 }
 
-/// Byte corrections so the stack's view matches what drivers count in /proc/net/dev.
+/// `(rx bytes, tx bytes)` of `v` corrected so the stack's view matches what drivers count in /proc/net/dev.
 /// `netif_receive_skb` sees Ethernet frames with the 14-byte header already pulled, which
 /// Ethernet drivers (virtio, veth, physical NICs) count; loopback transmit carries a header
 /// that lo's counters (taken after eth_type_trans) leave out.
-fn header_adjust(arphrd: u32, v: &NetValue) -> (u64, u64) {
+pub fn header_adjust(arphrd: u32, v: &NetValue) -> (u64, u64) {
     match arphrd {
         ARPHRD_ETHER => (
             v.rx_bytes.wrapping_add(v.rx_packets.wrapping_mul(ETH_HLEN)),
