@@ -114,6 +114,25 @@ impl Probes {
         })
     }
 
+    /// The per-key way to read the network map (`get_next_key` + lookup per entry, via aya),
+    /// which [`Probes::net_totals`] replaces; kept for the benchmark's comparison.
+    pub fn net_totals_per_key(&self) -> anyhow::Result<usize> {
+        let ebpf = self
+            .ebpf
+            .lock()
+            .map_err(|_| anyhow!("eBPF state poisoned by an earlier panic"))?;
+        let map = ebpf
+            .map(NET_MAP)
+            .ok_or_else(|| anyhow!("BPF map {NET_MAP} is not in the loaded object"))?;
+        let map = aya::maps::PerCpuHashMap::<_, NetKey, NetValue>::try_from(map)?;
+        let mut n = 0;
+        for entry in map.iter() {
+            let (_, values) = entry?;
+            n += usize::from(values.iter().any(|v| v.rx_packets + v.tx_packets > 0));
+        }
+        Ok(n)
+    }
+
     /// Forgets a disk that is gone, so a new disk reusing its number starts from zero.
     pub fn forget_disk(&self, key: &DiskKey) -> anyhow::Result<()> {
         self.with_map_fd(DISK_MAP, |fd| maps::delete(fd, key))
@@ -145,5 +164,31 @@ impl Probes {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EbpfMode;
+    use crate::config::Config;
+    use std::path::Path;
+
+    #[test]
+    fn ebpf_key_parses_and_defaults_to_auto() {
+        assert_eq!(Config::default().ebpf, EbpfMode::Auto);
+        for (text, want) in [
+            ("auto", EbpfMode::Auto),
+            ("on", EbpfMode::On),
+            ("off", EbpfMode::Off),
+        ] {
+            let json = format!(r#"{{"ebpf": "{text}"}}"#);
+            let (config, unknown) = Config::parse(Path::new("c.json"), &json).expect(text);
+            assert_eq!(config.ebpf, want);
+            assert!(unknown.is_empty());
+        }
+        let err = Config::parse(Path::new("c.json"), r#"{"ebpf": "yes"}"#)
+            .expect_err("unknown mode")
+            .to_string();
+        assert!(err.contains("ebpf") && err.contains("auto"), "{err}");
     }
 }
