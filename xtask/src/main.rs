@@ -9,9 +9,9 @@ use anyhow::{Context as _, bail};
 /// The committed object, relative to the workspace root; the agent embeds it with
 /// include_bytes so stable `cargo build` needs no BPF toolchain.
 const OBJECT: &str = "dcmon-agent/ebpf/dcmon-ebpf.o";
-/// The rustc that built the committed object (`rustc -V`), so a `--check` mismatch caused by
+/// The rustc and bpf-linker that built the committed object, so a `--check` mismatch caused by
 /// a different nightly is easy to tell from a stale object.
-const TOOLCHAIN_NOTE: &str = "dcmon-agent/ebpf/dcmon-ebpf.rustc-version";
+const TOOLCHAIN_NOTE: &str = "dcmon-agent/ebpf/dcmon-ebpf.built-with";
 const USAGE: &str = "usage: cargo xtask build-ebpf [--check] [--toolchain NAME]\n\
   build-ebpf   build dcmon-ebpf (nightly, bpfel-unknown-none, bpf-linker) into dcmon-agent/ebpf/\n\
   --check      build into target/ and fail if it differs from the committed object\n\
@@ -91,7 +91,17 @@ fn workspace_root() -> anyhow::Result<PathBuf> {
         .context("xtask's manifest dir has no parent")
 }
 
+/// `rustc -V` of the toolchain and `bpf-linker --version`: both decide the object's bytes.
 fn rustc_version(toolchain: &str) -> anyhow::Result<String> {
+    let linker = clean_command("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .context("running `bpf-linker --version` (is bpf-linker on PATH?)")?;
+    Ok(format!("{}, {linker}", toolchain_rustc(toolchain)?))
+}
+
+fn toolchain_rustc(toolchain: &str) -> anyhow::Result<String> {
     let out = clean_command("rustup")
         .args(["run", toolchain, "rustc", "-V"])
         .output()
