@@ -78,8 +78,20 @@ fn errno_of(e: &(dyn StdError + 'static)) -> Option<i32> {
 fn unknown_btf_type(e: &(dyn StdError + 'static)) -> bool {
     let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
     while let Some(err) = cur {
-        if let Some(aya::BtfError::UnknownBtfTypeName { .. }) = err.downcast_ref::<aya::BtfError>()
-        {
+        use aya::BtfError::UnknownBtfTypeName;
+        // `#[error(transparent)]` wrappers hide the BtfError from source(), so look inside the
+        // wrappers that carry one too.
+        let btf = err
+            .downcast_ref::<aya::BtfError>()
+            .or_else(|| match err.downcast_ref::<aya::programs::ProgramError>() {
+                Some(aya::programs::ProgramError::Btf(b)) => Some(b),
+                _ => None,
+            })
+            .or_else(|| match err.downcast_ref::<aya::EbpfError>() {
+                Some(aya::EbpfError::BtfError(b)) => Some(b),
+                _ => None,
+            });
+        if let Some(UnknownBtfTypeName { .. }) = btf {
             return true;
         }
         cur = err.source();
@@ -98,7 +110,11 @@ fn classify(step: &str, e: &(dyn StdError + 'static), attaching: bool) -> LoadEr
     let mut detail = format!("{step}: {e}");
     let mut src = e.source();
     while let Some(s) = src {
-        detail.push_str(&format!(": {s}"));
+        // aya's messages often embed their source's text already; don't say it twice.
+        let text = s.to_string();
+        if !detail.contains(&text) {
+            detail.push_str(&format!(": {text}"));
+        }
         src = s.source();
     }
     LoadError { reason, detail }
@@ -183,4 +199,44 @@ pub fn load_and_attach(object: &[u8]) -> Result<Ebpf, LoadError> {
             .map_err(|e| classify(&format!("{step}: attach"), &e, true))?;
     }
     Ok(ebpf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(errno: i32) -> aya::programs::ProgramError {
+        aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_prog_load",
+            io_error: io::Error::from_raw_os_error(errno),
+        })
+    }
+
+    #[test]
+    fn failures_are_classified_by_errno_and_kind() {
+        let reason = |errno, attaching| classify("s", &io(errno), attaching).reason;
+        assert_eq!(reason(libc::EPERM, false), Reason::NoPrivilege);
+        assert_eq!(reason(libc::EACCES, false), Reason::NoPrivilege);
+        assert_eq!(reason(libc::ENOSYS, false), Reason::NoBpf);
+        assert_eq!(reason(libc::ENOENT, true), Reason::MissingTracepoint);
+        assert_eq!(reason(libc::ENOENT, false), Reason::Other);
+        assert_eq!(reason(libc::EINVAL, false), Reason::Other);
+        let missing = aya::programs::ProgramError::Btf(aya::BtfError::UnknownBtfTypeName {
+            type_name: "btf_trace_block_rq_complete".into(),
+        });
+        let e = classify("program block_rq_complete", &missing, false);
+        assert_eq!(e.reason, Reason::MissingTracepoint);
+        assert!(e.to_string().contains("btf_trace_block_rq_complete"), "{e}");
+    }
+
+    #[test]
+    fn missing_btf_file_is_no_btf() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = kernel_offsets(&dir.path().join("vmlinux")).expect_err("no file");
+        assert_eq!(e.reason, Reason::NoBtf);
+        assert!(e.to_string().contains("vmlinux"), "{e}");
+        std::fs::write(dir.path().join("vmlinux"), b"not btf").expect("write");
+        let e = kernel_offsets(&dir.path().join("vmlinux")).expect_err("garbage");
+        assert_eq!(e.reason, Reason::NoBtf);
+    }
 }
