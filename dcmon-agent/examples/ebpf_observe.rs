@@ -25,7 +25,7 @@ fn main() -> anyhow::Result<()> {
     };
     let probes = Arc::new(Probes::attach()?);
     let mut disk = EbpfDiskCollector::new(Host::default(), all.clone(), probes.clone())?;
-    let mut net = EbpfNetCollector::new(Host::default(), all.clone(), probes)?;
+    let mut net = EbpfNetCollector::new(Host::default(), all.clone(), probes.clone())?;
     std::thread::sleep(Duration::from_secs(secs));
     // /proc read right before and right after the map: on a busy disk, I/O completing between
     // the two reads shows up as a difference that is not an error, so print both.
@@ -74,6 +74,12 @@ fn main() -> anyhow::Result<()> {
                 e.transmit_bytes as i64 - p.transmit_bytes as i64
             );
         }
+    }
+    for s in probes.program_stats()? {
+        println!(
+            "program {}: recursion misses {:?}",
+            s.program, s.recursion_misses
+        );
     }
     Ok(())
 }

@@ -362,13 +362,22 @@ impl Collector for EbpfStatusCollector {
         let Some(probes) = &self.probes else {
             return Ok(());
         };
+        let stats = probes.program_stats()?;
+        for s in &stats {
+            if let Some(misses) = s.recursion_misses {
+                out.push(
+                    Sample::count("dcmon_ebpf_program_missed_total", misses)
+                        .label("program", s.program),
+                );
+            }
+        }
         // Run time is only accounted while the sysctl is on; without it the counters are
         // zeros that would read as "costs nothing", so leave them out.
         let enabled = read_trimmed(&self.host, "/proc/sys/kernel/bpf_stats_enabled");
         if enabled.as_deref() != Some("1") {
             return Ok(());
         }
-        for s in probes.program_stats()? {
+        for s in stats {
             out.push(
                 Sample::count("dcmon_ebpf_program_runs_total", s.run_count)
                     .label("program", s.program),

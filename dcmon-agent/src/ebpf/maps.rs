@@ -9,6 +9,53 @@ use aya::Pod;
 
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// `union bpf_attr`'s `info` member.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// Byte offsets in `struct bpf_prog_info` (include/uapi/linux/bpf.h; append-only ABI).
+const PROG_INFO_RUN_TIME_NS: usize = 192;
+const PROG_INFO_RUN_CNT: usize = 200;
+const PROG_INFO_RECURSION_MISSES: usize = 208;
+
+/// A program's counters from BPF_OBJ_GET_INFO_BY_FD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgCounters {
+    /// Nanoseconds run while `kernel.bpf_stats_enabled` was on.
+    pub run_time_ns: u64,
+    /// Runs while `kernel.bpf_stats_enabled` was on.
+    pub run_count: u64,
+    /// Times the kernel skipped the program because it was already running on that CPU (an
+    /// interrupt fired the same hook while it ran): events it did not count. Always counted;
+    /// `None` on kernels before 5.12, which do not report it.
+    pub recursion_misses: Option<u64>,
+}
+
+/// The run and miss counters of the program behind `prog_fd`.
+pub fn prog_counters(prog_fd: BorrowedFd<'_>) -> io::Result<ProgCounters> {
+    let mut info = [0u64; 32];
+    let mut attr = InfoAttr {
+        bpf_fd: prog_fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // The kernel writes back how much of the struct it knows and filled.
+    let filled = attr.info_len as usize;
+    let field = |off: usize| (filled >= off + 8).then(|| info[off / 8]);
+    Ok(ProgCounters {
+        run_time_ns: field(PROG_INFO_RUN_TIME_NS).unwrap_or(0),
+        run_count: field(PROG_INFO_RUN_CNT).unwrap_or(0),
+        recursion_misses: field(PROG_INFO_RECURSION_MISSES),
+    })
+}
 
 /// `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h).
 #[repr(C)]

@@ -54,6 +54,9 @@ pub struct ProgramStats {
     pub run_count: u64,
     /// Total time it ran, in nanoseconds.
     pub run_time_ns: u64,
+    /// Events skipped because the program was already running on that CPU (not gated by
+    /// `bpf_stats_enabled`); `None` where the kernel does not report it.
+    pub recursion_misses: Option<u64>,
 }
 
 impl Probes {
@@ -152,15 +155,16 @@ impl Probes {
         PROGRAMS
             .iter()
             .map(|&(program, _)| {
-                let info = ebpf
+                let prog = ebpf
                     .program(program)
-                    .ok_or_else(|| anyhow!("program {program} not loaded"))?
-                    .info()
+                    .ok_or_else(|| anyhow!("program {program} not loaded"))?;
+                let c = maps::prog_counters(prog.fd()?.as_fd())
                     .with_context(|| format!("BPF_OBJ_GET_INFO_BY_FD for program {program}"))?;
                 Ok(ProgramStats {
                     program,
-                    run_count: info.run_count(),
-                    run_time_ns: u64::try_from(info.run_time().as_nanos()).unwrap_or(u64::MAX),
+                    run_count: c.run_count,
+                    run_time_ns: c.run_time_ns,
+                    recursion_misses: c.recursion_misses,
                 })
             })
             .collect()
@@ -171,6 +175,7 @@ impl Probes {
 mod tests {
     use super::EbpfMode;
     use crate::config::Config;
+    use std::os::fd::AsFd as _;
     use std::path::Path;
 
     #[test]
@@ -190,5 +195,55 @@ mod tests {
             .expect_err("unknown mode")
             .to_string();
         assert!(err.contains("ebpf") && err.contains("auto"), "{err}");
+    }
+
+    /// The raw bpf_prog_info offsets agree with aya's parsed info (run count and time).
+    #[test]
+    fn prog_counters_match_aya() {
+        // SAFETY: no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let required = std::env::var("DCMON_REQUIRE_EBPF").is_ok_and(|v| v == "1");
+        let probes = match (root, super::Probes::attach()) {
+            (true, Ok(p)) => p,
+            (_, Err(e)) if !required => return eprintln!("SKIP: {e}"),
+            (_, Err(e)) => panic!("DCMON_REQUIRE_EBPF=1 but eBPF failed: {e}"),
+            (false, Ok(_)) => unreachable!("attach needs privilege"),
+        };
+        let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime).expect("enable stats");
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        for _ in 0..10 {
+            tx.send_to(b"x", rx.local_addr().expect("addr"))
+                .expect("send");
+            rx.recv(&mut [0u8; 8]).expect("recv");
+        }
+        let ebpf = probes.ebpf.lock().expect("lock");
+        for (name, _) in dcmon_common::ebpf::PROGRAMS {
+            let prog = ebpf.program(name).expect("program");
+            // Other I/O keeps the programs running: sandwich aya's reading between two of ours.
+            let fd = prog.fd().expect("fd");
+            let before = super::maps::prog_counters(fd.as_fd()).expect("info");
+            let aya = prog.info().expect("aya info");
+            let ours = super::maps::prog_counters(fd.as_fd()).expect("info");
+            // The loopback packets above ran the network programs; the disk may be idle.
+            if name != dcmon_common::ebpf::PROG_BLOCK_RQ_COMPLETE {
+                assert!(before.run_count > 0, "{name}: no runs counted");
+            }
+            assert!(
+                (before.run_count..=ours.run_count).contains(&aya.run_count()),
+                "{name}: run count {before:?} / {} / {ours:?}",
+                aya.run_count()
+            );
+            let aya_ns = u64::try_from(aya.run_time().as_nanos()).expect("fits");
+            assert!(
+                (before.run_time_ns..=ours.run_time_ns).contains(&aya_ns),
+                "{name}: run time {before:?} / {aya_ns} / {ours:?}"
+            );
+            assert!(
+                ours.recursion_misses.is_some(),
+                "{name}: kernel 5.12+ reports misses"
+            );
+        }
+        drop(ebpf);
     }
 }
