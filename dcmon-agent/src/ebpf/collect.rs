@@ -18,7 +18,7 @@ use procfs_core::DiskStat;
 
 use super::Probes;
 use crate::batch::Sample;
-use crate::collector::disk::DiskCounters;
+use crate::collector::disk::{DiskCounters, WholeDisks, parse_diskstats};
 use crate::collector::net::{InterfaceCounters, parse_net_dev};
 use crate::collector::{CollectError, Collector};
 use crate::config::DeviceFilter;
@@ -53,6 +53,11 @@ fn parse_dev(text: &str) -> Option<DiskKey> {
 }
 
 /// Disk I/O from the `block_rq_complete` program.
+///
+/// That tracepoint sees request-based (blk-mq) disks: SCSI/SATA, NVMe namespaces without
+/// native multipath, virtio, loop. Bio-based disks (device-mapper, md, zram, NVMe multipath
+/// heads; no `/sys/block/X/mq`) account their I/O without a `struct request`, so for those this
+/// collector reads their /proc/diskstats line instead, and only when one passes the filter.
 #[derive(Debug)]
 pub struct EbpfDiskCollector {
     host: Host,
@@ -62,8 +67,9 @@ pub struct EbpfDiskCollector {
     baseline: HashMap<DiskKey, DiskValue>,
     /// The map at attach.
     start: HashMap<DiskKey, DiskValue>,
-    /// Whole disks from the last round: name -> key.
-    known: HashMap<String, DiskKey>,
+    /// Whole disks from the last round: name -> key and whether it is request-based.
+    known: HashMap<String, (DiskKey, bool)>,
+    buf: String,
 }
 
 impl EbpfDiskCollector {
@@ -96,42 +102,61 @@ impl EbpfDiskCollector {
             baseline,
             start,
             known: HashMap::new(),
+            buf: String::new(),
         })
     }
 
-    /// The counters of every whole disk now, before filtering (tests compare all of them).
+    /// The counters of every whole disk the filter allows, in device-number order.
     pub fn read_all(&mut self) -> anyhow::Result<Vec<DiskCounters>> {
         let names = list_dir(&self.host, "/sys/block")?;
         let mut current = HashMap::with_capacity(names.len());
         for name in names {
-            let key = match self.known.get(&name) {
-                Some(k) => *k,
+            let entry = match self.known.get(&name) {
+                Some(e) => *e,
                 None => match read_trimmed(&self.host, &format!("/sys/block/{name}/dev"))
                     .as_deref()
                     .and_then(parse_dev)
                 {
-                    Some(k) => k,
+                    Some(k) => (k, self.host.path(format!("/sys/block/{name}/mq")).exists()),
                     None => continue, // vanished between the listing and the read
                 },
             };
-            current.insert(name, key);
+            current.insert(name, entry);
         }
         // A disk gone since the last round: forget its counts so a new disk that reuses the
         // number starts from its own /proc zero, not from the old disk's total.
-        for (name, key) in &self.known {
-            if current.get(name) != Some(key) && !current.values().any(|k| k == key) {
+        for (name, (key, _)) in &self.known {
+            if current.get(name).map(|e| e.0) != Some(*key)
+                && !current.values().any(|e| e.0 == *key)
+            {
                 self.baseline.remove(key);
                 self.start.remove(key);
                 self.probes.forget_disk(key)?;
             }
         }
         self.known = current;
+        let filter = &self.filter;
+        let bio_based: Vec<&str> = self
+            .known
+            .iter()
+            .filter(|(name, (_, request_based))| !request_based && filter.allows(name))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        let mut from_proc = Vec::new();
+        if !bio_based.is_empty() {
+            self.host.read_into("/proc/diskstats", &mut self.buf)?;
+            let path = self.host.path("/proc/diskstats");
+            let names = WholeDisks::Sysfs(bio_based.iter().map(|s| (*s).to_owned()).collect());
+            from_proc = parse_diskstats(&self.buf, &names, filter)
+                .with_context(|| format!("parsing {}", path.display()))?;
+        }
         let now: HashMap<DiskKey, DiskValue> = self.probes.disk_totals()?.into_iter().collect();
         let zero = DiskValue::default();
         let mut out: Vec<(DiskKey, DiskCounters)> = self
             .known
             .iter()
-            .map(|(name, key)| {
+            .filter(|(name, (_, request_based))| *request_based && filter.allows(name))
+            .map(|(name, (key, _))| {
                 let base = self.baseline.get(key).unwrap_or(&zero);
                 let start = self.start.get(key).unwrap_or(&zero);
                 let now = now.get(key).unwrap_or(&zero);
@@ -153,6 +178,11 @@ impl EbpfDiskCollector {
                 )
             })
             .collect();
+        for c in from_proc {
+            if let Some((key, _)) = self.known.get(&c.device) {
+                out.push((*key, c));
+            }
+        }
         // The order of /proc/diskstats: by device number.
         out.sort_by_key(|(k, _)| (k.major(), k.minor()));
         Ok(out.into_iter().map(|(_, c)| c).collect())
@@ -166,12 +196,7 @@ impl Collector for EbpfDiskCollector {
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
         let disks = self.read_all()?;
-        out.extend(
-            disks
-                .iter()
-                .filter(|d| self.filter.allows(&d.device))
-                .flat_map(DiskCounters::samples),
-        );
+        out.extend(disks.iter().flat_map(DiskCounters::samples));
         Ok(())
     }
 }
