@@ -666,6 +666,102 @@ fn bio_based_disk_follows_proc() {
         .expect("zram0 reported");
     let p1 = proc_disk("zram0");
     eprintln!("zram0: /proc {p1:?}, eBPF collector {got:?}");
-    assert!(p1.writes >= p0.writes + 50 && p1.reads >= p0.reads + 50, "workload: {p1:?}");
+    assert!(
+        p1.writes >= p0.writes + 50 && p1.reads >= p0.reads + 50,
+        "workload: {p1:?}"
+    );
     assert_eq!(got, p1);
+}
+
+/// Copies namespace `ns`'s view of /proc/net/dev and /sys/class/net/*/{ifindex,type} into a
+/// host tree at `root`, with /proc/self/ns/net pointing at the namespace: the eBPF net
+/// collector then reports that namespace as if the agent ran there.
+fn mirror_netns(ns: &Netns, root: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(root.join("sys/class/net"));
+    std::fs::create_dir_all(root.join("proc/self/ns")).expect("mkdir");
+    let link = root.join("proc/self/ns/net");
+    if link.symlink_metadata().is_err() {
+        std::os::unix::fs::symlink(format!("/run/netns/{}", ns.name), &link).expect("symlink");
+    }
+    std::fs::write(
+        root.join("proc/net/dev"),
+        ns.exec(&["cat", "/proc/net/dev"]),
+    )
+    .unwrap_or_else(|_| {
+        std::fs::create_dir_all(root.join("proc/net")).expect("mkdir");
+        std::fs::write(
+            root.join("proc/net/dev"),
+            ns.exec(&["cat", "/proc/net/dev"]),
+        )
+        .expect("write net/dev");
+    });
+    for name in ns.exec(&["ls", "/sys/class/net"]).split_whitespace() {
+        let dir = root.join("sys/class/net").join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let (ifindex, kind) = ns.iface(name);
+        std::fs::write(dir.join("ifindex"), format!("{ifindex}\n")).expect("ifindex");
+        std::fs::write(dir.join("type"), format!("{kind}\n")).expect("type");
+    }
+}
+
+/// A renamed interface keeps its counters under its new name (the kernel key is the ifindex),
+/// and the reported values keep equalling /proc/net/dev across the rename.
+#[test]
+fn renamed_interface_continues_under_new_name() {
+    let Some(probes) = attach("interface rename") else {
+        return;
+    };
+    let a = Netns::new("r");
+    let b = Netns::new("s");
+    let (v1, v2, v3) = (
+        format!("dcr{}", std::process::id()),
+        format!("dcs{}", std::process::id()),
+        format!("dcz{}", std::process::id()),
+    );
+    run(&[
+        "ip", "link", "add", &v1, "netns", &a.name, "type", "veth", "peer", "name", &v2, "netns",
+        &b.name,
+    ]);
+    a.exec(&["ip", "addr", "add", "10.214.0.1/24", "dev", &v1]);
+    b.exec(&["ip", "addr", "add", "10.214.0.2/24", "dev", &v2]);
+    a.exec(&["ip", "link", "set", &v1, "up"]);
+    b.exec(&["ip", "link", "set", &v2, "up"]);
+    let root = tempfile::tempdir().expect("tempdir");
+    mirror_netns(&a, root.path());
+    let mut collector =
+        EbpfNetCollector::new(Host::new(root.path()), match_all(), probes).expect("collector");
+    // Traffic from A to B over the veth pair, in two halves around a rename of v1 (B answers
+    // with ICMP port unreachable, so v1 receives too).
+    let send = |a: &Netns| {
+        a.within(|| {
+            let s = std::net::UdpSocket::bind("10.214.0.1:0").expect("bind");
+            for _ in 0..100 {
+                s.send_to(&[1u8; 200], "10.214.0.2:9").expect("send");
+            }
+        })
+    };
+    send(&a);
+    a.exec(&["ip", "link", "set", &v1, "down"]);
+    a.exec(&["ip", "link", "set", &v1, "name", &v3]);
+    a.exec(&["ip", "link", "set", &v3, "up"]);
+    send(&a);
+    std::thread::sleep(Duration::from_millis(300));
+    mirror_netns(&a, root.path());
+    let got: HashMap<String, (u64, u64)> = collector
+        .read_all()
+        .expect("collector")
+        .into_iter()
+        .map(|i| (i.interface, (i.receive_bytes, i.transmit_bytes)))
+        .collect();
+    let want = a.proc_net_dev();
+    assert!(!got.contains_key(&v1), "old name still reported: {got:?}");
+    assert!(want[&v3].1 >= 200 * 200, "traffic not on {v3}: {want:?}");
+    for name in [&v3, &"lo".to_owned()] {
+        eprintln!(
+            "{name}: /proc {:?}, eBPF collector {:?}",
+            want.get(name),
+            got.get(name)
+        );
+        assert_eq!(got.get(name), want.get(name), "{name}");
+    }
 }
