@@ -26,6 +26,11 @@ fn main() -> anyhow::Result<()> {
     let probes = Arc::new(Probes::attach()?);
     let mut disk = EbpfDiskCollector::new(Host::default(), all.clone(), probes.clone())?;
     let mut net = EbpfNetCollector::new(Host::default(), all.clone(), probes.clone())?;
+    let p_start = parse_diskstats(
+        &std::fs::read_to_string("/proc/diskstats")?,
+        &WholeDisks::ByName,
+        &all,
+    )?;
     std::thread::sleep(Duration::from_secs(secs));
     // /proc read right before and right after the map: on a busy disk, I/O completing between
     // the two reads shows up as a difference that is not an error, so print both.
@@ -55,6 +60,18 @@ fn main() -> anyhow::Result<()> {
     }
     for e in &e_disk {
         if let Some(p) = p_disk.iter().find(|p| p.device == e.device) {
+            if let Some(s) = p_start.iter().find(|s| s.device == e.device)
+                && s != p
+            {
+                println!(
+                    "{}: /proc moved by reads {} read_bytes {} writes {} write_bytes {} in {secs} s",
+                    e.device,
+                    p.reads - s.reads,
+                    p.read_bytes - s.read_bytes,
+                    p.writes - s.writes,
+                    p.write_bytes - s.write_bytes
+                );
+            }
             println!(
                 "{}: reads {:+} read_bytes {:+} writes {:+} write_bytes {:+} (eBPF - /proc)",
                 e.device,
