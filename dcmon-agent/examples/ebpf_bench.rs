@@ -94,7 +94,7 @@ fn compare(
     let (mut without, mut with) = (Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
         without.push(f()?);
-        let probes = Probes::attach()?;
+        let probes = Probes::attach(None)?;
         with.push(f()?);
         drop(probes);
     }
@@ -107,7 +107,7 @@ fn compare(
 }
 
 fn in_kernel_stats(dev: &str) -> anyhow::Result<()> {
-    let probes = Probes::attach()?;
+    let probes = Probes::attach(None)?;
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
     let before = probes.program_stats()?;
     udp_loopback()?;
@@ -126,7 +126,7 @@ fn in_kernel_stats(dev: &str) -> anyhow::Result<()> {
 }
 
 fn map_reads() -> anyhow::Result<()> {
-    let probes = Probes::attach()?;
+    let probes = Probes::attach(None)?;
     let ns = format!("dcmon-bench{}", std::process::id());
     sh(&["ip", "netns", "add", &ns])?;
     let result = (|| -> anyhow::Result<()> {

@@ -23,7 +23,9 @@ fn main() -> anyhow::Result<()> {
         include: PatternList::match_all(),
         exclude: PatternList::default(),
     };
-    let probes = Arc::new(Probes::attach()?);
+    let probes = Arc::new(Probes::attach(Some(
+        dcmon_agent::ebpf::collect::own_netns(&Host::default())?,
+    ))?);
     let mut disk = EbpfDiskCollector::new(Host::default(), all.clone(), probes.clone())?;
     let mut net = EbpfNetCollector::new(Host::default(), all.clone(), probes.clone())?;
     let p_start = parse_diskstats(

@@ -40,7 +40,7 @@ fn attach(what: &str) -> Option<Arc<Probes>> {
     if !can_run(what) {
         return None;
     }
-    match Probes::attach() {
+    match Probes::attach(None) {
         Ok(p) => Some(Arc::new(p)),
         Err(e) => {
             assert!(!required(), "DCMON_REQUIRE_EBPF=1 but eBPF failed: {e}");
@@ -75,7 +75,7 @@ fn committed_object_has_every_program_and_map() {
     if !can_run("loading the committed object") {
         return;
     }
-    let (ebpf, _) = match load::load_object(load::OBJECT) {
+    let (ebpf, _) = match load::load_object(load::OBJECT, None) {
         Ok(x) => x,
         Err(e) => {
             assert!(!required(), "DCMON_REQUIRE_EBPF=1 but loading failed: {e}");
@@ -764,4 +764,57 @@ fn renamed_interface_continues_under_new_name() {
         );
         assert_eq!(got.get(name), want.get(name), "{name}");
     }
+}
+
+/// With a namespace filter (what the agent uses: its own namespace), other namespaces'
+/// interfaces are not counted at all.
+#[test]
+fn netns_filter_counts_only_that_namespace() {
+    if !can_run("namespace filter") {
+        return;
+    }
+    let a = Netns::new("f");
+    let b = Netns::new("g");
+    let probes = match Probes::attach(Some(a.inode())) {
+        Ok(p) => p,
+        Err(e) => {
+            assert!(!required(), "DCMON_REQUIRE_EBPF=1 but eBPF failed: {e}");
+            return eprintln!("SKIP: {e}");
+        }
+    };
+    let (va, vb) = (
+        format!("dcf{}", std::process::id()),
+        format!("dcg{}", std::process::id()),
+    );
+    run(&[
+        "ip", "link", "add", &va, "netns", &a.name, "type", "veth", "peer", "name", &vb, "netns",
+        &b.name,
+    ]);
+    a.exec(&["ip", "addr", "add", "10.215.0.1/24", "dev", &va]);
+    b.exec(&["ip", "addr", "add", "10.215.0.2/24", "dev", &vb]);
+    a.exec(&["ip", "link", "set", &va, "up"]);
+    b.exec(&["ip", "link", "set", &vb, "up"]);
+    a.within(|| {
+        let s = std::net::UdpSocket::bind("10.215.0.1:0").expect("bind");
+        for _ in 0..20 {
+            s.send_to(&[1u8; 100], "10.215.0.2:9").expect("send");
+        }
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let totals = probes.net_totals().expect("read map");
+    let (ia, _) = a.iface(&va);
+    assert!(
+        totals.iter().any(|(k, v)| *k
+            == NetKey {
+                ifindex: ia,
+                netns: a.inode()
+            }
+            && v.tx_packets >= 20),
+        "A's veth not counted: {totals:?}"
+    );
+    let others: Vec<_> = totals
+        .iter()
+        .filter(|(k, _)| k.netns != a.inode())
+        .collect();
+    assert!(others.is_empty(), "other namespaces counted: {others:?}");
 }

@@ -65,6 +65,11 @@ pub mod ebpf {
         ("OFF_NET_NS_INUM", "net", "ns.inum", 4),
     ];
 
+    /// `.rodata` global: count only interfaces of the network namespace with this inode number
+    /// (the agent's own, whose /proc/net/dev it reports); 0 counts every namespace. Container
+    /// traffic then costs no map update and cannot fill the map.
+    pub const NETNS_FILTER: &str = "NETNS_FILTER";
+
     /// `REQ_OP_MASK` (include/linux/blk_types.h): the low 8 bits of `cmd_flags` are the op.
     pub const REQ_OP_MASK: u32 = 0xff;
     /// `REQ_OP_READ`.

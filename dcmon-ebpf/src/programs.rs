@@ -42,6 +42,9 @@ static OFF_DEV_IFINDEX: u32 = 0;
 static OFF_DEV_NET: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_NET_NS_INUM: u32 = 0;
+/// dcmon_common::ebpf::NETNS_FILTER.
+#[unsafe(no_mangle)]
+static NETNS_FILTER: u32 = 0;
 
 /// bpf_probe_read_kernel and tp_btf need a GPL-compatible license.
 #[unsafe(link_section = "license")]
@@ -150,6 +153,10 @@ fn net_key(dev: usize) -> Option<NetKey> {
     let ifindex: u32 = read(dev, off(&OFF_DEV_IFINDEX))?;
     let net: usize = read(dev, off(&OFF_DEV_NET))?;
     let netns: u32 = read(net, off(&OFF_NET_NS_INUM))?;
+    let only = off(&NETNS_FILTER) as u32;
+    if only != 0 && netns != only {
+        return None;
+    }
     Some(NetKey { ifindex, netns })
 }
 

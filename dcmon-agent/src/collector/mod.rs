@@ -48,7 +48,8 @@ pub fn build(config: &Config) -> anyhow::Result<Vec<Box<dyn Collector>>> {
     let host = Host::new(&config.host_root);
     let probes = match config.ebpf {
         EbpfMode::Off => None,
-        mode => match Probes::attach().map_err(anyhow::Error::from).and_then(|p| {
+        mode => match collect::own_netns(&host).and_then(|netns| {
+            let p = Probes::attach(Some(netns))?;
             let p = Arc::new(p);
             let disk =
                 collect::EbpfDiskCollector::new(host.clone(), config.disks.clone(), p.clone())?;

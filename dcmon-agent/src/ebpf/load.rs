@@ -7,7 +7,7 @@ use std::path::Path;
 
 use aya::programs::BtfTracePoint;
 use aya::{Ebpf, EbpfLoader};
-use dcmon_common::ebpf::{OFFSETS, PROGRAMS};
+use dcmon_common::ebpf::{NETNS_FILTER, OFFSETS, PROGRAMS};
 
 use super::btf::{Btf, BtfError};
 
@@ -160,8 +160,9 @@ fn raise_memlock() {
     }
 }
 
-/// Loads `object` with the running kernel's offsets, without attaching anything.
-pub fn load_object(object: &[u8]) -> Result<(Ebpf, aya::Btf), LoadError> {
+/// Loads `object` with the running kernel's offsets, without attaching anything. `netns`:
+/// count only that network namespace's interfaces (None: every namespace).
+pub fn load_object(object: &[u8], netns: Option<u32>) -> Result<(Ebpf, aya::Btf), LoadError> {
     let offsets = kernel_offsets(Path::new(VMLINUX_BTF))?;
     let kernel_btf = aya::Btf::from_sys_fs().map_err(|e| LoadError {
         reason: Reason::NoBtf,
@@ -173,6 +174,8 @@ pub fn load_object(object: &[u8]) -> Result<(Ebpf, aya::Btf), LoadError> {
     for (global, off) in &offsets {
         loader.override_global(global, off, true);
     }
+    let netns = netns.unwrap_or(0);
+    loader.override_global(NETNS_FILTER, &netns, true);
     let ebpf = loader
         .load(object)
         .map_err(|e| classify("loading the BPF object", &e, false))?;
@@ -181,8 +184,8 @@ pub fn load_object(object: &[u8]) -> Result<(Ebpf, aya::Btf), LoadError> {
 
 /// Loads `object` and attaches every program in [`PROGRAMS`]. Dropping the returned `Ebpf`
 /// detaches them.
-pub fn load_and_attach(object: &[u8]) -> Result<Ebpf, LoadError> {
-    let (mut ebpf, btf) = load_object(object)?;
+pub fn load_and_attach(object: &[u8], netns: Option<u32>) -> Result<Ebpf, LoadError> {
+    let (mut ebpf, btf) = load_object(object, netns)?;
     for (name, tracepoint) in PROGRAMS {
         let step = format!("program {name} (tp_btf/{tracepoint})");
         let prog: &mut BtfTracePoint = ebpf

@@ -60,9 +60,10 @@ pub struct ProgramStats {
 }
 
 impl Probes {
-    /// Loads the embedded object and attaches every program.
-    pub fn attach() -> Result<Self, LoadError> {
-        let ebpf = load::load_and_attach(load::OBJECT)?;
+    /// Loads the embedded object and attaches every program, counting the interfaces of
+    /// network namespace `netns` (its inode number; None: every namespace).
+    pub fn attach(netns: Option<u32>) -> Result<Self, LoadError> {
+        let ebpf = load::load_and_attach(load::OBJECT, netns)?;
         let ncpus = maps::possible_cpus().map_err(|e| LoadError {
             reason: Reason::Other,
             detail: format!("counting possible CPUs: {e}"),
@@ -203,7 +204,7 @@ mod tests {
         // SAFETY: no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
         let required = std::env::var("DCMON_REQUIRE_EBPF").is_ok_and(|v| v == "1");
-        let probes = match (root, super::Probes::attach()) {
+        let probes = match (root, super::Probes::attach(None)) {
             (true, Ok(p)) => p,
             (_, Err(e)) if !required => return eprintln!("SKIP: {e}"),
             (_, Err(e)) => panic!("DCMON_REQUIRE_EBPF=1 but eBPF failed: {e}"),
