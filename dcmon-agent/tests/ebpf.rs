@@ -176,6 +176,24 @@ impl Drop for Aligned {
     }
 }
 
+/// The map and /proc read while /proc stays the same from before to after: I/O by anything
+/// else on the host completing between the two reads would otherwise count on one side only.
+fn stable_snapshot(
+    probes: &Probes,
+    key: DiskKey,
+    name: &str,
+) -> ((u64, u64, u64, u64), DiskCounters) {
+    for _ in 0..20 {
+        let before = proc_disk(name);
+        let e = ebpf_disk(probes, key);
+        if proc_disk(name) == before {
+            return (e, before);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{name}: /proc/diskstats kept changing; something else is using the device");
+}
+
 const READS: usize = 300;
 const WRITES: usize = 70;
 
@@ -194,8 +212,7 @@ fn disk_counts_equal_proc_diskstats_exactly() {
 
     let mut collector =
         EbpfDiskCollector::new(Host::default(), match_all(), probes.clone()).expect("collector");
-    let e0 = ebpf_disk(&probes, key);
-    let p0 = proc_disk(lo.name());
+    let (e0, p0) = stable_snapshot(&probes, key, lo.name());
 
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -236,14 +253,20 @@ fn disk_counts_equal_proc_diskstats_exactly() {
     }
     drop(f);
     std::thread::sleep(Duration::from_millis(200));
-    let p1 = proc_disk(lo.name());
-    let e1 = ebpf_disk(&probes, key);
-    let continued = collector
-        .read_all()
-        .expect("collector")
-        .into_iter()
-        .find(|d| d.device == lo.name())
-        .expect("loop device in eBPF collector");
+    let (e1, p1) = stable_snapshot(&probes, key, lo.name());
+    // The collector's view, read while /proc holds still (as in stable_snapshot).
+    let continued = (0..20)
+        .find_map(|_| {
+            let before = proc_disk(lo.name());
+            let c = collector
+                .read_all()
+                .expect("collector")
+                .into_iter()
+                .find(|d| d.device == lo.name())
+                .expect("loop device in eBPF collector");
+            (proc_disk(lo.name()) == before).then_some((c, before))
+        })
+        .expect("/proc/diskstats kept changing");
 
     let proc_delta = (
         p1.reads - p0.reads,
@@ -263,7 +286,7 @@ fn disk_counts_equal_proc_diskstats_exactly() {
     assert!(proc_delta.1 >= (READS * 4096) as u64 && proc_delta.3 >= (WRITES * 16384) as u64);
     assert_eq!(ebpf_delta, proc_delta, "eBPF vs /proc/diskstats deltas");
     assert_eq!(
-        continued, p1,
+        continued.0, continued.1,
         "eBPF collector must continue the /proc counters"
     );
 }
