@@ -763,6 +763,13 @@ fn renamed_interface_continues_under_new_name() {
             }
         })
     };
+    // Resolve the neighbour first: until ARP answers, the kernel queues only 3 packets and
+    // drops the rest, so the byte threshold below would depend on timing.
+    a.within(|| {
+        let s = std::net::UdpSocket::bind("10.214.0.1:0").expect("bind");
+        s.send_to(&[0u8; 1], "10.214.0.2:9").expect("send");
+    });
+    std::thread::sleep(Duration::from_millis(300));
     send(&a);
     a.exec(&["ip", "link", "set", &v1, "down"]);
     a.exec(&["ip", "link", "set", &v1, "name", &v3]);
