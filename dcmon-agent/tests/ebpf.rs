@@ -848,3 +848,38 @@ fn netns_filter_counts_only_that_namespace() {
         .collect();
     assert!(others.is_empty(), "other namespaces counted: {others:?}");
 }
+
+/// A disk with statistics switched off (queue/iostats = 0) stands still in /proc; the eBPF
+/// collector must too, although its requests still complete.
+#[test]
+fn disk_with_iostats_off_follows_proc() {
+    let Some(probes) = attach("iostats off") else {
+        return;
+    };
+    let lo = Loop::new(16 << 20);
+    std::fs::write(format!("/sys/block/{}/queue/iostats", lo.name()), "0").expect("iostats 0");
+    let mut collector =
+        EbpfDiskCollector::new(Host::default(), match_all(), probes.clone()).expect("collector");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&lo.dev)
+        .expect("open loop device");
+    let buf = Aligned::new(4096);
+    for i in 0..20 {
+        // SAFETY: 4 KiB aligned buffer, open fd.
+        let n = unsafe { libc::pread(f.as_raw_fd(), buf.ptr.cast(), 4096, i * 4096) };
+        assert_eq!(n, 4096, "pread: {}", std::io::Error::last_os_error());
+    }
+    drop(f);
+    let got = collector
+        .read_all()
+        .expect("collector")
+        .into_iter()
+        .find(|d| d.device == lo.name())
+        .expect("loop device reported");
+    let want = proc_disk(lo.name());
+    // Restore the default for the next user of this loop device.
+    let _ = std::fs::write(format!("/sys/block/{}/queue/iostats", lo.name()), "1");
+    assert_eq!(got, want);
+}

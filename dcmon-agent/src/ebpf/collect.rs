@@ -7,7 +7,7 @@
 //! renamed devices get their current names; the kernel keys (dev_t, ifindex) never change
 //! under a rename.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt as _;
 use std::sync::Arc;
 
@@ -56,8 +56,9 @@ fn parse_dev(text: &str) -> Option<DiskKey> {
 ///
 /// That tracepoint sees request-based (blk-mq) disks: SCSI/SATA, NVMe namespaces without
 /// native multipath, virtio, loop. Bio-based disks (device-mapper, md, zram, NVMe multipath
-/// heads; no `/sys/block/X/mq`) account their I/O without a `struct request`, so for those this
-/// collector reads their /proc/diskstats line instead, and only when one passes the filter.
+/// heads; no `/sys/block/X/mq`) account their I/O without a `struct request`, and disks with
+/// `queue/iostats` off are not accounted at all, so for those this collector reads their
+/// /proc/diskstats line instead, and only when one passes the filter.
 #[derive(Debug)]
 pub struct EbpfDiskCollector {
     host: Host,
@@ -136,17 +137,25 @@ impl EbpfDiskCollector {
         }
         self.known = current;
         let filter = &self.filter;
-        let bio_based: Vec<&str> = self
+        // Disks the programs cannot mirror: bio-based ones, and request-based ones whose
+        // statistics are switched off (queue/iostats = 0: /proc stands still while requests
+        // still complete). Re-checked every round because iostats can be toggled at runtime.
+        let from_proc_names: HashSet<String> = self
             .known
             .iter()
-            .filter(|(name, (_, request_based))| !request_based && filter.allows(name))
-            .map(|(name, _)| name.as_str())
+            .filter(|(name, _)| filter.allows(name))
+            .filter(|(name, (_, request_based))| {
+                !request_based
+                    || read_trimmed(&self.host, &format!("/sys/block/{name}/queue/iostats"))
+                        .is_some_and(|v| v == "0")
+            })
+            .map(|(name, _)| name.clone())
             .collect();
         let mut from_proc = Vec::new();
-        if !bio_based.is_empty() {
+        if !from_proc_names.is_empty() {
             self.host.read_into("/proc/diskstats", &mut self.buf)?;
             let path = self.host.path("/proc/diskstats");
-            let names = WholeDisks::Sysfs(bio_based.iter().map(|s| (*s).to_owned()).collect());
+            let names = WholeDisks::Sysfs(from_proc_names.clone());
             from_proc = parse_diskstats(&self.buf, &names, filter)
                 .with_context(|| format!("parsing {}", path.display()))?;
         }
@@ -155,7 +164,7 @@ impl EbpfDiskCollector {
         let mut out: Vec<(DiskKey, DiskCounters)> = self
             .known
             .iter()
-            .filter(|(name, (_, request_based))| *request_based && filter.allows(name))
+            .filter(|(name, _)| filter.allows(name) && !from_proc_names.contains(*name))
             .map(|(name, (key, _))| {
                 let base = self.baseline.get(key).unwrap_or(&zero);
                 let start = self.start.get(key).unwrap_or(&zero);
