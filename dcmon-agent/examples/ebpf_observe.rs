@@ -28,6 +28,24 @@ fn main() -> anyhow::Result<()> {
     ))?);
     let mut disk = EbpfDiskCollector::new(Host::default(), all.clone(), probes.clone())?;
     let mut net = EbpfNetCollector::new(Host::default(), all.clone(), probes.clone())?;
+    // Every completion the kernel accounted for vda: reads, writes, discards, flushes.
+    let vda_ios = || -> u64 {
+        std::fs::read_to_string("/proc/diskstats")
+            .unwrap_or_default()
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.get(2) == Some(&"vda"))
+            .map(|f| {
+                [3, 7, 14, 18]
+                    .iter()
+                    .filter_map(|&i| f.get(i)?.parse::<u64>().ok())
+                    .sum()
+            })
+            .unwrap_or(0)
+    };
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
+    let runs0 = probes.program_stats()?[0].run_count;
+    let ios0 = vda_ios();
     let p_start = parse_diskstats(
         &std::fs::read_to_string("/proc/diskstats")?,
         &WholeDisks::ByName,
@@ -93,6 +111,14 @@ fn main() -> anyhow::Result<()> {
                 e.transmit_bytes as i64 - p.transmit_bytes as i64
             );
         }
+    }
+    println!(
+        "block_rq_complete runs {} vs vda ios accounted (r+w+discard+flush) {}",
+        probes.program_stats()?[0].run_count - runs0,
+        vda_ios() - ios0
+    );
+    for (k, v) in probes.disk_totals()? {
+        println!("map {}:{} {v:?}", k.major(), k.minor());
     }
     for s in probes.program_stats()? {
         println!(
