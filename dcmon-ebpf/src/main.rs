@@ -9,7 +9,6 @@
 //! time, so one object works across kernels whose `struct request` or `sk_buff` differ.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
-#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 #[cfg(target_arch = "bpf")]
 mod programs;
