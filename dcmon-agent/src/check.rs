@@ -67,6 +67,20 @@ pub async fn check(
         ),
     }
 
+    let ebpf = match config.ebpf {
+        crate::ebpf::EbpfMode::Off => (" -- ", "off in the config: disk and network I/O from procfs".to_owned()),
+        mode => {
+            match crate::ebpf::collect::own_netns(&host).and_then(|ns| Ok(crate::ebpf::Probes::attach(Some(ns))?)) {
+                Ok(_probes) => {
+                    (" OK ", "programs load and attach: disk and network I/O counted in the kernel".to_owned())
+                }
+                Err(e) if mode == crate::ebpf::EbpfMode::On => ("FAIL", format!("config says \"on\" but: {e:#}")),
+                Err(e) => ("WARN", format!("unavailable, procfs will be used: {e:#}")),
+            }
+        }
+    };
+    r.line(ebpf.0, "eBPF", ebpf.1);
+
     // Collect one round exactly as the daemon would, and keep the samples for the server check.
     let mut samples = Vec::new();
     let mut collectors = collector::from_config(&config);

@@ -62,6 +62,8 @@ pub struct Config {
     pub ipmi: IpmiConfig,
     /// The `nvsmi` exporter's settings.
     pub nvsmi: NvsmiConfig,
+    /// Count disk and network I/O with eBPF: `"auto"` (fall back to procfs), `"on"`, `"off"`.
+    pub ebpf: crate::ebpf::EbpfMode,
 }
 
 /// The spec's `exporters` map: each switch enables one collector, configured in its own
@@ -153,6 +155,7 @@ impl Default for Config {
             nvme: NvmeConfig::default(),
             ipmi: IpmiConfig::default(),
             nvsmi: NvsmiConfig::default(),
+            ebpf: crate::ebpf::EbpfMode::Auto,
         }
     }
 }
@@ -303,9 +306,9 @@ impl Config {
         Ok(())
     }
 
-    /// Whether this config may load eBPF programs. This build has none, so it never does.
+    /// Whether this config may load eBPF programs (every mode but an explicit "off").
     pub fn ebpf_may_load(&self) -> bool {
-        false
+        self.ebpf != crate::ebpf::EbpfMode::Off
     }
 
     /// Time between batches.

@@ -328,19 +328,24 @@ mod tests {
 
     #[test]
     fn capability_set_follows_the_enabled_collectors() {
+        let unit_for =
+            |c: &Config| render_unit(Path::new("/usr/local/bin/dcmon-agent"), Path::new("/etc/dcmon/config.json"), c);
         let mut c = Config::default();
-        assert_eq!(CapNeeds::from_config(&c).capabilities(), ["CAP_SYS_ADMIN", "CAP_SYS_RAWIO"]);
-        let all = CapNeeds { ebpf: true, nvme: true, ipmi: true };
         assert_eq!(
-            all.capabilities(),
-            ["CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH", "CAP_SYS_ADMIN", "CAP_SYS_RAWIO"]
+            CapNeeds::from_config(&c).capabilities(),
+            ["CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH", "CAP_SYS_ADMIN", "CAP_SYS_RAWIO"],
+            "defaults: eBPF auto, NVMe and IPMI on"
         );
         c.exporters.nvme = false;
-        let unit = render_unit(Path::new("/usr/local/bin/dcmon-agent"), Path::new("/etc/dcmon/config.json"), &c);
-        assert!(unit.contains("\nCapabilityBoundingSet=CAP_SYS_RAWIO\n"), "{unit}");
         c.exporters.ipmi = false;
-        let unit = render_unit(Path::new("/usr/local/bin/dcmon-agent"), Path::new("/etc/dcmon/config.json"), &c);
+        assert!(unit_for(&c).contains("\nCapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_DAC_READ_SEARCH\n"));
+        c.ebpf = crate::ebpf::EbpfMode::On;
+        assert!(unit_for(&c).contains("\nCapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_DAC_READ_SEARCH\n"));
+        c.ebpf = crate::ebpf::EbpfMode::Off;
+        let unit = unit_for(&c);
         assert!(unit.contains("\nCapabilityBoundingSet=\n"), "no collector needs a capability: drop all: {unit}");
+        c.exporters.ipmi = true;
+        assert!(unit_for(&c).contains("\nCapabilityBoundingSet=CAP_SYS_RAWIO\n"));
         assert!(unit.contains("\nExecStart=/usr/local/bin/dcmon-agent --config /etc/dcmon/config.json run\n"));
     }
 

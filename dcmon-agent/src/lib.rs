@@ -11,6 +11,7 @@ pub mod check;
 pub mod collector;
 pub mod config;
 pub mod deliver;
+pub mod ebpf;
 pub mod exec;
 pub mod filter;
 pub mod host;

@@ -21,7 +21,8 @@ use tokio::sync::mpsc;
 /// How long `once` waits between the two CPU samples that `cpu_usage_percent` needs.
 const ONCE_CPU_WINDOW: Duration = Duration::from_millis(250);
 
-/// `--version`: version, commit, and whether the eBPF object is built in.
+/// `--version`: version, commit, and whether the eBPF object is built in (it always is: the
+/// committed object is embedded with include_bytes, see `ebpf::load::OBJECT`).
 const VERSION: &str =
     concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("DCMON_GIT_COMMIT"), ", eBPF object: not embedded)");
 
@@ -205,7 +206,7 @@ fn machine_id(config: &Config) -> anyhow::Result<String> {
 async fn once(config: &Config) -> anyhow::Result<()> {
     let machine_id = machine_id(config)?;
     let mut scheduler =
-        Scheduler::new(collector::from_config(config), machine_id, Duration::from_secs(config.collector_timeout));
+        Scheduler::new(collector::build(config)?, machine_id, Duration::from_secs(config.collector_timeout));
     tokio::time::sleep(ONCE_CPU_WINDOW).await;
     let batch = scheduler.collect(agent::unix_now_secs()).await;
     let mut out = batch.to_json_pretty();
@@ -266,7 +267,7 @@ fn prepare(config: &Config, outbox: &Arc<Mutex<Outbox>>) -> anyhow::Result<(Sche
         },
     };
     let scheduler =
-        Scheduler::new(collector::from_config(config), machine_id, Duration::from_secs(config.collector_timeout));
+        Scheduler::new(collector::build(config)?, machine_id, Duration::from_secs(config.collector_timeout));
     Ok((scheduler, daemon))
 }
 

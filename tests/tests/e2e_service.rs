@@ -8,6 +8,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use dcmon_agent::config::Config;
+use dcmon_agent::ebpf::EbpfMode;
 use dcmon_agent::install::{CapNeeds, render_unit};
 use dcmon_tests::{AgentProcess, Receiver, agent_bin, wait_until, write_key};
 use serde_json::json;
@@ -74,8 +75,11 @@ fn install_is_complete_idempotent_and_keeps_the_operators_config() {
     assert!(changes.is_empty(), "second install changed: {changes:?}");
 
     // An operator's config survives, and the unit follows it (no NVMe, no IPMI: fewer caps).
-    std::fs::write(&cfg, r#"{"server_url": "http://dcmon.example:8000", "exporters": {"nvme": false, "ipmi": false}}"#)
-        .expect("write");
+    std::fs::write(
+        &cfg,
+        r#"{"server_url": "http://dcmon.example:8000", "ebpf": "off", "exporters": {"nvme": false, "ipmi": false}}"#,
+    )
+    .expect("write");
     let third = agent(&["install", "--root", r]);
     assert!(third.status.success());
     assert!(std::fs::read_to_string(&cfg).expect("cfg").contains("dcmon.example"));
@@ -102,8 +106,13 @@ fn install_is_complete_idempotent_and_keeps_the_operators_config() {
 fn systemd_analyze_verifies_the_unit_for_every_capability_set() {
     let dir = tempfile::tempdir().expect("tempdir");
     let bin = agent_bin();
-    for (nvme, ipmi) in [(true, true), (true, false), (false, false)] {
-        let mut config = Config::default();
+    for (ebpf, nvme, ipmi) in [
+        (EbpfMode::Auto, true, true),
+        (EbpfMode::On, false, false),
+        (EbpfMode::Off, true, false),
+        (EbpfMode::Off, false, false),
+    ] {
+        let mut config = Config { ebpf, ..Config::default() };
         config.exporters.nvme = nvme;
         config.exporters.ipmi = ipmi;
         let unit = render_unit(&bin, Path::new("/etc/dcmon/config.json"), &config);

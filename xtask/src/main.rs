@@ -1,16 +1,192 @@
-//! Developer chores: `cargo xtask bench`.
-#![allow(clippy::print_stdout, reason = "a command-line tool for developers")]
+//! Developer chores. `cargo xtask build-ebpf [--check]` builds the BPF object that the agent
+//! embeds; `--check` (CI) fails when the committed object differs from what the source builds.
+//! `cargo xtask bench` measures the agent's cost beside node_exporter and collectd.
 
 mod bench;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
 
-fn main() -> anyhow::Result<()> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    // xtask lives one level below the workspace root.
-    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().map(PathBuf::from).unwrap_or_default();
-    match args.first().map(String::as_str) {
-        Some("bench") => bench::run(&workspace, &bench::BenchArgs::parse(&args[1..])?),
-        _ => anyhow::bail!("usage: cargo xtask bench [--seconds N] [--rounds N] [--no-scale]"),
+use anyhow::{Context as _, bail};
+
+/// The committed object, relative to the workspace root; the agent embeds it with
+/// include_bytes so stable `cargo build` needs no BPF toolchain.
+const OBJECT: &str = "dcmon-agent/ebpf/dcmon-ebpf.o";
+/// The rustc and bpf-linker that built the committed object, so a `--check` mismatch caused by
+/// a different nightly is easy to tell from a stale object.
+const TOOLCHAIN_NOTE: &str = "dcmon-agent/ebpf/dcmon-ebpf.built-with";
+const USAGE: &str = "usage: cargo xtask build-ebpf [--check] [--toolchain NAME]\n\
+       cargo xtask bench [--seconds N] [--rounds N] [--no-scale]\n\
+  build-ebpf   build dcmon-ebpf (nightly, bpfel-unknown-none, bpf-linker) into dcmon-agent/ebpf/\n\
+  --check      build into target/ and fail if it differs from the committed object\n\
+  --toolchain  rustup toolchain to build with (default: nightly)";
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: {e:#}");
+            ExitCode::FAILURE
+        }
     }
+}
+
+fn run() -> anyhow::Result<()> {
+    let mut args = std::env::args().skip(1);
+    let Some(cmd) = args.next() else {
+        bail!("{USAGE}");
+    };
+    if cmd == "bench" {
+        let rest: Vec<String> = args.collect();
+        return bench::run(&workspace_root()?, &bench::BenchArgs::parse(&rest)?);
+    }
+    if cmd != "build-ebpf" {
+        bail!("unknown command `{cmd}`\n{USAGE}");
+    }
+    let mut check = false;
+    let mut toolchain = "nightly".to_owned();
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--check" => check = true,
+            "--toolchain" => {
+                toolchain = args.next().context("--toolchain needs a value")?;
+            }
+            other => bail!("unknown argument `{other}`\n{USAGE}"),
+        }
+    }
+    let root = workspace_root()?;
+    let built = build_ebpf(&root, &toolchain)?;
+    let version = rustc_version(&toolchain)?;
+    let committed = root.join(OBJECT);
+    if check {
+        let want =
+            std::fs::read(&committed).with_context(|| format!("reading committed object {}", committed.display()))?;
+        let got = std::fs::read(&built).with_context(|| format!("reading {}", built.display()))?;
+        if want != got {
+            let note = std::fs::read_to_string(root.join(TOOLCHAIN_NOTE)).unwrap_or_default();
+            bail!(
+                "{} ({} bytes) differs from what dcmon-ebpf builds ({}, {} bytes).\n\
+                 committed with: {}built with:     {}\n\
+                 run `cargo xtask build-ebpf` and commit the result",
+                committed.display(),
+                want.len(),
+                built.display(),
+                got.len(),
+                note,
+                version
+            );
+        }
+        eprintln!("xtask: {} matches the source", committed.display());
+        return Ok(());
+    }
+    if let Some(dir) = committed.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    std::fs::copy(&built, &committed)
+        .with_context(|| format!("copying {} to {}", built.display(), committed.display()))?;
+    std::fs::write(root.join(TOOLCHAIN_NOTE), format!("{version}\n"))
+        .with_context(|| format!("writing {TOOLCHAIN_NOTE}"))?;
+    eprintln!("xtask: wrote {}", committed.display());
+    Ok(())
+}
+
+fn workspace_root() -> anyhow::Result<PathBuf> {
+    let manifest =
+        std::env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR unset: run through `cargo xtask`")?;
+    Path::new(&manifest).parent().map(Path::to_path_buf).context("xtask's manifest dir has no parent")
+}
+
+/// `rustc -V` of the toolchain and `bpf-linker --version`: both decide the object's bytes.
+fn rustc_version(toolchain: &str) -> anyhow::Result<String> {
+    let linker = clean_command("bpf-linker")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .context("running `bpf-linker --version` (is bpf-linker on PATH?)")?;
+    Ok(format!("{}, {linker}", toolchain_rustc(toolchain)?))
+}
+
+fn toolchain_rustc(toolchain: &str) -> anyhow::Result<String> {
+    let out = clean_command("rustup")
+        .args(["run", toolchain, "rustc", "-V"])
+        .output()
+        .context("running `rustup run <toolchain> rustc -V`")?;
+    if !out.status.success() {
+        bail!("`rustup run {toolchain} rustc -V` failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// A command without the toolchain variables the outer (stable) cargo set for xtask.
+fn clean_command(program: &str) -> Command {
+    let mut cmd = Command::new(program);
+    for var in [
+        "RUSTUP_TOOLCHAIN",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_TARGET",
+        "CARGO",
+    ] {
+        cmd.env_remove(var);
+    }
+    cmd
+}
+
+/// Builds dcmon-ebpf and returns the path of the object.
+fn build_ebpf(root: &Path, toolchain: &str) -> anyhow::Result<PathBuf> {
+    let target_dir = root.join("target/bpf");
+    let home = std::env::var("HOME").unwrap_or_default();
+    let sysroot = clean_command("rustup")
+        .args(["run", toolchain, "rustc", "--print", "sysroot"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    // Reproducible output: no debug info (it would carry absolute paths into BTF line info),
+    // and every path that could still leak remapped to a fixed prefix, so the object is the
+    // same byte for byte on any machine with the same toolchain.
+    let mut rustflags = vec![format!("--remap-path-prefix={}=/dcmon", root.display()), "-Cdebuginfo=0".to_owned()];
+    if !home.is_empty() {
+        rustflags.push(format!("--remap-path-prefix={home}/.cargo=/cargo"));
+    }
+    if !sysroot.is_empty() {
+        rustflags.push(format!("--remap-path-prefix={sysroot}=/rustc"));
+    }
+    let status = clean_command("rustup")
+        .args([
+            "run",
+            toolchain,
+            "cargo",
+            "build",
+            "--package",
+            "dcmon-ebpf",
+            "--release",
+            "--locked",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+        ])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .current_dir(root)
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags.join("\x1f"))
+        .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
+        .env("CARGO_PROFILE_RELEASE_STRIP", "false")
+        .env("CARGO_PROFILE_RELEASE_LTO", "true")
+        .env("CARGO_PROFILE_RELEASE_PANIC", "abort")
+        .env("CARGO_PROFILE_RELEASE_CODEGEN_UNITS", "1")
+        .env("CARGO_PROFILE_RELEASE_INCREMENTAL", "false")
+        .status()
+        .context("running cargo for dcmon-ebpf (is rustup installed?)")?;
+    if !status.success() {
+        bail!(
+            "building dcmon-ebpf failed ({status}); it needs `rustup toolchain install {toolchain} \
+             --component rust-src` and `bpf-linker` on PATH"
+        );
+    }
+    Ok(target_dir.join("bpfel-unknown-none/release/dcmon-ebpf"))
 }

@@ -58,7 +58,48 @@ pub trait Collector: Send + 'static {
     }
 }
 
-/// The collectors this config enables, in reporting order.
+/// The collectors this config enables, with the eBPF mode decided: `"auto"` tries the BPF
+/// programs and falls back to procfs with one log line saying why, `"on"` returns an error
+/// when they cannot be used, `"off"` never loads them.
+pub fn build(config: &Config) -> anyhow::Result<Vec<Box<dyn Collector>>> {
+    use crate::ebpf::{EbpfMode, Probes, collect};
+    use std::sync::Arc;
+    let host = Host::new(&config.host_root);
+    let probes = match config.ebpf {
+        EbpfMode::Off => None,
+        mode => match collect::own_netns(&host).and_then(|netns| {
+            let p = Probes::attach(Some(netns))?;
+            let p = Arc::new(p);
+            let disk = collect::EbpfDiskCollector::new(host.clone(), config.disks.clone(), p.clone())?;
+            let net = collect::EbpfNetCollector::new(host.clone(), config.interfaces.clone(), p.clone())?;
+            Ok((p, disk, net))
+        }) {
+            Ok(ok) => {
+                tracing::info!("eBPF mode: disk and network I/O counted by BPF programs");
+                Some(ok)
+            }
+            Err(e) if mode == EbpfMode::On => {
+                return Err(e.context("config `ebpf` is \"on\" but eBPF cannot be used"));
+            }
+            Err(e) => {
+                tracing::warn!("eBPF unavailable, using procfs for disk and network I/O: {e:#}");
+                None
+            }
+        },
+    };
+    let mut collectors = from_config(config);
+    if let Some((p, disk, net)) = probes {
+        collectors.retain(|c| c.name() != disk.name() && c.name() != net.name());
+        collectors.push(Box::new(disk));
+        collectors.push(Box::new(net));
+        collectors.push(Box::new(collect::EbpfStatusCollector::new(host, Some(p))));
+    } else {
+        collectors.push(Box::new(collect::EbpfStatusCollector::new(host, None)));
+    }
+    Ok(collectors)
+}
+
+/// The procfs collectors this config enables, in reporting order.
 pub fn from_config(config: &Config) -> Vec<Box<dyn Collector>> {
     let host = Host::new(&config.host_root);
     let mut collectors: Vec<Box<dyn Collector>> = vec![

@@ -1,0 +1,315 @@
+//! Struct field offsets from the running kernel's BTF (`/sys/kernel/btf/vmlinux`).
+//!
+//! The BPF programs read a handful of fields of `struct request`, `sk_buff` and `net_device`;
+//! their offsets depend on the kernel version and config, so the loader looks them up here and
+//! hands them to the programs as `.rodata` globals. Only the small part of the BTF format that
+//! this needs is parsed: the type section's struct/union members and the string section.
+
+use std::collections::HashMap;
+
+/// A BTF blob that could not be used, with what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    /// Header or type section malformed.
+    #[error("malformed BTF: {0}")]
+    Malformed(String),
+    /// No struct of that name (a kernel too old or too different).
+    #[error("BTF has no `struct {0}`")]
+    NoStruct(String),
+    /// The struct lacks the field.
+    #[error("BTF `struct {strukt}` has no field `{field}`")]
+    NoField {
+        /// Struct name.
+        strukt: String,
+        /// Dotted field path.
+        field: String,
+    },
+    /// The field is there but not the size the program reads.
+    #[error("BTF `struct {strukt}` field `{field}`: expected {want} bytes, kernel has {got}")]
+    Size {
+        /// Struct name.
+        strukt: String,
+        /// Dotted field path.
+        field: String,
+        /// Size the program reads.
+        want: u32,
+        /// Size in this kernel (0 for bitfields).
+        got: u32,
+    },
+}
+
+const BTF_MAGIC: u16 = 0xeb9f;
+const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
+const KIND_ARRAY: u32 = 3;
+const KIND_STRUCT: u32 = 4;
+const KIND_UNION: u32 = 5;
+const KIND_ENUM: u32 = 6;
+const KIND_TYPEDEF: u32 = 8;
+const KIND_VOLATILE: u32 = 9;
+const KIND_CONST: u32 = 10;
+const KIND_RESTRICT: u32 = 11;
+const KIND_TYPE_TAG: u32 = 18;
+const KIND_ENUM64: u32 = 19;
+
+#[derive(Debug, Clone, Copy)]
+struct Member {
+    name_off: u32,
+    type_id: u32,
+    bit_offset: u32,
+    bitfield_size: u32,
+}
+
+#[derive(Debug, Clone)]
+struct Type {
+    name_off: u32,
+    kind: u32,
+    /// `size` for INT/STRUCT/UNION/ENUM, referenced type id for PTR/TYPEDEF/modifiers.
+    size_or_type: u32,
+    members: Vec<Member>,
+    /// ARRAY: (element type, count).
+    array: Option<(u32, u32)>,
+}
+
+/// The parsed types of one BTF blob (index = type id - 1).
+#[derive(Debug)]
+pub struct Btf {
+    types: Vec<Type>,
+    strings: Vec<u8>,
+    structs_by_name: HashMap<String, u32>,
+}
+
+fn u16_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn u32_at(b: &[u8], at: usize) -> Option<u32> {
+    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+}
+
+impl Btf {
+    /// Parse a little-endian BTF blob such as /sys/kernel/btf/vmlinux.
+    pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
+        let bad = |what: &str| BtfError::Malformed(what.to_owned());
+        let magic = u16_at(data, 0).ok_or_else(|| bad("shorter than its header"))?;
+        if magic != BTF_MAGIC {
+            return Err(BtfError::Malformed(format!("magic {magic:#x}, expected {BTF_MAGIC:#x} (little-endian BTF)")));
+        }
+        let field = |at| u32_at(data, at).ok_or_else(|| bad("truncated header"));
+        let hdr_len = field(4)? as usize;
+        let (type_off, type_len) = (field(8)? as usize, field(12)? as usize);
+        let (str_off, str_len) = (field(16)? as usize, field(20)? as usize);
+        let types_raw = data
+            .get(hdr_len + type_off..hdr_len + type_off + type_len)
+            .ok_or_else(|| bad("type section outside the blob"))?;
+        let strings = data
+            .get(hdr_len + str_off..hdr_len + str_off + str_len)
+            .ok_or_else(|| bad("string section outside the blob"))?
+            .to_vec();
+        let mut types = Vec::new();
+        let mut at = 0;
+        while at < types_raw.len() {
+            let word = |i: usize| u32_at(types_raw, at + i * 4).ok_or_else(|| bad("type record truncated"));
+            let (name_off, info, size_or_type) = (word(0)?, word(1)?, word(2)?);
+            let kind = (info >> 24) & 0x1f;
+            let vlen = (info & 0xffff) as usize;
+            let kind_flag = info >> 31 == 1;
+            at += 12;
+            let mut t = Type { name_off, kind, size_or_type, members: Vec::new(), array: None };
+            let extra = match kind {
+                KIND_INT => 4,
+                KIND_ARRAY => {
+                    let elem = u32_at(types_raw, at).ok_or_else(|| bad("array truncated"))?;
+                    let n = u32_at(types_raw, at + 8).ok_or_else(|| bad("array truncated"))?;
+                    t.array = Some((elem, n));
+                    12
+                }
+                KIND_STRUCT | KIND_UNION => {
+                    for m in 0..vlen {
+                        let base = at + m * 12;
+                        let get = |i| u32_at(types_raw, base + i).ok_or_else(|| bad("member"));
+                        let off = get(8)?;
+                        t.members.push(Member {
+                            name_off: get(0)?,
+                            type_id: get(4)?,
+                            bit_offset: if kind_flag { off & 0xff_ffff } else { off },
+                            bitfield_size: if kind_flag { off >> 24 } else { 0 },
+                        });
+                    }
+                    vlen * 12
+                }
+                KIND_ENUM => vlen * 8,
+                13 => vlen * 8,  // FUNC_PROTO params
+                14 => 4,         // VAR
+                15 => vlen * 12, // DATASEC
+                17 => 4,         // DECL_TAG
+                KIND_ENUM64 => vlen * 12,
+                KIND_PTR | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12 | 16 | KIND_TYPE_TAG => 0,
+                other => {
+                    return Err(BtfError::Malformed(format!(
+                        "unknown type kind {other} at type id {}",
+                        types.len() + 1
+                    )));
+                }
+            };
+            at += extra;
+            types.push(t);
+        }
+        let mut btf = Self { types, strings, structs_by_name: HashMap::new() };
+        let mut by_name = HashMap::new();
+        for (i, t) in btf.types.iter().enumerate() {
+            // A struct with no members may be a forward declaration in a module's BTF; keep
+            // the first full definition.
+            if t.kind == KIND_STRUCT && !t.members.is_empty() {
+                let name = btf.name(t.name_off);
+                if !name.is_empty() {
+                    by_name.entry(name.to_owned()).or_insert(i as u32 + 1);
+                }
+            }
+        }
+        btf.structs_by_name = by_name;
+        Ok(btf)
+    }
+
+    fn name(&self, off: u32) -> &str {
+        let rest = self.strings.get(off as usize..).unwrap_or_default();
+        let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
+        std::str::from_utf8(&rest[..end]).unwrap_or("")
+    }
+
+    fn get(&self, id: u32) -> Option<&Type> {
+        self.types.get((id as usize).checked_sub(1)?)
+    }
+
+    /// Follows typedefs and qualifiers to the underlying type.
+    fn resolve(&self, mut id: u32) -> Option<(u32, &Type)> {
+        for _ in 0..32 {
+            let t = self.get(id)?;
+            match t.kind {
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    id = t.size_or_type;
+                }
+                _ => return Some((id, t)),
+            }
+        }
+        None
+    }
+
+    fn size_of(&self, id: u32) -> u32 {
+        match self.resolve(id) {
+            Some((_, t)) => match t.kind {
+                KIND_INT | KIND_STRUCT | KIND_UNION | KIND_ENUM | KIND_ENUM64 => t.size_or_type,
+                KIND_PTR => 8,
+                KIND_ARRAY => t.array.map_or(0, |(e, n)| self.size_of(e).saturating_mul(n)),
+                _ => 0,
+            },
+            None => 0,
+        }
+    }
+
+    /// Finds member `name` of struct/union `id`, looking inside anonymous members (the kernel
+    /// wraps many fields in unnamed unions). Returns (bit offset, member).
+    fn member(&self, id: u32, name: &str) -> Option<(u32, Member)> {
+        let (_, t) = self.resolve(id)?;
+        if t.kind != KIND_STRUCT && t.kind != KIND_UNION {
+            return None;
+        }
+        for m in &t.members {
+            let mname = self.name(m.name_off);
+            if mname == name {
+                return Some((m.bit_offset, *m));
+            }
+            if mname.is_empty()
+                && let Some((off, found)) = self.member(m.type_id, name)
+            {
+                return Some((m.bit_offset + off, found));
+            }
+        }
+        None
+    }
+
+    /// Byte offset of `path` (dotted, e.g. `nd_net.net`) in `struct strukt`, checking that the
+    /// field is `size` bytes wide.
+    pub fn field_offset(&self, strukt: &str, path: &str, size: u32) -> Result<u32, BtfError> {
+        let no_field = || BtfError::NoField { strukt: strukt.to_owned(), field: path.to_owned() };
+        let mut id = *self.structs_by_name.get(strukt).ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))?;
+        let mut bits = 0;
+        let mut last = None;
+        for part in path.split('.') {
+            let (off, m) = self.member(id, part).ok_or_else(no_field)?;
+            bits += off;
+            id = m.type_id;
+            last = Some(m);
+        }
+        let m = last.ok_or_else(no_field)?;
+        let got = if m.bitfield_size != 0 { 0 } else { self.size_of(m.type_id) };
+        if got != size || bits % 8 != 0 {
+            return Err(BtfError::Size { strukt: strukt.to_owned(), field: path.to_owned(), want: size, got });
+        }
+        Ok(bits / 8)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A hand-built BTF: `struct s { int a; union { struct { long p; }; int q; }; };`
+    fn sample() -> Vec<u8> {
+        let strings = b"\0int\0long\0s\0a\0p\0q\0".to_vec();
+        let (int, long, s, a, p, q) = (1u32, 5, 10, 12, 14, 16);
+        let mut t = Vec::new();
+        let mut push = |w: &[u32]| w.iter().for_each(|x| t.extend_from_slice(&x.to_le_bytes()));
+        push(&[int, KIND_INT << 24, 4, 32]); // 1: int
+        push(&[long, KIND_INT << 24, 8, 64]); // 2: long
+        push(&[0, KIND_STRUCT << 24 | 1, 8, p, 2, 0]); // 3: struct { long p; }
+        push(&[0, KIND_UNION << 24 | 2, 8, 0, 3, 0, q, 1, 0]); // 4: union { struct; int q }
+        push(&[s, KIND_STRUCT << 24 | 2, 16, a, 1, 0, 0, 4, 64]); // 5: struct s
+        push(&[0, KIND_TYPEDEF << 24, 5]); // 6: typedef
+        let mut blob = Vec::new();
+        blob.extend_from_slice(&BTF_MAGIC.to_le_bytes());
+        blob.extend_from_slice(&[1, 0]);
+        for w in [24u32, 0, t.len() as u32, t.len() as u32, strings.len() as u32] {
+            blob.extend_from_slice(&w.to_le_bytes());
+        }
+        blob.extend_from_slice(&t);
+        blob.extend_from_slice(&strings);
+        blob
+    }
+
+    #[test]
+    fn finds_fields_through_anonymous_members() {
+        let btf = Btf::parse(&sample()).expect("parse");
+        assert_eq!(btf.field_offset("s", "a", 4).expect("a"), 0);
+        assert_eq!(btf.field_offset("s", "p", 8).expect("p"), 8);
+        assert_eq!(btf.field_offset("s", "q", 4).expect("q"), 8);
+        assert!(matches!(btf.field_offset("s", "a", 8), Err(BtfError::Size { got: 4, .. })));
+        assert!(matches!(btf.field_offset("s", "zz", 4), Err(BtfError::NoField { .. })));
+        assert!(matches!(btf.field_offset("nope", "a", 4), Err(BtfError::NoStruct(_))));
+    }
+
+    #[test]
+    fn garbage_is_an_error_not_a_panic() {
+        assert!(Btf::parse(b"").is_err());
+        assert!(Btf::parse(&[0x9f, 0xeb, 1, 0, 24, 0, 0, 0, 0, 0, 0, 0, 255, 255]).is_err());
+        let mut blob = sample();
+        blob.truncate(40);
+        assert!(Btf::parse(&blob).is_err());
+    }
+
+    /// The kernel this runs on: every offset the programs need must resolve.
+    #[test]
+    fn running_kernel_has_every_field() {
+        let Ok(data) = std::fs::read("/sys/kernel/btf/vmlinux") else {
+            assert!(
+                std::env::var_os("DCMON_REQUIRE_EBPF").is_none(),
+                "DCMON_REQUIRE_EBPF is set but /sys/kernel/btf/vmlinux is unreadable"
+            );
+            return;
+        };
+        let btf = Btf::parse(&data).expect("parse vmlinux BTF");
+        for (global, strukt, field, size) in dcmon_common::ebpf::OFFSETS {
+            btf.field_offset(strukt, field, size).unwrap_or_else(|e| panic!("{global}: {e}"));
+        }
+    }
+}

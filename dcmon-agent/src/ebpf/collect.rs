@@ -1,0 +1,382 @@
+//! The eBPF-fed disk and network collectors, and the eBPF status collector.
+//!
+//! Values continue the /proc since-boot counters: at attach the collector records /proc's
+//! values (the baseline) and the map's values (the start), and reports
+//! `baseline + (map now - start)`, so switching modes across a restart shows no jump.
+//! Devices are listed from sysfs every round (cheap: one directory read) so hot-plugged and
+//! renamed devices get their current names; the kernel keys (dev_t, ifindex) never change
+//! under a rename.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::MetadataExt as _;
+use std::sync::Arc;
+
+use anyhow::{Context as _, anyhow};
+use dcmon_common::ebpf::{DiskKey, DiskValue, NetKey, NetValue};
+use dcmon_common::{SECTOR_BYTES, collector_names};
+use procfs_core::DiskStat;
+
+use super::Probes;
+use crate::batch::Sample;
+use crate::collector::disk::{DiskCounters, WholeDisks, parse_diskstats};
+use crate::collector::net::{InterfaceCounters, parse_net_dev};
+use crate::collector::{CollectError, Collector};
+use crate::config::DeviceFilter;
+use crate::filter::PatternList;
+use crate::host::Host;
+
+/// `ARPHRD_ETHER` (/sys/class/net/X/type).
+const ARPHRD_ETHER: u32 = 1;
+/// `ARPHRD_LOOPBACK`.
+const ARPHRD_LOOPBACK: u32 = 772;
+/// Ethernet header bytes (`ETH_HLEN`).
+const ETH_HLEN: u64 = 14;
+
+fn read_trimmed(host: &Host, rel: &str) -> Option<String> {
+    host.read_to_string(rel).ok().map(|s| s.trim().to_owned())
+}
+
+/// Names in a sysfs directory (`/sys/block`, `/sys/class/net`).
+fn list_dir(host: &Host, rel: &str) -> anyhow::Result<Vec<String>> {
+    let path = host.path(rel);
+    let dir = std::fs::read_dir(&path).with_context(|| format!("listing {}", path.display()))?;
+    Ok(dir.filter_map(Result::ok).filter_map(|e| e.file_name().into_string().ok()).collect())
+}
+
+/// `"259:0"` (/sys/block/X/dev) into a key.
+fn parse_dev(text: &str) -> Option<DiskKey> {
+    let (major, minor) = text.trim().split_once(':')?;
+    Some(DiskKey::new(major.parse().ok()?, minor.parse().ok()?))
+}
+
+/// Disk I/O from the `block_rq_complete` program.
+///
+/// That tracepoint sees request-based (blk-mq) disks: SCSI/SATA, NVMe namespaces without
+/// native multipath, virtio, loop. Bio-based disks (device-mapper, md, zram, NVMe multipath
+/// heads; no `/sys/block/X/mq`) account their I/O without a `struct request`, and disks with
+/// `queue/iostats` off are not accounted at all, so for those this collector reads their
+/// /proc/diskstats line instead, and only when one passes the filter.
+#[derive(Debug)]
+pub struct EbpfDiskCollector {
+    host: Host,
+    filter: DeviceFilter,
+    probes: Arc<Probes>,
+    /// /proc/diskstats at attach.
+    baseline: HashMap<DiskKey, DiskValue>,
+    /// The map at attach.
+    start: HashMap<DiskKey, DiskValue>,
+    /// Whole disks from the last round: name -> key and whether it is request-based.
+    known: HashMap<String, (DiskKey, bool)>,
+    buf: String,
+}
+
+impl EbpfDiskCollector {
+    /// Takes the baseline now; call right after the programs are attached.
+    pub fn new(host: Host, filter: DeviceFilter, probes: Arc<Probes>) -> anyhow::Result<Self> {
+        let start = probes.disk_totals()?.into_iter().collect();
+        let path = host.path("/proc/diskstats");
+        let text = host.read_to_string("/proc/diskstats")?;
+        let mut baseline = HashMap::new();
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            let s = DiskStat::from_line(line).with_context(|| format!("parsing {}: {line:?}", path.display()))?;
+            let (Ok(major), Ok(minor)) = (u32::try_from(s.major), u32::try_from(s.minor)) else {
+                continue;
+            };
+            baseline.insert(
+                DiskKey::new(major, minor),
+                DiskValue {
+                    reads: s.reads,
+                    read_sectors: s.sectors_read,
+                    writes: s.writes,
+                    write_sectors: s.sectors_written,
+                },
+            );
+        }
+        Ok(Self { host, filter, probes, baseline, start, known: HashMap::new(), buf: String::new() })
+    }
+
+    /// The counters of every whole disk the filter allows, in device-number order.
+    pub fn read_all(&mut self) -> anyhow::Result<Vec<DiskCounters>> {
+        let names = list_dir(&self.host, "/sys/block")?;
+        let mut current = HashMap::with_capacity(names.len());
+        for name in names {
+            let entry = match self.known.get(&name) {
+                Some(e) => *e,
+                None => {
+                    match read_trimmed(&self.host, &format!("/sys/block/{name}/dev")).as_deref().and_then(parse_dev) {
+                        Some(k) => (k, self.host.path(format!("/sys/block/{name}/mq")).exists()),
+                        None => continue, // vanished between the listing and the read
+                    }
+                }
+            };
+            current.insert(name, entry);
+        }
+        // A disk gone since the last round: forget its counts so a new disk that reuses the
+        // number starts from its own /proc zero, not from the old disk's total.
+        for (name, (key, _)) in &self.known {
+            if current.get(name).map(|e| e.0) != Some(*key) && !current.values().any(|e| e.0 == *key) {
+                self.baseline.remove(key);
+                self.start.remove(key);
+                self.probes.forget_disk(key)?;
+            }
+        }
+        self.known = current;
+        let filter = &self.filter;
+        // Disks the programs cannot mirror: bio-based ones, and request-based ones whose
+        // statistics are switched off (queue/iostats = 0: /proc stands still while requests
+        // still complete). Re-checked every round because iostats can be toggled at runtime.
+        let from_proc_names: HashSet<String> = self
+            .known
+            .iter()
+            .filter(|(name, _)| filter.allows(name))
+            .filter(|(name, (_, request_based))| {
+                !request_based
+                    || read_trimmed(&self.host, &format!("/sys/block/{name}/queue/iostats")).is_some_and(|v| v == "0")
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        let mut from_proc = Vec::new();
+        if !from_proc_names.is_empty() {
+            self.host.read_into("/proc/diskstats", &mut self.buf)?;
+            let path = self.host.path("/proc/diskstats");
+            let names = WholeDisks::Sysfs(from_proc_names.clone());
+            from_proc =
+                parse_diskstats(&self.buf, &names, filter).with_context(|| format!("parsing {}", path.display()))?;
+        }
+        let now: HashMap<DiskKey, DiskValue> = self.probes.disk_totals()?.into_iter().collect();
+        let zero = DiskValue::default();
+        let mut out: Vec<(DiskKey, DiskCounters)> = self
+            .known
+            .iter()
+            .filter(|(name, _)| filter.allows(name) && !from_proc_names.contains(*name))
+            .map(|(name, (key, _))| {
+                let base = self.baseline.get(key).unwrap_or(&zero);
+                let start = self.start.get(key).unwrap_or(&zero);
+                let now = now.get(key).unwrap_or(&zero);
+                let cont = |b: u64, n: u64, s: u64| b.wrapping_add(n.wrapping_sub(s));
+                (
+                    *key,
+                    DiskCounters {
+                        device: name.clone(),
+                        reads: cont(base.reads, now.reads, start.reads),
+                        read_bytes: cont(base.read_sectors, now.read_sectors, start.read_sectors) * SECTOR_BYTES,
+                        writes: cont(base.writes, now.writes, start.writes),
+                        write_bytes: cont(base.write_sectors, now.write_sectors, start.write_sectors) * SECTOR_BYTES,
+                    },
+                )
+            })
+            .collect();
+        for c in from_proc {
+            if let Some((key, _)) = self.known.get(&c.device) {
+                out.push((*key, c));
+            }
+        }
+        // The order of /proc/diskstats: by device number.
+        out.sort_by_key(|(k, _)| (k.major(), k.minor()));
+        Ok(out.into_iter().map(|(_, c)| c).collect())
+    }
+}
+
+impl Collector for EbpfDiskCollector {
+    fn name(&self) -> &'static str {
+        collector_names::DISK
+    }
+
+    fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
+        let disks = self.read_all()?;
+        out.extend(disks.iter().flat_map(DiskCounters::samples));
+        Ok(())
+    }
+}
+
+/// `(rx bytes, tx bytes)` of `v` corrected so the stack's view matches what drivers count in /proc/net/dev.
+/// `netif_receive_skb` sees Ethernet frames with the 14-byte header already pulled, which
+/// Ethernet drivers (virtio, veth, physical NICs) count; loopback transmit carries a header
+/// that lo's counters (taken after eth_type_trans) leave out.
+pub fn header_adjust(arphrd: u32, v: &NetValue) -> (u64, u64) {
+    match arphrd {
+        ARPHRD_ETHER => (v.rx_bytes.wrapping_add(v.rx_packets.wrapping_mul(ETH_HLEN)), v.tx_bytes),
+        ARPHRD_LOOPBACK => (v.rx_bytes, v.tx_bytes.wrapping_sub(v.tx_packets.wrapping_mul(ETH_HLEN))),
+        _ => (v.rx_bytes, v.tx_bytes),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Iface {
+    key: NetKey,
+    arphrd: u32,
+}
+
+/// Network I/O from the `netif_receive_skb` and `net_dev_xmit` programs, for the interfaces
+/// of the agent's own network namespace (the one its /proc/net/dev shows).
+#[derive(Debug)]
+pub struct EbpfNetCollector {
+    host: Host,
+    filter: DeviceFilter,
+    probes: Arc<Probes>,
+    netns: u32,
+    /// /proc/net/dev at attach: (rx bytes, tx bytes).
+    baseline: HashMap<NetKey, (u64, u64)>,
+    /// The map at attach.
+    start: HashMap<NetKey, NetValue>,
+    /// Interfaces from the last round: name -> key and type.
+    known: HashMap<String, Iface>,
+}
+
+/// Inode number of the network namespace that `/proc/self/ns/net` under `host` names.
+pub fn own_netns(host: &Host) -> anyhow::Result<u32> {
+    let path = host.path("/proc/self/ns/net");
+    let ino = std::fs::metadata(&path).with_context(|| format!("stat {}", path.display()))?.ino();
+    u32::try_from(ino).map_err(|_| anyhow!("{}: inode {ino} does not fit 32 bits", path.display()))
+}
+
+impl EbpfNetCollector {
+    /// Takes the baseline now; call right after the programs are attached.
+    pub fn new(host: Host, filter: DeviceFilter, probes: Arc<Probes>) -> anyhow::Result<Self> {
+        let netns = own_netns(&host)?;
+        let start = probes.net_totals()?.into_iter().collect();
+        let mut c = Self { host, filter, probes, netns, baseline: HashMap::new(), start, known: HashMap::new() };
+        let text = c.host.read_to_string("/proc/net/dev")?;
+        let match_all = DeviceFilter { include: PatternList::match_all(), exclude: PatternList::default() };
+        let all = parse_net_dev(&text, &match_all)
+            .with_context(|| format!("parsing {}", c.host.path("/proc/net/dev").display()))?;
+        c.refresh_interfaces()?;
+        for i in all {
+            if let Some(iface) = c.known.get(&i.interface) {
+                c.baseline.insert(iface.key, (i.receive_bytes, i.transmit_bytes));
+            }
+        }
+        Ok(c)
+    }
+
+    fn refresh_interfaces(&mut self) -> anyhow::Result<()> {
+        let names = list_dir(&self.host, "/sys/class/net")?;
+        let mut current = HashMap::with_capacity(names.len());
+        for name in names {
+            if let Some(i) = self.known.get(&name) {
+                current.insert(name, *i);
+                continue;
+            }
+            let ifindex =
+                read_trimmed(&self.host, &format!("/sys/class/net/{name}/ifindex")).and_then(|s| s.parse::<u32>().ok());
+            let arphrd =
+                read_trimmed(&self.host, &format!("/sys/class/net/{name}/type")).and_then(|s| s.parse::<u32>().ok());
+            if let (Some(ifindex), Some(arphrd)) = (ifindex, arphrd) {
+                let key = NetKey { ifindex, netns: self.netns };
+                current.insert(name, Iface { key, arphrd });
+            }
+        }
+        for (name, i) in &self.known {
+            if current.get(name).map(|c| c.key) != Some(i.key) && !current.values().any(|c| c.key == i.key) {
+                self.baseline.remove(&i.key);
+                self.start.remove(&i.key);
+                self.probes.forget_net(&i.key)?;
+            }
+        }
+        self.known = current;
+        Ok(())
+    }
+
+    /// Every interface of this namespace now, before filtering, sorted by name.
+    pub fn read_all(&mut self) -> anyhow::Result<Vec<InterfaceCounters>> {
+        self.refresh_interfaces()?;
+        let now: HashMap<NetKey, NetValue> =
+            self.probes.net_totals()?.into_iter().filter(|(k, _)| k.netns == self.netns).collect();
+        let zero = NetValue::default();
+        let mut out: Vec<InterfaceCounters> = self
+            .known
+            .iter()
+            .map(|(name, i)| {
+                let (base_rx, base_tx) = self.baseline.get(&i.key).copied().unwrap_or((0, 0));
+                let (now_rx, now_tx) = header_adjust(i.arphrd, now.get(&i.key).unwrap_or(&zero));
+                let (s_rx, s_tx) = header_adjust(i.arphrd, self.start.get(&i.key).unwrap_or(&zero));
+                InterfaceCounters {
+                    interface: name.clone(),
+                    receive_bytes: base_rx.wrapping_add(now_rx.wrapping_sub(s_rx)),
+                    transmit_bytes: base_tx.wrapping_add(now_tx.wrapping_sub(s_tx)),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.interface.cmp(&b.interface));
+        Ok(out)
+    }
+}
+
+impl Collector for EbpfNetCollector {
+    fn name(&self) -> &'static str {
+        collector_names::NET
+    }
+
+    fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
+        let ifaces = self.read_all()?;
+        out.extend(ifaces.iter().filter(|i| self.filter.allows(&i.interface)).flat_map(InterfaceCounters::samples));
+        Ok(())
+    }
+}
+
+/// `dcmon_ebpf_active`, and the programs' run count and time when `kernel.bpf_stats_enabled`.
+#[derive(Debug)]
+pub struct EbpfStatusCollector {
+    host: Host,
+    probes: Option<Arc<Probes>>,
+}
+
+impl EbpfStatusCollector {
+    /// Reports eBPF as active when `probes` is some.
+    pub fn new(host: Host, probes: Option<Arc<Probes>>) -> Self {
+        Self { host, probes }
+    }
+}
+
+impl Collector for EbpfStatusCollector {
+    fn name(&self) -> &'static str {
+        collector_names::EBPF
+    }
+
+    fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
+        out.push(Sample::gauge("dcmon_ebpf_active", if self.probes.is_some() { 1.0 } else { 0.0 }));
+        let Some(probes) = &self.probes else {
+            return Ok(());
+        };
+        let stats = probes.program_stats()?;
+        for s in &stats {
+            if let Some(misses) = s.recursion_misses {
+                out.push(Sample::count("dcmon_ebpf_program_missed_total", misses).label("program", s.program));
+            }
+        }
+        // Run time is only accounted while the sysctl is on; without it the counters are
+        // zeros that would read as "costs nothing", so leave them out.
+        let enabled = read_trimmed(&self.host, "/proc/sys/kernel/bpf_stats_enabled");
+        if enabled.as_deref() != Some("1") {
+            return Ok(());
+        }
+        for s in stats {
+            out.push(Sample::count("dcmon_ebpf_program_runs_total", s.run_count).label("program", s.program));
+            out.push(
+                Sample::gauge("dcmon_ebpf_program_run_seconds_total", s.run_time_ns as f64 / 1e9)
+                    .label("program", s.program),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_adjustments_per_device_type() {
+        let v = NetValue { rx_packets: 2, rx_bytes: 100, tx_packets: 3, tx_bytes: 300 };
+        assert_eq!(header_adjust(ARPHRD_ETHER, &v), (128, 300));
+        assert_eq!(header_adjust(ARPHRD_LOOPBACK, &v), (100, 258));
+        assert_eq!(header_adjust(65534, &v), (100, 300));
+    }
+
+    #[test]
+    fn dev_numbers_parse() {
+        assert_eq!(parse_dev("259:3\n"), Some(DiskKey::new(259, 3)));
+        assert_eq!(parse_dev("x:3"), None);
+        assert_eq!(parse_dev(""), None);
+    }
+}

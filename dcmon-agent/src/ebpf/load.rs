@@ -1,0 +1,227 @@
+//! Loading the embedded object, filling in the kernel's field offsets and attaching the
+//! programs; failures are classified by kind and errno so the fallback log line says why.
+
+use std::error::Error as StdError;
+use std::io;
+use std::path::Path;
+
+use aya::programs::BtfTracePoint;
+use aya::{Ebpf, EbpfLoader};
+use dcmon_common::ebpf::{NETNS_FILTER, OFFSETS, PROGRAMS};
+
+use super::btf::{Btf, BtfError};
+
+/// The BPF object built by `cargo xtask build-ebpf` from dcmon-ebpf and committed in the repo,
+/// so that building the agent needs no BPF toolchain.
+pub static OBJECT: &[u8] = aya::include_bytes_aligned!("../../ebpf/dcmon-ebpf.o");
+
+/// Where the kernel publishes its own BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+/// Why the programs could not be loaded, in the terms an operator acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// EPERM/EACCES: needs root or CAP_BPF + CAP_PERFMON.
+    NoPrivilege,
+    /// ENOSYS: the kernel was built without the bpf() syscall.
+    NoBpf,
+    /// No /sys/kernel/btf/vmlinux (CONFIG_DEBUG_INFO_BTF off): tp_btf cannot attach.
+    NoBtf,
+    /// A tracepoint the programs attach to does not exist in this kernel.
+    MissingTracepoint,
+    /// The kernel's structs lack a field the programs read.
+    KernelLayout,
+    /// Anything else (verifier rejection, resource limits...).
+    Other,
+}
+
+impl Reason {
+    fn describe(self) -> &'static str {
+        match self {
+            Self::NoPrivilege => "no privilege to load BPF programs (run as root or with CAP_BPF and CAP_PERFMON)",
+            Self::NoBpf => "this kernel has no BPF support (bpf() returned ENOSYS)",
+            Self::NoBtf => "this kernel has no BTF (CONFIG_DEBUG_INFO_BTF)",
+            Self::MissingTracepoint => "a tracepoint the programs need is missing in this kernel",
+            Self::KernelLayout => "this kernel's structs lack a field the programs read",
+            Self::Other => "loading the BPF programs failed",
+        }
+    }
+}
+
+/// A load or attach failure: the reason and the underlying detail (file, program, errno).
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {detail}", reason.describe())]
+pub struct LoadError {
+    /// What kind of failure this is.
+    pub reason: Reason,
+    /// The step and the error it returned.
+    pub detail: String,
+}
+
+/// The first errno found down an error's source chain.
+fn errno_of(e: &(dyn StdError + 'static)) -> Option<i32> {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<io::Error>()
+            && let Some(n) = io.raw_os_error()
+        {
+            return Some(n);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// Whether aya said a BTF type (`btf_trace_<name>`, the tp_btf attach target) is unknown.
+fn unknown_btf_type(e: &(dyn StdError + 'static)) -> bool {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
+    while let Some(err) = cur {
+        use aya::BtfError::UnknownBtfTypeName;
+        // `#[error(transparent)]` wrappers hide the BtfError from source(), so look inside the
+        // wrappers that carry one too.
+        let btf = err
+            .downcast_ref::<aya::BtfError>()
+            .or_else(|| match err.downcast_ref::<aya::programs::ProgramError>() {
+                Some(aya::programs::ProgramError::Btf(b)) => Some(b),
+                _ => None,
+            })
+            .or_else(|| match err.downcast_ref::<aya::EbpfError>() {
+                Some(aya::EbpfError::BtfError(b)) => Some(b),
+                _ => None,
+            });
+        if let Some(UnknownBtfTypeName { .. }) = btf {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn classify(step: &str, e: &(dyn StdError + 'static), attaching: bool) -> LoadError {
+    let reason = match errno_of(e) {
+        Some(libc::EPERM | libc::EACCES) => Reason::NoPrivilege,
+        Some(libc::ENOSYS) => Reason::NoBpf,
+        Some(libc::ENOENT | libc::ESRCH) if attaching => Reason::MissingTracepoint,
+        _ if unknown_btf_type(e) => Reason::MissingTracepoint,
+        _ => Reason::Other,
+    };
+    let mut detail = format!("{step}: {e}");
+    let mut src = e.source();
+    while let Some(s) = src {
+        // aya's messages often embed their source's text already; don't say it twice.
+        let text = s.to_string();
+        if !detail.contains(&text) {
+            detail.push_str(&format!(": {text}"));
+        }
+        src = s.source();
+    }
+    LoadError { reason, detail }
+}
+
+/// Field offsets of the running kernel, `(global name, offset)` in [`OFFSETS`] order.
+pub fn kernel_offsets(btf_path: &Path) -> Result<Vec<(&'static str, u32)>, LoadError> {
+    let data = std::fs::read(btf_path).map_err(|e| LoadError {
+        reason: match e.kind() {
+            io::ErrorKind::NotFound => Reason::NoBtf,
+            io::ErrorKind::PermissionDenied => Reason::NoPrivilege,
+            _ => Reason::Other,
+        },
+        detail: format!("reading {}: {e}", btf_path.display()),
+    })?;
+    let btf = Btf::parse(&data)
+        .map_err(|e| LoadError { reason: Reason::NoBtf, detail: format!("{}: {e}", btf_path.display()) })?;
+    OFFSETS
+        .iter()
+        .map(|&(global, strukt, field, size)| {
+            btf.field_offset(strukt, field, size).map(|off| (global, off)).map_err(|e: BtfError| LoadError {
+                reason: Reason::KernelLayout,
+                detail: format!("{}: {e}", btf_path.display()),
+            })
+        })
+        .collect()
+}
+
+/// Best-effort RLIMIT_MEMLOCK to infinity: kernels before 5.11 charge BPF maps against it,
+/// and a low limit would show up as a confusing EPERM.
+fn raise_memlock() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: setrlimit with a valid struct; failure is harmless (newer kernels use memcg).
+    unsafe {
+        libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim);
+    }
+}
+
+/// Loads `object` with the running kernel's offsets, without attaching anything. `netns`:
+/// count only that network namespace's interfaces (None: every namespace).
+pub fn load_object(object: &[u8], netns: Option<u32>) -> Result<(Ebpf, aya::Btf), LoadError> {
+    let offsets = kernel_offsets(Path::new(VMLINUX_BTF))?;
+    let kernel_btf = aya::Btf::from_sys_fs()
+        .map_err(|e| LoadError { reason: Reason::NoBtf, detail: format!("parsing {VMLINUX_BTF}: {e}") })?;
+    raise_memlock();
+    let mut loader = EbpfLoader::new();
+    loader.btf(Some(&kernel_btf));
+    for (global, off) in &offsets {
+        loader.override_global(global, off, true);
+    }
+    let netns = netns.unwrap_or(0);
+    loader.override_global(NETNS_FILTER, &netns, true);
+    let ebpf = loader.load(object).map_err(|e| classify("loading the BPF object", &e, false))?;
+    Ok((ebpf, kernel_btf))
+}
+
+/// Loads `object` and attaches every program in [`PROGRAMS`]. Dropping the returned `Ebpf`
+/// detaches them.
+pub fn load_and_attach(object: &[u8], netns: Option<u32>) -> Result<Ebpf, LoadError> {
+    let (mut ebpf, btf) = load_object(object, netns)?;
+    for (name, tracepoint) in PROGRAMS {
+        let step = format!("program {name} (tp_btf/{tracepoint})");
+        let prog: &mut BtfTracePoint = ebpf
+            .program_mut(name)
+            .ok_or_else(|| LoadError { reason: Reason::Other, detail: format!("{step}: not in the embedded object") })?
+            .try_into()
+            .map_err(|e| classify(&step, &e, false))?;
+        prog.load(tracepoint, &btf).map_err(|e| classify(&format!("{step}: load"), &e, false))?;
+        prog.attach().map_err(|e| classify(&format!("{step}: attach"), &e, true))?;
+    }
+    Ok(ebpf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn io(errno: i32) -> aya::programs::ProgramError {
+        aya::programs::ProgramError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_prog_load",
+            io_error: io::Error::from_raw_os_error(errno),
+        })
+    }
+
+    #[test]
+    fn failures_are_classified_by_errno_and_kind() {
+        let reason = |errno, attaching| classify("s", &io(errno), attaching).reason;
+        assert_eq!(reason(libc::EPERM, false), Reason::NoPrivilege);
+        assert_eq!(reason(libc::EACCES, false), Reason::NoPrivilege);
+        assert_eq!(reason(libc::ENOSYS, false), Reason::NoBpf);
+        assert_eq!(reason(libc::ENOENT, true), Reason::MissingTracepoint);
+        assert_eq!(reason(libc::ENOENT, false), Reason::Other);
+        assert_eq!(reason(libc::EINVAL, false), Reason::Other);
+        let missing = aya::programs::ProgramError::Btf(aya::BtfError::UnknownBtfTypeName {
+            type_name: "btf_trace_block_rq_complete".into(),
+        });
+        let e = classify("program block_rq_complete", &missing, false);
+        assert_eq!(e.reason, Reason::MissingTracepoint);
+        assert!(e.to_string().contains("btf_trace_block_rq_complete"), "{e}");
+    }
+
+    #[test]
+    fn missing_btf_file_is_no_btf() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let e = kernel_offsets(&dir.path().join("vmlinux")).expect_err("no file");
+        assert_eq!(e.reason, Reason::NoBtf);
+        assert!(e.to_string().contains("vmlinux"), "{e}");
+        std::fs::write(dir.path().join("vmlinux"), b"not btf").expect("write");
+        let e = kernel_offsets(&dir.path().join("vmlinux")).expect_err("garbage");
+        assert_eq!(e.reason, Reason::NoBtf);
+    }
+}

@@ -1,0 +1,166 @@
+//! Reading the per-CPU hash maps with `BPF_MAP_LOOKUP_BATCH`: a few syscalls for the whole
+//! map instead of one `get_next_key` plus one lookup per key, which matters with thousands of
+//! container interfaces. aya 0.14 has no batch API, so this calls bpf(2) on the map's fd.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use aya::Pod;
+
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+
+/// `union bpf_attr`'s `info` member.
+#[repr(C)]
+#[derive(Default)]
+struct InfoAttr {
+    bpf_fd: u32,
+    info_len: u32,
+    info: u64,
+}
+
+/// Byte offsets in `struct bpf_prog_info` (include/uapi/linux/bpf.h; append-only ABI).
+const PROG_INFO_RUN_TIME_NS: usize = 192;
+const PROG_INFO_RUN_CNT: usize = 200;
+const PROG_INFO_RECURSION_MISSES: usize = 208;
+
+/// A program's counters from BPF_OBJ_GET_INFO_BY_FD.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProgCounters {
+    /// Nanoseconds run while `kernel.bpf_stats_enabled` was on.
+    pub run_time_ns: u64,
+    /// Runs while `kernel.bpf_stats_enabled` was on.
+    pub run_count: u64,
+    /// Times the kernel skipped the program because it was already running on that CPU (an
+    /// interrupt fired the same hook while it ran): events it did not count. Always counted;
+    /// `None` on kernels before 5.12, which do not report it.
+    pub recursion_misses: Option<u64>,
+}
+
+/// The run and miss counters of the program behind `prog_fd`.
+pub fn prog_counters(prog_fd: BorrowedFd<'_>) -> io::Result<ProgCounters> {
+    let mut info = [0u64; 32];
+    let mut attr = InfoAttr {
+        bpf_fd: prog_fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    // The kernel writes back how much of the struct it knows and filled.
+    let filled = attr.info_len as usize;
+    let field = |off: usize| (filled >= off + 8).then(|| info[off / 8]);
+    Ok(ProgCounters {
+        run_time_ns: field(PROG_INFO_RUN_TIME_NS).unwrap_or(0),
+        run_count: field(PROG_INFO_RUN_CNT).unwrap_or(0),
+        recursion_misses: field(PROG_INFO_RECURSION_MISSES),
+    })
+}
+
+/// `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct BatchAttr {
+    in_batch: u64,
+    out_batch: u64,
+    keys: u64,
+    values: u64,
+    count: u32,
+    map_fd: u32,
+    elem_flags: u64,
+    flags: u64,
+}
+
+/// `union bpf_attr`'s map element member, for delete.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
+    // SAFETY: attr is a valid, initialised bpf_attr prefix of the size passed; the kernel
+    // writes only within it and within the buffers whose addresses it holds, which the caller
+    // sized for the requested count.
+    let rc = unsafe {
+        libc::syscall(libc::SYS_bpf, cmd, attr as *mut T as *mut libc::c_void, std::mem::size_of::<T>() as libc::c_uint)
+    };
+    if rc < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+}
+
+/// Number of possible CPUs: the per-CPU value array length the kernel copies out.
+pub fn possible_cpus() -> io::Result<usize> {
+    aya::util::nr_cpus().map_err(|(path, e)| io::Error::new(e.kind(), format!("{path}: {e}")))
+}
+
+/// Every (key, per-CPU sum) of a per-CPU hash map, with `add` summing one CPU's value into the
+/// total. Entries are read in batches of `chunk` keys.
+pub fn lookup_all_percpu<K: Pod, V: Pod + Default>(
+    fd: BorrowedFd<'_>,
+    ncpus: usize,
+    add: impl Fn(&mut V, &V),
+) -> io::Result<Vec<(K, V)>> {
+    // Per-CPU values are laid out at 8-byte strides.
+    let stride = std::mem::size_of::<V>().div_ceil(8) * 8;
+    let mut chunk: usize = 256;
+    let mut out = Vec::new();
+    let mut token: u64 = 0;
+    let mut first = true;
+    loop {
+        let mut keys = vec![0u8; chunk * std::mem::size_of::<K>()];
+        let mut values = vec![0u8; chunk * stride * ncpus];
+        let mut next: u64 = 0;
+        let mut attr = BatchAttr {
+            in_batch: if first { 0 } else { &token as *const u64 as u64 },
+            out_batch: &mut next as *mut u64 as u64,
+            keys: keys.as_mut_ptr() as u64,
+            values: values.as_mut_ptr() as u64,
+            count: chunk as u32,
+            map_fd: fd.as_raw_fd() as u32,
+            ..Default::default()
+        };
+        let res = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let done = match res {
+            Ok(()) => false,
+            // ENOENT: no more entries; `count` says how many this last call returned.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            // ENOSPC: one hash bucket holds more keys than fit in the buffer; grow and retry.
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && chunk < 1 << 20 => {
+                chunk *= 4;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        let n = attr.count as usize;
+        for i in 0..n {
+            // SAFETY: the kernel wrote `n` keys and `n * ncpus` values; K and V are Pod.
+            let key = unsafe { std::ptr::read_unaligned(keys.as_ptr().add(i * std::mem::size_of::<K>()).cast::<K>()) };
+            let mut total = V::default();
+            for cpu in 0..ncpus {
+                // SAFETY: as above, within the buffer sized chunk * ncpus * stride.
+                let v =
+                    unsafe { std::ptr::read_unaligned(values.as_ptr().add((i * ncpus + cpu) * stride).cast::<V>()) };
+                add(&mut total, &v);
+            }
+            out.push((key, total));
+        }
+        if done {
+            return Ok(out);
+        }
+        token = next;
+        first = false;
+    }
+}
+
+/// Deletes `key`; a key already gone is not an error.
+pub fn delete<K: Pod>(fd: BorrowedFd<'_>, key: &K) -> io::Result<()> {
+    let mut attr = ElemAttr { map_fd: fd.as_raw_fd() as u32, key: key as *const K as u64, ..Default::default() };
+    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}

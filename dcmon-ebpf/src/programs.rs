@@ -1,0 +1,205 @@
+//! The programs and maps. Names are the contract in `dcmon_common::ebpf`.
+
+use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::macros::{btf_tracepoint, map};
+use aya_ebpf::maps::PerCpuHashMap;
+use aya_ebpf::programs::BtfTracePointContext;
+use dcmon_common::ebpf::{DISK_MAP_ENTRIES, DiskKey, DiskValue, NET_MAP_ENTRIES, NetKey, NetValue, OpGroup, op_group};
+
+/// Per-CPU, so the hot path updates its own CPU's copy without locks or atomics; the agent
+/// sums the copies.
+#[map]
+static DCMON_DISK: PerCpuHashMap<DiskKey, DiskValue> = PerCpuHashMap::with_max_entries(DISK_MAP_ENTRIES, 0);
+
+#[map]
+static DCMON_NET: PerCpuHashMap<NetKey, NetValue> = PerCpuHashMap::with_max_entries(NET_MAP_ENTRIES, 0);
+
+// Field offsets, set by the loader from the running kernel's BTF (see
+// dcmon_common::ebpf::OFFSETS). Zero here only so the object links; the loader refuses to load
+// unless it has found every one.
+#[unsafe(no_mangle)]
+static OFF_RQ_Q: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_RQ_CMD_FLAGS: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_RQ_DATA_LEN: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_Q_DISK: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_DISK_MAJOR: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_DISK_FIRST_MINOR: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SKB_LEN: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SKB_DEV: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_DEV_IFINDEX: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_DEV_NET: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_NET_NS_INUM: u32 = 0;
+/// dcmon_common::ebpf::NETNS_FILTER.
+#[unsafe(no_mangle)]
+static NETNS_FILTER: u32 = 0;
+
+/// bpf_probe_read_kernel and tp_btf need a GPL-compatible license.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+/// Reads a global through a volatile load so the compiler cannot fold the link-time zero.
+#[inline(always)]
+fn off(global: &'static u32) -> usize {
+    // SAFETY: a valid, aligned static.
+    unsafe { core::ptr::read_volatile(global) as usize }
+}
+
+/// Reads a `T` at `base + offset` of a kernel struct reached from a tp_btf argument.
+///
+/// A plain load, not bpf_probe_read_kernel: the verifier knows `base` is a BTF-typed pointer
+/// and reads `offset` as a constant from the frozen `.rodata` map, so it checks the access
+/// against the kernel's BTF at load time and emits a fault-tolerant direct load (a NULL or bad
+/// pointer reads as zero). That saves a helper call per field on every event.
+#[inline(always)]
+fn read<T: Copy>(base: usize, offset: usize) -> Option<T> {
+    if base == 0 {
+        return None;
+    }
+    // SAFETY: see above; the kernel makes faulting loads through BTF pointers return zero.
+    Some(unsafe { core::ptr::read_volatile((base + offset) as *const T) })
+}
+
+/// Adds to this CPU's counters of `key`, creating the entry on first sight.
+#[inline(always)]
+fn bump<K, V: Default>(map: &PerCpuHashMap<K, V>, key: &K, add: impl Fn(&mut V)) {
+    if let Some(v) = map.get_ptr_mut(key) {
+        // SAFETY: this CPU's copy of the value. Nothing else writes it while we run: tracing
+        // programs run with migration disabled, and the kernel skips (and counts in
+        // recursion_misses) a run of this program that would nest on the same CPU.
+        unsafe { add(&mut *v) };
+        return;
+    }
+    let mut v = V::default();
+    add(&mut v);
+    if map.insert(key, &v, BPF_NOEXIST as u64).is_err() {
+        // Another CPU created the entry between our lookup and insert (or the map is full,
+        // in which case the lookup fails too and the event is not counted).
+        if let Some(v) = map.get_ptr_mut(key) {
+            // SAFETY: as above.
+            unsafe { add(&mut *v) };
+        }
+    }
+}
+
+/// `block_rq_complete(struct request *rq, blk_status_t error, unsigned int nr_bytes)`, fired
+/// from blk_update_request once per (partial) completion, before `__data_len` is reduced.
+#[btf_tracepoint(function = "block_rq_complete")]
+pub fn block_rq_complete(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_block_rq_complete(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_block_rq_complete(ctx: &BtfTracePointContext) -> Option<()> {
+    let rq: usize = ctx.arg(0);
+    let nr_bytes: u32 = ctx.arg(2);
+    let cmd_flags: u32 = read(rq, off(&OFF_RQ_CMD_FLAGS))?;
+    let group = op_group(cmd_flags);
+    if group == OpGroup::Other {
+        return None;
+    }
+    let q: usize = read(rq, off(&OFF_RQ_Q))?;
+    let disk: usize = read(q, off(&OFF_Q_DISK))?;
+    if disk == 0 {
+        return None;
+    }
+    let major: u32 = read(disk, off(&OFF_DISK_MAJOR))?;
+    let minor: u32 = read(disk, off(&OFF_DISK_FIRST_MINOR))?;
+    let data_len: u32 = read(rq, off(&OFF_RQ_DATA_LEN))?;
+    // /proc/diskstats counts the request once, when its last bytes complete
+    // (blk_account_io_done), and its sectors at every partial completion
+    // (blk_account_io_completion: bytes >> 9).
+    let done = u64::from(nr_bytes >= data_len);
+    let sectors = u64::from(nr_bytes >> 9);
+    let key = DiskKey::new(major, minor);
+    match group {
+        OpGroup::Read => bump(&DCMON_DISK, &key, |v: &mut DiskValue| {
+            v.reads += done;
+            v.read_sectors += sectors;
+        }),
+        _ => bump(&DCMON_DISK, &key, |v: &mut DiskValue| {
+            v.writes += done;
+            v.write_sectors += sectors;
+        }),
+    }
+    Some(())
+}
+
+/// The (namespace, ifindex) of a `struct net_device *`.
+#[inline(always)]
+fn net_key(dev: usize) -> Option<NetKey> {
+    if dev == 0 {
+        return None;
+    }
+    let ifindex: u32 = read(dev, off(&OFF_DEV_IFINDEX))?;
+    let net: usize = read(dev, off(&OFF_DEV_NET))?;
+    let netns: u32 = read(net, off(&OFF_NET_NS_INUM))?;
+    let only = off(&NETNS_FILTER) as u32;
+    if only != 0 && netns != only {
+        return None;
+    }
+    Some(NetKey { ifindex, netns })
+}
+
+/// `netif_receive_skb(struct sk_buff *skb)`, in __netif_receive_skb_core: once per packet per
+/// device it reaches (a bond or VLAN sees it again under its own device, as /proc counts it).
+#[btf_tracepoint(function = "netif_receive_skb")]
+pub fn netif_receive_skb(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_netif_receive_skb(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_netif_receive_skb(ctx: &BtfTracePointContext) -> Option<()> {
+    let skb: usize = ctx.arg(0);
+    let len: u32 = read(skb, off(&OFF_SKB_LEN))?;
+    let dev: usize = read(skb, off(&OFF_SKB_DEV))?;
+    let key = net_key(dev)?;
+    bump(&DCMON_NET, &key, |v: &mut NetValue| {
+        v.rx_packets += 1;
+        v.rx_bytes += u64::from(len);
+    });
+    Some(())
+}
+
+/// `net_dev_xmit(struct sk_buff *skb, int rc, struct net_device *dev, unsigned int skb_len)`,
+/// after the driver's ndo_start_xmit returned.
+#[btf_tracepoint(function = "net_dev_xmit")]
+pub fn net_dev_xmit(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_net_dev_xmit(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_net_dev_xmit(ctx: &BtfTracePointContext) -> Option<()> {
+    let rc: i32 = ctx.arg(1);
+    // NETDEV_TX_OK: the driver took the packet; NETDEV_TX_BUSY is requeued and seen again.
+    if rc != 0 {
+        return None;
+    }
+    let dev: usize = ctx.arg(2);
+    let len: u32 = ctx.arg(3);
+    let key = net_key(dev)?;
+    bump(&DCMON_NET, &key, |v: &mut NetValue| {
+        v.tx_packets += 1;
+        v.tx_bytes += u64::from(len);
+    });
+    Some(())
+}
