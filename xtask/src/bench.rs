@@ -60,6 +60,7 @@ struct Run {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Subject {
     Agent,
+    AgentEbpf,
     NodeExporter,
     Collectd,
 }
@@ -68,6 +69,7 @@ impl Subject {
     fn name(self) -> &'static str {
         match self {
             Subject::Agent => "dcmon-agent (procfs)",
+            Subject::AgentEbpf => "dcmon-agent (eBPF)",
             Subject::NodeExporter => "node_exporter 5 collectors, scraped 1/s",
             Subject::Collectd => "collectd cpu,memory,disk,interface,load",
         }
@@ -97,7 +99,7 @@ pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         bail!("cargo build --release failed");
     }
     let bin = workspace.join("target/release");
-    let mut subjects = vec![Subject::Agent];
+    let mut subjects = vec![Subject::Agent, Subject::AgentEbpf];
     if which("prometheus-node-exporter").is_some() {
         subjects.push(Subject::NodeExporter);
     } else {
@@ -113,7 +115,8 @@ pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         for (i, s) in subjects.iter().enumerate() {
             eprintln!("round {round}/{}: {} for {} s", args.rounds, s.name(), args.seconds);
             let run = match s {
-                Subject::Agent => measure_agent(&bin, args.seconds, None, false)?,
+                Subject::Agent => measure_agent(&bin, args.seconds, None, false, Ebpf::Off)?,
+                Subject::AgentEbpf => measure_agent(&bin, args.seconds, None, false, Ebpf::On)?,
                 Subject::NodeExporter => measure_node_exporter(args.seconds)?,
                 Subject::Collectd => measure_collectd(args.seconds)?,
             };
@@ -129,7 +132,7 @@ pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     if let Some(agent) = results.first() {
         // Ratios from schedstat: nanoseconds, where stat counts 10 ms ticks.
         let a = median(agent.iter().map(|r| r.cpu_ms_sched).collect());
-        for (s, runs) in subjects.iter().zip(&results).skip(1) {
+        for (s, runs) in subjects.iter().zip(&results).skip(1).filter(|(s, _)| **s != Subject::AgentEbpf) {
             let p = median(runs.iter().map(|r| r.cpu_ms_sched).collect());
             let m =
                 median(runs.iter().map(|r| r.rss_kib).collect()) / median(agent.iter().map(|r| r.rss_kib).collect());
@@ -154,12 +157,22 @@ fn println_out(s: &str) {
     let _ = std::io::stdout().lock().write_all(b"\n");
 }
 
+/// How the agent counts disk and network I/O in a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ebpf {
+    /// procfs only.
+    Off,
+    /// eBPF programs (the run fails if they cannot load: a silent fallback would mislabel it).
+    On,
+}
+
 /// The agent's config as JSON text (xtask has no serde): interval 1, OS collectors only,
 /// outbox on disk under `dir`; `all_disks` also reports loop devices.
-fn agent_config(url: &str, dir: &Path, all_disks: bool) -> String {
+fn agent_config(url: &str, dir: &Path, all_disks: bool, ebpf: Ebpf) -> String {
     let disks = if all_disks { r#", "disks": {"include": ["*"], "exclude": []}"# } else { "" };
+    let ebpf = if ebpf == Ebpf::On { "on" } else { "off" };
     format!(
-        r#"{{"collection_interval": 1, "machine_id": "bench", "server_url": "{url}", "api_key_file": "{key}", "outbox_dir": "{outbox}", "exporters": {{"ipmi": false, "apt": false, "nvme": false, "nvsmi": false}}{disks}}}"#,
+        r#"{{"collection_interval": 1, "machine_id": "bench", "ebpf": "{ebpf}", "server_url": "{url}", "api_key_file": "{key}", "outbox_dir": "{outbox}", "exporters": {{"ipmi": false, "apt": false, "nvme": false, "nvsmi": false}}{disks}}}"#,
         key = dir.join("api_key").display(),
         outbox = dir.join("outbox").display(),
     )
@@ -185,11 +198,19 @@ fn scale(bin: &Path, args: &BenchArgs) -> anyhow::Result<String> {
         if !child.wait()?.success() {
             bail!("creating {n} veth interfaces in {ns} failed");
         }
-        eprintln!("scale: {n} interfaces for {seconds} s");
-        let run = measure_agent(bin, seconds, Some(&ns), false);
+        for (ebpf, mode) in [(Ebpf::Off, "procfs"), (Ebpf::On, "eBPF")] {
+            eprintln!("scale: {n} interfaces, {mode}, for {seconds} s");
+            let run = measure_agent(bin, seconds, Some(&ns), false, ebpf);
+            names.push(format!("dcmon-agent ({mode}), {n} interfaces"));
+            match run {
+                Ok(r) => results.push(vec![r]),
+                Err(e) => {
+                    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+                    return Err(e);
+                }
+            }
+        }
         let _ = Command::new("ip").args(["netns", "del", &ns]).status();
-        names.push(format!("dcmon-agent, {n} interfaces"));
-        results.push(vec![run?]);
     }
     // 64 loop devices, reported (the default filter leaves loop devices out).
     let dir = tempfile_dir("dcmon-bench-loops")?;
@@ -203,14 +224,19 @@ fn scale(bin: &Path, args: &BenchArgs) -> anyhow::Result<String> {
         }
         loops.push(String::from_utf8_lossy(&out.stdout).trim().to_owned());
     }
-    eprintln!("scale: {} loop devices for {seconds} s", loops.len());
-    let run = measure_agent(bin, seconds, None, true);
+    let mut runs = Vec::new();
+    for (ebpf, mode) in [(Ebpf::Off, "procfs"), (Ebpf::On, "eBPF")] {
+        eprintln!("scale: {} loop devices, {mode}, for {seconds} s", loops.len());
+        runs.push((mode, measure_agent(bin, seconds, None, true, ebpf)));
+    }
     for l in &loops {
         let _ = Command::new("losetup").args(["-d", l]).status();
     }
     let _ = std::fs::remove_dir_all(&dir);
-    names.push(format!("dcmon-agent, {} more loop disks reported", loops.len()));
-    results.push(vec![run?]);
+    for (mode, run) in runs {
+        names.push(format!("dcmon-agent ({mode}), {} more loop disks reported", loops.len()));
+        results.push(vec![run?]);
+    }
     Ok(format!("\n### Scale (1 run of {seconds} s each)\n\n{}", table(&names, &results)))
 }
 
@@ -290,7 +316,7 @@ fn in_netns(ns: Option<&str>, program: &Path) -> Command {
     }
 }
 
-fn measure_agent(bin: &Path, seconds: u64, ns: Option<&str>, all_disks: bool) -> anyhow::Result<Run> {
+fn measure_agent(bin: &Path, seconds: u64, ns: Option<&str>, all_disks: bool, ebpf: Ebpf) -> anyhow::Result<Run> {
     let dir = tempfile_dir("dcmon-bench-agent")?;
     let mut receiver = Guard(
         in_netns(ns, &bin.join("dcmon-test-receiver"))
@@ -314,7 +340,7 @@ fn measure_agent(bin: &Path, seconds: u64, ns: Option<&str>, all_disks: bool) ->
     });
     std::fs::write(dir.join("api_key"), format!("{KEY}\n"))?;
     std::fs::set_permissions(dir.join("api_key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    let config = agent_config(&url, &dir, all_disks);
+    let config = agent_config(&url, &dir, all_disks, ebpf);
     std::fs::write(dir.join("config.json"), config)?;
     let agent = Guard(
         in_netns(ns, &bin.join("dcmon-agent"))
