@@ -182,6 +182,11 @@ impl Collector for EbpfDiskCollector {
         collector_names::DISK
     }
 
+    /// Map lookups and procfs/sysfs reads: nothing here waits on a device.
+    fn may_block(&self) -> bool {
+        false
+    }
+
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
         let disks = self.read_all()?;
         out.extend(disks.iter().flat_map(DiskCounters::samples));
@@ -307,6 +312,11 @@ impl Collector for EbpfNetCollector {
         collector_names::NET
     }
 
+    /// Map lookups and procfs/sysfs reads: nothing here waits on a device.
+    fn may_block(&self) -> bool {
+        false
+    }
+
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
         let ifaces = self.read_all()?;
         out.extend(ifaces.iter().filter(|i| self.filter.allows(&i.interface)).flat_map(InterfaceCounters::samples));
@@ -331,6 +341,11 @@ impl EbpfStatusCollector {
 impl Collector for EbpfStatusCollector {
     fn name(&self) -> &'static str {
         collector_names::EBPF
+    }
+
+    /// Map lookups and procfs/sysfs reads: nothing here waits on a device.
+    fn may_block(&self) -> bool {
+        false
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
