@@ -24,7 +24,7 @@ const ONCE_CPU_WINDOW: Duration = Duration::from_millis(250);
 /// `--version`: version, commit, and whether the eBPF object is built in (it always is: the
 /// committed object is embedded with include_bytes, see `ebpf::load::OBJECT`).
 const VERSION: &str =
-    concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("DCMON_GIT_COMMIT"), ", eBPF object: not embedded)");
+    concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("DCMON_GIT_COMMIT"), ", eBPF object: embedded)");
 
 #[derive(Debug, Parser)]
 #[command(name = "dcmon-agent", version = VERSION, about = "dcmon host monitoring agent")]

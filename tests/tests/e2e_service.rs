@@ -299,5 +299,8 @@ fn systemd_readiness_and_watchdog_notifications() {
 fn version_names_commit_and_ebpf_object() {
     let out = agent(&["--version"]);
     let v = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && v.starts_with("dcmon-agent 0.1.0 (commit ") && v.contains("eBPF object: "), "{v}");
+    assert!(
+        out.status.success() && v.starts_with("dcmon-agent 0.1.0 (commit ") && v.contains("eBPF object: embedded)"),
+        "{v}"
+    );
 }

@@ -184,7 +184,7 @@ fn scale(bin: &Path, args: &BenchArgs) -> anyhow::Result<String> {
     let seconds = args.seconds;
     for n in [1_000usize, 10_000] {
         let ns = format!("dcmon-bench-{n}");
-        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
         run_ok(Command::new("ip").args(["netns", "add", &ns]))?;
         // veth pairs, as this kernel has no dummy driver; named so the default filter keeps them.
         let batch: String =
@@ -205,12 +205,12 @@ fn scale(bin: &Path, args: &BenchArgs) -> anyhow::Result<String> {
             match run {
                 Ok(r) => results.push(vec![r]),
                 Err(e) => {
-                    let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+                    let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
                     return Err(e);
                 }
             }
         }
-        let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
     }
     // 64 loop devices, reported (the default filter leaves loop devices out).
     let dir = tempfile_dir("dcmon-bench-loops")?;

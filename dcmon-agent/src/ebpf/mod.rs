@@ -59,11 +59,23 @@ pub struct ProgramStats {
     pub recursion_misses: Option<u64>,
 }
 
+/// Give the heap freed after the load back to the kernel. Parsing the kernel's BTF (several MB,
+/// in many small allocations) leaves ~20 MB of freed but mapped heap that glibc would otherwise
+/// keep for the agent's whole life (measured: RSS 24 MB after the load against 5.5 MB without it).
+fn release_freed_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free heap pages to the kernel; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 impl Probes {
     /// Loads the embedded object and attaches every program, counting the interfaces of
     /// network namespace `netns` (its inode number; None: every namespace).
     pub fn attach(netns: Option<u32>) -> Result<Self, LoadError> {
         let ebpf = load::load_and_attach(load::OBJECT, netns)?;
+        release_freed_heap();
         let ncpus = maps::possible_cpus()
             .map_err(|e| LoadError { reason: Reason::Other, detail: format!("counting possible CPUs: {e}") })?;
         Ok(Self { ebpf: Mutex::new(ebpf), ncpus })
