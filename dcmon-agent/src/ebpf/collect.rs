@@ -23,7 +23,7 @@ use crate::collector::net::{InterfaceCounters, parse_net_dev};
 use crate::collector::{CollectError, Collector};
 use crate::config::DeviceFilter;
 use crate::filter::PatternList;
-use crate::host::Host;
+use crate::host::{Host, OpenFile};
 
 /// `ARPHRD_ETHER` (/sys/class/net/X/type).
 const ARPHRD_ETHER: u32 = 1;
@@ -67,6 +67,8 @@ pub struct EbpfDiskCollector {
     start: HashMap<DiskKey, DiskValue>,
     /// Whole disks from the last round: name -> key and whether it is request-based.
     known: HashMap<String, (DiskKey, bool)>,
+    /// Each request-based disk's queue/iostats, kept open: it is re-read every round.
+    iostats: HashMap<String, OpenFile>,
     buf: String,
 }
 
@@ -92,7 +94,16 @@ impl EbpfDiskCollector {
                 },
             );
         }
-        Ok(Self { host, filter, probes, baseline, start, known: HashMap::new(), buf: String::new() })
+        Ok(Self {
+            host,
+            filter,
+            probes,
+            baseline,
+            start,
+            known: HashMap::new(),
+            iostats: HashMap::new(),
+            buf: String::new(),
+        })
     }
 
     /// The counters of every whole disk the filter allows, in device-number order.
@@ -121,7 +132,8 @@ impl EbpfDiskCollector {
             }
         }
         self.known = current;
-        let filter = &self.filter;
+        self.iostats.retain(|name, _| self.known.contains_key(name));
+        let (filter, host, iostats, buf) = (&self.filter, &self.host, &mut self.iostats, &mut self.buf);
         // Disks the programs cannot mirror: bio-based ones, and request-based ones whose
         // statistics are switched off (queue/iostats = 0: /proc stands still while requests
         // still complete). Re-checked every round because iostats can be toggled at runtime.
@@ -130,8 +142,13 @@ impl EbpfDiskCollector {
             .iter()
             .filter(|(name, _)| filter.allows(name))
             .filter(|(name, (_, request_based))| {
-                !request_based
-                    || read_trimmed(&self.host, &format!("/sys/block/{name}/queue/iostats")).is_some_and(|v| v == "0")
+                let mut iostats_off = || {
+                    let file = iostats
+                        .entry((*name).clone())
+                        .or_insert_with(|| OpenFile::new(host, format!("/sys/block/{name}/queue/iostats")));
+                    file.read_into(buf).is_ok() && buf.trim() == "0"
+                };
+                !request_based || iostats_off()
             })
             .map(|(name, _)| name.clone())
             .collect();
