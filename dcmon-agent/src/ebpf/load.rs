@@ -118,17 +118,25 @@ fn classify(step: &str, e: &(dyn StdError + 'static), attaching: bool) -> LoadEr
     LoadError { reason, detail }
 }
 
-/// Field offsets of the running kernel, `(global name, offset)` in [`OFFSETS`] order.
-pub fn kernel_offsets(btf_path: &Path) -> Result<Vec<(&'static str, u32)>, LoadError> {
-    let data = std::fs::read(btf_path).map_err(|e| LoadError {
+/// The kernel's BTF file, read once: it feeds both our offset lookup and aya's loader.
+fn read_btf(btf_path: &Path) -> Result<Vec<u8>, LoadError> {
+    std::fs::read(btf_path).map_err(|e| LoadError {
         reason: match e.kind() {
             io::ErrorKind::NotFound => Reason::NoBtf,
             io::ErrorKind::PermissionDenied => Reason::NoPrivilege,
             _ => Reason::Other,
         },
         detail: format!("reading {}: {e}", btf_path.display()),
-    })?;
-    let btf = Btf::parse(&data)
+    })
+}
+
+/// Field offsets of the running kernel, `(global name, offset)` in [`OFFSETS`] order.
+pub fn kernel_offsets(btf_path: &Path) -> Result<Vec<(&'static str, u32)>, LoadError> {
+    offsets_from(btf_path, &read_btf(btf_path)?)
+}
+
+fn offsets_from(btf_path: &Path, data: &[u8]) -> Result<Vec<(&'static str, u32)>, LoadError> {
+    let btf = Btf::parse(data)
         .map_err(|e| LoadError { reason: Reason::NoBtf, detail: format!("{}: {e}", btf_path.display()) })?;
     OFFSETS
         .iter()
@@ -154,9 +162,12 @@ fn raise_memlock() {
 /// Loads `object` with the running kernel's offsets, without attaching anything. `netns`:
 /// count only that network namespace's interfaces (None: every namespace).
 pub fn load_object(object: &[u8], netns: Option<u32>) -> Result<(Ebpf, aya::Btf), LoadError> {
-    let offsets = kernel_offsets(Path::new(VMLINUX_BTF))?;
-    let kernel_btf = aya::Btf::from_sys_fs()
+    let path = Path::new(VMLINUX_BTF);
+    let data = read_btf(path)?;
+    let offsets = offsets_from(path, &data)?;
+    let kernel_btf = aya::Btf::parse(&data, aya::Endianness::default())
         .map_err(|e| LoadError { reason: Reason::NoBtf, detail: format!("parsing {VMLINUX_BTF}: {e}") })?;
+    drop(data);
     raise_memlock();
     let mut loader = EbpfLoader::new();
     loader.btf(Some(&kernel_btf));
