@@ -43,6 +43,21 @@ pub fn lock(outbox: &SharedOutbox) -> MutexGuard<'_, Outbox> {
     outbox.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Fsync what the outbox wrote since the last sync, on a blocking thread, so the batches that
+/// have to wait survive a power loss.
+pub async fn sync(outbox: &SharedOutbox) {
+    let Some(job) = lock(outbox).sync_job() else { return };
+    match tokio::task::spawn_blocking(move || {
+        let result = job.run();
+        (job, result)
+    })
+    .await
+    {
+        Ok((job, result)) => lock(outbox).sync_finished(&job, result),
+        Err(e) => tracing::error!("outbox fsync task failed: {e}"),
+    }
+}
+
 /// Full jitter: uniform in [0, min(max, base * 2^failures)).
 pub fn backoff_delay(policy: &DeliveryPolicy, failures: u32) -> Duration {
     let ceiling = policy.backoff_base.saturating_mul(1u32 << failures.min(20)).min(policy.backoff_max);
@@ -94,7 +109,12 @@ pub async fn deliver(
             }
             continue;
         };
-        let pause = match uploader.send(body).await {
+        let result = uploader.send(body).await;
+        if result.as_ref().is_err_and(|e| !matches!(e.verdict(), Verdict::Rejected)) {
+            // The batch has to wait: make sure it outlives a power loss.
+            sync(&outbox).await;
+        }
+        let pause = match result {
             Ok(_) => {
                 let mut o = lock(&outbox);
                 o.remove(seq);

@@ -65,8 +65,14 @@ fn assert_complete_in_order(ts: &[i64]) -> usize {
     seen.values().filter(|&&n| n > 1).count()
 }
 
+/// Timestamps of the batches waiting in the outbox at `dir`, oldest first.
 fn outbox_timestamps(dir: &Path) -> Vec<i64> {
-    let mut ts: Vec<i64> = std::fs::read_dir(dir)
+    dcmon_agent::outbox::inspect(dir).expect("read the outbox").iter().map(|b| b.timestamp).collect()
+}
+
+/// Timestamps of the batches set aside in `folder` (`<seq>-<timestamp>.batch`).
+fn set_aside_timestamps(folder: &Path) -> Vec<i64> {
+    let mut ts: Vec<i64> = std::fs::read_dir(folder)
         .map(|r| {
             r.filter_map(|e| e.ok()?.file_name().into_string().ok())
                 .filter_map(|n| n.strip_suffix(".batch")?.split_once('-')?.1.parse().ok())
@@ -178,7 +184,7 @@ fn kill_9_during_an_outage_loses_nothing() {
 }
 
 #[test]
-fn torn_and_corrupt_outbox_files_are_reported_and_the_rest_delivered() {
+fn torn_and_corrupt_outbox_records_are_reported_and_the_rest_delivered() {
     let machine = machine_id();
     let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -190,20 +196,25 @@ fn torn_and_corrupt_outbox_files_are_reported_and_the_rest_delivered() {
     let status = agent.signal_and_wait("TERM", Duration::from_secs(10)).expect("exit on SIGTERM");
     assert!(status.success(), "SIGTERM exit: {status:?}\n{}", agent.stderr());
     let outbox = dir.path().join("outbox");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&outbox)
+    let stored = outbox_timestamps(&outbox);
+    assert!(stored.len() >= 4, "outbox kept after SIGTERM: {stored:?}");
+    let segment: PathBuf = std::fs::read_dir(&outbox)
         .expect("outbox")
         .filter_map(|e| Some(e.ok()?.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "batch"))
-        .collect();
-    files.sort();
-    assert!(files.len() >= 3, "outbox kept after SIGTERM: {files:?}");
-    let torn = std::fs::read(&files[0]).expect("read");
-    std::fs::write(&files[0], &torn[..torn.len() / 3]).expect("truncate");
-    let mut bad = std::fs::read(&files[1]).expect("read");
-    let i = bad.len() / 2;
-    bad[i] = bad[i].wrapping_add(1);
-    std::fs::write(&files[1], bad).expect("corrupt");
-    let intact = outbox_timestamps(&outbox)[2..].to_vec();
+        .find(|p| p.extension().is_some_and(|x| x == "seg"))
+        .expect("a segment file");
+    // Records are lines: batch i is lines 2i (header) and 2i+1 (body). Damage the second
+    // batch's body and cut the last batch in half, as a power loss during its write would.
+    let mut data = std::fs::read(&segment).expect("read");
+    let newlines: Vec<usize> = data.iter().enumerate().filter(|(_, b)| **b == b'\n').map(|(i, _)| i).collect();
+    assert_eq!(newlines.len(), stored.len() * 2, "one record per stored batch, none delivered");
+    let i = newlines[2] + 10;
+    data[i] = data[i].wrapping_add(1);
+    let last_body = newlines[newlines.len() - 2] + 1;
+    data.truncate(last_body + (data.len() - last_body) / 2);
+    std::fs::write(&segment, data).expect("damage the segment");
+    let intact: Vec<i64> =
+        stored.iter().enumerate().filter(|(i, _)| *i != 1 && *i != stored.len() - 1).map(|(_, t)| *t).collect();
 
     receiver.force_status(None);
     let agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("restart");
@@ -240,7 +251,7 @@ fn poison_422_is_set_aside_and_429_retry_after_is_honoured() {
     let later = receiver.wait_for_accepted(n + 3, Duration::from_secs(10));
     assert!(later.len() >= n + 3, "batches stopped after the 422");
     assert!(!timestamps(&later).contains(&poison), "the poison batch must not be retried");
-    let set_aside = outbox_timestamps(&dir.path().join("outbox/rejected"));
+    let set_aside = set_aside_timestamps(&dir.path().join("outbox/rejected"));
     assert_eq!(set_aside, [poison]);
     assert!(agent.stderr().contains("refused a batch for good"), "{}", agent.stderr());
 
