@@ -22,6 +22,7 @@ use crate::batch::{Batch, Sample};
 use crate::collector::{CollectError, Collector};
 use crate::deliver::{self as delivery, DeliveryPolicy, SharedOutbox, deliver};
 use crate::notify::Notifier;
+use crate::ticker::Ticker;
 use crate::upload::Uploader;
 
 type RunResult = (Box<dyn Collector>, Vec<Sample>, Result<(), CollectError>, Duration);
@@ -271,9 +272,7 @@ pub async fn run(
     // At least a second before the first round, so CPU usage has a window to measure.
     let delay = first_tick_delay(now_ms, daemon.phase, daemon.interval, Duration::from_secs(1));
     tracing::info!("first batch in {delay:.1?}, then every {:?}", daemon.interval);
-    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + delay, daemon.interval);
-    // After a stall (suspend, overload) skip the missed rounds instead of bursting them.
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut ticker = Cadence::new(tokio::time::Instant::now() + delay, daemon.interval);
     let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
     let exit = loop {
         tokio::select! {
@@ -304,6 +303,47 @@ pub async fn run(
         tracing::warn!("abandoned the upload in flight; its batch stays in the outbox");
     }
     exit
+}
+
+/// The collection cadence: a timerfd ([`Ticker`]), or tokio's interval if no timerfd can be
+/// made. Either way, after a stall (suspend, overload) missed rounds are skipped, not burst.
+enum Cadence {
+    Timerfd(Ticker),
+    Tokio(tokio::time::Interval),
+}
+
+impl Cadence {
+    fn new(first: tokio::time::Instant, period: Duration) -> Self {
+        match Ticker::new(first, period) {
+            Ok(t) => Self::Timerfd(t),
+            Err(e) => {
+                tracing::warn!("no timerfd ({e}); using the runtime's timer, which wakes more often");
+                Self::tokio(first, period)
+            }
+        }
+    }
+
+    fn tokio(first: tokio::time::Instant, period: Duration) -> Self {
+        let mut interval = tokio::time::interval_at(first, period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        Self::Tokio(interval)
+    }
+
+    /// The scheduled instant of the next tick.
+    async fn tick(&mut self) -> tokio::time::Instant {
+        match self {
+            Self::Timerfd(t) => match t.tick().await {
+                Ok(at) => at,
+                Err(e) => {
+                    tracing::warn!("timerfd failed ({e}); using the runtime's timer from now on");
+                    let period = t.period();
+                    *self = Self::tokio(tokio::time::Instant::now(), period);
+                    Box::pin(self.tick()).await
+                }
+            },
+            Self::Tokio(i) => i.tick().await,
+        }
+    }
 }
 
 /// Fsync the outbox and log what is left in it, at shutdown.

@@ -146,7 +146,11 @@ pub async fn deliver(
                         );
                     }
                     match crate::api_key::load(&policy.api_key_file) {
-                        Ok((key, _)) => uploader.set_key(key),
+                        Ok((key, _)) => {
+                            if let Err(e) = uploader.set_key(&key) {
+                                tracing::error!("{}: {e}", policy.api_key_file.display());
+                            }
+                        }
                         Err(e) => tracing::error!("{e}"),
                     }
                     policy.auth_retry

@@ -19,4 +19,5 @@ pub mod install;
 pub mod notify;
 pub mod outbox;
 pub mod register;
+pub mod ticker;
 pub mod upload;

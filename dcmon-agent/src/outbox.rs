@@ -406,6 +406,8 @@ pub struct Outbox {
     persist_error: Option<String>,
     /// Why the last fsync failed, until one succeeds.
     sync_error: Option<String>,
+    /// The `flock`ed `.lock` file that keeps a second agent out of the directory.
+    dir_lock: Option<File>,
     /// Record bytes being assembled (kept to reuse the allocation).
     scratch: Vec<u8>,
 }
@@ -424,11 +426,19 @@ impl Outbox {
             stats: OutboxStats::default(),
             persist_error: None,
             sync_error: None,
+            dir_lock: None,
             scratch: Vec::new(),
         };
         if let Err(e) = std::fs::create_dir_all(&outbox.dir) {
             outbox.persist_failed(format!("cannot create {}: {e}", outbox.dir.display()));
             return outbox;
+        }
+        match lock_dir(&outbox.dir) {
+            Ok(lock) => outbox.dir_lock = Some(lock),
+            Err(e) => {
+                outbox.persist_failed(format!("cannot lock {}: {e}", outbox.dir.display()));
+                return outbox;
+            }
         }
         outbox.index_existing();
         if !outbox.entries.is_empty() {
@@ -472,7 +482,13 @@ impl Outbox {
                         self.next_seq = self.next_seq.max(seq + 1);
                         let len = body.len() as u64;
                         let stored = Stored::Disk { segment: id, body_offset: body_offset as u64, crc, cached: None };
-                        found.push(Entry { seq, timestamp, len, bytes: batch_record_len(seq, timestamp, body), stored });
+                        found.push(Entry {
+                            seq,
+                            timestamp,
+                            len,
+                            bytes: batch_record_len(seq, timestamp, body),
+                            stored,
+                        });
                     }
                     Record::Done { seq } => {
                         done.insert(seq);
@@ -487,7 +503,8 @@ impl Outbox {
             }
             if intact_len < data.len() {
                 // Cut the torn tail off, so the next start does not find it again.
-                let cut = std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(intact_len as u64));
+                let cut =
+                    std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len(intact_len as u64));
                 if let Err(e) = cut {
                     tracing::warn!("outbox: cannot cut the torn end off {}: {e}", path.display());
                 }
@@ -555,13 +572,23 @@ impl Outbox {
     fn writable_segment(&mut self) -> std::io::Result<&mut Segment> {
         let reuse = self.segments.back().is_some_and(|s| s.writable && s.len < SEGMENT_BYTES);
         if !reuse {
-            let id = self.next_segment;
-            let path = self.segment_path(id);
-            let file = File::options().read(true).append(true).create_new(true).open(&path)?;
+            if self.dir_lock.is_none() {
+                return Err(std::io::Error::other("the directory is not locked for this agent"));
+            }
+            let (id, path, file) = loop {
+                let (id, path) = (self.next_segment, self.segment_path(self.next_segment));
+                self.next_segment += 1;
+                match File::options().read(true).append(true).create_new(true).open(&path) {
+                    Ok(file) => break (id, path, file),
+                    // Someone put a file there (the directory is locked against other agents):
+                    // never append to it, take the next number.
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(e),
+                }
+            };
             if let Some(prev) = self.segments.back_mut() {
                 prev.writable = false;
             }
-            self.next_segment += 1;
             self.segments.push_back(Segment {
                 id,
                 path,
@@ -847,6 +874,31 @@ impl Outbox {
     }
 }
 
+/// Take the directory's `.lock` (an exclusive `flock`, released when the file is closed) and
+/// write this process id into it, so that two agents never append to the same segments.
+fn lock_dir(dir: &Path) -> std::io::Result<File> {
+    use std::os::fd::AsRawFd as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = dir.join(".lock");
+    let mut f = File::options().read(true).write(true).create(true).truncate(false).mode(0o600).open(&path)?;
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::WouldBlock {
+            return Err(e);
+        }
+        let holder = std::fs::read_to_string(&path).unwrap_or_default();
+        let holder: String = holder.chars().filter(char::is_ascii_digit).take(10).collect();
+        return Err(std::io::Error::other(format!(
+            "another dcmon-agent (pid {}) uses this outbox directory",
+            if holder.is_empty() { "unknown" } else { &holder }
+        )));
+    }
+    f.set_len(0)?;
+    writeln!(f, "{}", std::process::id())?;
+    Ok(f)
+}
+
 /// Keep the newest `keep` set-aside batches (and their reasons) in `folder`.
 fn prune(folder: &Path, keep: usize) {
     let Ok(read) = std::fs::read_dir(folder) else {
@@ -897,7 +949,10 @@ mod tests {
         assert_eq!(batch_record_len(7, 100, b"{\"a\":1}"), (seg.len() - 34) as u64, "a D record is 34 bytes");
         let records = parse_segment(&seg);
         assert!(
-            matches!(records[..], [Record::Batch { seq: 7, timestamp: 100, body: b"{\"a\":1}", .. }, Record::Done { seq: 7 }]),
+            matches!(
+                records[..],
+                [Record::Batch { seq: 7, timestamp: 100, body: b"{\"a\":1}", .. }, Record::Done { seq: 7 }]
+            ),
             "{records:?}"
         );
 
@@ -910,12 +965,18 @@ mod tests {
         let mut flipped = seg.clone();
         flipped[1] = b'x'; // the magic itself: resume at the next header line
         let records = parse_segment(&flipped);
-        assert!(matches!(records[..], [Record::Damaged { offset: 0, why: Corrupt::Header, .. }, Record::Done { seq: 7 }]));
+        assert!(matches!(
+            records[..],
+            [Record::Damaged { offset: 0, why: Corrupt::Header, .. }, Record::Done { seq: 7 }]
+        ));
 
         let mut longer = seg.clone();
         longer.splice(0..0, b"garbage\nmore garbage\n".iter().copied());
         let records = parse_segment(&longer);
-        assert!(matches!(records[..], [Record::Damaged { offset: 0, len: 21, .. }, Record::Batch { .. }, Record::Done { .. }]));
+        assert!(matches!(
+            records[..],
+            [Record::Damaged { offset: 0, len: 21, .. }, Record::Batch { .. }, Record::Done { .. }]
+        ));
     }
 
     #[test]
@@ -937,7 +998,9 @@ mod tests {
             assert_eq!(whole.len(), complete, "cut at {cut}: {records:?}");
             let torn = records.iter().filter(|r| matches!(r, Record::Damaged { why: Corrupt::Torn, .. })).count();
             assert_eq!(torn, usize::from(!ends.iter().any(|(end, _)| *end == cut) && cut > 0), "cut at {cut}");
-            assert!(records.iter().all(|r| !matches!(r, Record::Damaged { why: Corrupt::Checksum | Corrupt::Header, .. })));
+            assert!(
+                records.iter().all(|r| !matches!(r, Record::Damaged { why: Corrupt::Checksum | Corrupt::Header, .. }))
+            );
         }
     }
 
@@ -1098,6 +1161,24 @@ mod tests {
         o.remove(seq);
         assert_eq!(o.stats().batches, 1);
         assert_eq!(o.stats().in_memory, 1);
+    }
+
+    #[test]
+    fn a_second_outbox_on_the_same_directory_stays_in_memory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut first = Outbox::open(dir.path(), LIMITS, 0);
+        first.push(1, body(1));
+        let mut second = Outbox::open(dir.path(), LIMITS, 0);
+        let why = second.persist_error().expect("locked out").to_owned();
+        assert!(why.contains(&format!("pid {}", std::process::id())), "{why}");
+        second.push(2, body(2));
+        assert_eq!(second.stats().in_memory, 1);
+        assert_eq!(inspect(dir.path()).expect("inspect").len(), 1, "the second one wrote nothing");
+        drop(first);
+        drop(second);
+        let third = Outbox::open(dir.path(), LIMITS, 0);
+        assert!(third.persist_error().is_none(), "the lock goes with its holder");
+        assert_eq!(third.stats().batches, 1);
     }
 
     #[test]

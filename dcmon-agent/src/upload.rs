@@ -15,12 +15,27 @@ use crate::api_key::ApiKey;
 /// How many bytes of an error body are kept for the log.
 const BODY_EXCERPT_BYTES: usize = 200;
 
-/// Posts batches to one server with one key.
+/// Posts batches to one server with one key. The URL and the headers are built once: a post
+/// every second should not parse a URL and format a header each time.
 #[derive(Debug, Clone)]
 pub struct Uploader {
     client: reqwest::Client,
-    metrics_url: String,
-    key: ApiKey,
+    metrics_url: reqwest::Url,
+    headers: reqwest::header::HeaderMap,
+}
+
+/// The part of the server's 2xx answer the agent reads.
+#[derive(serde::Deserialize)]
+struct Accepted {
+    metrics_count: Option<u64>,
+}
+
+/// `Authorization: Bearer <key>`, marked sensitive so it is never printed.
+fn auth_header(key: &ApiKey) -> anyhow::Result<reqwest::header::HeaderValue> {
+    let mut v = reqwest::header::HeaderValue::try_from(format!("Bearer {}", key.expose()))
+        .map_err(|_| anyhow::anyhow!("the API key holds characters an HTTP header cannot carry"))?;
+    v.set_sensitive(true);
+    Ok(v)
 }
 
 /// A batch the server did not accept.
@@ -101,31 +116,38 @@ impl Uploader {
             .pool_max_idle_per_host(1)
             .build()
             .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
-        Ok(Self { client, metrics_url: format!("{server_base}/api/metrics"), key })
+        let url = format!("{server_base}/api/metrics");
+        let metrics_url =
+            reqwest::Url::parse(&url).map_err(|e| anyhow::anyhow!("server_url gives {url}, not a valid URL: {e}"))?;
+        let mut headers = reqwest::header::HeaderMap::with_capacity(2);
+        headers.insert(reqwest::header::AUTHORIZATION, auth_header(&key)?);
+        headers.insert(reqwest::header::CONTENT_TYPE, reqwest::header::HeaderValue::from_static("application/json"));
+        Ok(Self { client, metrics_url, headers })
     }
 
-    /// Use a new key from now on (the operator fixed the key file after a 401).
-    pub fn set_key(&mut self, key: ApiKey) {
-        self.key = key;
+    /// Use a new key from now on (the operator fixed the key file after a 401). A key that
+    /// cannot be a header value is refused with the reason, and the old one kept.
+    pub fn set_key(&mut self, key: &ApiKey) -> anyhow::Result<()> {
+        self.headers.insert(reqwest::header::AUTHORIZATION, auth_header(key)?);
+        Ok(())
     }
 
     /// The URL batches go to.
     pub fn metrics_url(&self) -> &str {
-        &self.metrics_url
+        self.metrics_url.as_str()
     }
 
     /// Post one JSON batch. Returns the number of metrics the server says it accepted, when
     /// it says.
     pub async fn send(&self, body: Bytes) -> Result<Option<u64>, UploadError> {
+        let mut request = reqwest::Request::new(reqwest::Method::POST, self.metrics_url.clone());
+        *request.headers_mut() = self.headers.clone();
+        *request.body_mut() = Some(body.into());
         let resp = self
             .client
-            .post(&self.metrics_url)
-            .bearer_auth(self.key.expose())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body)
-            .send()
+            .execute(request)
             .await
-            .map_err(|e| UploadError::Unreachable { url: self.metrics_url.clone(), reason: error_chain(&e) })?;
+            .map_err(|e| UploadError::Unreachable { url: self.metrics_url.to_string(), reason: error_chain(&e) })?;
         let status = resp.status();
         let retry_after_secs = resp
             .headers()
@@ -134,10 +156,7 @@ impl Uploader {
             .and_then(|v| v.trim().parse::<u64>().ok());
         let body = resp.bytes().await.unwrap_or_default();
         if status.is_success() {
-            let accepted = serde_json::from_slice::<serde_json::Value>(&body)
-                .ok()
-                .and_then(|v| v.get("metrics_count").and_then(serde_json::Value::as_u64));
-            return Ok(accepted);
+            return Ok(serde_json::from_slice::<Accepted>(&body).ok().and_then(|a| a.metrics_count));
         }
         Err(UploadError::Status { status, excerpt: excerpt(&body), retry_after_secs })
     }
