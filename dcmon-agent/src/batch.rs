@@ -121,8 +121,11 @@ impl Batch {
 
     /// The JSON body for `POST /api/metrics`.
     pub fn to_json(&self) -> Vec<u8> {
+        // A metric takes 80 to 130 bytes: reserve once instead of growing through reallocations.
+        let mut out = Vec::with_capacity(128 + self.samples.len() * 128);
         // Serializing plain strings and numbers into a Vec cannot fail.
-        serde_json::to_vec(self).unwrap_or_default()
+        let _ = serde_json::to_writer(&mut out, self);
+        out
     }
 
     /// The JSON body, indented for people (`dcmon-agent once`).

@@ -66,6 +66,7 @@ fn hint(status: StatusCode) -> &'static str {
         401 => " (the API key was refused: check the api_key_file)",
         403 => " (not authorised: missing key, machine id mismatch, or client disabled on the server)",
         422 => " (the server rejected the batch format)",
+        300..=399 => " (the server redirects: point server_url at where it redirects to)",
         _ => "",
     }
 }
@@ -92,7 +93,8 @@ impl UploadError {
             UploadError::Status { status, retry_after_secs, .. } => match status.as_u16() {
                 401 | 403 => Verdict::NotAuthorized,
                 429 | 503 => Verdict::RetryLater { retry_after: retry_after_secs.map(Duration::from_secs) },
-                408 => Verdict::RetryLater { retry_after: None },
+                // A redirect is a setting to fix, not a verdict on this batch: keep it.
+                408 | 300..=399 => Verdict::RetryLater { retry_after: None },
                 s if s >= 500 => Verdict::RetryLater { retry_after: None },
                 _ => Verdict::Rejected,
             },
@@ -114,6 +116,8 @@ impl Uploader {
             .user_agent(concat!("dcmon-agent/", env!("CARGO_PKG_VERSION")))
             // The batch is all the agent sends; one idle connection is all it needs.
             .pool_max_idle_per_host(1)
+            // A redirected POST would be replayed as a GET; a redirect is a server_url to fix.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?;
         let url = format!("{server_base}/api/metrics");
@@ -154,11 +158,17 @@ impl Uploader {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok());
+        let location =
+            resp.headers().get(reqwest::header::LOCATION).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         let body = resp.bytes().await.unwrap_or_default();
         if status.is_success() {
             return Ok(serde_json::from_slice::<Accepted>(&body).ok().and_then(|a| a.metrics_count));
         }
-        Err(UploadError::Status { status, excerpt: excerpt(&body), retry_after_secs })
+        let excerpt = match (status.is_redirection(), location) {
+            (true, Some(to)) => format!("Location: {}", excerpt(to.as_bytes())),
+            _ => excerpt(&body),
+        };
+        Err(UploadError::Status { status, excerpt, retry_after_secs })
     }
 }
 
@@ -221,6 +231,8 @@ mod tests {
         );
         assert_eq!(st(401, None).verdict(), Verdict::NotAuthorized);
         assert_eq!(st(403, None).verdict(), Verdict::NotAuthorized);
+        assert_eq!(st(301, None).verdict(), Verdict::RetryLater { retry_after: None }, "redirects keep the batch");
+        assert!(st(308, None).to_string().contains("point server_url at"));
         for code in [400, 404, 413, 422] {
             assert_eq!(st(code, None).verdict(), Verdict::Rejected, "{code}");
         }
