@@ -274,6 +274,7 @@ pub async fn run(
     tracing::info!("first batch in {delay:.1?}, then every {:?}", daemon.interval);
     let mut ticker = Cadence::new(tokio::time::Instant::now() + delay, daemon.interval);
     let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
+    let mut rounds: u64 = 0;
     let exit = loop {
         tokio::select! {
             c = control.recv() => break c.unwrap_or(Control::Shutdown),
@@ -293,6 +294,15 @@ pub async fn run(
                 wake.notify_one();
                 if must_wait {
                     delivery::sync(&outbox).await;
+                }
+                rounds += 1;
+                // By the second round start-up is over (config, collectors, eBPF load, the
+                // first connection): let the kernel take back the code only it used.
+                if rounds == 2 {
+                    match crate::footprint::page_out_own_code() {
+                        Ok(bytes) => tracing::debug!("paged out {} KiB of start-up code", bytes / 1024),
+                        Err(e) => tracing::debug!("cannot page out start-up code: {e}"),
+                    }
                 }
             }
         }

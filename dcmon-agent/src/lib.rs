@@ -14,6 +14,7 @@ pub mod deliver;
 pub mod ebpf;
 pub mod exec;
 pub mod filter;
+pub mod footprint;
 pub mod host;
 pub mod install;
 pub mod notify;
