@@ -5,7 +5,7 @@
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use dcmon_agent::batch::{Batch, Sample};
-use dcmon_agent::collector::disk::{WholeDisks, parse_diskstats};
+use dcmon_agent::collector::disk::{WholeDisks, parse_block_stat, parse_diskstats};
 use dcmon_agent::collector::net::parse_net_dev;
 use dcmon_agent::collector::os::{parse_cpu_ticks, parse_loadavg, parse_meminfo};
 use dcmon_agent::config::DeviceFilter;
@@ -21,6 +21,7 @@ fn fixture(rel: &str) -> String {
 fn parsers(c: &mut Criterion) {
     let (stat, loadavg, meminfo) = (read("/proc/stat"), read("/proc/loadavg"), read("/proc/meminfo"));
     let (diskstats, net_dev) = (fixture("proc/diskstats"), fixture("proc/net/dev"));
+    let block_stat = fixture("sys/block/nvme0n1/stat");
     let disks = DeviceFilter::default_disks();
     let ifaces = DeviceFilter::default_interfaces();
     c.bench_function("parse_cpu_ticks /proc/stat", |b| b.iter(|| parse_cpu_ticks(std::hint::black_box(&stat))));
@@ -28,6 +29,9 @@ fn parsers(c: &mut Criterion) {
     c.bench_function("parse_meminfo /proc/meminfo", |b| b.iter(|| parse_meminfo(std::hint::black_box(&meminfo))));
     c.bench_function("parse_diskstats gpu-server (13 devices)", |b| {
         b.iter(|| parse_diskstats(std::hint::black_box(&diskstats), &WholeDisks::ByName, &disks))
+    });
+    c.bench_function("parse_block_stat gpu-server nvme0n1 (17 fields)", |b| {
+        b.iter(|| parse_block_stat("nvme0n1", std::hint::black_box(&block_stat)))
     });
     c.bench_function("parse_net_dev gpu-server (13 interfaces)", |b| {
         b.iter(|| parse_net_dev(std::hint::black_box(&net_dev), &ifaces))

@@ -86,12 +86,18 @@ impl Host {
 
 /// A host file kept open and re-read from offset 0 each time: procfs and sysfs regenerate their
 /// contents on every read from the start, so this sees fresh values without paying for a path
-/// walk, an open and a close every cycle. Reopened after any error (a device that went away).
+/// walk, an open and a close every cycle. Reads are positional (`pread`) from offset 0, so a
+/// cycle costs the reads alone (for a file under a page: one that returns the text and one that
+/// returns 0), with no seek or stat. Reopened after any error (a device that went away).
 #[derive(Debug)]
 pub struct OpenFile {
     path: PathBuf,
     file: Option<std::fs::File>,
 }
+
+/// Room for the first read of a file when the caller's buffer has none yet; procfs and sysfs
+/// files the agent reads are mostly smaller.
+const FIRST_READ: usize = 1024;
 
 impl OpenFile {
     /// `rel` under `host`; nothing is opened until the first read.
@@ -104,25 +110,58 @@ impl OpenFile {
         &self.path
     }
 
-    /// Read the whole file into `buf` (cleared first).
+    /// Read the whole file into `buf` (replacing its contents), reusing its allocation. On
+    /// error `buf` is left empty and the error names the path.
     pub fn read_into(&mut self, buf: &mut String) -> Result<(), ReadError> {
-        buf.clear();
-        let result = self.read_at_start(buf);
+        let result = self.read_from_start(buf);
         if result.is_err() {
+            buf.clear();
             // Next time, start from a fresh open.
             self.file = None;
         }
         result.map_err(|source| ReadError { path: self.path.clone(), source })
     }
 
-    fn read_at_start(&mut self, buf: &mut String) -> io::Result<()> {
-        use std::io::{Read as _, Seek as _};
-        let file = match &mut self.file {
+    fn read_from_start(&mut self, buf: &mut String) -> io::Result<()> {
+        use std::os::unix::fs::FileExt as _;
+        let file = match &self.file {
             Some(f) => f,
             None => self.file.insert(std::fs::File::open(&self.path)?),
         };
-        file.rewind()?;
-        file.read_to_string(buf).map(|_| ())
+        // Read into the String's own bytes. Its old contents are overwritten, so only the part
+        // of its capacity beyond them needs zeroing before it can be handed to `read_at`.
+        let mut bytes = std::mem::take(buf).into_bytes();
+        let capacity = bytes.capacity().max(FIRST_READ);
+        bytes.resize(capacity, 0);
+        let mut len = 0;
+        let result = loop {
+            if len == bytes.len() {
+                // Never pass an empty slice: a read of 0 bytes returns 0 and would look like
+                // the end of the file.
+                bytes.resize(bytes.len() * 2, 0);
+            }
+            // A short read is not the end: seq_file (most of /proc) returns at most a page
+            // of records per read. Only a read that returns 0 is.
+            match file.read_at(&mut bytes[len..], len as u64) {
+                Ok(0) => break Ok(()),
+                Ok(n) => len += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        bytes.truncate(len);
+        match String::from_utf8(bytes) {
+            Ok(text) => {
+                *buf = text;
+                result
+            }
+            Err(e) => {
+                let mut bytes = e.into_bytes();
+                bytes.clear();
+                *buf = String::from_utf8(bytes).unwrap_or_default();
+                result.and(Err(io::Error::new(io::ErrorKind::InvalidData, "the file is not valid UTF-8")))
+            }
+        }
     }
 }
 
@@ -175,6 +214,54 @@ mod tests {
         f.read_into(&mut b).expect("second");
         assert!(a.starts_with("cpu ") && b.starts_with("cpu "), "{a:.40}");
         assert_ne!(a, b, "procfs content is regenerated on each read from offset 0");
+    }
+
+    #[test]
+    fn open_file_reads_seq_files_longer_than_a_page_whole() {
+        // seq_file hands out at most a page of records per read, so a short read is not the
+        // end. A sleeping child's smaps is a seq_file of more than a page that holds still.
+        let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("spawn sleep");
+        let rel = format!("/proc/{}/smaps", child.id());
+        // Once the dynamic loader is done mapping, the file holds still.
+        let mut whole = Err(io::Error::other("smaps kept changing"));
+        let mut last = String::new();
+        for _ in 0..50 {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let now = std::fs::read_to_string(&rel).unwrap_or_default();
+            if !now.is_empty() && now == last {
+                whole = Ok(now);
+                break;
+            }
+            last = now;
+        }
+        let mut f = OpenFile::new(&Host::default(), &rel);
+        let (mut a, mut b) = (String::new(), String::new());
+        let (ra, rb) = (f.read_into(&mut a), f.read_into(&mut b));
+        let _ = child.kill();
+        let _ = child.wait();
+        let whole = whole.expect("read smaps");
+        ra.expect("first read");
+        rb.expect("second read");
+        assert!(whole.len() > 4096, "smaps is {} bytes, not more than a page", whole.len());
+        assert!(a == whole, "first read: {} bytes of {}", a.len(), whole.len());
+        assert!(b == whole, "second read, from offset 0 again: {} bytes of {}", b.len(), whole.len());
+    }
+
+    #[test]
+    fn open_file_errors_name_the_path_and_leave_the_buffer_empty() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("proc")).expect("mkdir");
+        std::fs::write(dir.path().join("proc/bad"), b"ok\n\xff\xfe\n").expect("write");
+        let mut f = OpenFile::new(&Host::new(dir.path()), "/proc/bad");
+        let mut buf = String::from("old contents");
+        let err = f.read_into(&mut buf).expect_err("not UTF-8");
+        assert!(err.to_string().contains("proc/bad") && err.to_string().contains("UTF-8"), "{err}");
+        assert_eq!(err.source.kind(), io::ErrorKind::InvalidData);
+        assert!(buf.is_empty(), "{buf:?}");
+        std::fs::create_dir(dir.path().join("proc/dir")).expect("mkdir");
+        let mut f = OpenFile::new(&Host::new(dir.path()), "/proc/dir");
+        let err = f.read_into(&mut buf).expect_err("a directory");
+        assert!(err.to_string().contains("proc/dir"), "{err}");
     }
 
     #[test]

@@ -1,12 +1,19 @@
 //! The OS collectors on captured /proc trees (this VM, a GPU server with partitions, NVMe, md,
-//! dm and many interfaces, a container without /sys) and on this host's live /proc.
+//! dm and many interfaces, a container without /sys) and on this host's live /proc and /sys.
+//!
+//! The fixtures cover the three disk sources: the VM reports 1 of its 11 devices (per-disk
+//! /sys/block/DEV/stat files), the GPU server 7 of 13 (/proc/diskstats is cheaper), the
+//! container has no /sys (/proc/diskstats, partitions told by name).
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
 use dcmon_agent::batch::{Sample, Value};
+use dcmon_agent::collector::disk::{DiskCollector, DiskCounters, WholeDisks, parse_block_stat, parse_diskstats};
 use dcmon_agent::collector::{self, Collector};
 use dcmon_agent::config::Config;
+use dcmon_agent::config::DeviceFilter;
+use dcmon_agent::filter::PatternList;
 use dcmon_agent::host::Host;
 use dcmon_tests::fixture_host;
 
@@ -168,4 +175,97 @@ fn live_host_smoke() {
         .collect();
     let got_ifaces: BTreeSet<String> = label_set(&s, "network_receive_bytes_total", "interface").into_iter().collect();
     assert_eq!(got_ifaces, sys_ifaces);
+}
+
+/// Every /sys/block/DEV/stat under `root` with the counters it holds.
+fn block_stats(root: &Path) -> Vec<DiskCounters> {
+    let dir = root.join("sys/block");
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    names
+        .iter()
+        .map(|n| {
+            let path = dir.join(n).join("stat");
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            parse_block_stat(n, &text).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()))
+        })
+        .collect()
+}
+
+/// The /proc/diskstats counters of every whole disk in `stats`' names, in the same order.
+fn diskstats_of(diskstats: &str, stats: &[DiskCounters]) -> Vec<DiskCounters> {
+    let all = DeviceFilter { include: PatternList::match_all(), exclude: PatternList::default() };
+    let parsed = parse_diskstats(diskstats, &WholeDisks::ByName, &all).expect("parse /proc/diskstats");
+    stats
+        .iter()
+        .map(|s| {
+            parsed
+                .iter()
+                .find(|d| d.device == s.device)
+                .cloned()
+                .unwrap_or_else(|| panic!("{} not in diskstats", s.device))
+        })
+        .collect()
+}
+
+#[test]
+fn fixture_stat_files_hold_their_diskstats_lines() {
+    for host in ["debian12-virtio", "gpu-server"] {
+        let root = fixture_host(host);
+        let stats = block_stats(&root);
+        assert!(!stats.is_empty(), "{host}");
+        let diskstats = std::fs::read_to_string(root.join("proc/diskstats")).expect("diskstats");
+        assert_eq!(stats, diskstats_of(&diskstats, &stats), "{host}: /sys/block/*/stat vs /proc/diskstats");
+    }
+}
+
+#[test]
+fn live_stat_files_and_diskstats_agree() {
+    // Counters move under I/O: compare only while /proc/diskstats holds still around the reads.
+    for _ in 0..200 {
+        let before = std::fs::read_to_string("/proc/diskstats").expect("read /proc/diskstats");
+        let stats = block_stats(Path::new("/"));
+        if std::fs::read_to_string("/proc/diskstats").expect("read /proc/diskstats") != before {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            continue;
+        }
+        assert!(stats.iter().any(|s| s.reads > 0 && s.writes > 0), "no disk with I/O to compare: {stats:?}");
+        assert_eq!(stats, diskstats_of(&before, &stats), "/sys/block/*/stat vs /proc/diskstats on this host");
+        return;
+    }
+    panic!("/proc/diskstats kept changing for 200 tries");
+}
+
+#[test]
+fn live_disk_samples_equal_what_diskstats_gives() {
+    // The default filter reports the real disks; where they are a few of the host's block
+    // devices (here: vda of vda, loop0-7, zram0) they come from their stat files. The samples
+    // must be those /proc/diskstats gives, in its order.
+    let mut c = DiskCollector::new(Host::default(), DeviceFilter::default_disks());
+    for _ in 0..200 {
+        let before = std::fs::read_to_string("/proc/diskstats").expect("read /proc/diskstats");
+        let mut got = Vec::new();
+        c.collect(&mut got).expect("collect");
+        if std::fs::read_to_string("/proc/diskstats").expect("read /proc/diskstats") != before {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            continue;
+        }
+        let whole = WholeDisks::Sysfs(block_stats(Path::new("/")).into_iter().map(|s| s.device).collect());
+        let want: Vec<Sample> = parse_diskstats(&before, &whole, &DeviceFilter::default_disks())
+            .expect("parse /proc/diskstats")
+            .iter()
+            .flat_map(DiskCounters::samples)
+            .collect();
+        assert!(!want.is_empty(), "this host reports no disk");
+        if !c.is_per_disk() {
+            // Most of this host's block devices are reported: diskstats is the cheaper source.
+            eprintln!("note: this host's disks are read from /proc/diskstats, not their stat files");
+        }
+        assert_eq!(got, want);
+        return;
+    }
+    panic!("/proc/diskstats kept changing for 200 tries");
 }

@@ -5,7 +5,7 @@
 //! /proc/PID/task/*/schedstat (ns, threads alive at both ends), resident memory (VmRSS sampled
 //! every second, median; VmHWM at the end), and bytes sent per cycle. Then the same for the
 //! agent with 1,000 and 10,000 interfaces (veth pairs in a network namespace) and with
-//! 64 loop devices. Prints markdown tables.
+//! 64 loop devices (removed again afterwards, not just detached). Prints markdown tables.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::TcpStream;
@@ -213,6 +213,7 @@ fn scale(bin: &Path, args: &BenchArgs) -> anyhow::Result<String> {
         let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
     }
     // 64 loop devices, reported (the default filter leaves loop devices out).
+    let loops_before = loop_numbers()?;
     let dir = tempfile_dir("dcmon-bench-loops")?;
     let mut loops = Vec::new();
     for i in 0..64 {
@@ -233,11 +234,65 @@ fn scale(bin: &Path, args: &BenchArgs) -> anyhow::Result<String> {
         let _ = Command::new("losetup").args(["-d", l]).status();
     }
     let _ = std::fs::remove_dir_all(&dir);
+    // Detached loop devices stay listed in /proc/diskstats and /sys/block, and every later
+    // measurement on this host would pay for them: remove the ones this run added.
+    let added: Vec<u32> = loop_numbers()?.into_iter().filter(|n| !loops_before.contains(n)).collect();
+    if let Err(e) = remove_loop_devices(&added) {
+        eprintln!("warning: {e:#}");
+    }
     for (mode, run) in runs {
         names.push(format!("dcmon-agent ({mode}), {} more loop disks reported", loops.len()));
         results.push(vec![run?]);
     }
     Ok(format!("\n### Scale (1 run of {seconds} s each)\n\n{}", table(&names, &results)))
+}
+
+/// The numbers of the loop devices in /sys/block (`loop7` -> 7), sorted.
+fn loop_numbers() -> anyhow::Result<Vec<u32>> {
+    let mut numbers: Vec<u32> = std::fs::read_dir("/sys/block")
+        .context("listing /sys/block")?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|n| n.strip_prefix("loop")?.parse().ok())
+        .collect();
+    numbers.sort_unstable();
+    Ok(numbers)
+}
+
+/// `LOOP_CTL_REMOVE` (linux/loop.h): delete a loop device that has no backing file.
+const LOOP_CTL_REMOVE: libc::c_ulong = 0x4C81;
+
+/// Delete loop devices `numbers` through /dev/loop-control. A device udev still has open
+/// right after it was detached answers EBUSY for a moment: retried for up to 2 s.
+fn remove_loop_devices(numbers: &[u32]) -> anyhow::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    if numbers.is_empty() {
+        return Ok(());
+    }
+    let ctl =
+        std::fs::OpenOptions::new().read(true).write(true).open("/dev/loop-control").context("/dev/loop-control")?;
+    let mut failed = Vec::new();
+    for &n in numbers {
+        let mut tries = 0;
+        loop {
+            // SAFETY: LOOP_CTL_REMOVE takes the device number as an integer argument.
+            let rc = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_REMOVE, libc::c_ulong::from(n)) };
+            let err = std::io::Error::last_os_error();
+            if rc >= 0 || err.raw_os_error() == Some(libc::ENODEV) {
+                break;
+            }
+            tries += 1;
+            if err.raw_os_error() != Some(libc::EBUSY) || tries == 20 {
+                failed.push(format!("loop{n}: {err}"));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    if !failed.is_empty() {
+        bail!("removing the loop devices this run added: {}", failed.join(", "));
+    }
+    eprintln!("removed the {} loop devices this run added", numbers.len());
+    Ok(())
 }
 
 fn table(names: &[String], results: &[Vec<Run>]) -> String {

@@ -12,13 +12,13 @@ use std::os::unix::fs::MetadataExt as _;
 use std::sync::Arc;
 
 use anyhow::{Context as _, anyhow};
+use dcmon_common::collector_names;
 use dcmon_common::ebpf::{DiskKey, DiskValue, NetKey, NetValue};
-use dcmon_common::{SECTOR_BYTES, collector_names};
 use procfs_core::DiskStat;
 
 use super::Probes;
 use crate::batch::Sample;
-use crate::collector::disk::{DiskCounters, WholeDisks, parse_diskstats};
+use crate::collector::disk::{DiskCounters, is_vanished, parse_block_stat};
 use crate::collector::net::{InterfaceCounters, parse_net_dev};
 use crate::collector::{CollectError, Collector};
 use crate::config::DeviceFilter;
@@ -55,7 +55,8 @@ fn parse_dev(text: &str) -> Option<DiskKey> {
 /// native multipath, virtio, loop. Bio-based disks (device-mapper, md, zram, NVMe multipath
 /// heads; no `/sys/block/X/mq`) account their I/O without a `struct request`, and disks with
 /// `queue/iostats` off are not accounted at all, so for those this collector reads their
-/// /proc/diskstats line instead, and only when one passes the filter.
+/// /sys/block/X/stat instead (the counters of their /proc/diskstats line, without the kernel
+/// writing a line for every other device), and only when one passes the filter.
 #[derive(Debug)]
 pub struct EbpfDiskCollector {
     host: Host,
@@ -69,6 +70,8 @@ pub struct EbpfDiskCollector {
     known: HashMap<String, (DiskKey, bool)>,
     /// Each request-based disk's queue/iostats, kept open: it is re-read every round.
     iostats: HashMap<String, OpenFile>,
+    /// The stat file of each disk read from the kernel's counters, kept open.
+    stats: HashMap<String, OpenFile>,
     buf: String,
 }
 
@@ -102,6 +105,7 @@ impl EbpfDiskCollector {
             start,
             known: HashMap::new(),
             iostats: HashMap::new(),
+            stats: HashMap::new(),
             buf: String::new(),
         })
     }
@@ -133,6 +137,7 @@ impl EbpfDiskCollector {
         }
         self.known = current;
         self.iostats.retain(|name, _| self.known.contains_key(name));
+        self.stats.retain(|name, _| self.known.contains_key(name));
         let (filter, host, iostats, buf) = (&self.filter, &self.host, &mut self.iostats, &mut self.buf);
         // Disks the programs cannot mirror: bio-based ones, and request-based ones whose
         // statistics are switched off (queue/iostats = 0: /proc stands still while requests
@@ -152,13 +157,19 @@ impl EbpfDiskCollector {
             })
             .map(|(name, _)| name.clone())
             .collect();
-        let mut from_proc = Vec::new();
-        if !from_proc_names.is_empty() {
-            self.host.read_into("/proc/diskstats", &mut self.buf)?;
-            let path = self.host.path("/proc/diskstats");
-            let names = WholeDisks::Sysfs(from_proc_names.clone());
-            from_proc =
-                parse_diskstats(&self.buf, &names, filter).with_context(|| format!("parsing {}", path.display()))?;
+        let mut from_proc = Vec::with_capacity(from_proc_names.len());
+        for name in &from_proc_names {
+            let file = self
+                .stats
+                .entry(name.clone())
+                .or_insert_with(|| OpenFile::new(host, format!("/sys/block/{name}/stat")));
+            match file.read_into(buf) {
+                Ok(()) => from_proc
+                    .push(parse_block_stat(name, buf).with_context(|| format!("parsing {}", file.path().display()))?),
+                // Removed since the listing: not reported, and forgotten next round.
+                Err(e) if is_vanished(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         let now: HashMap<DiskKey, DiskValue> = self.probes.disk_totals()?.into_iter().collect();
         let zero = DiskValue::default();
@@ -173,13 +184,13 @@ impl EbpfDiskCollector {
                 let cont = |b: u64, n: u64, s: u64| b.wrapping_add(n.wrapping_sub(s));
                 (
                     *key,
-                    DiskCounters {
-                        device: name.clone(),
-                        reads: cont(base.reads, now.reads, start.reads),
-                        read_bytes: cont(base.read_sectors, now.read_sectors, start.read_sectors) * SECTOR_BYTES,
-                        writes: cont(base.writes, now.writes, start.writes),
-                        write_bytes: cont(base.write_sectors, now.write_sectors, start.write_sectors) * SECTOR_BYTES,
-                    },
+                    DiskCounters::from_sectors(
+                        name.clone(),
+                        cont(base.reads, now.reads, start.reads),
+                        cont(base.read_sectors, now.read_sectors, start.read_sectors),
+                        cont(base.writes, now.writes, start.writes),
+                        cont(base.write_sectors, now.write_sectors, start.write_sectors),
+                    ),
                 )
             })
             .collect();
