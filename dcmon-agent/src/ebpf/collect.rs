@@ -10,6 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt as _;
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{Context as _, anyhow};
 use dcmon_common::collector_names;
@@ -18,7 +19,7 @@ use procfs_core::DiskStat;
 
 use super::Probes;
 use crate::batch::Sample;
-use crate::collector::disk::{DiskCounters, is_vanished, parse_block_stat};
+use crate::collector::disk::{DiskCounters, RELIST_EVERY, is_vanished, parse_block_stat};
 use crate::collector::net::{InterfaceCounters, parse_net_dev};
 use crate::collector::{CollectError, Collector};
 use crate::config::DeviceFilter;
@@ -73,6 +74,9 @@ pub struct EbpfDiskCollector {
     /// The stat file of each disk read from the kernel's counters, kept open.
     stats: HashMap<String, OpenFile>,
     buf: String,
+    /// When /sys/block was last listed; it is listed again every [`RELIST_EVERY`], or at once
+    /// when a disk's file has vanished.
+    listed_at: Option<Instant>,
 }
 
 impl EbpfDiskCollector {
@@ -107,11 +111,26 @@ impl EbpfDiskCollector {
             iostats: HashMap::new(),
             stats: HashMap::new(),
             buf: String::new(),
+            listed_at: None,
         })
     }
 
     /// The counters of every whole disk the filter allows, in device-number order.
     pub fn read_all(&mut self) -> anyhow::Result<Vec<DiskCounters>> {
+        if self.listed_at.is_none_or(|t| t.elapsed() >= RELIST_EVERY) {
+            self.relist()?;
+        }
+        let (counters, vanished) = self.read_known()?;
+        if vanished {
+            // A disk went away: list again now so a disk reusing its number starts clean.
+            self.relist()?;
+            return Ok(self.read_known()?.0);
+        }
+        Ok(counters)
+    }
+
+    fn relist(&mut self) -> anyhow::Result<()> {
+        self.listed_at = Some(Instant::now());
         let names = list_dir(&self.host, "/sys/block")?;
         let mut current = HashMap::with_capacity(names.len());
         for name in names {
@@ -138,6 +157,12 @@ impl EbpfDiskCollector {
         self.known = current;
         self.iostats.retain(|name, _| self.known.contains_key(name));
         self.stats.retain(|name, _| self.known.contains_key(name));
+        Ok(())
+    }
+
+    /// The counters of the disks listed last, and whether one of them has vanished since.
+    fn read_known(&mut self) -> anyhow::Result<(Vec<DiskCounters>, bool)> {
+        let mut vanished = false;
         let (filter, host, iostats, buf) = (&self.filter, &self.host, &mut self.iostats, &mut self.buf);
         // Disks the programs cannot mirror: bio-based ones, and request-based ones whose
         // statistics are switched off (queue/iostats = 0: /proc stands still while requests
@@ -151,7 +176,13 @@ impl EbpfDiskCollector {
                     let file = iostats
                         .entry((*name).clone())
                         .or_insert_with(|| OpenFile::new(host, format!("/sys/block/{name}/queue/iostats")));
-                    file.read_into(buf).is_ok() && buf.trim() == "0"
+                    match file.read_into(buf) {
+                        Ok(()) => buf.trim() == "0",
+                        Err(_) => {
+                            vanished = true;
+                            false
+                        }
+                    }
                 };
                 !request_based || iostats_off()
             })
@@ -166,8 +197,8 @@ impl EbpfDiskCollector {
             match file.read_into(buf) {
                 Ok(()) => from_proc
                     .push(parse_block_stat(name, buf).with_context(|| format!("parsing {}", file.path().display()))?),
-                // Removed since the listing: not reported, and forgotten next round.
-                Err(e) if is_vanished(&e) => {}
+                // Removed since the listing: not reported, and forgotten at the next listing.
+                Err(e) if is_vanished(&e) => vanished = true,
                 Err(e) => return Err(e.into()),
             }
         }
@@ -201,7 +232,7 @@ impl EbpfDiskCollector {
         }
         // The order of /proc/diskstats: by device number.
         out.sort_by_key(|(k, _)| (k.major(), k.minor()));
-        Ok(out.into_iter().map(|(_, c)| c).collect())
+        Ok((out.into_iter().map(|(_, c)| c).collect(), vanished))
     }
 }
 
@@ -310,7 +341,9 @@ impl EbpfNetCollector {
         Ok(())
     }
 
-    /// Every interface of this namespace now, before filtering, sorted by name.
+    /// Every interface of this namespace now, before filtering, sorted by name. /sys/class/net
+    /// is listed every round (unlike /sys/block): an interface can be renamed at any time and
+    /// its counters must follow the new name in the same round.
     pub fn read_all(&mut self) -> anyhow::Result<Vec<InterfaceCounters>> {
         self.refresh_interfaces()?;
         let now: HashMap<NetKey, NetValue> =
@@ -355,14 +388,16 @@ impl Collector for EbpfNetCollector {
 /// `dcmon_ebpf_active`, and the programs' run count and time when `kernel.bpf_stats_enabled`.
 #[derive(Debug)]
 pub struct EbpfStatusCollector {
-    host: Host,
     probes: Option<Arc<Probes>>,
+    /// `kernel.bpf_stats_enabled`, kept open: it is read every round.
+    stats_enabled: OpenFile,
+    buf: String,
 }
 
 impl EbpfStatusCollector {
     /// Reports eBPF as active when `probes` is some.
     pub fn new(host: Host, probes: Option<Arc<Probes>>) -> Self {
-        Self { host, probes }
+        Self { probes, stats_enabled: OpenFile::new(&host, "/proc/sys/kernel/bpf_stats_enabled"), buf: String::new() }
     }
 }
 
@@ -389,8 +424,7 @@ impl Collector for EbpfStatusCollector {
         }
         // Run time is only accounted while the sysctl is on; without it the counters are
         // zeros that would read as "costs nothing", so leave them out.
-        let enabled = read_trimmed(&self.host, "/proc/sys/kernel/bpf_stats_enabled");
-        if enabled.as_deref() != Some("1") {
+        if self.stats_enabled.read_into(&mut self.buf).is_err() || self.buf.trim() != "1" {
             return Ok(());
         }
         for s in stats {
