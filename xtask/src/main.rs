@@ -174,6 +174,9 @@ fn build_ebpf(root: &Path, toolchain: &str) -> anyhow::Result<PathBuf> {
         .arg(&target_dir)
         .current_dir(root)
         .env("CARGO_ENCODED_RUSTFLAGS", rustflags.join("\x1f"))
+        // The workspace's release profile is tuned for the agent (opt-level s): pin every
+        // setting the object depends on, so tuning the agent never changes the BPF bytes.
+        .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "3")
         .env("CARGO_PROFILE_RELEASE_DEBUG", "false")
         .env("CARGO_PROFILE_RELEASE_STRIP", "false")
         .env("CARGO_PROFILE_RELEASE_LTO", "true")
