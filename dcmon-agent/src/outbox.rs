@@ -834,7 +834,8 @@ impl Outbox {
     fn enforce_limits(&mut self, now_unix: i64) {
         let max_age = i64::try_from(self.limits.max_age.as_secs()).unwrap_or(i64::MAX);
         while let Some(front) = self.entries.front() {
-            let too_big = self.stats.bytes > self.limits.max_bytes;
+            // The newest batch always stays, even when it alone is over the size bound.
+            let too_big = self.stats.bytes > self.limits.max_bytes && self.entries.len() > 1;
             let too_old = now_unix.saturating_sub(front.timestamp) > max_age;
             if !too_big && !too_old {
                 break;
@@ -1143,6 +1144,9 @@ mod tests {
         drop(o);
         let pending: Vec<i64> = inspect(dir.path()).expect("inspect").iter().map(|b| b.timestamp).collect();
         assert_eq!(pending, [1061], "dropped batches stay dropped after a restart");
+        let mut o = Outbox::open(dir.path(), OutboxLimits { max_bytes: 10, max_age: Duration::from_secs(60) }, 1061);
+        o.push(1062, body(8));
+        assert_eq!(o.oldest().map(|(_, b)| b), Some(body(8)), "a batch over the bound on its own is still kept");
     }
 
     #[test]
