@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use aya::Pod;
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -154,6 +155,41 @@ pub fn lookup_all_percpu<K: Pod, V: Pod + Default>(
         token = next;
         first = false;
     }
+}
+
+/// The per-CPU sums of `keys` that are in the map (absent keys are left out), one lookup per
+/// key. A batch lookup walks every bucket of the table (65,536 for the network map) whatever
+/// the number of entries, so for a few keys this is far cheaper.
+pub fn lookup_percpu<K: Pod, V: Pod + Default>(
+    fd: BorrowedFd<'_>,
+    ncpus: usize,
+    keys: &[K],
+    add: impl Fn(&mut V, &V),
+) -> io::Result<Vec<(K, V)>> {
+    let stride = std::mem::size_of::<V>().div_ceil(8) * 8;
+    let mut values = vec![0u8; stride * ncpus];
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        let mut attr = ElemAttr {
+            map_fd: fd.as_raw_fd() as u32,
+            key: key as *const K as u64,
+            value: values.as_mut_ptr() as u64,
+            ..Default::default()
+        };
+        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
+            Err(e) => return Err(e),
+        }
+        let mut total = V::default();
+        for cpu in 0..ncpus {
+            // SAFETY: the kernel wrote ncpus values at `stride` into the buffer sized for them.
+            let v = unsafe { std::ptr::read_unaligned(values.as_ptr().add(cpu * stride).cast::<V>()) };
+            add(&mut total, &v);
+        }
+        out.push((*key, total));
+    }
+    Ok(out)
 }
 
 /// Deletes `key`; a key already gone is not an error.
