@@ -156,13 +156,14 @@ fn done_crc(seq: u64) -> u32 {
     crc32fast::hash(format!("D {seq:016x}").as_bytes())
 }
 
-/// Append the record of a batch to `out`.
-pub fn encode_batch(out: &mut Vec<u8>, seq: u64, timestamp: i64, body: &[u8]) {
+/// Append the record of a batch to `out`; returns its CRC.
+pub fn encode_batch(out: &mut Vec<u8>, seq: u64, timestamp: i64, body: &[u8]) -> u32 {
     let crc = batch_crc(seq, timestamp, body);
     // `write!` into a Vec cannot fail.
     let _ = writeln!(out, "DCMB2 B {seq:016x} {timestamp} {} {crc:08x}", body.len());
     out.extend_from_slice(body);
     out.push(b'\n');
+    crc
 }
 
 /// Append the record saying batch `seq` is done to `out`.
@@ -632,7 +633,7 @@ impl Outbox {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.scratch.clear();
-        encode_batch(&mut self.scratch, seq, timestamp, &body);
+        let crc = encode_batch(&mut self.scratch, seq, timestamp, &body);
         let header_len = self.scratch.len() - body.len() - 1;
         let written = if memchr(b'\n', &body).is_some() {
             Err(std::io::Error::other("batch body holds a raw newline; only compact JSON can be stored"))
@@ -648,7 +649,6 @@ impl Outbox {
                     s.pending += 1;
                 }
                 let cached = (self.entries.len() < CACHED_BATCHES).then(|| body.clone());
-                let crc = batch_crc(seq, timestamp, &body);
                 let body_offset = start + header_len as u64;
                 (Stored::Disk { segment, body_offset, crc, cached }, self.scratch.len() as u64)
             }

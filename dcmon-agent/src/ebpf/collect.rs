@@ -17,7 +17,7 @@ use dcmon_common::collector_names;
 use dcmon_common::ebpf::{DiskKey, DiskValue, NetKey, NetValue};
 use procfs_core::DiskStat;
 
-use super::{FEW_KEYS, Probes};
+use super::Probes;
 use crate::batch::Sample;
 use crate::collector::disk::{DiskCounters, RELIST_EVERY, is_vanished, parse_block_stat};
 use crate::collector::net::{InterfaceCounters, parse_net_dev};
@@ -208,10 +208,7 @@ impl EbpfDiskCollector {
             .filter(|(name, _)| filter.allows(name) && !from_proc_names.contains(*name))
             .map(|(_, (key, _))| *key)
             .collect();
-        let now: HashMap<DiskKey, DiskValue> =
-            if mapped.len() <= FEW_KEYS { self.probes.disk_values(&mapped)? } else { self.probes.disk_totals()? }
-                .into_iter()
-                .collect();
+        let now: HashMap<DiskKey, DiskValue> = self.probes.disk_values(&mapped)?.into_iter().collect();
         let zero = DiskValue::default();
         let mut out: Vec<(DiskKey, DiskCounters)> = self
             .known
@@ -355,12 +352,8 @@ impl EbpfNetCollector {
     /// its counters must follow the new name in the same round.
     pub fn read_all(&mut self) -> anyhow::Result<Vec<InterfaceCounters>> {
         self.refresh_interfaces()?;
-        let now: HashMap<NetKey, NetValue> = if self.known.len() <= FEW_KEYS {
-            let keys: Vec<NetKey> = self.known.values().map(|i| i.key).collect();
-            self.probes.net_values(&keys)?.into_iter().collect()
-        } else {
-            self.probes.net_totals()?.into_iter().filter(|(k, _)| k.netns == self.netns).collect()
-        };
+        let keys: Vec<NetKey> = self.known.values().map(|i| i.key).collect();
+        let now: HashMap<NetKey, NetValue> = self.probes.net_values(&keys)?.into_iter().collect();
         let zero = NetValue::default();
         let mut out: Vec<InterfaceCounters> = self
             .known
