@@ -154,7 +154,7 @@ pub async fn check(
             Duration::from_secs(config.upload_timeout),
         );
         match uploader {
-            Ok(u) => match u.send(Bytes::from(batch.to_json())).await {
+            Ok(mut u) => match u.send(Bytes::from(batch.to_json())).await {
                 Ok(n) => {
                     r.line(" OK ", "key accepted", format!("the server stored a batch of {} metrics", n.unwrap_or(0)))
                 }

@@ -87,8 +87,8 @@ impl Host {
 /// A host file kept open and re-read from offset 0 each time: procfs and sysfs regenerate their
 /// contents on every read from the start, so this sees fresh values without paying for a path
 /// walk, an open and a close every cycle. Reads are positional (`pread`) from offset 0, so a
-/// cycle costs the reads alone (for a file under a page: one that returns the text and one that
-/// returns 0), with no seek or stat. Reopened after any error (a device that went away).
+/// cycle costs the reads alone (for a small file, one: see [`SHORT_READ_IS_EOF`]), with no seek
+/// or stat. Reopened after any error (a device that went away).
 #[derive(Debug)]
 pub struct OpenFile {
     path: PathBuf,
@@ -98,6 +98,15 @@ pub struct OpenFile {
 /// Room for the first read of a file when the caller's buffer has none yet; procfs and sysfs
 /// files the agent reads are mostly smaller.
 const FIRST_READ: usize = 1024;
+
+/// A read that returns fewer bytes than asked for, and at most this many, is the end of the
+/// file, so no second read is needed to see 0. Regular files return short only at the end.
+/// seq_file (most of /proc) fills the reader's buffer with whole records and returns short only
+/// at the end or when its own buffer (a page, 4 KiB at least) cannot take the next record, so a
+/// short read of at most 2 KiB is the end for any file whose records are under 2 KiB. The
+/// agent's files have lines under 400 bytes (a /proc/net/dev line: a name and 16 counters), and
+/// sysfs attributes are generated whole, at most a page, and returned in one read.
+pub const SHORT_READ_IS_EOF: usize = 2 * 1024;
 
 impl OpenFile {
     /// `rel` under `host`; nothing is opened until the first read.
@@ -140,11 +149,16 @@ impl OpenFile {
                 // the end of the file.
                 bytes.resize(bytes.len() * 2, 0);
             }
-            // A short read is not the end: seq_file (most of /proc) returns at most a page
-            // of records per read. Only a read that returns 0 is.
+            // A read that returns 0 is the end; so is a short one of at most a few KiB.
+            let asked = bytes.len() - len;
             match file.read_at(&mut bytes[len..], len as u64) {
                 Ok(0) => break Ok(()),
-                Ok(n) => len += n,
+                Ok(n) => {
+                    len += n;
+                    if n < asked && n <= SHORT_READ_IS_EOF {
+                        break Ok(());
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => break Err(e),
             }

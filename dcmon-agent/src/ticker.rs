@@ -89,6 +89,10 @@ impl Ticker {
                 }
                 return Err(e);
             }
+            // The read took every expiry so far: the fd is not readable until the next one.
+            // Saying so saves the read that would return EAGAIN (tokio keeps a readiness event
+            // that arrives meanwhile).
+            guard.clear_ready();
             let count = u32::try_from(u64::from_ne_bytes(expiries).max(1)).unwrap_or(u32::MAX);
             let scheduled = self.next + self.period * (count - 1);
             self.next = scheduled + self.period;
