@@ -625,6 +625,34 @@ fn renamed_interface_continues_under_new_name() {
     }
 }
 
+/// On the real host root the collector re-lists interfaces only on rtnetlink link events:
+/// an interface added, renamed or removed in the agent's own namespace shows in the very next
+/// round. (A veth pair with both ends here: it carries no traffic.)
+#[test]
+fn link_changes_in_the_agents_namespace_show_in_the_next_round() {
+    let Some(probes) = attach("link events") else {
+        return;
+    };
+    let pid = std::process::id();
+    let (first, peer, renamed) = (format!("dcla{pid}"), format!("dclp{pid}"), format!("dclb{pid}"));
+    let mut collector = EbpfNetCollector::new(Host::default(), match_all(), probes).expect("collector");
+    let names = |c: &mut EbpfNetCollector| -> Vec<String> {
+        c.read_all().expect("collector").into_iter().map(|i| i.interface).filter(|n| n.starts_with("dcl")).collect()
+    };
+    assert_eq!(names(&mut collector), Vec::<String>::new());
+    run(&["ip", "link", "add", &first, "type", "veth", "peer", "name", &peer]);
+    let added = names(&mut collector);
+    run(&["ip", "link", "set", &first, "name", &renamed]);
+    let after_rename = names(&mut collector);
+    let unchanged = names(&mut collector);
+    run(&["ip", "link", "del", &renamed]);
+    let after_delete = names(&mut collector);
+    assert_eq!(added, [first.clone(), peer.clone()]);
+    assert_eq!(after_rename, [renamed.clone(), peer.clone()]);
+    assert_eq!(unchanged, [renamed, peer]);
+    assert_eq!(after_delete, Vec::<String>::new());
+}
+
 /// With a namespace filter (what the agent uses: its own namespace), other namespaces'
 /// interfaces are not counted at all.
 #[test]

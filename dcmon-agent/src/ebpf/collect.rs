@@ -18,6 +18,7 @@ use dcmon_common::ebpf::{DiskKey, DiskValue, NetKey, NetValue};
 use procfs_core::DiskStat;
 
 use super::Probes;
+use super::link_events::LinkEvents;
 use crate::batch::Sample;
 use crate::collector::disk::{DiskCounters, RELIST_EVERY, is_vanished, parse_block_stat};
 use crate::collector::net::{InterfaceCounters, parse_net_dev};
@@ -291,6 +292,10 @@ pub struct EbpfNetCollector {
     start: HashMap<NetKey, NetValue>,
     /// Interfaces from the last round: name -> key and type.
     known: HashMap<String, Iface>,
+    /// Link changes; without it (netlink refused) /sys/class/net is listed every round.
+    link_events: Option<LinkEvents>,
+    /// `known` may be out of date: the last re-list failed after the change was taken.
+    stale: bool,
 }
 
 /// Inode number of the network namespace that `/proc/self/ns/net` under `host` names.
@@ -305,7 +310,26 @@ impl EbpfNetCollector {
     pub fn new(host: Host, filter: DeviceFilter, probes: Arc<Probes>) -> anyhow::Result<Self> {
         let netns = own_netns(&host)?;
         let start = probes.net_totals()?.into_iter().collect();
-        let mut c = Self { host, filter, probes, netns, baseline: HashMap::new(), start, known: HashMap::new() };
+        // Subscribed before the first listing, so no change after it is missed. The socket
+        // hears the agent's own namespace: of use only when the host root shows that one.
+        let link_events = if own_netns(&Host::default()).ok() == Some(netns) {
+            LinkEvents::subscribe()
+                .inspect_err(|e| tracing::debug!("no rtnetlink link events ({e}); listing /sys/class/net every round"))
+                .ok()
+        } else {
+            None
+        };
+        let mut c = Self {
+            host,
+            filter,
+            probes,
+            netns,
+            baseline: HashMap::new(),
+            start,
+            known: HashMap::new(),
+            link_events,
+            stale: false,
+        };
         let text = c.host.read_to_string("/proc/net/dev")?;
         let match_all = DeviceFilter { include: PatternList::match_all(), exclude: PatternList::default() };
         let all = parse_net_dev(&text, &match_all)
@@ -348,10 +372,15 @@ impl EbpfNetCollector {
     }
 
     /// Every interface of this namespace now, before filtering, sorted by name. /sys/class/net
-    /// is listed every round (unlike /sys/block): an interface can be renamed at any time and
-    /// its counters must follow the new name in the same round.
+    /// is listed again whenever rtnetlink reported a link change since the last round: an
+    /// interface can be renamed at any time and its counters must follow the new name in the
+    /// same round (the kernel queues the event before the rename returns).
     pub fn read_all(&mut self) -> anyhow::Result<Vec<InterfaceCounters>> {
-        self.refresh_interfaces()?;
+        if self.stale || self.link_events.as_ref().is_none_or(LinkEvents::changed) {
+            self.stale = true;
+            self.refresh_interfaces()?;
+            self.stale = false;
+        }
         let keys: Vec<NetKey> = self.known.values().map(|i| i.key).collect();
         let now: HashMap<NetKey, NetValue> = self.probes.net_values(&keys)?.into_iter().collect();
         let zero = NetValue::default();

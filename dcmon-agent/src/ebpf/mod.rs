@@ -5,12 +5,14 @@
 //! - [`load`]: loading the embedded object, attaching, classifying failures.
 //! - [`maps`]: batch reads of the per-CPU maps.
 //! - [`collect`]: the disk, network and status collectors.
+//! - [`link_events`]: interface changes from rtnetlink, so interfaces are re-listed only then.
 //!
 //! The mode choice (`"ebpf": "auto" | "on" | "off"`) is made once at start in
 //! [`crate::collector::build`].
 
 pub mod btf;
 pub mod collect;
+pub mod link_events;
 pub mod load;
 pub mod maps;
 
