@@ -116,6 +116,20 @@ fn batches_arrive_every_interval_with_auth_names_labels_and_integer_timestamps()
     assert!(status.success(), "exit {status:?}:\n{}", agent.stderr());
 }
 
+/// With `http_proxy` set, batches go through the proxy (reqwest's path, not the direct
+/// connection): here the receiver is the proxy, and the server's name does not even resolve.
+#[test]
+fn an_http_proxy_from_the_environment_is_used() {
+    let receiver = Receiver::start(&[(KEY, MACHINE)]).expect("receiver");
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_key(dir.path(), KEY).expect("key");
+    let config = write_config(dir.path(), json!({"server_url": "http://dcmon-server.invalid:8000"}));
+    let proxy = std::ffi::OsString::from(receiver.url());
+    let agent = AgentProcess::start_with_env(dir.path(), &config, &["run"], &[("http_proxy", &proxy)]).expect("agent");
+    let got = receiver.wait_for_accepted(2, Duration::from_secs(15));
+    assert!(got.len() >= 2, "{} batches through the proxy; agent log:\n{}", got.len(), agent.stderr());
+}
+
 #[test]
 fn wrong_key_is_logged_as_401_and_the_agent_keeps_running() {
     let receiver = Receiver::start(&[(KEY, MACHINE)]).expect("receiver");
