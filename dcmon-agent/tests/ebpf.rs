@@ -4,6 +4,8 @@
 //! skip with a message, unless DCMON_REQUIRE_EBPF=1 (CI), where a skip would hide a broken
 //! eBPF mode and so they fail instead.
 
+mod common;
+
 use std::collections::{BTreeSet, HashMap};
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
@@ -12,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dcmon_agent::collector::Collector;
-use dcmon_agent::collector::disk::{DiskCollector, DiskCounters, WholeDisks, parse_diskstats};
+use dcmon_agent::collector::disk::{DiskCollector, DiskCounters, RELIST_EVERY, WholeDisks, parse_diskstats};
 use dcmon_agent::collector::net::{NetCollector, parse_net_dev};
 use dcmon_agent::config::DeviceFilter;
 use dcmon_agent::ebpf::collect::{EbpfDiskCollector, EbpfNetCollector, header_adjust};
@@ -721,4 +723,81 @@ fn disk_with_iostats_off_follows_proc() {
     // Restore the default for the next user of this loop device.
     let _ = std::fs::write(format!("/sys/block/{}/queue/iostats", lo.name()), "1");
     assert_eq!(got, want);
+}
+
+/// A loop device's (reads, sectors read) from its /sys/block stat file once udev's probing
+/// holds still, and what `collector` reports for it meanwhile.
+fn loop_reads_settled(name: &str, collector: &mut EbpfDiskCollector) -> ((u64, u64), Option<(u64, u64)>) {
+    let stat = || {
+        let text = std::fs::read_to_string(format!("/sys/block/{name}/stat")).expect("stat");
+        let f: Vec<u64> = text.split_whitespace().map(|v| v.parse().expect("number")).collect();
+        (f[0], f[2] * 512)
+    };
+    for _ in 0..20 {
+        let before = stat();
+        let got = collector.read_all().expect("collector").into_iter().find(|d| d.device == name);
+        if stat() == before {
+            return (before, got.map(|d| (d.reads, d.read_bytes)));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("{name}'s counters kept moving for 2 s");
+}
+
+/// The eBPF disk collector's re-list when a disk vanishes: a loop device removed is dropped in
+/// the very next round (not after the 10 s listing period), and a new device that reuses its
+/// number counts from its own zero, not on top of the old device's total.
+#[test]
+fn a_vanished_disk_is_dropped_at_once_and_its_number_reused_from_zero() {
+    let Some(probes) = attach("disk hotplug") else {
+        return;
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backing = dir.path().join("disk.img");
+    std::fs::write(&backing, vec![0u8; 1 << 20]).expect("backing file");
+    let backing = backing.to_str().expect("utf-8 path").to_owned();
+    let dev = common::LoopDevice::add();
+    let name = dev.name();
+    let path = format!("/dev/{name}");
+    let read_blocks = |count: u32| {
+        run(&["dd", &format!("if={path}"), "of=/dev/null", "bs=4096", &format!("count={count}"), "iflag=direct"]);
+    };
+    let settle = || {
+        let _ = Command::new("udevadm").arg("settle").status();
+    };
+    run(&["losetup", &path, &backing]);
+    settle();
+    read_blocks(16);
+    let filter = DeviceFilter { include: PatternList::new([name.as_str()]), exclude: PatternList::default() };
+    let mut slow = EbpfDiskCollector::new(Host::default(), filter.clone(), probes.clone()).expect("collector");
+    let mut fast =
+        EbpfDiskCollector::new(Host::default(), filter, probes).expect("collector").relist_every(Duration::ZERO);
+    read_blocks(8);
+    for c in [&mut slow, &mut fast] {
+        let (want, got) = loop_reads_settled(&name, c);
+        assert!(want.0 >= 24, "{want:?}");
+        assert_eq!(got, Some(want), "before removal");
+    }
+
+    run(&["losetup", "-d", &path]);
+    dev.remove();
+    let names = |c: &mut EbpfDiskCollector| -> Vec<String> {
+        c.read_all().expect("collector").into_iter().map(|d| d.device).collect()
+    };
+    assert_eq!(
+        names(&mut slow),
+        Vec::<String>::new(),
+        "removed: dropped in the next round, not after {RELIST_EVERY:?}"
+    );
+    assert_eq!(names(&mut fast), Vec::<String>::new());
+
+    dev.readd();
+    run(&["losetup", &path, &backing]);
+    settle();
+    read_blocks(4);
+    let (want, got) = loop_reads_settled(&name, &mut fast);
+    assert!(want.0 >= 4 && want.0 < 24, "the new device's own reads: {want:?}");
+    assert_eq!(got, Some(want), "the new device counts from its own zero");
+    assert_eq!(names(&mut slow), Vec::<String>::new(), "a new disk waits for the next listing");
+    run(&["losetup", "-d", &path]);
 }

@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt as _;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, anyhow};
 use dcmon_common::collector_names;
@@ -75,9 +75,10 @@ pub struct EbpfDiskCollector {
     /// The stat file of each disk read from the kernel's counters, kept open.
     stats: HashMap<String, OpenFile>,
     buf: String,
-    /// When /sys/block was last listed; it is listed again every [`RELIST_EVERY`], or at once
+    /// When /sys/block was last listed; it is listed again every `relist_every`, or at once
     /// when a disk's file has vanished.
     listed_at: Option<Instant>,
+    relist_every: Duration,
 }
 
 impl EbpfDiskCollector {
@@ -113,12 +114,19 @@ impl EbpfDiskCollector {
             stats: HashMap::new(),
             buf: String::new(),
             listed_at: None,
+            relist_every: RELIST_EVERY,
         })
+    }
+
+    /// List /sys/block again every `every` (default [`RELIST_EVERY`]) to find new disks.
+    pub fn relist_every(mut self, every: Duration) -> Self {
+        self.relist_every = every;
+        self
     }
 
     /// The counters of every whole disk the filter allows, in device-number order.
     pub fn read_all(&mut self) -> anyhow::Result<Vec<DiskCounters>> {
-        if self.listed_at.is_none_or(|t| t.elapsed() >= RELIST_EVERY) {
+        if self.listed_at.is_none_or(|t| t.elapsed() >= self.relist_every) {
             self.relist()?;
         }
         let (counters, vanished) = self.read_known()?;
