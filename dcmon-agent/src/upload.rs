@@ -47,21 +47,17 @@ pub struct Uploader {
     upload_timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 enum Transport {
     Direct(Direct),
     Reqwest(reqwest::Client),
 }
 
-/// A clone starts with no connection of its own.
+/// A clone starts with no connection and no timer of its own.
 impl Clone for Uploader {
     fn clone(&self) -> Self {
-        let transport = match &self.transport {
-            Transport::Direct(d) => Transport::Direct(Direct { sender: None, ..d.clone_target() }),
-            Transport::Reqwest(c) => Transport::Reqwest(c.clone()),
-        };
         Self {
-            transport,
+            transport: self.transport.clone(),
             metrics_url: self.metrics_url.clone(),
             headers: self.headers.clone(),
             total_timeout: self.total_timeout,
@@ -141,8 +137,9 @@ fn direct_target(url: &reqwest::Url, connect_timeout: Duration) -> Option<Direct
     })
 }
 
-impl Direct {
-    fn clone_target(&self) -> Self {
+/// A clone has the same target and no connection.
+impl Clone for Direct {
+    fn clone(&self) -> Self {
         Self {
             host: self.host.clone(),
             port: self.port,
@@ -152,7 +149,9 @@ impl Direct {
             sender: None,
         }
     }
+}
 
+impl Direct {
     async fn connect(&self) -> Result<SendRequest<Full<Bytes>>, String> {
         let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect((self.host.as_str(), self.port)))
             .await
@@ -174,16 +173,19 @@ impl Direct {
     /// One request and its answer. A kept-alive connection the server closed meanwhile is
     /// replaced and the request sent again, once, when it provably never left.
     async fn post(&mut self, headers: &HeaderMap, body: Bytes) -> Result<Answer, String> {
-        for attempt in 0..2 {
-            let reused = self.sender.as_ref().is_some_and(|s| !s.is_closed());
-            if !reused {
-                self.sender = None;
-                self.sender = Some(self.connect().await?);
-            }
-            let Some(sender) = self.sender.as_mut() else { unreachable!("connected above") };
+        loop {
+            // Only a reused connection earns a second try: a failure on a fresh one is the
+            // server's answer. After any failure `sender` is empty, so this loops at most twice.
+            let (sender, reused) = match self.sender.take() {
+                Some(s) if !s.is_closed() => (self.sender.insert(s), true),
+                _ => {
+                    let fresh = self.connect().await?;
+                    (self.sender.insert(fresh), false)
+                }
+            };
             if let Err(e) = sender.ready().await {
                 self.sender = None;
-                if reused && attempt == 0 {
+                if reused {
                     continue;
                 }
                 return Err(error_chain(&e));
@@ -206,14 +208,13 @@ impl Direct {
                 }
                 Err(mut e) => {
                     self.sender = None;
-                    if reused && attempt == 0 && e.take_message().is_some() {
+                    if reused && e.take_message().is_some() {
                         continue;
                     }
                     return Err(error_chain(e.error()));
                 }
             }
         }
-        Err("the server closed the connection twice before the request was sent".to_owned())
     }
 }
 

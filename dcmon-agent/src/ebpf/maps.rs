@@ -98,6 +98,19 @@ pub fn possible_cpus() -> io::Result<usize> {
     aya::util::nr_cpus().map_err(|(path, e)| io::Error::new(e.kind(), format!("{path}: {e}")))
 }
 
+/// The sum of one entry's `ncpus` per-CPU values, laid out at `stride` bytes from the start of
+/// `values`, with `add` adding one CPU's value into the total.
+fn sum_percpu<V: Pod + Default>(values: &[u8], ncpus: usize, stride: usize, add: &impl Fn(&mut V, &V)) -> V {
+    let mut total = V::default();
+    for cpu in 0..ncpus {
+        let one = &values[cpu * stride..][..std::mem::size_of::<V>()];
+        // SAFETY: `one` holds size_of::<V>() bytes (the slicing checked it) and V is Pod.
+        let v = unsafe { std::ptr::read_unaligned(one.as_ptr().cast::<V>()) };
+        add(&mut total, &v);
+    }
+    total
+}
+
 /// Every (key, per-CPU sum) of a per-CPU hash map, with `add` summing one CPU's value into the
 /// total. Entries are read in batches of `chunk` keys.
 pub fn lookup_all_percpu<K: Pod, V: Pod + Default>(
@@ -140,14 +153,7 @@ pub fn lookup_all_percpu<K: Pod, V: Pod + Default>(
         for i in 0..n {
             // SAFETY: the kernel wrote `n` keys and `n * ncpus` values; K and V are Pod.
             let key = unsafe { std::ptr::read_unaligned(keys.as_ptr().add(i * std::mem::size_of::<K>()).cast::<K>()) };
-            let mut total = V::default();
-            for cpu in 0..ncpus {
-                // SAFETY: as above, within the buffer sized chunk * ncpus * stride.
-                let v =
-                    unsafe { std::ptr::read_unaligned(values.as_ptr().add((i * ncpus + cpu) * stride).cast::<V>()) };
-                add(&mut total, &v);
-            }
-            out.push((key, total));
+            out.push((key, sum_percpu(&values[i * ncpus * stride..], ncpus, stride, &add)));
         }
         if done {
             return Ok(out);
@@ -181,13 +187,7 @@ pub fn lookup_percpu<K: Pod, V: Pod + Default>(
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
             Err(e) => return Err(e),
         }
-        let mut total = V::default();
-        for cpu in 0..ncpus {
-            // SAFETY: the kernel wrote ncpus values at `stride` into the buffer sized for them.
-            let v = unsafe { std::ptr::read_unaligned(values.as_ptr().add(cpu * stride).cast::<V>()) };
-            add(&mut total, &v);
-        }
-        out.push((*key, total));
+        out.push((*key, sum_percpu(&values, ncpus, stride, &add)));
     }
     Ok(out)
 }

@@ -20,8 +20,8 @@ use std::os::fd::{AsFd as _, BorrowedFd};
 use std::sync::Mutex;
 
 use anyhow::{Context as _, anyhow};
-use aya::Ebpf;
 use aya::maps::Map;
+use aya::{Ebpf, Pod};
 use dcmon_common::ebpf::{DISK_MAP, DiskKey, DiskValue, NET_MAP, NetKey, NetValue, PROGRAMS};
 use serde::Deserialize;
 
@@ -123,11 +123,7 @@ impl Probes {
     /// The counters of at least `keys` (those with I/O), summed over CPUs: one lookup per key
     /// for a few keys, else the whole map (see [`FEW_KEYS`]).
     pub fn disk_values(&self, keys: &[DiskKey]) -> anyhow::Result<Vec<(DiskKey, DiskValue)>> {
-        if keys.len() > FEW_KEYS {
-            return self.disk_totals();
-        }
-        let n = self.ncpus;
-        self.with_map_fd(DISK_MAP, |fd| maps::lookup_percpu(fd, n, keys, add_disk))
+        self.values_of(DISK_MAP, keys, add_disk)
     }
 
     /// Every (namespace, interface)'s counters since attach, summed over CPUs.
@@ -139,11 +135,22 @@ impl Probes {
     /// The counters of at least `keys` (those with traffic), summed over CPUs; see
     /// [`Probes::disk_values`].
     pub fn net_values(&self, keys: &[NetKey]) -> anyhow::Result<Vec<(NetKey, NetValue)>> {
-        if keys.len() > FEW_KEYS {
-            return self.net_totals();
-        }
+        self.values_of(NET_MAP, keys, add_net)
+    }
+
+    /// `keys` of map `name` (and with many keys, every other entry too), summed over CPUs.
+    fn values_of<K: Pod, V: Pod + Default>(
+        &self,
+        name: &str,
+        keys: &[K],
+        add: fn(&mut V, &V),
+    ) -> anyhow::Result<Vec<(K, V)>> {
         let n = self.ncpus;
-        self.with_map_fd(NET_MAP, |fd| maps::lookup_percpu(fd, n, keys, add_net))
+        if keys.len() > FEW_KEYS {
+            self.with_map_fd(name, |fd| maps::lookup_all_percpu(fd, n, add))
+        } else {
+            self.with_map_fd(name, |fd| maps::lookup_percpu(fd, n, keys, add))
+        }
     }
 
     /// The per-key way to read the network map (`get_next_key` + lookup per entry, via aya),
