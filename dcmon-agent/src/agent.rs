@@ -40,6 +40,9 @@ struct Slot {
     state: SlotState,
     /// The last failure logged, so a failure repeating every round is logged once.
     last_error: Option<String>,
+    /// How many samples the last run gave: the next run's buffer is sized to it once, rather
+    /// than grown through reallocations every round.
+    last_len: usize,
 }
 
 /// What the scheduler itself reports in each batch.
@@ -54,6 +57,8 @@ pub struct Scheduler {
     machine_id: String,
     collector_timeout: Duration,
     stats: SelfStats,
+    /// How many samples the last batch held (see [`Slot::last_len`]).
+    last_len: usize,
 }
 
 impl std::fmt::Debug for Scheduler {
@@ -70,36 +75,37 @@ impl Scheduler {
     pub fn new(collectors: Vec<Box<dyn Collector>>, machine_id: String, collector_timeout: Duration) -> Self {
         let slots = collectors
             .into_iter()
-            .map(|c| Slot { name: c.name(), state: SlotState::Idle(c), last_error: None })
+            .map(|c| Slot { name: c.name(), state: SlotState::Idle(c), last_error: None, last_len: 0 })
             .collect();
-        Self { slots, machine_id, collector_timeout, stats: SelfStats::default() }
+        Self { slots, machine_id, collector_timeout, stats: SelfStats::default(), last_len: 0 }
     }
 
     /// One round: run every collector concurrently and build the batch stamped `timestamp`.
     pub async fn collect(&mut self, timestamp: i64) -> Batch {
         let deadline = tokio::time::Instant::now() + self.collector_timeout;
         let mut batch = Batch::new(self.machine_id.clone(), timestamp);
-        let mut self_samples = Vec::new();
+        batch.reserve(self.last_len);
+        let mut self_samples = Vec::with_capacity(2 * self.slots.len());
 
         // Start the collectors that may block on their own threads first, run the ones that
         // cannot block right here meanwhile, then wait for the rest.
         let mut running: Vec<(usize, JoinHandle<RunResult>)> = Vec::new();
-        let mut inline: Vec<(usize, Box<dyn Collector>)> = Vec::new();
-        let mut start = |i: usize, c: Box<dyn Collector>| {
+        let mut inline: Vec<(usize, Box<dyn Collector>, usize)> = Vec::new();
+        let mut start = |i: usize, c: Box<dyn Collector>, capacity: usize| {
             if c.may_block() {
-                running.push((i, tokio::task::spawn_blocking(move || run_collector(c))));
+                running.push((i, tokio::task::spawn_blocking(move || run_collector(c, capacity))));
             } else {
-                inline.push((i, c));
+                inline.push((i, c, capacity));
             }
         };
         for (i, slot) in self.slots.iter_mut().enumerate() {
             let state = std::mem::replace(&mut slot.state, SlotState::Absent);
             match state {
                 SlotState::Absent => {}
-                SlotState::Idle(c) => start(i, c),
+                SlotState::Idle(c) => start(i, c, slot.last_len),
                 SlotState::Overrunning(h) if h.is_finished() => match h.await {
                     // The late result is stale: drop its samples, run afresh.
-                    Ok((c, ..)) => start(i, c),
+                    Ok((c, ..)) => start(i, c, slot.last_len),
                     Err(e) => tracing::error!(collector = slot.name, "collector thread failed: {e}; disabling it"),
                 },
                 SlotState::Overrunning(h) => {
@@ -109,8 +115,8 @@ impl Scheduler {
                 }
             }
         }
-        for (i, c) in inline {
-            record(&mut self.slots[i], run_collector(c), &mut batch, &mut self_samples);
+        for (i, c, capacity) in inline {
+            record(&mut self.slots[i], run_collector(c, capacity), &mut batch, &mut self_samples);
         }
         for (i, mut handle) in running {
             let slot = &mut self.slots[i];
@@ -129,6 +135,7 @@ impl Scheduler {
         self.stats.nonfinite_dropped_total += batch.nonfinite_dropped();
         batch.extend(self_samples);
         batch.push(Sample::count("dcmon_nonfinite_values_dropped_total", self.stats.nonfinite_dropped_total));
+        self.last_len = batch.samples().len();
         batch
     }
 }
@@ -136,6 +143,7 @@ impl Scheduler {
 /// File a finished run: its samples into the batch, its outcome into the self-metrics and the
 /// slot's state.
 fn record(slot: &mut Slot, (c, samples, result, took): RunResult, batch: &mut Batch, self_samples: &mut Vec<Sample>) {
+    slot.last_len = samples.len();
     batch.extend(samples);
     match result {
         Ok(()) => {
@@ -157,9 +165,9 @@ fn record(slot: &mut Slot, (c, samples, result, took): RunResult, batch: &mut Ba
     }
 }
 
-fn run_collector(mut c: Box<dyn Collector>) -> RunResult {
+fn run_collector(mut c: Box<dyn Collector>, capacity: usize) -> RunResult {
     let start = Instant::now();
-    let mut samples = Vec::new();
+    let mut samples = Vec::with_capacity(capacity);
     let result = std::panic::catch_unwind(AssertUnwindSafe(|| c.collect(&mut samples))).unwrap_or_else(|panic| {
         let msg = panic
             .downcast_ref::<&str>()

@@ -102,8 +102,15 @@ impl Batch {
         }
     }
 
+    /// Room for `additional` more samples without reallocating.
+    pub fn reserve(&mut self, additional: usize) {
+        self.samples.reserve(additional);
+    }
+
     /// Add many samples (see [`Batch::push`]).
     pub fn extend(&mut self, samples: impl IntoIterator<Item = Sample>) {
+        let samples = samples.into_iter();
+        self.samples.reserve(samples.size_hint().0);
         for s in samples {
             self.push(s);
         }

@@ -145,22 +145,62 @@ pub enum Record<'a> {
     },
 }
 
+/// `n` lowercase hex digits of `v`, zero-padded (`{v:0n$x}` without the formatter: this runs
+/// twice a cycle).
+fn hex<const N: usize>(v: u64) -> [u8; N] {
+    let mut digits = [0u8; N];
+    for (i, d) in digits.iter_mut().enumerate() {
+        let nibble = (v >> (4 * (N - 1 - i))) & 0xf;
+        *d = b"0123456789abcdef"[nibble as usize];
+    }
+    digits
+}
+
+/// `B {seq:016x} {timestamp} {len}`: a batch record's header fields, which its CRC also covers.
+/// At most 2 + 16 + 1 + 20 + 1 + 20 = 60 bytes.
+fn batch_fields(seq: u64, timestamp: i64, len: usize) -> ([u8; 64], usize) {
+    let mut buf = [0u8; 64];
+    let mut rest = &mut buf[..];
+    // 60 bytes at most fit in 64: these writes cannot fail.
+    let _ = rest.write_all(b"B ");
+    let _ = rest.write_all(&hex::<16>(seq));
+    let _ = write!(rest, " {timestamp} {len}");
+    let used = 64 - rest.len();
+    (buf, used)
+}
+
 fn batch_crc(seq: u64, timestamp: i64, body: &[u8]) -> u32 {
+    let (fields, len) = batch_fields(seq, timestamp, body.len());
+    crc_of_batch(&fields[..len], body)
+}
+
+/// The CRC of a batch record: over its header fields, a newline, and its body.
+fn crc_of_batch(fields: &[u8], body: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
-    h.update(format!("B {seq:016x} {timestamp} {}\n", body.len()).as_bytes());
+    h.update(fields);
+    h.update(b"\n");
     h.update(body);
     h.finalize()
 }
 
-fn done_crc(seq: u64) -> u32 {
-    crc32fast::hash(format!("D {seq:016x}").as_bytes())
+/// `D {seq:016x}`: a done record's fields, which its CRC covers.
+fn done_fields(seq: u64) -> [u8; 18] {
+    let mut fields = [b'D'; 18];
+    fields[1] = b' ';
+    fields[2..].copy_from_slice(&hex::<16>(seq));
+    fields
 }
 
 /// Append the record of a batch to `out`; returns its CRC.
 pub fn encode_batch(out: &mut Vec<u8>, seq: u64, timestamp: i64, body: &[u8]) -> u32 {
-    let crc = batch_crc(seq, timestamp, body);
-    // `write!` into a Vec cannot fail.
-    let _ = writeln!(out, "DCMB2 B {seq:016x} {timestamp} {} {crc:08x}", body.len());
+    let (fields, len) = batch_fields(seq, timestamp, body.len());
+    let crc = crc_of_batch(&fields[..len], body);
+    out.reserve(MAGIC.len() + len + 10 + body.len() + 1);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&fields[..len]);
+    out.push(b' ');
+    out.extend_from_slice(&hex::<8>(u64::from(crc)));
+    out.push(b'\n');
     out.extend_from_slice(body);
     out.push(b'\n');
     crc
@@ -168,13 +208,19 @@ pub fn encode_batch(out: &mut Vec<u8>, seq: u64, timestamp: i64, body: &[u8]) ->
 
 /// Append the record saying batch `seq` is done to `out`.
 pub fn encode_done(out: &mut Vec<u8>, seq: u64) {
-    let _ = writeln!(out, "DCMB2 D {seq:016x} {:08x}", done_crc(seq));
+    let fields = done_fields(seq);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&fields);
+    out.push(b' ');
+    out.extend_from_slice(&hex::<8>(u64::from(crc32fast::hash(&fields))));
+    out.push(b'\n');
 }
 
 /// The length of a batch's record.
 pub fn batch_record_len(seq: u64, timestamp: i64, body: &[u8]) -> u64 {
-    let header = format!("DCMB2 B {seq:016x} {timestamp} {} 00000000\n", body.len());
-    (header.len() + body.len() + 1) as u64
+    let (_, len) = batch_fields(seq, timestamp, body.len());
+    // magic, fields, " crc8\n", body, "\n"
+    (MAGIC.len() + len + 10 + body.len() + 1) as u64
 }
 
 fn parse_hex_seq(s: &str) -> Option<u64> {
@@ -226,7 +272,9 @@ pub fn parse_segment(data: &[u8]) -> Vec<Record<'_>> {
             }
             ["D", seq, crc] => {
                 match (parse_hex_seq(seq), parse_crc(crc)) {
-                    (Some(seq), Some(crc)) if done_crc(seq) == crc => records.push(Record::Done { seq }),
+                    (Some(seq), Some(crc)) if crc32fast::hash(&done_fields(seq)) == crc => {
+                        records.push(Record::Done { seq })
+                    }
                     (Some(_), Some(_)) => {
                         records.push(Record::Damaged { offset: pos, len: nl + 1 - pos, why: Corrupt::Checksum });
                     }
@@ -940,6 +988,34 @@ mod tests {
 
     fn segments(dir: &Path) -> Vec<PathBuf> {
         list_segments(dir).expect("list").into_iter().map(|(_, p)| p).collect()
+    }
+
+    #[test]
+    fn the_record_format_is_stable() {
+        // Segments outlive upgrades: these bytes were written by the format!-based encoder
+        // that the first releases shipped, and must read (and be written) the same forever.
+        let pinned = "DCMB2 B 000000000000001f -5 7 f154f0fe\n{\"a\":1}\n\
+                      DCMB2 B ffffffffffffffff 9223372036854775807 0 5a4d36f1\n\n\
+                      DCMB2 D 000000000000001f 2d35bf60\n";
+        let mut seg = Vec::new();
+        encode_batch(&mut seg, 0x1f, -5, b"{\"a\":1}");
+        encode_batch(&mut seg, u64::MAX, i64::MAX, b"");
+        encode_done(&mut seg, 0x1f);
+        assert_eq!(String::from_utf8(seg).expect("utf8"), pinned);
+        assert_eq!(batch_record_len(0x1f, -5, b"{\"a\":1}"), 47);
+        assert_eq!(batch_record_len(u64::MAX, i64::MAX, b""), 57);
+        let records = parse_segment(pinned.as_bytes());
+        assert!(
+            matches!(
+                records[..],
+                [
+                    Record::Batch { seq: 0x1f, timestamp: -5, body: b"{\"a\":1}", crc: 0xf154_f0fe, .. },
+                    Record::Batch { seq: u64::MAX, timestamp: i64::MAX, body: b"", .. },
+                    Record::Done { seq: 0x1f }
+                ]
+            ),
+            "{records:?}"
+        );
     }
 
     #[test]
