@@ -170,8 +170,12 @@ impl Direct {
         Ok(sender)
     }
 
-    /// One request and its answer. A kept-alive connection the server closed meanwhile is
-    /// replaced and the request sent again, once, when it provably never left.
+    /// One request and its answer. When a kept-alive connection turns out closed, the request
+    /// is sent again on a new one, once: when it provably never left, and when the connection
+    /// broke before any answer came (a server closes idle connections without notice, so a
+    /// request can go out just as the close does; seen as a reset or an early end of stream).
+    /// Sending again at once is what delivery would do after a backoff anyway, since a batch
+    /// is resent until it is answered, so this adds no duplicate a later retry would not.
     async fn post(&mut self, headers: &HeaderMap, body: Bytes) -> Result<Answer, String> {
         loop {
             // Only a reused connection earns a second try: a failure on a fresh one is the
@@ -208,7 +212,7 @@ impl Direct {
                 }
                 Err(mut e) => {
                     self.sender = None;
-                    if reused && e.take_message().is_some() {
+                    if reused && (e.take_message().is_some() || went_away_unanswered(e.error())) {
                         continue;
                     }
                     return Err(error_chain(e.error()));
@@ -216,6 +220,17 @@ impl Direct {
             }
         }
     }
+}
+
+/// Whether a request failed because its connection ended before any answer: an end of stream
+/// where the answer should start, a reset, or a broken pipe. Timeouts and malformed answers
+/// are not this.
+fn went_away_unanswered(e: &hyper::Error) -> bool {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    e.is_incomplete_message()
+        || std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .is_some_and(|io| matches!(io.kind(), ConnectionReset | BrokenPipe | ConnectionAborted | UnexpectedEof))
 }
 
 /// The answer's body, at most [`ANSWER_BODY_CAP`] bytes of it, and whether it was read to its
@@ -458,9 +473,13 @@ mod tests {
         assert!(v.contains("field required"), "{v}");
     }
 
+    /// Answer that makes [`scripted_server`] close the connection after reading the request.
+    const CLOSE_UNANSWERED: &str = "close";
+
     /// A plain-HTTP server for one test: for each connection it accepts in turn, it reads one
     /// request per answer in that connection's list and writes the answer, then closes the
-    /// connection. Returns its base URL and, when joined, each request as text with the
+    /// connection. An empty answer holds the connection unanswered until the client gives up;
+    /// [`CLOSE_UNANSWERED`] closes it at once. Returns its base URL and, when joined, each request as text with the
     /// connection's number in front.
     fn scripted_server(connections: Vec<Vec<String>>) -> (String, std::thread::JoinHandle<Vec<String>>) {
         use std::io::{BufRead as _, BufReader, Read as _, Write as _};
@@ -492,6 +511,9 @@ mod tests {
                     let mut body = vec![0; len];
                     reader.read_exact(&mut body).expect("body");
                     seen.push(format!("{n} {head}{}", String::from_utf8_lossy(&body)));
+                    if answer == CLOSE_UNANSWERED {
+                        break;
+                    }
                     if answer.is_empty() {
                         // Never answer: hold the connection until the client gives up.
                         let _ = reader.read(&mut [0; 1]);
@@ -547,6 +569,39 @@ mod tests {
             assert!(first.contains(&header), "{header:?} missing in {first}");
         }
         assert!(first.ends_with("\r\n\r\n{\"n\":0}"), "{first}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_post_that_meets_the_servers_close_of_an_idle_connection_is_sent_again() {
+        // The server answers on connection 0 and closes it without notice, as servers do with
+        // idle kept-alive connections. The runtime is held (a blocking sleep) while the close
+        // arrives, so the client has not seen it when the next post is handed to that
+        // connection: hyper finds it closed before writing and hands the request back, and it
+        // goes out on a new connection at once.
+        let (base, server) = scripted_server(vec![vec![ok_answer()], vec![ok_answer()]]);
+        let mut u = uploader(&base, Duration::from_secs(5));
+        assert_eq!(u.send(Bytes::from_static(b"{\"n\":0}")).await.expect("first post"), Some(3));
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(u.send(Bytes::from_static(b"{\"n\":1}")).await.expect("second post, sent again"), Some(3));
+        let seen = server.join().expect("server");
+        let connections: Vec<&str> = seen.iter().map(|r| &r[..1]).collect();
+        assert_eq!(connections, ["0", "1"], "{seen:?}");
+        assert!(seen[1].ends_with("{\"n\":1}"), "{seen:?}");
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_kept_alive_connection_closed_under_a_request_is_replaced_and_the_request_resent() {
+        // Connection 0 carries one answered post, then the server reads the next request and
+        // closes without answering (an idle close racing the request, or a server restarting).
+        // The post must not fail: it goes out again on a new connection.
+        let (base, server) = scripted_server(vec![vec![ok_answer(), CLOSE_UNANSWERED.to_owned()], vec![ok_answer()]]);
+        let mut u = uploader(&base, Duration::from_secs(5));
+        assert_eq!(u.send(Bytes::from_static(b"{\"n\":0}")).await.expect("first post"), Some(3));
+        assert_eq!(u.send(Bytes::from_static(b"{\"n\":1}")).await.expect("second post, sent again"), Some(3));
+        let seen = server.join().expect("server");
+        let connections: Vec<&str> = seen.iter().map(|r| &r[..1]).collect();
+        assert_eq!(connections, ["0", "0", "1"], "{seen:?}");
+        assert!(seen[1].ends_with("{\"n\":1}") && seen[2].ends_with("{\"n\":1}"), "{seen:?}");
     }
 
     #[tokio::test(flavor = "current_thread")]
