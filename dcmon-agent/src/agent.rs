@@ -90,12 +90,12 @@ impl Scheduler {
         // Start the collectors that may block on their own threads first, run the ones that
         // cannot block right here meanwhile, then wait for the rest.
         let mut running: Vec<(usize, JoinHandle<RunResult>)> = Vec::new();
-        let mut inline: Vec<(usize, Box<dyn Collector>, usize)> = Vec::new();
+        let mut inline: Vec<(usize, Box<dyn Collector>)> = Vec::new();
         let mut start = |i: usize, c: Box<dyn Collector>, capacity: usize| {
             if c.may_block() {
                 running.push((i, tokio::task::spawn_blocking(move || run_collector(c, capacity))));
             } else {
-                inline.push((i, c, capacity));
+                inline.push((i, c));
             }
         };
         for (i, slot) in self.slots.iter_mut().enumerate() {
@@ -115,7 +115,8 @@ impl Scheduler {
                 }
             }
         }
-        for (i, c, capacity) in inline {
+        for (i, c) in inline {
+            let capacity = self.slots[i].last_len;
             record(&mut self.slots[i], run_collector(c, capacity), &mut batch, &mut self_samples);
         }
         for (i, mut handle) in running {

@@ -145,8 +145,8 @@ pub enum Record<'a> {
     },
 }
 
-/// `n` lowercase hex digits of `v`, zero-padded (`{v:0n$x}` without the formatter: this runs
-/// twice a cycle).
+/// `N` lowercase hex digits of `v`, zero-padded: `{v:0N$x}` without the formatter, which cost
+/// more than the rest of a record's encoding (every record has two such fields).
 fn hex<const N: usize>(v: u64) -> [u8; N] {
     let mut digits = [0u8; N];
     for (i, d) in digits.iter_mut().enumerate() {
