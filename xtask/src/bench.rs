@@ -3,7 +3,9 @@
 //!
 //! For each subject: CPU per cycle from /proc/PID/stat (utime+stime, all threads) and from
 //! /proc/PID/task/*/schedstat (ns, threads alive at both ends), resident memory (VmRSS sampled
-//! every second, median; VmHWM at the end), and bytes sent per cycle. Then the same for the
+//! every second, median; VmHWM at the end), and bytes sent per cycle. Two floor subjects
+//! (`examples/bench_floor.rs`) show what this host charges any process for the same job: waking
+//! once a second, and the job itself as a bare blocking loop. Then the same for the
 //! agent with 1,000 and 10,000 interfaces (veth pairs in a network namespace) and with
 //! 64 loop devices (removed again afterwards, not just detached). Prints markdown tables.
 
@@ -63,6 +65,10 @@ enum Subject {
     AgentEbpf,
     NodeExporter,
     Collectd,
+    /// `examples/bench_floor.rs wake`: a process that wakes once a second and does nothing.
+    FloorWake,
+    /// `examples/bench_floor.rs job`: the agent's job as a bare blocking loop.
+    FloorJob,
 }
 
 impl Subject {
@@ -72,6 +78,8 @@ impl Subject {
             Subject::AgentEbpf => "dcmon-agent (eBPF)",
             Subject::NodeExporter => "node_exporter 5 collectors, scraped 1/s",
             Subject::Collectd => "collectd cpu,memory,disk,interface,load",
+            Subject::FloorWake => "floor: wake once a second, nothing else",
+            Subject::FloorJob => "floor: same job as a bare blocking loop",
         }
     }
 }
@@ -93,13 +101,17 @@ pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             "dcmon-agent",
             "--bin",
             "dcmon-test-receiver",
+            "-p",
+            "xtask",
+            "--example",
+            "bench_floor",
         ])
         .status()?;
     if !status.success() {
         bail!("cargo build --release failed");
     }
     let bin = workspace.join("target/release");
-    let mut subjects = vec![Subject::Agent, Subject::AgentEbpf];
+    let mut subjects = vec![Subject::Agent, Subject::AgentEbpf, Subject::FloorWake, Subject::FloorJob];
     if which("prometheus-node-exporter").is_some() {
         subjects.push(Subject::NodeExporter);
     } else {
@@ -119,6 +131,7 @@ pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                 Subject::AgentEbpf => measure_agent(&bin, args.seconds, None, false, Ebpf::On)?,
                 Subject::NodeExporter => measure_node_exporter(args.seconds)?,
                 Subject::Collectd => measure_collectd(args.seconds)?,
+                Subject::FloorWake | Subject::FloorJob => measure_floor(&bin, args.seconds, *s)?,
             };
             results[i].push(run);
         }
@@ -132,7 +145,8 @@ pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     if let Some(agent) = results.first() {
         // Ratios from schedstat: nanoseconds, where stat counts 10 ms ticks.
         let a = median(agent.iter().map(|r| r.cpu_ms_sched).collect());
-        for (s, runs) in subjects.iter().zip(&results).skip(1).filter(|(s, _)| **s != Subject::AgentEbpf) {
+        let peers = |s: &Subject| matches!(s, Subject::NodeExporter | Subject::Collectd);
+        for (s, runs) in subjects.iter().zip(&results).filter(|(s, _)| peers(s)) {
             let p = median(runs.iter().map(|r| r.cpu_ms_sched).collect());
             let m =
                 median(runs.iter().map(|r| r.rss_kib).collect()) / median(agent.iter().map(|r| r.rss_kib).collect());
@@ -141,6 +155,17 @@ pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                 s.name(),
                 p / a,
                 m
+            ));
+        }
+        let cpu = |subject| {
+            let runs = &results[subjects.iter().position(|s| *s == subject)?];
+            Some(median(runs.iter().map(|r| r.cpu_ms_sched).collect()))
+        };
+        if let (Some(wake), Some(job)) = (cpu(Subject::FloorWake), cpu(Subject::FloorJob)) {
+            out.push_str(&format!(
+                "\nOn this host, waking once a second costs {wake:.3} ms and the bare job {job:.3} ms a cycle; \
+                 the agent (procfs) adds {:.3} ms over the bare job.",
+                a - job
             ));
         }
         out.push('\n');
@@ -371,8 +396,9 @@ fn in_netns(ns: Option<&str>, program: &Path) -> Command {
     }
 }
 
-fn measure_agent(bin: &Path, seconds: u64, ns: Option<&str>, all_disks: bool, ebpf: Ebpf) -> anyhow::Result<Run> {
-    let dir = tempfile_dir("dcmon-bench-agent")?;
+/// A dcmon-test-receiver for `seconds` (plus margin), its URL, and the bytes of the batches it
+/// has accepted so far.
+fn start_receiver(bin: &Path, ns: Option<&str>, seconds: u64) -> anyhow::Result<(Guard, String, Arc<AtomicU64>)> {
     let mut receiver = Guard(
         in_netns(ns, &bin.join("dcmon-test-receiver"))
             .args([KEY, "bench", &(seconds + 30).to_string()])
@@ -393,6 +419,12 @@ fn measure_agent(bin: &Path, seconds: u64, ns: Option<&str>, all_disks: bool, eb
             }
         }
     });
+    Ok((receiver, url, bytes))
+}
+
+fn measure_agent(bin: &Path, seconds: u64, ns: Option<&str>, all_disks: bool, ebpf: Ebpf) -> anyhow::Result<Run> {
+    let dir = tempfile_dir("dcmon-bench-agent")?;
+    let (receiver, url, bytes) = start_receiver(bin, ns, seconds)?;
     std::fs::write(dir.join("api_key"), format!("{KEY}\n"))?;
     std::fs::set_permissions(dir.join("api_key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
     let config = agent_config(&url, &dir, all_disks, ebpf);
@@ -407,6 +439,26 @@ fn measure_agent(bin: &Path, seconds: u64, ns: Option<&str>, all_disks: bool, eb
     // With `ip netns exec` the agent is a child of ip's exec: same pid.
     let run = measure_process(agent.0.id(), seconds, || bytes.load(Ordering::Relaxed));
     drop(agent);
+    drop(receiver);
+    let _ = std::fs::remove_dir_all(&dir);
+    run
+}
+
+/// The floor subjects, posting (job) to a receiver like the agent's.
+fn measure_floor(bin: &Path, seconds: u64, subject: Subject) -> anyhow::Result<Run> {
+    let floor = bin.join("examples/bench_floor");
+    let dir = tempfile_dir("dcmon-bench-floor")?;
+    let (receiver, url, bytes) = start_receiver(bin, None, seconds)?;
+    let mut cmd = Command::new(floor);
+    if subject == Subject::FloorJob {
+        let addr = url.strip_prefix("http://").context("receiver URL")?;
+        cmd.args(["job", addr, KEY]).arg(&dir);
+    } else {
+        cmd.arg("wake");
+    }
+    let child = Guard(cmd.spawn()?);
+    let run = measure_process(child.0.id(), seconds, || bytes.load(Ordering::Relaxed));
+    drop(child);
     drop(receiver);
     let _ = std::fs::remove_dir_all(&dir);
     run
