@@ -423,6 +423,7 @@ fn start_receiver(bin: &Path, ns: Option<&str>, seconds: u64) -> anyhow::Result<
 }
 
 fn measure_agent(bin: &Path, seconds: u64, ns: Option<&str>, all_disks: bool, ebpf: Ebpf) -> anyhow::Result<Run> {
+    wait_for_quiet_host()?;
     let dir = tempfile_dir("dcmon-bench-agent")?;
     let (receiver, url, bytes) = start_receiver(bin, ns, seconds)?;
     std::fs::write(dir.join("api_key"), format!("{KEY}\n"))?;
@@ -446,6 +447,7 @@ fn measure_agent(bin: &Path, seconds: u64, ns: Option<&str>, all_disks: bool, eb
 
 /// The floor subjects, posting (job) to a receiver like the agent's.
 fn measure_floor(bin: &Path, seconds: u64, subject: Subject) -> anyhow::Result<Run> {
+    wait_for_quiet_host()?;
     let floor = bin.join("examples/bench_floor");
     let dir = tempfile_dir("dcmon-bench-floor")?;
     let (receiver, url, bytes) = start_receiver(bin, None, seconds)?;
@@ -465,6 +467,7 @@ fn measure_floor(bin: &Path, seconds: u64, subject: Subject) -> anyhow::Result<R
 }
 
 fn measure_node_exporter(seconds: u64) -> anyhow::Result<Run> {
+    wait_for_quiet_host()?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let ne = Guard(
         Command::new("prometheus-node-exporter")
@@ -504,6 +507,7 @@ fn measure_node_exporter(seconds: u64) -> anyhow::Result<Run> {
 }
 
 fn measure_collectd(seconds: u64) -> anyhow::Result<Run> {
+    wait_for_quiet_host()?;
     let dir = tempfile_dir("dcmon-bench-collectd")?;
     let conf = dir.join("collectd.conf");
     std::fs::write(
@@ -522,6 +526,61 @@ fn measure_collectd(seconds: u64) -> anyhow::Result<Run> {
     drop(cd);
     let _ = std::fs::remove_dir_all(&dir);
     run
+}
+
+/// Host CPU busy fraction below which a measurement may start.
+const QUIET_BUSY: f64 = 0.10;
+/// How long to wait for that before measuring anyway (with a warning).
+const QUIET_WAIT: Duration = Duration::from_secs(180);
+
+/// Wait until the host's CPUs are at most [`QUIET_BUSY`] busy over half a second. The kernel
+/// finishes some of the bench's own set-up and tear-down in the background: deleting a network
+/// namespace with 10,000 veth interfaces keeps a kworker busy for half a minute (a soft lockup
+/// of one CPU on this VM's non-preemptible kernel), and a subject measured meanwhile loses
+/// cycles to it (seen: the loop-disk row at half its batches and CPU).
+fn wait_for_quiet_host() -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        let before = cpu_times()?;
+        std::thread::sleep(Duration::from_millis(500));
+        let after = cpu_times()?;
+        let (busy, total) = (after.0.saturating_sub(before.0), after.1.saturating_sub(before.1));
+        let fraction = if total == 0 { 0.0 } else { busy as f64 / total as f64 };
+        if fraction <= QUIET_BUSY {
+            if start.elapsed() > Duration::from_secs(2) {
+                eprintln!("waited {:.0} s for the host to go quiet", start.elapsed().as_secs_f64());
+            }
+            return Ok(());
+        }
+        if start.elapsed() >= QUIET_WAIT {
+            eprintln!(
+                "warning: the host is still {:.0}% busy after {} s; measuring anyway",
+                fraction * 100.0,
+                QUIET_WAIT.as_secs()
+            );
+            return Ok(());
+        }
+    }
+}
+
+/// All CPUs' (busy, total) time from /proc/stat's `cpu` line, in clock ticks. Busy is user,
+/// nice, system, irq and softirq; idle, iowait and steal are not.
+fn cpu_times() -> anyhow::Result<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("cpu "))
+        .context("/proc/stat: no `cpu` line first")?
+        .split_whitespace()
+        .take(8)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .context("/proc/stat: `cpu` line fields are not numbers")?;
+    let [user, nice, system, idle, iowait, irq, softirq, steal] = fields[..] else {
+        bail!("/proc/stat: `cpu` line has fewer than 8 fields");
+    };
+    Ok((user + nice + system + irq + softirq, user + nice + system + idle + iowait + irq + softirq + steal))
 }
 
 /// Warm up 3 s, then measure `seconds` of process `pid`.
