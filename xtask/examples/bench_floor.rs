@@ -7,10 +7,10 @@
 //! `bench_floor job ADDR KEY DIR`: each second, the same job as the agent in its procfs mode with
 //! the OS collectors, as a bare blocking loop: `pread` the same kept-open files (/proc/loadavg,
 //! /proc/stat, /proc/meminfo, /proc/net/dev and /sys/block/X/stat for every disk the agent's
-//! default filter reports), parse every number in them, put the first 12 of each file in a dcmon batch, append the
-//! batch to a file in DIR (the outbox's one write), POST it over one kept-alive connection to the
-//! receiver at ADDR, and read the answer. No labels, no checks, no retries, no async runtime:
-//! it is a measuring stick, not an agent.
+//! default filter reports), parse every number in them, put the first 12 of each file in a dcmon
+//! batch, append the batch to a file in DIR (the outbox's one write), POST it over one kept-alive
+//! connection to the receiver at ADDR, and read the answer. No labels, no checks, no retries, no
+//! async runtime: it is a measuring stick, not an agent.
 
 use std::fmt::Write as _;
 use std::fs::File;
@@ -20,6 +20,7 @@ use std::os::unix::fs::FileExt as _;
 use std::path::Path;
 
 use anyhow::{Context as _, bail};
+use dcmon_agent::config::DeviceFilter;
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -36,10 +37,10 @@ fn main() -> anyhow::Result<()> {
 fn job(ticks: &Ticks, addr: &str, key: &str, dir: &Path) -> anyhow::Result<()> {
     let mut paths: Vec<String> =
         ["/proc/loadavg", "/proc/stat", "/proc/meminfo", "/proc/net/dev"].map(String::from).to_vec();
+    let disks = DeviceFilter::default_disks();
     for entry in std::fs::read_dir("/sys/block").context("listing /sys/block")? {
         let name = entry?.file_name().to_string_lossy().into_owned();
-        // The agent's default disk filter.
-        if !["loop", "ram", "zram", "sr", "fd"].iter().any(|p| name.starts_with(p)) {
+        if disks.allows(&name) {
             paths.push(format!("/sys/block/{name}/stat"));
         }
     }

@@ -445,20 +445,18 @@ fn measure_agent(bin: &Path, seconds: u64, ns: Option<&str>, all_disks: bool, eb
     run
 }
 
-/// The floor subjects, posting (job) to a receiver like the agent's.
+/// A floor subject; the job posts to a receiver like the agent's, waking posts nothing.
 fn measure_floor(bin: &Path, seconds: u64, subject: Subject) -> anyhow::Result<Run> {
     wait_for_quiet_host()?;
-    let floor = bin.join("examples/bench_floor");
+    let mut cmd = Command::new(bin.join("examples/bench_floor"));
+    if subject != Subject::FloorJob {
+        let child = Guard(cmd.arg("wake").spawn()?);
+        return measure_process(child.0.id(), seconds, || 0);
+    }
     let dir = tempfile_dir("dcmon-bench-floor")?;
     let (receiver, url, bytes) = start_receiver(bin, None, seconds)?;
-    let mut cmd = Command::new(floor);
-    if subject == Subject::FloorJob {
-        let addr = url.strip_prefix("http://").context("receiver URL")?;
-        cmd.args(["job", addr, KEY]).arg(&dir);
-    } else {
-        cmd.arg("wake");
-    }
-    let child = Guard(cmd.spawn()?);
+    let addr = url.strip_prefix("http://").context("receiver URL")?;
+    let child = Guard(cmd.args(["job", addr, KEY]).arg(&dir).spawn()?);
     let run = measure_process(child.0.id(), seconds, || bytes.load(Ordering::Relaxed));
     drop(child);
     drop(receiver);
