@@ -155,6 +155,16 @@ impl LogLines {
     }
 }
 
+/// A daemon that is killed when the test ends, however it ends.
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 fn signal(child: &Child, name: &str) {
     let sent = Command::new("kill").arg(format!("-{name}")).arg(child.id().to_string()).status().expect("kill");
     assert!(sent.success(), "kill -{name}");
@@ -179,20 +189,23 @@ fn reload_refuses_a_fifo_key_or_config_and_still_stops_on_sigterm() {
     })
     .to_string();
     std::fs::write(&config, &config_text).expect("write config");
-    let mut child = agent()
-        .arg("--config")
-        .arg(&config)
-        .arg("run")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn run");
-    let mut log = LogLines::follow(&mut child);
+    let mut daemon = Daemon(
+        agent()
+            .arg("--config")
+            .arg(&config)
+            .arg("run")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn run"),
+    );
+    let child = &mut daemon.0;
+    let mut log = LogLines::follow(child);
     log.wait_for(&["started"]);
 
     std::fs::remove_file(&key).expect("rm key");
     mkfifo(&key);
-    signal(&child, "HUP");
+    signal(child, "HUP");
     let line = log.wait_for(&["config reload rejected"]);
     assert!(line.contains(&format!("API key file {}: is a FIFO, expected a regular file", key.display())), "{line}");
 
@@ -200,12 +213,12 @@ fn reload_refuses_a_fifo_key_or_config_and_still_stops_on_sigterm() {
     std::fs::write(&key, "dcmon_test_key\n").expect("write key");
     std::fs::remove_file(&config).expect("rm config");
     mkfifo(&config);
-    signal(&child, "HUP");
+    signal(child, "HUP");
     let line = log.wait_for(&["config reload rejected"]);
     assert!(line.contains(&format!("config {}: is a FIFO, expected a regular file", config.display())), "{line}");
 
-    signal(&child, "TERM");
-    let status = wait_or_kill(&mut child, Duration::from_secs(20), "run after SIGTERM");
+    signal(child, "TERM");
+    let status = wait_or_kill(child, Duration::from_secs(20), "run after SIGTERM");
     assert!(status.success(), "{status}");
 }
 
