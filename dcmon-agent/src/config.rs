@@ -292,8 +292,11 @@ impl Config {
     /// a timeout.
     pub fn load(path: &Path, must_exist: bool) -> Result<Loaded, ConfigError> {
         match crate::secure_file::read(path, MAX_CONFIG_FILE_BYTES) {
-            Ok((bytes, _)) => Self::parse_bytes(path, &bytes)
-                .map(|(config, unknown_keys)| Loaded { config, unknown_keys, from_file: true }),
+            Ok((bytes, _)) => Self::parse_bytes(path, &bytes).map(|(config, unknown_keys)| Loaded {
+                config,
+                unknown_keys,
+                from_file: true,
+            }),
             Err(e) if e.is_not_found() && !must_exist => {
                 Ok(Loaded { config: Config::default(), unknown_keys: Vec::new(), from_file: false })
             }
@@ -310,7 +313,8 @@ impl Config {
     /// can call it); `path` is only used in error messages. Bytes that are not UTF-8 are a
     /// parse error with their position.
     pub fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<(Config, Vec<String>), ConfigError> {
-        let at = |line, column, field, detail| ConfigError::Parse { path: path.to_owned(), line, column, field, detail };
+        let at =
+            |line, column, field, detail| ConfigError::Parse { path: path.to_owned(), line, column, field, detail };
         let parse_error = |e: &serde_json::Error, field, detail| at(e.line(), e.column(), field, detail);
         let serde_detail = |e: &serde_json::Error| strip_position(&e.to_string());
         // The shape first: the top level and each section must be objects (see OBJECT_SECTIONS).
@@ -701,7 +705,9 @@ mod tests {
             let err = parse(&format!("{{\"{section}\": [true, false, 1]}}")).expect_err(section);
             assert_eq!(
                 err.to_string(),
-                format!("config /etc/dcmon/config.json: field `{section}`: expected a JSON object {{...}}, got an array")
+                format!(
+                    "config /etc/dcmon/config.json: field `{section}`: expected a JSON object {{...}}, got an array"
+                )
             );
         }
         let err = parse("").expect_err("empty");

@@ -108,7 +108,10 @@ impl<T: Clone + Send + 'static> Refresher<T> {
         if self.wait_past(0, wait.usual) || wait.patient <= wait.usual {
             return;
         }
-        tracing::info!("{what} is still running; waiting up to {:?} more for its first result", wait.patient - wait.usual);
+        tracing::info!(
+            "{what} is still running; waiting up to {:?} more for its first result",
+            wait.patient - wait.usual
+        );
         self.wait_past(0, wait.patient - wait.usual);
     }
 }
