@@ -3,6 +3,8 @@
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use crate::secure_file::{self, SmallFileError};
+
 /// An API key. `Debug` and `Display` are redacted so the key cannot leak through logs.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ApiKey(String);
@@ -20,6 +22,10 @@ impl ApiKey {
     }
 }
 
+/// The most bytes a key file may hold. The server's keys are about 50 characters; the key is
+/// sent in a header with every batch, so a runaway file must not become a huge header.
+pub const MAX_KEY_FILE_BYTES: u64 = 4096;
+
 /// Why the key could not be used. Messages never include the key's contents.
 #[derive(Debug, thiserror::Error)]
 pub enum ApiKeyError {
@@ -32,13 +38,15 @@ pub enum ApiKeyError {
         /// Where it was looked for.
         path: PathBuf,
     },
-    /// Exists but unreadable.
-    #[error("cannot read API key file {}: {source}", path.display())]
+    /// Exists but cannot be used as a file: unreadable, not a regular file, or too large.
+    // The field is not called `source`: the message already includes it, and a `source` would
+    // be printed a second time by `{:#}`.
+    #[error("API key file {}: {error}", path.display())]
     Read {
         /// The key file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: SmallFileError,
     },
     /// Empty, or characters that cannot go in an HTTP header.
     #[error("API key file {} {problem}", path.display())]
@@ -71,25 +79,37 @@ impl fmt::Display for PermissionWarning {
     }
 }
 
-/// Read and check the key at `path`. Surrounding whitespace (the trailing newline `tee` writes)
-/// is removed.
+/// Read and check the key at `path`: a regular file of at most [`MAX_KEY_FILE_BYTES`].
+/// Surrounding whitespace (the trailing newline `tee` writes) is removed. A FIFO or device is
+/// refused at once; a file on a hung filesystem can still block, so async callers run this on
+/// a blocking thread under a timeout.
 pub fn load(path: &Path) -> Result<(ApiKey, Option<PermissionWarning>), ApiKeyError> {
     use std::os::unix::fs::PermissionsExt;
-    let text = std::fs::read_to_string(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => ApiKeyError::Missing { path: path.to_owned() },
-        _ => ApiKeyError::Read { path: path.to_owned(), source },
+    let (bytes, metadata) = secure_file::read(path, MAX_KEY_FILE_BYTES).map_err(|error| {
+        if error.is_not_found() {
+            ApiKeyError::Missing { path: path.to_owned() }
+        } else {
+            ApiKeyError::Read { path: path.to_owned(), error }
+        }
     })?;
-    let key = text.trim();
+    let key = parse(path, &bytes)?;
+    let mode = metadata.permissions().mode();
+    let warning = (mode & 0o077 != 0).then(|| PermissionWarning { path: path.to_owned(), mode });
+    Ok((key, warning))
+}
+
+/// Check the contents of a key file; `path` is only used in error messages.
+pub fn parse(path: &Path, bytes: &[u8]) -> Result<ApiKey, ApiKeyError> {
+    let key = bytes.trim_ascii();
     let malformed = |problem| ApiKeyError::Malformed { path: path.to_owned(), problem };
     if key.is_empty() {
         return Err(malformed("is empty"));
     }
-    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+    if !key.iter().all(u8::is_ascii_graphic) {
         return Err(malformed("must hold one key of printable ASCII without spaces (as the server issues)"));
     }
-    let mode = std::fs::metadata(path).map(|m| m.permissions().mode()).unwrap_or(0);
-    let warning = (mode & 0o077 != 0).then(|| PermissionWarning { path: path.to_owned(), mode });
-    Ok((ApiKey(key.to_owned()), warning))
+    // Printable ASCII is valid UTF-8.
+    Ok(ApiKey(String::from_utf8_lossy(key).into_owned()))
 }
 
 #[cfg(test)]
@@ -140,5 +160,48 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = write(dir.path(), "\n", 0o600);
         assert!(load(&p).expect_err("empty").to_string().contains("is empty"));
+    }
+
+    #[test]
+    fn a_fifo_is_refused_at_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = crate::secure_file::test_support::mkfifo(dir.path(), "api_key");
+        let path = fifo.clone();
+        let err = crate::secure_file::test_support::read_without_blocking(&fifo, move || load(&path))
+            .expect_err("a FIFO is not a key file");
+        assert_eq!(err.to_string(), format!("API key file {}: is a FIFO, expected a regular file", fifo.display()));
+    }
+
+    #[test]
+    fn a_device_or_directory_is_refused_by_what_it_is() {
+        let err = load(Path::new("/dev/zero")).expect_err("/dev/zero");
+        assert_eq!(err.to_string(), "API key file /dev/zero: is a character device, expected a regular file");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = load(dir.path()).expect_err("a directory");
+        let msg = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(msg, format!("API key file {}: is a directory, expected a regular file", dir.path().display()));
+    }
+
+    #[test]
+    fn an_oversized_key_file_is_refused_naming_the_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = write(dir.path(), &"k".repeat(10 << 20), 0o600);
+        let err = load(&p).expect_err("a 10 MiB key");
+        assert_eq!(err.to_string(), format!("API key file {}: is larger than the limit of 4096 bytes", p.display()));
+        let p = write(dir.path(), &"k".repeat(4096), 0o600);
+        assert_eq!(load(&p).expect("exactly the limit").0.expose().len(), 4096);
+    }
+
+    #[test]
+    fn an_unreadable_file_says_why_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = write(dir.path(), KEY, 0o600);
+        let link = dir.path().join("loop");
+        std::os::unix::fs::symlink(&link, &link).expect("symlink");
+        let err = load(&link).expect_err("a symlink loop");
+        let msg = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(msg.matches("os error").count(), 1, "{msg}");
+        assert!(msg.starts_with(&format!("API key file {}: cannot read: ", link.display())), "{msg}");
+        assert!(load(&p).is_ok());
     }
 }

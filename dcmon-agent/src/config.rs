@@ -10,6 +10,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::filter::PatternList;
+use crate::secure_file::SmallFileError;
 
 /// Where the agent looks for its config when `--config` is not given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/dcmon/config.json";
@@ -160,16 +161,21 @@ impl Default for Config {
     }
 }
 
+/// The most bytes a config file may hold: real configs are a few KiB.
+pub const MAX_CONFIG_FILE_BYTES: u64 = 4 << 20;
+
 /// A config that could not be used, with the file and what is wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// The file exists but could not be read.
-    #[error("config {}: cannot read: {source}", path.display())]
+    /// The file exists but cannot be used as a file: unreadable, not a regular file, or too
+    /// large.
+    // Not `source`: the message includes it, and `{:#}` would print a `source` a second time.
+    #[error("config {}: {error}", path.display())]
     Read {
         /// Config file path.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: SmallFileError,
     },
     /// JSON syntax error or a field of the wrong type.
     #[error("config {}: line {line}, column {column}: {}{detail}", path.display(), field_prefix(field))]
@@ -197,6 +203,50 @@ pub enum ConfigError {
     },
 }
 
+/// Check a dcmon server base URL (`server_url`, `register --server`): `http://` or `https://`
+/// in any case, a host, and no user name, password, query or fragment (the agent appends
+/// `/api/...` to it). The message never repeats a password.
+pub fn check_server_url(text: &str) -> Result<(), String> {
+    let url = text.trim();
+    // The URL parser forgives `http:host` and `http:///host`; an operator who wrote them meant
+    // something else, so the text itself must start with the scheme and `//host`.
+    let after_scheme = ["http://", "https://"].iter().find_map(|scheme| {
+        url.get(..scheme.len()).filter(|s| s.eq_ignore_ascii_case(scheme)).map(|_| &url[scheme.len()..])
+    });
+    let parsed = reqwest::Url::parse(url).ok().filter(|u| u.has_host());
+    let Some(parsed) = parsed.filter(|_| after_scheme.is_some_and(|rest| !rest.starts_with('/'))) else {
+        return Err(format!(
+            "expected an http:// or https:// URL such as \"http://dcmon.example:8000\", got {:?}",
+            without_userinfo(url)
+        ));
+    };
+    if !parsed.username().is_empty() || parsed.password().is_some() {
+        return Err(format!(
+            "must not hold a user name or password (`user:password@` before the host; the agent \
+             authenticates with the API key file), got {:?}",
+            without_userinfo(url)
+        ));
+    }
+    if parsed.query().is_some() || parsed.fragment().is_some() {
+        return Err(format!(
+            "must not have a query (`?...`) or fragment (`#...`): the agent appends /api/metrics to it, got {url:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// `url` with anything before an `@` in its authority replaced by `***`, for messages.
+fn without_userinfo(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://***{}", &rest[at..]),
+        None => url.to_owned(),
+    }
+}
+
 fn field_prefix(field: &Option<String>) -> String {
     field.as_ref().map(|f| format!("field `{f}`: ")).unwrap_or_default()
 }
@@ -213,85 +263,111 @@ pub struct Loaded {
     pub from_file: bool,
 }
 
+/// The sections of the config that are JSON objects. serde's derive also accepts an array for
+/// a struct and maps it by position, so `[30, ...]` would silently set the fields in
+/// declaration order: these are checked to be objects first.
+const OBJECT_SECTIONS: [&str; 7] = ["exporters", "disks", "interfaces", "apt", "nvme", "ipmi", "nvsmi"];
+
+const MINUTE: u64 = 60;
+const HOUR: u64 = 60 * MINUTE;
+const DAY: u64 = 24 * HOUR;
+const WEEK: u64 = 7 * DAY;
+const YEAR: u64 = 365 * DAY;
+
+/// The largest value a duration in the config may have, in seconds, and how to say it. A
+/// larger value is a typo (an interval of 10^12 s means never sending), and values from 2^63
+/// up would overflow time arithmetic.
+#[derive(Debug, Clone, Copy)]
+struct Limit(u64, &'static str);
+
+const UP_TO_AN_HOUR: Limit = Limit(HOUR, "1 hour");
+const UP_TO_A_DAY: Limit = Limit(DAY, "1 day");
+const UP_TO_A_WEEK: Limit = Limit(WEEK, "7 days");
+
 impl Config {
-    /// Load from `path`. A missing file gives the defaults when `must_exist` is false (the
-    /// default location); when the operator named the file explicitly it must exist.
+    /// Load from `path`: a regular file of at most [`MAX_CONFIG_FILE_BYTES`]. A missing file
+    /// gives the defaults when `must_exist` is false (the default location); when the operator
+    /// named the file explicitly it must exist. A FIFO or device is refused at once; a file on
+    /// a hung filesystem can still block, so async callers run this on a blocking thread under
+    /// a timeout.
     pub fn load(path: &Path, must_exist: bool) -> Result<Loaded, ConfigError> {
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
-                Self::parse(path, &text).map(|(config, unknown_keys)| Loaded { config, unknown_keys, from_file: true })
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
+        match crate::secure_file::read(path, MAX_CONFIG_FILE_BYTES) {
+            Ok((bytes, _)) => Self::parse_bytes(path, &bytes).map(|(config, unknown_keys)| Loaded {
+                config,
+                unknown_keys,
+                from_file: true,
+            }),
+            Err(e) if e.is_not_found() && !must_exist => {
                 Ok(Loaded { config: Config::default(), unknown_keys: Vec::new(), from_file: false })
             }
-            Err(source) => Err(ConfigError::Read { path: path.to_owned(), source }),
+            Err(error) => Err(ConfigError::Read { path: path.to_owned(), error }),
         }
     }
 
     /// Parse and validate config text; `path` is only used in error messages.
     pub fn parse(path: &Path, text: &str) -> Result<(Config, Vec<String>), ConfigError> {
+        Self::parse_bytes(path, text.as_bytes())
+    }
+
+    /// Parse and validate the bytes of a config file, touching nothing else (a fuzz target
+    /// can call it); `path` is only used in error messages. Bytes that are not UTF-8 are a
+    /// parse error with their position.
+    pub fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<(Config, Vec<String>), ConfigError> {
+        let at =
+            |line, column, field, detail| ConfigError::Parse { path: path.to_owned(), line, column, field, detail };
+        let parse_error = |e: &serde_json::Error, field, detail| at(e.line(), e.column(), field, detail);
+        let serde_detail = |e: &serde_json::Error| strip_position(&e.to_string());
+        // The shape first: the top level and each section must be objects (see OBJECT_SECTIONS).
+        let top: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(bytes).map_err(|e| {
+            if !e.is_data() {
+                return parse_error(&e, None, serde_detail(&e));
+            }
+            // "invalid type: sequence, expected a map": say what was there instead.
+            let message = e.to_string();
+            let got = message.strip_prefix("invalid type: ").and_then(|m| m.split_once(", expected"));
+            let got = got.map_or("something else", |(got, _)| got);
+            // serde_json reports this before the value, at column 0; point at the value.
+            let (line, column) = first_value_position(bytes);
+            at(line, column, None, format!("the config must be a JSON object {{...}}, got {got}"))
+        })?;
+        for section in OBJECT_SECTIONS {
+            if let Some(serde_json::Value::Array(_)) = top.get(section) {
+                return Err(ConfigError::Invalid {
+                    path: path.to_owned(),
+                    field: section,
+                    detail: "expected a JSON object {...}, got an array".into(),
+                });
+            }
+        }
+
         let mut unknown_keys = Vec::new();
-        let mut de = serde_json::Deserializer::from_str(text);
+        let mut de = serde_json::Deserializer::from_slice(bytes);
         let mut on_unknown = |p: serde_ignored::Path<'_>| unknown_keys.push(p.to_string());
         let ignoring = serde_ignored::Deserializer::new(&mut de, &mut on_unknown);
         let config: Config = serde_path_to_error::deserialize(ignoring).map_err(|e| {
             let field = Some(e.path().to_string()).filter(|p| p != "." && p != "?");
-            let inner = e.into_inner();
-            ConfigError::Parse {
-                path: path.to_owned(),
-                line: inner.line(),
-                column: inner.column(),
-                field,
-                detail: strip_position(&inner.to_string()),
-            }
+            let e = e.into_inner();
+            parse_error(&e, field, serde_detail(&e))
         })?;
-        de.end().map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            line: e.line(),
-            column: e.column(),
-            field: None,
-            detail: strip_position(&e.to_string()),
-        })?;
+        de.end().map_err(|e| parse_error(&e, None, serde_detail(&e)))?;
         config.validate(path)?;
         Ok((config, unknown_keys))
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let invalid = |field, detail: String| ConfigError::Invalid { path: path.to_owned(), field, detail };
-        if self.collection_interval < 1 {
-            return Err(invalid("collection_interval", "must be at least 1 second, got 0".into()));
-        }
-        let url = self.server_url.trim();
-        let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
-        if !scheme_ok || reqwest::Url::parse(url).is_err() {
-            return Err(invalid(
-                "server_url",
-                format!(
-                    "expected an http:// or https:// URL such as \"http://dcmon.example:8000\", got {:?}",
-                    self.server_url
-                ),
-            ));
-        }
-        // Durations in seconds and rates: zero would mean "never" or a busy loop.
-        for (field, value) in [
-            ("collector_timeout", self.collector_timeout),
-            ("upload_timeout", self.upload_timeout),
-            ("connect_timeout", self.connect_timeout),
-            ("outbox_max_age", self.outbox_max_age),
-            ("retry_max_backoff", self.retry_max_backoff),
-            ("auth_retry_interval", self.auth_retry_interval),
-            ("catchup_batches_per_second", u64::from(self.catchup_batches_per_second)),
-            ("apt.interval", self.apt.interval),
-            ("apt.timeout", self.apt.timeout),
-            ("nvme.timeout", self.nvme.timeout),
-            ("ipmi.interval", self.ipmi.interval),
-            ("ipmi.timeout", self.ipmi.timeout),
-            ("ipmi.sdr_cache_max_age", self.ipmi.sdr_cache_max_age),
-            ("nvsmi.timeout", self.nvsmi.timeout),
-        ] {
+        check_server_url(&self.server_url).map_err(|detail| invalid("server_url", detail))?;
+        for (field, value, Limit(max, max_text)) in self.durations() {
             if value < 1 {
-                return Err(invalid(field, "must be at least 1, got 0".into()));
+                return Err(invalid(field, "must be at least 1 second, got 0".into()));
             }
+            if value > max {
+                return Err(invalid(field, format!("must be at most {max} seconds ({max_text}), got {value}")));
+            }
+        }
+        // Zero would mean a busy loop.
+        if self.catchup_batches_per_second < 1 {
+            return Err(invalid("catchup_batches_per_second", "must be at least 1, got 0".into()));
         }
         if self.outbox_max_bytes < 64 * 1024 {
             return Err(invalid(
@@ -304,6 +380,26 @@ impl Config {
             return Err(invalid("machine_id", "must not be empty (remove the key to use /etc/machine-id)".into()));
         }
         Ok(())
+    }
+
+    /// Every duration in the config (seconds) by its dotted name, with its upper bound.
+    fn durations(&self) -> [(&'static str, u64, Limit); 14] {
+        [
+            ("collection_interval", self.collection_interval, UP_TO_A_DAY),
+            ("collector_timeout", self.collector_timeout, UP_TO_AN_HOUR),
+            ("upload_timeout", self.upload_timeout, UP_TO_AN_HOUR),
+            ("connect_timeout", self.connect_timeout, UP_TO_AN_HOUR),
+            ("outbox_max_age", self.outbox_max_age, Limit(10 * YEAR, "10 years")),
+            ("retry_max_backoff", self.retry_max_backoff, UP_TO_A_DAY),
+            ("auth_retry_interval", self.auth_retry_interval, UP_TO_A_DAY),
+            ("apt.interval", self.apt.interval, UP_TO_A_WEEK),
+            ("apt.timeout", self.apt.timeout, UP_TO_AN_HOUR),
+            ("nvme.timeout", self.nvme.timeout, UP_TO_AN_HOUR),
+            ("ipmi.interval", self.ipmi.interval, UP_TO_A_WEEK),
+            ("ipmi.timeout", self.ipmi.timeout, UP_TO_AN_HOUR),
+            ("ipmi.sdr_cache_max_age", self.ipmi.sdr_cache_max_age, Limit(YEAR, "365 days")),
+            ("nvsmi.timeout", self.nvsmi.timeout, UP_TO_AN_HOUR),
+        ]
     }
 
     /// Whether this config may load eBPF programs (every mode but an explicit "off").
@@ -433,6 +529,14 @@ impl Default for NvsmiConfig {
     }
 }
 
+/// 1-based line and column of the first byte that is not JSON whitespace.
+fn first_value_position(bytes: &[u8]) -> (usize, usize) {
+    let start = bytes.iter().position(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')).unwrap_or(bytes.len());
+    let before = &bytes[..start];
+    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    (before.iter().filter(|&&b| b == b'\n').count() + 1, start - line_start + 1)
+}
+
 /// serde_json appends " at line X column Y"; the error already says where.
 fn strip_position(msg: &str) -> String {
     match msg.rfind(" at line ") {
@@ -559,5 +663,136 @@ mod tests {
         assert_eq!(loaded.config, Config::default());
         let err = Config::load(&p, true).expect_err("must exist");
         assert!(err.to_string().contains("config.json"), "{err}");
+    }
+
+    #[test]
+    fn a_fifo_device_or_directory_config_is_refused_at_once() {
+        use crate::secure_file::test_support::{mkfifo, read_without_blocking};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let fifo = mkfifo(dir.path(), "config.json");
+        let path = fifo.clone();
+        let err = read_without_blocking(&fifo, move || Config::load(&path, true)).expect_err("a FIFO");
+        assert_eq!(err.to_string(), format!("config {}: is a FIFO, expected a regular file", fifo.display()));
+        let err = Config::load(Path::new("/dev/zero"), true).expect_err("/dev/zero");
+        assert_eq!(err.to_string(), "config /dev/zero: is a character device, expected a regular file");
+        // Printed with its whole chain, the reason appears once.
+        let err = Config::load(dir.path(), false).expect_err("a directory");
+        let msg = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(msg, format!("config {}: is a directory, expected a regular file", dir.path().display()));
+    }
+
+    #[test]
+    fn an_oversized_config_is_refused_naming_the_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("config.json");
+        let mut text = " ".repeat(5 << 20);
+        text.push_str("{}");
+        std::fs::write(&p, &text).expect("write");
+        let err = Config::load(&p, true).expect_err("5 MiB");
+        assert_eq!(err.to_string(), format!("config {}: is larger than the limit of 4194304 bytes", p.display()));
+    }
+
+    #[test]
+    fn the_config_and_its_sections_must_be_objects() {
+        let err = parse("[\"http://x:8000\", 5]").expect_err("an array");
+        assert_eq!(
+            err.to_string(),
+            "config /etc/dcmon/config.json: line 1, column 1: the config must be a JSON object {...}, got sequence"
+        );
+        let err = parse("\n  \"http://x\"").expect_err("a string");
+        assert!(err.to_string().contains("line 2, column 3: the config must be a JSON object"), "{err}");
+        for section in OBJECT_SECTIONS {
+            let err = parse(&format!("{{\"{section}\": [true, false, 1]}}")).expect_err(section);
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "config /etc/dcmon/config.json: field `{section}`: expected a JSON object {{...}}, got an array"
+                )
+            );
+        }
+        let err = parse("").expect_err("empty");
+        assert!(err.to_string().contains("line 1, column 0: EOF while parsing"), "{err}");
+    }
+
+    #[test]
+    fn every_duration_has_an_upper_bound_and_huge_values_never_panic() {
+        let fields = Config::default().durations().map(|(field, ..)| field);
+        for field in fields {
+            for value in [1_u64 << 63, u64::MAX, 1_000_000_000_000] {
+                let json = match field.split_once('.') {
+                    Some((section, key)) => format!("{{\"{section}\": {{\"{key}\": {value}}}}}"),
+                    None => format!("{{\"{field}\": {value}}}"),
+                };
+                let err = std::panic::catch_unwind(|| parse(&json))
+                    .unwrap_or_else(|_| panic!("{json} panicked"))
+                    .expect_err(&json);
+                let msg = err.to_string();
+                assert!(msg.contains(&format!("field `{field}`: must be at most ")), "{json}: {msg}");
+                assert!(msg.ends_with(&format!("got {value}")), "{json}: {msg}");
+            }
+        }
+        let err = parse(r#"{"collection_interval": 86401}"#).expect_err("a day and a second");
+        assert!(err.to_string().ends_with("must be at most 86400 seconds (1 day), got 86401"), "{err}");
+        assert!(parse(r#"{"collection_interval": 86400, "outbox_max_age": 315360000}"#).is_ok());
+        // One past u64 is a type error, not a panic.
+        let err = parse(r#"{"upload_timeout": 18446744073709551616}"#).expect_err("2^64");
+        assert!(err.to_string().contains("field `upload_timeout`"), "{err}");
+    }
+
+    #[test]
+    fn server_url_scheme_is_case_insensitive_and_query_fragment_userinfo_are_refused() {
+        for ok in ["HTTP://dcmon.example:8000", "Https://dcmon.example/base/", "http://[::1]:8000"] {
+            let (c, _) = parse(&format!("{{\"server_url\": {ok:?}}}")).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            assert_eq!(c.server_url, ok);
+        }
+        for bad in ["http://h:8000/?x=1", "http://h:8000?", "http://h/#frag", "http:h:8000", "http:///x"] {
+            let err = parse(&format!("{{\"server_url\": {bad:?}}}")).expect_err(bad);
+            assert!(err.to_string().contains("field `server_url`"), "{bad}: {err}");
+        }
+        for with_password in ["http://user:hunter2@h:8000", "https://hunter2@h", "http://u:hunter2@h:99999"] {
+            let err = parse(&format!("{{\"server_url\": {with_password:?}}}")).expect_err(with_password);
+            let msg = err.to_string();
+            assert!(msg.contains("field `server_url`"), "{msg}");
+            assert!(!msg.contains("hunter2"), "the password is in the message: {msg}");
+        }
+        let err = parse(r#"{"server_url": "http://user:hunter2@h:8000"}"#).expect_err("userinfo");
+        assert!(err.to_string().contains("must not hold a user name or password"), "{err}");
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_are_a_parse_error() {
+        let err = Config::parse_bytes(Path::new("c.json"), b"{\"machine_id\": \"\xff\"}").expect_err("not UTF-8");
+        assert!(err.to_string().starts_with("config c.json: line 1, column "), "{err}");
+    }
+
+    /// Every prefix of a full config, and the config with any one byte replaced, loads or
+    /// gives an error naming the file: never a panic.
+    #[test]
+    fn truncated_or_corrupted_configs_never_panic() {
+        let text = br#"{"server_url": "https://dcmon.example:8443/x", "collection_interval": 15,
+            "exporters": {"ipmi": false}, "disks": {"include": ["sd*"], "exclude": []},
+            "apt": {"interval": 600, "timeout": 60}, "ipmi": {"interface": "lanplus", "host": "10.0.0.5"},
+            "outbox_max_bytes": 1048576, "machine_id": "m1"}"#;
+        let path = Path::new("fuzz.json");
+        assert!(Config::parse_bytes(path, text).is_ok());
+        let check = |bytes: &[u8]| {
+            let result = std::panic::catch_unwind(|| Config::parse_bytes(path, bytes));
+            match result {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => assert!(e.to_string().starts_with("config fuzz.json: "), "{e}"),
+                Err(_) => panic!("panicked on {:?}", String::from_utf8_lossy(bytes)),
+            }
+        };
+        for end in 0..text.len() {
+            check(&text[..end]);
+        }
+        let mut corrupted = text.to_vec();
+        for i in 0..text.len() {
+            for replacement in [b'[', b'9', b'"', 0xff] {
+                corrupted[i] = replacement;
+                check(&corrupted);
+            }
+            corrupted[i] = text[i];
+        }
     }
 }

@@ -59,12 +59,14 @@ pub enum ExecError {
         program: String,
     },
     /// It could not be started for another reason (permissions, exec format).
-    #[error("{program}: cannot start: {source}")]
+    // The io::Error fields are not called `source`: the message includes them, and `{:#}`
+    // would print a `source` a second time.
+    #[error("{program}: cannot start: {error}")]
     Spawn {
         /// The program path or name.
         program: String,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// It ran past its timeout and was killed.
     #[error("{program}: no answer within {timeout:?}; killed")]
@@ -83,12 +85,12 @@ pub enum ExecError {
         cap: usize,
     },
     /// Reading its output or waiting for it failed.
-    #[error("{program}: {source}")]
+    #[error("{program}: {error}")]
     Io {
         /// The program path or name.
         program: String,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// It exited unsuccessfully.
     #[error("{program}: {status}: {stderr}")]
@@ -218,16 +220,17 @@ impl Cmd {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0);
-        let child = command.spawn().map_err(|source| {
-            if source.kind() == std::io::ErrorKind::NotFound {
+        let child = command.spawn().map_err(|error| {
+            if error.kind() == std::io::ErrorKind::NotFound {
                 ExecError::NotFound { program: program.clone() }
             } else {
-                ExecError::Spawn { program: program.clone(), source }
+                ExecError::Spawn { program: program.clone(), error }
             }
         })?;
         let child_pid = i32::try_from(child.id()).ok();
         let mut guard = KillOnDrop(Some(child));
-        let deadline = Instant::now() + self.timeout;
+        // A timeout too large to add to now is no deadline at all.
+        let deadline = Instant::now().checked_add(self.timeout);
         let (stdout, stderr) = match guard.0.as_mut() {
             Some(c) => (c.stdout.take(), c.stderr.take()),
             None => (None, None),
@@ -259,14 +262,14 @@ impl Cmd {
             }
             match child.try_wait() {
                 Ok(Some(status)) => break Some(status),
-                Ok(None) if Instant::now() >= deadline => {
+                Ok(None) if deadline.is_some_and(|d| Instant::now() >= d) => {
                     guard.kill();
                     let _ = out_reader.join();
                     let _ = err_reader.join();
                     return Err(ExecError::Timeout { program, timeout: self.timeout });
                 }
                 Ok(None) => std::thread::sleep(POLL_INTERVAL),
-                Err(source) => return Err(ExecError::Io { program, source }),
+                Err(error) => return Err(ExecError::Io { program, error }),
             }
         };
         // The child has exited and been reaped. A grandchild still holding our pipes (a
@@ -288,9 +291,9 @@ impl Cmd {
             }
         }
         let Some(status) = status else {
-            return Err(ExecError::Io { program, source: std::io::Error::other("child vanished") });
+            return Err(ExecError::Io { program, error: std::io::Error::other("child vanished") });
         };
-        let stdout = join_reader(out_reader).map_err(|source| ExecError::Io { program: program.clone(), source })?;
+        let stdout = join_reader(out_reader).map_err(|error| ExecError::Io { program: program.clone(), error })?;
         if stdout.len() > cap {
             return Err(ExecError::TooMuchOutput { program, cap });
         }
@@ -369,5 +372,22 @@ mod tests {
         assert!(matches!(err, ExecError::TooMuchOutput { cap: 1000, .. }), "{err}");
         let ok = sh("printf 1234").max_output(4).run().expect("exactly the cap");
         assert_eq!(ok.stdout, b"1234");
+    }
+
+    #[test]
+    fn a_timeout_too_large_for_the_clock_means_no_deadline() {
+        let out = sh("echo done").timeout(Duration::MAX).run().expect("no panic, no timeout");
+        assert_eq!(out.stdout, b"done\n");
+        let out = sh("echo done").timeout(Duration::from_secs(u64::MAX >> 1)).run().expect("2^63 s");
+        assert_eq!(out.stdout, b"done\n");
+    }
+
+    #[test]
+    fn a_start_failure_says_why_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = Cmd::new(dir.path()).run().expect_err("a directory is not a program");
+        assert!(matches!(err, ExecError::Spawn { .. }), "{err}");
+        let msg = format!("{:#}", anyhow::Error::from(err));
+        assert_eq!(msg.matches("os error").count(), 1, "{msg}");
     }
 }

@@ -15,19 +15,19 @@ pub struct Host {
 
 /// A file under the host root that could not be read, with the path in the message.
 #[derive(Debug, thiserror::Error)]
-#[error("cannot read {}: {source}", path.display())]
+#[error("cannot read {}: {error}", path.display())]
 pub struct ReadError {
     /// The full path that was read.
     pub path: PathBuf,
-    /// The underlying I/O error.
-    #[source]
-    pub source: io::Error,
+    /// The underlying I/O error. Not a `source`: the message includes it, and `{:#}` would
+    /// print it a second time.
+    pub error: io::Error,
 }
 
 impl ReadError {
     /// True when the file does not exist (the feature is absent on this host).
     pub fn is_not_found(&self) -> bool {
-        self.source.kind() == io::ErrorKind::NotFound
+        self.error.kind() == io::ErrorKind::NotFound
     }
 }
 
@@ -63,7 +63,7 @@ impl Host {
         std::fs::File::open(&path)
             .and_then(|mut f| f.read_to_string(buf))
             .map(|_| ())
-            .map_err(|source| ReadError { path, source })
+            .map_err(|error| ReadError { path, error })
     }
 
     /// Read a whole host file into a new string.
@@ -128,7 +128,7 @@ impl OpenFile {
             // Next time, start from a fresh open.
             self.file = None;
         }
-        result.map_err(|source| ReadError { path: self.path.clone(), source })
+        result.map_err(|error| ReadError { path: self.path.clone(), error })
     }
 
     fn read_from_start(&mut self, buf: &mut String) -> io::Result<()> {
@@ -272,7 +272,7 @@ mod tests {
         let mut buf = String::from("old contents");
         let err = f.read_into(&mut buf).expect_err("not UTF-8");
         assert!(err.to_string().contains("proc/bad") && err.to_string().contains("UTF-8"), "{err}");
-        assert_eq!(err.source.kind(), io::ErrorKind::InvalidData);
+        assert_eq!(err.error.kind(), io::ErrorKind::InvalidData);
         assert!(buf.is_empty(), "{buf:?}");
         std::fs::create_dir(dir.path().join("proc/dir")).expect("mkdir");
         let mut f = OpenFile::new(&Host::new(dir.path()), "/proc/dir");

@@ -20,5 +20,6 @@ pub mod install;
 pub mod notify;
 pub mod outbox;
 pub mod register;
+pub mod secure_file;
 pub mod ticker;
 pub mod upload;

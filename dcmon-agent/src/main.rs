@@ -20,6 +20,13 @@ use tokio::sync::mpsc;
 
 /// How long `once` waits between the two CPU samples that `cpu_usage_percent` needs.
 const ONCE_CPU_WINDOW: Duration = Duration::from_millis(250);
+/// How long a reload may spend reading the config and key files. They are read on a blocking
+/// thread, because a regular file on a hung FUSE or lxcfs mount blocks in read(2), and the
+/// daemon goes on answering signals meanwhile.
+const RELOAD_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long exiting waits for blocking threads (a collector stuck in a device read, a file read
+/// on a hung mount) before leaving them behind.
+const EXIT_WAIT_FOR_THREADS: Duration = Duration::from_secs(1);
 
 /// `--version`: version, commit, and whether the eBPF object is built in (it always is: the
 /// committed object is embedded with include_bytes, see `ebpf::load::OBJECT`).
@@ -105,30 +112,37 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match cli.command {
+    let code = run_command(&runtime, cli.command, &path, explicit);
+    // Dropping the runtime would wait for every blocking thread, a hung one included.
+    runtime.shutdown_timeout(EXIT_WAIT_FOR_THREADS);
+    code
+}
+
+fn run_command(runtime: &tokio::runtime::Runtime, command: Command, path: &Path, explicit: bool) -> ExitCode {
+    match command {
         Command::Check => {
-            let report = runtime.block_on(check::check(&path, Config::load(&path, explicit)));
+            let report = runtime.block_on(check::check(path, Config::load(path, explicit)));
             let _ = std::io::stdout().lock().write_all(report.text.as_bytes());
             return if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE };
         }
-        Command::Install(args) => return print_report(install_cmd(&args, &path, explicit)),
+        Command::Install(args) => return print_report(install_cmd(&args, path, explicit)),
         Command::Uninstall { args, purge } => {
-            let opts = install_options(&args, &path, explicit);
+            let opts = install_options(&args, path, explicit);
             return print_report(opts.and_then(|o| install::uninstall(&o, purge)));
         }
         _ => {}
     }
 
-    let config = match load_config(&path, explicit) {
+    let config = match load_config(path, explicit) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
             return ExitCode::from(EXIT_CONFIG);
         }
     };
-    let result = match cli.command {
+    let result = match command {
         Command::Once => runtime.block_on(once(&config)),
-        Command::Run => runtime.block_on(run(config, &path, explicit)),
+        Command::Run => runtime.block_on(run(config, path, explicit)),
         Command::Register { server, force } => runtime.block_on(register_cmd(&config, server, force)).map(|line| {
             let _ = writeln!(std::io::stdout().lock(), "{line}");
         }),
@@ -205,8 +219,12 @@ fn machine_id(config: &Config) -> anyhow::Result<String> {
 
 async fn once(config: &Config) -> anyhow::Result<()> {
     let machine_id = machine_id(config)?;
-    let mut scheduler =
-        Scheduler::new(collector::build(config)?, machine_id, Duration::from_secs(config.collector_timeout));
+    let mut collectors = collector::build(config)?;
+    // The one batch a newcomer sees should be complete: slow background sources (apt-get)
+    // are waited for up to their own timeout, and the round is given that long.
+    let slowest = collectors.iter_mut().filter_map(|c| c.wait_for_first_result()).max().unwrap_or_default();
+    let round_timeout = Duration::from_secs(config.collector_timeout).max(slowest.saturating_add(ONCE_CPU_WINDOW));
+    let mut scheduler = Scheduler::new(collectors, machine_id, round_timeout);
     tokio::time::sleep(ONCE_CPU_WINDOW).await;
     let batch = scheduler.collect(agent::unix_now_secs()).await;
     let mut out = batch.to_json_pretty();
@@ -218,9 +236,7 @@ async fn once(config: &Config) -> anyhow::Result<()> {
 async fn register_cmd(config: &Config, server: Option<String>, force: bool) -> anyhow::Result<String> {
     let machine_id = machine_id(config)?;
     let server = server.map_or_else(|| config.server_base().to_owned(), |s| s.trim().trim_end_matches('/').to_owned());
-    if !(server.starts_with("http://") || server.starts_with("https://")) {
-        anyhow::bail!("--server: expected an http:// or https:// URL, got {server:?}");
-    }
+    config::check_server_url(&server).map_err(|why| anyhow::anyhow!("--server: {why}"))?;
     let host = Host::new(&config.host_root);
     let hostname = host.read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
     register::register(
@@ -234,13 +250,50 @@ async fn register_cmd(config: &Config, server: Option<String>, force: bool) -> a
     .await
 }
 
-/// The scheduler and daemon settings for `config`, sharing `outbox`.
-fn prepare(config: &Config, outbox: &Arc<Mutex<Outbox>>) -> anyhow::Result<(Scheduler, Daemon)> {
-    let machine_id = machine_id(config)?;
+/// The config at `path` and the API key it names, read on a blocking thread under
+/// [`RELOAD_READ_TIMEOUT`]; a shutdown request meanwhile ends the wait (`Ok(None)`).
+async fn read_config_and_key(
+    path: &Path,
+    explicit: bool,
+    control: &mut mpsc::Receiver<Control>,
+) -> anyhow::Result<Option<(Config, api_key::ApiKey)>> {
+    let thread_path = path.to_owned();
+    let read = tokio::task::spawn_blocking(move || -> anyhow::Result<(Config, api_key::ApiKey)> {
+        let config = load_config(&thread_path, explicit)?;
+        let key = load_key(&config)?;
+        Ok((config, key))
+    });
+    let timeout = tokio::time::sleep(RELOAD_READ_TIMEOUT);
+    tokio::pin!(read, timeout);
+    loop {
+        tokio::select! {
+            done = &mut read => {
+                return done.map_err(|e| anyhow::anyhow!("reading the config failed: {e}"))?.map(Some);
+            }
+            () = &mut timeout => anyhow::bail!(
+                "reading {} and its API key file took more than {RELOAD_READ_TIMEOUT:?} (a hung filesystem?)",
+                path.display()
+            ),
+            c = control.recv() => match c {
+                Some(Control::Reload) => tracing::info!("SIGHUP: a reload is already in progress"),
+                Some(Control::Shutdown) | None => return Ok(None),
+            },
+        }
+    }
+}
+
+/// The API key `config` names, with its permission warning logged.
+fn load_key(config: &Config) -> Result<api_key::ApiKey, api_key::ApiKeyError> {
     let (key, warning) = api_key::load(&config.api_key_file)?;
     if let Some(w) = warning {
         tracing::warn!("{w}");
     }
+    Ok(key)
+}
+
+/// The scheduler and daemon settings for `config` and its `key`, sharing `outbox`.
+fn prepare(config: &Config, key: api_key::ApiKey, outbox: &Arc<Mutex<Outbox>>) -> anyhow::Result<(Scheduler, Daemon)> {
+    let machine_id = machine_id(config)?;
     let uploader = Uploader::new(
         config.server_base(),
         key,
@@ -275,7 +328,9 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
     let limits =
         |c: &Config| OutboxLimits { max_bytes: c.outbox_max_bytes, max_age: Duration::from_secs(c.outbox_max_age) };
     let outbox = Arc::new(Mutex::new(Outbox::open(&config.outbox_dir, limits(&config), agent::unix_now_secs())));
-    let (mut scheduler, mut daemon) = prepare(&config, &outbox)?;
+    // At start no signal handler is installed yet, so SIGTERM still ends a read that hangs.
+    let key = load_key(&config)?;
+    let (mut scheduler, mut daemon) = prepare(&config, key, &outbox)?;
     let notifier = Notifier::from_env();
     let mut control = control_from_signals()?;
     tracing::info!(config = %config_path.display(), "dcmon-agent {VERSION} started");
@@ -286,8 +341,13 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
             Control::Reload => {
                 notifier.notify("RELOADING=1");
                 tracing::info!("SIGHUP: reloading {}", config_path.display());
-                match load_config(config_path, explicit).map_err(anyhow::Error::from).and_then(|new| {
-                    let parts = prepare(&new, &outbox)?;
+                let read = match read_config_and_key(config_path, explicit, &mut control).await {
+                    Ok(Some(read)) => Ok(read),
+                    Ok(None) => break,
+                    Err(e) => Err(e),
+                };
+                match read.and_then(|(new, key)| {
+                    let parts = prepare(&new, key, &outbox)?;
                     Ok((new, parts))
                 }) {
                     Ok((new, parts)) => {

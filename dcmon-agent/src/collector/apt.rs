@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use dcmon_common::collector_names;
 
-use super::background::Refresher;
+use super::background::{FirstRunWait, Refresher};
 use super::{CollectError, Collector};
 use crate::batch::Sample;
 use crate::config::AptConfig;
@@ -20,9 +20,13 @@ use crate::host::Host;
 const DPKG_STATUS: &str = "/var/lib/dpkg/status";
 const APT_LISTS: &str = "/var/lib/apt/lists";
 const REBOOT_REQUIRED: &str = "/run/reboot-required";
-/// How long the first round waits for the first count, so `dcmon-agent once` and the first
-/// batch carry it; later rounds never wait. Below the default collector timeout (10 s).
+/// How long the daemon's first round waits for the first count, so the first batch carries it
+/// when apt-get is quick; later rounds never wait. Below the default collector timeout (10 s).
+/// `dcmon-agent once` waits up to the apt timeout instead
+/// ([`Collector::wait_for_first_result`]).
 const FIRST_COUNT_WAIT: Duration = Duration::from_secs(6);
+/// Beyond the apt-get timeout: killing and reaping it and storing the result.
+const FIRST_COUNT_GRACE: Duration = Duration::from_secs(1);
 /// apt-get -s prints one line per package; 2000 upgrades is about 300 KiB.
 const MAX_OUTPUT_BYTES: usize = 16 << 20;
 
@@ -96,6 +100,7 @@ pub struct AptCollector {
     host: Host,
     interval: Duration,
     timeout: Duration,
+    first_wait: FirstRunWait,
     refresher: Option<Refresher<Result<u64, CountError>>>,
     cmd: Cmd,
     last_trigger: Option<Instant>,
@@ -121,10 +126,12 @@ impl AptCollector {
             cmd = cmd.args([std::ffi::OsString::from("-o"), dir]);
         }
         let cmd = cmd.args(["dist-upgrade"]);
+        let timeout = Duration::from_secs(config.timeout);
         Self {
             host,
             interval: Duration::from_secs(config.interval),
-            timeout: Duration::from_secs(config.timeout),
+            timeout,
+            first_wait: FirstRunWait::usual(FIRST_COUNT_WAIT.min(timeout)),
             refresher: None,
             cmd,
             last_trigger: None,
@@ -154,6 +161,12 @@ impl Collector for AptCollector {
         collector_names::APT
     }
 
+    fn wait_for_first_result(&mut self) -> Option<Duration> {
+        let patient = self.timeout.saturating_add(FIRST_COUNT_GRACE);
+        self.first_wait.patient = patient;
+        Some(patient)
+    }
+
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
         let status_path = self.host.path(DPKG_STATUS);
         if !status_path.exists() {
@@ -178,7 +191,7 @@ impl Collector for AptCollector {
             self.last_fingerprint = Some(fingerprint);
         }
         if first {
-            refresher.wait_past(0, FIRST_COUNT_WAIT.min(self.timeout));
+            refresher.wait_first(self.first_wait, &format!("{} (counting pending upgrades)", self.cmd.program()));
         }
 
         let reboot = self.host.path(REBOOT_REQUIRED);

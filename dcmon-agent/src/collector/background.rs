@@ -81,17 +81,56 @@ impl<T: Clone + Send + 'static> Refresher<T> {
         lock.lock().unwrap_or_else(PoisonError::into_inner).finished_runs
     }
 
-    /// Wait up to `timeout` until more than `runs` runs have finished.
-    pub fn wait_past(&self, runs: u64, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
+    /// Wait up to `timeout` until more than `runs` runs have finished; true when they have.
+    pub fn wait_past(&self, runs: u64, timeout: Duration) -> bool {
+        // A timeout too large to add to now is no deadline at all.
+        let deadline = Instant::now().checked_add(timeout);
         let (lock, cv) = &*self.latest;
         let mut l = lock.lock().unwrap_or_else(PoisonError::into_inner);
         while l.finished_runs <= runs {
-            let Some(left) = deadline.checked_duration_since(Instant::now()) else {
-                return;
+            l = match deadline {
+                None => cv.wait(l).unwrap_or_else(PoisonError::into_inner),
+                Some(deadline) => {
+                    let Some(left) = deadline.checked_duration_since(Instant::now()) else {
+                        return false;
+                    };
+                    cv.wait_timeout(l, left).unwrap_or_else(PoisonError::into_inner).0
+                }
             };
-            l = cv.wait_timeout(l, left).unwrap_or_else(PoisonError::into_inner).0;
         }
+        true
+    }
+
+    /// Wait for the first run: up to `wait.usual`, and when `wait.patient` is longer (a
+    /// one-shot run that wants every metric), say in the log that `what` is still running and
+    /// go on waiting up to `wait.patient` in all.
+    pub fn wait_first(&self, wait: FirstRunWait, what: &str) {
+        if self.wait_past(0, wait.usual) || wait.patient <= wait.usual {
+            return;
+        }
+        tracing::info!(
+            "{what} is still running; waiting up to {:?} more for its first result",
+            wait.patient - wait.usual
+        );
+        self.wait_past(0, wait.patient - wait.usual);
+    }
+}
+
+/// How long a collection round waits for a background job's first result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FirstRunWait {
+    /// In the daemon: a short wait, so the first batch carries the result when it is quick but
+    /// a slow tool never delays it much.
+    pub usual: Duration,
+    /// In a one-shot run ([`crate::collector::Collector::wait_for_first_result`]): the job's
+    /// own time limit, so the one batch is complete. Equal to `usual` in the daemon.
+    pub patient: Duration,
+}
+
+impl FirstRunWait {
+    /// Wait `usual` only.
+    pub fn usual(usual: Duration) -> Self {
+        Self { usual, patient: usual }
     }
 }
 
@@ -119,5 +158,41 @@ mod tests {
         refresher.wait_past(0, Duration::from_secs(5));
         assert_eq!(refresher.latest(), Some(1));
         assert_eq!(refresher.finished_runs(), 1);
+    }
+
+    #[test]
+    fn waiting_without_end_never_overflows() {
+        let refresher = Refresher::spawn("test", || 7).expect("spawn");
+        assert!(refresher.trigger());
+        assert!(refresher.wait_past(0, Duration::MAX), "the run finished");
+        assert_eq!(refresher.latest(), Some(7));
+        // Already past: returns at once, whatever the timeout.
+        assert!(refresher.wait_past(0, Duration::MAX));
+        assert!(!refresher.wait_past(1, Duration::ZERO), "no second run was started");
+    }
+
+    #[test]
+    fn a_patient_first_wait_outlasts_the_usual_one() {
+        let (release, released) = mpsc::channel::<()>();
+        let released = Mutex::new(released);
+        let refresher = Refresher::spawn("test", move || {
+            let _ = released.lock().unwrap_or_else(PoisonError::into_inner).recv();
+            1
+        })
+        .expect("spawn");
+        assert!(refresher.trigger());
+        refresher.wait_first(FirstRunWait::usual(Duration::from_millis(20)), "test job");
+        assert_eq!(refresher.latest(), None, "the usual wait gives up");
+        // Released only after the usual wait is over: only the patient wait sees the result.
+        let releaser = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = release.send(());
+        });
+        refresher.wait_first(
+            FirstRunWait { usual: Duration::from_millis(20), patient: Duration::from_secs(60) },
+            "test job",
+        );
+        assert_eq!(refresher.latest(), Some(1));
+        releaser.join().expect("releaser");
     }
 }

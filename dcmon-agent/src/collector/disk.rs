@@ -73,13 +73,23 @@ pub enum WholeDisks {
 
 /// `254  0 vda 6520 2310 496430 3380 3210 2800 181298 4460 0 6168 8810 0 0 0 0 1410 970`
 /// (/proc/diskstats) into the counters of the whole disks that `filter` allows.
-pub fn parse_diskstats(
-    text: &str,
-    whole: &WholeDisks,
-    filter: &DeviceFilter,
-) -> Result<Vec<DiskCounters>, procfs_core::ProcError> {
-    let stats =
-        text.lines().filter(|l| !l.trim().is_empty()).map(DiskStat::from_line).collect::<Result<Vec<_>, _>>()?;
+pub fn parse_diskstats(text: &str, whole: &WholeDisks, filter: &DeviceFilter) -> anyhow::Result<Vec<DiskCounters>> {
+    let stats = text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            // procfs-core's own message asks the reader to report a procfs bug: say what is wrong.
+            DiskStat::from_line(l).map_err(|_| {
+                anyhow!(
+                    "line {}: expected \"MAJOR MINOR NAME\" and at least 11 counters (11, 15 or 17 by kernel \
+                     version), got {:?}",
+                    i + 1,
+                    l.chars().take(200).collect::<String>()
+                )
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let names: HashSet<&str> = stats.iter().map(|s| s.name.as_str()).collect();
     Ok(stats
         .iter()
@@ -120,7 +130,7 @@ fn is_partition_by_name(name: &str, all: &HashSet<&str>) -> bool {
 /// A disk's stat file is gone: the disk was removed (ENODEV on the open file, ENOENT on a
 /// fresh open). Anything else is a failure worth reporting.
 pub fn is_vanished(e: &ReadError) -> bool {
-    e.is_not_found() || e.source.raw_os_error() == Some(libc::ENODEV)
+    e.is_not_found() || e.error.raw_os_error() == Some(libc::ENODEV)
 }
 
 /// Whether reading `reported` disks' stat files costs the kernel less than one /proc/diskstats
@@ -426,6 +436,23 @@ mod tests {
     #[test]
     fn malformed_line_is_an_error() {
         assert!(parse_diskstats("254 0 vda x y\n", &WholeDisks::ByName, &DeviceFilter::default_disks()).is_err());
+    }
+
+    #[test]
+    fn a_malformed_diskstats_line_is_named_in_our_words() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("proc")).expect("mkdir");
+        let bad = " 254 1 vdb 1 2 x 4\n";
+        std::fs::write(dir.path().join("proc/diskstats"), format!(" 254 0 vda 1 0 2 0 3 0 4 0 0 0 0\n{bad}"))
+            .expect("write");
+        // No /sys/block here: the collector reads /proc/diskstats.
+        let mut c = DiskCollector::new(Host::new(dir.path()), DeviceFilter::default_disks());
+        let err = c.collect(&mut Vec::new()).expect_err("malformed line");
+        let msg = format!("{err:#}");
+        assert!(!msg.contains("procfs bug"), "{msg}");
+        let path = dir.path().join("proc/diskstats");
+        assert!(msg.contains(&format!("parsing {}: line 2: expected", path.display())), "{msg}");
+        assert!(msg.contains(&format!("{:?}", bad.trim_end_matches('\n'))), "{msg}");
     }
 
     #[test]

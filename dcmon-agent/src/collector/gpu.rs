@@ -277,7 +277,7 @@ impl GpuCollector {
         let out = self.smi.run()?;
         parse_query_gpu(&String::from_utf8_lossy(&out.stdout)).map_err(|e| ExecError::Io {
             program: self.smi.program(),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+            error: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
         })
     }
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use dcmon_common::collector_names;
 
-use super::background::Refresher;
+use super::background::{FirstRunWait, Refresher};
 use super::{CollectError, Collector};
 use crate::batch::Sample;
 use crate::config::IpmiConfig;
@@ -261,7 +261,9 @@ pub struct IpmiCollector {
     host: Host,
     local: bool,
     interval: Duration,
-    first_wait: Duration,
+    /// One read runs ipmitool up to three times (the SDR cache check, a rebuild, the read).
+    read_limit: Duration,
+    first_wait: FirstRunWait,
     reader: Option<Reader>,
     refresher: Option<Refresher<Result<Vec<Reading>, ReadError>>>,
     last_trigger: Option<Instant>,
@@ -297,7 +299,8 @@ impl IpmiCollector {
             host,
             local: config.interface == "open",
             interval: Duration::from_secs(config.interval),
-            first_wait: FIRST_READ_WAIT.min(timeout.saturating_mul(3)),
+            read_limit: timeout.saturating_mul(3),
+            first_wait: FirstRunWait::usual(FIRST_READ_WAIT.min(timeout.saturating_mul(3))),
             reader: Some(Reader {
                 base,
                 cache: config.sdr_cache.clone(),
@@ -318,6 +321,11 @@ impl IpmiCollector {
 impl Collector for IpmiCollector {
     fn name(&self) -> &'static str {
         collector_names::IPMI
+    }
+
+    fn wait_for_first_result(&mut self) -> Option<Duration> {
+        self.first_wait.patient = self.read_limit;
+        Some(self.read_limit)
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
@@ -348,7 +356,7 @@ impl Collector for IpmiCollector {
             self.last_trigger = Some(Instant::now());
         }
         if first {
-            refresher.wait_past(0, self.first_wait);
+            refresher.wait_first(self.first_wait, "ipmitool (reading the sensors)");
         }
         match refresher.latest() {
             Some(Ok(readings)) => out.extend(readings.iter().map(Reading::sample)),

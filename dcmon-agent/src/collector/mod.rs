@@ -56,6 +56,13 @@ pub trait Collector: Send + 'static {
     fn may_block(&self) -> bool {
         true
     }
+    /// For a one-shot run (`dcmon-agent once`), called before the first round: a collector
+    /// whose first result comes from a slow background job (apt-get, ipmitool) waits in that
+    /// round for the job, up to the job's own time limit, instead of only briefly. Returns that
+    /// limit, so the caller can give the round as long; `None` for collectors that never wait.
+    fn wait_for_first_result(&mut self) -> Option<std::time::Duration> {
+        None
+    }
 }
 
 /// The collectors this config enables, with the eBPF mode decided: `"auto"` tries the BPF

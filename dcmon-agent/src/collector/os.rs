@@ -59,14 +59,16 @@ pub fn parse_cpu_ticks(stat: &str) -> anyhow::Result<CpuTicks> {
 }
 
 /// `0.52 0.58 0.59 1/467 12345` (/proc/loadavg) into the three load samples. (procfs-core
-/// parses these as f32, which turns 0.87 into 0.8700000047683716 on the wire.)
+/// parses these as f32, which turns 0.87 into 0.8700000047683716 on the wire.) A load average
+/// is a finite number, never negative: anything else is a malformed file.
 pub fn parse_loadavg(text: &str) -> anyhow::Result<[Sample; 3]> {
     let mut fields = text.split_whitespace().map(str::parse::<f64>);
     let mut next = || match fields.next() {
-        Some(Ok(v)) => Ok(v),
-        _ => {
-            Err(anyhow::anyhow!("expected three load averages such as \"0.52 0.58 0.59 ...\", got {:?}", excerpt(text)))
-        }
+        Some(Ok(v)) if v.is_finite() && v >= 0.0 => Ok(v),
+        _ => Err(anyhow::anyhow!(
+            "expected three load averages of at least 0 such as \"0.52 0.58 0.59 ...\", got {:?}",
+            excerpt(text)
+        )),
     };
     Ok([
         Sample::gauge("cpu_load_1m", next()?),
@@ -229,6 +231,7 @@ impl Collector for OsCollector {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn cpu_usage_counts_every_field() {
@@ -300,5 +303,46 @@ mod tests {
         assert_eq!(s[0].value, crate::batch::Value::Count(reference.mem_total));
         let available = reference.mem_available.expect("MemAvailable since 3.14").min(reference.mem_total);
         assert_eq!(s[1].value, crate::batch::Value::Count(available));
+    }
+
+    /// A fake /proc under a host root, holding `loadavg` and this host's stat and meminfo.
+    fn fake_proc(loadavg: &str) -> tempfile::TempDir {
+        let root = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(root.path().join("proc")).expect("mkdir");
+        std::fs::write(root.path().join("proc/loadavg"), loadavg).expect("write");
+        for f in ["stat", "meminfo"] {
+            std::fs::copy(Path::new("/proc").join(f), root.path().join("proc").join(f)).expect("copy");
+        }
+        root
+    }
+
+    #[test]
+    fn negative_or_not_finite_load_is_malformed_naming_the_file() {
+        for bad in ["-1.0 0.5 0.5 1/2 3\n", "0.5 -0.01 0.5 1/2 3\n", "0.5 0.5 NaN 1/2 3\n", "inf 0.5 0.5 1/2 3\n"] {
+            let root = fake_proc(bad);
+            let mut c = OsCollector::new(Host::new(root.path()));
+            let mut out = Vec::new();
+            let err = c.collect(&mut out).expect_err(bad);
+            let msg = format!("{err:#}");
+            let path = root.path().join("proc/loadavg");
+            assert!(msg.contains(&format!("parsing {}", path.display())), "{bad}: {msg}");
+            assert!(msg.contains("at least 0"), "{bad}: {msg}");
+            assert!(!out.iter().any(|s| s.name.starts_with("cpu_load")), "{bad}: {out:?}");
+            assert!(out.iter().any(|s| s.name == "memory_total_bytes"), "the other files are still read");
+        }
+        let root = fake_proc("0.00 0.01 2.50 1/2 3\n");
+        let mut out = Vec::new();
+        OsCollector::new(Host::new(root.path())).collect(&mut out).expect("a zero load is fine");
+        assert_eq!(out.iter().filter(|s| s.name.starts_with("cpu_load")).count(), 3);
+    }
+
+    #[test]
+    fn an_unreadable_file_says_why_once() {
+        let root = fake_proc("0.5 0.5 0.5 1/2 3\n");
+        std::fs::remove_file(root.path().join("proc/loadavg")).expect("rm");
+        std::fs::create_dir(root.path().join("proc/loadavg")).expect("a directory where the file was");
+        let err = OsCollector::new(Host::new(root.path())).collect(&mut Vec::new()).expect_err("a directory");
+        let msg = format!("{err:#}");
+        assert_eq!(msg.matches("os error 21").count(), 1, "{msg}");
     }
 }
