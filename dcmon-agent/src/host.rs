@@ -60,7 +60,7 @@ impl Host {
         use std::io::Read;
         let path = self.path(rel);
         buf.clear();
-        std::fs::File::open(&path)
+        open_regular(&path)
             .and_then(|mut f| f.read_to_string(buf))
             .map(|_| ())
             .map_err(|source| ReadError { path, source })
@@ -82,6 +82,29 @@ impl Host {
             .map(|s| s.trim().to_owned())
             .find(|s| !s.is_empty())
     }
+}
+
+/// `path` opened for reading without waiting for a writer (O_NONBLOCK), refused unless it is
+/// a regular file. procfs and sysfs files are regular (of size 0); a FIFO or a device where one
+/// is expected would block the read, and inline collectors must never block.
+fn open_regular(path: &Path) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+    let file = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+    let kind = file.metadata()?.file_type();
+    let found = if kind.is_file() {
+        return Ok(file);
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_dir() {
+        "a directory"
+    } else {
+        "something else"
+    };
+    Err(io::Error::new(io::ErrorKind::InvalidInput, format!("expected a regular file, found {found}")))
 }
 
 /// A host file kept open and re-read from offset 0 each time: procfs and sysfs regenerate their
@@ -135,7 +158,7 @@ impl OpenFile {
         use std::os::unix::fs::FileExt as _;
         let file = match &self.file {
             Some(f) => f,
-            None => self.file.insert(std::fs::File::open(&self.path)?),
+            None => self.file.insert(open_regular(&self.path)?),
         };
         // Read into the String's own bytes. Its old contents are overwritten, so only the part
         // of its capacity beyond them needs zeroing before it can be handed to `read_at`.
@@ -278,6 +301,24 @@ mod tests {
         let mut f = OpenFile::new(&Host::new(dir.path()), "/proc/dir");
         let err = f.read_into(&mut buf).expect_err("a directory");
         assert!(err.to_string().contains("proc/dir"), "{err}");
+    }
+
+    #[test]
+    fn a_fifo_is_refused_at_once_instead_of_blocking_the_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("proc")).expect("mkdir");
+        let fifo = dir.path().join("proc/loadavg");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+        let host = Host::new(dir.path());
+        let mut buf = String::new();
+        // No writer ever opens it: a blocking open or read would hang the test here.
+        let err = OpenFile::new(&host, "/proc/loadavg").read_into(&mut buf).expect_err("a FIFO");
+        assert_eq!(err.to_string(), format!("cannot read {}: expected a regular file, found a FIFO", fifo.display()));
+        let err = host.read_to_string("/proc/loadavg").expect_err("a FIFO");
+        assert!(err.to_string().ends_with("found a FIFO"), "{err}");
+        assert!(!err.is_not_found());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use dcmon_agent::agent::{self, Control, Daemon, Scheduler};
+use dcmon_agent::agent::{self, BatchClock, Control, Daemon, Scheduler, SystemClock};
 use dcmon_agent::config::{self, Config, ConfigError, Loaded};
 use dcmon_agent::deliver::DeliveryPolicy;
 use dcmon_agent::host::Host;
@@ -15,6 +15,7 @@ use dcmon_agent::install::{self, InstallOptions};
 use dcmon_agent::notify::Notifier;
 use dcmon_agent::outbox::{Outbox, OutboxLimits};
 use dcmon_agent::upload::Uploader;
+use dcmon_agent::collector::EbpfSettings;
 use dcmon_agent::{api_key, check, collector, register};
 use tokio::sync::mpsc;
 
@@ -234,8 +235,8 @@ async fn register_cmd(config: &Config, server: Option<String>, force: bool) -> a
     .await
 }
 
-/// The scheduler and daemon settings for `config`, sharing `outbox`.
-fn prepare(config: &Config, outbox: &Arc<Mutex<Outbox>>) -> anyhow::Result<(Scheduler, Daemon)> {
+/// The machine id and daemon settings for `config`, sharing `outbox`.
+fn prepare(config: &Config, outbox: &Arc<Mutex<Outbox>>) -> anyhow::Result<(String, Daemon)> {
     let machine_id = machine_id(config)?;
     let (key, warning) = api_key::load(&config.api_key_file)?;
     if let Some(w) = warning {
@@ -266,37 +267,49 @@ fn prepare(config: &Config, outbox: &Arc<Mutex<Outbox>>) -> anyhow::Result<(Sche
             api_key_file: config.api_key_file.clone(),
         },
     };
-    let scheduler =
-        Scheduler::new(collector::build(config)?, machine_id, Duration::from_secs(config.collector_timeout));
-    Ok((scheduler, daemon))
+    Ok((machine_id, daemon))
 }
 
 async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::Result<()> {
     let limits =
         |c: &Config| OutboxLimits { max_bytes: c.outbox_max_bytes, max_age: Duration::from_secs(c.outbox_max_age) };
     let outbox = Arc::new(Mutex::new(Outbox::open(&config.outbox_dir, limits(&config), agent::unix_now_secs())));
-    let (mut scheduler, mut daemon) = prepare(&config, &outbox)?;
+    let (machine_id, mut daemon) = prepare(&config, &outbox)?;
+    let timeout = |c: &Config| Duration::from_secs(c.collector_timeout);
+    let mut scheduler = Scheduler::new(collector::build(&config)?, machine_id, timeout(&config));
+    // Kept across reloads: batch timestamps must keep increasing whatever the config.
+    let mut clock = BatchClock::new(Arc::new(SystemClock));
     let notifier = Notifier::from_env();
     let mut control = control_from_signals()?;
     tracing::info!(config = %config_path.display(), "dcmon-agent {VERSION} started");
     notifier.notify("READY=1");
     loop {
-        match agent::run(&mut scheduler, &daemon, &mut control, &notifier).await {
+        match agent::run(&mut scheduler, &daemon, &mut clock, &mut control, &notifier).await {
             Control::Shutdown => break,
             Control::Reload => {
                 notifier.notify("RELOADING=1");
                 tracing::info!("SIGHUP: reloading {}", config_path.display());
-                match load_config(config_path, explicit).map_err(anyhow::Error::from).and_then(|new| {
-                    let parts = prepare(&new, &outbox)?;
-                    Ok((new, parts))
-                }) {
-                    Ok((new, parts)) => {
+                let reloaded = load_config(config_path, explicit).map_err(anyhow::Error::from).and_then(|new| {
+                    let (machine_id, new_daemon) = prepare(&new, &outbox)?;
+                    // Unchanged eBPF settings keep the loaded programs and the collectors'
+                    // baselines: no BPF load (a BTF parse, and a chance of failing) per reload.
+                    let collectors = if EbpfSettings::of(&new) == EbpfSettings::of(&config)
+                        && scheduler.has_bpf_programs()
+                    {
+                        tracing::debug!("eBPF settings unchanged: keeping the loaded BPF programs");
+                        collector::rebuild(&new, scheduler.take_bpf_collectors())
+                    } else {
+                        collector::build(&new)?
+                    };
+                    Ok((Scheduler::new(collectors, machine_id, timeout(&new)), new_daemon, new))
+                });
+                match reloaded {
+                    Ok((new_scheduler, new_daemon, new)) => {
                         if new.outbox_dir != config.outbox_dir {
                             tracing::warn!("outbox_dir changed: it takes effect at the next restart");
                         }
                         dcmon_agent::deliver::lock(&outbox).set_limits(limits(&new));
-                        (scheduler, daemon) = parts;
-                        config = new;
+                        (scheduler, daemon, config) = (new_scheduler, new_daemon, new);
                         tracing::info!("config reloaded");
                     }
                     Err(e) => {
@@ -308,6 +321,7 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
         }
     }
     notifier.notify("STOPPING=1");
+    clock.report_at_exit();
     agent::report_outbox_at_exit(&outbox);
     tracing::info!("stopped");
     Ok(())

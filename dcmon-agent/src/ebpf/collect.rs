@@ -261,6 +261,10 @@ impl Collector for EbpfDiskCollector {
         false
     }
 
+    fn uses_bpf_programs(&self) -> bool {
+        true
+    }
+
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
         let disks = self.read_all()?;
         out.extend(disks.iter().flat_map(DiskCounters::samples));
@@ -421,6 +425,10 @@ impl Collector for EbpfNetCollector {
         false
     }
 
+    fn uses_bpf_programs(&self) -> bool {
+        true
+    }
+
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
         let ifaces = self.read_all()?;
         out.extend(ifaces.iter().filter(|i| self.filter.allows(&i.interface)).flat_map(InterfaceCounters::samples));
@@ -452,6 +460,10 @@ impl Collector for EbpfStatusCollector {
     /// Map lookups and procfs/sysfs reads: nothing here waits on a device.
     fn may_block(&self) -> bool {
         false
+    }
+
+    fn uses_bpf_programs(&self) -> bool {
+        self.probes.is_some()
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
