@@ -971,7 +971,7 @@ fn a_sighup_storm_keeps_the_loaded_programs_and_ebpf_mode() {
             .find(|m| m["name"] == name && collector.is_none_or(|c| m["labels"]["collector"] == c))
             .map(|m| m["value"].clone())
     };
-    assert_eq!(value("dcmon_ebpf_active", None), Some(serde_json::json!(1)), "{last}");
+    assert_eq!(value("dcmon_ebpf_active", None).and_then(|v| v.as_f64()), Some(1.0), "{last}");
     for collector in ["ebpf", "disk", "net"] {
         assert_eq!(value("dcmon_collector_success", Some(collector)), Some(serde_json::json!(1)), "{collector}: {last}");
     }
