@@ -719,6 +719,38 @@ mod tests {
         assert_eq!(clock.held_rounds, 0);
     }
 
+    /// An inline collector that sleeps `.0[round]` (then nothing).
+    struct SlowInline(Vec<Duration>);
+
+    impl Collector for SlowInline {
+        fn name(&self) -> &'static str {
+            "slow_inline"
+        }
+        fn may_block(&self) -> bool {
+            false
+        }
+        fn collect(&mut self, _out: &mut Vec<Sample>) -> Result<(), CollectError> {
+            if !self.0.is_empty() {
+                std::thread::sleep(self.0.remove(0));
+            }
+            Ok(())
+        }
+    }
+
+    /// An inline collector found slow is run on a thread from the next round on, where the
+    /// collector timeout applies: its second, longer run is cut off instead of holding up the
+    /// round.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slow_inline_collector_moves_to_a_thread_under_the_timeout() {
+        let slow = SlowInline(vec![Duration::from_millis(400), Duration::from_millis(3000)]);
+        let mut s = Scheduler::new(vec![Box::new(slow)], "m".into(), Duration::from_millis(300));
+        let b = s.collect(1).await;
+        assert_eq!(success_of(&b, "slow_inline"), Some(Value::Count(1)), "inline: no timeout to enforce");
+        assert!(s.slots[0].on_thread, "400 ms inline is too slow for kernel memory");
+        let b = s.collect(2).await;
+        assert_eq!(success_of(&b, "slow_inline"), Some(Value::Count(0)), "on a thread: 3 s overruns the 300 ms timeout");
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn failures_are_isolated_and_reported() {
         let collectors: Vec<Box<dyn Collector>> = vec![

@@ -312,13 +312,21 @@ mod tests {
         // SAFETY: a valid NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
         let host = Host::new(dir.path());
-        let mut buf = String::new();
-        // No writer ever opens it: a blocking open or read would hang the test here.
-        let err = OpenFile::new(&host, "/proc/loadavg").read_into(&mut buf).expect_err("a FIFO");
-        assert_eq!(err.to_string(), format!("cannot read {}: expected a regular file, found a FIFO", fifo.display()));
-        let err = host.read_to_string("/proc/loadavg").expect_err("a FIFO");
-        assert!(err.to_string().ends_with("found a FIFO"), "{err}");
-        assert!(!err.is_not_found());
+        // No writer ever opens it: a blocking open or read would never return, so the reads
+        // run on a thread the test gives up on.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = String::new();
+            let _ = tx.send((
+                OpenFile::new(&host, "/proc/loadavg").read_into(&mut buf).map_err(|e| e.to_string()),
+                host.read_to_string("/proc/loadavg").map_err(|e| (e.to_string(), e.is_not_found())),
+            ));
+        });
+        let (open_file, whole) = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("reading a FIFO blocked");
+        let err = open_file.expect_err("a FIFO");
+        assert_eq!(err, format!("cannot read {}: expected a regular file, found a FIFO", fifo.display()));
+        let (err, not_found) = whole.expect_err("a FIFO");
+        assert!(err.ends_with("found a FIFO") && !not_found, "{err}");
     }
 
     #[test]
