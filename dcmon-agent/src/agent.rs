@@ -89,7 +89,13 @@ impl Scheduler {
     pub fn new(collectors: Vec<Box<dyn Collector>>, machine_id: String, collector_timeout: Duration) -> Self {
         let slots = collectors
             .into_iter()
-            .map(|c| Slot { name: c.name(), state: SlotState::Idle(c), last_error: None, last_len: 0, on_thread: false })
+            .map(|c| Slot {
+                name: c.name(),
+                state: SlotState::Idle(c),
+                last_error: None,
+                last_len: 0,
+                on_thread: false,
+            })
             .collect();
         Self { slots, machine_id, collector_timeout, stats: SelfStats::default(), last_len: 0 }
     }
@@ -748,7 +754,11 @@ mod tests {
         assert_eq!(success_of(&b, "slow_inline"), Some(Value::Count(1)), "inline: no timeout to enforce");
         assert!(s.slots[0].on_thread, "400 ms inline is too slow for kernel memory");
         let b = s.collect(2).await;
-        assert_eq!(success_of(&b, "slow_inline"), Some(Value::Count(0)), "on a thread: 3 s overruns the 300 ms timeout");
+        assert_eq!(
+            success_of(&b, "slow_inline"),
+            Some(Value::Count(0)),
+            "on a thread: 3 s overruns the 300 ms timeout"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use dcmon_agent::agent::{self, BatchClock, Control, Daemon, Scheduler, SystemClock};
+use dcmon_agent::collector::EbpfSettings;
 use dcmon_agent::config::{self, Config, ConfigError, Loaded};
 use dcmon_agent::deliver::DeliveryPolicy;
 use dcmon_agent::host::Host;
@@ -15,7 +16,6 @@ use dcmon_agent::install::{self, InstallOptions};
 use dcmon_agent::notify::Notifier;
 use dcmon_agent::outbox::{Outbox, OutboxLimits};
 use dcmon_agent::upload::Uploader;
-use dcmon_agent::collector::EbpfSettings;
 use dcmon_agent::{api_key, check, collector, register};
 use tokio::sync::mpsc;
 
@@ -293,14 +293,13 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
                     let (machine_id, new_daemon) = prepare(&new, &outbox)?;
                     // Unchanged eBPF settings keep the loaded programs and the collectors'
                     // baselines: no BPF load (a BTF parse, and a chance of failing) per reload.
-                    let collectors = if EbpfSettings::of(&new) == EbpfSettings::of(&config)
-                        && scheduler.has_bpf_programs()
-                    {
-                        tracing::debug!("eBPF settings unchanged: keeping the loaded BPF programs");
-                        collector::rebuild(&new, scheduler.take_bpf_collectors())
-                    } else {
-                        collector::build(&new)?
-                    };
+                    let collectors =
+                        if EbpfSettings::of(&new) == EbpfSettings::of(&config) && scheduler.has_bpf_programs() {
+                            tracing::debug!("eBPF settings unchanged: keeping the loaded BPF programs");
+                            collector::rebuild(&new, scheduler.take_bpf_collectors())
+                        } else {
+                            collector::build(&new)?
+                        };
                     Ok((Scheduler::new(collectors, machine_id, timeout(&new)), new_daemon, new))
                 });
                 match reloaded {

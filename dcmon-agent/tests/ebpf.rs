@@ -836,14 +836,15 @@ fn ebpf_mode_reports_each_disk_and_network_series_once() {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let mut scheduler = dcmon_agent::agent::Scheduler::new(collectors, "m".into(), Duration::from_secs(5));
     let batch = runtime.block_on(scheduler.collect(1));
-    let mut series: HashMap<(&str, &Vec<(&str, String)>), usize> = HashMap::new();
+    let mut series: HashMap<(&str, &dcmon_agent::batch::Labels), usize> = HashMap::new();
     for s in batch.samples() {
         *series.entry((s.name, &s.labels)).or_default() += 1;
     }
     let repeated: Vec<_> = series.iter().filter(|(_, n)| **n > 1).collect();
     assert!(repeated.is_empty(), "series reported more than once: {repeated:?}");
     let names: BTreeSet<&str> = series.keys().map(|(name, _)| *name).collect();
-    for name in ["disk_reads_total", "disk_write_bytes_total", "network_receive_bytes_total", "network_transmit_bytes_total"]
+    for name in
+        ["disk_reads_total", "disk_write_bytes_total", "network_receive_bytes_total", "network_transmit_bytes_total"]
     {
         assert!(names.contains(name), "no {name} in eBPF mode: {names:?}");
     }
@@ -973,6 +974,10 @@ fn a_sighup_storm_keeps_the_loaded_programs_and_ebpf_mode() {
     };
     assert_eq!(value("dcmon_ebpf_active", None).and_then(|v| v.as_f64()), Some(1.0), "{last}");
     for collector in ["ebpf", "disk", "net"] {
-        assert_eq!(value("dcmon_collector_success", Some(collector)), Some(serde_json::json!(1)), "{collector}: {last}");
+        assert_eq!(
+            value("dcmon_collector_success", Some(collector)),
+            Some(serde_json::json!(1)),
+            "{collector}: {last}"
+        );
     }
 }

@@ -86,7 +86,10 @@ fn once_with_a_fifo_for_proc_loadavg_finishes_and_reports_the_rest() {
     let config = write_config(dir.path(), json!({"host_root": root, "ebpf": "off"}));
     let (batch, log) = once(dir.path(), &config);
     assert_only_loadavg_lost(&batch);
-    assert!(log.contains(&format!("{}: expected a regular file, found a FIFO", root.join("proc/loadavg").display())), "{log}");
+    assert!(
+        log.contains(&format!("{}: expected a regular file, found a FIFO", root.join("proc/loadavg").display())),
+        "{log}"
+    );
 }
 
 #[test]
@@ -119,7 +122,9 @@ fn ebpf_off_means_no_ebpf_collector_at_all() {
     let (batch, log) = once(dir.path(), &config);
     let ebpf: Vec<&Value> = metrics(&batch)
         .iter()
-        .filter(|m| m["labels"]["collector"] == "ebpf" || m["name"].as_str().is_some_and(|n| n.starts_with("dcmon_ebpf_")))
+        .filter(|m| {
+            m["labels"]["collector"] == "ebpf" || m["name"].as_str().is_some_and(|n| n.starts_with("dcmon_ebpf_"))
+        })
         .collect();
     assert!(ebpf.is_empty(), "\"ebpf\": \"off\" still reports {ebpf:?}\n{log}");
     assert_eq!(find(&batch, "dcmon_collector_success", "os"), Some(json!(1)));
