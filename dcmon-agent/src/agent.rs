@@ -2,14 +2,17 @@
 //!
 //! Every round, each collector that may block (hardware, tools) runs on its own blocking thread,
 //! all at once, each under the collector timeout; whatever is done by then goes into the batch.
-//! Collectors that cannot block (procfs reads, served by the kernel from memory) run on the
-//! runtime thread meanwhile: handing them to a thread cost more than their work (measured:
-//! each handoff is two context switches, and on a VM a switch costs more than parsing the file). A collector that overruns is
-//! reported as failed and is not started again until its earlier run returns (no overlapping
-//! runs), so one hung file read never delays or multiplies the others. An inline collector
-//! whose run turns out slow (a FUSE file such as lxcfs's where procfs was expected) is moved to
-//! the threaded path for good, under the timeout like the others. Rounds start on a fixed
-//! cadence: the time a round takes does not stretch the interval.
+//! Collectors that cannot block (reads of files that were found on procfs or sysfs when the
+//! collector was built: the kernel serves those from memory) run on the runtime thread
+//! meanwhile: handing them to a thread cost more than their work (measured: each handoff is
+//! two context switches, and on a VM a switch costs more than parsing the file). A procfs
+//! collector whose files are elsewhere (lxcfs's FUSE files over /proc/loadavg and friends in a
+//! container, a `host_root` on any other filesystem) runs on a thread like the hardware ones.
+//! A collector that overruns is reported as failed and is not started again until its earlier
+//! run returns (no overlapping runs), so one hung file read never delays or multiplies the
+//! others. An inline collector whose run turns out slow anyway is moved to the threaded path
+//! for good, under the timeout like the others. Rounds start on a fixed cadence: the time a
+//! round takes does not stretch the interval.
 //!
 //! Batches are stamped with the wall clock, and a batch goes to the outbox only when its
 //! timestamp is after the previous one's: the server replaces the rows of a batch whose

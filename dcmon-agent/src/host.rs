@@ -107,6 +107,73 @@ fn open_regular(path: &Path) -> io::Result<std::fs::File> {
     Err(io::Error::new(io::ErrorKind::InvalidInput, format!("expected a regular file, found {found}")))
 }
 
+/// procfs (`PROC_SUPER_MAGIC` in linux/magic.h).
+const PROC_SUPER_MAGIC: u32 = 0x9fa0;
+/// sysfs (`SYSFS_MAGIC`).
+const SYSFS_MAGIC: u32 = 0x6265_6572;
+
+/// Whether reads of `paths` can be done on the runtime thread: true only when each one is on
+/// procfs or sysfs, which the kernel serves from memory. Anything else can block a read for
+/// good: a FUSE file (lxcfs mounts over /proc/loadavg, /proc/meminfo, /proc/stat and
+/// /proc/diskstats in containers) whose daemon hangs, a network or disk filesystem under a
+/// `host_root`. For a path that does not exist, the directory that would hold it decides (it
+/// answers the lookup). Files read under a listed directory (/sys/block/DEV/stat) are taken to
+/// be on the directory's filesystem. Collectors ask once, when they are built; the first path
+/// found elsewhere is logged with `collector`.
+pub fn served_from_kernel_memory<'a>(collector: &str, paths: impl IntoIterator<Item = &'a Path>) -> bool {
+    for path in paths {
+        let found = path.ancestors().find_map(|p| match filesystem_magic(p) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            other => Some(other),
+        });
+        let why = match found {
+            Some(Ok(PROC_SUPER_MAGIC | SYSFS_MAGIC)) => continue,
+            Some(Ok(magic)) => filesystem_name(magic),
+            Some(Err(e)) => format!("a filesystem that cannot be told ({e})"),
+            None => "no filesystem".to_owned(),
+        };
+        tracing::info!(
+            collector,
+            "{} is on {why}, not procfs or sysfs: a read can block, so this collector runs on its own thread \
+             under the collector timeout",
+            path.display()
+        );
+        return false;
+    }
+    true
+}
+
+/// The filesystem type of `path` (`f_type` of statfs(2)).
+fn filesystem_magic(path: &Path) -> io::Result<u32> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the path"))?;
+    // SAFETY: statfs only writes into `st`; all-zero bytes are a valid `statfs`.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a valid out pointer.
+    if unsafe { libc::statfs(c_path.as_ptr(), &raw mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The field's C type differs between libcs; filesystem magic numbers are 32-bit.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "magic numbers are 32-bit")]
+    Ok(st.f_type as u32)
+}
+
+/// A name for a filesystem magic number, for the log.
+fn filesystem_name(magic: u32) -> String {
+    match magic {
+        0x6573_5546 => "FUSE".to_owned(),
+        0x0102_1994 => "tmpfs".to_owned(),
+        0xef53 => "ext2/3/4".to_owned(),
+        0x5846_5342 => "XFS".to_owned(),
+        0x9123_683e => "Btrfs".to_owned(),
+        0x794c_7630 => "overlayfs".to_owned(),
+        0x6969 => "NFS".to_owned(),
+        0x0102_1997 => "9p".to_owned(),
+        other => format!("filesystem type {other:#x}"),
+    }
+}
+
 /// A host file kept open and re-read from offset 0 each time: procfs and sysfs regenerate their
 /// contents on every read from the start, so this sees fresh values without paying for a path
 /// walk, an open and a close every cycle. Reads are positional (`pread`) from offset 0, so a
@@ -327,6 +394,24 @@ mod tests {
         assert_eq!(err, format!("cannot read {}: expected a regular file, found a FIFO", fifo.display()));
         let (err, not_found) = whole.expect_err("a FIFO");
         assert!(err.ends_with("found a FIFO") && !not_found, "{err}");
+    }
+
+    #[test]
+    fn only_procfs_and_sysfs_count_as_kernel_memory() {
+        let real = Host::default();
+        let kernel = ["/proc/stat", "/proc/net/dev", "/sys/block", "/proc/sys/kernel/no_such_sysctl"];
+        for rel in kernel {
+            assert!(served_from_kernel_memory("test", [real.path(rel).as_path()]), "{rel}");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("proc")).expect("mkdir");
+        std::fs::write(dir.path().join("proc/stat"), "cpu  1 2 3 4\n").expect("write");
+        let fixture = Host::new(dir.path());
+        for rel in ["/proc/stat", "/proc/missing", "/sys/block"] {
+            assert!(!served_from_kernel_memory("test", [fixture.path(rel).as_path()]), "{rel} in a fixture tree");
+        }
+        let mixed = [real.path("/proc/stat"), fixture.path("/proc/stat")];
+        assert!(!served_from_kernel_memory("test", mixed.iter().map(PathBuf::as_path)), "one file elsewhere");
     }
 
     #[test]

@@ -50,9 +50,11 @@ pub trait Collector: Send + 'static {
     fn name(&self) -> &'static str;
     /// Collect one round of samples into `out` (see the module docs for the error contract).
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError>;
-    /// Whether `collect` can block (device I/O, a tool, a driver call). Collectors that can
-    /// run on their own thread under the collector timeout; those that cannot (procfs and
-    /// sysfs reads only) run inline on the scheduler's thread, with no timeout to enforce.
+    /// Whether `collect` can block (device I/O, a tool, a driver call, a file that is not on
+    /// procfs or sysfs). Collectors that can run on their own thread under the collector
+    /// timeout; those that cannot (reads of files found on procfs and sysfs when the collector
+    /// was built, [`crate::host::served_from_kernel_memory`]) run inline on the scheduler's
+    /// thread, with no timeout to enforce. Called every round: answer from a stored flag.
     fn may_block(&self) -> bool {
         true
     }
