@@ -135,6 +135,9 @@ fn main() -> ExitCode {
         }),
         Command::Check | Command::Install(_) | Command::Uninstall { .. } => Ok(()),
     };
+    // Without waiting for the threads of collectors abandoned at their timeout: one stuck in a
+    // hung read would keep the process from ever exiting (exiting takes the threads down).
+    runtime.shutdown_background();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -1,5 +1,7 @@
-//! The agent on a host that works against it: a FIFO where a procfs file should be (a hung
-//! lxcfs or FUSE mount looks the same to a reader), and `"ebpf": "off"`.
+//! The agent on a host that works against it: a FIFO where a procfs file should be, a hung
+//! FUSE file (lxcfs) where one should be, and `"ebpf": "off"`.
+
+mod common;
 
 use std::path::Path;
 use std::process::Command;
@@ -112,6 +114,55 @@ fn run_with_a_fifo_for_proc_loadavg_keeps_sending_and_stops_on_sigterm() {
     eprintln!("exited {:?} after SIGTERM", started.elapsed());
     let failures = log.lines().filter(|l| l.contains("found a FIFO")).count();
     assert_eq!(failures, 1, "the failure is logged once, not every round:\n{log}");
+}
+
+/// /proc/loadavg is a FUSE file whose daemon hangs once it is opened (see
+/// [`common::fuse::HungFuseFile`]), /proc/stat and /proc/meminfo are the real procfs ones: the
+/// os collector sees a file that is not procfs, runs on a thread, and its hung read is
+/// abandoned at the collector timeout each round while the other collectors' batches go out;
+/// SIGTERM still stops the agent. Without the filesystem check the read hangs the runtime thread:
+/// no batch, no SIGTERM.
+#[test]
+fn run_with_a_hung_fuse_file_for_proc_loadavg_keeps_sending_and_stops_on_sigterm() {
+    use common::fuse::{BindMount, HungFuseFile};
+    let receiver = Receiver::start(&[(KEY, MACHINE)]).expect("receiver");
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_key(dir.path(), KEY).expect("key");
+    let root = dir.path().join("host");
+    copy_fixture("debian12-virtio", &root);
+    // Declared first, so dropped last: a read the daemon holds keeps a killed agent from
+    // exiting until the mount's drop has answered it.
+    let mut agent: AgentProcess;
+    let Some(fuse) = HungFuseFile::mount(&root.join("proc/loadavg")) else { return };
+    let procfs: Vec<BindMount> = ["stat", "meminfo"]
+        .iter()
+        .filter_map(|f| BindMount::new(&Path::new("/proc").join(f), &root.join("proc").join(f)))
+        .collect();
+    assert_eq!(procfs.len(), 2, "bind mounts over the fixture's proc/stat and proc/meminfo");
+    let settings = json!({"host_root": root, "ebpf": "off", "server_url": receiver.url(), "collector_timeout": 1});
+    let config = write_config(dir.path(), settings);
+    agent = AgentProcess::start(dir.path(), &config, &["run"]).expect("agent");
+    let accepted = receiver.wait_for_accepted(3, Duration::from_secs(15));
+    assert!(accepted.len() >= 3, "{} batches in 15 s:\n{}", accepted.len(), agent.stderr());
+    for a in &accepted {
+        let batch = &a.json;
+        assert_eq!(find(batch, "dcmon_collector_success", "os"), Some(json!(0)), "the hung read is abandoned");
+        assert_eq!(find(batch, "cpu_load_1m", ""), None);
+        assert_eq!(find(batch, "dcmon_collector_success", "disk"), Some(json!(1)));
+        assert_eq!(find(batch, "dcmon_collector_success", "net"), Some(json!(1)));
+        assert!(find(batch, "disk_reads_total", "vda").is_some(), "disk counters reported");
+    }
+    assert!(fuse.statfs_answered() >= 1, "the agent asked for the file's filesystem");
+    let started = Instant::now();
+    let status = agent.signal_and_wait("TERM", Duration::from_secs(5));
+    let log = agent.stderr();
+    assert!(status.is_some_and(|s| s.success()), "no clean exit within 5 s of SIGTERM:\n{log}");
+    eprintln!("exited {:?} after SIGTERM", started.elapsed());
+    let count = |text: &str| log.lines().filter(|l| l.contains(text)).count();
+    let on_fuse = format!("{} is on FUSE, not procfs or sysfs", root.join("proc/loadavg").display());
+    assert_eq!(count(&on_fuse), 1, "said once:\n{log}");
+    assert_eq!(count("timed out after 1s"), 1, "the timeout is logged once:\n{log}");
+    assert_eq!(count("not started again"), 1, "not restarted while the read hangs, logged once:\n{log}");
 }
 
 #[test]
