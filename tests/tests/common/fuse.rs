@@ -247,7 +247,12 @@ impl BindMount {
             libc::mount(source_c.as_ptr(), target_c.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null())
         };
         if rc != 0 {
-            eprintln!("skipped: cannot bind {} on {}: {}", source.display(), target.display(), std::io::Error::last_os_error());
+            eprintln!(
+                "skipped: cannot bind {} on {}: {}",
+                source.display(),
+                target.display(),
+                std::io::Error::last_os_error()
+            );
             return None;
         }
         Some(Self(target_c))
