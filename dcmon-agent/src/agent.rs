@@ -2,13 +2,23 @@
 //!
 //! Every round, each collector that may block (hardware, tools) runs on its own blocking thread,
 //! all at once, each under the collector timeout; whatever is done by then goes into the batch.
-//! Collectors that cannot block (procfs reads, served by the kernel from memory) run on the
-//! runtime thread meanwhile: handing them to a thread cost more than their work (measured:
-//! each handoff is two context switches, and on a VM a switch costs more than parsing the file). A collector that overruns is
-//! reported as failed and is not started again until its earlier run returns (no overlapping
-//! runs), so one hung file read never delays or multiplies the others. Rounds start on a fixed
-//! cadence: the time a round takes does not stretch the interval.
+//! Collectors that cannot block (reads of files that were found on procfs or sysfs when the
+//! collector was built: the kernel serves those from memory) run on the runtime thread
+//! meanwhile: handing them to a thread cost more than their work (measured: each handoff is
+//! two context switches, and on a VM a switch costs more than parsing the file). A procfs
+//! collector whose files are elsewhere (lxcfs's FUSE files over /proc/loadavg and friends in a
+//! container, a `host_root` on any other filesystem) runs on a thread like the hardware ones.
+//! A collector that overruns is reported as failed and is not started again until its earlier
+//! run returns (no overlapping runs), so one hung file read never delays or multiplies the
+//! others. An inline collector whose run turns out slow anyway is moved to the threaded path
+//! for good, under the timeout like the others. Rounds start on a fixed cadence: the time a
+//! round takes does not stretch the interval.
+//!
+//! Batches are stamped with the wall clock, and a batch goes to the outbox only when its
+//! timestamp is after the previous one's: the server replaces the rows of a batch whose
+//! timestamp repeats, so after the clock steps back rounds are held ([`BatchClock`]).
 
+use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -43,7 +53,14 @@ struct Slot {
     /// How many samples the last run gave: the next run's buffer is sized to it once, rather
     /// than grown through reallocations every round.
     last_len: usize,
+    /// An inline collector that was found slow: it runs on a thread under the timeout from now on.
+    on_thread: bool,
 }
+
+/// An inline run that takes longer than this moves its collector onto a thread: reading
+/// kernel memory takes far less, even with tens of thousands of interfaces, so the files are
+/// served by something that can stall (a FUSE daemon).
+const INLINE_RUN_LIMIT: Duration = Duration::from_millis(500);
 
 /// What the scheduler itself reports in each batch.
 #[derive(Debug, Default, Clone, Copy)]
@@ -75,9 +92,34 @@ impl Scheduler {
     pub fn new(collectors: Vec<Box<dyn Collector>>, machine_id: String, collector_timeout: Duration) -> Self {
         let slots = collectors
             .into_iter()
-            .map(|c| Slot { name: c.name(), state: SlotState::Idle(c), last_error: None, last_len: 0 })
+            .map(|c| Slot {
+                name: c.name(),
+                state: SlotState::Idle(c),
+                last_error: None,
+                last_len: 0,
+                on_thread: false,
+            })
             .collect();
         Self { slots, machine_id, collector_timeout, stats: SelfStats::default(), last_len: 0 }
+    }
+
+    /// Whether a collector holds loaded BPF programs ([`Collector::uses_bpf_programs`]).
+    pub fn has_bpf_programs(&self) -> bool {
+        self.slots.iter().any(|s| matches!(&s.state, SlotState::Idle(c) if c.uses_bpf_programs()))
+    }
+
+    /// Take out the collectors that hold loaded BPF programs, with their state, for a reload
+    /// that keeps the eBPF settings: loading the programs again costs a BTF parse and can fail.
+    pub fn take_bpf_collectors(&mut self) -> Vec<Box<dyn Collector>> {
+        let mut taken = Vec::new();
+        for slot in &mut self.slots {
+            if matches!(&slot.state, SlotState::Idle(c) if c.uses_bpf_programs())
+                && let SlotState::Idle(c) = std::mem::replace(&mut slot.state, SlotState::Absent)
+            {
+                taken.push(c);
+            }
+        }
+        taken
     }
 
     /// One round: run every collector concurrently and build the batch stamped `timestamp`.
@@ -91,8 +133,9 @@ impl Scheduler {
         // cannot block right here meanwhile, then wait for the rest.
         let mut running: Vec<(usize, JoinHandle<RunResult>)> = Vec::new();
         let mut inline: Vec<(usize, Box<dyn Collector>)> = Vec::new();
-        let mut start = |i: usize, c: Box<dyn Collector>, capacity: usize| {
-            if c.may_block() {
+        let mut start = |i: usize, c: Box<dyn Collector>, slot: &Slot| {
+            let capacity = slot.last_len;
+            if c.may_block() || slot.on_thread {
                 running.push((i, tokio::task::spawn_blocking(move || run_collector(c, capacity))));
             } else {
                 inline.push((i, c));
@@ -102,10 +145,10 @@ impl Scheduler {
             let state = std::mem::replace(&mut slot.state, SlotState::Absent);
             match state {
                 SlotState::Absent => {}
-                SlotState::Idle(c) => start(i, c, slot.last_len),
+                SlotState::Idle(c) => start(i, c, slot),
                 SlotState::Overrunning(h) if h.is_finished() => match h.await {
                     // The late result is stale: drop its samples, run afresh.
-                    Ok((c, ..)) => start(i, c, slot.last_len),
+                    Ok((c, ..)) => start(i, c, slot),
                     Err(e) => tracing::error!(collector = slot.name, "collector thread failed: {e}; disabling it"),
                 },
                 SlotState::Overrunning(h) => {
@@ -116,8 +159,19 @@ impl Scheduler {
             }
         }
         for (i, c) in inline {
-            let capacity = self.slots[i].last_len;
-            record(&mut self.slots[i], run_collector(c, capacity), &mut batch, &mut self_samples);
+            let slot = &mut self.slots[i];
+            let result = run_collector(c, slot.last_len);
+            let took = result.3;
+            if took > INLINE_RUN_LIMIT.min(self.collector_timeout) {
+                slot.on_thread = true;
+                tracing::warn!(
+                    collector = slot.name,
+                    "reading took {took:.1?}, too long for kernel memory: from now on it runs on its own thread \
+                     under the {:?} collector timeout",
+                    self.collector_timeout
+                );
+            }
+            record(slot, result, &mut batch, &mut self_samples);
         }
         for (i, mut handle) in running {
             let slot = &mut self.slots[i];
@@ -194,14 +248,170 @@ fn log_failure(slot: &mut Slot, msg: String) {
     }
 }
 
-/// The Unix second of a tick's scheduled instant. A round that starts late on a busy host
-/// still carries its own second, so consecutive batches never share or skip a timestamp.
-fn unix_secs_at(scheduled: tokio::time::Instant) -> i64 {
-    let late = tokio::time::Instant::now().saturating_duration_since(scheduled);
-    SystemTime::now()
-        .checked_sub(late)
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+/// The wall clock that stamps batches: [`SystemClock`] in the daemon; tests step their own.
+pub trait WallClock: Send + Sync {
+    /// The current wall-clock time.
+    fn now(&self) -> SystemTime;
+}
+
+/// The system's real-time clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl WallClock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// Wall-clock time that runs ahead of or behind monotonic time by at least this much between
+/// two rounds is logged as a clock step (NTP slewing stays far below it).
+const CLOCK_STEP_LOGGED: Duration = Duration::from_secs(1);
+
+/// Batch timestamps. Each round is stamped with the wall clock at its scheduled instant, and a
+/// batch goes to the outbox only when its timestamp is after the last one pushed: the server
+/// stores rows by (machine, timestamp, metric) and replaces them when a timestamp repeats.
+/// After the clock steps back, rounds are held and merged (the newest reading of each series
+/// wins, a series only an earlier held round had is kept) until the clock has passed the last
+/// timestamp pushed; then the merged batch goes out with that round's timestamp. Counters lose
+/// nothing that way (they are cumulative), and gauges keep their latest reading, where sending
+/// them would overwrite readings already stored or put new ones out of order. Kept across
+/// config reloads.
+pub struct BatchClock {
+    clock: Arc<dyn WallClock>,
+    /// The last round's scheduled instant and wall-clock time (Unix ms), to tell a clock step
+    /// from time passing.
+    last_round: Option<(tokio::time::Instant, i64)>,
+    /// The timestamp of the last batch pushed to the outbox.
+    last_pushed: Option<i64>,
+    /// The rounds held back since, merged into one batch.
+    held: Option<Batch>,
+    held_rounds: u64,
+}
+
+impl std::fmt::Debug for BatchClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchClock")
+            .field("last_pushed", &self.last_pushed)
+            .field("held_rounds", &self.held_rounds)
+            .finish_non_exhaustive()
+    }
+}
+
+fn unix_millis(t: SystemTime) -> i64 {
+    let ms = |d: Duration| i64::try_from(d.as_millis()).unwrap_or(i64::MAX);
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(after) => ms(after),
+        Err(before) => -ms(before.duration()),
+    }
+}
+
+impl BatchClock {
+    /// Timestamps read from `clock`.
+    pub fn new(clock: Arc<dyn WallClock>) -> Self {
+        Self { clock, last_round: None, last_pushed: None, held: None, held_rounds: 0 }
+    }
+
+    /// The Unix second of the round scheduled at `scheduled`, `now` being the monotonic time:
+    /// a round that starts late on a busy host still carries its own second. A clock step
+    /// since the last round is logged, once, with its size.
+    pub fn stamp(&mut self, scheduled: tokio::time::Instant, now: tokio::time::Instant) -> i64 {
+        let late = i64::try_from(now.saturating_duration_since(scheduled).as_millis()).unwrap_or(i64::MAX);
+        let wall_ms = unix_millis(self.clock.now()).saturating_sub(late);
+        if let Some((last_at, last_wall_ms)) = self.last_round {
+            let elapsed = i64::try_from(scheduled.saturating_duration_since(last_at).as_millis()).unwrap_or(i64::MAX);
+            let step = wall_ms.saturating_sub(last_wall_ms).saturating_sub(elapsed);
+            if u128::from(step.unsigned_abs()) >= CLOCK_STEP_LOGGED.as_millis() {
+                #[allow(clippy::cast_precision_loss, reason = "a step size for a log line")]
+                let secs = step.unsigned_abs() as f64 / 1000.0;
+                let direction = if step < 0 { "back" } else { "forward" };
+                tracing::warn!("the wall clock stepped {direction} by {secs:.1} s");
+            }
+        }
+        self.last_round = Some((scheduled, wall_ms));
+        wall_ms.div_euclid(1000)
+    }
+
+    /// `batch`, with the rounds held before it merged in, when it may go to the outbox; `None`
+    /// when its timestamp is not after the last batch pushed: it is held (see [`BatchClock`]).
+    pub fn admit(&mut self, batch: Batch) -> Option<Batch> {
+        let batch = match self.held.take() {
+            Some(older) => merge_over(batch, older),
+            None => batch,
+        };
+        match self.last_pushed {
+            Some(last) if batch.timestamp <= last => {
+                if self.held_rounds == 0 {
+                    tracing::warn!(
+                        "batch timestamp {} is not after the last one sent ({last}): holding rounds back until the \
+                         wall clock passes it (the server would overwrite the batch stored there)",
+                        batch.timestamp
+                    );
+                }
+                self.held_rounds += 1;
+                self.held = Some(batch);
+                None
+            }
+            last => {
+                if self.held_rounds > 0 {
+                    tracing::info!(
+                        "the wall clock passed {} again: {} rounds held back go out merged into batch {}",
+                        last.unwrap_or_default(),
+                        self.held_rounds,
+                        batch.timestamp
+                    );
+                    self.held_rounds = 0;
+                }
+                self.last_pushed = Some(batch.timestamp);
+                Some(batch)
+            }
+        }
+    }
+
+    /// Say at exit what held rounds are lost (their timestamps were not after the last one sent).
+    pub fn report_at_exit(&self) {
+        if self.held_rounds > 0 {
+            tracing::warn!(
+                "{} rounds held back since the wall clock stepped back are not sent (not after batch {})",
+                self.held_rounds,
+                self.last_pushed.unwrap_or_default()
+            );
+        }
+    }
+}
+
+/// `newer` plus the samples of `older` whose series (name and labels) `newer` lacks.
+fn merge_over(mut newer: Batch, older: Batch) -> Batch {
+    if older.machine_id != newer.machine_id {
+        // A reload changed the machine id: the held rounds describe another machine.
+        return newer;
+    }
+    let have: HashSet<(&str, &crate::batch::Labels)> = newer.samples().iter().map(|s| (s.name, &s.labels)).collect();
+    let missing: Vec<Sample> =
+        older.samples().iter().filter(|s| !have.contains(&(s.name, &s.labels))).cloned().collect();
+    newer.extend(missing);
+    newer
+}
+
+/// One round of the daemon loop: collect, stamp, and append the batch to the outbox unless
+/// the clock holds it back. True when the outbox must be fsynced before going on.
+async fn round(
+    scheduler: &mut Scheduler,
+    clock: &mut BatchClock,
+    outbox: &SharedOutbox,
+    scheduled: tokio::time::Instant,
+) -> bool {
+    let timestamp = clock.stamp(scheduled, tokio::time::Instant::now());
+    let batch = scheduler.collect(timestamp).await;
+    let Some(mut batch) = clock.admit(batch) else {
+        return false;
+    };
+    let mut o = delivery::lock(outbox);
+    batch.extend(o.stats().samples());
+    // One write(2) into the page cache, on this thread: a thread hop would cost more than the
+    // write (outbox.rs says when batches are fsynced).
+    o.push(batch.timestamp, Bytes::from(batch.to_json()));
+    o.backlog_needs_sync()
 }
 
 /// Seconds since the Unix epoch, as the batch wants them.
@@ -263,6 +473,7 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 pub async fn run(
     scheduler: &mut Scheduler,
     daemon: &Daemon,
+    clock: &mut BatchClock,
     control: &mut mpsc::Receiver<Control>,
     notifier: &Notifier,
 ) -> Control {
@@ -277,7 +488,7 @@ pub async fn run(
         stop_rx,
     ));
 
-    let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
+    let now_ms = u64::try_from(unix_millis(clock.clock.now())).unwrap_or(0);
     // At least a second before the first round, so CPU usage has a window to measure.
     let delay = first_tick_delay(now_ms, daemon.phase, daemon.interval, Duration::from_secs(1));
     tracing::info!("first batch in {delay:.1?}, then every {:?}", daemon.interval);
@@ -291,15 +502,7 @@ pub async fn run(
                 notifier.notify("WATCHDOG=1");
             }
             scheduled = ticker.tick() => {
-                let mut batch = scheduler.collect(unix_secs_at(scheduled)).await;
-                let must_wait = {
-                    let mut o = delivery::lock(&outbox);
-                    batch.extend(o.stats().samples());
-                    // One write(2) into the page cache, on this thread: a thread hop would cost
-                    // more than the write (outbox.rs says when batches are fsynced).
-                    o.push(batch.timestamp, Bytes::from(batch.to_json()));
-                    o.backlog_needs_sync()
-                };
+                let must_wait = round(scheduler, clock, &outbox, scheduled).await;
                 wake.notify_one();
                 if must_wait {
                     delivery::sync(&outbox).await;
@@ -433,6 +636,132 @@ mod tests {
             assert!(d >= gap && d < gap + Duration::from_secs(1), "{now}: {d:?}");
             assert_eq!((now + u64::try_from(d.as_millis()).expect("ms")) % 1000, 250);
         }
+    }
+
+    /// A wall clock the test sets.
+    struct SetClock(std::sync::Mutex<SystemTime>);
+
+    impl WallClock for SetClock {
+        fn now(&self) -> SystemTime {
+            *self.0.lock().expect("clock")
+        }
+    }
+
+    /// Counts its rounds in `round`; round 5 alone also reports `only_in_round_5`.
+    struct Rounds(u64);
+
+    impl Collector for Rounds {
+        fn name(&self) -> &'static str {
+            "rounds"
+        }
+        fn may_block(&self) -> bool {
+            false
+        }
+        fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
+            self.0 += 1;
+            out.push(Sample::count("round", self.0));
+            if self.0 == 5 {
+                out.push(Sample::count("only_in_round_5", 1));
+            }
+            Ok(())
+        }
+    }
+
+    /// The batches in the outbox at `dir`, oldest first, parsed.
+    fn stored_batches(dir: &std::path::Path) -> Vec<serde_json::Value> {
+        let mut segments: Vec<_> = std::fs::read_dir(dir)
+            .expect("outbox dir")
+            .map(|e| e.expect("entry").path())
+            .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+            .collect();
+        segments.sort();
+        let mut batches = Vec::new();
+        for path in segments {
+            let data = std::fs::read(&path).expect("segment");
+            for record in crate::outbox::parse_segment(&data) {
+                if let crate::outbox::Record::Batch { timestamp, body, .. } = record {
+                    let json: serde_json::Value = serde_json::from_slice(body).expect("batch json");
+                    assert_eq!(json["timestamp"], timestamp, "record header and body agree");
+                    batches.push(json);
+                }
+            }
+        }
+        batches
+    }
+
+    fn value_of(batch: &serde_json::Value, name: &str) -> Option<u64> {
+        batch["metrics"].as_array()?.iter().find(|m| m["name"] == name)?["value"].as_u64()
+    }
+
+    /// The wall clock steps back 10 s after the third of 1 s rounds, then forward 100 s: the
+    /// outbox gets strictly increasing timestamps, the rounds the step made repeat a timestamp
+    /// are held and go out merged into the first round past it, and nothing is lost.
+    #[tokio::test(flavor = "current_thread")]
+    async fn batch_timestamps_keep_increasing_when_the_wall_clock_steps() {
+        const T0: i64 = 1_700_000_000;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = crate::outbox::OutboxLimits { max_bytes: 1 << 20, max_age: Duration::from_secs(86_400) };
+        let outbox: SharedOutbox = Arc::new(std::sync::Mutex::new(crate::outbox::Outbox::open(dir.path(), limits, T0)));
+        let wall = Arc::new(SetClock(std::sync::Mutex::new(UNIX_EPOCH)));
+        let mut clock = BatchClock::new(wall.clone());
+        let mut scheduler = Scheduler::new(vec![Box::new(Rounds(0))], "m".into(), Duration::from_secs(1));
+        // Scheduled instants ahead of now: every round starts on time, whatever the host's load.
+        let start = tokio::time::Instant::now() + Duration::from_secs(3600);
+        for k in 1..=16_u64 {
+            let stepped: i64 = match k {
+                1..=3 => 0,
+                4..=15 => -10,
+                _ => 90,
+            };
+            let unix = u64::try_from(T0 + i64::try_from(k).expect("k") + stepped).expect("after 1970");
+            *wall.0.lock().expect("clock") = UNIX_EPOCH + Duration::from_millis(unix * 1000 + 300);
+            round(&mut scheduler, &mut clock, &outbox, start + Duration::from_secs(k)).await;
+        }
+        let batches = stored_batches(dir.path());
+        let stamps: Vec<i64> = batches.iter().map(|b| b["timestamp"].as_i64().expect("timestamp") - T0).collect();
+        // Rounds 4 to 13 read 1699999994 to 1700000003, none after round 3's: held.
+        assert_eq!(stamps, [1, 2, 3, 4, 5, 106], "batch timestamps (minus {T0})");
+        let rounds: Vec<Option<u64>> = batches.iter().map(|b| value_of(b, "round")).collect();
+        assert_eq!(rounds, [Some(1), Some(2), Some(3), Some(14), Some(15), Some(16)], "the newest reading wins");
+        assert_eq!(value_of(&batches[3], "only_in_round_5"), Some(1), "a series only a held round had is kept");
+        assert_eq!(value_of(&batches[4], "only_in_round_5"), None, "and sent once");
+        assert_eq!(clock.held_rounds, 0);
+    }
+
+    /// An inline collector that sleeps `.0[round]` (then nothing).
+    struct SlowInline(Vec<Duration>);
+
+    impl Collector for SlowInline {
+        fn name(&self) -> &'static str {
+            "slow_inline"
+        }
+        fn may_block(&self) -> bool {
+            false
+        }
+        fn collect(&mut self, _out: &mut Vec<Sample>) -> Result<(), CollectError> {
+            if !self.0.is_empty() {
+                std::thread::sleep(self.0.remove(0));
+            }
+            Ok(())
+        }
+    }
+
+    /// An inline collector found slow is run on a thread from the next round on, where the
+    /// collector timeout applies: its second, longer run is cut off instead of holding up the
+    /// round.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_slow_inline_collector_moves_to_a_thread_under_the_timeout() {
+        let slow = SlowInline(vec![Duration::from_millis(400), Duration::from_millis(3000)]);
+        let mut s = Scheduler::new(vec![Box::new(slow)], "m".into(), Duration::from_millis(300));
+        let b = s.collect(1).await;
+        assert_eq!(success_of(&b, "slow_inline"), Some(Value::Count(1)), "inline: no timeout to enforce");
+        assert!(s.slots[0].on_thread, "400 ms inline is too slow for kernel memory");
+        let b = s.collect(2).await;
+        assert_eq!(
+            success_of(&b, "slow_inline"),
+            Some(Value::Count(0)),
+            "on a thread: 3 s overruns the 300 ms timeout"
+        );
     }
 
     #[tokio::test(flavor = "current_thread")]

@@ -60,7 +60,7 @@ impl Host {
         use std::io::Read;
         let path = self.path(rel);
         buf.clear();
-        std::fs::File::open(&path)
+        open_regular(&path)
             .and_then(|mut f| f.read_to_string(buf))
             .map(|_| ())
             .map_err(|error| ReadError { path, error })
@@ -81,6 +81,85 @@ impl Host {
             .filter_map(|p| self.read_to_string(p).ok())
             .map(|s| s.trim().to_owned())
             .find(|s| !s.is_empty())
+    }
+}
+
+/// `path` opened for reading without waiting for a writer (O_NONBLOCK), refused unless it is
+/// a regular file. procfs and sysfs files are regular (of size 0); a FIFO or a device where one
+/// is expected would block the read, and inline collectors must never block.
+fn open_regular(path: &Path) -> io::Result<std::fs::File> {
+    use crate::secure_file::{SmallFileError, open_regular};
+    match open_regular(path) {
+        Ok((file, _)) => Ok(file),
+        Err(SmallFileError::Io(e)) => Err(e),
+        Err(e) => Err(io::Error::new(io::ErrorKind::InvalidInput, e.to_string())),
+    }
+}
+
+/// procfs (`PROC_SUPER_MAGIC` in linux/magic.h).
+const PROC_SUPER_MAGIC: u32 = 0x9fa0;
+/// sysfs (`SYSFS_MAGIC`).
+const SYSFS_MAGIC: u32 = 0x6265_6572;
+
+/// Whether reads of `paths` can be done on the runtime thread: true only when each one is on
+/// procfs or sysfs, which the kernel serves from memory. Anything else can block a read for
+/// good: a FUSE file (lxcfs mounts over /proc/loadavg, /proc/meminfo, /proc/stat and
+/// /proc/diskstats in containers) whose daemon hangs, a network or disk filesystem under a
+/// `host_root`. For a path that does not exist, the directory that would hold it decides (it
+/// answers the lookup). Files read under a listed directory (/sys/block/DEV/stat) are taken to
+/// be on the directory's filesystem. Collectors ask once, when they are built; the first path
+/// found elsewhere is logged with `collector`.
+pub fn served_from_kernel_memory<'a>(collector: &str, paths: impl IntoIterator<Item = &'a Path>) -> bool {
+    for path in paths {
+        let found = path.ancestors().find_map(|p| match filesystem_magic(p) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            other => Some(other),
+        });
+        let why = match found {
+            Some(Ok(PROC_SUPER_MAGIC | SYSFS_MAGIC)) => continue,
+            Some(Ok(magic)) => filesystem_name(magic),
+            Some(Err(e)) => format!("a filesystem that cannot be told ({e})"),
+            None => "no filesystem".to_owned(),
+        };
+        tracing::info!(
+            collector,
+            "{} is on {why}, not procfs or sysfs: a read can block, so this collector runs on its own thread \
+             under the collector timeout",
+            path.display()
+        );
+        return false;
+    }
+    true
+}
+
+/// The filesystem type of `path` (`f_type` of statfs(2)).
+fn filesystem_magic(path: &Path) -> io::Result<u32> {
+    use std::os::unix::ffi::OsStrExt as _;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the path"))?;
+    // SAFETY: statfs only writes into `st`; all-zero bytes are a valid `statfs`.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a valid out pointer.
+    if unsafe { libc::statfs(c_path.as_ptr(), &raw mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // The field's C type differs between libcs; filesystem magic numbers are 32-bit.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss, reason = "magic numbers are 32-bit")]
+    Ok(st.f_type as u32)
+}
+
+/// A name for a filesystem magic number, for the log.
+fn filesystem_name(magic: u32) -> String {
+    match magic {
+        0x6573_5546 => "FUSE".to_owned(),
+        0x0102_1994 => "tmpfs".to_owned(),
+        0xef53 => "ext2/3/4".to_owned(),
+        0x5846_5342 => "XFS".to_owned(),
+        0x9123_683e => "Btrfs".to_owned(),
+        0x794c_7630 => "overlayfs".to_owned(),
+        0x6969 => "NFS".to_owned(),
+        0x0102_1997 => "9p".to_owned(),
+        other => format!("filesystem type {other:#x}"),
     }
 }
 
@@ -135,7 +214,7 @@ impl OpenFile {
         use std::os::unix::fs::FileExt as _;
         let file = match &self.file {
             Some(f) => f,
-            None => self.file.insert(std::fs::File::open(&self.path)?),
+            None => self.file.insert(open_regular(&self.path)?),
         };
         // Read into the String's own bytes. Its old contents are overwritten, so only the part
         // of its capacity beyond them needs zeroing before it can be handed to `read_at`.
@@ -278,6 +357,50 @@ mod tests {
         let mut f = OpenFile::new(&Host::new(dir.path()), "/proc/dir");
         let err = f.read_into(&mut buf).expect_err("a directory");
         assert!(err.to_string().contains("proc/dir"), "{err}");
+    }
+
+    #[test]
+    fn a_fifo_is_refused_at_once_instead_of_blocking_the_read() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("proc")).expect("mkdir");
+        let fifo = dir.path().join("proc/loadavg");
+        let c_path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0, "mkfifo");
+        let host = Host::new(dir.path());
+        // No writer ever opens it: a blocking open or read would never return, so the reads
+        // run on a thread the test gives up on.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = String::new();
+            let _ = tx.send((
+                OpenFile::new(&host, "/proc/loadavg").read_into(&mut buf).map_err(|e| e.to_string()),
+                host.read_to_string("/proc/loadavg").map_err(|e| (e.to_string(), e.is_not_found())),
+            ));
+        });
+        let (open_file, whole) = rx.recv_timeout(std::time::Duration::from_secs(10)).expect("reading a FIFO blocked");
+        let err = open_file.expect_err("a FIFO");
+        assert_eq!(err, format!("cannot read {}: is a FIFO, expected a regular file", fifo.display()));
+        let (err, not_found) = whole.expect_err("a FIFO");
+        assert!(err.ends_with("is a FIFO, expected a regular file") && !not_found, "{err}");
+    }
+
+    #[test]
+    fn only_procfs_and_sysfs_count_as_kernel_memory() {
+        let real = Host::default();
+        let kernel = ["/proc/stat", "/proc/net/dev", "/sys/block", "/proc/sys/kernel/no_such_sysctl"];
+        for rel in kernel {
+            assert!(served_from_kernel_memory("test", [real.path(rel).as_path()]), "{rel}");
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("proc")).expect("mkdir");
+        std::fs::write(dir.path().join("proc/stat"), "cpu  1 2 3 4\n").expect("write");
+        let fixture = Host::new(dir.path());
+        for rel in ["/proc/stat", "/proc/missing", "/sys/block"] {
+            assert!(!served_from_kernel_memory("test", [fixture.path(rel).as_path()]), "{rel} in a fixture tree");
+        }
+        let mixed = [real.path("/proc/stat"), fixture.path("/proc/stat")];
+        assert!(!served_from_kernel_memory("test", mixed.iter().map(PathBuf::as_path)), "one file elsewhere");
     }
 
     #[test]

@@ -7,7 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use dcmon_agent::agent::{self, Control, Daemon, Scheduler};
+use dcmon_agent::agent::{self, BatchClock, Control, Daemon, Scheduler, SystemClock};
+use dcmon_agent::collector::EbpfSettings;
 use dcmon_agent::config::{self, Config, ConfigError, Loaded};
 use dcmon_agent::deliver::DeliveryPolicy;
 use dcmon_agent::host::Host;
@@ -291,8 +292,8 @@ fn load_key(config: &Config) -> Result<api_key::ApiKey, api_key::ApiKeyError> {
     Ok(key)
 }
 
-/// The scheduler and daemon settings for `config` and its `key`, sharing `outbox`.
-fn prepare(config: &Config, key: api_key::ApiKey, outbox: &Arc<Mutex<Outbox>>) -> anyhow::Result<(Scheduler, Daemon)> {
+/// The machine id and daemon settings for `config` and its `key`, sharing `outbox`.
+fn prepare(config: &Config, key: api_key::ApiKey, outbox: &Arc<Mutex<Outbox>>) -> anyhow::Result<(String, Daemon)> {
     let machine_id = machine_id(config)?;
     let uploader = Uploader::new(
         config.server_base(),
@@ -319,9 +320,7 @@ fn prepare(config: &Config, key: api_key::ApiKey, outbox: &Arc<Mutex<Outbox>>) -
             api_key_file: config.api_key_file.clone(),
         },
     };
-    let scheduler =
-        Scheduler::new(collector::build(config)?, machine_id, Duration::from_secs(config.collector_timeout));
-    Ok((scheduler, daemon))
+    Ok((machine_id, daemon))
 }
 
 async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::Result<()> {
@@ -330,13 +329,17 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
     let outbox = Arc::new(Mutex::new(Outbox::open(&config.outbox_dir, limits(&config), agent::unix_now_secs())));
     // At start no signal handler is installed yet, so SIGTERM still ends a read that hangs.
     let key = load_key(&config)?;
-    let (mut scheduler, mut daemon) = prepare(&config, key, &outbox)?;
+    let (machine_id, mut daemon) = prepare(&config, key, &outbox)?;
+    let timeout = |c: &Config| Duration::from_secs(c.collector_timeout);
+    let mut scheduler = Scheduler::new(collector::build(&config)?, machine_id, timeout(&config));
+    // Kept across reloads: batch timestamps must keep increasing whatever the config.
+    let mut clock = BatchClock::new(Arc::new(SystemClock));
     let notifier = Notifier::from_env();
     let mut control = control_from_signals()?;
     tracing::info!(config = %config_path.display(), "dcmon-agent {VERSION} started");
     notifier.notify("READY=1");
     loop {
-        match agent::run(&mut scheduler, &daemon, &mut control, &notifier).await {
+        match agent::run(&mut scheduler, &daemon, &mut clock, &mut control, &notifier).await {
             Control::Shutdown => break,
             Control::Reload => {
                 notifier.notify("RELOADING=1");
@@ -346,17 +349,26 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
                     Ok(None) => break,
                     Err(e) => Err(e),
                 };
-                match read.and_then(|(new, key)| {
-                    let parts = prepare(&new, key, &outbox)?;
-                    Ok((new, parts))
-                }) {
-                    Ok((new, parts)) => {
+                let reloaded = read.and_then(|(new, key)| {
+                    let (machine_id, new_daemon) = prepare(&new, key, &outbox)?;
+                    // Unchanged eBPF settings keep the loaded programs and the collectors'
+                    // baselines: no BPF load (a BTF parse, and a chance of failing) per reload.
+                    let collectors =
+                        if EbpfSettings::of(&new) == EbpfSettings::of(&config) && scheduler.has_bpf_programs() {
+                            tracing::debug!("eBPF settings unchanged: keeping the loaded BPF programs");
+                            collector::rebuild(&new, scheduler.take_bpf_collectors())
+                        } else {
+                            collector::build(&new)?
+                        };
+                    Ok((Scheduler::new(collectors, machine_id, timeout(&new)), new_daemon, new))
+                });
+                match reloaded {
+                    Ok((new_scheduler, new_daemon, new)) => {
                         if new.outbox_dir != config.outbox_dir {
                             tracing::warn!("outbox_dir changed: it takes effect at the next restart");
                         }
                         dcmon_agent::deliver::lock(&outbox).set_limits(limits(&new));
-                        (scheduler, daemon) = parts;
-                        config = new;
+                        (scheduler, daemon, config) = (new_scheduler, new_daemon, new);
                         tracing::info!("config reloaded");
                     }
                     Err(e) => {
@@ -368,6 +380,7 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
         }
     }
     notifier.notify("STOPPING=1");
+    clock.report_at_exit();
     agent::report_outbox_at_exit(&outbox);
     tracing::info!("stopped");
     Ok(())

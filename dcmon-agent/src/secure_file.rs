@@ -42,17 +42,7 @@ impl SmallFileError {
 /// Read all of the regular file at `path` (symlinks followed), at most `limit` bytes, and
 /// return its contents with its metadata (from the open descriptor).
 pub fn read(path: &Path, limit: u64) -> Result<(Vec<u8>, Metadata), SmallFileError> {
-    let mut file = std::fs::File::options()
-        .read(true)
-        // Opening a FIFO for reading blocks until a writer comes, unless O_NONBLOCK; O_NOCTTY
-        // keeps a terminal named here from becoming the agent's controlling terminal.
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(SmallFileError::Io)?;
-    let metadata = file.metadata().map_err(SmallFileError::Io)?;
-    if !metadata.is_file() {
-        return Err(SmallFileError::NotRegular(describe(&metadata)));
-    }
+    let (mut file, metadata) = open_regular(path)?;
     if metadata.len() > limit {
         return Err(SmallFileError::TooLarge { limit });
     }
@@ -64,6 +54,23 @@ pub fn read(path: &Path, limit: u64) -> Result<(Vec<u8>, Metadata), SmallFileErr
         return Err(SmallFileError::TooLarge { limit });
     }
     Ok((bytes, metadata))
+}
+
+/// `path` opened for reading without waiting for a writer, with its metadata from the open
+/// descriptor; anything but a regular file is refused by what it is.
+pub fn open_regular(path: &Path) -> Result<(std::fs::File, Metadata), SmallFileError> {
+    let file = std::fs::File::options()
+        .read(true)
+        // Opening a FIFO for reading blocks until a writer comes, unless O_NONBLOCK; O_NOCTTY
+        // keeps a terminal named here from becoming the agent's controlling terminal.
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(SmallFileError::Io)?;
+    let metadata = file.metadata().map_err(SmallFileError::Io)?;
+    if !metadata.is_file() {
+        return Err(SmallFileError::NotRegular(describe(&metadata)));
+    }
+    Ok((file, metadata))
 }
 
 /// What a file that is not a regular file is, for the error message.

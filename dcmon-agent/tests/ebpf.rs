@@ -801,3 +801,183 @@ fn a_vanished_disk_is_dropped_at_once_and_its_number_reused_from_zero() {
     assert_eq!(names(&mut slow), Vec::<String>::new(), "a new disk waits for the next listing");
     run(&["losetup", "-d", &path]);
 }
+
+/// The config of an agent on this host in eBPF mode, reporting every disk and interface
+/// (loop devices and lo included, so there is something to report), no exporters.
+fn ebpf_config() -> dcmon_agent::config::Config {
+    let mut config = dcmon_agent::config::Config {
+        ebpf: dcmon_agent::ebpf::EbpfMode::On,
+        disks: match_all(),
+        interfaces: match_all(),
+        ..dcmon_agent::config::Config::default()
+    };
+    config.exporters.apt = false;
+    config.exporters.nvme = false;
+    config.exporters.ipmi = false;
+    config.exporters.nvsmi = false;
+    config
+}
+
+/// Each collector's `name()` is its `collector` label and decides which procfs collector the
+/// eBPF one replaces: with a wrong name both would run and every disk or network series would
+/// be reported twice.
+#[test]
+fn ebpf_mode_reports_each_disk_and_network_series_once() {
+    if !can_run("eBPF mode's series") {
+        return;
+    }
+    let collectors = match dcmon_agent::collector::build(&ebpf_config()) {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(!required(), "DCMON_REQUIRE_EBPF=1 but eBPF failed: {e:#}");
+            return eprintln!("SKIP: {e:#}");
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let mut scheduler = dcmon_agent::agent::Scheduler::new(collectors, "m".into(), Duration::from_secs(5));
+    let batch = runtime.block_on(scheduler.collect(1));
+    let mut series: HashMap<(&str, &dcmon_agent::batch::Labels), usize> = HashMap::new();
+    for s in batch.samples() {
+        *series.entry((s.name, &s.labels)).or_default() += 1;
+    }
+    let repeated: Vec<_> = series.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(repeated.is_empty(), "series reported more than once: {repeated:?}");
+    let names: BTreeSet<&str> = series.keys().map(|(name, _)| *name).collect();
+    for name in
+        ["disk_reads_total", "disk_write_bytes_total", "network_receive_bytes_total", "network_transmit_bytes_total"]
+    {
+        assert!(names.contains(name), "no {name} in eBPF mode: {names:?}");
+    }
+    let success = |collector: &str| {
+        batch
+            .samples()
+            .iter()
+            .filter(|s| s.name == "dcmon_collector_success" && s.labels.iter().any(|(_, v)| v == collector))
+            .map(|s| s.value.as_f64())
+            .collect::<Vec<_>>()
+    };
+    for collector in ["os", "disk", "net", "ebpf"] {
+        assert_eq!(success(collector), [1.0], "dcmon_collector_success{{collector={collector:?}}}");
+    }
+    let active: Vec<f64> =
+        batch.samples().iter().filter(|s| s.name == "dcmon_ebpf_active").map(|s| s.value.as_f64()).collect();
+    assert_eq!(active, [1.0]);
+}
+
+/// Ids of the BPF programs process `pid` holds open (the `prog_id` of its fds' fdinfo).
+fn bpf_prog_ids(pid: u32) -> BTreeSet<u32> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return BTreeSet::new() };
+    fds.filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
+        .filter_map(|info| info.lines().find_map(|l| l.strip_prefix("prog_id:")?.trim().parse().ok()))
+        .collect()
+}
+
+/// The batches in the outbox at `dir`, oldest first.
+fn outbox_batches(dir: &std::path::Path) -> Vec<serde_json::Value> {
+    let mut segments: Vec<_> = std::fs::read_dir(dir)
+        .expect("outbox")
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+        .collect();
+    segments.sort();
+    let mut batches = Vec::new();
+    for path in segments {
+        let data = std::fs::read(&path).expect("segment");
+        for record in dcmon_agent::outbox::parse_segment(&data) {
+            if let dcmon_agent::outbox::Record::Batch { body, .. } = record {
+                batches.push(serde_json::from_slice(body).expect("batch json"));
+            }
+        }
+    }
+    batches
+}
+
+/// A SIGHUP storm (50 reloads asked for, 10 ms apart) against an agent in eBPF mode: reloads
+/// that leave the eBPF settings alone keep the loaded programs (the same program ids before
+/// and after) and eBPF mode, rather than loading the programs again each time (a load that
+/// a signal interrupts fails with EAGAIN).
+#[test]
+fn a_sighup_storm_keeps_the_loaded_programs_and_ebpf_mode() {
+    if !can_run("SIGHUP storm") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = dir.path().join("api_key");
+    std::fs::write(&key, "dcmon_stormKeyStormKeyStormKeyStormKeyStormKe\n").expect("key");
+    std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600)).expect("chmod");
+    // Nothing listens there: the batches stay in the outbox, where the test reads them.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("port").port();
+    let outbox = dir.path().join("outbox");
+    let config = dir.path().join("config.json");
+    let settings = serde_json::json!({
+        "server_url": format!("http://127.0.0.1:{port}"), "collection_interval": 1, "machine_id": "storm",
+        "api_key_file": key, "outbox_dir": outbox, "ebpf": "on",
+        "exporters": {"ipmi": false, "apt": false, "nvme": false, "nvsmi": false},
+    });
+    std::fs::write(&config, settings.to_string()).expect("config");
+    let stderr_path = dir.path().join("agent.stderr");
+    let mut agent = Command::new(env!("CARGO_BIN_EXE_dcmon-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("run")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).expect("stderr file"))
+        .spawn()
+        .expect("start the agent");
+    let log = || std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    // Signals before the handlers are installed would kill it: wait for "started".
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !log().contains(" started ") {
+        if let Some(status) = agent.try_wait().expect("wait") {
+            assert!(!required(), "DCMON_REQUIRE_EBPF=1 but the agent exited ({status}):\n{}", log());
+            return eprintln!("SKIP: the agent cannot run in eBPF mode here:\n{}", log());
+        }
+        assert!(std::time::Instant::now() < deadline, "not started in 30 s:\n{}", log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = agent.id();
+    let programs = bpf_prog_ids(pid);
+    assert_eq!(programs.len(), PROGRAMS.len(), "the agent's BPF programs: {programs:?}");
+    for _ in 0..50 {
+        // SAFETY: kill with a valid signal number; the child is ours and still running.
+        assert_eq!(unsafe { libc::kill(libc::pid_t::try_from(pid).expect("pid"), libc::SIGHUP) }, 0);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Past the last reload, a few rounds on.
+    std::thread::sleep(Duration::from_secs(3));
+    let after = bpf_prog_ids(pid);
+    assert!(agent.try_wait().expect("wait").is_none(), "the agent died in the storm:\n{}", log());
+    // SAFETY: as above.
+    unsafe { libc::kill(libc::pid_t::try_from(pid).expect("pid"), libc::SIGTERM) };
+    let stopped = (0..100).find_map(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        agent.try_wait().expect("wait")
+    });
+    let log = log();
+    if stopped.is_none() {
+        let _ = agent.kill();
+        let _ = agent.wait();
+    }
+    assert!(stopped.is_some_and(|s| s.success()), "no clean exit within 10 s of SIGTERM:\n{log}");
+    assert!(log.contains("config reloaded"), "no reload happened:\n{log}");
+    assert!(!log.contains("eBPF unavailable") && !log.contains("reload rejected"), "{log}");
+    assert_eq!(after, programs, "the reloads replaced the BPF programs:\n{log}");
+    let batches = outbox_batches(&outbox);
+    let last = batches.last().unwrap_or_else(|| panic!("no batch in the outbox:\n{log}"));
+    let value = |name: &str, collector: Option<&str>| {
+        last["metrics"]
+            .as_array()
+            .expect("metrics")
+            .iter()
+            .find(|m| m["name"] == name && collector.is_none_or(|c| m["labels"]["collector"] == c))
+            .map(|m| m["value"].clone())
+    };
+    assert_eq!(value("dcmon_ebpf_active", None).and_then(|v| v.as_f64()), Some(1.0), "{last}");
+    for collector in ["ebpf", "disk", "net"] {
+        assert_eq!(
+            value("dcmon_collector_success", Some(collector)),
+            Some(serde_json::json!(1)),
+            "{collector}: {last}"
+        );
+    }
+}

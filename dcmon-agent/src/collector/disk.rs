@@ -15,7 +15,7 @@ use procfs_core::DiskStat;
 use super::{CollectError, Collector};
 use crate::batch::Sample;
 use crate::config::DeviceFilter;
-use crate::host::{Host, OpenFile, ReadError};
+use crate::host::{Host, OpenFile, ReadError, served_from_kernel_memory};
 
 /// How often /sys/block is listed again to find disks that appeared. A disk that goes away is
 /// noticed at once: reading its stat file fails.
@@ -177,12 +177,16 @@ pub struct DiskCollector {
     /// Device names of the last /proc/diskstats read, in order, when the source is
     /// diskstats: a change (a disk came or went) lists /sys/block again at once.
     names: Vec<String>,
+    /// Whether /proc/diskstats and /sys/block are on procfs and sysfs (see
+    /// [`served_from_kernel_memory`]).
+    inline: bool,
 }
 
 impl DiskCollector {
     /// A collector reading `host`'s disk counters, reporting disks `filter` allows.
     pub fn new(host: Host, filter: DeviceFilter) -> Self {
         let diskstats = OpenFile::new(&host, "/proc/diskstats");
+        let inline = served_from_kernel_memory(collector_names::DISK, [diskstats.path(), &host.path("/sys/block")]);
         Self {
             host,
             filter,
@@ -193,6 +197,7 @@ impl DiskCollector {
             wanted: None,
             source: Source::DiskstatsByName,
             names: Vec::new(),
+            inline,
         }
     }
 
@@ -316,9 +321,9 @@ impl Collector for DiskCollector {
         collector_names::DISK
     }
 
-    /// procfs and sysfs are served from kernel memory: nothing here waits on a device.
+    /// Not when its files are on procfs and sysfs: the kernel serves them from memory.
     fn may_block(&self) -> bool {
-        false
+        !self.inline
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {

@@ -50,9 +50,11 @@ pub trait Collector: Send + 'static {
     fn name(&self) -> &'static str;
     /// Collect one round of samples into `out` (see the module docs for the error contract).
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError>;
-    /// Whether `collect` can block (device I/O, a tool, a driver call). Collectors that can
-    /// run on their own thread under the collector timeout; those that cannot (procfs and
-    /// sysfs reads only) run inline on the scheduler's thread, with no timeout to enforce.
+    /// Whether `collect` can block (device I/O, a tool, a driver call, a file that is not on
+    /// procfs or sysfs). Collectors that can run on their own thread under the collector
+    /// timeout; those that cannot (reads of files found on procfs and sysfs when the collector
+    /// was built, [`crate::host::served_from_kernel_memory`]) run inline on the scheduler's
+    /// thread, with no timeout to enforce. Called every round: answer from a stored flag.
     fn may_block(&self) -> bool {
         true
     }
@@ -63,11 +65,40 @@ pub trait Collector: Send + 'static {
     fn wait_for_first_result(&mut self) -> Option<std::time::Duration> {
         None
     }
+    /// Whether this collector holds loaded BPF programs: a reload that keeps the eBPF
+    /// settings ([`EbpfSettings`]) keeps such collectors, state and all, instead of loading
+    /// the programs again.
+    fn uses_bpf_programs(&self) -> bool {
+        false
+    }
+}
+
+/// What the eBPF collectors are built from. A reload that leaves these alone keeps the
+/// loaded programs and the collectors' baselines ([`rebuild`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EbpfSettings {
+    mode: crate::ebpf::EbpfMode,
+    host_root: std::path::PathBuf,
+    disks: crate::config::DeviceFilter,
+    interfaces: crate::config::DeviceFilter,
+}
+
+impl EbpfSettings {
+    /// The eBPF settings of `config`.
+    pub fn of(config: &Config) -> Self {
+        Self {
+            mode: config.ebpf,
+            host_root: config.host_root.clone(),
+            disks: config.disks.clone(),
+            interfaces: config.interfaces.clone(),
+        }
+    }
 }
 
 /// The collectors this config enables, with the eBPF mode decided: `"auto"` tries the BPF
-/// programs and falls back to procfs with one log line saying why, `"on"` returns an error
-/// when they cannot be used, `"off"` never loads them.
+/// programs and falls back to procfs with one log line saying why (the eBPF status collector
+/// then reports `dcmon_ebpf_active` 0), `"on"` returns an error when they cannot be used,
+/// `"off"` never loads them and has no eBPF collector at all.
 pub fn build(config: &Config) -> anyhow::Result<Vec<Box<dyn Collector>>> {
     use crate::ebpf::{EbpfMode, Probes, collect};
     use std::sync::Arc;
@@ -94,16 +125,28 @@ pub fn build(config: &Config) -> anyhow::Result<Vec<Box<dyn Collector>>> {
             }
         },
     };
+    Ok(match probes {
+        Some((p, disk, net)) => rebuild(
+            config,
+            vec![Box::new(disk), Box::new(net), Box::new(collect::EbpfStatusCollector::new(host, Some(p)))],
+        ),
+        None if config.ebpf == EbpfMode::Off => from_config(config),
+        None => {
+            let mut collectors = from_config(config);
+            collectors.push(Box::new(collect::EbpfStatusCollector::new(host, None)));
+            collectors
+        }
+    })
+}
+
+/// The collectors `config` enables, with `ebpf` (collectors that hold loaded BPF programs,
+/// kept from before a reload, see [`EbpfSettings`]) in place of the procfs collectors of the
+/// same names.
+pub fn rebuild(config: &Config, ebpf: Vec<Box<dyn Collector>>) -> Vec<Box<dyn Collector>> {
     let mut collectors = from_config(config);
-    if let Some((p, disk, net)) = probes {
-        collectors.retain(|c| c.name() != disk.name() && c.name() != net.name());
-        collectors.push(Box::new(disk));
-        collectors.push(Box::new(net));
-        collectors.push(Box::new(collect::EbpfStatusCollector::new(host, Some(p))));
-    } else {
-        collectors.push(Box::new(collect::EbpfStatusCollector::new(host, None)));
-    }
-    Ok(collectors)
+    collectors.retain(|c| !ebpf.iter().any(|e| e.name() == c.name()));
+    collectors.extend(ebpf);
+    collectors
 }
 
 /// The procfs collectors this config enables, in reporting order.

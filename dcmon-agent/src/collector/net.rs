@@ -6,7 +6,7 @@ use dcmon_common::collector_names;
 use super::{CollectError, Collector};
 use crate::batch::Sample;
 use crate::config::DeviceFilter;
-use crate::host::{Host, OpenFile};
+use crate::host::{Host, OpenFile, served_from_kernel_memory};
 
 /// Counters of one interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -75,12 +75,16 @@ pub struct NetCollector {
     net_dev: OpenFile,
     filter: DeviceFilter,
     buf: String,
+    /// Whether /proc/net/dev is on procfs (see [`served_from_kernel_memory`]).
+    inline: bool,
 }
 
 impl NetCollector {
     /// A collector reading `host`'s /proc/net/dev, reporting interfaces `filter` allows.
     pub fn new(host: Host, filter: DeviceFilter) -> Self {
-        Self { net_dev: OpenFile::new(&host, "/proc/net/dev"), filter, buf: String::new() }
+        let net_dev = OpenFile::new(&host, "/proc/net/dev");
+        let inline = served_from_kernel_memory(collector_names::NET, [net_dev.path()]);
+        Self { net_dev, filter, buf: String::new(), inline }
     }
 }
 
@@ -89,9 +93,9 @@ impl Collector for NetCollector {
         collector_names::NET
     }
 
-    /// procfs and sysfs are served from kernel memory: nothing here waits on a device.
+    /// Not when /proc/net/dev is on procfs: the kernel serves it from memory.
     fn may_block(&self) -> bool {
-        false
+        !self.inline
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {

@@ -5,7 +5,7 @@ use dcmon_common::collector_names;
 
 use super::{CollectError, Collector};
 use crate::batch::Sample;
-use crate::host::{Host, OpenFile};
+use crate::host::{Host, OpenFile, served_from_kernel_memory};
 
 /// CPU time counters from the `cpu ` line of /proc/stat, in clock ticks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -158,6 +158,8 @@ pub struct OsCollector {
     meminfo: OpenFile,
     buf: String,
     prev_cpu: Option<CpuTicks>,
+    /// Whether the files are all on procfs (see [`served_from_kernel_memory`]).
+    inline: bool,
 }
 
 impl OsCollector {
@@ -170,7 +172,9 @@ impl OsCollector {
             meminfo: OpenFile::new(&host, "/proc/meminfo"),
             buf: String::new(),
             prev_cpu: None,
+            inline: false,
         };
+        c.inline = served_from_kernel_memory(collector_names::OS, [c.stat.path(), c.loadavg.path(), c.meminfo.path()]);
         c.prev_cpu = c.read_cpu().ok();
         c
     }
@@ -209,9 +213,9 @@ impl Collector for OsCollector {
         collector_names::OS
     }
 
-    /// procfs and sysfs are served from kernel memory: nothing here waits on a device.
+    /// Not when its files are on procfs: the kernel serves them from memory.
     fn may_block(&self) -> bool {
-        false
+        !self.inline
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
@@ -294,6 +298,19 @@ mod tests {
         assert_eq!(e.to_string(), "no Buffers line");
     }
 
+    /// Real /proc is read inline; a fixture tree (ext4 or tmpfs, like a FUSE mount: not kernel
+    /// memory) is read on a thread under the collector timeout.
+    #[test]
+    fn reads_inline_only_from_procfs() {
+        assert!(!OsCollector::new(Host::default()).may_block(), "/proc is procfs");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("proc")).expect("mkdir");
+        for (name, text) in [("stat", "cpu  1 2 3 4\n"), ("loadavg", "0.1 0.2 0.3 1/2 3\n"), ("meminfo", "")] {
+            std::fs::write(dir.path().join("proc").join(name), text).expect("write");
+        }
+        assert!(OsCollector::new(Host::new(dir.path())).may_block(), "a fixture tree is not procfs");
+    }
+
     #[test]
     fn meminfo_matches_procfs_core_on_this_host() {
         use procfs_core::FromRead as _;
@@ -343,6 +360,7 @@ mod tests {
         std::fs::create_dir(root.path().join("proc/loadavg")).expect("a directory where the file was");
         let err = OsCollector::new(Host::new(root.path())).collect(&mut Vec::new()).expect_err("a directory");
         let msg = format!("{err:#}");
-        assert_eq!(msg.matches("os error 21").count(), 1, "{msg}");
+        assert_eq!(msg.matches("directory").count(), 1, "{msg}");
+        assert!(msg.contains("proc/loadavg"), "{msg}");
     }
 }

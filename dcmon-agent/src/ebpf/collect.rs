@@ -25,7 +25,7 @@ use crate::collector::net::{InterfaceCounters, parse_net_dev};
 use crate::collector::{CollectError, Collector};
 use crate::config::DeviceFilter;
 use crate::filter::PatternList;
-use crate::host::{Host, OpenFile};
+use crate::host::{Host, OpenFile, served_from_kernel_memory};
 
 /// `ARPHRD_ETHER` (/sys/class/net/X/type).
 const ARPHRD_ETHER: u32 = 1;
@@ -79,12 +79,15 @@ pub struct EbpfDiskCollector {
     /// when a disk's file has vanished.
     listed_at: Option<Instant>,
     relist_every: Duration,
+    /// Whether /sys/block is on sysfs (see [`served_from_kernel_memory`]).
+    inline: bool,
 }
 
 impl EbpfDiskCollector {
     /// Takes the baseline now; call right after the programs are attached.
     pub fn new(host: Host, filter: DeviceFilter, probes: Arc<Probes>) -> anyhow::Result<Self> {
         let start = probes.disk_totals()?.into_iter().collect();
+        let inline = served_from_kernel_memory(collector_names::DISK, [host.path("/sys/block").as_path()]);
         let path = host.path("/proc/diskstats");
         let text = host.read_to_string("/proc/diskstats")?;
         let mut baseline = HashMap::new();
@@ -115,6 +118,7 @@ impl EbpfDiskCollector {
             buf: String::new(),
             listed_at: None,
             relist_every: RELIST_EVERY,
+            inline,
         })
     }
 
@@ -256,9 +260,13 @@ impl Collector for EbpfDiskCollector {
         collector_names::DISK
     }
 
-    /// Map lookups and procfs/sysfs reads: nothing here waits on a device.
+    /// Not when its files are on procfs and sysfs: map lookups and reads of kernel memory.
     fn may_block(&self) -> bool {
-        false
+        !self.inline
+    }
+
+    fn uses_bpf_programs(&self) -> bool {
+        true
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
@@ -304,6 +312,8 @@ pub struct EbpfNetCollector {
     link_events: Option<LinkEvents>,
     /// `known` may be out of date: the last re-list failed after the change was taken.
     stale: bool,
+    /// Whether /sys/class/net is on sysfs (see [`served_from_kernel_memory`]).
+    inline: bool,
 }
 
 /// Inode number of the network namespace that `/proc/self/ns/net` under `host` names.
@@ -337,7 +347,9 @@ impl EbpfNetCollector {
             known: HashMap::new(),
             link_events,
             stale: false,
+            inline: false,
         };
+        c.inline = served_from_kernel_memory(collector_names::NET, [c.host.path("/sys/class/net").as_path()]);
         let text = c.host.read_to_string("/proc/net/dev")?;
         let match_all = DeviceFilter { include: PatternList::match_all(), exclude: PatternList::default() };
         let all = parse_net_dev(&text, &match_all)
@@ -416,9 +428,13 @@ impl Collector for EbpfNetCollector {
         collector_names::NET
     }
 
-    /// Map lookups and procfs/sysfs reads: nothing here waits on a device.
+    /// Not when its files are on procfs and sysfs: map lookups and reads of kernel memory.
     fn may_block(&self) -> bool {
-        false
+        !self.inline
+    }
+
+    fn uses_bpf_programs(&self) -> bool {
+        true
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
@@ -435,12 +451,17 @@ pub struct EbpfStatusCollector {
     /// `kernel.bpf_stats_enabled`, kept open: it is read every round.
     stats_enabled: OpenFile,
     buf: String,
+    /// Whether `stats_enabled` is on procfs (see [`served_from_kernel_memory`]).
+    inline: bool,
 }
 
 impl EbpfStatusCollector {
     /// Reports eBPF as active when `probes` is some.
     pub fn new(host: Host, probes: Option<Arc<Probes>>) -> Self {
-        Self { probes, stats_enabled: OpenFile::new(&host, "/proc/sys/kernel/bpf_stats_enabled"), buf: String::new() }
+        let stats_enabled = OpenFile::new(&host, "/proc/sys/kernel/bpf_stats_enabled");
+        // Without the programs it reads nothing.
+        let inline = probes.is_none() || served_from_kernel_memory(collector_names::EBPF, [stats_enabled.path()]);
+        Self { probes, stats_enabled, buf: String::new(), inline }
     }
 }
 
@@ -449,9 +470,13 @@ impl Collector for EbpfStatusCollector {
         collector_names::EBPF
     }
 
-    /// Map lookups and procfs/sysfs reads: nothing here waits on a device.
+    /// Not when its files are on procfs and sysfs: map lookups and reads of kernel memory.
     fn may_block(&self) -> bool {
-        false
+        !self.inline
+    }
+
+    fn uses_bpf_programs(&self) -> bool {
+        self.probes.is_some()
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {

@@ -31,6 +31,9 @@ pub enum Reason {
     MissingTracepoint,
     /// The kernel's structs lack a field the programs read.
     KernelLayout,
+    /// EAGAIN, EINTR or EBUSY: the kernel refused for the moment (the verifier gives up with
+    /// EAGAIN when a signal arrives, such as a SIGHUP during a reload); worth trying again.
+    Transient,
     /// Anything else (verifier rejection, resource limits...).
     Other,
 }
@@ -43,6 +46,7 @@ impl Reason {
             Self::NoBtf => "this kernel has no BTF (CONFIG_DEBUG_INFO_BTF)",
             Self::MissingTracepoint => "a tracepoint the programs need is missing in this kernel",
             Self::KernelLayout => "this kernel's structs lack a field the programs read",
+            Self::Transient => "the kernel kept refusing the BPF programs for the moment (EAGAIN, EINTR or EBUSY)",
             Self::Other => "loading the BPF programs failed",
         }
     }
@@ -101,6 +105,7 @@ fn classify(step: &str, e: &(dyn StdError + 'static), attaching: bool) -> LoadEr
     let reason = match errno_of(e) {
         Some(libc::EPERM | libc::EACCES) => Reason::NoPrivilege,
         Some(libc::ENOSYS) => Reason::NoBpf,
+        Some(libc::EAGAIN | libc::EINTR | libc::EBUSY) => Reason::Transient,
         Some(libc::ENOENT | libc::ESRCH) if attaching => Reason::MissingTracepoint,
         _ if unknown_btf_type(e) => Reason::MissingTracepoint,
         _ => Reason::Other,
@@ -180,9 +185,41 @@ pub fn load_object(object: &[u8], netns: Option<u32>) -> Result<(Ebpf, aya::Btf)
     Ok((ebpf, kernel_btf))
 }
 
-/// Loads `object` and attaches every program in [`PROGRAMS`]. Dropping the returned `Ebpf`
-/// detaches them.
+/// How many times a load that failed with a [`Reason::Transient`] error is tried in all, and
+/// the wait before the first retry (doubled before each next one).
+pub const LOAD_ATTEMPTS: u32 = 4;
+const FIRST_RETRY_WAIT: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// `attempt()` until it succeeds, fails for good, or has failed with a transient error
+/// [`LOAD_ATTEMPTS`] times (each retry logged at debug level).
+pub fn retry_transient<T>(mut attempt: impl FnMut() -> Result<T, LoadError>) -> Result<T, LoadError> {
+    let mut wait = FIRST_RETRY_WAIT;
+    let mut tries = 1;
+    loop {
+        match attempt() {
+            Err(e) if e.reason == Reason::Transient && tries < LOAD_ATTEMPTS => {
+                tracing::debug!("BPF load refused for the moment, trying again in {wait:?}: {e}");
+                std::thread::sleep(wait);
+                wait *= 2;
+                tries += 1;
+            }
+            Err(mut e) if e.reason == Reason::Transient => {
+                e.detail.push_str(&format!(" (tried {tries} times)"));
+                return Err(e);
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Loads `object` and attaches every program in [`PROGRAMS`], trying again on a transient
+/// error ([`retry_transient`]). Dropping the returned `Ebpf` detaches them.
 pub fn load_and_attach(object: &[u8], netns: Option<u32>) -> Result<Ebpf, LoadError> {
+    // A failed attempt's `Ebpf` is dropped, detaching whatever it had attached.
+    retry_transient(|| load_and_attach_once(object, netns))
+}
+
+fn load_and_attach_once(object: &[u8], netns: Option<u32>) -> Result<Ebpf, LoadError> {
     let (mut ebpf, btf) = load_object(object, netns)?;
     for (name, tracepoint) in PROGRAMS {
         let step = format!("program {name} (tp_btf/{tracepoint})");
@@ -217,12 +254,41 @@ mod tests {
         assert_eq!(reason(libc::ENOENT, true), Reason::MissingTracepoint);
         assert_eq!(reason(libc::ENOENT, false), Reason::Other);
         assert_eq!(reason(libc::EINVAL, false), Reason::Other);
+        assert_eq!(reason(libc::EAGAIN, false), Reason::Transient);
+        assert_eq!(reason(libc::EINTR, true), Reason::Transient);
+        assert_eq!(reason(libc::EBUSY, true), Reason::Transient);
         let missing = aya::programs::ProgramError::Btf(aya::BtfError::UnknownBtfTypeName {
             type_name: "btf_trace_block_rq_complete".into(),
         });
         let e = classify("program block_rq_complete", &missing, false);
         assert_eq!(e.reason, Reason::MissingTracepoint);
         assert!(e.to_string().contains("btf_trace_block_rq_complete"), "{e}");
+    }
+
+    #[test]
+    fn transient_errors_are_retried_and_others_are_not() {
+        let error = |reason| LoadError { reason, detail: "s".into() };
+        let mut calls = 0;
+        let r = retry_transient(|| {
+            calls += 1;
+            if calls < 3 { Err(error(Reason::Transient)) } else { Ok(calls) }
+        });
+        assert_eq!(r.expect("third try succeeds"), 3);
+        let mut calls = 0;
+        let e = retry_transient(|| -> Result<(), _> {
+            calls += 1;
+            Err(error(Reason::Transient))
+        })
+        .expect_err("always refused");
+        assert_eq!(calls, LOAD_ATTEMPTS);
+        assert!(e.to_string().contains(&format!("tried {LOAD_ATTEMPTS} times")), "{e}");
+        let mut calls = 0;
+        let e = retry_transient(|| -> Result<(), _> {
+            calls += 1;
+            Err(error(Reason::NoPrivilege))
+        })
+        .expect_err("no privilege");
+        assert_eq!((calls, e.reason), (1, Reason::NoPrivilege));
     }
 
     #[test]
