@@ -592,7 +592,8 @@ mod tests {
     /// Issue 14: `Retry-After: 0` made 11,431 posts in 10 s. The hint is held at the floor.
     #[tokio::test(start_paused = true)]
     async fn retry_after_zero_waits_the_backoff_floor() {
-        let script = vec![answer(429, Some("0")), answer(503, Some("0")), answer(429, Some("0")), answer(503, Some("0"))];
+        let script =
+            vec![answer(429, Some("0")), answer(503, Some("0")), answer(429, Some("0")), answer(503, Some("0"))];
         let run = start(1, script, GOOD_KEY, |_| {}, None);
         let posts = run.server.wait_for_posts(5).await;
         assert_eq!(gaps(&posts), [Duration::from_secs(1); 4]);
@@ -637,9 +638,8 @@ mod tests {
             assert!(*gap < ceiling, "retry {n}: waited {gap:?}, not a backoff under {ceiling:?}");
         }
         tokio::task::yield_now().await;
-        let o = lock(&run.outbox);
-        assert_eq!((o.stats().batches, o.stats().rejected_total), (0, 0), "delivered, none set aside");
-        drop(o);
+        let stats = lock(&run.outbox).stats();
+        assert_eq!((stats.batches, stats.rejected_total), (0, 0), "delivered, none set aside");
         let text = log.text();
         assert!(text.contains("404 Not Found (no POST /api/metrics there: is the path in server_url right"), "{text}");
         assert!(text.contains("a proxy on the way wants authentication"), "{text}");
@@ -730,7 +730,10 @@ mod tests {
             format!("seq=0 samples=7 bytes={} status=200 took=", bytes(1)),
             format!("seq=1 samples=2 bytes={} status=200 took=", bytes(2)),
         ]) {
-            assert!(line.contains("DEBUG") && line.contains(&want) && line.contains("took="), "{line:?}: want {want:?}");
+            assert!(
+                line.contains("DEBUG") && line.contains(&want) && line.contains("took="),
+                "{line:?}: want {want:?}"
+            );
         }
         run.stop().await;
     }
@@ -812,7 +815,8 @@ mod tests {
 
         // A success with no failure before says nothing; the same failure twice is said once.
         let log = CapturedLog::start(tracing::Level::INFO);
-        let run = start(3, vec![(200, Vec::new()), answer(503, Some("5")), answer(503, Some("5"))], GOOD_KEY, |_| {}, None);
+        let run =
+            start(3, vec![(200, Vec::new()), answer(503, Some("5")), answer(503, Some("5"))], GOOD_KEY, |_| {}, None);
         run.server.wait_for_posts(4).await;
         tokio::task::yield_now().await;
         assert_eq!(log.count("upload failed"), 1, "{}", log.text());

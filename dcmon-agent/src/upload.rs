@@ -298,8 +298,12 @@ fn hint(status: StatusCode) -> &'static str {
     match status.as_u16() {
         401 => " (the API key was refused: check the api_key_file)",
         403 => " (not authorised: missing key, machine id mismatch, or client disabled on the server)",
-        404 | 405 => " (no POST /api/metrics there: is the path in server_url right, and does it reach the dcmon server?)",
-        407 => " (a proxy on the way wants authentication: give it in http_proxy/https_proxy as http://user:password@proxy:port)",
+        404 | 405 => {
+            " (no POST /api/metrics there: is the path in server_url right, and does it reach the dcmon server?)"
+        }
+        407 => {
+            " (a proxy on the way wants authentication: give it in http_proxy/https_proxy as http://user:password@proxy:port)"
+        }
         422 => " (the server rejected the batch format)",
         300..=399 => " (the server redirects: point server_url at where it redirects to)",
         _ => "",

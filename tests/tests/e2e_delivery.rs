@@ -287,7 +287,8 @@ fn retry_after_zero_does_not_make_a_request_storm() {
     let first = receiver.wait_for_rejected(1, Duration::from_secs(5));
     assert!(!first.is_empty(), "{}", agent.stderr());
     std::thread::sleep(Duration::from_secs(4));
-    let posts = receiver.rejected().iter().filter(|r| r.at.duration_since(first[0].at) < Duration::from_secs(4)).count();
+    let posts =
+        receiver.rejected().iter().filter(|r| r.at.duration_since(first[0].at) < Duration::from_secs(4)).count();
     receiver.clear_script();
     // One post a second at most, plus the first.
     assert!(posts <= 6, "{posts} posts in 4 s with Retry-After: 0");
