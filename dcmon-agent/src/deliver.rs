@@ -703,8 +703,10 @@ mod tests {
         let log = CapturedLog::start(tracing::Level::INFO);
         let auth_retry = Duration::from_secs(1);
         let run = start(1, Vec::new(), BAD_KEY, |p| p.auth_retry = auth_retry, Some(fifo.clone()));
-        let posts = run.server.wait_for_posts(2).await;
+        // In real time here, so bounded in real time: a loop that never posts fails the test.
+        let posts = tokio::time::timeout(Duration::from_secs(45), run.server.wait_for_posts(2)).await;
         let _ = done.send(());
+        let posts = posts.expect("no retry within 45 s");
         assert!(!unblock.join().expect("unblocking thread"), "the key read blocked the runtime thread");
         let late = posts[1].at - posts[0].at;
         assert!(late < auth_retry + KEY_READ_TIMEOUT + Duration::from_secs(10), "retried after {late:?}");
