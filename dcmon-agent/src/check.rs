@@ -155,9 +155,11 @@ pub async fn check(
         );
         match uploader {
             Ok(mut u) => match u.send(Bytes::from(batch.to_json())).await {
-                Ok(n) => {
-                    r.line(" OK ", "key accepted", format!("the server stored a batch of {} metrics", n.unwrap_or(0)))
-                }
+                Ok(d) => r.line(
+                    " OK ",
+                    "key accepted",
+                    format!("the server stored a batch of {} metrics", d.metrics_count.unwrap_or(0)),
+                ),
                 Err(e @ UploadError::Status { .. }) => r.line("FAIL", "key accepted", e),
                 Err(e) => r.line("FAIL", "key accepted", e),
             },

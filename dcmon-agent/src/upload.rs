@@ -1,12 +1,13 @@
 //! The HTTP client that posts batches to `POST {server_url}/api/metrics`.
 //!
-//! Failures are classified ([`Verdict`]) for the delivery loop: retry later (network error,
-//! timeout, 408, 429, 5xx), not authorised (401/403: keep the batches), or rejected for good
-//! (other 4xx). Everything read from the server is untrusted:
-//! only a short, sanitized excerpt of a body ever reaches the log.
+//! Answers are classified by [`classify_answer`], a pure function of the status, headers and
+//! body, into a [`Verdict`] for the delivery loop: retry later (network error, timeout, 3xx, 5xx
+//! and every 4xx not named below, with the server's Retry-After on 429 and 503), not authorised
+//! (401/403: keep the batches), or rejected for good (only 400, 413 and 422). Everything read
+//! from the server is untrusted: only a short, sanitized excerpt of a body ever reaches the log.
 
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http_body_util::{BodyExt as _, Full};
@@ -90,24 +91,11 @@ impl std::fmt::Debug for Direct {
     }
 }
 
-/// What the server answered, whichever transport carried it.
+/// What the server answered, whichever transport carried it; [`classify_answer`] reads it.
 struct Answer {
     status: StatusCode,
-    retry_after_secs: Option<u64>,
-    location: Option<String>,
+    headers: HeaderMap,
     body: Bytes,
-}
-
-impl Answer {
-    fn new(status: StatusCode, headers: &HeaderMap, body: Bytes) -> Self {
-        let retry_after_secs = headers
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok());
-        let location =
-            headers.get(reqwest::header::LOCATION).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-        Self { status, retry_after_secs, location, body }
-    }
 }
 
 /// A plain-HTTP URL with no proxy to go through, or `None` for reqwest to handle.
@@ -208,7 +196,7 @@ impl Direct {
                         // Part of the answer is unread or it broke off: drop the connection.
                         self.sender = None;
                     }
-                    return Ok(Answer::new(parts.status, &parts.headers, body));
+                    return Ok(Answer { status: parts.status, headers: parts.headers, body });
                 }
                 Err(mut e) => {
                     self.sender = None;
@@ -260,6 +248,15 @@ struct Accepted {
     metrics_count: Option<u64>,
 }
 
+/// A batch the server accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    /// The 2xx status it answered with.
+    pub status: StatusCode,
+    /// How many metrics the server says it stored, when it says.
+    pub metrics_count: Option<u64>,
+}
+
 /// `Authorization: Bearer <key>`, marked sensitive so it is never printed.
 fn auth_header(key: &ApiKey) -> anyhow::Result<HeaderValue> {
     let mut v = HeaderValue::try_from(format!("Bearer {}", key.expose()))
@@ -286,8 +283,14 @@ pub enum UploadError {
         status: StatusCode,
         /// The start of the body, sanitized (the `detail` field when it is JSON).
         excerpt: String,
-        /// Seconds from a Retry-After header, if any.
-        retry_after_secs: Option<u64>,
+        /// How long the Retry-After header asks to wait, when there is a readable one.
+        retry_after: Option<Duration>,
+    },
+    /// A status code HTTP does not have (outside 100..=999).
+    #[error("server answered with status code {code}, which is not an HTTP status")]
+    InvalidStatus {
+        /// The code as received.
+        code: u16,
     },
 }
 
@@ -295,6 +298,12 @@ fn hint(status: StatusCode) -> &'static str {
     match status.as_u16() {
         401 => " (the API key was refused: check the api_key_file)",
         403 => " (not authorised: missing key, machine id mismatch, or client disabled on the server)",
+        404 | 405 => {
+            " (no POST /api/metrics there: is the path in server_url right, and does it reach the dcmon server?)"
+        }
+        407 => {
+            " (a proxy on the way wants authentication: give it in http_proxy/https_proxy as http://user:password@proxy:port)"
+        }
         422 => " (the server rejected the batch format)",
         300..=399 => " (the server redirects: point server_url at where it redirects to)",
         _ => "",
@@ -304,14 +313,15 @@ fn hint(status: StatusCode) -> &'static str {
 /// What to do with a batch after a failed send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// Transient (network, timeout, 408, 429, 5xx): back off and send it again.
+    /// Transient or a setting to fix (network, timeout, 3xx, 5xx, 4xx other than those below):
+    /// back off and send it again.
     RetryLater {
-        /// The server's Retry-After, honoured on 429 and 503.
+        /// The server's Retry-After on 429 and 503, unbounded: the delivery loop bounds it.
         retry_after: Option<Duration>,
     },
     /// 401/403: the key or this client is not accepted; keep everything, retry slowly.
     NotAuthorized,
-    /// 400, 413, 422 and other 4xx: this batch will never be accepted.
+    /// 400, 413, 422: this batch will never be accepted.
     Rejected,
 }
 
@@ -319,14 +329,17 @@ impl UploadError {
     /// How the delivery loop should treat this failure.
     pub fn verdict(&self) -> Verdict {
         match self {
-            UploadError::Unreachable { .. } => Verdict::RetryLater { retry_after: None },
-            UploadError::Status { status, retry_after_secs, .. } => match status.as_u16() {
+            UploadError::Unreachable { .. } | UploadError::InvalidStatus { .. } => {
+                Verdict::RetryLater { retry_after: None }
+            }
+            UploadError::Status { status, retry_after, .. } => match status.as_u16() {
                 401 | 403 => Verdict::NotAuthorized,
-                429 | 503 => Verdict::RetryLater { retry_after: retry_after_secs.map(Duration::from_secs) },
-                // A redirect is a setting to fix, not a verdict on this batch: keep it.
-                408 | 300..=399 => Verdict::RetryLater { retry_after: None },
-                s if s >= 500 => Verdict::RetryLater { retry_after: None },
-                _ => Verdict::Rejected,
+                // Only these say something about the batch itself. Any other 4xx (404 from a
+                // misrouting ingress, 407 from a proxy, 431, ...) is about the path to the
+                // server and goes away when that is fixed: deleting batches for it loses data.
+                400 | 413 | 422 => Verdict::Rejected,
+                429 | 503 => Verdict::RetryLater { retry_after: *retry_after },
+                _ => Verdict::RetryLater { retry_after: None },
             },
         }
     }
@@ -379,9 +392,9 @@ impl Uploader {
         self.metrics_url.as_str()
     }
 
-    /// Post one JSON batch. Returns the number of metrics the server says it accepted, when
-    /// it says.
-    pub async fn send(&mut self, body: Bytes) -> Result<Option<u64>, UploadError> {
+    /// Post one JSON batch. Returns the server's status and the number of metrics it says it
+    /// accepted, when it says.
+    pub async fn send(&mut self, body: Bytes) -> Result<Delivered, UploadError> {
         let answer = match &mut self.transport {
             Transport::Direct(direct) => {
                 let deadline = tokio::time::Instant::now() + self.total_timeout;
@@ -411,22 +424,57 @@ impl Uploader {
                                 break;
                             }
                         }
-                        Ok(Answer::new(status, &headers, body.into()))
+                        Ok(Answer { status, headers, body: body.into() })
                     }
                     Err(e) => Err(error_chain(&e)),
                 }
             }
         };
         let answer = answer.map_err(|reason| UploadError::Unreachable { url: self.metrics_url.to_string(), reason })?;
-        if answer.status.is_success() {
-            return Ok(serde_json::from_slice::<Accepted>(&answer.body).ok().and_then(|a| a.metrics_count));
-        }
-        let excerpt = match (answer.status.is_redirection(), answer.location) {
-            (true, Some(to)) => format!("Location: {}", excerpt(to.as_bytes())),
-            _ => excerpt(&answer.body),
-        };
-        Err(UploadError::Status { status: answer.status, excerpt, retry_after_secs: answer.retry_after_secs })
+        classify_answer(answer.status.as_u16(), &answer.headers, &answer.body, SystemTime::now())
     }
+}
+
+/// What the server's answer to a batch means, from its status code, headers and body alone:
+/// `Ok` for a 2xx (with the count the server says it stored), else the failure, whose
+/// [`UploadError::verdict`] says what to do with the batch (and how long the server asks to
+/// wait) and whose `Display` is the text for the log. `now` is the clock an HTTP-date
+/// Retry-After is measured from.
+///
+/// Pure and total: any status, any header bytes, any body give an answer, never a panic.
+pub fn classify_answer(
+    status: u16,
+    headers: &HeaderMap,
+    body: &[u8],
+    now: SystemTime,
+) -> Result<Delivered, UploadError> {
+    let Ok(status) = StatusCode::from_u16(status) else {
+        return Err(UploadError::InvalidStatus { code: status });
+    };
+    if status.is_success() {
+        let metrics_count = serde_json::from_slice::<Accepted>(body).ok().and_then(|a| a.metrics_count);
+        return Ok(Delivered { status, metrics_count });
+    }
+    let location = headers.get(reqwest::header::LOCATION).filter(|_| status.is_redirection());
+    let excerpt = match location {
+        Some(to) => format!("Location: {}", excerpt(to.as_bytes())),
+        None => excerpt(body),
+    };
+    let retry_after = headers.get(reqwest::header::RETRY_AFTER).and_then(|v| retry_after(v, now));
+    Err(UploadError::Status { status, excerpt, retry_after })
+}
+
+/// A Retry-After value (RFC 9110 10.2.3) as a wait from `now`: delay-seconds, or an HTTP-date
+/// in any of the three forms RFC 9110 says to accept (a date in the past is no wait). A
+/// number too big for a u64 is "very long" ([`Duration::MAX`]); the delivery loop bounds it.
+/// `None` when the value is neither.
+fn retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
+    let text = value.to_str().ok()?.trim();
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(text.parse::<u64>().map_or(Duration::MAX, Duration::from_secs));
+    }
+    let date = httpdate::parse_http_date(text).ok()?;
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
 }
 
 /// `e` and its sources joined with ": " (reqwest's Display alone says only "error sending
@@ -552,7 +600,7 @@ mod tests {
         let mut u = uploader(&format!("{base}/dcmon"), Duration::from_secs(5));
         for i in 0..3 {
             let sent = u.send(Bytes::from(format!("{{\"n\":{i}}}"))).await;
-            assert_eq!(sent.expect("accepted"), Some(3), "post {i}");
+            assert_eq!(sent.expect("accepted").metrics_count, Some(3), "post {i}");
         }
         let seen = server.join().expect("server");
         assert_eq!(seen.len(), 3, "{seen:?}");
@@ -582,9 +630,10 @@ mod tests {
         // where the answer should be) and must go out again on a new connection at once.
         let (base, server) = scripted_server(vec![vec![ok_answer(), CLOSE_WHEN_IDLE.to_owned()], vec![ok_answer()]]);
         let mut u = uploader(&base, Duration::from_secs(5));
-        assert_eq!(u.send(Bytes::from_static(b"{\"n\":0}")).await.expect("first post"), Some(3));
+        assert_eq!(u.send(Bytes::from_static(b"{\"n\":0}")).await.expect("first post").metrics_count, Some(3));
         std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(u.send(Bytes::from_static(b"{\"n\":1}")).await.expect("second post, sent again"), Some(3));
+        let second = u.send(Bytes::from_static(b"{\"n\":1}")).await.expect("second post, sent again");
+        assert_eq!(second.metrics_count, Some(3));
         let seen = server.join().expect("server");
         let connections: Vec<&str> = seen.iter().map(|r| &r[..1]).collect();
         assert_eq!(connections, ["0", "1"], "{seen:?}");
@@ -600,7 +649,8 @@ mod tests {
         assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
         assert!(e.to_string().contains("no answer within 300ms (upload_timeout)"), "{e}");
         assert_eq!(e.verdict(), Verdict::RetryLater { retry_after: None });
-        assert_eq!(u.send(Bytes::from_static(b"{}")).await.expect("second post"), Some(3));
+        let second = u.send(Bytes::from_static(b"{}")).await.expect("second post");
+        assert_eq!((second.status, second.metrics_count), (StatusCode::OK, Some(3)));
         assert_eq!(server.join().expect("server").len(), 2);
     }
 
@@ -638,25 +688,121 @@ mod tests {
         assert_eq!(d.target, "/api/metrics");
     }
 
+    fn answer(code: u16, headers: &[(&'static str, &str)], body: &[u8]) -> Result<Delivered, UploadError> {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            map.append(*name, HeaderValue::from_str(value).expect("header value"));
+        }
+        classify_answer(code, &map, body, SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+    }
+
+    fn verdict(code: u16, headers: &[(&'static str, &str)]) -> Verdict {
+        answer(code, headers, b"").expect_err("a failure").verdict()
+    }
+
     #[test]
     fn verdicts() {
-        let st = |code: u16, retry_after_secs| UploadError::Status {
-            status: StatusCode::from_u16(code).expect("status"),
-            excerpt: String::new(),
-            retry_after_secs,
-        };
-        assert_eq!(st(429, Some(7)).verdict(), Verdict::RetryLater { retry_after: Some(Duration::from_secs(7)) });
-        assert_eq!(
-            st(500, Some(7)).verdict(),
-            Verdict::RetryLater { retry_after: None },
-            "Retry-After only on 429/503"
-        );
-        assert_eq!(st(401, None).verdict(), Verdict::NotAuthorized);
-        assert_eq!(st(403, None).verdict(), Verdict::NotAuthorized);
-        assert_eq!(st(301, None).verdict(), Verdict::RetryLater { retry_after: None }, "redirects keep the batch");
-        assert!(st(308, None).to_string().contains("point server_url at"));
-        for code in [400, 404, 413, 422] {
-            assert_eq!(st(code, None).verdict(), Verdict::Rejected, "{code}");
+        let retry = |secs: Option<u64>| Verdict::RetryLater { retry_after: secs.map(Duration::from_secs) };
+        assert_eq!(verdict(429, &[("retry-after", "7")]), retry(Some(7)));
+        assert_eq!(verdict(503, &[("retry-after", " 7 ")]), retry(Some(7)));
+        assert_eq!(verdict(500, &[("retry-after", "7")]), retry(None), "Retry-After only on 429/503");
+        assert_eq!(verdict(401, &[]), Verdict::NotAuthorized);
+        assert_eq!(verdict(403, &[]), Verdict::NotAuthorized);
+        assert_eq!(verdict(301, &[]), retry(None), "redirects keep the batch");
+        for code in [400, 413, 422] {
+            assert_eq!(verdict(code, &[]), Verdict::Rejected, "{code}");
         }
+        for code in [100, 204, 299] {
+            assert!(answer(code, &[], b"").is_ok() == (200..300).contains(&code), "{code}");
+        }
+        let moved = answer(308, &[("location", "https://elsewhere/api/metrics")], b"").expect_err("308");
+        assert!(moved.to_string().contains("point server_url at"), "{moved}");
+        assert!(moved.to_string().contains("Location: https://elsewhere/api/metrics"), "{moved}");
+        let accepted = answer(200, &[], br#"{"status":"accepted","metrics_count":12}"#).expect("200");
+        assert_eq!(accepted, Delivered { status: StatusCode::OK, metrics_count: Some(12) });
+    }
+
+    /// Only 400, 413 and 422 say the batch itself can never be accepted; every other 4xx is
+    /// about the way to the server, and setting batches aside for it deleted data.
+    #[test]
+    fn only_400_413_and_422_reject_a_batch_for_good() {
+        for code in [402, 404, 405, 406, 407, 408, 409, 410, 411, 412, 414, 415, 418, 421, 425, 426, 428, 431, 451, 499]
+        {
+            assert_eq!(verdict(code, &[]), Verdict::RetryLater { retry_after: None }, "{code}");
+        }
+        let text = |code| answer(code, &[], br#"{"detail":"Not Found"}"#).expect_err("4xx").to_string();
+        for code in [404, 405] {
+            let t = text(code);
+            assert!(t.contains("is the path in server_url right") && t.contains("Not Found"), "{t}");
+        }
+        assert!(text(407).contains("a proxy on the way wants authentication"), "{}", text(407));
+    }
+
+    #[test]
+    fn retry_after_seconds_and_http_dates() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let wait = |value: &str| retry_after(&HeaderValue::from_str(value).expect("value"), now);
+        assert_eq!(wait("0"), Some(Duration::ZERO));
+        assert_eq!(wait("120"), Some(Duration::from_secs(120)));
+        assert_eq!(wait("18446744073709551615"), Some(Duration::from_secs(u64::MAX)));
+        assert_eq!(wait("99999999999999999999999"), Some(Duration::MAX), "too big for u64 is very long");
+        // 1_700_000_000 is Tue, 14 Nov 2023 22:13:20 GMT; each form, 100 s later.
+        for date in ["Tue, 14 Nov 2023 22:15:00 GMT", "Tuesday, 14-Nov-23 22:15:00 GMT", "Tue Nov 14 22:15:00 2023"] {
+            assert_eq!(wait(date), Some(Duration::from_secs(100)), "{date}");
+        }
+        assert_eq!(wait("Sun, 06 Nov 1994 08:49:37 GMT"), Some(Duration::ZERO), "a past date is now");
+        for garbage in ["", "-1", "1.5", "soon", "Tue, 14 Nov 2023 25:15:00 GMT", "0x10", "+5"] {
+            assert_eq!(wait(garbage), None, "{garbage:?}");
+        }
+        let not_text = HeaderValue::from_bytes(b"\xff\xfe").expect("opaque value");
+        assert_eq!(retry_after(&not_text, now), None);
+    }
+
+    /// The classification takes anything a server (or a fuzzer) can send without panicking.
+    #[test]
+    fn classify_answer_takes_any_input() {
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        for code in [0, 1, 99, 100, 199, 200, 302, 429, 503, 999, 1000, u16::MAX] {
+            for _ in 0..200 {
+                let len = usize::try_from(next() % 64).expect("small");
+                let bytes: Vec<u8> = (0..len).map(|_| (next() % 256) as u8).collect();
+                let mut headers = HeaderMap::new();
+                if let Ok(v) = HeaderValue::from_bytes(&bytes) {
+                    headers.insert(reqwest::header::RETRY_AFTER, v.clone());
+                    headers.insert(reqwest::header::LOCATION, v);
+                }
+                let outcome = classify_answer(code, &headers, &bytes, now);
+                if let Err(e) = outcome {
+                    let _ = (e.verdict(), e.to_string());
+                }
+            }
+        }
+        let e = classify_answer(1000, &HeaderMap::new(), b"", now).expect_err("no such status");
+        assert_eq!(e.verdict(), Verdict::RetryLater { retry_after: None });
+        assert!(e.to_string().contains("status code 1000"), "{e}");
+    }
+
+    /// An HTTP-date Retry-After over real HTTP: the wait is measured from now.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_http_date_retry_after_over_http() {
+        let (base, server) = scripted_server(vec![
+            vec!["HTTP/1.1 503 Service Unavailable\r\nretry-after: Fri, 01 Jan 2100 00:00:00 GMT\r\ncontent-length: 0\r\n\r\n".to_owned()],
+            vec!["HTTP/1.1 429 Too Many Requests\r\nretry-after: Sun, 06 Nov 1994 08:49:37 GMT\r\ncontent-length: 0\r\n\r\n".to_owned()],
+        ]);
+        let mut u = uploader(&base, Duration::from_secs(5));
+        let e = u.send(Bytes::from_static(b"{}")).await.expect_err("503");
+        let Verdict::RetryLater { retry_after: Some(wait) } = e.verdict() else { panic!("{e}: {:?}", e.verdict()) };
+        assert!(wait > Duration::from_secs(70 * 365 * 86400), "{wait:?}");
+        let e = u.send(Bytes::from_static(b"{}")).await.expect_err("429");
+        assert_eq!(e.verdict(), Verdict::RetryLater { retry_after: Some(Duration::ZERO) });
+        drop(u);
+        assert_eq!(server.join().expect("server").len(), 2);
     }
 }

@@ -53,8 +53,8 @@ struct Inner {
     rejected: Vec<Rejected>,
     /// When set, every /api/metrics request gets this status (outage simulation).
     forced_status: Option<u16>,
-    /// Answers for the next requests, used up one per request: (status, Retry-After seconds).
-    scripted: std::collections::VecDeque<(u16, Option<u64>)>,
+    /// Answers for the next requests, used up one per request: (status, Retry-After value).
+    scripted: std::collections::VecDeque<(u16, Option<String>)>,
 }
 
 /// A dcmon-server stand-in on 127.0.0.1, running on its own thread until dropped.
@@ -133,10 +133,25 @@ impl Receiver {
 
     /// Answer the next `n` batches with `status` (and a Retry-After header when given).
     pub fn fail_next(&self, n: usize, status: u16, retry_after_secs: Option<u64>) {
+        self.script(n, status, retry_after_secs.map(|s| s.to_string()).as_deref());
+    }
+
+    /// Answer the next `n` batches with `status` and, when given, this Retry-After value as
+    /// is (an HTTP-date, a huge number, anything a server might send).
+    pub fn fail_next_with_retry_after(&self, n: usize, status: u16, retry_after: &str) {
+        self.script(n, status, Some(retry_after));
+    }
+
+    fn script(&self, n: usize, status: u16, retry_after: Option<&str>) {
         let mut g = lock(&self.inner);
         for _ in 0..n {
-            g.scripted.push_back((status, retry_after_secs));
+            g.scripted.push_back((status, retry_after.map(str::to_owned)));
         }
+    }
+
+    /// Forget the scripted answers not used yet.
+    pub fn clear_script(&self) {
+        lock(&self.inner).scripted.clear();
     }
 
     /// The listening address.
@@ -197,7 +212,7 @@ fn error_for(
     status: StatusCode,
     detail: Value,
     batch_timestamp: Option<i64>,
-    retry_after_secs: Option<u64>,
+    retry_after: Option<String>,
 ) -> Response {
     let text = match &detail {
         Value::String(s) => s.clone(),
@@ -205,8 +220,8 @@ fn error_for(
     };
     lock(inner).rejected.push(Rejected { status: status.as_u16(), detail: text, at: Instant::now(), batch_timestamp });
     let mut resp = (status, axum::Json(json!({ "detail": detail }))).into_response();
-    if let Some(secs) = retry_after_secs {
-        resp.headers_mut().insert("retry-after", axum::http::HeaderValue::from(secs));
+    if let Some(value) = retry_after.and_then(|v| axum::http::HeaderValue::from_str(&v).ok()) {
+        resp.headers_mut().insert("retry-after", value);
     }
     resp
 }

@@ -149,6 +149,27 @@ fn wrong_key_is_logged_as_401_and_the_agent_keeps_running() {
     assert!(!log.contains(wrong), "the key leaked into the log:\n{log}");
 }
 
+/// Issue 14: README says `--log-level debug` shows every batch; no line was logged per batch.
+#[test]
+fn debug_log_shows_every_batch() {
+    let receiver = Receiver::start(&[(KEY, MACHINE)]).expect("receiver");
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_key(dir.path(), KEY).expect("key");
+    let config = write_config(dir.path(), json!({"server_url": receiver.url()}));
+    let agent = AgentProcess::start(dir.path(), &config, &["run", "--log-level", "debug"]).expect("start agent");
+    let got = receiver.wait_for_accepted(3, Duration::from_secs(15));
+    assert!(got.len() >= 3, "{}", agent.stderr());
+    let log = wait_until(Duration::from_secs(5), || {
+        Some(agent.stderr()).filter(|l| l.matches("batch posted").count() >= got.len())
+    })
+    .unwrap_or_else(|| agent.stderr());
+    for (seq, batch) in got.iter().enumerate() {
+        let samples = batch.json["metrics"].as_array().map_or(0, Vec::len);
+        let want = format!("seq={seq} samples={samples} bytes={} status=200 took=", batch.body.len());
+        assert!(log.lines().any(|l| l.contains("DEBUG") && l.contains(&want)), "no {want:?} in:\n{log}");
+    }
+}
+
 #[test]
 fn machine_id_mismatch_is_a_clear_403() {
     let receiver = Receiver::start(&[(KEY, "another-machine")]).expect("receiver");
@@ -226,5 +247,5 @@ fn a_five_megabyte_batch_is_accepted_like_the_real_server_does() {
             .expect("uploader");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let accepted = rt.block_on(uploader.send(body.into())).expect("accepted");
-    assert_eq!(accepted, Some(50_000));
+    assert_eq!(accepted.metrics_count, Some(50_000));
 }
