@@ -274,7 +274,9 @@ fn prepare(config: &Config, outbox: &Arc<Mutex<Outbox>>) -> anyhow::Result<(Sche
 async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::Result<()> {
     let limits =
         |c: &Config| OutboxLimits { max_bytes: c.outbox_max_bytes, max_age: Duration::from_secs(c.outbox_max_age) };
-    let outbox = Arc::new(Mutex::new(Outbox::open(&config.outbox_dir, limits(&config), agent::unix_now_secs())));
+    // Two agents on one outbox would send every batch twice: refuse to start instead.
+    let outbox = Outbox::open_exclusive(&config.outbox_dir, limits(&config), agent::unix_now_secs())?;
+    let outbox = Arc::new(Mutex::new(outbox));
     let (mut scheduler, mut daemon) = prepare(&config, &outbox)?;
     let notifier = Notifier::from_env();
     let mut control = control_from_signals()?;
