@@ -355,3 +355,24 @@ impl Drop for Unmount {
         let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
     }
 }
+
+#[test]
+fn a_second_agent_on_the_same_outbox_refuses_to_start_naming_the_first() {
+    let machine = machine_id();
+    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_key(dir.path(), KEY).expect("key");
+    let cfg = config(dir.path(), &receiver.url(), &machine, json!({}));
+    let first = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
+    assert!(!receiver.wait_for_accepted(1, Duration::from_secs(10)).is_empty(), "{}", first.stderr());
+    let second_dir = dir.path().join("second");
+    std::fs::create_dir(&second_dir).expect("mkdir");
+    let mut second = AgentProcess::start(&second_dir, &cfg, &["run"]).expect("second agent");
+    let status = wait_until(Duration::from_secs(10), || second.try_wait())
+        .unwrap_or_else(|| panic!("the second agent kept running:\n{}", second.stderr()));
+    assert!(!status.success(), "{status:?}");
+    let log = second.stderr();
+    let outbox = dir.path().join("outbox");
+    assert!(log.contains(&format!("another dcmon-agent (pid {})", first.pid())), "{log}");
+    assert!(log.contains(&outbox.display().to_string()), "{log}");
+}
