@@ -14,9 +14,8 @@ use std::io::{BufRead, Write as _};
 
 pub(super) const MAGIC: &[u8] = b"DCMB2 ";
 
-/// The longest body a record may declare. The server takes any size, and the largest batch
-/// seen in practice (50,000 samples) is about 5 MB; a larger length is damage, and the reader
-/// never allocates by a declared length anyway.
+/// The longest body a record may declare: far beyond any batch (the server takes any size), so
+/// a larger length is damage. The reader never allocates by a declared length anyway.
 pub const MAX_BODY_BYTES: u64 = 256 << 20;
 
 /// A header line is at most 6 + 60 + 9 bytes; a longer line is not a header.
