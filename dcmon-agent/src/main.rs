@@ -326,7 +326,9 @@ fn prepare(config: &Config, key: api_key::ApiKey, outbox: &Arc<Mutex<Outbox>>) -
 async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::Result<()> {
     let limits =
         |c: &Config| OutboxLimits { max_bytes: c.outbox_max_bytes, max_age: Duration::from_secs(c.outbox_max_age) };
-    let outbox = Arc::new(Mutex::new(Outbox::open(&config.outbox_dir, limits(&config), agent::unix_now_secs())));
+    // Two agents on one outbox would send every batch twice: refuse to start instead.
+    let outbox = Outbox::open_exclusive(&config.outbox_dir, limits(&config), agent::unix_now_secs())?;
+    let outbox = Arc::new(Mutex::new(outbox));
     // At start no signal handler is installed yet, so SIGTERM still ends a read that hangs.
     let key = load_key(&config)?;
     let (machine_id, mut daemon) = prepare(&config, key, &outbox)?;

@@ -70,6 +70,16 @@ fn outbox_timestamps(dir: &Path) -> Vec<i64> {
     dcmon_agent::outbox::inspect(dir).expect("read the outbox").iter().map(|b| b.timestamp).collect()
 }
 
+/// Wait until the outbox at `dir` holds at least `count` batches (a loaded host can take
+/// seconds to start: eBPF loading, the first tick's phase), or fail with the agent's log.
+fn wait_for_stored(dir: &Path, count: usize, agent: &AgentProcess) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while dcmon_agent::outbox::inspect(dir).map_or(0, |b| b.len()) < count {
+        assert!(std::time::Instant::now() < deadline, "fewer than {count} batches stored in 30 s:\n{}", agent.stderr());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// Timestamps of the batches set aside in `folder` (`<seq>-<timestamp>.batch`).
 fn set_aside_timestamps(folder: &Path) -> Vec<i64> {
     let mut ts: Vec<i64> = std::fs::read_dir(folder)
@@ -165,7 +175,7 @@ fn kill_9_during_an_outage_loses_nothing() {
     let cfg = config(dir.path(), &receiver.url(), &machine, json!({}));
     receiver.force_status(Some(503));
     let mut agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
-    std::thread::sleep(Duration::from_secs(6));
+    wait_for_stored(&dir.path().join("outbox"), 4, &agent);
     assert!(agent.signal_and_wait("KILL", Duration::from_secs(5)).is_some());
     let stored = outbox_timestamps(&dir.path().join("outbox"));
     assert!(stored.len() >= 4, "batches on disk at the kill: {stored:?}");
@@ -192,7 +202,7 @@ fn torn_and_corrupt_outbox_records_are_reported_and_the_rest_delivered() {
     let cfg = config(dir.path(), &receiver.url(), &machine, json!({}));
     receiver.force_status(Some(503));
     let mut agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
-    std::thread::sleep(Duration::from_secs(5));
+    wait_for_stored(&dir.path().join("outbox"), 4, &agent);
     let status = agent.signal_and_wait("TERM", Duration::from_secs(10)).expect("exit on SIGTERM");
     assert!(status.success(), "SIGTERM exit: {status:?}\n{}", agent.stderr());
     let outbox = dir.path().join("outbox");
@@ -458,4 +468,25 @@ impl Drop for Unmount {
     fn drop(&mut self) {
         let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
     }
+}
+
+#[test]
+fn a_second_agent_on_the_same_outbox_refuses_to_start_naming_the_first() {
+    let machine = machine_id();
+    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_key(dir.path(), KEY).expect("key");
+    let cfg = config(dir.path(), &receiver.url(), &machine, json!({}));
+    let first = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
+    assert!(!receiver.wait_for_accepted(1, Duration::from_secs(10)).is_empty(), "{}", first.stderr());
+    let second_dir = dir.path().join("second");
+    std::fs::create_dir(&second_dir).expect("mkdir");
+    let mut second = AgentProcess::start(&second_dir, &cfg, &["run"]).expect("second agent");
+    let status = wait_until(Duration::from_secs(10), || second.try_wait())
+        .unwrap_or_else(|| panic!("the second agent kept running:\n{}", second.stderr()));
+    assert!(!status.success(), "{status:?}");
+    let log = second.stderr();
+    let outbox = dir.path().join("outbox");
+    assert!(log.contains(&format!("another dcmon-agent (pid {})", first.pid())), "{log}");
+    assert!(log.contains(&outbox.display().to_string()), "{log}");
 }
