@@ -180,29 +180,12 @@ fn list_segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
 /// Open `path` for reading without blocking (a FIFO or a device must not hang the agent), and
 /// only if it is a regular file: anything else is an `InvalidData` error naming what it is.
 fn open_regular(path: &Path) -> std::io::Result<File> {
-    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
-    let file = File::options().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
-    let kind = file.metadata()?.file_type();
-    if kind.is_file() {
-        return Ok(file);
+    use crate::secure_file::SmallFileError;
+    match crate::secure_file::open_regular(path) {
+        Ok((file, _)) => Ok(file),
+        Err(SmallFileError::Io(e)) => Err(e),
+        Err(e) => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} {e}", path.display()))),
     }
-    let what = if kind.is_fifo() {
-        "a FIFO"
-    } else if kind.is_char_device() {
-        "a character device"
-    } else if kind.is_block_device() {
-        "a block device"
-    } else if kind.is_socket() {
-        "a socket"
-    } else if kind.is_dir() {
-        "a directory"
-    } else {
-        "not a plain file"
-    };
-    Err(std::io::Error::new(
-        std::io::ErrorKind::InvalidData,
-        format!("{} is {what}, not a regular file", path.display()),
-    ))
 }
 
 /// The device and inode of `path`, to notice it being deleted or replaced.
@@ -1637,7 +1620,7 @@ mod tests {
         std::os::unix::fs::symlink("/dev/zero", &zero).expect("symlink");
         let path = dir.path().to_owned();
         let (mut o, log) = within_20s(move || logged(|| Outbox::open(path, LIMITS, 0))).expect("open hung");
-        assert!(log.contains(&format!("{} is a FIFO, not a regular file", fifo.display())), "{log}");
+        assert!(log.contains(&format!("{} is a FIFO, expected a regular file", fifo.display())), "{log}");
         assert!(log.contains(&format!("{} is a character device", zero.display())), "{log}");
         assert_eq!(drain(&mut o), [body(1)]);
         assert_eq!(o.stats().corrupt_total, 0, "not a segment, so no batch of it is lost");
