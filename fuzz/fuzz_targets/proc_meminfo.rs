@@ -9,7 +9,7 @@ mod common;
 fuzz_target!(|data: &[u8]| {
     let Some(text) = common::text(data) else { return };
     let Ok(samples) = parse_meminfo(text) else { return };
-    let [total, available, used, percent] = samples.map(|s| s.value);
+    let [total, available, used, percent] = samples.clone().map(|s| s.value);
     let (Value::Count(total), Value::Count(available), Value::Count(used)) = (total, available, used) else {
         panic!("memory byte counts are integers: {samples:?}");
     };
