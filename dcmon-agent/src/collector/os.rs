@@ -63,7 +63,8 @@ pub fn parse_cpu_ticks(stat: &str) -> anyhow::Result<CpuTicks> {
 pub fn parse_loadavg(text: &str) -> anyhow::Result<[Sample; 3]> {
     let mut fields = text.split_whitespace().map(str::parse::<f64>);
     let mut next = || match fields.next() {
-        Some(Ok(v)) => Ok(v),
+        // f64 parsing takes "inf", "NaN" and 1e999 (infinity): none is a load average.
+        Some(Ok(v)) if v.is_finite() => Ok(v),
         _ => {
             Err(anyhow::anyhow!("expected three load averages such as \"0.52 0.58 0.59 ...\", got {:?}", excerpt(text)))
         }
@@ -381,5 +382,15 @@ mod tests {
         let (stat, meminfo) = (dir.path().join("proc/stat"), dir.path().join("proc/meminfo"));
         assert!(e.contains(&format!("parsing {}", stat.display())) && e.contains("\"intr 5 6\""), "{e}");
         assert!(e.contains(&format!("parsing {}", meminfo.display())) && e.contains("\"12 MB\""), "{e}");
+    }
+
+    /// Found by the `proc_loadavg` fuzz target: a number too large for f64 parses as infinity.
+    #[test]
+    fn loadavg_out_of_range_is_an_error_not_infinity() {
+        let e = parse_loadavg("\r\r\r1\r11010E10013010\r0413 8 8841182\n").expect_err("infinite load");
+        assert!(e.to_string().contains("expected three load averages"), "{e}");
+        for text in ["inf 0.1 0.1 1/2 3\n", "0.1 NaN 0.1 1/2 3\n", "0.1 0.1 1e999 1/2 3\n"] {
+            assert!(parse_loadavg(text).is_err(), "{text:?}");
+        }
     }
 }
