@@ -54,8 +54,15 @@ pub fn parse_cpu_ticks(stat: &str) -> anyhow::Result<CpuTicks> {
         anyhow::bail!("expected at least 4 tick counts on the \"cpu\" line, got {:?}", excerpt(line));
     }
     let [user, nice, system, idle, iowait, irq, softirq, steal] = ticks;
-    let busy = user + nice + system + irq + softirq + steal;
-    Ok(CpuTicks { busy, total: busy + idle + iowait })
+    // Real counters are far from 2^64; a sum past it is a corrupt line, not a wrap.
+    let sum = |counts: &[u64]| counts.iter().try_fold(0u64, |acc, &n| acc.checked_add(n));
+    let (Some(busy), Some(total)) = (
+        sum(&[user, nice, system, irq, softirq, steal]),
+        sum(&[user, nice, system, irq, softirq, steal, idle, iowait]),
+    ) else {
+        anyhow::bail!("tick counts on the \"cpu\" line add up past 2^64, got {:?}", excerpt(line));
+    };
+    Ok(CpuTicks { busy, total })
 }
 
 /// `0.52 0.58 0.59 1/467 12345` (/proc/loadavg) into the three load samples. (procfs-core
@@ -392,5 +399,12 @@ mod tests {
         for text in ["inf 0.1 0.1 1/2 3\n", "0.1 NaN 0.1 1/2 3\n", "0.1 0.1 1e999 1/2 3\n"] {
             assert!(parse_loadavg(text).is_err(), "{text:?}");
         }
+    }
+
+    #[test]
+    fn tick_counts_that_overflow_when_added_are_an_error() {
+        let e = parse_cpu_ticks("cpu  18446744073709551615 1 0 0\n").expect_err("busy overflows");
+        assert!(e.to_string().contains("\"cpu  18446744073709551615 1 0 0\""), "{e}");
+        assert!(parse_cpu_ticks("cpu  1 0 0 18446744073709551615\n").is_err(), "total overflows");
     }
 }
