@@ -421,4 +421,10 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn values_as_floats() {
+        assert_eq!(Value::Count(1 << 40).as_f64(), 1_099_511_627_776.0);
+        assert_eq!(Value::Gauge(-2.5).as_f64(), -2.5);
+    }
 }

@@ -38,8 +38,7 @@ fuzz_target!(|input: FuzzBatch| {
             FuzzValue::Count(v) => Value::Count(v),
             FuzzValue::Gauge(v) => Value::Gauge(v),
         };
-        let labels: Labels =
-            s.labels.into_iter().map(|(k, v)| (KEYS[usize::from(k) % KEYS.len()], v)).collect();
+        let labels: Labels = s.labels.into_iter().map(|(k, v)| (KEYS[usize::from(k) % KEYS.len()], v)).collect();
         let sample = Sample { name: NAMES[usize::from(s.name) % NAMES.len()], value, labels };
         if value.is_finite() {
             pushed.push(sample.clone());

@@ -7,6 +7,7 @@
 //! the build on this project's two-core machines several times slower.
 
 use std::collections::BTreeMap;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
@@ -86,10 +87,13 @@ fn host_files(root: &Path, rel: &str) -> Vec<PathBuf> {
     paths
 }
 
+/// Per target: (file name in the corpus, bytes).
+type Seeds = BTreeMap<&'static str, Vec<(String, Vec<u8>)>>;
+
 /// Seed inputs from the fixture trees, per target: (file name in the corpus, bytes). The
 /// committed seeds under fuzz/seeds/TARGET are passed to the fuzzer beside these.
-fn fixture_seeds(root: &Path) -> anyhow::Result<BTreeMap<&'static str, Vec<(String, Vec<u8>)>>> {
-    let mut seeds: BTreeMap<&'static str, Vec<(String, Vec<u8>)>> = BTreeMap::new();
+fn fixture_seeds(root: &Path) -> anyhow::Result<Seeds> {
+    let mut seeds = Seeds::new();
     let from_hosts = [
         ("proc_stat", "proc/stat"),
         ("proc_loadavg", "proc/loadavg"),
@@ -220,11 +224,13 @@ pub fn run(root: &Path, args: &FuzzArgs) -> anyhow::Result<()> {
         outcomes.push(outcome);
     }
 
-    println!("{:<22} {:>12}  findings", "target", "executions");
+    // The table goes to stdout (the progress above went to stderr).
+    let mut table = format!("{:<22} {:>12}  findings\n", "target", "executions");
     for o in &outcomes {
         let runs = o.executions.map_or_else(|| "?".to_owned(), |n| n.to_string());
-        println!("{:<22} {runs:>12}  {}", o.target, o.finding.as_deref().unwrap_or("none"));
+        table.push_str(&format!("{:<22} {runs:>12}  {}\n", o.target, o.finding.as_deref().unwrap_or("none")));
     }
+    let _ = std::io::stdout().lock().write_all(table.as_bytes());
     let found = outcomes.iter().filter(|o| o.finding.is_some()).count();
     if found > 0 {
         bail!(

@@ -5,7 +5,7 @@
 //! hands them to the programs as `.rodata` globals. Only the small part of the BTF format that
 //! this needs is parsed: the type section's struct/union members and the string section.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// A BTF blob that could not be used, with what was expected.
 #[derive(Debug, thiserror::Error)]
@@ -219,13 +219,18 @@ impl Btf {
     /// Finds member `name` of struct/union `id`, looking inside anonymous members (the kernel
     /// wraps many fields in unnamed unions). Returns (bit offset, member).
     fn member(&self, id: u32, name: &str) -> Option<(u32, Member)> {
-        self.member_within(id, name, NESTING_LIMIT)
+        self.member_within(id, name, NESTING_LIMIT, &mut HashSet::new())
     }
 
     /// [`Btf::member`], looking at most `depth` anonymous members deep (a malformed blob can
     /// make a struct an anonymous member of itself).
-    fn member_within(&self, id: u32, name: &str, depth: u32) -> Option<(u32, Member)> {
-        let (_, t) = self.resolve(id)?;
+    fn member_within(&self, id: u32, name: &str, depth: u32, searched: &mut HashSet<u32>) -> Option<(u32, Member)> {
+        let (resolved, t) = self.resolve(id)?;
+        // A type already searched has no such member this time either; a blob can reach one
+        // type through many anonymous members, and searching it on each path is exponential.
+        if !searched.insert(resolved) {
+            return None;
+        }
         if t.kind != KIND_STRUCT && t.kind != KIND_UNION {
             return None;
         }
@@ -236,7 +241,7 @@ impl Btf {
             }
             if mname.is_empty()
                 && depth > 0
-                && let Some((off, found)) = self.member_within(m.type_id, name, depth - 1)
+                && let Some((off, found)) = self.member_within(m.type_id, name, depth - 1, searched)
             {
                 return m.bit_offset.checked_add(off).map(|bits| (bits, found));
             }
@@ -365,5 +370,37 @@ mod tests {
         );
         let btf = Btf::parse(&far).expect("parse");
         assert!(btf.field_offset("s", "a", 4).is_err());
+    }
+
+    /// Found by the `btf` fuzz target: types reached through many anonymous members each (a
+    /// lookup searched each path again, exponential in the nesting). Fails by not finishing.
+    #[test]
+    fn types_reached_by_many_paths_are_searched_once() {
+        let hex = [
+            "9feb090018000000000000008c0000008c0000001200000001000000000000010400f8ff200000000500000000000001",
+            "080000004000000000000000010000040854555555555555050000000000000008000000020000040800000000000060",
+            "03000000000000001700000001000008000000000a000000020000041000000000f50000030000000054555555555555",
+            "0500000040000000000000000000000805ffff0f0500000000699feb01001800d2d1d1d100008c000000000000000000",
+        ]
+        .concat();
+        let blob: Vec<u8> =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex")).collect();
+        let btf = Btf::parse(&blob).expect("parse");
+        // 30 levels of `struct { struct next; struct next; }` (anonymous members): 2^30 paths to
+        // the last level, one of each type.
+        let levels: Vec<Vec<u32>> = (1..=30u32)
+            .map(|i| vec![if i == 1 { 1 } else { 0 }, KIND_STRUCT << 24 | 2, 8, 0, i + 1, 0, 0, i + 1, 0])
+            .chain(std::iter::once(vec![0, KIND_INT << 24, 4, 32]))
+            .collect();
+        let levels: Vec<&[u32]> = levels.iter().map(Vec::as_slice).collect();
+        let deep = Btf::parse(&blob_of(&levels, b"\0s\0")).expect("parse");
+        assert!(matches!(deep.field_offset("s", "absent", 4), Err(BtfError::NoField { .. })));
+        let names: Vec<&str> = blob.split(|&b| b == 0).filter_map(|s| std::str::from_utf8(s).ok()).take(8).collect();
+        for strukt in &names {
+            for field in &names {
+                // Before the fix this took minutes per lookup; now the whole loop takes milliseconds.
+                let _ = btf.field_offset(strukt, field, 4);
+            }
+        }
     }
 }
