@@ -427,4 +427,14 @@ mod tests {
         assert_eq!(Value::Count(1 << 40).as_f64(), 1_099_511_627_776.0);
         assert_eq!(Value::Gauge(-2.5).as_f64(), -2.5);
     }
+
+    #[test]
+    fn pretty_json_is_the_same_batch() {
+        let mut b = Batch::new("m1", 7);
+        b.push(Sample::gauge("cpu_load_1m", 0.5).label("device", "WDC \"Blue\""));
+        let pretty: serde_json::Value = serde_json::from_slice(&b.to_json_pretty()).expect("valid JSON");
+        let compact: serde_json::Value = serde_json::from_slice(&b.to_json()).expect("valid JSON");
+        assert_eq!(pretty, compact);
+        assert!(b.to_json_pretty().contains(&b'\n'), "indented");
+    }
 }
