@@ -335,4 +335,106 @@ mod tests {
         assert_eq!(v["machine_id"], "m\"1");
         assert_eq!(v["metrics"][0]["labels"]["device"], "a\"b\\c\n");
     }
+
+    /// Strings that the "needs escaping" check must send to serde_json. Each defeats a wrong
+    /// form of the check: two escapes cancel out under `^` (`WDC "Blue"`, `C:\a\b`); a string
+    /// of control characters only passes `> 0x20`; a lone quote or backslash passes `!=`.
+    const MUST_ESCAPE: [&str; 9] = ["WDC \"Blue\"", "C:\\a\\b", "\"", "\\", "\"\n\"", "\n", "\t\u{1f}", "\"\"", "\\\\"];
+
+    #[test]
+    fn strings_needing_escapes_are_escaped_byte_for_byte() {
+        for text in MUST_ESCAPE {
+            let mut b = Batch::new(text, 1);
+            b.push(Sample::count("disk_reads_total", 1).label("model", text));
+            let body = b.to_json();
+            let escaped = String::from_utf8(serde_json::to_vec(text).expect("serde")).expect("utf8");
+            let want = format!(
+                "{{\"machine_id\":{escaped},\"timestamp\":1,\"metrics\":[{{\"name\":\"disk_reads_total\",\
+                 \"value\":1,\"labels\":{{\"model\":{escaped}}},\"timestamp\":1}}]}}"
+            );
+            assert_eq!(String::from_utf8_lossy(&body), want, "{text:?}");
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+            assert_eq!((&v["machine_id"], &v["metrics"][0]["labels"]["model"]), (&text.into(), &text.into()));
+        }
+    }
+
+    /// Label values and metric names: any text, and text made mostly of the characters JSON
+    /// escapes (so that strings with two, three or only escapes come up often).
+    fn wire_text() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            any::<String>(),
+            proptest::collection::vec(
+                prop_oneof![
+                    Just('"'),
+                    Just('\\'),
+                    Just('\n'),
+                    Just('\u{0}'),
+                    Just('\u{1f}'),
+                    Just(' '),
+                    Just('a'),
+                    Just('é'),
+                    Just('\u{7f}'),
+                    Just('\u{2028}'),
+                ],
+                0..8
+            )
+            .prop_map(|chars| chars.into_iter().collect()),
+        ]
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn to_json_is_what_serde_json_writes_for_any_labels(
+            machine_id in wire_text(),
+            timestamp: i64,
+            samples in proptest::collection::vec(
+                (wire_text(), proptest::prelude::any::<u64>(), proptest::collection::vec((wire_text(), wire_text()), 0..4)),
+                0..4,
+            ),
+        ) {
+            let mut b = Batch::new(machine_id.as_str(), timestamp);
+            for (name, value, labels) in &samples {
+                // Names and label keys are `&'static str` (the code's constants): leaking the
+                // generated ones is a few bytes per case.
+                let mut s = Sample::count(Box::leak(name.clone().into_boxed_str()), *value);
+                for (key, label) in labels {
+                    s = s.label(Box::leak(key.clone().into_boxed_str()), label.as_str());
+                }
+                b.push(s);
+            }
+            let body = b.to_json();
+            let reference = serde_json::to_vec(&b).expect("serde");
+            proptest::prop_assert_eq!(String::from_utf8_lossy(&body), String::from_utf8_lossy(&reference));
+            let v: serde_json::Value = serde_json::from_slice(&body).expect("valid JSON");
+            proptest::prop_assert_eq!(&v["machine_id"], &serde_json::Value::from(machine_id));
+            for (i, (name, value, labels)) in samples.iter().enumerate() {
+                let m = &v["metrics"][i];
+                proptest::prop_assert_eq!(&m["name"], &serde_json::Value::from(name.as_str()));
+                proptest::prop_assert_eq!(m["value"].as_u64(), Some(*value));
+                // A repeated key: JSON readers keep the last value.
+                let mut want = serde_json::Map::new();
+                for (key, label) in labels {
+                    want.insert(key.clone(), label.as_str().into());
+                }
+                proptest::prop_assert_eq!(&m["labels"], &serde_json::Value::Object(want));
+            }
+        }
+    }
+
+    #[test]
+    fn values_as_floats() {
+        assert_eq!(Value::Count(1 << 40).as_f64(), 1_099_511_627_776.0);
+        assert_eq!(Value::Gauge(-2.5).as_f64(), -2.5);
+    }
+
+    #[test]
+    fn pretty_json_is_the_same_batch() {
+        let mut b = Batch::new("m1", 7);
+        b.push(Sample::gauge("cpu_load_1m", 0.5).label("device", "WDC \"Blue\""));
+        let pretty: serde_json::Value = serde_json::from_slice(&b.to_json_pretty()).expect("valid JSON");
+        let compact: serde_json::Value = serde_json::from_slice(&b.to_json()).expect("valid JSON");
+        assert_eq!(pretty, compact);
+        assert!(b.to_json_pretty().contains(&b'\n'), "indented");
+    }
 }

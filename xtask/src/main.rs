@@ -1,8 +1,12 @@
 //! Developer chores. `cargo xtask build-ebpf [--check]` builds the BPF object that the agent
 //! embeds; `--check` (CI) fails when the committed object differs from what the source builds.
 //! `cargo xtask bench` measures the agent's cost beside node_exporter and collectd.
+//! `cargo xtask fuzz` runs the cargo-fuzz targets of fuzz/ for a bounded time each;
+//! `cargo xtask mutants` runs cargo-mutants on the files whose unit tests must catch mutants.
 
 mod bench;
+mod fuzz;
+mod mutants;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -17,9 +21,13 @@ const OBJECT: &str = "dcmon-agent/ebpf/dcmon-ebpf.o";
 const TOOLCHAIN_NOTE: &str = "dcmon-agent/ebpf/dcmon-ebpf.built-with";
 const USAGE: &str = "usage: cargo xtask build-ebpf [--check] [--toolchain NAME]\n\
        cargo xtask bench [--seconds N] [--rounds N] [--no-scale]\n\
+       cargo xtask fuzz [--seconds N] [--target NAME]... [--seed-only]\n\
+       cargo xtask mutants [--file PATH]... [--list] [-- CARGO-MUTANTS ARGS]\n\
   build-ebpf   build dcmon-ebpf (nightly, bpfel-unknown-none, bpf-linker) into dcmon-agent/ebpf/\n\
   --check      build into target/ and fail if it differs from the committed object\n\
-  --toolchain  rustup toolchain to build with (default: nightly)";
+  --toolchain  rustup toolchain to build with (default: nightly)\n\
+  fuzz         seed fuzz/corpus from the fixtures, build every fuzz target, run each N s (default 60)\n\
+  mutants      cargo-mutants on batch.rs, os.rs, net.rs, deliver.rs, outbox.rs with the --lib tests";
 
 fn main() -> ExitCode {
     match run() {
@@ -39,6 +47,14 @@ fn run() -> anyhow::Result<()> {
     if cmd == "bench" {
         let rest: Vec<String> = args.collect();
         return bench::run(&workspace_root()?, &bench::BenchArgs::parse(&rest)?);
+    }
+    if cmd == "fuzz" {
+        let rest: Vec<String> = args.collect();
+        return fuzz::run(&workspace_root()?, &fuzz::FuzzArgs::parse(&rest)?);
+    }
+    if cmd == "mutants" {
+        let rest: Vec<String> = args.collect();
+        return mutants::run(&workspace_root()?, &rest);
     }
     if cmd != "build-ebpf" {
         bail!("unknown command `{cmd}`\n{USAGE}");
@@ -118,7 +134,7 @@ fn toolchain_rustc(toolchain: &str) -> anyhow::Result<String> {
 }
 
 /// A command without the toolchain variables the outer (stable) cargo set for xtask.
-fn clean_command(program: &str) -> Command {
+pub(crate) fn clean_command(program: &str) -> Command {
     let mut cmd = Command::new(program);
     for var in [
         "RUSTUP_TOOLCHAIN",

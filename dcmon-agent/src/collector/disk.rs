@@ -635,4 +635,33 @@ mod tests {
         c.collect(&mut out).expect("collect");
         assert_eq!(devices(&out), ["vda", "vdb"]);
     }
+
+    #[test]
+    fn errors_name_the_file_and_quote_the_field() {
+        // /proc/diskstats without /sys (by name).
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("proc")).expect("mkdir");
+        std::fs::write(dir.path().join("proc/diskstats"), format!("{VDA} 254 16 vdb 5 0 six 0 7 0 8 0 0 0 0\n"))
+            .expect("write");
+        let mut c = DiskCollector::new(Host::new(dir.path()), DeviceFilter::default_disks());
+        let e = format!("{:#}", c.collect(&mut Vec::new()).expect_err("bad diskstats line"));
+        assert!(e.starts_with(&format!("parsing {}: ", dir.path().join("proc/diskstats").display())), "{e}");
+        // A stat file: the file, the field number and what was there.
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_tree(dir.path(), &[VDA, VDB, LOOPS[0], LOOPS[1], LOOPS[2]], &["vda", "vdb", "loop0", "loop1", "loop2"]);
+        let stat = dir.path().join("sys/block/vdb/stat");
+        std::fs::write(&stat, "5 0 6 0 7 0 eight 0 0 0 0\n").expect("write");
+        let mut c = DiskCollector::new(Host::new(dir.path()), DeviceFilter::default_disks());
+        let e = format!("{:#}", c.collect(&mut Vec::new()).expect_err("bad stat file"));
+        assert_eq!(e, format!("parsing {}: field 7 is \"eight\", expected a number", stat.display()));
+        std::fs::write(&stat, "5 0 6\n").expect("write");
+        let e = format!("{:#}", c.collect(&mut Vec::new()).expect_err("short stat file"));
+        assert_eq!(
+            e,
+            format!(
+                "parsing {}: expected at least 11 numbers (11, 15 or 17 by kernel version), found 3",
+                stat.display()
+            )
+        );
+    }
 }

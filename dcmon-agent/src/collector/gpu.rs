@@ -57,7 +57,8 @@ impl GpuReading {
 }
 
 fn percent(used: f64, total: f64) -> Option<f64> {
-    (total > 0.0).then(|| used / total * 100.0)
+    // A tiny total can make the ratio infinite.
+    (total > 0.0).then(|| used / total * 100.0).filter(|p| p.is_finite())
 }
 
 /// One CSV cell as a number; `[N/A]`, `[Not Supported]` and friends are absent.
@@ -382,5 +383,12 @@ mod tests {
                 if w.contains("libnvidia-ml") && w.contains("nvidia-smi")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn memory_usage_that_overflows_is_left_out() {
+        let line = "0, GPU, 00000000:18:00.0, GPU-1, 45, 1, 2, 3, 4, 5, 6, 7, 1e308, 1e-300, 0, 0, 5, 16, P0\n";
+        let gpus = parse_query_gpu(line).expect("parse");
+        assert!(gpus[0].values.iter().all(|(name, v)| v.is_finite() && *name != "gpu_memory_usage"), "{gpus:?}");
     }
 }

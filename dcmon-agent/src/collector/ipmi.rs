@@ -151,7 +151,8 @@ fn parse_value(value: &str) -> Option<(Kind, f64)> {
         "Amps" => (Kind::Amps, v),
         _ => return None,
     };
-    Some(kind_value)
+    // A huge Fahrenheit value converts to infinity.
+    Some(kind_value).filter(|(_, v)| v.is_finite())
 }
 
 /// Why a read produced nothing (cloneable: cached and reported every round).
@@ -552,5 +553,11 @@ garbage line without fields
         let mut c = IpmiCollector::new(Host::new(dir.path()), &config);
         let err = c.collect(&mut Vec::new()).expect_err("absent");
         assert!(matches!(&err, CollectError::NotPresent(w) if w.contains("/nonexistent/ipmitool")), "{err}");
+    }
+
+    #[test]
+    fn a_fahrenheit_reading_too_large_to_convert_is_no_reading() {
+        let list = parse_sdr_list("Inlet | -1.7e308 degrees F | ok\nOutlet | 1e308 degrees F | ok\n");
+        assert_eq!((list.rows, list.readings), (2, vec![]));
     }
 }

@@ -159,4 +159,28 @@ vethab12: 100 1 0 0 0 0 0 0 200 2 0 0 0 0 0 0
             assert_eq!((i.receive_bytes, i.transmit_bytes), (r.recv_bytes, r.sent_bytes), "{}", i.interface);
         }
     }
+
+    #[test]
+    fn errors_name_the_file_line_and_quote_it() {
+        let e = parse_net_dev("h1\nh2\nno colon here\n", &DeviceFilter::default_interfaces()).expect_err("no colon");
+        assert_eq!(e.to_string(), "line 3: expected `<interface>: <counters>`, got \"no colon here\"");
+        // A long line is cut to its first 60 characters.
+        let long = "x".repeat(100);
+        let e = parse_net_dev(&format!("h1\nh2\n{long}\n"), &DeviceFilter::default_interfaces()).expect_err("long");
+        assert_eq!(e.to_string(), format!("line 3: expected `<interface>: <counters>`, got \"{}\"", &long[..60]));
+        // Through the collector, the file is named.
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("proc/net")).expect("mkdir");
+        std::fs::write(dir.path().join("proc/net/dev"), "h1\nh2\n  eth0: 1 2 3 4 5 6 7 8 lots 10\n").expect("write");
+        let mut c = NetCollector::new(Host::new(dir.path()), DeviceFilter::default_interfaces());
+        let e = format!("{:#}", c.collect(&mut Vec::new()).expect_err("bad counter"));
+        let path = dir.path().join("proc/net/dev");
+        assert_eq!(
+            e,
+            format!(
+                "parsing {}: line 3: eth0: expected a counter, got \"lots\": invalid digit found in string",
+                path.display()
+            )
+        );
+    }
 }

@@ -54,8 +54,15 @@ pub fn parse_cpu_ticks(stat: &str) -> anyhow::Result<CpuTicks> {
         anyhow::bail!("expected at least 4 tick counts on the \"cpu\" line, got {:?}", excerpt(line));
     }
     let [user, nice, system, idle, iowait, irq, softirq, steal] = ticks;
-    let busy = user + nice + system + irq + softirq + steal;
-    Ok(CpuTicks { busy, total: busy + idle + iowait })
+    // Real counters are far from 2^64; a sum past it is a corrupt line, not a wrap.
+    let sum = |counts: &[u64]| counts.iter().try_fold(0u64, |acc, &n| acc.checked_add(n));
+    let (Some(busy), Some(total)) = (
+        sum(&[user, nice, system, irq, softirq, steal]),
+        sum(&[user, nice, system, irq, softirq, steal, idle, iowait]),
+    ) else {
+        anyhow::bail!("tick counts on the \"cpu\" line add up past 2^64, got {:?}", excerpt(line));
+    };
+    Ok(CpuTicks { busy, total })
 }
 
 /// `0.52 0.58 0.59 1/467 12345` (/proc/loadavg) into the three load samples. (procfs-core
@@ -362,5 +369,103 @@ mod tests {
         let msg = format!("{err:#}");
         assert_eq!(msg.matches("directory").count(), 1, "{msg}");
         assert!(msg.contains("proc/loadavg"), "{msg}");
+    }
+
+    #[test]
+    fn a_fully_busy_interval_is_100_percent() {
+        let a = CpuTicks { busy: 100, total: 1000 };
+        let b = CpuTicks { busy: 300, total: 1200 };
+        assert_eq!(b.usage_percent_since(a), Some(100.0));
+        let half = CpuTicks { busy: 400, total: 1400 };
+        assert_eq!(half.usage_percent_since(b), Some(50.0));
+    }
+
+    #[test]
+    fn idle_going_backwards_never_gives_more_than_100_percent() {
+        // busy +100 but idle -60 (an iowait counter that stepped back): total grew by 40 only.
+        let a = CpuTicks { busy: 100, total: 1000 };
+        let b = CpuTicks { busy: 200, total: 1040 };
+        assert_eq!(b.usage_percent_since(a), None);
+        // Busy going backwards with total growing is no value either.
+        assert_eq!(CpuTicks { busy: 50, total: 1100 }.usage_percent_since(a), None);
+    }
+
+    #[test]
+    fn meminfo_values_without_a_unit_are_bytes() {
+        let s = parse_meminfo("MemTotal: 1000\nMemFree: 10\nMemAvailable: 400\nBuffers: 0\nCached: 0\n")
+            .expect("unitless values");
+        let values: Vec<_> = s.iter().map(|s| s.value).collect();
+        use crate::batch::Value::{Count, Gauge};
+        assert_eq!(values, [Count(1000), Count(400), Count(600), Gauge(60.0)]);
+        // Mixed with kB lines, each line is read in its own unit.
+        let s = parse_meminfo("MemTotal: 2 kB\nMemAvailable: 1024\n").expect("mixed");
+        assert_eq!((s[0].value, s[1].value), (Count(2048), Count(1024)));
+    }
+
+    #[test]
+    fn cpu_line_errors_quote_the_line() {
+        let e = parse_cpu_ticks("cpu  x y z 1\n").expect_err("not numbers");
+        assert_eq!(e.to_string(), "expected tick counts on the \"cpu\" line, got \"cpu  x y z 1\"");
+        let e = parse_cpu_ticks("cpu  1 2 3\ncpu0 1 2 3 4\n").expect_err("too few");
+        assert_eq!(e.to_string(), "expected at least 4 tick counts on the \"cpu\" line, got \"cpu  1 2 3\"");
+        let e = parse_cpu_ticks("intr 1 2 3 4\n").expect_err("not the cpu line");
+        assert_eq!(e.to_string(), "expected the first line to start with \"cpu \", got \"intr 1 2 3 4\"");
+        // A long line is cut to its first 120 characters.
+        let long = format!("cpu  {}", "9".repeat(200) + "x");
+        let e = parse_cpu_ticks(&long).expect_err("not a number").to_string();
+        assert!(e.contains(&format!("\"{}\"", &long[..120])), "{e}");
+        assert!(!e.contains(&long[..121]), "{e}");
+    }
+
+    /// A host tree with the three files this collector reads.
+    fn os_host(stat: &str, loadavg: &str, meminfo: &str) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("proc")).expect("mkdir");
+        for (name, text) in [("stat", stat), ("loadavg", loadavg), ("meminfo", meminfo)] {
+            std::fs::write(dir.path().join("proc").join(name), text).expect("write");
+        }
+        dir
+    }
+
+    #[test]
+    fn collect_errors_name_each_file_and_quote_what_was_there() {
+        const STAT: &str = "cpu  1 2 3 4 5 6 7 8 0 0\n";
+        const MEMINFO: &str = "MemTotal: 1000 kB\nMemAvailable: 400 kB\n";
+        let dir = os_host(STAT, "garbage here\n", MEMINFO);
+        let mut c = OsCollector::new(Host::new(dir.path()));
+        let mut out = Vec::new();
+        let e = format!("{:#}", c.collect(&mut out).expect_err("bad loadavg"));
+        let loadavg = dir.path().join("proc/loadavg");
+        assert!(e.contains(&format!("parsing {}", loadavg.display())) && e.contains("\"garbage here\""), "{e}");
+        // The other files still gave their samples.
+        let names: Vec<_> = out.iter().map(|s| s.name).collect();
+        assert_eq!(
+            names,
+            ["memory_total_bytes", "memory_available_bytes", "memory_used_bytes", "memory_usage_percent"]
+        );
+
+        let dir = os_host("intr 5 6\n", "0.5 0.4 0.3 1/2 3\n", "MemTotal: 12 MB\n");
+        let mut c = OsCollector::new(Host::new(dir.path()));
+        let e = format!("{:#}", c.collect(&mut Vec::new()).expect_err("bad stat and meminfo"));
+        let (stat, meminfo) = (dir.path().join("proc/stat"), dir.path().join("proc/meminfo"));
+        assert!(e.contains(&format!("parsing {}", stat.display())) && e.contains("\"intr 5 6\""), "{e}");
+        assert!(e.contains(&format!("parsing {}", meminfo.display())) && e.contains("\"12 MB\""), "{e}");
+    }
+
+    /// Found by the `proc_loadavg` fuzz target: a number too large for f64 parses as infinity.
+    #[test]
+    fn loadavg_out_of_range_is_an_error_not_infinity() {
+        let e = parse_loadavg("\r\r\r1\r11010E10013010\r0413 8 8841182\n").expect_err("infinite load");
+        assert!(e.to_string().contains("expected three load averages"), "{e}");
+        for text in ["inf 0.1 0.1 1/2 3\n", "0.1 NaN 0.1 1/2 3\n", "0.1 0.1 1e999 1/2 3\n"] {
+            assert!(parse_loadavg(text).is_err(), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn tick_counts_that_overflow_when_added_are_an_error() {
+        let e = parse_cpu_ticks("cpu  18446744073709551615 1 0 0\n").expect_err("busy overflows");
+        assert!(e.to_string().contains("\"cpu  18446744073709551615 1 0 0\""), "{e}");
+        assert!(parse_cpu_ticks("cpu  1 0 0 18446744073709551615\n").is_err(), "total overflows");
     }
 }

@@ -5,7 +5,7 @@
 //! hands them to the programs as `.rodata` globals. Only the small part of the BTF format that
 //! this needs is parsed: the type section's struct/union members and the string section.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 /// A BTF blob that could not be used, with what was expected.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +51,9 @@ const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
+/// How deep lookups follow typedefs, anonymous members and arrays; the kernel's types nest a
+/// few levels, a malformed blob can nest forever.
+const NESTING_LIMIT: u32 = 32;
 
 #[derive(Debug, Clone, Copy)]
 struct Member {
@@ -183,7 +186,7 @@ impl Btf {
 
     /// Follows typedefs and qualifiers to the underlying type.
     fn resolve(&self, mut id: u32) -> Option<(u32, &Type)> {
-        for _ in 0..32 {
+        for _ in 0..NESTING_LIMIT {
             let t = self.get(id)?;
             match t.kind {
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
@@ -196,11 +199,17 @@ impl Btf {
     }
 
     fn size_of(&self, id: u32) -> u32 {
+        self.size_within(id, NESTING_LIMIT)
+    }
+
+    /// [`Btf::size_of`], looking at most `depth` arrays deep (a malformed blob can make an
+    /// array of itself).
+    fn size_within(&self, id: u32, depth: u32) -> u32 {
         match self.resolve(id) {
             Some((_, t)) => match t.kind {
                 KIND_INT | KIND_STRUCT | KIND_UNION | KIND_ENUM | KIND_ENUM64 => t.size_or_type,
                 KIND_PTR => 8,
-                KIND_ARRAY => t.array.map_or(0, |(e, n)| self.size_of(e).saturating_mul(n)),
+                KIND_ARRAY if depth > 0 => t.array.map_or(0, |(e, n)| self.size_within(e, depth - 1).saturating_mul(n)),
                 _ => 0,
             },
             None => 0,
@@ -210,7 +219,18 @@ impl Btf {
     /// Finds member `name` of struct/union `id`, looking inside anonymous members (the kernel
     /// wraps many fields in unnamed unions). Returns (bit offset, member).
     fn member(&self, id: u32, name: &str) -> Option<(u32, Member)> {
-        let (_, t) = self.resolve(id)?;
+        self.member_within(id, name, NESTING_LIMIT, &mut HashSet::new())
+    }
+
+    /// [`Btf::member`], looking at most `depth` anonymous members deep (a malformed blob can
+    /// make a struct an anonymous member of itself).
+    fn member_within(&self, id: u32, name: &str, depth: u32, searched: &mut HashSet<u32>) -> Option<(u32, Member)> {
+        let (resolved, t) = self.resolve(id)?;
+        // A type already searched has no such member this time either; a blob can reach one
+        // type through many anonymous members, and searching it on each path is exponential.
+        if !searched.insert(resolved) {
+            return None;
+        }
         if t.kind != KIND_STRUCT && t.kind != KIND_UNION {
             return None;
         }
@@ -220,9 +240,10 @@ impl Btf {
                 return Some((m.bit_offset, *m));
             }
             if mname.is_empty()
-                && let Some((off, found)) = self.member(m.type_id, name)
+                && depth > 0
+                && let Some((off, found)) = self.member_within(m.type_id, name, depth - 1, searched)
             {
-                return Some((m.bit_offset + off, found));
+                return m.bit_offset.checked_add(off).map(|bits| (bits, found));
             }
         }
         None
@@ -237,7 +258,7 @@ impl Btf {
         let mut last = None;
         for part in path.split('.') {
             let (off, m) = self.member(id, part).ok_or_else(no_field)?;
-            bits += off;
+            bits = u32::checked_add(bits, off).ok_or_else(no_field)?;
             id = m.type_id;
             last = Some(m);
         }
@@ -310,6 +331,76 @@ mod tests {
         let btf = Btf::parse(&data).expect("parse vmlinux BTF");
         for (global, strukt, field, size) in dcmon_common::ebpf::OFFSETS {
             btf.field_offset(strukt, field, size).unwrap_or_else(|e| panic!("{global}: {e}"));
+        }
+    }
+
+    /// A blob of the `sample()` layout with `types` as its type section.
+    fn blob_of(types: &[&[u32]], strings: &[u8]) -> Vec<u8> {
+        let t: Vec<u8> = types.iter().flat_map(|w| w.iter()).flat_map(|x| x.to_le_bytes()).collect();
+        let mut blob = Vec::new();
+        blob.extend_from_slice(&BTF_MAGIC.to_le_bytes());
+        blob.extend_from_slice(&[1, 0]);
+        for w in [24u32, 0, t.len() as u32, t.len() as u32, strings.len() as u32] {
+            blob.extend_from_slice(&w.to_le_bytes());
+        }
+        blob.extend_from_slice(&t);
+        blob.extend_from_slice(strings);
+        blob
+    }
+
+    #[test]
+    fn types_that_contain_themselves_end_the_lookup() {
+        // 1: struct s { <anonymous> struct s; }: an anonymous member of its own type.
+        let strings = b"\0s\0a\0";
+        let own = blob_of(&[&[1, KIND_STRUCT << 24 | 1, 8, 0, 1, 0]], strings);
+        let btf = Btf::parse(&own).expect("parse");
+        assert!(matches!(btf.field_offset("s", "a", 4), Err(BtfError::NoField { .. })));
+        // 1: struct s { t a; }, 2: t is an array of itself.
+        let array = blob_of(&[&[1, KIND_STRUCT << 24 | 1, 8, 3, 2, 0], &[0, KIND_ARRAY << 24, 0, 2, 1, 4]], strings);
+        let btf = Btf::parse(&array).expect("parse");
+        assert!(matches!(btf.field_offset("s", "a", 4), Err(BtfError::Size { .. })));
+        // Bit offsets that add up past 2^32.
+        let far = blob_of(
+            &[
+                &[1, KIND_STRUCT << 24 | 1, 8, 0, 2, u32::MAX],
+                &[0, KIND_STRUCT << 24 | 1, 8, 3, 3, u32::MAX],
+                &[0, KIND_INT << 24, 4, 32],
+            ],
+            strings,
+        );
+        let btf = Btf::parse(&far).expect("parse");
+        assert!(btf.field_offset("s", "a", 4).is_err());
+    }
+
+    /// Found by the `btf` fuzz target: types reached through many anonymous members each (a
+    /// lookup searched each path again, exponential in the nesting). Fails by not finishing.
+    #[test]
+    fn types_reached_by_many_paths_are_searched_once() {
+        let hex = [
+            "9feb090018000000000000008c0000008c0000001200000001000000000000010400f8ff200000000500000000000001",
+            "080000004000000000000000010000040854555555555555050000000000000008000000020000040800000000000060",
+            "03000000000000001700000001000008000000000a000000020000041000000000f50000030000000054555555555555",
+            "0500000040000000000000000000000805ffff0f0500000000699feb01001800d2d1d1d100008c000000000000000000",
+        ]
+        .concat();
+        let blob: Vec<u8> =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex")).collect();
+        let btf = Btf::parse(&blob).expect("parse");
+        // 30 levels of `struct { struct next; struct next; }` (anonymous members): 2^30 paths to
+        // the last level, one of each type.
+        let levels: Vec<Vec<u32>> = (1..=30u32)
+            .map(|i| vec![if i == 1 { 1 } else { 0 }, KIND_STRUCT << 24 | 2, 8, 0, i + 1, 0, 0, i + 1, 0])
+            .chain(std::iter::once(vec![0, KIND_INT << 24, 4, 32]))
+            .collect();
+        let levels: Vec<&[u32]> = levels.iter().map(Vec::as_slice).collect();
+        let deep = Btf::parse(&blob_of(&levels, b"\0s\0")).expect("parse");
+        assert!(matches!(deep.field_offset("s", "absent", 4), Err(BtfError::NoField { .. })));
+        let names: Vec<&str> = blob.split(|&b| b == 0).filter_map(|s| std::str::from_utf8(s).ok()).take(8).collect();
+        for strukt in &names {
+            for field in &names {
+                // Before the fix this took minutes per lookup; now the whole loop takes milliseconds.
+                let _ = btf.field_offset(strukt, field, 4);
+            }
         }
     }
 }

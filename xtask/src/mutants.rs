@@ -1,0 +1,60 @@
+//! `cargo xtask mutants`: cargo-mutants on the files whose unit tests are meant to catch
+//! every behavioural change, with the test set that belongs to them (dcmon-agent's `--lib`
+//! unit tests; the integration tests start agents and servers and would make each mutant take
+//! minutes). All five files take about an hour on two cores, so this is not part of CI.
+//!
+//! cargo-mutants writes its report to mutants.out/ (caught.txt, missed.txt, timeout.txt,
+//! unviable.txt); README's Testing section keeps the table and why each survivor is harmless.
+
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+
+use crate::clean_command;
+
+/// The files checked by default.
+pub const FILES: [&str; 5] = [
+    "dcmon-agent/src/batch.rs",
+    "dcmon-agent/src/collector/os.rs",
+    "dcmon-agent/src/collector/net.rs",
+    "dcmon-agent/src/deliver.rs",
+    "dcmon-agent/src/outbox.rs",
+];
+
+/// `[--file PATH]... [--list] [-- CARGO-MUTANTS ARGS]`: `--file` narrows the run to some of
+/// [`FILES`] (or any other file of dcmon-agent), `--list` prints the mutants without testing.
+pub fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
+    let mut files: Vec<String> = Vec::new();
+    let mut extra: Vec<String> = Vec::new();
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--file" => files.push(it.next().context("--file needs a path")?.clone()),
+            "--list" => extra.push("--list".into()),
+            "--" => extra.extend(it.by_ref().cloned()),
+            other => bail!("unknown argument `{other}` (expected --file PATH, --list, or -- ARGS for cargo-mutants)"),
+        }
+    }
+    if files.is_empty() {
+        files = FILES.iter().map(|f| (*f).to_owned()).collect();
+    }
+    for f in &files {
+        if !root.join(f).is_file() {
+            bail!("--file {f}: no such file under {}", root.display());
+        }
+    }
+    let mut cmd = clean_command("cargo");
+    cmd.args(["mutants", "--package", "dcmon-agent", "--timeout-multiplier", "3"]);
+    for f in &files {
+        cmd.args(["--file", f]);
+    }
+    cmd.args(&extra).args(["--", "--lib"]).current_dir(root);
+    eprintln!("xtask: cargo mutants on {}", files.join(", "));
+    let status =
+        cmd.status().context("running `cargo mutants` (install it with `cargo install cargo-mutants --locked`)")?;
+    // cargo-mutants exits 2 when mutants were missed, 3 on timeouts: the report says which.
+    if !status.success() {
+        bail!("cargo mutants: {status}; see mutants.out/missed.txt and mutants.out/timeout.txt");
+    }
+    Ok(())
+}
