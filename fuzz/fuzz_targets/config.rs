@@ -1,7 +1,5 @@
-//! The config file (JSON), parsed and validated as `Config::load` does.
-//!
-//! When config.rs gains a loader on bytes (`Config::from_bytes` or the like), call it here
-//! instead, so that the UTF-8 check is fuzzed too.
+//! The config file's bytes, parsed and validated by `Config::parse_bytes`, what `Config::load`
+//! runs on the file it read (the UTF-8 check included).
 #![no_main]
 use std::path::Path;
 
@@ -9,9 +7,8 @@ use dcmon_agent::config::Config;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
     let path = Path::new("/etc/dcmon/config.json");
-    match Config::parse(path, text) {
+    match Config::parse_bytes(path, data) {
         Ok((config, _unknown)) => {
             assert!(config.interval().as_secs() >= 1);
             let base = config.server_base();
