@@ -409,7 +409,7 @@ async fn round(
     let mut o = delivery::lock(outbox);
     batch.extend(o.stats().samples());
     // One write(2) into the page cache, on this thread: a thread hop would cost more than the
-    // write (outbox.rs says when batches are fsynced).
+    // write (outbox/mod.rs says when batches are fsynced).
     o.push(batch.timestamp, Bytes::from(batch.to_json()));
     o.backlog_needs_sync()
 }

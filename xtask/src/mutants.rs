@@ -13,12 +13,13 @@ use anyhow::{Context as _, bail};
 use crate::clean_command;
 
 /// The files checked by default.
-pub const FILES: [&str; 5] = [
+pub const FILES: [&str; 6] = [
     "dcmon-agent/src/batch.rs",
     "dcmon-agent/src/collector/os.rs",
     "dcmon-agent/src/collector/net.rs",
     "dcmon-agent/src/deliver.rs",
-    "dcmon-agent/src/outbox.rs",
+    "dcmon-agent/src/outbox/mod.rs",
+    "dcmon-agent/src/outbox/record.rs",
 ];
 
 /// `[--file PATH]... [--list] [-- CARGO-MUTANTS ARGS]`: `--file` narrows the run to some of
