@@ -235,6 +235,14 @@ pub fn check_server_url(text: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// `url` (already checked to start with a scheme and `://`) with its scheme in lower case.
+fn lowercase_scheme(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => format!("{}://{rest}", scheme.to_ascii_lowercase()),
+        None => url.to_owned(),
+    }
+}
+
 /// `url` with anything before an `@` in its authority replaced by `***`, for messages.
 fn without_userinfo(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -351,6 +359,9 @@ impl Config {
         })?;
         de.end().map_err(|e| parse_error(&e, None, serde_detail(&e)))?;
         config.validate(path)?;
+        // Schemes are case-insensitive; everything after reads `server_base` as lower case.
+        let mut config = config;
+        config.server_url = lowercase_scheme(config.server_url.trim());
         Ok((config, unknown_keys))
     }
 
@@ -743,7 +754,11 @@ mod tests {
     fn server_url_scheme_is_case_insensitive_and_query_fragment_userinfo_are_refused() {
         for ok in ["HTTP://dcmon.example:8000", "Https://dcmon.example/base/", "http://[::1]:8000"] {
             let (c, _) = parse(&format!("{{\"server_url\": {ok:?}}}")).unwrap_or_else(|e| panic!("{ok}: {e}"));
-            assert_eq!(c.server_url, ok);
+            // The scheme is kept in lower case (found by the config fuzz target: `httPs://`
+            // came out of server_base as written), the rest as written.
+            let (scheme, rest) = ok.split_once("://").expect("scheme");
+            assert_eq!(c.server_url, format!("{}://{rest}", scheme.to_ascii_lowercase()));
+            assert!(c.server_base().starts_with("http://") || c.server_base().starts_with("https://"));
         }
         for bad in ["http://h:8000/?x=1", "http://h:8000?", "http://h/#frag", "http:h:8000", "http:///x"] {
             let err = parse(&format!("{{\"server_url\": {bad:?}}}")).expect_err(bad);

@@ -147,7 +147,8 @@ pub fn parse_meminfo(text: &str) -> Result<[Sample; 4], MeminfoError> {
     .min(total);
     let used = total - available;
     #[allow(clippy::cast_precision_loss, reason = "memory sizes are far below 2^52")]
-    let used_percent = used as f64 * 100.0 / total as f64;
+    // used <= total, so anything over 100 is the rounding of the product: cut it off.
+    let used_percent = (used as f64 * 100.0 / total as f64).min(100.0);
     Ok([
         Sample::count("memory_total_bytes", total),
         Sample::count("memory_available_bytes", available),
@@ -467,5 +468,12 @@ mod tests {
         let e = parse_cpu_ticks("cpu  18446744073709551615 1 0 0\n").expect_err("busy overflows");
         assert!(e.to_string().contains("\"cpu  18446744073709551615 1 0 0\""), "{e}");
         assert!(parse_cpu_ticks("cpu  1 0 0 18446744073709551615\n").is_err(), "total overflows");
+    }
+
+    #[test]
+    fn all_memory_used_on_a_huge_total_is_100_percent_not_more() {
+        // Found by the proc_meminfo fuzz target: used * 100 / total rounded to 100.00000000000001.
+        let s = parse_meminfo("MemTotal: 11958905849172840 kB\nMemAvailable: 00 kB\nB):   ").expect("parses");
+        assert_eq!(s[3].value, crate::batch::Value::Gauge(100.0), "{s:?}");
     }
 }
