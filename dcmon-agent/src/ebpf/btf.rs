@@ -279,23 +279,15 @@ mod tests {
     fn sample() -> Vec<u8> {
         let strings = b"\0int\0long\0s\0a\0p\0q\0".to_vec();
         let (int, long, s, a, p, q) = (1u32, 5, 10, 12, 14, 16);
-        let mut t = Vec::new();
-        let mut push = |w: &[u32]| w.iter().for_each(|x| t.extend_from_slice(&x.to_le_bytes()));
-        push(&[int, KIND_INT << 24, 4, 32]); // 1: int
-        push(&[long, KIND_INT << 24, 8, 64]); // 2: long
-        push(&[0, KIND_STRUCT << 24 | 1, 8, p, 2, 0]); // 3: struct { long p; }
-        push(&[0, KIND_UNION << 24 | 2, 8, 0, 3, 0, q, 1, 0]); // 4: union { struct; int q }
-        push(&[s, KIND_STRUCT << 24 | 2, 16, a, 1, 0, 0, 4, 64]); // 5: struct s
-        push(&[0, KIND_TYPEDEF << 24, 5]); // 6: typedef
-        let mut blob = Vec::new();
-        blob.extend_from_slice(&BTF_MAGIC.to_le_bytes());
-        blob.extend_from_slice(&[1, 0]);
-        for w in [24u32, 0, t.len() as u32, t.len() as u32, strings.len() as u32] {
-            blob.extend_from_slice(&w.to_le_bytes());
-        }
-        blob.extend_from_slice(&t);
-        blob.extend_from_slice(&strings);
-        blob
+        let types: [&[u32]; 6] = [
+            &[int, KIND_INT << 24, 4, 32],                      // 1: int
+            &[long, KIND_INT << 24, 8, 64],                     // 2: long
+            &[0, KIND_STRUCT << 24 | 1, 8, p, 2, 0],            // 3: struct { long p; }
+            &[0, KIND_UNION << 24 | 2, 8, 0, 3, 0, q, 1, 0],    // 4: union { struct; int q }
+            &[s, KIND_STRUCT << 24 | 2, 16, a, 1, 0, 0, 4, 64], // 5: struct s
+            &[0, KIND_TYPEDEF << 24, 5],                        // 6: typedef
+        ];
+        blob_of(&types, &strings)
     }
 
     #[test]
