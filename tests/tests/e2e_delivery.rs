@@ -283,10 +283,8 @@ fn poison_422_is_set_aside_and_429_retry_after_is_honoured() {
     eprintln!("429 Retry-After 3: retried after {gap:?}");
 }
 
-/// Issue 14: `Retry-After: 0` made 11,431 posts in 10 s. The server's hint never takes the
-/// wait below the backoff floor of 1 s.
-#[test]
-fn retry_after_zero_does_not_make_a_request_storm() {
+/// A receiver, and an agent with the default test config that has delivered its first batch.
+fn agent_delivering() -> (Receiver, tempfile::TempDir, AgentProcess) {
     let machine = machine_id();
     let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -294,6 +292,14 @@ fn retry_after_zero_does_not_make_a_request_storm() {
     let agent = AgentProcess::start(dir.path(), &config(dir.path(), &receiver.url(), &machine, json!({})), &["run"])
         .expect("agent");
     assert!(!receiver.wait_for_accepted(1, Duration::from_secs(10)).is_empty(), "{}", agent.stderr());
+    (receiver, dir, agent)
+}
+
+/// Issue 14: `Retry-After: 0` made 11,431 posts in 10 s. The server's hint never takes the
+/// wait below the backoff floor of 1 s.
+#[test]
+fn retry_after_zero_does_not_make_a_request_storm() {
+    let (receiver, _dir, agent) = agent_delivering();
     receiver.fail_next_with_retry_after(5_000, 429, "0");
     let first = receiver.wait_for_rejected(1, Duration::from_secs(5));
     assert!(!first.is_empty(), "{}", agent.stderr());
@@ -312,13 +318,7 @@ fn retry_after_zero_does_not_make_a_request_storm() {
 /// held at retry_max_backoff (2 s here).
 #[test]
 fn a_huge_retry_after_does_not_stop_delivery() {
-    let machine = machine_id();
-    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_key(dir.path(), KEY).expect("key");
-    let agent = AgentProcess::start(dir.path(), &config(dir.path(), &receiver.url(), &machine, json!({})), &["run"])
-        .expect("agent");
-    assert!(!receiver.wait_for_accepted(1, Duration::from_secs(10)).is_empty(), "{}", agent.stderr());
+    let (receiver, _dir, agent) = agent_delivering();
     receiver.fail_next_with_retry_after(1, 503, "999999999");
     receiver.fail_next_with_retry_after(1, 429, "18446744073709551615");
     let refused = receiver.wait_for_rejected(2, Duration::from_secs(10));
@@ -341,13 +341,7 @@ fn a_huge_retry_after_does_not_stop_delivery() {
 /// retried; the log says what to check.
 #[test]
 fn a_4xx_about_the_way_to_the_server_keeps_every_batch() {
-    let machine = machine_id();
-    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_key(dir.path(), KEY).expect("key");
-    let agent = AgentProcess::start(dir.path(), &config(dir.path(), &receiver.url(), &machine, json!({})), &["run"])
-        .expect("agent");
-    assert!(!receiver.wait_for_accepted(1, Duration::from_secs(10)).is_empty(), "{}", agent.stderr());
+    let (receiver, dir, agent) = agent_delivering();
     for status in [404, 405, 407, 431] {
         receiver.fail_next(1, status, None);
     }
