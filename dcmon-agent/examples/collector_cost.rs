@@ -12,8 +12,7 @@
 use std::time::Duration;
 
 use dcmon_agent::collector;
-use dcmon_agent::config::{Config, DeviceFilter, Exporters};
-use dcmon_agent::ebpf::EbpfMode;
+use dcmon_agent::config::{Config, DeviceFilter, EbpfMode, Exporters};
 use dcmon_agent::filter::PatternList;
 
 /// CPU time this thread has used, in microseconds.

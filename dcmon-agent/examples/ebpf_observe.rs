@@ -6,18 +6,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use dcmon_agent::collector::disk::ebpf::EbpfDiskCollector;
 use dcmon_agent::collector::disk::{WholeDisks, parse_diskstats};
+use dcmon_agent::collector::net::ebpf::{EbpfNetCollector, own_netns};
 use dcmon_agent::collector::net::parse_net_dev;
 use dcmon_agent::config::DeviceFilter;
 use dcmon_agent::ebpf::Probes;
-use dcmon_agent::ebpf::collect::{EbpfDiskCollector, EbpfNetCollector};
 use dcmon_agent::filter::PatternList;
 use dcmon_agent::host::Host;
 
 fn main() -> anyhow::Result<()> {
     let secs: u64 = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(60);
     let all = DeviceFilter { include: PatternList::match_all(), exclude: PatternList::default() };
-    let probes = Arc::new(Probes::attach(Some(dcmon_agent::ebpf::collect::own_netns(&Host::default())?))?);
+    let probes = Arc::new(Probes::attach(Some(own_netns(&Host::default())?))?);
     let mut disk = EbpfDiskCollector::new(Host::default(), all.clone(), probes.clone())?;
     let mut net = EbpfNetCollector::new(Host::default(), all.clone(), probes.clone())?;
     // Every completion the kernel accounted for vda: reads, writes, discards, flushes.

@@ -68,13 +68,15 @@ pub async fn check(
     }
 
     let ebpf = match config.ebpf {
-        crate::ebpf::EbpfMode::Off => (" -- ", "off in the config: disk and network I/O from procfs".to_owned()),
+        crate::config::EbpfMode::Off => (" -- ", "off in the config: disk and network I/O from procfs".to_owned()),
         mode => {
-            match crate::ebpf::collect::own_netns(&host).and_then(|ns| Ok(crate::ebpf::Probes::attach(Some(ns))?)) {
+            match crate::collector::net::ebpf::own_netns(&host)
+                .and_then(|ns| Ok(crate::ebpf::Probes::attach(Some(ns))?))
+            {
                 Ok(_probes) => {
                     (" OK ", "programs load and attach: disk and network I/O counted in the kernel".to_owned())
                 }
-                Err(e) if mode == crate::ebpf::EbpfMode::On => ("FAIL", format!("config says \"on\" but: {e:#}")),
+                Err(e) if mode == crate::config::EbpfMode::On => ("FAIL", format!("config says \"on\" but: {e:#}")),
                 Err(e) => ("WARN", format!("unavailable, procfs will be used: {e:#}")),
             }
         }

@@ -64,7 +64,20 @@ pub struct Config {
     /// The `nvsmi` exporter's settings.
     pub nvsmi: NvsmiConfig,
     /// Count disk and network I/O with eBPF: `"auto"` (fall back to procfs), `"on"`, `"off"`.
-    pub ebpf: crate::ebpf::EbpfMode,
+    pub ebpf: EbpfMode,
+}
+
+/// The config's `ebpf` key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EbpfMode {
+    /// Use eBPF when it loads; otherwise log why once and use procfs.
+    #[default]
+    Auto,
+    /// eBPF or nothing: the agent refuses to start without it.
+    On,
+    /// Never load BPF programs.
+    Off,
 }
 
 /// The spec's `exporters` map: each switch enables one collector, configured in its own
@@ -156,7 +169,7 @@ impl Default for Config {
             nvme: NvmeConfig::default(),
             ipmi: IpmiConfig::default(),
             nvsmi: NvsmiConfig::default(),
-            ebpf: crate::ebpf::EbpfMode::Auto,
+            ebpf: EbpfMode::Auto,
         }
     }
 }
@@ -415,7 +428,7 @@ impl Config {
 
     /// Whether this config may load eBPF programs (every mode but an explicit "off").
     pub fn ebpf_may_load(&self) -> bool {
-        self.ebpf != crate::ebpf::EbpfMode::Off
+        self.ebpf != EbpfMode::Off
     }
 
     /// Time between batches.
@@ -809,5 +822,18 @@ mod tests {
             }
             corrupted[i] = text[i];
         }
+    }
+
+    #[test]
+    fn ebpf_key_parses_and_defaults_to_auto() {
+        assert_eq!(Config::default().ebpf, EbpfMode::Auto);
+        for (text, want) in [("auto", EbpfMode::Auto), ("on", EbpfMode::On), ("off", EbpfMode::Off)] {
+            let json = format!(r#"{{"ebpf": "{text}"}}"#);
+            let (config, unknown) = Config::parse(Path::new("c.json"), &json).expect(text);
+            assert_eq!(config.ebpf, want);
+            assert!(unknown.is_empty());
+        }
+        let err = Config::parse(Path::new("c.json"), r#"{"ebpf": "yes"}"#).expect_err("unknown mode").to_string();
+        assert!(err.contains("ebpf") && err.contains("auto"), "{err}");
     }
 }

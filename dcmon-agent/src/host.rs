@@ -73,6 +73,15 @@ impl Host {
         Ok(buf)
     }
 
+    /// The names in host directory `rel` (those that are UTF-8), in no particular order.
+    pub fn dir_names(&self, rel: impl AsRef<Path>) -> Result<Vec<String>, ReadError> {
+        let path = self.path(rel);
+        match std::fs::read_dir(&path) {
+            Ok(dir) => Ok(dir.filter_map(Result::ok).filter_map(|e| e.file_name().into_string().ok()).collect()),
+            Err(error) => Err(ReadError { path, error }),
+        }
+    }
+
     /// This host's machine id: `/etc/machine-id`, then `/var/lib/dbus/machine-id` (the
     /// order systemd documents). `None` when neither holds a non-empty id.
     pub fn machine_id(&self) -> Option<String> {

@@ -339,9 +339,9 @@ mod tests {
         c.exporters.nvme = false;
         c.exporters.ipmi = false;
         assert!(unit_for(&c).contains("\nCapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_DAC_READ_SEARCH\n"));
-        c.ebpf = crate::ebpf::EbpfMode::On;
+        c.ebpf = crate::config::EbpfMode::On;
         assert!(unit_for(&c).contains("\nCapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_DAC_READ_SEARCH\n"));
-        c.ebpf = crate::ebpf::EbpfMode::Off;
+        c.ebpf = crate::config::EbpfMode::Off;
         let unit = unit_for(&c);
         assert!(unit.contains("\nCapabilityBoundingSet=\n"), "no collector needs a capability: drop all: {unit}");
         c.exporters.ipmi = true;

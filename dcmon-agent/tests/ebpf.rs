@@ -14,10 +14,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use dcmon_agent::collector::Collector;
+use dcmon_agent::collector::disk::ebpf::EbpfDiskCollector;
 use dcmon_agent::collector::disk::{DiskCollector, DiskCounters, RELIST_EVERY, WholeDisks, parse_diskstats};
+use dcmon_agent::collector::net::ebpf::{EbpfNetCollector, header_adjust};
 use dcmon_agent::collector::net::{NetCollector, parse_net_dev};
 use dcmon_agent::config::DeviceFilter;
-use dcmon_agent::ebpf::collect::{EbpfDiskCollector, EbpfNetCollector, header_adjust};
 use dcmon_agent::ebpf::{Probes, load};
 use dcmon_agent::filter::PatternList;
 use dcmon_agent::host::Host;
@@ -806,7 +807,7 @@ fn a_vanished_disk_is_dropped_at_once_and_its_number_reused_from_zero() {
 /// (loop devices and lo included, so there is something to report), no exporters.
 fn ebpf_config() -> dcmon_agent::config::Config {
     let mut config = dcmon_agent::config::Config {
-        ebpf: dcmon_agent::ebpf::EbpfMode::On,
+        ebpf: dcmon_agent::config::EbpfMode::On,
         disks: match_all(),
         interfaces: match_all(),
         ..dcmon_agent::config::Config::default()

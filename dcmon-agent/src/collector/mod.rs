@@ -15,6 +15,7 @@
 pub mod apt;
 pub mod background;
 pub mod disk;
+pub mod ebpf_status;
 pub mod gpu;
 pub mod ipmi;
 pub mod net;
@@ -77,7 +78,7 @@ pub trait Collector: Send + 'static {
 /// loaded programs and the collectors' baselines ([`rebuild`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct EbpfSettings {
-    mode: crate::ebpf::EbpfMode,
+    mode: crate::config::EbpfMode,
     host_root: std::path::PathBuf,
     disks: crate::config::DeviceFilter,
     interfaces: crate::config::DeviceFilter,
@@ -100,16 +101,17 @@ impl EbpfSettings {
 /// then reports `dcmon_ebpf_active` 0), `"on"` returns an error when they cannot be used,
 /// `"off"` never loads them and has no eBPF collector at all.
 pub fn build(config: &Config) -> anyhow::Result<Vec<Box<dyn Collector>>> {
-    use crate::ebpf::{EbpfMode, Probes, collect};
+    use crate::config::EbpfMode;
+    use crate::ebpf::Probes;
+    use ebpf_status::EbpfStatusCollector;
     use std::sync::Arc;
     let host = Host::new(&config.host_root);
     let probes = match config.ebpf {
         EbpfMode::Off => None,
-        mode => match collect::own_netns(&host).and_then(|netns| {
-            let p = Probes::attach(Some(netns))?;
-            let p = Arc::new(p);
-            let disk = collect::EbpfDiskCollector::new(host.clone(), config.disks.clone(), p.clone())?;
-            let net = collect::EbpfNetCollector::new(host.clone(), config.interfaces.clone(), p.clone())?;
+        mode => match net::ebpf::own_netns(&host).and_then(|netns| {
+            let p = Arc::new(Probes::attach(Some(netns))?);
+            let disk = disk::ebpf::EbpfDiskCollector::new(host.clone(), config.disks.clone(), p.clone())?;
+            let net = net::ebpf::EbpfNetCollector::new(host.clone(), config.interfaces.clone(), p.clone())?;
             Ok((p, disk, net))
         }) {
             Ok(ok) => {
@@ -126,14 +128,13 @@ pub fn build(config: &Config) -> anyhow::Result<Vec<Box<dyn Collector>>> {
         },
     };
     Ok(match probes {
-        Some((p, disk, net)) => rebuild(
-            config,
-            vec![Box::new(disk), Box::new(net), Box::new(collect::EbpfStatusCollector::new(host, Some(p)))],
-        ),
+        Some((p, disk, net)) => {
+            rebuild(config, vec![Box::new(disk), Box::new(net), Box::new(EbpfStatusCollector::new(host, Some(p)))])
+        }
         None if config.ebpf == EbpfMode::Off => from_config(config),
         None => {
             let mut collectors = from_config(config);
-            collectors.push(Box::new(collect::EbpfStatusCollector::new(host, None)));
+            collectors.push(Box::new(EbpfStatusCollector::new(host, None)));
             collectors
         }
     })

@@ -4,9 +4,15 @@
 //! /proc/diskstats costs the kernel a line (with an in-flight count) for every block device,
 //! partitions, loop and zram devices included, where the agent reports a few whole disks:
 //! reading only those disks' stat files is several times cheaper. Both give the same counters.
+//!
+//! [`ebpf`] holds the eBPF-fed disk collector; both list disks through [`DiskInventory`] and
+//! parse /proc/diskstats with [`parse_diskstats_lines`].
+
+pub mod ebpf;
+mod inventory;
 
 use std::collections::{HashMap, HashSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
 use dcmon_common::{SECTOR_BYTES, collector_names};
@@ -16,10 +22,7 @@ use super::{CollectError, Collector};
 use crate::batch::Sample;
 use crate::config::DeviceFilter;
 use crate::host::{Host, OpenFile, ReadError, served_from_kernel_memory};
-
-/// How often /sys/block is listed again to find disks that appeared. A disk that goes away is
-/// noticed at once: reading its stat file fails.
-pub const RELIST_EVERY: Duration = Duration::from_secs(10);
+pub use inventory::{Disk, DiskInventory, RELIST_EVERY};
 
 /// Counters of one whole disk, in the units the metrics use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,10 +75,9 @@ pub enum WholeDisks {
 }
 
 /// `254  0 vda 6520 2310 496430 3380 3210 2800 181298 4460 0 6168 8810 0 0 0 0 1410 970`
-/// (/proc/diskstats) into the counters of the whole disks that `filter` allows.
-pub fn parse_diskstats(text: &str, whole: &WholeDisks, filter: &DeviceFilter) -> anyhow::Result<Vec<DiskCounters>> {
-    let stats = text
-        .lines()
+/// (/proc/diskstats): every line, blank lines skipped.
+pub fn parse_diskstats_lines(text: &str) -> anyhow::Result<Vec<DiskStat>> {
+    text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| {
@@ -89,7 +91,12 @@ pub fn parse_diskstats(text: &str, whole: &WholeDisks, filter: &DeviceFilter) ->
                 )
             })
         })
-        .collect::<anyhow::Result<Vec<_>>>()?;
+        .collect()
+}
+
+/// /proc/diskstats into the counters of the whole disks that `filter` allows.
+pub fn parse_diskstats(text: &str, whole: &WholeDisks, filter: &DeviceFilter) -> anyhow::Result<Vec<DiskCounters>> {
+    let stats = parse_diskstats_lines(text)?;
     let names: HashSet<&str> = stats.iter().map(|s| s.name.as_str()).collect();
     Ok(stats
         .iter()
@@ -135,8 +142,7 @@ pub fn is_vanished(e: &ReadError) -> bool {
 
 /// Whether reading `reported` disks' stat files costs the kernel less than one /proc/diskstats
 /// of `devices` lines. Per device, a stat file costs about twice a diskstats line (two system
-/// calls and a file to serve where diskstats writes one more line; measured on a 2 vCPU VM:
-/// 64 stat files 233 µs cold, 108 µs warm; diskstats with 66 devices 127 µs and 57 µs).
+/// calls and a file to serve where diskstats writes one more line).
 pub fn per_disk_is_cheaper(reported: usize, devices: usize) -> bool {
     reported * 2 <= devices
 }
@@ -167,9 +173,9 @@ pub struct DiskCollector {
     filter: DeviceFilter,
     diskstats: OpenFile,
     buf: String,
-    relist_every: Duration,
-    /// When /sys/block was last listed; `None`: list it this round.
-    listed_at: Option<Instant>,
+    inventory: DiskInventory,
+    /// Whether `source` was chosen since the last failure to choose it; not: choose this round.
+    chosen: bool,
     /// The names in /sys/block that the filter allows, sorted, as last listed; `None` when the
     /// host has no /sys/block.
     wanted: Option<Vec<String>>,
@@ -188,12 +194,12 @@ impl DiskCollector {
         let diskstats = OpenFile::new(&host, "/proc/diskstats");
         let inline = served_from_kernel_memory(collector_names::DISK, [diskstats.path(), &host.path("/sys/block")]);
         Self {
+            inventory: DiskInventory::new(host.clone()),
             host,
             filter,
             diskstats,
             buf: String::new(),
-            relist_every: RELIST_EVERY,
-            listed_at: None,
+            chosen: false,
             wanted: None,
             source: Source::DiskstatsByName,
             names: Vec::new(),
@@ -203,7 +209,7 @@ impl DiskCollector {
 
     /// List /sys/block again every `every` (default [`RELIST_EVERY`]) to find new disks.
     pub fn relist_every(mut self, every: Duration) -> Self {
-        self.relist_every = every;
+        self.inventory.set_relist_every(every);
         self
     }
 
@@ -212,16 +218,13 @@ impl DiskCollector {
     /// /proc/diskstats is read here (into `buf`) only then: at start and when a disk came or
     /// went.
     fn relist(&mut self, rechoose: bool) -> Result<(), CollectError> {
-        let listed = std::fs::read_dir(self.host.path("/sys/block")).ok().map(|dir| {
-            let mut names: Vec<String> = dir
-                .filter_map(Result::ok)
-                .filter_map(|e| e.file_name().into_string().ok())
-                .filter(|n| self.filter.allows(n))
-                .collect();
-            names.sort_unstable();
-            names
+        // Without /sys/block (some containers) partitions are told apart by name.
+        let listed = self.inventory.relist().ok().map(|_| {
+            let names = self.inventory.disks().map(|(name, _)| name).filter(|n| self.filter.allows(n));
+            names.map(str::to_owned).collect::<Vec<_>>()
         });
-        if rechoose || listed != self.wanted || self.listed_at.is_none() {
+        if rechoose || !self.chosen || listed != self.wanted {
+            self.chosen = false;
             self.source = match &listed {
                 None => Source::DiskstatsByName,
                 Some(names) => self.choose_source(names)?,
@@ -238,8 +241,8 @@ impl DiskCollector {
                 }
             }
             self.wanted = listed;
+            self.chosen = true;
         }
-        self.listed_at = Some(Instant::now());
         Ok(())
     }
 
@@ -327,7 +330,7 @@ impl Collector for DiskCollector {
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
-        if self.listed_at.is_none_or(|t| t.elapsed() >= self.relist_every) {
+        if !self.chosen || self.inventory.is_due() {
             self.relist(false)?;
         }
         if self.is_per_disk() {

@@ -1,4 +1,7 @@
-//! Per-interface network byte counters from /proc/net/dev.
+//! Per-interface network byte counters from /proc/net/dev; [`ebpf`] holds the eBPF-fed
+//! network collector, which reports the same series.
+
+pub mod ebpf;
 
 use anyhow::Context as _;
 use dcmon_common::collector_names;

@@ -1,0 +1,73 @@
+//! The `ebpf` collector: whether the BPF programs feed the disk and network metrics
+//! (`dcmon_ebpf_active`), and the programs' statistics.
+
+use std::sync::Arc;
+
+use dcmon_common::collector_names;
+
+use super::{CollectError, Collector};
+use crate::batch::Sample;
+use crate::ebpf::Probes;
+use crate::host::{Host, OpenFile, served_from_kernel_memory};
+
+/// `dcmon_ebpf_active`, and the programs' run count and time when `kernel.bpf_stats_enabled`.
+#[derive(Debug)]
+pub struct EbpfStatusCollector {
+    probes: Option<Arc<Probes>>,
+    /// `kernel.bpf_stats_enabled`, kept open: it is read every round.
+    stats_enabled: OpenFile,
+    buf: String,
+    /// Whether `stats_enabled` is on procfs (see [`served_from_kernel_memory`]).
+    inline: bool,
+}
+
+impl EbpfStatusCollector {
+    /// Reports eBPF as active when `probes` is some.
+    pub fn new(host: Host, probes: Option<Arc<Probes>>) -> Self {
+        let stats_enabled = OpenFile::new(&host, "/proc/sys/kernel/bpf_stats_enabled");
+        // Without the programs it reads nothing.
+        let inline = probes.is_none() || served_from_kernel_memory(collector_names::EBPF, [stats_enabled.path()]);
+        Self { probes, stats_enabled, buf: String::new(), inline }
+    }
+}
+
+impl Collector for EbpfStatusCollector {
+    fn name(&self) -> &'static str {
+        collector_names::EBPF
+    }
+
+    /// Not when its files are on procfs and sysfs: map lookups and reads of kernel memory.
+    fn may_block(&self) -> bool {
+        !self.inline
+    }
+
+    fn uses_bpf_programs(&self) -> bool {
+        self.probes.is_some()
+    }
+
+    fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
+        out.push(Sample::gauge("dcmon_ebpf_active", if self.probes.is_some() { 1.0 } else { 0.0 }));
+        let Some(probes) = &self.probes else {
+            return Ok(());
+        };
+        let stats = probes.program_stats()?;
+        for s in &stats {
+            if let Some(misses) = s.recursion_misses {
+                out.push(Sample::count("dcmon_ebpf_program_missed_total", misses).label("program", s.program));
+            }
+        }
+        // Run time is only accounted while the sysctl is on; without it the counters are
+        // zeros that would read as "costs nothing", so leave them out.
+        if self.stats_enabled.read_into(&mut self.buf).is_err() || self.buf.trim() != "1" {
+            return Ok(());
+        }
+        for s in stats {
+            out.push(Sample::count("dcmon_ebpf_program_runs_total", s.run_count).label("program", s.program));
+            out.push(
+                Sample::gauge("dcmon_ebpf_program_run_seconds_total", s.run_time_ns as f64 / 1e9)
+                    .label("program", s.program),
+            );
+        }
+        Ok(())
+    }
+}

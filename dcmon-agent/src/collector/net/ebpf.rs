@@ -1,0 +1,214 @@
+//! Network I/O from the `netif_receive_skb` and `net_dev_xmit` BPF programs, reported like
+//! [`super::NetCollector`] reports /proc/net/dev.
+//!
+//! Values continue the /proc since-boot counters: at attach the collector records /proc's
+//! values (the baseline) and the map's values (the start), and reports
+//! `baseline + (map now - start)`, so switching modes across a restart shows no jump.
+//! Interfaces are listed from /sys/class/net at start and again on each rtnetlink link event
+//! (every round where netlink is refused), so renamed interfaces get their current names; the
+//! kernel key (ifindex) never changes under a rename.
+
+use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt as _;
+use std::sync::Arc;
+
+use anyhow::{Context as _, anyhow};
+use dcmon_common::collector_names;
+use dcmon_common::ebpf::{NetKey, NetValue};
+
+use super::{InterfaceCounters, parse_net_dev};
+use crate::batch::Sample;
+use crate::collector::{CollectError, Collector};
+use crate::config::DeviceFilter;
+use crate::ebpf::Probes;
+use crate::ebpf::link_events::LinkEvents;
+use crate::filter::PatternList;
+use crate::host::{Host, served_from_kernel_memory};
+
+/// `ARPHRD_ETHER` (/sys/class/net/X/type).
+const ARPHRD_ETHER: u32 = 1;
+/// `ARPHRD_LOOPBACK`.
+const ARPHRD_LOOPBACK: u32 = 772;
+/// Ethernet header bytes (`ETH_HLEN`).
+const ETH_HLEN: u64 = 14;
+
+/// `(rx bytes, tx bytes)` of `v` corrected so the stack's view matches what drivers count in /proc/net/dev.
+/// `netif_receive_skb` sees Ethernet frames with the 14-byte header already pulled, which
+/// Ethernet drivers (virtio, veth, physical NICs) count; loopback transmit carries a header
+/// that lo's counters (taken after eth_type_trans) leave out.
+pub fn header_adjust(arphrd: u32, v: &NetValue) -> (u64, u64) {
+    match arphrd {
+        ARPHRD_ETHER => (v.rx_bytes.wrapping_add(v.rx_packets.wrapping_mul(ETH_HLEN)), v.tx_bytes),
+        ARPHRD_LOOPBACK => (v.rx_bytes, v.tx_bytes.wrapping_sub(v.tx_packets.wrapping_mul(ETH_HLEN))),
+        _ => (v.rx_bytes, v.tx_bytes),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Iface {
+    key: NetKey,
+    arphrd: u32,
+}
+
+/// Network I/O from the `netif_receive_skb` and `net_dev_xmit` programs, for the interfaces
+/// of the agent's own network namespace (the one its /proc/net/dev shows).
+#[derive(Debug)]
+pub struct EbpfNetCollector {
+    host: Host,
+    filter: DeviceFilter,
+    probes: Arc<Probes>,
+    netns: u32,
+    /// /proc/net/dev at attach: (rx bytes, tx bytes).
+    baseline: HashMap<NetKey, (u64, u64)>,
+    /// The map at attach.
+    start: HashMap<NetKey, NetValue>,
+    /// Interfaces from the last round: name -> key and type.
+    known: HashMap<String, Iface>,
+    /// Link changes; without it (netlink refused) /sys/class/net is listed every round.
+    link_events: Option<LinkEvents>,
+    /// `known` may be out of date: the last re-list failed after the change was taken.
+    stale: bool,
+    /// Whether /sys/class/net is on sysfs (see [`served_from_kernel_memory`]).
+    inline: bool,
+}
+
+/// Inode number of the network namespace that `/proc/self/ns/net` under `host` names.
+pub fn own_netns(host: &Host) -> anyhow::Result<u32> {
+    let path = host.path("/proc/self/ns/net");
+    let ino = std::fs::metadata(&path).with_context(|| format!("stat {}", path.display()))?.ino();
+    u32::try_from(ino).map_err(|_| anyhow!("{}: inode {ino} does not fit 32 bits", path.display()))
+}
+
+impl EbpfNetCollector {
+    /// Takes the baseline now; call right after the programs are attached.
+    pub fn new(host: Host, filter: DeviceFilter, probes: Arc<Probes>) -> anyhow::Result<Self> {
+        let netns = own_netns(&host)?;
+        let start = probes.net_totals()?.into_iter().collect();
+        // Subscribed before the first listing, so no change after it is missed. The socket
+        // hears the agent's own namespace: of use only when the host root shows that one.
+        let link_events = if own_netns(&Host::default()).ok() == Some(netns) {
+            LinkEvents::subscribe()
+                .inspect_err(|e| tracing::debug!("no rtnetlink link events ({e}); listing /sys/class/net every round"))
+                .ok()
+        } else {
+            None
+        };
+        let mut c = Self {
+            host,
+            filter,
+            probes,
+            netns,
+            baseline: HashMap::new(),
+            start,
+            known: HashMap::new(),
+            link_events,
+            stale: false,
+            inline: false,
+        };
+        c.inline = served_from_kernel_memory(collector_names::NET, [c.host.path("/sys/class/net").as_path()]);
+        let text = c.host.read_to_string("/proc/net/dev")?;
+        let match_all = DeviceFilter { include: PatternList::match_all(), exclude: PatternList::default() };
+        let all = parse_net_dev(&text, &match_all)
+            .with_context(|| format!("parsing {}", c.host.path("/proc/net/dev").display()))?;
+        c.refresh_interfaces()?;
+        for i in all {
+            if let Some(iface) = c.known.get(&i.interface) {
+                c.baseline.insert(iface.key, (i.receive_bytes, i.transmit_bytes));
+            }
+        }
+        Ok(c)
+    }
+
+    fn refresh_interfaces(&mut self) -> anyhow::Result<()> {
+        let names = self.host.dir_names("/sys/class/net")?;
+        let mut current = HashMap::with_capacity(names.len());
+        for name in names {
+            if let Some(i) = self.known.get(&name) {
+                current.insert(name, *i);
+                continue;
+            }
+            let number = |file: &str| {
+                self.host.read_to_string(format!("/sys/class/net/{name}/{file}")).ok()?.trim().parse().ok()
+            };
+            let (ifindex, arphrd) = (number("ifindex"), number("type"));
+            if let (Some(ifindex), Some(arphrd)) = (ifindex, arphrd) {
+                let key = NetKey { ifindex, netns: self.netns };
+                current.insert(name, Iface { key, arphrd });
+            }
+        }
+        for (name, i) in &self.known {
+            if current.get(name).map(|c| c.key) != Some(i.key) && !current.values().any(|c| c.key == i.key) {
+                self.baseline.remove(&i.key);
+                self.start.remove(&i.key);
+                self.probes.forget_net(&i.key)?;
+            }
+        }
+        self.known = current;
+        Ok(())
+    }
+
+    /// Every interface of this namespace now, before filtering, sorted by name. /sys/class/net
+    /// is listed again whenever rtnetlink reported a link change since the last round: an
+    /// interface can be renamed at any time and its counters must follow the new name in the
+    /// same round (the kernel queues the event before the rename returns).
+    pub fn read_all(&mut self) -> anyhow::Result<Vec<InterfaceCounters>> {
+        if self.stale || self.link_events.as_ref().is_none_or(LinkEvents::changed) {
+            self.stale = true;
+            self.refresh_interfaces()?;
+            self.stale = false;
+        }
+        let keys: Vec<NetKey> = self.known.values().map(|i| i.key).collect();
+        let now: HashMap<NetKey, NetValue> = self.probes.net_values(&keys)?.into_iter().collect();
+        let zero = NetValue::default();
+        let mut out: Vec<InterfaceCounters> = self
+            .known
+            .iter()
+            .map(|(name, i)| {
+                let (base_rx, base_tx) = self.baseline.get(&i.key).copied().unwrap_or((0, 0));
+                let (now_rx, now_tx) = header_adjust(i.arphrd, now.get(&i.key).unwrap_or(&zero));
+                let (s_rx, s_tx) = header_adjust(i.arphrd, self.start.get(&i.key).unwrap_or(&zero));
+                InterfaceCounters {
+                    interface: name.clone(),
+                    receive_bytes: base_rx.wrapping_add(now_rx.wrapping_sub(s_rx)),
+                    transmit_bytes: base_tx.wrapping_add(now_tx.wrapping_sub(s_tx)),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.interface.cmp(&b.interface));
+        Ok(out)
+    }
+}
+
+impl Collector for EbpfNetCollector {
+    fn name(&self) -> &'static str {
+        collector_names::NET
+    }
+
+    /// Not when its files are on procfs and sysfs: map lookups and reads of kernel memory.
+    fn may_block(&self) -> bool {
+        !self.inline
+    }
+
+    fn uses_bpf_programs(&self) -> bool {
+        true
+    }
+
+    fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
+        let ifaces = self.read_all()?;
+        out.extend(ifaces.iter().filter(|i| self.filter.allows(&i.interface)).flat_map(InterfaceCounters::samples));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_adjustments_per_device_type() {
+        let v = NetValue { rx_packets: 2, rx_bytes: 100, tx_packets: 3, tx_bytes: 300 };
+        assert_eq!(header_adjust(ARPHRD_ETHER, &v), (128, 300));
+        assert_eq!(header_adjust(ARPHRD_LOOPBACK, &v), (100, 258));
+        assert_eq!(header_adjust(65534, &v), (100, 300));
+    }
+}
