@@ -53,3 +53,48 @@ fn disks_coming_and_going_are_followed() {
     assert_eq!(devices(&mut holding), [name.as_str()]);
     assert_eq!(devices(&mut holding), [name.as_str()]);
 }
+
+fn run(cmd: &[&str]) {
+    let out = std::process::Command::new(cmd[0]).args(&cmd[1..]).output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `disk_write_bytes_total` of `c`'s one disk.
+fn write_bytes(c: &mut DiskCollector) -> f64 {
+    let mut out: Vec<Sample> = Vec::new();
+    c.collect(&mut out).unwrap_or_else(|e| panic!("collect: {e:#}"));
+    let bytes: Vec<f64> = out.iter().filter(|s| s.name == "disk_write_bytes_total").map(|s| s.value.as_f64()).collect();
+    assert_eq!(bytes.len(), 1, "one disk expected: {out:?}");
+    bytes[0]
+}
+
+/// The kernel counts disk I/O in 512-byte sectors whatever a disk's logical block size
+/// (`dcmon_common::SECTOR_BYTES`): 64 KiB written to a loop device with 4 KiB logical blocks
+/// shows as 64 KiB more `disk_write_bytes_total`, and its size in sectors is its file's size.
+#[test]
+fn bytes_count_512_byte_sectors_on_a_disk_with_4k_blocks() {
+    if !is_root() {
+        eprintln!("skipped: setting up a loop device needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backing = dir.path().join("disk.img");
+    let file_bytes: u64 = 4 << 20;
+    std::fs::File::create(&backing).and_then(|f| f.set_len(file_bytes)).expect("backing file");
+    let dev = LoopDevice::add();
+    let (name, path) = (dev.name(), format!("/dev/{}", dev.name()));
+    run(&["losetup", "--sector-size", "4096", &path, backing.to_str().expect("utf-8 path")]);
+    let sys = |file: &str| -> u64 {
+        let text = std::fs::read_to_string(format!("/sys/block/{name}/{file}")).expect(file);
+        text.trim().parse().unwrap_or_else(|_| panic!("{file}: {text:?}"))
+    };
+    assert_eq!(sys("queue/logical_block_size"), 4096, "the test needs a disk whose blocks are not sectors");
+    assert_eq!(sys("size") * dcmon_common::SECTOR_BYTES, file_bytes, "/sys/block/{name}/size in sectors");
+    let filter = DeviceFilter { include: PatternList::new([name.as_str()]), exclude: PatternList::default() };
+    let mut collector = DiskCollector::new(Host::default(), filter);
+    let before = write_bytes(&mut collector);
+    run(&["dd", "if=/dev/zero", &format!("of={path}"), "bs=65536", "count=1", "oflag=direct"]);
+    let after = write_bytes(&mut collector);
+    assert_eq!(after - before, 65536.0, "bytes written, counted from sectors");
+    run(&["losetup", "-d", &path]);
+}

@@ -41,7 +41,7 @@ impl InterfaceCounters {
 /// (/proc/net/dev) into the interfaces `filter` allows, sorted by name.
 ///
 /// Parsed by hand rather than with procfs-core's `InterfaceDeviceStatus`, which hashes every
-/// interface into a map and parses all 16 counters: with 10,000 interfaces that parse cost more
+/// interface into a map and parses all 16 counters: with many interfaces that parse costs more
 /// than the kernel's text generation. This reads the two counters reported and allocates only
 /// for the interfaces kept.
 pub fn parse_net_dev(text: &str, filter: &DeviceFilter) -> anyhow::Result<Vec<InterfaceCounters>> {
