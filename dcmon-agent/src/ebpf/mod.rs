@@ -199,7 +199,10 @@ mod tests {
         // alone loads and attaches the programs).
         let _stats = match aya::sys::enable_stats(aya::sys::Stats::RunTime) {
             Ok(fd) => fd,
-            Err(e) => return skip(format!("enabling BPF run-time stats (BPF_ENABLE_STATS needs CAP_SYS_ADMIN): {e}")),
+            Err(e) => {
+                let e = anyhow::Error::from(e);
+                return skip(format!("enabling BPF run-time stats (BPF_ENABLE_STATS needs CAP_SYS_ADMIN): {e:#}"));
+            }
         };
         let rx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
