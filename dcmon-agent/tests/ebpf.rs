@@ -821,13 +821,15 @@ fn ebpf_config() -> dcmon_agent::config::Config {
 
 /// Each collector's `name()` is its `collector` label and decides which procfs collector the
 /// eBPF one replaces: with a wrong name both would run and every disk or network series would
-/// be reported twice.
+/// be reported twice. Checked as built at start (`collector::build`) and as rebuilt by a
+/// reload that keeps the loaded programs (`collector::rebuild`).
 #[test]
 fn ebpf_mode_reports_each_disk_and_network_series_once() {
     if !can_run("eBPF mode's series") {
         return;
     }
-    let collectors = match dcmon_agent::collector::build(&ebpf_config()) {
+    let config = ebpf_config();
+    let collectors = match dcmon_agent::collector::build(&config) {
         Ok(c) => c,
         Err(e) => {
             assert!(!required(), "DCMON_REQUIRE_EBPF=1 but eBPF failed: {e:#}");
@@ -836,18 +838,27 @@ fn ebpf_mode_reports_each_disk_and_network_series_once() {
     };
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let mut scheduler = dcmon_agent::agent::Scheduler::new(collectors, "m".into(), Duration::from_secs(5));
-    let batch = runtime.block_on(scheduler.collect(1));
+    assert_each_series_once("built", &runtime.block_on(scheduler.collect(1)));
+    let kept = scheduler.take_bpf_collectors();
+    let kept_names: BTreeSet<&str> = kept.iter().map(|c| c.name()).collect();
+    assert_eq!(kept_names, BTreeSet::from(["disk", "ebpf", "net"]), "the collectors holding BPF programs");
+    let collectors = dcmon_agent::collector::rebuild(&config, kept);
+    let mut scheduler = dcmon_agent::agent::Scheduler::new(collectors, "m".into(), Duration::from_secs(5));
+    assert_each_series_once("rebuilt", &runtime.block_on(scheduler.collect(2)));
+}
+
+fn assert_each_series_once(when: &str, batch: &dcmon_agent::batch::Batch) {
     let mut series: HashMap<(&str, &dcmon_agent::batch::Labels), usize> = HashMap::new();
     for s in batch.samples() {
         *series.entry((s.name, &s.labels)).or_default() += 1;
     }
     let repeated: Vec<_> = series.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(repeated.is_empty(), "series reported more than once: {repeated:?}");
+    assert!(repeated.is_empty(), "{when}: series reported more than once: {repeated:?}");
     let names: BTreeSet<&str> = series.keys().map(|(name, _)| *name).collect();
     for name in
         ["disk_reads_total", "disk_write_bytes_total", "network_receive_bytes_total", "network_transmit_bytes_total"]
     {
-        assert!(names.contains(name), "no {name} in eBPF mode: {names:?}");
+        assert!(names.contains(name), "{when}: no {name} in eBPF mode: {names:?}");
     }
     let success = |collector: &str| {
         batch
@@ -858,11 +869,11 @@ fn ebpf_mode_reports_each_disk_and_network_series_once() {
             .collect::<Vec<_>>()
     };
     for collector in ["os", "disk", "net", "ebpf"] {
-        assert_eq!(success(collector), [1.0], "dcmon_collector_success{{collector={collector:?}}}");
+        assert_eq!(success(collector), [1.0], "{when}: dcmon_collector_success{{collector={collector:?}}}");
     }
     let active: Vec<f64> =
         batch.samples().iter().filter(|s| s.name == "dcmon_ebpf_active").map(|s| s.value.as_f64()).collect();
-    assert_eq!(active, [1.0]);
+    assert_eq!(active, [1.0], "{when}");
 }
 
 /// Ids of the BPF programs process `pid` holds open (the `prog_id` of its fds' fdinfo).
