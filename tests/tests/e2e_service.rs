@@ -7,8 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use dcmon_agent::config::Config;
-use dcmon_agent::config::EbpfMode;
+use dcmon_agent::config::{Config, EbpfMode};
 use dcmon_agent::install::{CapNeeds, render_unit};
 use dcmon_tests::{AgentProcess, Receiver, agent_bin, wait_until, write_key};
 use serde_json::json;
