@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use dcmon_agent::collector::Collector;
 use dcmon_agent::collector::disk::ebpf::EbpfDiskCollector;
-use dcmon_agent::collector::disk::{DiskCollector, DiskCounters, RELIST_EVERY, WholeDisks, parse_diskstats};
+use dcmon_agent::collector::disk::{
+    DiskCollector, DiskCounters, RELIST_EVERY, WholeDisks, parse_block_stat, parse_diskstats,
+};
 use dcmon_agent::collector::net::ebpf::{EbpfNetCollector, header_adjust};
 use dcmon_agent::collector::net::{NetCollector, parse_net_dev};
 use dcmon_agent::config::DeviceFilter;
@@ -731,8 +733,8 @@ fn disk_with_iostats_off_follows_proc() {
 fn loop_reads_settled(name: &str, collector: &mut EbpfDiskCollector) -> ((u64, u64), Option<(u64, u64)>) {
     let stat = || {
         let text = std::fs::read_to_string(format!("/sys/block/{name}/stat")).expect("stat");
-        let f: Vec<u64> = text.split_whitespace().map(|v| v.parse().expect("number")).collect();
-        (f[0], f[2] * 512)
+        let c = parse_block_stat(name, &text).unwrap_or_else(|e| panic!("/sys/block/{name}/stat: {e:#}"));
+        (c.reads, c.read_bytes)
     };
     for _ in 0..20 {
         let before = stat();
