@@ -17,6 +17,15 @@ use crate::batch::Sample;
 use crate::config::DeviceFilter;
 use crate::host::{Host, OpenFile, ReadError, served_from_kernel_memory};
 
+/// This collector's row in the table ([`super::SOURCES`]).
+pub const SOURCE: super::Source = super::Source {
+    name: dcmon_common::collector_names::DISK,
+    switch: super::Switch::Always,
+    caps: &[],
+    section: None,
+    build: Some(|host, config| Box::new(DiskCollector::new(host.clone(), config.disks.clone()))),
+};
+
 /// How often /sys/block is listed again to find disks that appeared. A disk that goes away is
 /// noticed at once: reading its stat file fails.
 pub const RELIST_EVERY: Duration = Duration::from_secs(10);
