@@ -800,6 +800,28 @@ mod tests {
         );
     }
 
+    /// What `check` prints: each collector's outcome of the last round, in the given order.
+    #[tokio::test(flavor = "current_thread")]
+    async fn each_collectors_last_outcome_is_kept() {
+        let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(Fixed("good", Ok(()), Duration::ZERO)),
+            Box::new(Fixed("bad", Err("broken"), Duration::ZERO)),
+            Box::new(Fixed("absent", Err("absent"), Duration::ZERO)),
+        ];
+        let mut s = Scheduler::new(collectors, "m".into(), Duration::from_secs(60));
+        assert_eq!(s.outcomes().count(), 0, "no round yet");
+        s.collect(5).await;
+        let outcomes: Vec<(&str, Outcome)> = s.outcomes().map(|(n, o)| (n, o.clone())).collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("good", Outcome::Collected { samples: 1, first: Some(Sample::count("x", 1).label("from", "good")) }),
+                ("bad", Outcome::Failed("broken".into())),
+                ("absent", Outcome::NotPresent("no such thing".into())),
+            ]
+        );
+    }
+
     #[tokio::test(flavor = "current_thread")]
     async fn failures_are_isolated_and_reported() {
         let collectors: Vec<Box<dyn Collector>> = vec![

@@ -556,6 +556,13 @@ mod tests {
     }
 
     #[test]
+    fn an_exporter_given_twice_is_an_error() {
+        let err = parse(r#"{"exporters": {"apt": true, "nvme": false, "apt": false}}"#).expect_err("twice");
+        let msg = err.to_string();
+        assert!(msg.ends_with("line 1, column 48: field `exporters`: duplicate field `apt`"), "{msg}");
+    }
+
+    #[test]
     fn syntax_error_names_file_line_and_column() {
         let err = parse("{\n  \"collection_interval\": 30,\n  \"server_url\": \"http://x\"\n  \"exporters\": {}\n}")
             .expect_err("missing comma");

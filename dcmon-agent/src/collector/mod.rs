@@ -253,3 +253,30 @@ pub fn from_config(config: &Config) -> Vec<Box<dyn Collector>> {
         .map(|build| build(&host, config))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A row's name is the `collector` label of what it builds, and names are unique (they
+    /// key the `exporters` map and the config sections).
+    #[test]
+    fn each_row_builds_the_collector_of_its_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config { host_root: dir.path().to_owned(), ..Config::default() };
+        let host = Host::new(&config.host_root);
+        for source in SOURCES {
+            if let Some(build) = source.build {
+                assert_eq!(build(&host, &config).name(), source.name);
+            }
+            assert_eq!(SOURCES.iter().filter(|s| s.name == source.name).count(), 1, "{source:?}");
+        }
+        let built: Vec<&str> = from_config(&config).iter().map(|c| c.name()).collect();
+        assert_eq!(built, ["os", "disk", "net", "apt", "nvme", "ipmi", "nvsmi"]);
+        let mut none = Config { exporters: crate::config::Exporters::none(), ..config };
+        let built: Vec<&str> = from_config(&none).iter().map(|c| c.name()).collect();
+        assert_eq!(built, ["os", "disk", "net"]);
+        none.exporters.set("ipmi", true);
+        assert_eq!(from_config(&none).last().map(|c| c.name()), Some("ipmi"));
+    }
+}
