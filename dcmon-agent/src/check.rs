@@ -94,8 +94,11 @@ pub async fn check(
     for warning in build_warnings {
         r.line("WARN", "collectors", warning);
     }
-    let mut scheduler =
-        Scheduler::new(collectors, machine_id.clone().unwrap_or_default(), Duration::from_secs(config.collector_timeout));
+    let mut scheduler = Scheduler::new(
+        collectors,
+        machine_id.clone().unwrap_or_default(),
+        Duration::from_secs(config.collector_timeout),
+    );
     tokio::time::sleep(CPU_USAGE_WINDOW).await;
     let batch = scheduler.collect(crate::agent::unix_now_secs()).await;
     for (name, outcome) in scheduler.outcomes() {
@@ -241,11 +244,8 @@ mod tests {
         assert!(want.contains(&"ebpf"), "{want:?}");
         let loaded = Loaded { config, unknown_keys: Vec::new(), from_file: true };
         let report = check(Path::new("config.json"), Ok(loaded)).await;
-        let reported: Vec<&str> = report
-            .text
-            .lines()
-            .filter_map(|l| l.get(7..)?.strip_prefix("collector ")?.split(':').next())
-            .collect();
+        let reported: Vec<&str> =
+            report.text.lines().filter_map(|l| l.get(7..)?.strip_prefix("collector ")?.split(':').next()).collect();
         assert_eq!(reported, want, "{}", report.text);
         assert!(report.text.contains("[ OK ] collector os: "), "{}", report.text);
     }

@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use dcmon_agent::collector::capabilities;
 use dcmon_agent::config::Config;
 use dcmon_agent::ebpf::EbpfMode;
-use dcmon_agent::collector::capabilities;
 use dcmon_agent::install::render_unit;
 use dcmon_tests::{AgentProcess, Receiver, agent_bin, wait_until, write_key};
 use serde_json::json;

@@ -95,8 +95,11 @@ pub struct Source {
     /// Its config section, for the checks serde cannot make.
     pub section: Option<fn(&Config) -> &dyn Section>,
     /// Builds it from the config; `None` for the one [`build`] makes with the eBPF programs.
-    pub build: Option<fn(&Host, &Config) -> Box<dyn Collector>>,
+    pub build: Option<BuildFn>,
 }
+
+/// How a table row builds its collector from the host and the config.
+pub type BuildFn = fn(&Host, &Config) -> Box<dyn Collector>;
 
 impl std::fmt::Debug for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -246,12 +249,7 @@ pub fn rebuild(config: &Config, ebpf: Vec<Box<dyn Collector>>) -> Vec<Box<dyn Co
 /// The procfs collectors this config enables, in reporting order.
 pub fn from_config(config: &Config) -> Vec<Box<dyn Collector>> {
     let host = Host::new(&config.host_root);
-    SOURCES
-        .iter()
-        .filter(|s| s.enabled(config))
-        .filter_map(|s| s.build)
-        .map(|build| build(&host, config))
-        .collect()
+    SOURCES.iter().filter(|s| s.enabled(config)).filter_map(|s| s.build).map(|build| build(&host, config)).collect()
 }
 
 #[cfg(test)]
