@@ -226,6 +226,19 @@ mod tests {
     use super::*;
     use crate::config::{Config, Exporters, Loaded};
 
+    /// Warnings logged while the collectors are built (the eBPF fallback's reason) become
+    /// report lines; quieter messages stay out.
+    #[test]
+    fn warnings_logged_while_building_are_returned_as_lines() {
+        let (value, lines) = logged_warnings(|| {
+            tracing::info!("loaded");
+            tracing::warn!(collector = "disk", "eBPF unavailable: {}", "no BTF");
+            7
+        });
+        assert_eq!(value, 7);
+        assert_eq!(lines, ["eBPF unavailable: no BTF collector=\"disk\""]);
+    }
+
     /// `check` builds the collectors with `collector::build`, as `run` does: with eBPF on
     /// "auto" that includes the eBPF status collector, which the procfs-only list lacked.
     #[tokio::test]
