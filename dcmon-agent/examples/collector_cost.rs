@@ -42,7 +42,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let exporters = Exporters { ipmi: false, apt: false, nvme: false, nvsmi: false };
+    let exporters = Exporters::none();
     let mut config = Config { exporters, ebpf: if ebpf { EbpfMode::On } else { EbpfMode::Off }, ..Config::default() };
     if all_disks {
         config.disks = DeviceFilter { include: PatternList::match_all(), exclude: PatternList::default() };

@@ -55,6 +55,24 @@ struct Slot {
     last_len: usize,
     /// An inline collector that was found slow: it runs on a thread under the timeout from now on.
     on_thread: bool,
+    /// How its last round went ([`Scheduler::outcomes`]).
+    last_outcome: Option<Outcome>,
+}
+
+/// How one collector's last round went, as `dcmon-agent check` reports it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// It worked.
+    Collected {
+        /// How many samples it gave.
+        samples: usize,
+        /// The first of them, as an example.
+        first: Option<Sample>,
+    },
+    /// Its source is not on this host: it is not run again.
+    NotPresent(String),
+    /// The round failed: an error, a panic or the collector timeout.
+    Failed(String),
 }
 
 /// An inline run that takes longer than this moves its collector onto a thread: reading
@@ -98,6 +116,7 @@ impl Scheduler {
                 last_error: None,
                 last_len: 0,
                 on_thread: false,
+                last_outcome: None,
             })
             .collect();
         Self { slots, machine_id, collector_timeout, stats: SelfStats::default(), last_len: 0 }
@@ -120,6 +139,11 @@ impl Scheduler {
             }
         }
         taken
+    }
+
+    /// Each collector's name and how its last round went, in the order they were given.
+    pub fn outcomes(&self) -> impl Iterator<Item = (&'static str, &Outcome)> {
+        self.slots.iter().filter_map(|s| s.last_outcome.as_ref().map(|o| (s.name, o)))
     }
 
     /// One round: run every collector concurrently and build the batch stamped `timestamp`.
@@ -149,7 +173,7 @@ impl Scheduler {
                 SlotState::Overrunning(h) if h.is_finished() => match h.await {
                     // The late result is stale: drop its samples, run afresh.
                     Ok((c, ..)) => start(i, c, slot),
-                    Err(e) => tracing::error!(collector = slot.name, "collector thread failed: {e}; disabling it"),
+                    Err(e) => thread_failed(slot, &e),
                 },
                 SlotState::Overrunning(h) => {
                     slot.state = SlotState::Overrunning(h);
@@ -182,7 +206,7 @@ impl Scheduler {
                     log_failure(slot, format!("timed out after {:?}", self.collector_timeout));
                 }
                 // run_collector catches panics, so a JoinError means the runtime is shutting down.
-                Ok(Err(e)) => tracing::error!(collector = slot.name, "collector thread failed: {e}; disabling it"),
+                Ok(Err(e)) => thread_failed(slot, &e),
                 Ok(Ok(result)) => record(slot, result, &mut batch, &mut self_samples),
             }
         }
@@ -199,6 +223,9 @@ impl Scheduler {
 /// slot's state.
 fn record(slot: &mut Slot, (c, samples, result, took): RunResult, batch: &mut Batch, self_samples: &mut Vec<Sample>) {
     slot.last_len = samples.len();
+    if result.is_ok() {
+        slot.last_outcome = Some(Outcome::Collected { samples: samples.len(), first: samples.first().cloned() });
+    }
     batch.extend(samples);
     match result {
         Ok(()) => {
@@ -210,6 +237,7 @@ fn record(slot: &mut Slot, (c, samples, result, took): RunResult, batch: &mut Ba
         }
         Err(CollectError::NotPresent(why)) => {
             tracing::info!(collector = slot.name, "not collecting: {why}");
+            slot.last_outcome = Some(Outcome::NotPresent(why));
             slot.state = SlotState::Absent;
         }
         Err(CollectError::Failed(e)) => {
@@ -241,7 +269,15 @@ fn outcome_samples(collector: &'static str, took: Duration, success: bool) -> [S
     ]
 }
 
+/// A collector thread that ended without a result: the runtime is shutting down.
+fn thread_failed(slot: &mut Slot, e: &tokio::task::JoinError) {
+    tracing::error!(collector = slot.name, "collector thread failed: {e}; disabling it");
+    slot.last_outcome = Some(Outcome::Failed(format!("collector thread failed: {e}")));
+}
+
+/// A failed round: logged when it differs from the last failure logged.
 fn log_failure(slot: &mut Slot, msg: String) {
+    slot.last_outcome = Some(Outcome::Failed(msg.clone()));
     if slot.last_error.as_deref() != Some(msg.as_str()) {
         tracing::warn!(collector = slot.name, "collection failed: {msg}");
         slot.last_error = Some(msg);
@@ -601,7 +637,9 @@ mod tests {
             match self.1 {
                 Ok(()) => Ok(()),
                 Err("absent") => Err(CollectError::NotPresent("no such thing".into())),
-                Err("panic") => panic!("boom"),
+                // resume_unwind skips the panic hook, whose backtrace (RUST_BACKTRACE=1) can
+                // take longer than the test's collector timeout; the unwind is the same.
+                Err("panic") => std::panic::resume_unwind(Box::new("boom")),
                 Err(e) => Err(CollectError::Failed(anyhow::anyhow!(e))),
             }
         }
@@ -761,6 +799,28 @@ mod tests {
             success_of(&b, "slow_inline"),
             Some(Value::Count(0)),
             "on a thread: 3 s overruns the 300 ms timeout"
+        );
+    }
+
+    /// What `check` prints: each collector's outcome of the last round, in the given order.
+    #[tokio::test(flavor = "current_thread")]
+    async fn each_collectors_last_outcome_is_kept() {
+        let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(Fixed("good", Ok(()), Duration::ZERO)),
+            Box::new(Fixed("bad", Err("broken"), Duration::ZERO)),
+            Box::new(Fixed("absent", Err("absent"), Duration::ZERO)),
+        ];
+        let mut s = Scheduler::new(collectors, "m".into(), Duration::from_secs(60));
+        assert_eq!(s.outcomes().count(), 0, "no round yet");
+        s.collect(5).await;
+        let outcomes: Vec<(&str, Outcome)> = s.outcomes().map(|(n, o)| (n, o.clone())).collect();
+        assert_eq!(
+            outcomes,
+            [
+                ("good", Outcome::Collected { samples: 1, first: Some(Sample::count("x", 1).label("from", "good")) }),
+                ("bad", Outcome::Failed("broken".into())),
+                ("absent", Outcome::NotPresent("no such thing".into())),
+            ]
         );
     }
 

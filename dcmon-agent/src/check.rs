@@ -9,10 +9,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::batch::{Batch, Sample};
-use crate::collector::{self, CollectError};
+use crate::agent::{Outcome, Scheduler};
+use crate::batch::Sample;
+use crate::collector;
+use crate::config::EbpfMode;
 use crate::host::Host;
 use crate::upload::{UploadError, Uploader};
+
+/// How long CPU usage is measured over before the round: it needs a window.
+const CPU_USAGE_WINDOW: Duration = Duration::from_millis(250);
 
 /// The report and whether the configuration can run.
 #[derive(Debug, Default)]
@@ -67,40 +72,43 @@ pub async fn check(
         ),
     }
 
-    let ebpf = match config.ebpf {
-        crate::config::EbpfMode::Off => (" -- ", "off in the config: disk and network I/O from procfs".to_owned()),
-        mode => {
-            match crate::collector::net::ebpf::own_netns(&host)
-                .and_then(|ns| Ok(crate::ebpf::Probes::attach(Some(ns))?))
-            {
-                Ok(_probes) => {
-                    (" OK ", "programs load and attach: disk and network I/O counted in the kernel".to_owned())
-                }
-                Err(e) if mode == crate::config::EbpfMode::On => ("FAIL", format!("config says \"on\" but: {e:#}")),
-                Err(e) => ("WARN", format!("unavailable, procfs will be used: {e:#}")),
-            }
+    // Build the collectors and run one round exactly as the daemon does; the batch is sent
+    // in the server check below.
+    let (collectors, build_warnings) = logged_warnings(|| collector::build(&config));
+    let collectors = match collectors {
+        Ok(collectors) => {
+            let ebpf_in_use = collectors.iter().any(|c| c.uses_bpf_programs());
+            let (status, detail) = match config.ebpf {
+                EbpfMode::Off => (" -- ", "off in the config: disk and network I/O from procfs"),
+                _ if ebpf_in_use => (" OK ", "programs load and attach: disk and network I/O counted in the kernel"),
+                _ => ("WARN", "unavailable, procfs is used (why: the warning below)"),
+            };
+            r.line(status, "eBPF", detail);
+            collectors
+        }
+        Err(e) => {
+            r.line("FAIL", "collectors", format!("{e:#}"));
+            Vec::new()
         }
     };
-    r.line(ebpf.0, "eBPF", ebpf.1);
-
-    // Collect one round exactly as the daemon would, and keep the samples for the server check.
-    let mut samples = Vec::new();
-    let mut collectors = collector::from_config(&config);
-    tokio::time::sleep(Duration::from_millis(250)).await; // CPU usage needs a window
-    for c in &mut collectors {
-        let start = samples.len();
-        let result = c.collect(&mut samples);
-        let got: &[Sample] = &samples[start..];
-        match result {
-            Ok(()) => r.line(
-                " OK ",
-                &format!("collector {}", c.name()),
-                format!("{} samples, e.g. {}", got.len(), example(got)),
-            ),
-            Err(CollectError::NotPresent(why)) => {
-                r.line(" -- ", &format!("collector {}", c.name()), format!("not present: {why}"))
+    for warning in build_warnings {
+        r.line("WARN", "collectors", warning);
+    }
+    let mut scheduler = Scheduler::new(
+        collectors,
+        machine_id.clone().unwrap_or_default(),
+        Duration::from_secs(config.collector_timeout),
+    );
+    tokio::time::sleep(CPU_USAGE_WINDOW).await;
+    let batch = scheduler.collect(crate::agent::unix_now_secs()).await;
+    for (name, outcome) in scheduler.outcomes() {
+        let what = format!("collector {name}");
+        match outcome {
+            Outcome::Collected { samples, first } => {
+                r.line(" OK ", &what, format!("{samples} samples, e.g. {}", example(first.as_ref())))
             }
-            Err(CollectError::Failed(e)) => r.line("FAIL", &format!("collector {}", c.name()), format!("{e:#}")),
+            Outcome::NotPresent(why) => r.line(" -- ", &what, format!("not present: {why}")),
+            Outcome::Failed(why) => r.line("FAIL", &what, why),
         }
     }
 
@@ -145,10 +153,8 @@ pub async fn check(
         }
     };
 
-    if let (true, Some(key), Some(id)) = (reachable, key, machine_id) {
+    if let (true, Some(key), Some(_)) = (reachable, key, machine_id) {
         // A real request: this round's batch, which the server stores like any other.
-        let mut batch = Batch::new(id, crate::agent::unix_now_secs());
-        batch.extend(samples);
         let uploader = Uploader::new(
             config.server_base(),
             key,
@@ -171,11 +177,89 @@ pub async fn check(
     r
 }
 
-fn example(samples: &[Sample]) -> String {
-    let Some(s) = samples.first() else {
+/// Runs `f` and returns what it returned and the warnings it logged, one line each, instead
+/// of logging them: the eBPF fallback says why in a warning.
+fn logged_warnings<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    let buffer = SharedBuffer::default();
+    let writer = buffer.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_max_level(tracing::Level::WARN)
+        .without_time()
+        .with_level(false)
+        .with_target(false)
+        .with_ansi(false)
+        .finish();
+    let result = tracing::subscriber::with_default(subscriber, f);
+    let text = buffer.0.lock().map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default();
+    (result, text.lines().map(|l| l.trim().to_owned()).filter(|l| !l.is_empty()).collect())
+}
+
+/// Log output collected in memory.
+#[derive(Clone, Default)]
+struct SharedBuffer(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for SharedBuffer {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut b) = self.0.lock() {
+            b.extend_from_slice(bytes);
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn example(sample: Option<&Sample>) -> String {
+    let Some(s) = sample else {
         return "none".to_owned();
     };
     let labels: Vec<String> = s.labels.iter().map(|(k, v)| format!("{k}={v:?}")).collect();
     let labels = if labels.is_empty() { String::new() } else { format!("{{{}}}", labels.join(",")) };
     format!("{}{labels} = {}", s.name, s.value.as_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Config, Exporters, Loaded};
+
+    /// Warnings logged while the collectors are built (the eBPF fallback's reason) become
+    /// report lines; quieter messages stay out.
+    #[test]
+    fn warnings_logged_while_building_are_returned_as_lines() {
+        let (value, lines) = logged_warnings(|| {
+            tracing::info!("loaded");
+            tracing::warn!(collector = "disk", "eBPF unavailable: {}", "no BTF");
+            7
+        });
+        assert_eq!(value, 7);
+        assert_eq!(lines, ["eBPF unavailable: no BTF collector=\"disk\""]);
+    }
+
+    /// `check` builds the collectors with `collector::build`, as `run` does: with eBPF on
+    /// "auto" that includes the eBPF status collector, which the procfs-only list lacked.
+    #[tokio::test]
+    async fn check_reports_every_collector_the_daemon_runs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config {
+            machine_id: Some("check-test".into()),
+            api_key_file: dir.path().join("api_key"),
+            // Nothing listens on the discard port; the server lines fail, which is not tested here.
+            server_url: "http://127.0.0.1:9".into(),
+            connect_timeout: 1,
+            exporters: Exporters::none(),
+            ..Config::default()
+        };
+        let want: Vec<&str> = collector::build(&config).expect("build").iter().map(|c| c.name()).collect();
+        assert!(want.contains(&"ebpf"), "{want:?}");
+        let loaded = Loaded { config, unknown_keys: Vec::new(), from_file: true };
+        let report = check(Path::new("config.json"), Ok(loaded)).await;
+        let reported: Vec<&str> =
+            report.text.lines().filter_map(|l| l.get(7..)?.strip_prefix("collector ")?.split(':').next()).collect();
+        assert_eq!(reported, want, "{}", report.text);
+        assert!(report.text.contains("[ OK ] collector os: "), "{}", report.text);
+    }
 }

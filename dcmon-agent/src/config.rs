@@ -9,6 +9,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::collector::apt::AptConfig;
+pub use crate::collector::ipmi::IpmiConfig;
+pub use crate::collector::nvme::NvmeConfig;
+pub use crate::collector::nvsmi::NvsmiConfig;
+use crate::collector::{SOURCES, Switch};
 use crate::filter::PatternList;
 use crate::secure_file::SmallFileError;
 
@@ -80,24 +85,89 @@ pub enum EbpfMode {
     Off,
 }
 
-/// The spec's `exporters` map: each switch enables one collector, configured in its own
-/// section (`apt`, `nvme`, `ipmi`, `nvsmi`). A collector without its hardware is absent, never zeros.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(default)]
+/// The spec's `exporters` map: one switch per exporter of the collector table
+/// ([`crate::collector::SOURCES`]), each configured in its own section (`apt`, `nvme`, `ipmi`,
+/// `nvsmi`). A collector without its hardware is absent, never zeros. Keys the table does not
+/// know are ignored (and reported as unknown keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Exporters {
-    /// IPMI sensors through ipmitool.
-    pub ipmi: bool,
-    /// APT pending upgrades and reboot flag.
-    pub apt: bool,
-    /// NVMe SMART/health.
-    pub nvme: bool,
-    /// NVIDIA GPUs through NVML / nvidia-smi.
-    pub nvsmi: bool,
+    /// Every exporter of the table, in table order, with whether it is on.
+    switches: Vec<(&'static str, bool)>,
 }
 
 impl Default for Exporters {
+    /// Each exporter's own default.
     fn default() -> Self {
-        Self { ipmi: true, apt: true, nvme: true, nvsmi: true }
+        let switches = SOURCES
+            .iter()
+            .filter_map(|s| match s.switch {
+                Switch::Exporter { default } => Some((s.name, default)),
+                _ => None,
+            })
+            .collect();
+        Self { switches }
+    }
+}
+
+impl Exporters {
+    /// Every exporter off.
+    pub fn none() -> Self {
+        let mut exporters = Self::default();
+        exporters.switches.iter_mut().for_each(|(_, on)| *on = false);
+        exporters
+    }
+
+    /// Whether the exporter `name` is on (false for a name that is no exporter).
+    pub fn enabled(&self, name: &str) -> bool {
+        self.switches.iter().any(|&(n, on)| n == name && on)
+    }
+
+    /// Switch the exporter `name` on or off.
+    ///
+    /// # Panics
+    /// When `name` is no exporter of the table: a mistake in the calling code, not in a config.
+    pub fn set(&mut self, name: &str, on: bool) {
+        match self.switches.iter_mut().find(|(n, _)| *n == name) {
+            Some((_, switch)) => *switch = on,
+            None => panic!("{name:?} is not an exporter of the collector table"),
+        }
+    }
+
+    /// Every exporter's key and whether it is on, in table order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, bool)> + '_ {
+        self.switches.iter().copied()
+    }
+}
+
+impl<'de> Deserialize<'de> for Exporters {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Switches;
+        impl<'de> serde::de::Visitor<'de> for Switches {
+            type Value = Exporters;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of exporter names to true or false")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Exporters, A::Error> {
+                let mut exporters = Exporters::default();
+                let mut seen: Vec<&'static str> = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    match exporters.switches.iter_mut().find(|(n, _)| *n == key) {
+                        Some((name, switch)) => {
+                            // As the derived struct did: a key given twice is an error.
+                            if seen.contains(name) {
+                                return Err(serde::de::Error::duplicate_field(name));
+                            }
+                            seen.push(name);
+                            *switch = map.next_value()?;
+                        }
+                        // Ignored values are what serde_ignored reports as unknown keys.
+                        None => drop(map.next_value::<serde::de::IgnoredAny>()?),
+                    }
+                }
+                Ok(exporters)
+            }
+        }
+        deserializer.deserialize_map(Switches)
     }
 }
 
@@ -284,26 +354,34 @@ pub struct Loaded {
     pub from_file: bool,
 }
 
-/// The sections of the config that are JSON objects. serde's derive also accepts an array for
-/// a struct and maps it by position, so `[30, ...]` would silently set the fields in
-/// declaration order: these are checked to be objects first.
-const OBJECT_SECTIONS: [&str; 7] = ["exporters", "disks", "interfaces", "apt", "nvme", "ipmi", "nvsmi"];
+/// The sections of the config that are JSON objects, besides each collector's section.
+/// serde's derive also accepts an array for a struct and maps it by position, so `[30, ...]`
+/// would silently set the fields in declaration order: these are checked to be objects first.
+const OBJECT_SECTIONS: [&str; 3] = ["exporters", "disks", "interfaces"];
+
+/// [`OBJECT_SECTIONS`] and the section of every collector that has one.
+fn object_sections() -> impl Iterator<Item = &'static str> {
+    OBJECT_SECTIONS.into_iter().chain(SOURCES.iter().filter(|s| s.section.is_some()).map(|s| s.name))
+}
 
 const MINUTE: u64 = 60;
 const HOUR: u64 = 60 * MINUTE;
 const DAY: u64 = 24 * HOUR;
 const WEEK: u64 = 7 * DAY;
-const YEAR: u64 = 365 * DAY;
+/// Seconds in 365 days.
+pub const YEAR: u64 = 365 * DAY;
 
 /// The largest value a duration in the config may have, in seconds, and how to say it. A
 /// larger value is a typo (an interval of 10^12 s means never sending), and values from 2^63
 /// up would overflow time arithmetic.
 #[derive(Debug, Clone, Copy)]
-struct Limit(u64, &'static str);
+pub struct Limit(pub u64, pub &'static str);
 
-const UP_TO_AN_HOUR: Limit = Limit(HOUR, "1 hour");
+/// At most an hour.
+pub const UP_TO_AN_HOUR: Limit = Limit(HOUR, "1 hour");
 const UP_TO_A_DAY: Limit = Limit(DAY, "1 day");
-const UP_TO_A_WEEK: Limit = Limit(WEEK, "7 days");
+/// At most 7 days.
+pub const UP_TO_A_WEEK: Limit = Limit(WEEK, "7 days");
 
 impl Config {
     /// Load from `path`: a regular file of at most [`MAX_CONFIG_FILE_BYTES`]. A missing file
@@ -351,7 +429,7 @@ impl Config {
             let (line, column) = first_value_position(bytes);
             at(line, column, None, format!("the config must be a JSON object {{...}}, got {got}"))
         })?;
-        for section in OBJECT_SECTIONS {
+        for section in object_sections() {
             if let Some(serde_json::Value::Array(_)) = top.get(section) {
                 return Err(ConfigError::Invalid {
                     path: path.to_owned(),
@@ -399,16 +477,19 @@ impl Config {
                 format!("must be at least 65536 (room for a batch), got {}", self.outbox_max_bytes),
             ));
         }
-        self.ipmi.validate().map_err(|(field, detail)| invalid(field, detail))?;
+        for section in SOURCES.iter().filter_map(|s| s.section) {
+            section(self).validate().map_err(|(field, detail)| invalid(field, detail))?;
+        }
         if self.machine_id.as_ref().is_some_and(|id| id.trim().is_empty()) {
             return Err(invalid("machine_id", "must not be empty (remove the key to use /etc/machine-id)".into()));
         }
         Ok(())
     }
 
-    /// Every duration in the config (seconds) by its dotted name, with its upper bound.
-    fn durations(&self) -> [(&'static str, u64, Limit); 14] {
-        [
+    /// Every duration in the config (seconds) by its dotted name, with its upper bound: the
+    /// top-level ones, then each collector section's.
+    fn durations(&self) -> Vec<(&'static str, u64, Limit)> {
+        let mut durations = vec![
             ("collection_interval", self.collection_interval, UP_TO_A_DAY),
             ("collector_timeout", self.collector_timeout, UP_TO_AN_HOUR),
             ("upload_timeout", self.upload_timeout, UP_TO_AN_HOUR),
@@ -416,14 +497,11 @@ impl Config {
             ("outbox_max_age", self.outbox_max_age, Limit(10 * YEAR, "10 years")),
             ("retry_max_backoff", self.retry_max_backoff, UP_TO_A_DAY),
             ("auth_retry_interval", self.auth_retry_interval, UP_TO_A_DAY),
-            ("apt.interval", self.apt.interval, UP_TO_A_WEEK),
-            ("apt.timeout", self.apt.timeout, UP_TO_AN_HOUR),
-            ("nvme.timeout", self.nvme.timeout, UP_TO_AN_HOUR),
-            ("ipmi.interval", self.ipmi.interval, UP_TO_A_WEEK),
-            ("ipmi.timeout", self.ipmi.timeout, UP_TO_AN_HOUR),
-            ("ipmi.sdr_cache_max_age", self.ipmi.sdr_cache_max_age, Limit(YEAR, "365 days")),
-            ("nvsmi.timeout", self.nvsmi.timeout, UP_TO_AN_HOUR),
-        ]
+        ];
+        for section in SOURCES.iter().filter_map(|s| s.section) {
+            durations.extend(section(self).durations());
+        }
+        durations
     }
 
     /// Whether this config may load eBPF programs (every mode but an explicit "off").
@@ -439,117 +517,6 @@ impl Config {
     /// The server URL without a trailing slash, so `{base}/api/metrics` is well-formed.
     pub fn server_base(&self) -> &str {
         self.server_url.trim().trim_end_matches('/')
-    }
-}
-
-/// The `apt` section: pending upgrades, reboot flag, package list age.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(default)]
-pub struct AptConfig {
-    /// Seconds between upgrade counts (also recounted when dpkg's status or the lists change).
-    pub interval: u64,
-    /// Seconds one count may take before apt-get is killed.
-    pub timeout: u64,
-    /// The apt-get program.
-    pub apt_get: PathBuf,
-}
-
-impl Default for AptConfig {
-    fn default() -> Self {
-        Self { interval: 3600, timeout: 120, apt_get: PathBuf::from("apt-get") }
-    }
-}
-
-/// The `nvme` section.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(default)]
-pub struct NvmeConfig {
-    /// Controller device nodes (`/dev/nvme0`); empty means every controller in /sys/class/nvme.
-    pub devices: Vec<PathBuf>,
-    /// The nvme-cli program, used when the admin ioctl is not permitted.
-    pub nvme_cli: PathBuf,
-    /// Seconds one nvme-cli run may take.
-    pub timeout: u64,
-}
-
-impl Default for NvmeConfig {
-    fn default() -> Self {
-        Self { devices: Vec::new(), nvme_cli: PathBuf::from("nvme"), timeout: 5 }
-    }
-}
-
-/// The `ipmi` section: where the BMC is and how often to ask it.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(default)]
-pub struct IpmiConfig {
-    /// ipmitool interface: `open` (the local BMC through /dev/ipmi0), `lan` or `lanplus`.
-    pub interface: String,
-    /// BMC address for `lan`/`lanplus`.
-    pub host: Option<String>,
-    /// BMC UDP port.
-    pub port: u16,
-    /// BMC user.
-    pub username: Option<String>,
-    /// File holding the BMC password (never the password itself in the config).
-    pub password_file: Option<PathBuf>,
-    /// lanplus cipher suite (`-C`); without it ipmitool spends seconds probing.
-    pub cipher_suite: Option<u8>,
-    /// Seconds between sensor reads.
-    pub interval: u64,
-    /// Seconds one ipmitool run may take before it is killed.
-    pub timeout: u64,
-    /// The ipmitool program.
-    pub ipmitool: PathBuf,
-    /// Where the SDR cache lives (rebuilt when missing, stale or failing).
-    pub sdr_cache: PathBuf,
-    /// Seconds after which the SDR cache is rebuilt.
-    pub sdr_cache_max_age: u64,
-}
-
-impl Default for IpmiConfig {
-    fn default() -> Self {
-        Self {
-            interface: "open".to_owned(),
-            host: None,
-            port: 623,
-            username: None,
-            password_file: None,
-            cipher_suite: None,
-            interval: 60,
-            timeout: 30,
-            ipmitool: PathBuf::from("ipmitool"),
-            sdr_cache: PathBuf::from("/var/cache/dcmon/ipmi-sdr.cache"),
-            sdr_cache_max_age: 86_400,
-        }
-    }
-}
-
-impl IpmiConfig {
-    fn validate(&self) -> Result<(), (&'static str, String)> {
-        match self.interface.as_str() {
-            "open" => Ok(()),
-            "lan" | "lanplus" if self.host.as_deref().is_some_and(|h| !h.trim().is_empty()) => Ok(()),
-            "lan" | "lanplus" => Err(("ipmi.host", format!("interface {:?} needs the BMC address", self.interface))),
-            other => Err(("ipmi.interface", format!("expected \"open\", \"lan\" or \"lanplus\", got {other:?}"))),
-        }
-    }
-}
-
-/// The `nvsmi` section: where NVML and nvidia-smi are.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(default)]
-pub struct NvsmiConfig {
-    /// libnvidia-ml.so path; unset means the loader's default search.
-    pub nvml_library: Option<PathBuf>,
-    /// The nvidia-smi program, used when NVML cannot be loaded.
-    pub nvidia_smi: PathBuf,
-    /// Seconds one nvidia-smi run may take.
-    pub timeout: u64,
-}
-
-impl Default for NvsmiConfig {
-    fn default() -> Self {
-        Self { nvml_library: None, nvidia_smi: PathBuf::from("nvidia-smi"), timeout: 10 }
     }
 }
 
@@ -599,6 +566,13 @@ mod tests {
             parse(r#"{"collection_interval": 5, "log_file": "/x", "exporters": {"gpu2": true}}"#).expect("ok");
         assert_eq!(c.collection_interval, 5);
         assert_eq!(unknown, ["log_file", "exporters.gpu2"]);
+    }
+
+    #[test]
+    fn an_exporter_given_twice_is_an_error() {
+        let err = parse(r#"{"exporters": {"apt": true, "nvme": false, "apt": false}}"#).expect_err("twice");
+        let msg = err.to_string();
+        assert!(msg.ends_with("line 1, column 48: field `exporters`: duplicate field `apt`"), "{msg}");
     }
 
     #[test]
@@ -725,7 +699,7 @@ mod tests {
         );
         let err = parse("\n  \"http://x\"").expect_err("a string");
         assert!(err.to_string().contains("line 2, column 3: the config must be a JSON object"), "{err}");
-        for section in OBJECT_SECTIONS {
+        for section in object_sections() {
             let err = parse(&format!("{{\"{section}\": [true, false, 1]}}")).expect_err(section);
             assert_eq!(
                 err.to_string(),
@@ -740,7 +714,7 @@ mod tests {
 
     #[test]
     fn every_duration_has_an_upper_bound_and_huge_values_never_panic() {
-        let fields = Config::default().durations().map(|(field, ..)| field);
+        let fields = Config::default().durations().into_iter().map(|(field, ..)| field);
         for field in fields {
             for value in [1_u64 << 63, u64::MAX, 1_000_000_000_000] {
                 let json = match field.split_once('.') {

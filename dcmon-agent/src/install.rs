@@ -9,57 +9,23 @@ use crate::config::Config;
 
 /// The unit's name, as the spec's `systemctl start dcmon-client`.
 pub const UNIT_NAME: &str = "dcmon-client.service";
-/// The config written on first install: the spec's default.
-pub const DEFAULT_CONFIG_JSON: &str = r#"{
-  "server_url": "http://your-server.com:8000",
-  "collection_interval": 30,
-  "exporters": {
-    "ipmi": true,
-    "apt": true,
-    "nvme": true,
-    "nvsmi": true
-  }
-}
-"#;
-
-/// Which capabilities the enabled collectors need; everything else is dropped from the
-/// unit's bounding set.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CapNeeds {
-    /// Loading and reading the eBPF programs: CAP_BPF, CAP_PERFMON, CAP_DAC_READ_SEARCH.
-    pub ebpf: bool,
-    /// The NVMe admin ioctl (SMART log): CAP_SYS_ADMIN.
-    pub nvme: bool,
-    /// IPMI through the local BMC device: CAP_SYS_RAWIO.
-    pub ipmi: bool,
-}
-
-impl CapNeeds {
-    /// The needs of `config`'s enabled collectors.
-    pub fn from_config(config: &Config) -> Self {
-        // Every mode but an explicit "off" may load the eBPF programs.
-        Self { ebpf: config.ebpf_may_load(), nvme: config.exporters.nvme, ipmi: config.exporters.ipmi }
-    }
-
-    /// The capability names, in a stable order.
-    pub fn capabilities(self) -> Vec<&'static str> {
-        let mut caps = Vec::new();
-        if self.ebpf {
-            caps.extend(["CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH"]);
-        }
-        if self.nvme {
-            caps.push("CAP_SYS_ADMIN");
-        }
-        if self.ipmi {
-            caps.push("CAP_SYS_RAWIO");
-        }
-        caps
-    }
+/// The config written on first install: the spec's default, with a switch for each exporter
+/// of the collector table ([`crate::collector::SOURCES`]) at its default. The sections are
+/// left out, so their defaults stay the agent's and can improve with it.
+pub fn default_config_json() -> String {
+    let defaults = Config::default();
+    let switches: Vec<String> = defaults.exporters.iter().map(|(name, on)| format!("    \"{name}\": {on}")).collect();
+    format!(
+        "{{\n  \"server_url\": \"{}\",\n  \"collection_interval\": {},\n  \"exporters\": {{\n{}\n  }}\n}}\n",
+        defaults.server_url,
+        defaults.collection_interval,
+        switches.join(",\n")
+    )
 }
 
 /// The systemd unit for an agent installed at `binary`, reading `config_path`.
 pub fn render_unit(binary: &Path, config_path: &Path, config: &Config) -> String {
-    let caps = CapNeeds::from_config(config).capabilities().join(" ");
+    let caps = crate::collector::capabilities(config).join(" ");
     // The outbox must be writable under ProtectSystem=strict; '-' tolerates a missing path.
     let mut writable = vec!["/var/lib/dcmon".to_owned()];
     if !config.outbox_dir.starts_with("/var/lib/dcmon") {
@@ -169,7 +135,7 @@ pub fn install(opts: &InstallOptions, config: &Config) -> anyhow::Result<Report>
         Step::Dir { path: config_dir, mode: 0o755 },
         Step::File {
             path: opts.config_path.clone(),
-            contents: DEFAULT_CONFIG_JSON.as_bytes().to_vec(),
+            contents: default_config_json().into_bytes(),
             mode: 0o644,
             keep_existing: true,
         },
@@ -325,6 +291,7 @@ fn write_atomically(p: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collector::capabilities;
 
     #[test]
     fn capability_set_follows_the_enabled_collectors() {
@@ -332,21 +299,74 @@ mod tests {
             |c: &Config| render_unit(Path::new("/usr/local/bin/dcmon-agent"), Path::new("/etc/dcmon/config.json"), c);
         let mut c = Config::default();
         assert_eq!(
-            CapNeeds::from_config(&c).capabilities(),
+            capabilities(&c),
             ["CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH", "CAP_SYS_ADMIN", "CAP_SYS_RAWIO"],
             "defaults: eBPF auto, NVMe and IPMI on"
         );
-        c.exporters.nvme = false;
-        c.exporters.ipmi = false;
+        c.exporters.set("nvme", false);
+        c.exporters.set("ipmi", false);
         assert!(unit_for(&c).contains("\nCapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_DAC_READ_SEARCH\n"));
         c.ebpf = crate::config::EbpfMode::On;
         assert!(unit_for(&c).contains("\nCapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_DAC_READ_SEARCH\n"));
         c.ebpf = crate::config::EbpfMode::Off;
         let unit = unit_for(&c);
         assert!(unit.contains("\nCapabilityBoundingSet=\n"), "no collector needs a capability: drop all: {unit}");
-        c.exporters.ipmi = true;
+        c.exporters.set("ipmi", true);
         assert!(unit_for(&c).contains("\nCapabilityBoundingSet=CAP_SYS_RAWIO\n"));
         assert!(unit.contains("\nExecStart=/usr/local/bin/dcmon-agent --config /etc/dcmon/config.json run\n"));
+    }
+
+    /// Every combination of exporters and eBPF modes: the unit keeps exactly what the enabled
+    /// collectors need (eBPF: loading and reading the programs; nvme: the admin ioctl; ipmi:
+    /// the BMC device), nothing for apt and nvsmi, in one stable order.
+    #[test]
+    fn the_unit_bounding_set_is_derived_from_the_table_for_every_combination() {
+        use crate::config::EbpfMode;
+        let names: Vec<&str> = Config::default().exporters.iter().map(|(name, _)| name).collect();
+        assert_eq!(names, ["apt", "nvme", "ipmi", "nvsmi"], "the spec's exporters, in table order");
+        for ebpf in [EbpfMode::Auto, EbpfMode::On, EbpfMode::Off] {
+            for combination in 0..1_u32 << names.len() {
+                let mut c = Config { ebpf, exporters: crate::config::Exporters::none(), ..Config::default() };
+                for (bit, name) in names.iter().enumerate() {
+                    c.exporters.set(name, combination & 1 << bit != 0);
+                }
+                let mut want = Vec::new();
+                if ebpf != EbpfMode::Off {
+                    want.extend(["CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH"]);
+                }
+                if c.exporters.enabled("nvme") {
+                    want.push("CAP_SYS_ADMIN");
+                }
+                if c.exporters.enabled("ipmi") {
+                    want.push("CAP_SYS_RAWIO");
+                }
+                let unit = render_unit(Path::new("/usr/bin/dcmon-agent"), Path::new("/etc/dcmon/config.json"), &c);
+                let line = format!("\nCapabilityBoundingSet={}\n", want.join(" "));
+                assert!(unit.contains(&line), "{ebpf:?} {:?}: want {line:?} in\n{unit}", c.exporters);
+            }
+        }
+    }
+
+    /// The config `install` writes is the agent's defaults, with every exporter of the table
+    /// switched as its default, and nothing this agent would warn about.
+    #[test]
+    fn the_default_config_has_every_exporter_of_the_table() {
+        let text = default_config_json();
+        let (parsed, unknown) = Config::parse(Path::new("default.json"), &text).expect("the default config parses");
+        assert_eq!(parsed, Config::default());
+        assert!(unknown.is_empty(), "{unknown:?}");
+        let written: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+        let exporters = written["exporters"].as_object().expect("an exporters map");
+        for source in crate::collector::SOURCES {
+            let want = match source.switch {
+                crate::collector::Switch::Exporter { default } => Some(serde_json::Value::Bool(default)),
+                _ => None,
+            };
+            assert_eq!(exporters.get(source.name), want.as_ref(), "{}:\n{text}", source.name);
+        }
+        assert_eq!(exporters.len(), 4, "{text}");
+        assert_eq!(written["server_url"], "http://your-server.com:8000");
+        assert_eq!(written["collection_interval"], 30);
     }
 
     #[test]

@@ -808,17 +808,13 @@ fn a_vanished_disk_is_dropped_at_once_and_its_number_reused_from_zero() {
 /// The config of an agent on this host in eBPF mode, reporting every disk and interface
 /// (loop devices and lo included, so there is something to report), no exporters.
 fn ebpf_config() -> dcmon_agent::config::Config {
-    let mut config = dcmon_agent::config::Config {
+    dcmon_agent::config::Config {
         ebpf: dcmon_agent::config::EbpfMode::On,
         disks: match_all(),
         interfaces: match_all(),
+        exporters: dcmon_agent::config::Exporters::none(),
         ..dcmon_agent::config::Config::default()
-    };
-    config.exporters.apt = false;
-    config.exporters.nvme = false;
-    config.exporters.ipmi = false;
-    config.exporters.nvsmi = false;
-    config
+    }
 }
 
 /// Each collector's `name()` is its `collector` label and decides which procfs collector the

@@ -4,22 +4,13 @@
 //! both compile these definitions, and a map written by one is read by the other byte for byte.
 #![no_std]
 
-/// Names of the collectors as they appear in the `collector` label of self-metrics.
+/// The `collector` label of the collectors that have an eBPF and a procfs implementation
+/// (the agent's collector table names the others), and of the eBPF status collector.
 pub mod collector_names {
-    /// Load average, CPU usage and memory from procfs.
-    pub const OS: &str = "os";
     /// Per-device disk I/O.
     pub const DISK: &str = "disk";
     /// Per-interface network I/O.
     pub const NET: &str = "net";
-    /// APT pending upgrades, reboot flag and package list age.
-    pub const APT: &str = "apt";
-    /// NVMe SMART/health per controller.
-    pub const NVME: &str = "nvme";
-    /// IPMI sensors through ipmitool.
-    pub const IPMI: &str = "ipmi";
-    /// NVIDIA GPUs through NVML or nvidia-smi.
-    pub const NVSMI: &str = "nvsmi";
     /// eBPF mode status and program statistics.
     pub const EBPF: &str = "ebpf";
 }

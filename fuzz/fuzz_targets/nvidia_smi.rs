@@ -1,6 +1,6 @@
 //! `nvidia-smi --query-gpu=... --format=csv,noheader,nounits` output.
 #![no_main]
-use dcmon_agent::collector::gpu::parse_query_gpu;
+use dcmon_agent::collector::nvsmi::parse_query_gpu;
 use libfuzzer_sys::fuzz_target;
 
 mod common;

@@ -19,7 +19,7 @@ use dcmon_tests::fixture_host;
 
 /// The OS collectors only: the hardware exporters have tests of their own.
 fn config_for(root: &Path) -> Config {
-    let exporters = dcmon_agent::config::Exporters { ipmi: false, apt: false, nvme: false, nvsmi: false };
+    let exporters = dcmon_agent::config::Exporters::none();
     Config { host_root: root.to_owned(), exporters, ..Config::default() }
 }
 

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use dcmon_agent::collector::capabilities;
 use dcmon_agent::config::{Config, EbpfMode};
-use dcmon_agent::install::{CapNeeds, render_unit};
+use dcmon_agent::install::render_unit;
 use dcmon_tests::{AgentProcess, Receiver, agent_bin, wait_until, write_key};
 use serde_json::json;
 
@@ -112,10 +113,10 @@ fn systemd_analyze_verifies_the_unit_for_every_capability_set() {
         (EbpfMode::Off, false, false),
     ] {
         let mut config = Config { ebpf, ..Config::default() };
-        config.exporters.nvme = nvme;
-        config.exporters.ipmi = ipmi;
+        config.exporters.set("nvme", nvme);
+        config.exporters.set("ipmi", ipmi);
         let unit = render_unit(&bin, Path::new("/etc/dcmon/config.json"), &config);
-        let caps = CapNeeds::from_config(&config).capabilities().join(" ");
+        let caps = capabilities(&config).join(" ");
         assert!(unit.contains(&format!("\nCapabilityBoundingSet={caps}\n")), "{unit}");
         let path = dir.path().join("dcmon-client.service");
         std::fs::write(&path, &unit).expect("write unit");

@@ -6,7 +6,7 @@
 mod common;
 
 use dcmon_agent::collector::Collector as _;
-use dcmon_agent::collector::gpu::GpuCollector;
+use dcmon_agent::collector::nvsmi::NvsmiCollector;
 use dcmon_agent::config::NvsmiConfig;
 
 #[test]
@@ -21,7 +21,7 @@ fn nvml_is_loaded_once_reads_both_gpus_and_shuts_down_cleanly() {
         nvidia_smi: "/nonexistent/nvidia-smi".into(),
         timeout: 5,
     };
-    let mut collector = GpuCollector::new(&config);
+    let mut collector = NvsmiCollector::new(&config);
     for _ in 0..3 {
         let mut out = Vec::new();
         collector.collect(&mut out).expect("collect through NVML");

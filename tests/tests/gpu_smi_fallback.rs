@@ -8,7 +8,7 @@ mod common;
 use std::path::Path;
 
 use dcmon_agent::collector::Collector as _;
-use dcmon_agent::collector::gpu::GpuCollector;
+use dcmon_agent::collector::nvsmi::NvsmiCollector;
 use dcmon_agent::config::NvsmiConfig;
 
 #[test]
@@ -20,7 +20,7 @@ fn failed_nvml_init_falls_back_to_nvidia_smi_with_the_same_metrics() {
         nvidia_smi: Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/gpu/nvidia-smi"),
         timeout: 5,
     };
-    let mut collector = GpuCollector::new(&config);
+    let mut collector = NvsmiCollector::new(&config);
     for _ in 0..2 {
         let mut out = Vec::new();
         collector.collect(&mut out).expect("collect through nvidia-smi");
@@ -29,7 +29,7 @@ fn failed_nvml_init_falls_back_to_nvidia_smi_with_the_same_metrics() {
 
     // Neither NVML nor nvidia-smi: the collector is absent, not failing.
     let config = NvsmiConfig { nvidia_smi: "/nonexistent/nvidia-smi".into(), ..config };
-    let err = GpuCollector::new(&config).collect(&mut Vec::new()).expect_err("absent");
+    let err = NvsmiCollector::new(&config).collect(&mut Vec::new()).expect_err("absent");
     assert!(
         matches!(&err, dcmon_agent::collector::CollectError::NotPresent(w) if w.contains("NVIDIA driver is not loaded") && w.contains("/nonexistent/nvidia-smi: not found")),
         "{err}"

@@ -5,17 +5,50 @@
 //! status or the package lists change; every round reports the cached count. The reboot flag and
 //! the list age are a stat each and are read every round.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
-use dcmon_common::collector_names;
+use serde::Deserialize;
 
 use super::background::{FirstRunWait, Refresher};
 use super::{CollectError, Collector};
 use crate::batch::Sample;
-use crate::config::AptConfig;
+use crate::config::{Limit, UP_TO_A_WEEK, UP_TO_AN_HOUR};
 use crate::exec::{Cmd, ExecError};
 use crate::host::Host;
+
+/// This collector's row in the table ([`super::SOURCES`]).
+pub const SOURCE: super::Source = super::Source {
+    name: "apt",
+    switch: super::Switch::Exporter { default: true },
+    caps: &[],
+    section: Some(|config| &config.apt),
+    build: Some(|host, config| Box::new(AptCollector::new(host.clone(), &config.apt))),
+};
+
+/// The `apt` section: pending upgrades, reboot flag, package list age.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct AptConfig {
+    /// Seconds between upgrade counts (also recounted when dpkg's status or the lists change).
+    pub interval: u64,
+    /// Seconds one count may take before apt-get is killed.
+    pub timeout: u64,
+    /// The apt-get program.
+    pub apt_get: PathBuf,
+}
+
+impl Default for AptConfig {
+    fn default() -> Self {
+        Self { interval: 3600, timeout: 120, apt_get: PathBuf::from("apt-get") }
+    }
+}
+
+impl super::Section for AptConfig {
+    fn durations(&self) -> Vec<(&'static str, u64, Limit)> {
+        vec![("apt.interval", self.interval, UP_TO_A_WEEK), ("apt.timeout", self.timeout, UP_TO_AN_HOUR)]
+    }
+}
 
 const DPKG_STATUS: &str = "/var/lib/dpkg/status";
 const APT_LISTS: &str = "/var/lib/apt/lists";
@@ -158,7 +191,7 @@ impl AptCollector {
 
 impl Collector for AptCollector {
     fn name(&self) -> &'static str {
-        collector_names::APT
+        SOURCE.name
     }
 
     fn wait_for_first_result(&mut self) -> Option<Duration> {

@@ -10,6 +10,16 @@ use crate::batch::Sample;
 use crate::ebpf::Probes;
 use crate::host::{Host, OpenFile, served_from_kernel_memory};
 
+/// The eBPF status collector (`dcmon_ebpf_active`), which [`super::build`] makes with the BPF
+/// programs. First in the table so its capabilities lead the unit's bounding set.
+pub const SOURCE: super::Source = super::Source {
+    name: dcmon_common::collector_names::EBPF,
+    switch: super::Switch::Ebpf,
+    caps: &["CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH"],
+    section: None,
+    build: None,
+};
+
 /// `dcmon_ebpf_active`, and the programs' run count and time when `kernel.bpf_stats_enabled`.
 #[derive(Debug)]
 pub struct EbpfStatusCollector {

@@ -17,14 +17,89 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
-use dcmon_common::collector_names;
+use serde::Deserialize;
 
 use super::background::{FirstRunWait, Refresher};
 use super::{CollectError, Collector};
 use crate::batch::Sample;
-use crate::config::IpmiConfig;
+use crate::config::{Limit, UP_TO_A_WEEK, UP_TO_AN_HOUR, YEAR};
 use crate::exec::{Cmd, ExecError};
 use crate::host::Host;
+
+/// This collector's row in the table ([`super::SOURCES`]).
+pub const SOURCE: super::Source = super::Source {
+    name: "ipmi",
+    switch: super::Switch::Exporter { default: true },
+    // ipmitool's ioctls on the local BMC device.
+    caps: &["CAP_SYS_RAWIO"],
+    section: Some(|config| &config.ipmi),
+    build: Some(|host, config| Box::new(IpmiCollector::new(host.clone(), &config.ipmi))),
+};
+
+/// The `ipmi` section: where the BMC is and how often to ask it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct IpmiConfig {
+    /// ipmitool interface: `open` (the local BMC through /dev/ipmi0), `lan` or `lanplus`.
+    pub interface: String,
+    /// BMC address for `lan`/`lanplus`.
+    pub host: Option<String>,
+    /// BMC UDP port.
+    pub port: u16,
+    /// BMC user.
+    pub username: Option<String>,
+    /// File holding the BMC password (never the password itself in the config).
+    pub password_file: Option<PathBuf>,
+    /// lanplus cipher suite (`-C`); without it ipmitool spends seconds probing.
+    pub cipher_suite: Option<u8>,
+    /// Seconds between sensor reads.
+    pub interval: u64,
+    /// Seconds one ipmitool run may take before it is killed.
+    pub timeout: u64,
+    /// The ipmitool program.
+    pub ipmitool: PathBuf,
+    /// Where the SDR cache lives (rebuilt when missing, stale or failing).
+    pub sdr_cache: PathBuf,
+    /// Seconds after which the SDR cache is rebuilt.
+    pub sdr_cache_max_age: u64,
+}
+
+impl Default for IpmiConfig {
+    fn default() -> Self {
+        Self {
+            interface: "open".to_owned(),
+            host: None,
+            port: 623,
+            username: None,
+            password_file: None,
+            cipher_suite: None,
+            interval: 60,
+            timeout: 30,
+            ipmitool: PathBuf::from("ipmitool"),
+            sdr_cache: PathBuf::from("/var/cache/dcmon/ipmi-sdr.cache"),
+            sdr_cache_max_age: 86_400,
+        }
+    }
+}
+
+impl super::Section for IpmiConfig {
+    fn durations(&self) -> Vec<(&'static str, u64, Limit)> {
+        vec![
+            ("ipmi.interval", self.interval, UP_TO_A_WEEK),
+            ("ipmi.timeout", self.timeout, UP_TO_AN_HOUR),
+            ("ipmi.sdr_cache_max_age", self.sdr_cache_max_age, Limit(YEAR, "365 days")),
+        ]
+    }
+
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        match self.interface.as_str() {
+            "open" => Ok(()),
+            "lan" | "lanplus" if self.host.as_deref().is_some_and(|h| !h.trim().is_empty()) => Ok(()),
+            "lan" | "lanplus" => Err(("ipmi.host", format!("interface {:?} needs the BMC address", self.interface))),
+            other => Err(("ipmi.interface", format!("expected \"open\", \"lan\" or \"lanplus\", got {other:?}"))),
+        }
+    }
+}
 
 /// How long the first round waits for the first read (below the 10 s collector timeout).
 const FIRST_READ_WAIT: Duration = Duration::from_secs(6);
@@ -321,7 +396,7 @@ impl IpmiCollector {
 
 impl Collector for IpmiCollector {
     fn name(&self) -> &'static str {
-        collector_names::IPMI
+        SOURCE.name
     }
 
     fn wait_for_first_result(&mut self) -> Option<Duration> {

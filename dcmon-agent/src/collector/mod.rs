@@ -11,15 +11,24 @@
 //!
 //! A collector must not panic; if one does anyway, the scheduler catches it, reports it as
 //! failed and carries on with the others.
+//!
+//! # The table
+//! Each collector module declares itself in a `pub const SOURCE: Source` near its top: its
+//! name, whether it is always on or an exporter switched in the config's `exporters` map, the
+//! capabilities it needs, its config section and how it is built. [`SOURCES`] lists them
+//! once; [`from_config`], [`capabilities`] (the systemd unit's bounding set), the `exporters`
+//! map, the config's section checks and the default config `install` writes are derived from
+//! it. Adding a collector: its module with its `SOURCE`, a row in [`SOURCES`], and, when it
+//! has a config section, that section's field in [`Config`].
 
 pub mod apt;
 pub mod background;
 pub mod disk;
 pub mod ebpf_status;
-pub mod gpu;
 pub mod ipmi;
 pub mod net;
 pub mod nvme;
+pub mod nvsmi;
 pub mod os;
 
 use crate::batch::Sample;
@@ -72,6 +81,84 @@ pub trait Collector: Send + 'static {
     fn uses_bpf_programs(&self) -> bool {
         false
     }
+}
+
+/// One collector as the rest of the agent sees it (see the module docs).
+#[derive(Clone, Copy)]
+pub struct Source {
+    /// The `collector` label of its self-metrics; for an exporter also its key in the
+    /// `exporters` map and the key of its config section.
+    pub name: &'static str,
+    /// When it runs.
+    pub switch: Switch,
+    /// The Linux capabilities it needs, kept in the systemd unit's bounding set while it runs.
+    pub caps: &'static [&'static str],
+    /// Its config section, for the checks serde cannot make.
+    pub section: Option<fn(&Config) -> &dyn Section>,
+    /// Builds it from the config; `None` for the one [`build`] makes with the eBPF programs.
+    pub build: Option<BuildFn>,
+}
+
+/// How a table row builds its collector from the host and the config.
+pub type BuildFn = fn(&Host, &Config) -> Box<dyn Collector>;
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source").field("name", &self.name).field("switch", &self.switch).finish_non_exhaustive()
+    }
+}
+
+/// When a collector runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Switch {
+    /// On every host (procfs and sysfs sources).
+    Always,
+    /// When its key in the config's `exporters` map is true; `default` when the map leaves
+    /// the key out.
+    Exporter {
+        /// On when the config does not say.
+        default: bool,
+    },
+    /// Unless the config's `ebpf` is "off".
+    Ebpf,
+}
+
+impl Source {
+    /// Whether `config` runs this collector.
+    pub fn enabled(&self, config: &Config) -> bool {
+        match self.switch {
+            Switch::Always => true,
+            Switch::Exporter { .. } => config.exporters.enabled(self.name),
+            Switch::Ebpf => config.ebpf_may_load(),
+        }
+    }
+}
+
+/// A collector's config section: the checks of its values that its types cannot make.
+pub trait Section {
+    /// Every duration in it (seconds), by its dotted name (`apt.interval`), with its bound.
+    fn durations(&self) -> Vec<(&'static str, u64, crate::config::Limit)>;
+    /// A value its type allows but the collector cannot use: the dotted field and what is
+    /// allowed.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        Ok(())
+    }
+}
+
+/// Every collector (see the module docs); [`from_config`] builds them in this order.
+pub const SOURCES: &[Source] =
+    &[ebpf_status::SOURCE, os::SOURCE, disk::SOURCE, net::SOURCE, apt::SOURCE, nvme::SOURCE, ipmi::SOURCE, nvsmi::SOURCE];
+
+/// The capabilities the collectors `config` enables need, in table order, each once: the
+/// systemd unit keeps these in its bounding set and drops every other.
+pub fn capabilities(config: &Config) -> Vec<&'static str> {
+    let mut caps: Vec<&'static str> = Vec::new();
+    for cap in SOURCES.iter().filter(|s| s.enabled(config)).flat_map(|s| s.caps) {
+        if !caps.contains(cap) {
+            caps.push(cap);
+        }
+    }
+    caps
 }
 
 /// What the eBPF collectors are built from. A reload that leaves these alone keeps the
@@ -153,22 +240,32 @@ pub fn rebuild(config: &Config, ebpf: Vec<Box<dyn Collector>>) -> Vec<Box<dyn Co
 /// The procfs collectors this config enables, in reporting order.
 pub fn from_config(config: &Config) -> Vec<Box<dyn Collector>> {
     let host = Host::new(&config.host_root);
-    let mut collectors: Vec<Box<dyn Collector>> = vec![
-        Box::new(os::OsCollector::new(host.clone())),
-        Box::new(disk::DiskCollector::new(host.clone(), config.disks.clone())),
-        Box::new(net::NetCollector::new(host.clone(), config.interfaces.clone())),
-    ];
-    if config.exporters.apt {
-        collectors.push(Box::new(apt::AptCollector::new(host.clone(), &config.apt)));
+    SOURCES.iter().filter(|s| s.enabled(config)).filter_map(|s| s.build).map(|build| build(&host, config)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A row's name is the `collector` label of what it builds, and names are unique (they
+    /// key the `exporters` map and the config sections).
+    #[test]
+    fn each_row_builds_the_collector_of_its_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = Config { host_root: dir.path().to_owned(), ..Config::default() };
+        let host = Host::new(&config.host_root);
+        for source in SOURCES {
+            if let Some(build) = source.build {
+                assert_eq!(build(&host, &config).name(), source.name);
+            }
+            assert_eq!(SOURCES.iter().filter(|s| s.name == source.name).count(), 1, "{source:?}");
+        }
+        let built: Vec<&str> = from_config(&config).iter().map(|c| c.name()).collect();
+        assert_eq!(built, ["os", "disk", "net", "apt", "nvme", "ipmi", "nvsmi"]);
+        let mut none = Config { exporters: crate::config::Exporters::none(), ..config };
+        let built: Vec<&str> = from_config(&none).iter().map(|c| c.name()).collect();
+        assert_eq!(built, ["os", "disk", "net"]);
+        none.exporters.set("ipmi", true);
+        assert_eq!(from_config(&none).last().map(|c| c.name()), Some("ipmi"));
     }
-    if config.exporters.nvme {
-        collectors.push(Box::new(nvme::NvmeCollector::new(host.clone(), &config.nvme)));
-    }
-    if config.exporters.ipmi {
-        collectors.push(Box::new(ipmi::IpmiCollector::new(host, &config.ipmi)));
-    }
-    if config.exporters.nvsmi {
-        collectors.push(Box::new(gpu::GpuCollector::new(&config.nvsmi)));
-    }
-    collectors
 }

@@ -5,13 +5,47 @@ use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dcmon_common::collector_names;
+use serde::Deserialize;
 
 use super::{CollectError, Collector};
 use crate::batch::Sample;
-use crate::config::NvmeConfig;
+use crate::config::{Limit, UP_TO_AN_HOUR};
 use crate::exec::Cmd;
 use crate::host::Host;
+
+/// This collector's row in the table ([`super::SOURCES`]).
+pub const SOURCE: super::Source = super::Source {
+    name: "nvme",
+    switch: super::Switch::Exporter { default: true },
+    // The NVMe admin ioctl that reads the SMART log.
+    caps: &["CAP_SYS_ADMIN"],
+    section: Some(|config| &config.nvme),
+    build: Some(|host, config| Box::new(NvmeCollector::new(host.clone(), &config.nvme))),
+};
+
+/// The `nvme` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct NvmeConfig {
+    /// Controller device nodes (`/dev/nvme0`); empty means every controller in /sys/class/nvme.
+    pub devices: Vec<PathBuf>,
+    /// The nvme-cli program, used when the admin ioctl is not permitted.
+    pub nvme_cli: PathBuf,
+    /// Seconds one nvme-cli run may take.
+    pub timeout: u64,
+}
+
+impl Default for NvmeConfig {
+    fn default() -> Self {
+        Self { devices: Vec::new(), nvme_cli: PathBuf::from("nvme"), timeout: 5 }
+    }
+}
+
+impl super::Section for NvmeConfig {
+    fn durations(&self) -> Vec<(&'static str, u64, Limit)> {
+        vec![("nvme.timeout", self.timeout, UP_TO_AN_HOUR)]
+    }
+}
 
 /// Size of the SMART / Health Information log page.
 pub const SMART_LOG_BYTES: usize = 512;
@@ -355,7 +389,7 @@ impl NvmeCollector {
 
 impl Collector for NvmeCollector {
     fn name(&self) -> &'static str {
-        collector_names::NVME
+        SOURCE.name
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {

@@ -1,11 +1,19 @@
 //! Load average, CPU usage and memory from /proc/loadavg, /proc/stat and /proc/meminfo.
 
 use anyhow::Context as _;
-use dcmon_common::collector_names;
 
 use super::{CollectError, Collector};
 use crate::batch::Sample;
 use crate::host::{Host, OpenFile, served_from_kernel_memory};
+
+/// This collector's row in the table ([`super::SOURCES`]).
+pub const SOURCE: super::Source = super::Source {
+    name: "os",
+    switch: super::Switch::Always,
+    caps: &[],
+    section: None,
+    build: Some(|host, _| Box::new(OsCollector::new(host.clone()))),
+};
 
 /// CPU time counters from the `cpu ` line of /proc/stat, in clock ticks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -182,7 +190,7 @@ impl OsCollector {
             prev_cpu: None,
             inline: false,
         };
-        c.inline = served_from_kernel_memory(collector_names::OS, [c.stat.path(), c.loadavg.path(), c.meminfo.path()]);
+        c.inline = served_from_kernel_memory(SOURCE.name, [c.stat.path(), c.loadavg.path(), c.meminfo.path()]);
         c.prev_cpu = c.read_cpu().ok();
         c
     }
@@ -218,7 +226,7 @@ impl OsCollector {
 
 impl Collector for OsCollector {
     fn name(&self) -> &'static str {
-        collector_names::OS
+        SOURCE.name
     }
 
     /// Not when its files are on procfs: the kernel serves them from memory.

@@ -24,6 +24,16 @@ use crate::config::DeviceFilter;
 use crate::host::{Host, OpenFile, ReadError, served_from_kernel_memory};
 pub use inventory::{Disk, DiskInventory, RELIST_EVERY};
 
+/// This collector's row in the table ([`super::SOURCES`]).
+pub const SOURCE: super::Source = super::Source {
+    name: dcmon_common::collector_names::DISK,
+    switch: super::Switch::Always,
+    caps: &[],
+    section: None,
+    build: Some(|host, config| Box::new(DiskCollector::new(host.clone(), config.disks.clone()))),
+};
+
+
 /// Counters of one whole disk, in the units the metrics use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskCounters {

@@ -11,6 +11,15 @@ use crate::batch::Sample;
 use crate::config::DeviceFilter;
 use crate::host::{Host, OpenFile, served_from_kernel_memory};
 
+/// This collector's row in the table ([`super::SOURCES`]).
+pub const SOURCE: super::Source = super::Source {
+    name: dcmon_common::collector_names::NET,
+    switch: super::Switch::Always,
+    caps: &[],
+    section: None,
+    build: Some(|host, config| Box::new(NetCollector::new(host.clone(), config.interfaces.clone()))),
+};
+
 /// Counters of one interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterfaceCounters {

@@ -8,15 +8,48 @@ use std::ffi::OsStr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use dcmon_common::collector_names;
 use nvml_wrapper::Nvml;
 use nvml_wrapper::enum_wrappers::device::{Clock, EccCounter, MemoryError, PerformanceState, TemperatureSensor};
 use nvml_wrapper::error::NvmlError;
+use serde::Deserialize;
 
 use super::{CollectError, Collector};
 use crate::batch::Sample;
-use crate::config::NvsmiConfig;
+use crate::config::{Limit, UP_TO_AN_HOUR};
 use crate::exec::{Cmd, ExecError};
+
+/// This collector's row in the table ([`super::SOURCES`]).
+pub const SOURCE: super::Source = super::Source {
+    name: "nvsmi",
+    switch: super::Switch::Exporter { default: true },
+    caps: &[],
+    section: Some(|config| &config.nvsmi),
+    build: Some(|_, config| Box::new(NvsmiCollector::new(&config.nvsmi))),
+};
+
+/// The `nvsmi` section: where NVML and nvidia-smi are.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default)]
+pub struct NvsmiConfig {
+    /// libnvidia-ml.so path; unset means the loader's default search.
+    pub nvml_library: Option<PathBuf>,
+    /// The nvidia-smi program, used when NVML cannot be loaded.
+    pub nvidia_smi: PathBuf,
+    /// Seconds one nvidia-smi run may take.
+    pub timeout: u64,
+}
+
+impl Default for NvsmiConfig {
+    fn default() -> Self {
+        Self { nvml_library: None, nvidia_smi: PathBuf::from("nvidia-smi"), timeout: 10 }
+    }
+}
+
+impl super::Section for NvsmiConfig {
+    fn durations(&self) -> Vec<(&'static str, u64, Limit)> {
+        vec![("nvsmi.timeout", self.timeout, UP_TO_AN_HOUR)]
+    }
+}
 
 /// Where the loader finds NVML when the config names no path: the driver ships the versioned
 /// name; the unversioned one only comes with development packages.
@@ -242,13 +275,13 @@ enum Source {
 
 /// The NVIDIA GPU collector.
 #[derive(Debug)]
-pub struct GpuCollector {
+pub struct NvsmiCollector {
     nvml_library: Option<PathBuf>,
     smi: Cmd,
     source: Option<Source>,
 }
 
-impl GpuCollector {
+impl NvsmiCollector {
     /// A collector with the `nvsmi` config section. Nothing is loaded until the first round.
     pub fn new(config: &NvsmiConfig) -> Self {
         let smi = Cmd::new(&config.nvidia_smi)
@@ -283,9 +316,9 @@ impl GpuCollector {
     }
 }
 
-impl Collector for GpuCollector {
+impl Collector for NvsmiCollector {
     fn name(&self) -> &'static str {
-        collector_names::NVSMI
+        SOURCE.name
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
@@ -376,7 +409,7 @@ mod tests {
             nvidia_smi: "/nonexistent/nvidia-smi".into(),
             timeout: 5,
         };
-        let mut c = GpuCollector::new(&config);
+        let mut c = NvsmiCollector::new(&config);
         let err = c.collect(&mut Vec::new()).expect_err("absent");
         assert!(
             matches!(&err, CollectError::NotPresent(w)
