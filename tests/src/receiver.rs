@@ -91,8 +91,8 @@ impl Receiver {
             .route("/api/metrics", post(submit))
             .route("/api/register", post(register))
             .route("/health", get(health))
-            // The real server has no body-size limit (a 4.9 MB batch was accepted); axum's
-            // default of 2 MB would turn big hosts' batches into 413s the server never sends.
+            // The real server has no body-size limit; axum's default of 2 MB would turn big
+            // hosts' batches into 413s the server never sends.
             .layer(axum::extract::DefaultBodyLimit::disable())
             .with_state(Arc::clone(&inner));
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;

@@ -489,9 +489,8 @@ const QUIET_WAIT: Duration = Duration::from_secs(180);
 
 /// Wait until the host's CPUs are at most [`QUIET_BUSY`] busy over half a second. The kernel
 /// finishes some of the bench's own set-up and tear-down in the background: deleting a network
-/// namespace with 10,000 veth interfaces keeps a kworker busy for half a minute (a soft lockup
-/// of one CPU on this VM's non-preemptible kernel), and a subject measured meanwhile loses
-/// cycles to it (seen: the loop-disk row at half its batches and CPU).
+/// namespace with 10,000 veth interfaces keeps a kworker busy for a long while (README,
+/// Performance), and a subject measured meanwhile loses cycles to it.
 fn wait_for_quiet_host() -> anyhow::Result<()> {
     let start = Instant::now();
     loop {

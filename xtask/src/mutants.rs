@@ -1,7 +1,7 @@
 //! `cargo xtask mutants`: cargo-mutants on the files whose unit tests are meant to catch
 //! every behavioural change, with the test set that belongs to them (dcmon-agent's `--lib`
 //! unit tests; the integration tests start agents and servers and would make each mutant take
-//! minutes). All five files take about an hour on two cores, so this is not part of CI.
+//! minutes). The whole set takes long enough (README, Testing) that this is not part of CI.
 //!
 //! cargo-mutants writes its report to mutants.out/ (caught.txt, missed.txt, timeout.txt,
 //! unviable.txt); README's Testing section keeps the table and why each survivor is harmless.
