@@ -250,12 +250,6 @@ fn once_waits_for_a_slow_apt_count() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let batch: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON batch");
-    let pending = batch["metrics"]
-        .as_array()
-        .expect("metrics")
-        .iter()
-        .find(|m| m["name"] == "apt_upgrades_pending")
-        .map(|m| m["value"].clone());
-    assert_eq!(pending, Some(serde_json::json!(5)), "{stderr}");
+    assert_eq!(find(&batch, "apt_upgrades_pending", ""), Some(serde_json::json!(5)), "{stderr}");
     assert!(stderr.contains("(counting pending upgrades) is still running; waiting up to"), "{stderr}");
 }
