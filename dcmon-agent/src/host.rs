@@ -321,9 +321,9 @@ mod tests {
     #[test]
     fn open_file_reads_seq_files_longer_than_a_page_whole() {
         // seq_file hands out at most a page of records per read, so a short read of more than
-        // SHORT_READ_IS_EOF is not the end (smaps records are about 750 bytes; its short reads
-        // measured 3.7 to 3.9 KiB here). A sleeping child's smaps is a seq_file of more than a page that
-        // holds still.
+        // SHORT_READ_IS_EOF is not the end (smaps records are about 750 bytes, and a short read
+        // holds the whole records that fit in a page). A sleeping child's smaps is a seq_file of
+        // more than a page that holds still.
         let mut child = std::process::Command::new("sleep").arg("30").spawn().expect("spawn sleep");
         let rel = format!("/proc/{}/smaps", child.id());
         // Once the dynamic loader is done mapping, the file holds still.

@@ -7,34 +7,22 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use dcmon_tests::batch::find;
+use dcmon_tests::{AgentConfig, fixture_host};
+
 fn agent() -> Command {
     Command::new(env!("CARGO_BIN_EXE_dcmon-agent"))
-}
-
-fn fixture(name: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/hosts").join(name)
 }
 
 #[test]
 fn once_prints_the_batch_of_a_fixture_host() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let config = dir.path().join("config.json");
-    let root = fixture("gpu-server");
-    std::fs::write(&config, serde_json::json!({ "host_root": root }).to_string()).expect("write");
+    let config = AgentConfig::new().set("host_root", serde_json::json!(fixture_host("gpu-server"))).write(dir.path());
     let out = agent().arg("--config").arg(&config).arg("once").output().expect("run once");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let batch: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON batch");
     assert_eq!(batch["machine_id"], "6b1c0e2f9a8d4e7c8f1a2b3c4d5e6f70");
-    let metrics = batch["metrics"].as_array().expect("metrics");
-    let find = |name: &str, label: &str| {
-        metrics
-            .iter()
-            .find(|m| {
-                m["name"] == name
-                    && (label.is_empty() || m["labels"].as_object().is_some_and(|l| l.values().any(|v| v == label)))
-            })
-            .map(|m| m["value"].clone())
-    };
+    let find = |name: &str, label: &str| find(&batch, name, label);
     assert_eq!(find("cpu_load_1m", ""), Some(serde_json::json!(12.48)));
     assert_eq!(find("disk_write_bytes_total", "sda"), Some(serde_json::json!(301_221_800_u64 * 512)));
     assert_eq!(find("network_receive_bytes_total", "eno1"), Some(serde_json::json!(912_003_400_121_u64)));
@@ -65,11 +53,22 @@ fn unknown_config_keys_are_warnings() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown key `legacy_option`"));
 }
 
+/// The subcommands `--help` lists: the first word of each line of its `Commands:` section.
+fn subcommands_in_help(help: &str) -> Vec<&str> {
+    let Some((_, section)) = help.split_once("\nCommands:\n") else { return Vec::new() };
+    section.lines().take_while(|l| l.starts_with("  ")).filter_map(|l| l.split_whitespace().next()).collect()
+}
+
 #[test]
 fn help_lists_the_subcommands() {
     let out = agent().arg("--help").output().expect("help");
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("run") && text.contains("once"), "{text}");
+    assert!(out.status.success(), "{text}");
+    assert_eq!(
+        subcommands_in_help(&text),
+        ["run", "once", "check", "register", "install", "uninstall", "help"],
+        "the README's commands, as `--help` lists them:\n{text}"
+    );
 }
 
 /// A new FIFO at `path`.
@@ -177,18 +176,16 @@ fn reload_refuses_a_fifo_key_or_config_and_still_stops_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key: PathBuf = dir.path().join("api_key");
     std::fs::write(&key, "dcmon_test_key\n").expect("write key");
-    let config = dir.path().join("config.json");
-    let config_text = serde_json::json!({
-        // Nothing listens on the discard port: uploads fail and are retried, which is fine here.
-        "server_url": "http://127.0.0.1:9",
-        "machine_id": "reload-test",
-        "api_key_file": key,
-        "outbox_dir": dir.path().join("outbox"),
-        "ebpf": "off",
-        "exporters": {"ipmi": false, "apt": false, "nvme": false, "nvsmi": false},
-    })
-    .to_string();
-    std::fs::write(&config, &config_text).expect("write config");
+    let config = AgentConfig::without_exporters()
+        .extend(serde_json::json!({
+            // Nothing listens on the discard port: uploads fail and are retried, which is fine here.
+            "server_url": "http://127.0.0.1:9",
+            "machine_id": "reload-test",
+            "api_key_file": key,
+            "outbox_dir": dir.path().join("outbox"),
+            "ebpf": "off",
+        }))
+        .write(dir.path());
     let mut daemon = Daemon(
         agent()
             .arg("--config")
@@ -253,12 +250,6 @@ fn once_waits_for_a_slow_apt_count() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let batch: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON batch");
-    let pending = batch["metrics"]
-        .as_array()
-        .expect("metrics")
-        .iter()
-        .find(|m| m["name"] == "apt_upgrades_pending")
-        .map(|m| m["value"].clone());
-    assert_eq!(pending, Some(serde_json::json!(5)), "{stderr}");
+    assert_eq!(find(&batch, "apt_upgrades_pending", ""), Some(serde_json::json!(5)), "{stderr}");
     assert!(stderr.contains("(counting pending upgrades) is still running; waiting up to"), "{stderr}");
 }

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{LoopDevice, is_root};
+use common::{LoopDevice, require_root};
 use dcmon_agent::batch::Sample;
 use dcmon_agent::collector::Collector;
 use dcmon_agent::collector::disk::{DiskCollector, RELIST_EVERY};
@@ -21,10 +21,7 @@ fn devices(c: &mut DiskCollector) -> Vec<String> {
 
 #[test]
 fn disks_coming_and_going_are_followed() {
-    if !is_root() {
-        eprintln!("skipped: adding and removing loop devices needs root");
-        return;
-    }
+    require_root("adding and removing loop devices");
     let dev = LoopDevice::add();
     let name = dev.name();
     let filter = DeviceFilter { include: PatternList::new([name.as_str()]), exclude: PatternList::default() };

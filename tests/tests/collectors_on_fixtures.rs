@@ -1,7 +1,7 @@
-//! The OS collectors on captured /proc trees (this VM, a GPU server with partitions, NVMe, md,
+//! The OS collectors on captured /proc trees (a Debian 12 virtio VM, a GPU server with partitions, NVMe, md,
 //! dm and many interfaces, a container without /sys) and on this host's live /proc and /sys.
 //!
-//! The fixtures cover the three disk sources: the VM reports 1 of its 11 devices (per-disk
+//! The fixtures cover the three disk sources: the virtio VM reports 1 of its 11 devices (per-disk
 //! /sys/block/DEV/stat files), the GPU server 7 of 13 (/proc/diskstats is cheaper), the
 //! container has no /sys (/proc/diskstats, partitions told by name).
 
@@ -242,7 +242,7 @@ fn live_stat_files_and_diskstats_agree() {
 #[test]
 fn live_disk_samples_equal_what_diskstats_gives() {
     // The default filter reports the real disks; where they are a few of the host's block
-    // devices (here: vda of vda, loop0-7, zram0) they come from their stat files. The samples
+    // devices (e.g. vda of vda, loop0-7 and zram0) they come from their stat files. The samples
     // must be those /proc/diskstats gives, in its order.
     let mut c = DiskCollector::new(Host::default(), DeviceFilter::default_disks());
     for _ in 0..200 {

@@ -7,7 +7,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use dcmon_tests::{AgentProcess, Receiver, fixture_host, wait_until, write_key};
+use dcmon_tests::agent::run_once;
+use dcmon_tests::batch::{find, metrics};
+use dcmon_tests::{AgentConfig, AgentProcess, Receiver, fixture_host, require_root, write_key};
 use serde_json::{Value, json};
 
 const KEY: &str = "dcmon_hostileKeyHostileKeyHostileKeyHostileK";
@@ -31,42 +33,19 @@ fn host_with_fifo_loadavg(dir: &Path) -> std::path::PathBuf {
 }
 
 fn write_config(dir: &Path, settings: Value) -> std::path::PathBuf {
-    let mut config = json!({
-        "machine_id": MACHINE, "collection_interval": 1, "api_key_file": dir.join("api_key"),
-        "outbox_dir": dir.join("outbox"),
-        "exporters": {"ipmi": false, "apt": false, "nvme": false, "nvsmi": false},
-    });
-    config.as_object_mut().expect("object").extend(settings.as_object().expect("object").clone());
-    let path = dir.join("config.json");
-    std::fs::write(&path, config.to_string()).expect("config");
-    path
+    AgentConfig::without_exporters()
+        .extend(json!({
+            "machine_id": MACHINE, "collection_interval": 1, "api_key_file": dir.join("api_key"),
+            "outbox_dir": dir.join("outbox"),
+        }))
+        .extend(settings)
+        .write(dir)
 }
 
-fn metrics(batch: &Value) -> &Vec<Value> {
-    batch["metrics"].as_array().expect("metrics")
-}
-
-/// The value of `name` whose labels include `label` (any label, when empty).
-fn find(batch: &Value, name: &str, label: &str) -> Option<Value> {
-    metrics(batch)
-        .iter()
-        .find(|m| {
-            m["name"] == name
-                && (label.is_empty() || m["labels"].as_object().is_some_and(|l| l.values().any(|v| v == label)))
-        })
-        .map(|m| m["value"].clone())
-}
-
-/// `dcmon-agent once` under a deadline: it must not hang.
+/// `dcmon-agent once`: the batch and the log.
 fn once(dir: &Path, config: &Path) -> (Value, String) {
-    let mut agent = AgentProcess::start(dir, config, &["once"]).expect("start once");
-    let started = Instant::now();
-    let status = wait_until(Duration::from_secs(20), || agent.try_wait());
-    let log = agent.stderr();
-    let status = status.unwrap_or_else(|| panic!("`once` still running after 20 s:\n{log}"));
-    assert!(status.success(), "`once` failed after {:?}:\n{log}", started.elapsed());
-    let stdout = std::fs::read(dir.join("agent.stdout")).expect("stdout");
-    (serde_json::from_slice(&stdout).unwrap_or_else(|e| panic!("stdout is not a batch ({e}):\n{log}")), log)
+    let (stdout, log) = run_once(dir, config);
+    (serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("stdout is not a batch ({e}):\n{log}")), log)
 }
 
 /// The os collector fails with the FIFO named, the rest of its batch and the other collectors
@@ -125,6 +104,7 @@ fn run_with_a_fifo_for_proc_loadavg_keeps_sending_and_stops_on_sigterm() {
 #[test]
 fn run_with_a_hung_fuse_file_for_proc_loadavg_keeps_sending_and_stops_on_sigterm() {
     use common::fuse::{BindMount, HungFuseFile};
+    require_root("mounting FUSE and bind mounts");
     let receiver = Receiver::start(&[(KEY, MACHINE)]).expect("receiver");
     let dir = tempfile::tempdir().expect("tempdir");
     write_key(dir.path(), KEY).expect("key");
@@ -133,12 +113,11 @@ fn run_with_a_hung_fuse_file_for_proc_loadavg_keeps_sending_and_stops_on_sigterm
     // Declared first, so dropped last: a read the daemon holds keeps a killed agent from
     // exiting until the mount's drop has answered it.
     let mut agent: AgentProcess;
-    let Some(fuse) = HungFuseFile::mount(&root.join("proc/loadavg")) else { return };
-    let procfs: Vec<BindMount> = ["stat", "meminfo"]
+    let fuse = HungFuseFile::mount(&root.join("proc/loadavg"));
+    let _procfs: Vec<BindMount> = ["stat", "meminfo"]
         .iter()
-        .filter_map(|f| BindMount::new(&Path::new("/proc").join(f), &root.join("proc").join(f)))
+        .map(|f| BindMount::new(&Path::new("/proc").join(f), &root.join("proc").join(f)))
         .collect();
-    assert_eq!(procfs.len(), 2, "bind mounts over the fixture's proc/stat and proc/meminfo");
     let settings = json!({"host_root": root, "ebpf": "off", "server_url": receiver.url(), "collector_timeout": 1});
     let config = write_config(dir.path(), settings);
     agent = AgentProcess::start(dir.path(), &config, &["run"]).expect("agent");

@@ -18,35 +18,21 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use dcmon_tests::{AgentConfig, loop_device, write_key};
+use serde_json::json;
 
 /// Options of `cargo xtask bench`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Measured seconds per run (interval 1 s: one cycle per second).
+    #[arg(long, value_name = "N", default_value_t = 20)]
     pub seconds: u64,
     /// Runs per subject, alternating.
+    #[arg(long, value_name = "N", default_value_t = 3)]
     pub rounds: u32,
-    /// Also measure with many interfaces and loop devices (needs root).
-    pub scale: bool,
-}
-
-impl BenchArgs {
-    /// Parse `--seconds N --rounds N --no-scale`.
-    pub fn parse(args: &[String]) -> anyhow::Result<Self> {
-        let mut out = Self { seconds: 20, rounds: 3, scale: true };
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            match a.as_str() {
-                "--seconds" => out.seconds = it.next().context("--seconds N")?.parse().context("--seconds N")?,
-                "--rounds" => out.rounds = it.next().context("--rounds N")?.parse().context("--rounds N")?,
-                "--no-scale" => out.scale = false,
-                other => {
-                    bail!("unknown option {other:?}; usage: cargo xtask bench [--seconds N] [--rounds N] [--no-scale]")
-                }
-            }
-        }
-        Ok(out)
-    }
+    /// Leave out the runs with many interfaces and loop devices (which need root).
+    #[arg(long)]
+    pub no_scale: bool,
 }
 
 /// One run's numbers.
@@ -170,7 +156,7 @@ pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         }
         out.push('\n');
     }
-    if args.scale {
+    if !args.no_scale {
         out.push_str(&scale(&bin, args)?);
     }
     println_out(&out);
@@ -191,16 +177,15 @@ enum Ebpf {
     On,
 }
 
-/// The agent's config as JSON text (xtask has no serde): interval 1, OS collectors only,
-/// outbox on disk under `dir`; `all_disks` also reports loop devices.
-fn agent_config(url: &str, dir: &Path, all_disks: bool, ebpf: Ebpf) -> String {
-    let disks = if all_disks { r#", "disks": {"include": ["*"], "exclude": []}"# } else { "" };
-    let ebpf = if ebpf == Ebpf::On { "on" } else { "off" };
-    format!(
-        r#"{{"collection_interval": 1, "machine_id": "bench", "ebpf": "{ebpf}", "server_url": "{url}", "api_key_file": "{key}", "outbox_dir": "{outbox}", "exporters": {{"ipmi": false, "apt": false, "nvme": false, "nvsmi": false}}{disks}}}"#,
-        key = dir.join("api_key").display(),
-        outbox = dir.join("outbox").display(),
-    )
+/// The agent's config: interval 1, OS collectors only, outbox on disk under `dir`;
+/// `all_disks` also reports loop devices.
+fn agent_config(url: &str, dir: &Path, all_disks: bool, ebpf: Ebpf) -> AgentConfig {
+    let config = AgentConfig::without_exporters().extend(json!({
+        "collection_interval": 1, "machine_id": "bench", "server_url": url,
+        "ebpf": if ebpf == Ebpf::On { "on" } else { "off" },
+        "api_key_file": dir.join("api_key"), "outbox_dir": dir.join("outbox"),
+    }));
+    if all_disks { config.set("disks", json!({"include": ["*"], "exclude": []})) } else { config }
 }
 
 fn scale(bin: &Path, args: &BenchArgs) -> anyhow::Result<String> {
@@ -238,11 +223,11 @@ fn scale(bin: &Path, args: &BenchArgs) -> anyhow::Result<String> {
         let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
     }
     // 64 loop devices, reported (the default filter leaves loop devices out).
-    let loops_before = loop_numbers()?;
-    let dir = tempfile_dir("dcmon-bench-loops")?;
+    let loops_before = loop_device::numbers().context("listing /sys/block")?;
+    let dir = scratch_dir("dcmon-bench-loops")?;
     let mut loops = Vec::new();
     for i in 0..64 {
-        let img = dir.join(format!("img{i}"));
+        let img = dir.path().join(format!("img{i}"));
         std::fs::write(&img, vec![0u8; 1 << 20])?;
         let out = Command::new("losetup").args(["--find", "--show"]).arg(&img).output()?;
         if !out.status.success() {
@@ -258,10 +243,14 @@ fn scale(bin: &Path, args: &BenchArgs) -> anyhow::Result<String> {
     for l in &loops {
         let _ = Command::new("losetup").args(["-d", l]).status();
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(dir);
     // Detached loop devices stay listed in /proc/diskstats and /sys/block, and every later
     // measurement on this host would pay for them: remove the ones this run added.
-    let added: Vec<u32> = loop_numbers()?.into_iter().filter(|n| !loops_before.contains(n)).collect();
+    let added: Vec<u32> = loop_device::numbers()
+        .context("listing /sys/block")?
+        .into_iter()
+        .filter(|n| !loops_before.contains(n))
+        .collect();
     if let Err(e) = remove_loop_devices(&added) {
         eprintln!("warning: {e:#}");
     }
@@ -272,51 +261,22 @@ fn scale(bin: &Path, args: &BenchArgs) -> anyhow::Result<String> {
     Ok(format!("\n### Scale (1 run of {seconds} s each)\n\n{}", table(&names, &results)))
 }
 
-/// The numbers of the loop devices in /sys/block (`loop7` -> 7), sorted.
-fn loop_numbers() -> anyhow::Result<Vec<u32>> {
-    let mut numbers: Vec<u32> = std::fs::read_dir("/sys/block")
-        .context("listing /sys/block")?
-        .filter_map(|e| e.ok()?.file_name().into_string().ok())
-        .filter_map(|n| n.strip_prefix("loop")?.parse().ok())
-        .collect();
-    numbers.sort_unstable();
-    Ok(numbers)
-}
-
-/// `LOOP_CTL_REMOVE` (linux/loop.h): delete a loop device that has no backing file.
-const LOOP_CTL_REMOVE: libc::c_ulong = 0x4C81;
-
-/// Delete loop devices `numbers` through /dev/loop-control. A device udev still has open
-/// right after it was detached answers EBUSY for a moment: retried for up to 2 s.
+/// Delete loop devices `numbers` (detached, so without a backing file).
 fn remove_loop_devices(numbers: &[u32]) -> anyhow::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    if numbers.is_empty() {
-        return Ok(());
-    }
-    let ctl =
-        std::fs::OpenOptions::new().read(true).write(true).open("/dev/loop-control").context("/dev/loop-control")?;
-    let mut failed = Vec::new();
-    for &n in numbers {
-        let mut tries = 0;
-        loop {
-            // SAFETY: LOOP_CTL_REMOVE takes the device number as an integer argument.
-            let rc = unsafe { libc::ioctl(ctl.as_raw_fd(), LOOP_CTL_REMOVE, libc::c_ulong::from(n)) };
-            let err = std::io::Error::last_os_error();
-            if rc >= 0 || err.raw_os_error() == Some(libc::ENODEV) {
-                break;
-            }
-            tries += 1;
-            if err.raw_os_error() != Some(libc::EBUSY) || tries == 20 {
-                failed.push(format!("loop{n}: {err}"));
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
+    let failed: Vec<String> = numbers
+        .iter()
+        .filter_map(|&n| match loop_device::remove(n) {
+            Ok(()) => None,
+            Err(e) if e.raw_os_error() == Some(libc::ENODEV) => None,
+            Err(e) => Some(format!("loop{n}: {e}")),
+        })
+        .collect();
     if !failed.is_empty() {
         bail!("removing the loop devices this run added: {}", failed.join(", "));
     }
-    eprintln!("removed the {} loop devices this run added", numbers.len());
+    if !numbers.is_empty() {
+        eprintln!("removed the {} loop devices this run added", numbers.len());
+    }
     Ok(())
 }
 
@@ -367,12 +327,13 @@ fn run_ok(cmd: &mut Command) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn tempfile_dir(prefix: &str) -> anyhow::Result<PathBuf> {
-    // /var/tmp is disk-backed where /tmp may be tmpfs: the outbox cost must be the real one.
-    let dir = PathBuf::from(format!("/var/tmp/{prefix}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir)?;
-    Ok(dir)
+/// A scratch directory, removed when dropped. Under /var/tmp, which is disk-backed where /tmp
+/// may be tmpfs: the outbox cost must be the real one.
+fn scratch_dir(prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in("/var/tmp")
+        .with_context(|| format!("creating /var/tmp/{prefix}*"))
 }
 
 /// A child process killed when dropped.
@@ -424,16 +385,14 @@ fn start_receiver(bin: &Path, ns: Option<&str>, seconds: u64) -> anyhow::Result<
 
 fn measure_agent(bin: &Path, seconds: u64, ns: Option<&str>, all_disks: bool, ebpf: Ebpf) -> anyhow::Result<Run> {
     wait_for_quiet_host()?;
-    let dir = tempfile_dir("dcmon-bench-agent")?;
+    let dir = scratch_dir("dcmon-bench-agent")?;
     let (receiver, url, bytes) = start_receiver(bin, ns, seconds)?;
-    std::fs::write(dir.join("api_key"), format!("{KEY}\n"))?;
-    std::fs::set_permissions(dir.join("api_key"), std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
-    let config = agent_config(&url, &dir, all_disks, ebpf);
-    std::fs::write(dir.join("config.json"), config)?;
+    write_key(dir.path(), KEY)?;
+    let config = agent_config(&url, dir.path(), all_disks, ebpf).write(dir.path());
     let agent = Guard(
         in_netns(ns, &bin.join("dcmon-agent"))
             .arg("--config")
-            .arg(dir.join("config.json"))
+            .arg(config)
             .args(["--log-level", "warn", "run"])
             .spawn()?,
     );
@@ -441,7 +400,6 @@ fn measure_agent(bin: &Path, seconds: u64, ns: Option<&str>, all_disks: bool, eb
     let run = measure_process(agent.0.id(), seconds, || bytes.load(Ordering::Relaxed));
     drop(agent);
     drop(receiver);
-    let _ = std::fs::remove_dir_all(&dir);
     run
 }
 
@@ -453,14 +411,13 @@ fn measure_floor(bin: &Path, seconds: u64, subject: Subject) -> anyhow::Result<R
         let child = Guard(cmd.arg("wake").spawn()?);
         return measure_process(child.0.id(), seconds, || 0);
     }
-    let dir = tempfile_dir("dcmon-bench-floor")?;
+    let dir = scratch_dir("dcmon-bench-floor")?;
     let (receiver, url, bytes) = start_receiver(bin, None, seconds)?;
     let addr = url.strip_prefix("http://").context("receiver URL")?;
-    let child = Guard(cmd.args(["job", addr, KEY]).arg(&dir).spawn()?);
+    let child = Guard(cmd.args(["job", addr, KEY]).arg(dir.path()).spawn()?);
     let run = measure_process(child.0.id(), seconds, || bytes.load(Ordering::Relaxed));
     drop(child);
     drop(receiver);
-    let _ = std::fs::remove_dir_all(&dir);
     run
 }
 
@@ -506,14 +463,14 @@ fn measure_node_exporter(seconds: u64) -> anyhow::Result<Run> {
 
 fn measure_collectd(seconds: u64) -> anyhow::Result<Run> {
     wait_for_quiet_host()?;
-    let dir = tempfile_dir("dcmon-bench-collectd")?;
-    let conf = dir.join("collectd.conf");
+    let dir = scratch_dir("dcmon-bench-collectd")?;
+    let conf = dir.path().join("collectd.conf");
     std::fs::write(
         &conf,
         format!(
             "Interval 1\nFQDNLookup false\nBaseDir \"{d}\"\nPIDFile \"{d}/collectd.pid\"\nPluginDir \"/usr/lib/collectd\"\n\
              LoadPlugin cpu\nLoadPlugin memory\nLoadPlugin disk\nLoadPlugin interface\nLoadPlugin load\n",
-            d = dir.display()
+            d = dir.path().display()
         ),
     )?;
     let cd = Guard(
@@ -522,7 +479,6 @@ fn measure_collectd(seconds: u64) -> anyhow::Result<Run> {
     // No write plugin: collectd reads and aggregates but sends nothing.
     let run = measure_process(cd.0.id(), seconds, || 0);
     drop(cd);
-    let _ = std::fs::remove_dir_all(&dir);
     run
 }
 
@@ -533,9 +489,8 @@ const QUIET_WAIT: Duration = Duration::from_secs(180);
 
 /// Wait until the host's CPUs are at most [`QUIET_BUSY`] busy over half a second. The kernel
 /// finishes some of the bench's own set-up and tear-down in the background: deleting a network
-/// namespace with 10,000 veth interfaces keeps a kworker busy for half a minute (a soft lockup
-/// of one CPU on this VM's non-preemptible kernel), and a subject measured meanwhile loses
-/// cycles to it (seen: the loop-disk row at half its batches and CPU).
+/// namespace with 10,000 veth interfaces keeps a kworker busy for a long while (README,
+/// Performance), and a subject measured meanwhile loses cycles to it.
 fn wait_for_quiet_host() -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
@@ -636,4 +591,32 @@ fn schedstat_ns(pid: u32) -> u64 {
 fn status_kib(pid: u32, field: &str) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines().find(|l| l.starts_with(field))?.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use dcmon_agent::config::{Config, Exporters};
+    use dcmon_agent::ebpf::EbpfMode;
+
+    use super::*;
+
+    #[test]
+    fn the_agent_reads_the_bench_config_as_meant() {
+        let dir = Path::new("/var/tmp/dcmon-bench-agent");
+        for (ebpf, mode) in [(Ebpf::On, EbpfMode::On), (Ebpf::Off, EbpfMode::Off)] {
+            let text = agent_config("http://127.0.0.1:9", dir, true, ebpf).to_json();
+            let (config, warnings) =
+                Config::parse_bytes(Path::new("bench.json"), text.as_bytes()).unwrap_or_else(|e| panic!("{e}: {text}"));
+            assert!(warnings.is_empty(), "{warnings:?}");
+            assert_eq!(config.ebpf, mode);
+            assert_eq!(config.collection_interval, 1);
+            assert_eq!(config.server_url, "http://127.0.0.1:9");
+            assert_eq!((config.api_key_file, config.outbox_dir), (dir.join("api_key"), dir.join("outbox")));
+            assert_eq!(config.exporters, Exporters { ipmi: false, apt: false, nvme: false, nvsmi: false });
+            assert!(config.disks.include.matches("loop7"), "all disks reported: {text}");
+        }
+        let text = agent_config("http://127.0.0.1:9", dir, false, Ebpf::Off).to_json();
+        let (config, _) = Config::parse_bytes(Path::new("bench.json"), text.as_bytes()).expect("parses");
+        assert_eq!(config.disks, dcmon_agent::config::DeviceFilter::default_disks());
+    }
 }

@@ -19,35 +19,17 @@ use crate::clean_command;
 const TARGET_BIN_DIR: &str = "fuzz/target/x86_64-unknown-linux-gnu/release";
 
 /// `cargo xtask fuzz` options.
-#[derive(Debug)]
+#[derive(Debug, clap::Args)]
 pub struct FuzzArgs {
     /// Seconds each target runs.
+    #[arg(long, value_name = "N", default_value_t = 60)]
     pub seconds: u64,
-    /// Targets to run; empty: all of them.
+    /// A target to run (repeatable); none: all of them.
+    #[arg(long = "target", value_name = "NAME")]
     pub only: Vec<String>,
     /// Write the seed corpora and stop.
+    #[arg(long)]
     pub seed_only: bool,
-}
-
-impl FuzzArgs {
-    /// `[--seconds N] [--target NAME]... [--seed-only]`
-    pub fn parse(args: &[String]) -> anyhow::Result<Self> {
-        let mut parsed = Self { seconds: 60, only: Vec::new(), seed_only: false };
-        let mut it = args.iter();
-        while let Some(a) = it.next() {
-            match a.as_str() {
-                "--seconds" => {
-                    let v = it.next().context("--seconds needs a value")?;
-                    parsed.seconds =
-                        v.parse().with_context(|| format!("--seconds: expected whole seconds, got {v:?}"))?;
-                }
-                "--target" => parsed.only.push(it.next().context("--target needs a target name")?.clone()),
-                "--seed-only" => parsed.seed_only = true,
-                other => bail!("unknown argument `{other}` (expected --seconds N, --target NAME, --seed-only)"),
-            }
-        }
-        Ok(parsed)
-    }
 }
 
 /// The target names of fuzz/Cargo.toml (`[[bin]] name = "..."`), in file order.

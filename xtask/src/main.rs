@@ -3,6 +3,7 @@
 //! `cargo xtask bench` measures the agent's cost beside node_exporter and collectd.
 //! `cargo xtask fuzz` runs the cargo-fuzz targets of fuzz/ for a bounded time each;
 //! `cargo xtask mutants` runs cargo-mutants on the files whose unit tests must catch mutants.
+//! `cargo xtask bless` rewrites the golden batches of the fixture hosts (tests/fixtures/golden).
 
 mod bench;
 mod fuzz;
@@ -12,6 +13,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 
 use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use dcmon_tests::workspace_root;
 
 /// The committed object, relative to the workspace root; the agent embeds it with
 /// include_bytes so stable `cargo build` needs no BPF toolchain.
@@ -19,18 +22,37 @@ const OBJECT: &str = "dcmon-agent/ebpf/dcmon-ebpf.o";
 /// The rustc and bpf-linker that built the committed object, so a `--check` mismatch caused by
 /// a different nightly is easy to tell from a stale object.
 const TOOLCHAIN_NOTE: &str = "dcmon-agent/ebpf/dcmon-ebpf.built-with";
-const USAGE: &str = "usage: cargo xtask build-ebpf [--check] [--toolchain NAME]\n\
-       cargo xtask bench [--seconds N] [--rounds N] [--no-scale]\n\
-       cargo xtask fuzz [--seconds N] [--target NAME]... [--seed-only]\n\
-       cargo xtask mutants [--file PATH]... [--list] [-- CARGO-MUTANTS ARGS]\n\
-  build-ebpf   build dcmon-ebpf (nightly, bpfel-unknown-none, bpf-linker) into dcmon-agent/ebpf/\n\
-  --check      build into target/ and fail if it differs from the committed object\n\
-  --toolchain  rustup toolchain to build with (default: nightly)\n\
-  fuzz         seed fuzz/corpus from the fixtures, build every fuzz target, run each N s (default 60)\n\
-  mutants      cargo-mutants on batch.rs, os.rs, net.rs, deliver.rs, outbox.rs with the --lib tests";
+/// Developer chores for dcmon.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Build dcmon-ebpf (nightly, bpfel-unknown-none, bpf-linker) into dcmon-agent/ebpf/.
+    BuildEbpf {
+        /// Build into target/ and fail if it differs from the committed object.
+        #[arg(long)]
+        check: bool,
+        /// The rustup toolchain to build with.
+        #[arg(long, value_name = "NAME", default_value = "nightly")]
+        toolchain: String,
+    },
+    /// Measure the agent's cost beside node_exporter and collectd (builds release).
+    Bench(bench::BenchArgs),
+    /// Seed fuzz/corpus from the fixtures, build every fuzz target and run each for a while.
+    Fuzz(fuzz::FuzzArgs),
+    /// cargo-mutants on the files whose unit tests must catch mutants.
+    Mutants(mutants::MutantsArgs),
+    /// Rewrite the golden batches (tests/fixtures/golden) from the agent as it is now.
+    Bless,
+}
 
 fn main() -> ExitCode {
-    match run() {
+    match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("xtask: {e:#}");
@@ -39,40 +61,45 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> anyhow::Result<()> {
-    let mut args = std::env::args().skip(1);
-    let Some(cmd) = args.next() else {
-        bail!("{USAGE}");
-    };
-    if cmd == "bench" {
-        let rest: Vec<String> = args.collect();
-        return bench::run(&workspace_root()?, &bench::BenchArgs::parse(&rest)?);
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let root = workspace_root();
+    match cli.task {
+        Task::BuildEbpf { check, toolchain } => build_ebpf_task(&root, check, &toolchain),
+        Task::Bench(args) => bench::run(&root, &args),
+        Task::Fuzz(args) => fuzz::run(&root, &args),
+        Task::Mutants(args) => mutants::run(&root, &args),
+        Task::Bless => bless(&root),
     }
-    if cmd == "fuzz" {
-        let rest: Vec<String> = args.collect();
-        return fuzz::run(&workspace_root()?, &fuzz::FuzzArgs::parse(&rest)?);
+}
+
+/// Build the agent first, so the golden files come from this source and not from whatever
+/// binary an earlier build left in target/.
+fn bless(root: &Path) -> anyhow::Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let build = Command::new(&cargo)
+        .args(["build", "--package", "dcmon-agent", "--bin", "dcmon-agent"])
+        .current_dir(root)
+        .status()
+        .context("running cargo build")?;
+    if !build.success() {
+        bail!("building dcmon-agent failed ({build})");
     }
-    if cmd == "mutants" {
-        let rest: Vec<String> = args.collect();
-        return mutants::run(&workspace_root()?, &rest);
+    let test = Command::new(&cargo)
+        .args(["test", "--package", "dcmon-tests", "--test", "golden"])
+        .env("DCMON_BLESS", "1")
+        .current_dir(root)
+        .status()
+        .context("running cargo test")?;
+    if !test.success() {
+        bail!("writing the golden batches failed ({test})");
     }
-    if cmd != "build-ebpf" {
-        bail!("unknown command `{cmd}`\n{USAGE}");
-    }
-    let mut check = false;
-    let mut toolchain = "nightly".to_owned();
-    while let Some(a) = args.next() {
-        match a.as_str() {
-            "--check" => check = true,
-            "--toolchain" => {
-                toolchain = args.next().context("--toolchain needs a value")?;
-            }
-            other => bail!("unknown argument `{other}`\n{USAGE}"),
-        }
-    }
-    let root = workspace_root()?;
-    let built = build_ebpf(&root, &toolchain)?;
-    let version = rustc_version(&toolchain)?;
+    eprintln!("xtask: golden batches written; review them with `git diff tests/fixtures/golden`");
+    Ok(())
+}
+
+fn build_ebpf_task(root: &Path, check: bool, toolchain: &str) -> anyhow::Result<()> {
+    let built = build_ebpf(root, toolchain)?;
+    let version = rustc_version(toolchain)?;
     let committed = root.join(OBJECT);
     if check {
         let want =
@@ -104,12 +131,6 @@ fn run() -> anyhow::Result<()> {
         .with_context(|| format!("writing {TOOLCHAIN_NOTE}"))?;
     eprintln!("xtask: wrote {}", committed.display());
     Ok(())
-}
-
-fn workspace_root() -> anyhow::Result<PathBuf> {
-    let manifest =
-        std::env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR unset: run through `cargo xtask`")?;
-    Path::new(&manifest).parent().map(Path::to_path_buf).context("xtask's manifest dir has no parent")
 }
 
 /// `rustc -V` of the toolchain and `bpf-linker --version`: both decide the object's bytes.

@@ -1,7 +1,7 @@
 //! `cargo xtask mutants`: cargo-mutants on the files whose unit tests are meant to catch
 //! every behavioural change, with the test set that belongs to them (dcmon-agent's `--lib`
 //! unit tests; the integration tests start agents and servers and would make each mutant take
-//! minutes). All five files take about an hour on two cores, so this is not part of CI.
+//! minutes). The whole set takes long enough (README, Testing) that this is not part of CI.
 //!
 //! cargo-mutants writes its report to mutants.out/ (caught.txt, missed.txt, timeout.txt,
 //! unviable.txt); README's Testing section keeps the table and why each survivor is harmless.
@@ -22,19 +22,26 @@ pub const FILES: [&str; 6] = [
     "dcmon-agent/src/outbox/record.rs",
 ];
 
-/// `[--file PATH]... [--list] [-- CARGO-MUTANTS ARGS]`: `--file` narrows the run to some of
-/// [`FILES`] (or any other file of dcmon-agent), `--list` prints the mutants without testing.
-pub fn run(root: &Path, args: &[String]) -> anyhow::Result<()> {
-    let mut files: Vec<String> = Vec::new();
-    let mut extra: Vec<String> = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--file" => files.push(it.next().context("--file needs a path")?.clone()),
-            "--list" => extra.push("--list".into()),
-            "--" => extra.extend(it.by_ref().cloned()),
-            other => bail!("unknown argument `{other}` (expected --file PATH, --list, or -- ARGS for cargo-mutants)"),
-        }
+/// `cargo xtask mutants` options.
+#[derive(Debug, clap::Args)]
+pub struct MutantsArgs {
+    /// A file to mutate (repeatable): one of the default set or any other file of dcmon-agent.
+    #[arg(long = "file", value_name = "PATH")]
+    pub files: Vec<String>,
+    /// List the mutants without testing them.
+    #[arg(long)]
+    pub list: bool,
+    /// Passed on to cargo-mutants.
+    #[arg(last = true, value_name = "CARGO-MUTANTS ARGS")]
+    pub extra: Vec<String>,
+}
+
+/// cargo-mutants on [`FILES`] (or `args.files`) with dcmon-agent's `--lib` tests.
+pub fn run(root: &Path, args: &MutantsArgs) -> anyhow::Result<()> {
+    let mut files = args.files.clone();
+    let mut extra = args.extra.clone();
+    if args.list {
+        extra.insert(0, "--list".into());
     }
     if files.is_empty() {
         files = FILES.iter().map(|f| (*f).to_owned()).collect();

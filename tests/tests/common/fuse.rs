@@ -8,7 +8,7 @@
 //! an open FUSE file at exit: an agent that opened the file before the daemon hung cannot exit
 //! until the daemon answers or the connection is aborted.
 //!
-//! Needs root and /dev/fuse; [`HungFuseFile::mount`] returns `None` (saying why) without them.
+//! Needs root and /dev/fuse; the test fails, saying why, without them.
 
 use std::io::{Read as _, Write as _};
 use std::os::fd::AsRawFd as _;
@@ -54,16 +54,16 @@ struct State {
 }
 
 impl HungFuseFile {
-    /// Mounts the hung file over the regular file `target`; `None` where FUSE cannot be mounted
-    /// (not root, no /dev/fuse), with the reason on stderr.
-    pub fn mount(target: &Path) -> Option<Self> {
-        let dev = match std::fs::OpenOptions::new().read(true).write(true).open("/dev/fuse") {
-            Ok(f) => Arc::new(f),
-            Err(e) => {
-                eprintln!("skipped: cannot open /dev/fuse: {e}");
-                return None;
-            }
-        };
+    /// Mounts the hung file over the regular file `target` (needs root and /dev/fuse; the
+    /// test fails, saying why, where it cannot be mounted).
+    pub fn mount(target: &Path) -> Self {
+        let dev = Arc::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/fuse")
+                .unwrap_or_else(|e| panic!("cannot open /dev/fuse (is the fuse module loaded?): {e}")),
+        );
         // SAFETY: plain getters.
         let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
         let options = format!("fd={},rootmode=100444,user_id={uid},group_id={gid}", dev.as_raw_fd());
@@ -80,14 +80,11 @@ impl HungFuseFile {
                 data.as_ptr().cast(),
             )
         };
-        if rc != 0 {
-            eprintln!("skipped: cannot mount FUSE on {}: {}", target.display(), std::io::Error::last_os_error());
-            return None;
-        }
+        assert!(rc == 0, "cannot mount FUSE on {}: {}", target.display(), std::io::Error::last_os_error());
         let state = Arc::new((Mutex::new(State::default()), Condvar::new()));
         let (served, read_from) = (Arc::clone(&state), Arc::clone(&dev));
         std::thread::spawn(move || serve(&read_from, &served));
-        Some(Self { target: target.to_owned(), dev, state })
+        Self { target: target.to_owned(), dev, state }
     }
 
     /// How many times the file's filesystem was asked for (statfs).
@@ -238,24 +235,22 @@ fn statfs_out() -> Vec<u8> {
 pub struct BindMount(std::ffi::CString);
 
 impl BindMount {
-    /// `None` (saying why) where it cannot be mounted.
-    pub fn new(source: &Path, target: &Path) -> Option<Self> {
+    /// Bind `source` over `target` (needs root; the test fails, saying why, where it cannot).
+    pub fn new(source: &Path, target: &Path) -> Self {
         let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).expect("no NUL");
         let (source_c, target_c) = (c(source), c(target));
         // SAFETY: valid NUL-terminated paths; a bind mount takes no type or data.
         let rc = unsafe {
             libc::mount(source_c.as_ptr(), target_c.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null())
         };
-        if rc != 0 {
-            eprintln!(
-                "skipped: cannot bind {} on {}: {}",
-                source.display(),
-                target.display(),
-                std::io::Error::last_os_error()
-            );
-            return None;
-        }
-        Some(Self(target_c))
+        assert!(
+            rc == 0,
+            "cannot bind {} on {}: {}",
+            source.display(),
+            target.display(),
+            std::io::Error::last_os_error()
+        );
+        Self(target_c)
     }
 }
 
