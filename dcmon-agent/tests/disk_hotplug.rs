@@ -70,10 +70,7 @@ fn write_bytes(c: &mut DiskCollector) -> f64 {
 /// shows as 64 KiB more `disk_write_bytes_total`, and its size in sectors is its file's size.
 #[test]
 fn bytes_count_512_byte_sectors_on_a_disk_with_4k_blocks() {
-    if !is_root() {
-        eprintln!("skipped: setting up a loop device needs root");
-        return;
-    }
+    require_root("setting up a loop device with 4 KiB blocks");
     let dir = tempfile::tempdir().expect("tempdir");
     let backing = dir.path().join("disk.img");
     let file_bytes: u64 = 4 << 20;

@@ -27,17 +27,12 @@ use dcmon_agent::host::Host;
 use dcmon_common::ebpf::{DISK_MAP, DiskKey, NET_MAP, NetKey, NetValue, PROGRAMS};
 
 fn required() -> bool {
-    std::env::var("DCMON_REQUIRE_EBPF").is_ok_and(|v| v == "1")
+    dcmon_tests::ebpf_required()
 }
 
-/// Skips (returns false) or, under DCMON_REQUIRE_EBPF=1, fails.
+/// Loading BPF programs needs root: the test fails without it (README, Testing: root policy).
 fn can_run(what: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        assert!(!required(), "DCMON_REQUIRE_EBPF=1 but {what} needs root");
-        eprintln!("SKIP {what}: needs root (set DCMON_REQUIRE_EBPF=1 to make this a failure)");
-        return false;
-    }
+    common::require_root(what);
     true
 }
 

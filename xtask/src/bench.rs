@@ -596,7 +596,7 @@ fn status_kib(pid: u32, field: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use dcmon_agent::config::{Config, Exporters};
-    use dcmon_agent::ebpf::EbpfMode;
+    use dcmon_agent::config::EbpfMode;
 
     use super::*;
 
@@ -612,7 +612,7 @@ mod tests {
             assert_eq!(config.collection_interval, 1);
             assert_eq!(config.server_url, "http://127.0.0.1:9");
             assert_eq!((config.api_key_file, config.outbox_dir), (dir.join("api_key"), dir.join("outbox")));
-            assert_eq!(config.exporters, Exporters { ipmi: false, apt: false, nvme: false, nvsmi: false });
+            assert_eq!(config.exporters, Exporters::none());
             assert!(config.disks.include.matches("loop7"), "all disks reported: {text}");
         }
         let text = agent_config("http://127.0.0.1:9", dir, false, Ebpf::Off).to_json();
