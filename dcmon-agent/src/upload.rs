@@ -6,6 +6,7 @@
 //! (401/403: keep the batches), or rejected for good (only 400, 413 and 422). Everything read
 //! from the server is untrusted: only a short, sanitized excerpt of a body ever reaches the log.
 
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
@@ -24,6 +25,104 @@ const BODY_EXCERPT_BYTES: usize = 200;
 
 /// How many bytes of a server's answer are read; the rest is untrusted and of no use.
 const ANSWER_BODY_CAP: usize = 64 * 1024;
+
+/// The most bytes a `ca_file` may hold (a distribution's whole bundle is about 200 KiB).
+const MAX_CA_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The `ca_file` config key: a PEM bundle of CA certificates trusted for `https://` servers
+/// in addition to the webpki roots (an internal CA). Deserialized from its path alone;
+/// [`CaFile::load`] reads it, so parsing a config touches no other file.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(from = "PathBuf")]
+pub struct CaFile {
+    path: PathBuf,
+    /// The DER of each certificate once read (never empty then); empty before.
+    certificates: Vec<Vec<u8>>,
+}
+
+impl From<PathBuf> for CaFile {
+    fn from(path: PathBuf) -> Self {
+        Self { path, certificates: Vec::new() }
+    }
+}
+
+impl std::fmt::Debug for CaFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaFile").field("path", &self.path).field("certificates", &self.certificates.len()).finish()
+    }
+}
+
+impl CaFile {
+    /// The bundle's path, as configured.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Read and check the bundle: a regular file holding one or more PEM certificates that
+    /// rustls can use as trust anchors. The error names the file and what was expected. A
+    /// FIFO or device is refused at once; a file on a hung filesystem can still block.
+    pub fn load(&mut self) -> Result<(), String> {
+        self.certificates = read_ca_bundle(&self.path).map_err(|why| format!("{}: {why}", self.path.display()))?;
+        Ok(())
+    }
+
+    /// The certificates for reqwest, reading the file first when [`CaFile::load`] has not.
+    fn reqwest_certificates(&self) -> Result<Vec<reqwest::Certificate>, String> {
+        let mut loaded = std::borrow::Cow::Borrowed(self);
+        if self.certificates.is_empty() {
+            loaded.to_mut().load()?;
+        }
+        loaded
+            .certificates
+            .iter()
+            .map(|der| {
+                reqwest::Certificate::from_der(der).map_err(|e| format!("{}: {}", self.path.display(), error_chain(&e)))
+            })
+            .collect()
+    }
+}
+
+/// The DER of each certificate in the PEM bundle at `path`, each checked as a trust anchor.
+fn read_ca_bundle(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let (bytes, _) = crate::secure_file::read(path, MAX_CA_FILE_BYTES).map_err(|e| e.to_string())?;
+    let mut certificates = Vec::new();
+    for (n, item) in CertificateDer::pem_slice_iter(&bytes).enumerate() {
+        let n = n + 1;
+        let der = item.map_err(|e| format!("certificate {n} is not valid PEM: {e}"))?;
+        rustls::RootCertStore::empty()
+            .add(der.clone())
+            .map_err(|e| format!("certificate {n} is not an X.509 certificate usable as a CA: {e}"))?;
+        certificates.push(der.to_vec());
+    }
+    if certificates.is_empty() {
+        return Err("holds no certificate: expected a PEM bundle of one or more \
+                    -----BEGIN CERTIFICATE----- blocks"
+            .to_owned());
+    }
+    Ok(certificates)
+}
+
+/// A reqwest client builder for the dcmon server: rustls with the webpki roots and, with
+/// `ca`, its certificates too. Every client that talks to the server starts here.
+pub fn client_builder(ca: Option<&CaFile>) -> anyhow::Result<reqwest::ClientBuilder> {
+    let mut builder = reqwest::Client::builder();
+    for certificate in ca.map(CaFile::reqwest_certificates).transpose().map_err(anyhow::Error::msg)?.unwrap_or_default()
+    {
+        builder = builder.add_root_certificate(certificate);
+    }
+    Ok(builder)
+}
+
+/// The reason for an unreachable server, with a hint when its certificate was not trusted.
+fn with_tls_hint(reason: String) -> String {
+    if reason.contains("invalid peer certificate") {
+        format!("{reason} (the server's certificate is not signed by a trusted CA: for an internal CA, set ca_file)")
+    } else {
+        reason
+    }
+}
 
 /// Posts batches to one server with one key. The URL and the headers are built once: a post
 /// every second should not parse a URL and format a header each time.
@@ -347,28 +446,20 @@ impl UploadError {
 
 impl Uploader {
     /// A client for `server_base` (no trailing slash) with connect and total timeouts.
+    /// `ca` adds its certificates to the roots trusted for an `https://` server.
     pub fn new(
         server_base: &str,
         key: ApiKey,
         connect_timeout: Duration,
         total_timeout: Duration,
+        ca: Option<&CaFile>,
     ) -> anyhow::Result<Self> {
         let url = format!("{server_base}/api/metrics");
         let metrics_url =
             reqwest::Url::parse(&url).map_err(|e| anyhow::anyhow!("server_url gives {url}, not a valid URL: {e}"))?;
         let transport = match direct_target(&metrics_url, connect_timeout) {
             Some(direct) => Transport::Direct(direct),
-            None => Transport::Reqwest(
-                reqwest::Client::builder()
-                    .connect_timeout(connect_timeout)
-                    .timeout(total_timeout)
-                    // The batch is all the agent sends; one idle connection is all it needs.
-                    .pool_max_idle_per_host(1)
-                    // A redirected POST would be replayed as a GET; a redirect is a server_url to fix.
-                    .redirect(reqwest::redirect::Policy::none())
-                    .build()
-                    .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?,
-            ),
+            None => Transport::Reqwest(reqwest_client(ca, connect_timeout, total_timeout)?),
         };
         let mut headers = HeaderMap::with_capacity(4);
         headers.insert(reqwest::header::AUTHORIZATION, auth_header(&key)?);
@@ -378,6 +469,14 @@ impl Uploader {
             HeaderValue::from_static(concat!("dcmon-agent/", env!("CARGO_PKG_VERSION"))),
         );
         Ok(Self { transport, metrics_url, headers, total_timeout, upload_timer: None })
+    }
+
+    /// Post through reqwest even to a plain-HTTP server without a proxy: for the upload
+    /// bench, which compares the two transports.
+    #[doc(hidden)]
+    pub fn with_reqwest_transport(mut self, connect_timeout: Duration) -> anyhow::Result<Self> {
+        self.transport = Transport::Reqwest(reqwest_client(None, connect_timeout, self.total_timeout)?);
+        Ok(self)
     }
 
     /// Use a new key from now on (the operator fixed the key file after a 401). A key that
@@ -430,9 +529,29 @@ impl Uploader {
                 }
             }
         };
-        let answer = answer.map_err(|reason| UploadError::Unreachable { url: self.metrics_url.to_string(), reason })?;
+        let answer = answer.map_err(|reason| UploadError::Unreachable {
+            url: self.metrics_url.to_string(),
+            reason: with_tls_hint(reason),
+        })?;
         classify_answer(answer.status.as_u16(), &answer.headers, &answer.body, SystemTime::now())
     }
+}
+
+/// The reqwest client for `https://` and proxied servers.
+fn reqwest_client(
+    ca: Option<&CaFile>,
+    connect_timeout: Duration,
+    total_timeout: Duration,
+) -> anyhow::Result<reqwest::Client> {
+    client_builder(ca)?
+        .connect_timeout(connect_timeout)
+        .timeout(total_timeout)
+        // The batch is all the agent sends; one idle connection is all it needs.
+        .pool_max_idle_per_host(1)
+        // A redirected POST would be replayed as a GET; a redirect is a server_url to fix.
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {}", error_chain(&e)))
 }
 
 /// What the server's answer to a batch means, from its status code, headers and body alone:
@@ -589,7 +708,7 @@ mod tests {
         std::fs::write(&path, "0123456789abcdef0123456789abcdef\n").expect("write key");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let (key, _) = crate::api_key::load(&path).expect("key");
-        let u = Uploader::new(base, key, Duration::from_secs(2), total_timeout).expect("uploader");
+        let u = Uploader::new(base, key, Duration::from_secs(2), total_timeout, None).expect("uploader");
         assert!(matches!(u.transport, Transport::Direct(_)), "plain http goes direct");
         u
     }

@@ -243,7 +243,7 @@ fn a_five_megabyte_batch_is_accepted_like_the_real_server_does() {
     let body = batch.to_json();
     assert!(body.len() > 4_000_000, "{} bytes", body.len());
     let mut uploader =
-        dcmon_agent::upload::Uploader::new(&receiver.url(), key, Duration::from_secs(5), Duration::from_secs(30))
+        dcmon_agent::upload::Uploader::new(&receiver.url(), key, Duration::from_secs(5), Duration::from_secs(30), None)
             .expect("uploader");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let accepted = rt.block_on(uploader.send(body.into())).expect("accepted");
