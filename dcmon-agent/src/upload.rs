@@ -62,6 +62,9 @@ impl CaFile {
     /// rustls can use as trust anchors. The error names the file and what was expected. A
     /// FIFO or device is refused at once; a file on a hung filesystem can still block.
     pub fn load(&mut self) -> Result<(), String> {
+        if self.path.as_os_str().is_empty() {
+            return Err("the path is empty: give a PEM bundle's path, or remove the key".to_owned());
+        }
         self.certificates = read_ca_bundle(&self.path).map_err(|why| format!("{}: {why}", self.path.display()))?;
         Ok(())
     }
@@ -1140,6 +1143,11 @@ mod tests {
 
         let e = load_error();
         assert!(e.starts_with(&prefix) && e.contains("cannot read: No such file or directory"), "{e}");
+        let empty_path = serde_json::json!({"ca_file": ""});
+        std::fs::write(&config_path, empty_path.to_string()).expect("write config");
+        let e = load_error();
+        assert!(e.ends_with("field `ca_file`: the path is empty: give a PEM bundle's path, or remove the key"), "{e}");
+        std::fs::write(&config_path, config.to_string()).expect("write config");
         std::fs::create_dir(&ca_path).expect("mkdir");
         let e = load_error();
         assert!(e.starts_with(&prefix) && e.ends_with("is a directory, expected a regular file"), "{e}");
