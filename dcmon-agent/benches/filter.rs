@@ -8,22 +8,15 @@
 //! `cargo bench -p dcmon-agent --bench filter`
 #![allow(clippy::print_stdout, reason = "a benchmark prints its numbers")]
 
+mod common;
+
 use std::hint::black_box;
-use std::time::Duration;
 
 use dcmon_agent::config::DeviceFilter;
 use wildmatch::WildMatch;
 
 const ROUNDS: usize = 2000;
 const REPEATS: usize = 10;
-
-/// CPU time of this thread (user + system).
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid out-pointer for clock_gettime.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
-    Duration::new(u64::try_from(ts.tv_sec).unwrap_or(0), u32::try_from(ts.tv_nsec).unwrap_or(0))
-}
 
 /// The same filter as [`DeviceFilter`], on `wildmatch` patterns compiled once.
 struct CrateFilter {
@@ -62,13 +55,13 @@ fn main() {
     println!("{:<12} {:>6} {:>8}", "matcher", "repeat", "ns");
     for repeat in 1..=REPEATS {
         for (matcher, allows) in [("hand", &hand as &dyn Fn(&str) -> bool), ("wildmatch", &wildmatch)] {
-            let started = thread_cpu();
+            let started = common::thread_cpu();
             let mut kept = 0;
             for _ in 0..ROUNDS {
                 kept += names.iter().filter(|n| allows(black_box(n))).count();
             }
             black_box(kept);
-            let per_name = (thread_cpu() - started).as_secs_f64() * 1e9 / (ROUNDS * names.len()) as f64;
+            let per_name = (common::thread_cpu() - started).as_secs_f64() * 1e9 / (ROUNDS * names.len()) as f64;
             println!("{matcher:<12} {repeat:>6} {per_name:>8.1}");
         }
     }

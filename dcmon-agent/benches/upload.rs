@@ -7,6 +7,8 @@
 //! `cargo bench -p dcmon-agent --bench upload`
 #![allow(clippy::print_stdout, reason = "a benchmark prints its numbers")]
 
+mod common;
+
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::time::{Duration, Instant};
 
@@ -16,14 +18,6 @@ use dcmon_agent::upload::Uploader;
 
 const POSTS: usize = 2000;
 const REPEATS: usize = 5;
-
-/// CPU time of this thread (user + system).
-fn thread_cpu() -> Duration {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `ts` is a valid out-pointer for clock_gettime.
-    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &raw mut ts) };
-    Duration::new(u64::try_from(ts.tv_sec).unwrap_or(0), u32::try_from(ts.tv_nsec).unwrap_or(0))
-}
 
 /// A loopback HTTP/1.1 server answering every request with the dcmon server's 200, a thread
 /// per connection. Returns its base URL.
@@ -106,14 +100,14 @@ fn main() {
         }
         for repeat in 1..=REPEATS {
             for (name, uploader) in &mut transports {
-                let (cpu, wall) = (thread_cpu(), Instant::now());
+                let (cpu, wall) = (common::thread_cpu(), Instant::now());
                 for _ in 0..POSTS {
                     uploader.send(body.clone()).await.expect("accepted");
                 }
                 let per_post = |d: Duration| d.as_secs_f64() * 1e6 / POSTS as f64;
                 println!(
                     "{name:<16} {repeat:>6} {:>12.1} {:>12.1}",
-                    per_post(thread_cpu() - cpu),
+                    per_post(common::thread_cpu() - cpu),
                     per_post(wall.elapsed())
                 );
             }
