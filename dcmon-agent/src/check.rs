@@ -127,10 +127,12 @@ pub async fn check(
     };
 
     let health_url = format!("{}/health", config.server_base());
-    let client = reqwest::Client::builder()
-        .connect_timeout(Duration::from_secs(config.connect_timeout))
-        .timeout(Duration::from_secs(config.upload_timeout))
-        .build();
+    let client = crate::upload::client_builder(config.ca_file.as_ref()).and_then(|builder| {
+        Ok(builder
+            .connect_timeout(Duration::from_secs(config.connect_timeout))
+            .timeout(Duration::from_secs(config.upload_timeout))
+            .build()?)
+    });
     let reachable = match client {
         Ok(client) => match client.get(&health_url).send().await {
             Ok(resp) => {
@@ -160,6 +162,7 @@ pub async fn check(
             key,
             Duration::from_secs(config.connect_timeout),
             Duration::from_secs(config.upload_timeout),
+            config.ca_file.as_ref(),
         );
         match uploader {
             Ok(mut u) => match u.send(Bytes::from(batch.to_json())).await {

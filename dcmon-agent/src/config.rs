@@ -28,6 +28,9 @@ pub const DEFAULT_API_KEY_PATH: &str = "/etc/dcmon/api_key";
 pub struct Config {
     /// Base URL of the dcmon server, `http://` or `https://`, without `/api/...`.
     pub server_url: String,
+    /// A PEM bundle of CA certificates trusted for an `https://` server besides the webpki
+    /// roots; read and checked by [`Config::load`].
+    pub ca_file: Option<crate::upload::CaFile>,
     /// Seconds between batches (at least 1).
     pub collection_interval: u64,
     /// Which optional exporters are enabled (the spec's map).
@@ -219,6 +222,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             server_url: "http://your-server.com:8000".to_owned(),
+            ca_file: None,
             collection_interval: 30,
             exporters: Exporters::default(),
             machine_id: None,
@@ -391,11 +395,17 @@ impl Config {
     /// a timeout.
     pub fn load(path: &Path, must_exist: bool) -> Result<Loaded, ConfigError> {
         match crate::secure_file::read(path, MAX_CONFIG_FILE_BYTES) {
-            Ok((bytes, _)) => Self::parse_bytes(path, &bytes).map(|(config, unknown_keys)| Loaded {
-                config,
-                unknown_keys,
-                from_file: true,
-            }),
+            Ok((bytes, _)) => {
+                let (mut config, unknown_keys) = Self::parse_bytes(path, &bytes)?;
+                if let Some(ca) = &mut config.ca_file {
+                    ca.load().map_err(|detail| ConfigError::Invalid {
+                        path: path.to_owned(),
+                        field: "ca_file",
+                        detail,
+                    })?;
+                }
+                Ok(Loaded { config, unknown_keys, from_file: true })
+            }
             Err(e) if e.is_not_found() && !must_exist => {
                 Ok(Loaded { config: Config::default(), unknown_keys: Vec::new(), from_file: false })
             }

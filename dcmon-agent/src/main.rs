@@ -247,6 +247,7 @@ async fn register_cmd(config: &Config, server: Option<String>, force: bool) -> a
         &config.api_key_file,
         force,
         Duration::from_secs(config.upload_timeout),
+        config.ca_file.as_ref(),
     )
     .await
 }
@@ -300,6 +301,7 @@ fn prepare(config: &Config, key: api_key::ApiKey, outbox: &Arc<Mutex<Outbox>>) -
         key,
         Duration::from_secs(config.connect_timeout),
         Duration::from_secs(config.upload_timeout),
+        config.ca_file.as_ref(),
     )?;
     tracing::info!(
         url = uploader.metrics_url(),

@@ -19,6 +19,7 @@ pub async fn register(
     key_path: &Path,
     force: bool,
     timeout: Duration,
+    ca: Option<&crate::upload::CaFile>,
 ) -> anyhow::Result<String> {
     if key_path.exists() && !force {
         anyhow::bail!(
@@ -27,7 +28,7 @@ pub async fn register(
         );
     }
     let url = format!("{server_base}/api/register");
-    let client = reqwest::Client::builder()
+    let client = crate::upload::client_builder(ca)?
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(5)))
         .build()

@@ -6,6 +6,7 @@
 //! (401/403: keep the batches), or rejected for good (only 400, 413 and 422). Everything read
 //! from the server is untrusted: only a short, sanitized excerpt of a body ever reaches the log.
 
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::{Duration, SystemTime};
 
@@ -25,15 +26,116 @@ const BODY_EXCERPT_BYTES: usize = 200;
 /// How many bytes of a server's answer are read; the rest is untrusted and of no use.
 const ANSWER_BODY_CAP: usize = 64 * 1024;
 
+/// The most bytes a `ca_file` may hold (a distribution's whole bundle is about 200 KiB).
+const MAX_CA_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The `ca_file` config key: a PEM bundle of CA certificates trusted for `https://` servers
+/// in addition to the webpki roots (an internal CA). Deserialized from its path alone;
+/// [`CaFile::load`] reads it, so parsing a config touches no other file.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(from = "PathBuf")]
+pub struct CaFile {
+    path: PathBuf,
+    /// The DER of each certificate once read (never empty then); empty before.
+    certificates: Vec<Vec<u8>>,
+}
+
+impl From<PathBuf> for CaFile {
+    fn from(path: PathBuf) -> Self {
+        Self { path, certificates: Vec::new() }
+    }
+}
+
+impl std::fmt::Debug for CaFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaFile").field("path", &self.path).field("certificates", &self.certificates.len()).finish()
+    }
+}
+
+impl CaFile {
+    /// The bundle's path, as configured.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Read and check the bundle: a regular file holding one or more PEM certificates that
+    /// rustls can use as trust anchors. The error names the file and what was expected. A
+    /// FIFO or device is refused at once; a file on a hung filesystem can still block.
+    pub fn load(&mut self) -> Result<(), String> {
+        if self.path.as_os_str().is_empty() {
+            return Err("the path is empty: give a PEM bundle's path, or remove the key".to_owned());
+        }
+        self.certificates = read_ca_bundle(&self.path).map_err(|why| format!("{}: {why}", self.path.display()))?;
+        Ok(())
+    }
+
+    /// The certificates for reqwest, reading the file first when [`CaFile::load`] has not.
+    fn reqwest_certificates(&self) -> Result<Vec<reqwest::Certificate>, String> {
+        let mut loaded = std::borrow::Cow::Borrowed(self);
+        if self.certificates.is_empty() {
+            loaded.to_mut().load()?;
+        }
+        loaded
+            .certificates
+            .iter()
+            .map(|der| {
+                reqwest::Certificate::from_der(der).map_err(|e| format!("{}: {}", self.path.display(), error_chain(&e)))
+            })
+            .collect()
+    }
+}
+
+/// The DER of each certificate in the PEM bundle at `path`, each checked as a trust anchor.
+fn read_ca_bundle(path: &Path) -> Result<Vec<Vec<u8>>, String> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let (bytes, _) = crate::secure_file::read(path, MAX_CA_FILE_BYTES).map_err(|e| e.to_string())?;
+    let mut certificates = Vec::new();
+    for (n, item) in CertificateDer::pem_slice_iter(&bytes).enumerate() {
+        let n = n + 1;
+        let der = item.map_err(|e| format!("certificate {n} is not valid PEM: {e}"))?;
+        rustls::RootCertStore::empty()
+            .add(der.clone())
+            .map_err(|e| format!("certificate {n} is not an X.509 certificate usable as a CA: {e}"))?;
+        certificates.push(der.to_vec());
+    }
+    if certificates.is_empty() {
+        return Err("holds no certificate: expected a PEM bundle of one or more \
+                    -----BEGIN CERTIFICATE----- blocks"
+            .to_owned());
+    }
+    Ok(certificates)
+}
+
+/// A reqwest client builder for the dcmon server: rustls with the webpki roots and, with
+/// `ca`, its certificates too. Every client that talks to the server starts here.
+pub fn client_builder(ca: Option<&CaFile>) -> anyhow::Result<reqwest::ClientBuilder> {
+    let mut builder = reqwest::Client::builder();
+    for certificate in ca.map(CaFile::reqwest_certificates).transpose().map_err(anyhow::Error::msg)?.unwrap_or_default()
+    {
+        builder = builder.add_root_certificate(certificate);
+    }
+    Ok(builder)
+}
+
+/// The reason for an unreachable server, with a hint when its certificate was not trusted.
+fn with_tls_hint(reason: String) -> String {
+    if reason.contains("invalid peer certificate") {
+        format!("{reason} (the server's certificate is not signed by a trusted CA: for an internal CA, set ca_file)")
+    } else {
+        reason
+    }
+}
+
 /// Posts batches to one server with one key. The URL and the headers are built once: a post
 /// every second should not parse a URL and format a header each time.
 ///
 /// Plain `http://` servers, with no proxy set in the environment, are posted to over one
 /// kept-alive HTTP/1.1 connection driven by hyper directly ([`Direct`]). reqwest, built on the
 /// same hyper, adds per-request layers (redirect policy re-parsing the URL, proxy matching,
-/// header merging, connection pool) that cost about 0.1 ms of CPU per post on the bench VM,
-/// more than collecting the batch. `https://` servers and proxied ones go through reqwest,
-/// which brings rustls and the proxy rules.
+/// header merging, connection pool) that about double the CPU time of a post (benches/upload.rs
+/// measures both). `https://` servers and proxied ones go through reqwest, which brings rustls
+/// (the webpki roots and `ca_file`) and the proxy rules.
 #[derive(Debug)]
 pub struct Uploader {
     transport: Transport,
@@ -347,28 +449,20 @@ impl UploadError {
 
 impl Uploader {
     /// A client for `server_base` (no trailing slash) with connect and total timeouts.
+    /// `ca` adds its certificates to the roots trusted for an `https://` server.
     pub fn new(
         server_base: &str,
         key: ApiKey,
         connect_timeout: Duration,
         total_timeout: Duration,
+        ca: Option<&CaFile>,
     ) -> anyhow::Result<Self> {
         let url = format!("{server_base}/api/metrics");
         let metrics_url =
             reqwest::Url::parse(&url).map_err(|e| anyhow::anyhow!("server_url gives {url}, not a valid URL: {e}"))?;
         let transport = match direct_target(&metrics_url, connect_timeout) {
             Some(direct) => Transport::Direct(direct),
-            None => Transport::Reqwest(
-                reqwest::Client::builder()
-                    .connect_timeout(connect_timeout)
-                    .timeout(total_timeout)
-                    // The batch is all the agent sends; one idle connection is all it needs.
-                    .pool_max_idle_per_host(1)
-                    // A redirected POST would be replayed as a GET; a redirect is a server_url to fix.
-                    .redirect(reqwest::redirect::Policy::none())
-                    .build()
-                    .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {e}"))?,
-            ),
+            None => Transport::Reqwest(reqwest_client(ca, connect_timeout, total_timeout)?),
         };
         let mut headers = HeaderMap::with_capacity(4);
         headers.insert(reqwest::header::AUTHORIZATION, auth_header(&key)?);
@@ -378,6 +472,14 @@ impl Uploader {
             HeaderValue::from_static(concat!("dcmon-agent/", env!("CARGO_PKG_VERSION"))),
         );
         Ok(Self { transport, metrics_url, headers, total_timeout, upload_timer: None })
+    }
+
+    /// Post through reqwest even to a plain-HTTP server without a proxy: for the upload
+    /// bench, which compares the two transports.
+    #[doc(hidden)]
+    pub fn with_reqwest_transport(mut self, connect_timeout: Duration) -> anyhow::Result<Self> {
+        self.transport = Transport::Reqwest(reqwest_client(None, connect_timeout, self.total_timeout)?);
+        Ok(self)
     }
 
     /// Use a new key from now on (the operator fixed the key file after a 401). A key that
@@ -414,25 +516,52 @@ impl Uploader {
                 let mut request = reqwest::Request::new(reqwest::Method::POST, self.metrics_url.clone());
                 *request.headers_mut() = self.headers.clone();
                 *request.body_mut() = Some(body.into());
-                match client.execute(request).await {
-                    Ok(mut resp) => {
-                        let (status, headers) = (resp.status(), std::mem::take(resp.headers_mut()));
-                        let mut body = Vec::new();
-                        while let Ok(Some(chunk)) = resp.chunk().await {
-                            body.extend_from_slice(&chunk[..chunk.len().min(ANSWER_BODY_CAP - body.len())]);
-                            if body.len() >= ANSWER_BODY_CAP {
-                                break;
-                            }
-                        }
-                        Ok(Answer { status, headers, body: body.into() })
-                    }
-                    Err(e) => Err(error_chain(&e)),
-                }
+                reqwest_post(client, request).await.map_err(|e| match e.is_timeout() && !e.is_connect() {
+                    // The same words as the direct transport's timeout.
+                    true => format!("no answer within {:?} (upload_timeout)", self.total_timeout),
+                    false => error_chain(&e),
+                })
             }
         };
-        let answer = answer.map_err(|reason| UploadError::Unreachable { url: self.metrics_url.to_string(), reason })?;
+        let answer = answer.map_err(|reason| UploadError::Unreachable {
+            url: self.metrics_url.to_string(),
+            reason: with_tls_hint(reason),
+        })?;
         classify_answer(answer.status.as_u16(), &answer.headers, &answer.body, SystemTime::now())
     }
+}
+
+/// One request through reqwest and its answer, the body read up to [`ANSWER_BODY_CAP`]. A
+/// body that breaks off or stalls past the upload timeout is an error, as with the direct
+/// transport: the answer is not whole.
+async fn reqwest_post(client: &reqwest::Client, request: reqwest::Request) -> Result<Answer, reqwest::Error> {
+    let mut resp = client.execute(request).await?;
+    let (status, headers) = (resp.status(), std::mem::take(resp.headers_mut()));
+    let mut body = Vec::new();
+    while let Some(chunk) = resp.chunk().await? {
+        body.extend_from_slice(&chunk[..chunk.len().min(ANSWER_BODY_CAP - body.len())]);
+        if body.len() >= ANSWER_BODY_CAP {
+            break;
+        }
+    }
+    Ok(Answer { status, headers, body: body.into() })
+}
+
+/// The reqwest client for `https://` and proxied servers.
+fn reqwest_client(
+    ca: Option<&CaFile>,
+    connect_timeout: Duration,
+    total_timeout: Duration,
+) -> anyhow::Result<reqwest::Client> {
+    client_builder(ca)?
+        .connect_timeout(connect_timeout)
+        .timeout(total_timeout)
+        // The batch is all the agent sends; one idle connection is all it needs.
+        .pool_max_idle_per_host(1)
+        // A redirected POST would be replayed as a GET; a redirect is a server_url to fix.
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot build the HTTP client: {}", error_chain(&e)))
 }
 
 /// What the server's answer to a batch means, from its status code, headers and body alone:
@@ -508,6 +637,8 @@ pub fn excerpt(body: &[u8]) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
@@ -525,22 +656,46 @@ mod tests {
     /// nothing, and close the connection (an idle close, after the client settled).
     const CLOSE_WHEN_IDLE: &str = "idle close";
 
+    /// At the end of an answer: write what comes before it, then hold the connection until
+    /// the client gives up (a body that stalls).
+    const THEN_HOLD: &str = "\0hold";
+
     /// A plain-HTTP server for one test: for each connection it accepts in turn, it reads one
     /// request per answer in that connection's list and writes the answer, then closes the
     /// connection. An empty answer holds the connection unanswered until the client gives up;
-    /// see [`CLOSE_WHEN_IDLE`]. Returns its base URL and, when joined, each request as text
-    /// with the connection's number in front.
+    /// see [`CLOSE_WHEN_IDLE`] and [`THEN_HOLD`]. Returns its base URL and, when joined, each
+    /// request as text with the connection's number in front.
     fn scripted_server(connections: Vec<Vec<String>>) -> (String, std::thread::JoinHandle<Vec<String>>) {
+        scripted_server_over(None, connections)
+    }
+
+    /// A stream the scripted server reads requests from and writes answers to.
+    trait Duplex: std::io::Read + std::io::Write + Send {}
+    impl<T: std::io::Read + std::io::Write + Send> Duplex for T {}
+
+    /// [`scripted_server`] over TLS with `tls` (an `https://` base URL), or plain without. A
+    /// connection whose read fails (a refused TLS handshake) ends, and the next is accepted.
+    fn scripted_server_over(
+        tls: Option<Arc<rustls::ServerConfig>>,
+        connections: Vec<Vec<String>>,
+    ) -> (String, std::thread::JoinHandle<Vec<String>>) {
         use std::io::{BufRead as _, BufReader, Read as _, Write as _};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let base = format!("{scheme}://{}", listener.local_addr().expect("addr"));
         let handle = std::thread::spawn(move || {
             let mut seen = Vec::new();
             for (n, answers) in connections.into_iter().enumerate() {
-                let (stream, _) = listener.accept().expect("accept");
-                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-                let mut writer = stream;
-                for answer in answers {
+                let (tcp, _) = listener.accept().expect("accept");
+                let stream: Box<dyn Duplex> = match &tls {
+                    Some(config) => Box::new(rustls::StreamOwned::new(
+                        rustls::ServerConnection::new(Arc::clone(config)).expect("TLS session"),
+                        tcp,
+                    )),
+                    None => Box::new(tcp),
+                };
+                let mut reader = BufReader::new(stream);
+                'answers: for answer in answers {
                     if answer == CLOSE_WHEN_IDLE {
                         std::thread::sleep(Duration::from_millis(100));
                         break;
@@ -548,8 +703,10 @@ mod tests {
                     let mut head = String::new();
                     loop {
                         let mut line = String::new();
-                        if reader.read_line(&mut line).expect("read") == 0 {
-                            return seen;
+                        match reader.read_line(&mut line) {
+                            Ok(0) => return seen,
+                            Ok(_) => {}
+                            Err(_) => break 'answers,
                         }
                         head.push_str(&line);
                         if line == "\r\n" {
@@ -564,17 +721,57 @@ mod tests {
                     let mut body = vec![0; len];
                     reader.read_exact(&mut body).expect("body");
                     seen.push(format!("{n} {head}{}", String::from_utf8_lossy(&body)));
-                    if answer.is_empty() {
-                        // Never answer: hold the connection until the client gives up.
+                    let (to_write, hold) = match answer.strip_suffix(THEN_HOLD) {
+                        Some(part) => (part, true),
+                        None => (answer.as_str(), answer.is_empty()),
+                    };
+                    let writer = reader.get_mut();
+                    let _ = writer.write_all(to_write.as_bytes()).and_then(|()| writer.flush());
+                    if hold {
+                        // Hold the connection until the client gives up.
                         let _ = reader.read(&mut [0; 1]);
                         break;
                     }
-                    let _ = writer.write_all(answer.as_bytes());
                 }
             }
             seen
         });
         (base, handle)
+    }
+
+    /// A CA made for one test, its PEM, and a rustls server config with a certificate for
+    /// 127.0.0.1 that it signed.
+    struct TestCa {
+        pem: String,
+        server: Arc<rustls::ServerConfig>,
+    }
+
+    fn test_ca(name: &str) -> TestCa {
+        let ca_key = rcgen::KeyPair::generate().expect("CA key");
+        let mut ca = rcgen::CertificateParams::new(Vec::new()).expect("CA params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let pem = ca.self_signed(&ca_key).expect("CA certificate").pem();
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let key = rcgen::KeyPair::generate().expect("server key");
+        let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("server params");
+        let certificate = params.signed_by(&key, &issuer).expect("server certificate");
+        let server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![certificate.der().clone()], key.into())
+            .expect("server config");
+        TestCa { pem, server: Arc::new(server) }
+    }
+
+    /// `pem` written to `ca.pem` in `dir`, loaded as the `ca_file` config key does.
+    fn ca_file(dir: &Path, pem: &str) -> CaFile {
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, pem).expect("write CA file");
+        let mut ca = CaFile::from(path);
+        ca.load().expect("a good CA file");
+        ca
     }
 
     fn ok_answer() -> String {
@@ -583,14 +780,19 @@ mod tests {
     }
 
     fn uploader(base: &str, total_timeout: Duration) -> Uploader {
+        uploader_trusting(base, total_timeout, None)
+    }
+
+    /// An uploader for `base` that trusts `ca` too; plain http goes direct, https through reqwest.
+    fn uploader_trusting(base: &str, total_timeout: Duration, ca: Option<&CaFile>) -> Uploader {
         use std::os::unix::fs::PermissionsExt as _;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("api_key");
         std::fs::write(&path, "0123456789abcdef0123456789abcdef\n").expect("write key");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
         let (key, _) = crate::api_key::load(&path).expect("key");
-        let u = Uploader::new(base, key, Duration::from_secs(2), total_timeout).expect("uploader");
-        assert!(matches!(u.transport, Transport::Direct(_)), "plain http goes direct");
+        let u = Uploader::new(base, key, Duration::from_secs(2), total_timeout, ca).expect("uploader");
+        assert_eq!(matches!(u.transport, Transport::Direct(_)), base.starts_with("http://"), "plain http goes direct");
         u
     }
 
@@ -677,8 +879,11 @@ mod tests {
         assert_eq!(server.join().expect("server").len(), 2);
     }
 
+    /// Which URLs the direct transport takes. That proxies are used for real is the e2e tests'
+    /// part (e2e_upload: `http_proxy` for plain http, a CONNECT proxy in `https_proxy`): the
+    /// proxy variables are the process's, shared by every test here.
     #[test]
-    fn https_and_proxied_urls_go_through_reqwest() {
+    fn https_goes_through_reqwest_and_plain_http_goes_direct() {
         let url = reqwest::Url::parse("https://example.com/api/metrics").expect("url");
         assert!(direct_target(&url, Duration::from_secs(1)).is_none());
         let url = reqwest::Url::parse("http://[::1]:8000/api/metrics").expect("url");
@@ -804,5 +1009,177 @@ mod tests {
         assert_eq!(e.verdict(), Verdict::RetryLater { retry_after: Some(Duration::ZERO) });
         drop(u);
         assert_eq!(server.join().expect("server").len(), 2);
+    }
+
+    /// An answer with `status`, `headers` (each ending in CRLF) and `body`, after which the
+    /// server closes the connection and says so.
+    fn closing_answer(status: u16, headers: &str, body: &str) -> String {
+        format!(
+            "HTTP/1.1 {status} Answer\r\n{headers}connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    /// Every kind of answer gets the same verdict over plain http (the direct transport) and
+    /// over https (reqwest, trusting a CA made for the test through `ca_file`).
+    #[tokio::test(flavor = "current_thread")]
+    async fn every_answer_is_classified_alike_over_http_and_https() {
+        let retry = |secs: Option<u64>| Err(Verdict::RetryLater { retry_after: secs.map(Duration::from_secs) });
+        // Status, headers, body, and the metrics count or the verdict.
+        type Case = (u16, &'static str, &'static str, Result<Option<u64>, Verdict>);
+        let cases: [Case; 13] = [
+            (200, "", r#"{"status":"ok","metrics_count":3}"#, Ok(Some(3))),
+            (202, "", "", Ok(None)),
+            (400, "", r#"{"detail":"bad batch"}"#, Err(Verdict::Rejected)),
+            (413, "", "", Err(Verdict::Rejected)),
+            (422, "", r#"{"detail":[{"msg":"field required"}]}"#, Err(Verdict::Rejected)),
+            (401, "", r#"{"detail":"Invalid API key"}"#, Err(Verdict::NotAuthorized)),
+            (403, "", "", Err(Verdict::NotAuthorized)),
+            (429, "retry-after: 7\r\n", "", retry(Some(7))),
+            (503, "retry-after: 120\r\n", "", retry(Some(120))),
+            (500, "", "boom", retry(None)),
+            (502, "retry-after: 7\r\n", "", retry(None)),
+            (404, "", r#"{"detail":"Not Found"}"#, retry(None)),
+            (301, "location: http://elsewhere/\r\n", "", retry(None)),
+        ];
+        let ca = test_ca("dcmon test CA");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let trusted = ca_file(dir.path(), &ca.pem);
+        for tls in [None, Some(Arc::clone(&ca.server))] {
+            let connections =
+                cases.iter().map(|(status, headers, body, _)| vec![closing_answer(*status, headers, body)]);
+            let (base, server) = scripted_server_over(tls, connections.collect());
+            let mut u = uploader_trusting(&base, Duration::from_secs(5), Some(&trusted));
+            for (status, _, _, want) in &cases {
+                let got = u.send(Bytes::from_static(b"{}")).await;
+                let text = got.as_ref().map_or_else(ToString::to_string, |_| String::new());
+                assert_eq!(got.map(|d| d.metrics_count).map_err(|e| e.verdict()), *want, "{base}: {status} {text}");
+                if *status == 401 {
+                    assert!(text.contains("Invalid API key") && text.contains("API key was refused"), "{text}");
+                }
+            }
+            drop(u);
+            assert_eq!(server.join().expect("server").len(), cases.len(), "{base}");
+        }
+    }
+
+    /// No answer at all and an answer whose body stalls both end at the upload timeout, with
+    /// the same words over http and https; the next post goes out on a new connection.
+    #[tokio::test(flavor = "current_thread")]
+    async fn no_answer_and_a_stalled_body_time_out_over_http_and_https() {
+        let ca = test_ca("dcmon test CA");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let trusted = ca_file(dir.path(), &ca.pem);
+        let stalled = format!("HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n{{\"status\"{THEN_HOLD}");
+        for tls in [None, Some(Arc::clone(&ca.server))] {
+            let (base, server) =
+                scripted_server_over(tls, vec![vec![String::new()], vec![stalled.clone()], vec![ok_answer()]]);
+            let mut u = uploader_trusting(&base, Duration::from_secs(1), Some(&trusted));
+            for case in ["no answer", "stalled body"] {
+                let started = std::time::Instant::now();
+                let e = u.send(Bytes::from_static(b"{}")).await.expect_err(case);
+                assert!(started.elapsed() < Duration::from_secs(5), "{base} {case}: {:?}", started.elapsed());
+                assert!(e.to_string().contains("no answer within 1s (upload_timeout)"), "{base} {case}: {e}");
+                assert_eq!(e.verdict(), Verdict::RetryLater { retry_after: None }, "{base} {case}");
+            }
+            let third = u.send(Bytes::from_static(b"{}")).await.expect("third post");
+            assert_eq!(third.metrics_count, Some(3), "{base}");
+            drop(u);
+            assert_eq!(server.join().expect("server").len(), 3, "{base}");
+        }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn connection_refused_over_http_and_https() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        drop(listener);
+        for scheme in ["http", "https"] {
+            let mut u = uploader(&format!("{scheme}://127.0.0.1:{port}"), Duration::from_secs(5));
+            let e = u.send(Bytes::from_static(b"{}")).await.expect_err("refused");
+            let text = e.to_string();
+            assert!(text.contains(&format!("cannot reach {scheme}://127.0.0.1:{port}/api/metrics")), "{text}");
+            assert!(text.contains("Connection refused"), "{text}");
+            assert_eq!(e.verdict(), Verdict::RetryLater { retry_after: None });
+        }
+    }
+
+    /// A server whose certificate no trusted CA signed is refused, saying so and what to set;
+    /// trusting its CA through `ca_file` is what makes it reachable.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_server_signed_by_an_untrusted_ca_is_refused_with_a_clear_error() {
+        let server_ca = test_ca("the server's CA");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let other = ca_file(dir.path(), &test_ca("another CA").pem);
+        let (base, server) =
+            scripted_server_over(Some(server_ca.server), vec![vec![ok_answer()], vec![ok_answer()], vec![ok_answer()]]);
+        for ca in [None, Some(&other)] {
+            let mut u = uploader_trusting(&base, Duration::from_secs(5), ca);
+            let e = u.send(Bytes::from_static(b"{}")).await.expect_err("untrusted");
+            let text = e.to_string();
+            assert!(text.contains("invalid peer certificate: UnknownIssuer"), "{text}");
+            assert!(text.contains("not signed by a trusted CA: for an internal CA, set ca_file"), "{text}");
+            assert_eq!(e.verdict(), Verdict::RetryLater { retry_after: None });
+        }
+        let trusted = ca_file(dir.path(), &server_ca.pem);
+        let mut u = uploader_trusting(&base, Duration::from_secs(5), Some(&trusted));
+        assert_eq!(u.send(Bytes::from_static(b"{}")).await.expect("trusted").metrics_count, Some(3));
+        drop(u);
+        assert_eq!(server.join().expect("server").len(), 1, "only the trusted post got through");
+    }
+
+    /// `ca_file` is read when the config is loaded (so `run` and `check` stop on it); a file
+    /// that is missing, not a file, empty or not a PEM bundle is an error naming the file and
+    /// saying what was expected.
+    #[test]
+    fn a_bad_ca_file_is_a_config_error_naming_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_path = dir.path().join("ca.pem");
+        let config_path = dir.path().join("config.json");
+        let config = serde_json::json!({"server_url": "https://dcmon.example", "ca_file": ca_path});
+        std::fs::write(&config_path, config.to_string()).expect("write config");
+        let load_error = || crate::config::Config::load(&config_path, true).expect_err("a bad ca_file").to_string();
+        let prefix = format!("config {}: field `ca_file`: {}: ", config_path.display(), ca_path.display());
+
+        let e = load_error();
+        assert!(e.starts_with(&prefix) && e.contains("cannot read: No such file or directory"), "{e}");
+        let empty_path = serde_json::json!({"ca_file": ""});
+        std::fs::write(&config_path, empty_path.to_string()).expect("write config");
+        let e = load_error();
+        assert!(e.ends_with("field `ca_file`: the path is empty: give a PEM bundle's path, or remove the key"), "{e}");
+        std::fs::write(&config_path, config.to_string()).expect("write config");
+        std::fs::create_dir(&ca_path).expect("mkdir");
+        let e = load_error();
+        assert!(e.starts_with(&prefix) && e.ends_with("is a directory, expected a regular file"), "{e}");
+        std::fs::remove_dir(&ca_path).expect("rmdir");
+
+        let ca = test_ca("dcmon test CA");
+        let der = rustls::pki_types::CertificateDer::from_pem_slice(ca.pem.as_bytes()).expect("PEM");
+        use rustls::pki_types::pem::PemObject as _;
+        let no_certificate =
+            "holds no certificate: expected a PEM bundle of one or more -----BEGIN CERTIFICATE----- blocks";
+        for (what, bytes) in [
+            ("empty", Vec::new()),
+            ("DER, not PEM", der.to_vec()),
+            ("a key, not a certificate", rcgen::KeyPair::generate().expect("key").serialize_pem().into_bytes()),
+            ("text", b"not a certificate\n".to_vec()),
+        ] {
+            std::fs::write(&ca_path, bytes).expect("write CA file");
+            let e = load_error();
+            assert_eq!(e, format!("{prefix}{no_certificate}"), "{what}");
+        }
+        let broken = format!("{}-----BEGIN CERTIFICATE-----\n!!!!\n-----END CERTIFICATE-----\n", ca.pem);
+        std::fs::write(&ca_path, broken).expect("write CA file");
+        let e = load_error();
+        assert!(e.starts_with(&format!("{prefix}certificate 2 is not valid PEM")), "{e}");
+        let not_x509 = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+        std::fs::write(&ca_path, not_x509).expect("write CA file");
+        let e = load_error();
+        assert!(e.starts_with(&format!("{prefix}certificate 1 is not an X.509 certificate usable as a CA")), "{e}");
+
+        std::fs::write(&ca_path, format!("{}{}", ca.pem, test_ca("a second CA").pem)).expect("write CA file");
+        let loaded = crate::config::Config::load(&config_path, true).expect("a good bundle").config;
+        let ca = loaded.ca_file.expect("ca_file");
+        assert_eq!((ca.path(), ca.certificates.len()), (ca_path.as_path(), 2));
     }
 }

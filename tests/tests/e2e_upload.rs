@@ -1,6 +1,8 @@
 //! The real `dcmon-agent` binary against a receiver that behaves like the dcmon server.
 
 use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use dcmon_tests::{AgentProcess, Receiver, validate_batch, wait_until, write_key};
@@ -130,6 +132,155 @@ fn an_http_proxy_from_the_environment_is_used() {
     assert!(got.len() >= 2, "{} batches through the proxy; agent log:\n{}", got.len(), agent.stderr());
 }
 
+/// An internal CA made for the test and a rustls server config for `host`, signed by it.
+fn internal_ca(host: &str) -> (String, Arc<rustls::ServerConfig>) {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca = rcgen::CertificateParams::new(Vec::new()).expect("CA params");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, "dcmon e2e internal CA");
+    let ca_pem = ca.self_signed(&ca_key).expect("CA certificate").pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().expect("server key");
+    let params = rcgen::CertificateParams::new(vec![host.to_owned()]).expect("server params");
+    let certificate = params.signed_by(&key, &issuer).expect("server certificate");
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![certificate.der().clone()], key.into())
+        .expect("server config");
+    (ca_pem, Arc::new(config))
+}
+
+/// A TLS server on loopback that hands each connection's plain bytes to `upstream` (the
+/// receiver): the dcmon server behind TLS. Returns its address.
+fn tls_front(config: Arc<rustls::ServerConfig>, upstream: SocketAddr) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let addr = listener.local_addr().expect("addr");
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        runtime.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let (Ok(mut tls), Ok(mut plain)) =
+                        (acceptor.accept(tcp).await, tokio::net::TcpStream::connect(upstream).await)
+                    else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                });
+            }
+        });
+    });
+    addr
+}
+
+/// An HTTP CONNECT proxy on loopback that tunnels every CONNECT to `upstream`, whatever host
+/// it names, and records each request line. Returns its address and the lines.
+fn connect_proxy(upstream: SocketAddr) -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    use std::io::{BufRead as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let recorded = Arc::clone(&seen);
+    std::thread::spawn(move || {
+        for client in listener.incoming().map_while(Result::ok) {
+            let seen = Arc::clone(&recorded);
+            std::thread::spawn(move || {
+                let mut from_client = std::io::BufReader::new(client.try_clone().expect("clone"));
+                let mut head = Vec::new();
+                loop {
+                    let mut line = String::new();
+                    if from_client.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    head.push(line.trim_end().to_owned());
+                }
+                seen.lock().expect("lock").push(head.first().cloned().unwrap_or_default());
+                let Ok(server) = std::net::TcpStream::connect(upstream) else { return };
+                let mut to_client = client;
+                let _ = to_client.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n");
+                let mut from_server = server.try_clone().expect("clone");
+                std::thread::spawn(move || std::io::copy(&mut from_server, &mut to_client));
+                let mut to_server = server;
+                let _ = std::io::copy(&mut from_client, &mut to_server);
+                let _ = to_server.shutdown(std::net::Shutdown::Write);
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// An https server signed by an internal CA (trusted through `ca_file`), reached through the
+/// HTTP CONNECT proxy in `https_proxy`: the batches really go through the tunnel (the
+/// server's name does not even resolve), and the TLS session is end to end.
+#[test]
+fn https_with_an_internal_ca_goes_through_the_connect_proxy_in_https_proxy() {
+    let receiver = Receiver::start(&[(KEY, MACHINE)]).expect("receiver");
+    let (ca_pem, tls) = internal_ca("dcmon-server.invalid");
+    let front = tls_front(tls, receiver.addr());
+    let (proxy, connects) = connect_proxy(front);
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_key(dir.path(), KEY).expect("key");
+    let ca_path = dir.path().join("internal-ca.pem");
+    std::fs::write(&ca_path, ca_pem).expect("write CA");
+    let config =
+        write_config(dir.path(), json!({"server_url": "https://dcmon-server.invalid:8443", "ca_file": ca_path}));
+    let proxy_url = std::ffi::OsString::from(format!("http://{proxy}"));
+    let agent =
+        AgentProcess::start_with_env(dir.path(), &config, &["run"], &[("https_proxy", &proxy_url)]).expect("agent");
+    let got = receiver.wait_for_accepted(2, Duration::from_secs(15));
+    assert!(got.len() >= 2, "{} batches through the proxy; agent log:\n{}", got.len(), agent.stderr());
+    assert!(got.iter().all(|b| b.authorization == format!("Bearer {KEY}")));
+    let connects = connects.lock().expect("lock").clone();
+    assert!(!connects.is_empty(), "the proxy saw no CONNECT");
+    assert!(connects.iter().all(|c| c == "CONNECT dcmon-server.invalid:8443 HTTP/1.1"), "{connects:?}");
+}
+
+/// Without the CA in `ca_file`, the same server is refused, and the log says what to set.
+#[test]
+fn https_without_the_internal_ca_is_refused_saying_to_set_ca_file() {
+    let receiver = Receiver::start(&[(KEY, MACHINE)]).expect("receiver");
+    let (_, tls) = internal_ca("127.0.0.1");
+    let front = tls_front(tls, receiver.addr());
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_key(dir.path(), KEY).expect("key");
+    let config = write_config(dir.path(), json!({"server_url": format!("https://{front}")}));
+    let agent = AgentProcess::start(dir.path(), &config, &["run"]).expect("agent");
+    let log = wait_until(Duration::from_secs(10), || Some(agent.stderr()).filter(|l| l.contains("UnknownIssuer")));
+    let log = log.unwrap_or_else(|| agent.stderr());
+    assert!(log.contains("invalid peer certificate: UnknownIssuer") && log.contains("set ca_file"), "{log}");
+    assert!(receiver.accepted().is_empty());
+}
+
+/// A `ca_file` that is not a PEM bundle stops `run` with exit 78 and fails `check`, both
+/// naming the file and what was expected.
+#[test]
+fn a_ca_file_that_is_not_pem_stops_run_and_fails_check() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_key(dir.path(), KEY).expect("key");
+    let ca_path = dir.path().join("ca.der");
+    std::fs::write(&ca_path, [0x30, 0x82, 0x01, 0x0a]).expect("write");
+    let config = write_config(dir.path(), json!({"server_url": "https://127.0.0.1:9", "ca_file": ca_path}));
+    let want = format!("field `ca_file`: {}: holds no certificate: expected a PEM bundle", ca_path.display());
+    let mut agent = AgentProcess::start(dir.path(), &config, &["run"]).expect("start agent");
+    let status = wait_until(Duration::from_secs(10), || agent.try_wait()).expect("agent should exit");
+    assert_eq!(status.code(), Some(78), "{}", agent.stderr());
+    assert!(agent.stderr().contains(&want), "{}", agent.stderr());
+    let mut check = AgentProcess::start(dir.path(), &config, &["check"]).expect("start check");
+    let status = wait_until(Duration::from_secs(10), || check.try_wait()).expect("check should exit");
+    assert!(!status.success());
+    let report = std::fs::read_to_string(dir.path().join("agent.stdout")).expect("check's report");
+    assert!(report.contains("[FAIL] config") && report.contains(&want), "{report}");
+}
+
 #[test]
 fn wrong_key_is_logged_as_401_and_the_agent_keeps_running() {
     let receiver = Receiver::start(&[(KEY, MACHINE)]).expect("receiver");
@@ -243,7 +394,7 @@ fn a_five_megabyte_batch_is_accepted_like_the_real_server_does() {
     let body = batch.to_json();
     assert!(body.len() > 4_000_000, "{} bytes", body.len());
     let mut uploader =
-        dcmon_agent::upload::Uploader::new(&receiver.url(), key, Duration::from_secs(5), Duration::from_secs(30))
+        dcmon_agent::upload::Uploader::new(&receiver.url(), key, Duration::from_secs(5), Duration::from_secs(30), None)
             .expect("uploader");
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
     let accepted = rt.block_on(uploader.send(body.into())).expect("accepted");
