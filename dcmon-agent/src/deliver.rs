@@ -14,15 +14,14 @@
 use std::future::Future;
 use std::hash::{BuildHasher as _, RandomState};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api_key::{ApiKey, ApiKeyError, PermissionWarning};
-use crate::outbox::Outbox;
+use crate::outbox::SharedOutbox;
 use crate::upload::{Delivered, UploadError, Uploader, Verdict};
 
 /// How the delivery loop paces itself.
@@ -57,30 +56,6 @@ impl BatchSender for Uploader {
 
     fn set_key(&mut self, key: &ApiKey) -> anyhow::Result<()> {
         Uploader::set_key(self, key)
-    }
-}
-
-/// The outbox, shared between the collection loop (push) and delivery (send, remove).
-pub type SharedOutbox = Arc<Mutex<Outbox>>;
-
-/// Lock the outbox. Its state stays consistent even if a holder panicked (every method leaves
-/// the index matching the files), so a poisoned lock is used as is.
-pub fn lock(outbox: &SharedOutbox) -> MutexGuard<'_, Outbox> {
-    outbox.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Fsync what the outbox wrote since the last sync, on a blocking thread, so the batches that
-/// have to wait survive a power loss.
-pub async fn sync(outbox: &SharedOutbox) {
-    let Some(job) = lock(outbox).sync_job() else { return };
-    match tokio::task::spawn_blocking(move || {
-        let result = job.run();
-        (job, result)
-    })
-    .await
-    {
-        Ok((job, result)) => lock(outbox).sync_finished(&job, result),
-        Err(e) => tracing::error!("outbox fsync task failed: {e}"),
     }
 }
 
@@ -212,12 +187,11 @@ fn log_post(seq: u64, samples: usize, bytes: usize, result: &Result<Delivered, U
     tracing::debug!(seq, samples, bytes, status = %status, took = ?took, "batch posted");
 }
 
-/// Send batches until `shutdown` turns true. `wake` is notified when a batch is pushed.
+/// Send batches until `shutdown` turns true; with none waiting, wait for the next push.
 pub async fn deliver(
     outbox: SharedOutbox,
     mut sender: impl BatchSender,
     policy: DeliveryPolicy,
-    wake: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut failures: u32 = 0;
@@ -229,10 +203,10 @@ pub async fn deliver(
         if *shutdown.borrow() {
             return;
         }
-        let next = lock(&outbox).oldest();
+        let next = outbox.lock().oldest();
         let Some((seq, body)) = next else {
             tokio::select! {
-                () = wake.notified() => {}
+                () = outbox.pushed() => {}
                 _ = shutdown.changed() => {}
             }
             continue;
@@ -255,18 +229,18 @@ pub async fn deliver(
         }
         if result.as_ref().is_err_and(|e| !matches!(e.verdict(), Verdict::Rejected)) {
             // The batch has to wait: make sure it outlives a power loss.
-            sync(&outbox).await;
+            outbox.sync().await;
         }
         let pause = match result {
             Ok(_) => {
-                let mut o = lock(&outbox);
+                let mut o = outbox.lock();
                 o.remove(seq);
                 if failures > 0 || log.last.is_some() {
                     tracing::info!(backlog = o.stats().batches, "uploads succeeding again");
                     log.last = None;
                 }
                 failures = 0;
-                // Pace only the backlog: with nothing waiting the loop sleeps on `wake`.
+                // Pace only the backlog: with nothing waiting the loop sleeps until a push.
                 if o.stats().batches > 0 { pace } else { Duration::ZERO }
             }
             Err(e) => match e.verdict() {
@@ -274,14 +248,14 @@ pub async fn deliver(
                     failures = failures.saturating_add(1);
                     let delay = retry_delay(&policy, failures, retry_after);
                     if log.should_log(&e.to_string()) {
-                        let backlog = lock(&outbox).stats().batches;
+                        let backlog = outbox.stats().batches;
                         tracing::warn!(backlog, "upload failed: {e}; retrying in {delay:.1?} (batches are kept)");
                     }
                     delay
                 }
                 Verdict::NotAuthorized => {
                     if log.should_log(&e.to_string()) {
-                        let backlog = lock(&outbox).stats().batches;
+                        let backlog = outbox.stats().batches;
                         tracing::error!(
                             backlog,
                             "upload refused: {e}; keeping batches, retrying every {:?}",
@@ -293,7 +267,7 @@ pub async fn deliver(
                 }
                 Verdict::Rejected => {
                     tracing::error!("server refused a batch for good: {e}; moved it to rejected/ and going on");
-                    lock(&outbox).reject(seq, &e.to_string());
+                    outbox.lock().reject(seq, &e.to_string());
                     Duration::ZERO
                 }
             },
@@ -312,6 +286,7 @@ mod tests {
     use std::collections::VecDeque;
     use std::os::unix::fs::PermissionsExt as _;
     use std::path::Path;
+    use std::sync::{Arc, Mutex};
     use std::time::SystemTime;
 
     use reqwest::header::{HeaderMap, HeaderValue};
@@ -319,7 +294,7 @@ mod tests {
 
     use super::*;
     use crate::batch::{Batch, Sample};
-    use crate::outbox::OutboxLimits;
+    use crate::outbox::{Outbox, OutboxLimits};
     use crate::upload::classify_answer;
 
     const GOOD_KEY: &str = "dcmon_goodKeyGoodKeyGoodKeyGoodKeyGoodKeyGood";
@@ -441,7 +416,6 @@ mod tests {
         dir: tempfile::TempDir,
         outbox: SharedOutbox,
         server: ScriptedServer,
-        wake: Arc<Notify>,
         stop: watch::Sender<bool>,
         task: JoinHandle<()>,
     }
@@ -452,8 +426,7 @@ mod tests {
         }
 
         fn push(&self, timestamp: i64, samples: usize) {
-            lock(&self.outbox).push(timestamp, batch_body(timestamp, samples));
-            self.wake.notify_one();
+            let _ = self.outbox.push(timestamp, batch_body(timestamp, samples));
         }
 
         async fn stop(self) -> tempfile::TempDir {
@@ -476,17 +449,16 @@ mod tests {
         let key_path = dir.path().join("api_key");
         write_key(&key_path, key);
         let limits = OutboxLimits { max_bytes: 64 << 20, max_age: Duration::from_secs(7 * 86400) };
-        let outbox = Arc::new(Mutex::new(Outbox::open(dir.path().join("outbox"), limits, 1_700_000_000)));
+        let outbox = SharedOutbox::new(Outbox::open(dir.path().join("outbox"), limits, 1_700_000_000));
         for n in 0..batches {
-            lock(&outbox).push(1_700_000_000 + n as i64, batch_body(1_700_000_000 + n as i64, 3));
+            let _ = outbox.push(1_700_000_000 + n as i64, batch_body(1_700_000_000 + n as i64, 3));
         }
         let server = ScriptedServer::new(script);
         let mut policy = policy(&key_file.unwrap_or(key_path));
         tune(&mut policy);
         let (stop, stop_rx) = watch::channel(false);
-        let wake = Arc::new(Notify::new());
-        let task = tokio::spawn(deliver(Arc::clone(&outbox), server.client(key), policy, Arc::clone(&wake), stop_rx));
-        Running { dir, outbox, server, wake, stop, task }
+        let task = tokio::spawn(deliver(outbox.clone(), server.client(key), policy, stop_rx));
+        Running { dir, outbox, server, stop, task }
     }
 
     fn answer(code: u16, retry_after: Option<&str>) -> Answer {
@@ -620,7 +592,7 @@ mod tests {
         let secs = Duration::from_secs;
         assert_eq!(gaps(&posts), [secs(120), secs(120), secs(120), secs(30), secs(100), secs(40), secs(120), secs(1)]);
         tokio::task::yield_now().await;
-        assert_eq!(lock(&run.outbox).stats().batches, 0, "delivered by the last post");
+        assert_eq!(run.outbox.lock().stats().batches, 0, "delivered by the last post");
         run.stop().await;
     }
 
@@ -638,7 +610,7 @@ mod tests {
             assert!(*gap < ceiling, "retry {n}: waited {gap:?}, not a backoff under {ceiling:?}");
         }
         tokio::task::yield_now().await;
-        let stats = lock(&run.outbox).stats();
+        let stats = run.outbox.lock().stats();
         assert_eq!((stats.batches, stats.rejected_total), (0, 0), "delivered, none set aside");
         let text = log.text();
         assert!(text.contains("404 Not Found (no POST /api/metrics there: is the path in server_url right"), "{text}");
@@ -656,7 +628,7 @@ mod tests {
         let bodies: Vec<&Bytes> = posts.iter().map(|p| &p.body).collect();
         assert!(bodies.windows(2).all(|w| w[0] != w[1]), "each batch once");
         tokio::task::yield_now().await;
-        assert_eq!(lock(&run.outbox).stats().rejected_total, 3);
+        assert_eq!(run.outbox.lock().stats().rejected_total, 3);
         let dir = run.stop().await;
         assert_eq!(std::fs::read_dir(dir.path().join("outbox/rejected")).expect("rejected/").count(), 6);
     }
@@ -745,11 +717,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_single_waiting_batch_is_fsynced_before_the_retry_wait() {
         let run = start(1, vec![answer(503, Some("10"))], GOOD_KEY, |_| {}, None);
-        assert!(lock(&run.outbox).sync_job().is_some(), "written, not yet synced");
+        assert!(run.outbox.lock().sync_job().is_some(), "written, not yet synced");
         run.server.wait_for_posts(1).await;
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(run.server.posts().len(), 1, "still waiting");
-        assert!(lock(&run.outbox).sync_job().is_none(), "the waiting batch is on disk");
+        assert!(run.outbox.lock().sync_job().is_none(), "the waiting batch is on disk");
         run.stop().await;
     }
 

@@ -85,7 +85,7 @@ pub enum Record<'a> {
 
 /// `N` lowercase hex digits of `v`, zero-padded: `{v:0N$x}` without the formatter, which cost
 /// more than the rest of a record's encoding (every record has two such fields).
-fn hex<const N: usize>(v: u64) -> [u8; N] {
+pub(super) fn hex<const N: usize>(v: u64) -> [u8; N] {
     let mut digits = [0u8; N];
     for (i, d) in digits.iter_mut().enumerate() {
         let nibble = (v >> (4 * (N - 1 - i))) & 0xf;
@@ -196,6 +196,13 @@ pub(super) enum Found {
     Batch { seq: u64, timestamp: i64, body_offset: u64, body_len: u64, crc: u32 },
     Done { seq: u64 },
     Damaged { offset: u64, len: u64, why: Corrupt },
+}
+
+/// The length of a batch's record, from its header fields.
+pub(super) fn record_len(seq: u64, timestamp: i64, body_len: u64) -> u64 {
+    // Only the body's length matters, not its bytes.
+    let digits = body_len.checked_ilog10().map_or(1, |d| u64::from(d) + 1);
+    batch_record_len(seq, timestamp, b"") - 1 + digits + body_len
 }
 
 /// One line: where it starts, its first [`HEADER_MAX`] bytes, its whole length (newline
@@ -341,7 +348,7 @@ impl<R: BufRead> RecordReader<R> {
 mod tests {
     use super::*;
 
-    fn body(i: u32) -> Vec<u8> {
+    pub(super) fn body(i: u32) -> Vec<u8> {
         format!("{{\"batch\": {i}}}").into_bytes()
     }
 
