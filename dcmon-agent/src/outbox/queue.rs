@@ -16,8 +16,8 @@ pub(super) const DROP_LOG_EVERY: Duration = Duration::from_secs(600);
 /// Drops are logged at once, then summarised at most every [`DROP_LOG_EVERY`].
 #[derive(Debug, Default)]
 pub(super) struct DropLog {
-    pub(super) last_line: Option<Instant>,
-    pub(super) unlogged: u64,
+    last_line: Option<Instant>,
+    unlogged: u64,
 }
 
 impl Outbox {
