@@ -25,13 +25,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::batch::{Batch, Sample};
 use crate::collector::{CollectError, Collector};
-use crate::deliver::{self as delivery, DeliveryPolicy, SharedOutbox, deliver};
+use crate::deliver::{DeliveryPolicy, deliver};
 use crate::notify::Notifier;
+use crate::outbox::SharedOutbox;
 use crate::ticker::Ticker;
 use crate::upload::Uploader;
 
@@ -442,12 +443,10 @@ async fn round(
     let Some(mut batch) = clock.admit(batch) else {
         return false;
     };
-    let mut o = delivery::lock(outbox);
-    batch.extend(o.stats().samples());
+    batch.extend(outbox.stats().samples());
     // One write(2) into the page cache, on this thread: a thread hop would cost more than the
     // write (outbox/mod.rs says when batches are fsynced).
-    o.push(batch.timestamp, Bytes::from(batch.to_json()));
-    o.backlog_needs_sync()
+    outbox.push(batch.timestamp, Bytes::from(batch.to_json()))
 }
 
 /// Seconds since the Unix epoch, as the batch wants them.
@@ -513,16 +512,9 @@ pub async fn run(
     control: &mut mpsc::Receiver<Control>,
     notifier: &Notifier,
 ) -> Control {
-    let outbox = Arc::clone(&daemon.outbox);
-    let wake = Arc::new(Notify::new());
+    let outbox = &daemon.outbox;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut delivery = tokio::spawn(deliver(
-        Arc::clone(&outbox),
-        daemon.uploader.clone(),
-        daemon.policy.clone(),
-        Arc::clone(&wake),
-        stop_rx,
-    ));
+    let mut delivery = tokio::spawn(deliver(outbox.clone(), daemon.uploader.clone(), daemon.policy.clone(), stop_rx));
 
     let now_ms = u64::try_from(unix_millis(clock.clock.now())).unwrap_or(0);
     // At least a second before the first round, so CPU usage has a window to measure.
@@ -538,10 +530,8 @@ pub async fn run(
                 notifier.notify("WATCHDOG=1");
             }
             scheduled = ticker.tick() => {
-                let must_wait = round(scheduler, clock, &outbox, scheduled).await;
-                wake.notify_one();
-                if must_wait {
-                    delivery::sync(&outbox).await;
+                if round(scheduler, clock, outbox, scheduled).await {
+                    outbox.sync().await;
                 }
                 rounds += 1;
                 // By the second round start-up is over (config, collectors, eBPF load, the
@@ -606,7 +596,7 @@ impl Cadence {
 
 /// Fsync the outbox and log what is left in it, at shutdown.
 pub fn report_outbox_at_exit(outbox: &SharedOutbox) {
-    let mut o = delivery::lock(outbox);
+    let mut o = outbox.lock();
     o.sync_now();
     let stats = o.stats();
     if stats.in_memory > 0 {
@@ -739,7 +729,7 @@ mod tests {
         const T0: i64 = 1_700_000_000;
         let dir = tempfile::tempdir().expect("tempdir");
         let limits = crate::outbox::OutboxLimits { max_bytes: 1 << 20, max_age: Duration::from_secs(86_400) };
-        let outbox: SharedOutbox = Arc::new(std::sync::Mutex::new(crate::outbox::Outbox::open(dir.path(), limits, T0)));
+        let outbox = SharedOutbox::new(crate::outbox::Outbox::open(dir.path(), limits, T0));
         let wall = Arc::new(SetClock(std::sync::Mutex::new(UNIX_EPOCH)));
         let mut clock = BatchClock::new(wall.clone());
         let mut scheduler = Scheduler::new(vec![Box::new(Rounds(0))], "m".into(), Duration::from_secs(1));

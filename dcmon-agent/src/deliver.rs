@@ -14,15 +14,14 @@
 use std::future::Future;
 use std::hash::{BuildHasher as _, RandomState};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api_key::{ApiKey, ApiKeyError, PermissionWarning};
-use crate::outbox::Outbox;
+use crate::outbox::SharedOutbox;
 use crate::upload::{Delivered, UploadError, Uploader, Verdict};
 
 /// How the delivery loop paces itself.
@@ -57,30 +56,6 @@ impl BatchSender for Uploader {
 
     fn set_key(&mut self, key: &ApiKey) -> anyhow::Result<()> {
         Uploader::set_key(self, key)
-    }
-}
-
-/// The outbox, shared between the collection loop (push) and delivery (send, remove).
-pub type SharedOutbox = Arc<Mutex<Outbox>>;
-
-/// Lock the outbox. Its state stays consistent even if a holder panicked (every method leaves
-/// the index matching the files), so a poisoned lock is used as is.
-pub fn lock(outbox: &SharedOutbox) -> MutexGuard<'_, Outbox> {
-    outbox.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-/// Fsync what the outbox wrote since the last sync, on a blocking thread, so the batches that
-/// have to wait survive a power loss.
-pub async fn sync(outbox: &SharedOutbox) {
-    let Some(job) = lock(outbox).sync_job() else { return };
-    match tokio::task::spawn_blocking(move || {
-        let result = job.run();
-        (job, result)
-    })
-    .await
-    {
-        Ok((job, result)) => lock(outbox).sync_finished(&job, result),
-        Err(e) => tracing::error!("outbox fsync task failed: {e}"),
     }
 }
 
@@ -212,12 +187,11 @@ fn log_post(seq: u64, samples: usize, bytes: usize, result: &Result<Delivered, U
     tracing::debug!(seq, samples, bytes, status = %status, took = ?took, "batch posted");
 }
 
-/// Send batches until `shutdown` turns true. `wake` is notified when a batch is pushed.
+/// Send batches until `shutdown` turns true; with none waiting, wait for the next push.
 pub async fn deliver(
     outbox: SharedOutbox,
     mut sender: impl BatchSender,
     policy: DeliveryPolicy,
-    wake: Arc<Notify>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut failures: u32 = 0;
@@ -229,10 +203,10 @@ pub async fn deliver(
         if *shutdown.borrow() {
             return;
         }
-        let next = lock(&outbox).oldest();
+        let next = outbox.lock().oldest();
         let Some((seq, body)) = next else {
             tokio::select! {
-                () = wake.notified() => {}
+                () = outbox.pushed() => {}
                 _ = shutdown.changed() => {}
             }
             continue;
@@ -255,18 +229,18 @@ pub async fn deliver(
         }
         if result.as_ref().is_err_and(|e| !matches!(e.verdict(), Verdict::Rejected)) {
             // The batch has to wait: make sure it outlives a power loss.
-            sync(&outbox).await;
+            outbox.sync().await;
         }
         let pause = match result {
             Ok(_) => {
-                let mut o = lock(&outbox);
+                let mut o = outbox.lock();
                 o.remove(seq);
                 if failures > 0 || log.last.is_some() {
                     tracing::info!(backlog = o.stats().batches, "uploads succeeding again");
                     log.last = None;
                 }
                 failures = 0;
-                // Pace only the backlog: with nothing waiting the loop sleeps on `wake`.
+                // Pace only the backlog: with nothing waiting the loop sleeps until a push.
                 if o.stats().batches > 0 { pace } else { Duration::ZERO }
             }
             Err(e) => match e.verdict() {
@@ -274,14 +248,14 @@ pub async fn deliver(
                     failures = failures.saturating_add(1);
                     let delay = retry_delay(&policy, failures, retry_after);
                     if log.should_log(&e.to_string()) {
-                        let backlog = lock(&outbox).stats().batches;
+                        let backlog = outbox.stats().batches;
                         tracing::warn!(backlog, "upload failed: {e}; retrying in {delay:.1?} (batches are kept)");
                     }
                     delay
                 }
                 Verdict::NotAuthorized => {
                     if log.should_log(&e.to_string()) {
-                        let backlog = lock(&outbox).stats().batches;
+                        let backlog = outbox.stats().batches;
                         tracing::error!(
                             backlog,
                             "upload refused: {e}; keeping batches, retrying every {:?}",
@@ -293,7 +267,7 @@ pub async fn deliver(
                 }
                 Verdict::Rejected => {
                     tracing::error!("server refused a batch for good: {e}; moved it to rejected/ and going on");
-                    lock(&outbox).reject(seq, &e.to_string());
+                    outbox.lock().reject(seq, &e.to_string());
                     Duration::ZERO
                 }
             },
@@ -312,6 +286,7 @@ mod tests {
     use std::collections::VecDeque;
     use std::os::unix::fs::PermissionsExt as _;
     use std::path::Path;
+    use std::sync::{Arc, Mutex};
     use std::time::SystemTime;
 
     use reqwest::header::{HeaderMap, HeaderValue};
@@ -319,7 +294,7 @@ mod tests {
 
     use super::*;
     use crate::batch::{Batch, Sample};
-    use crate::outbox::OutboxLimits;
+    use crate::outbox::{Outbox, OutboxLimits};
     use crate::upload::classify_answer;
 
     const GOOD_KEY: &str = "dcmon_goodKeyGoodKeyGoodKeyGoodKeyGoodKeyGood";
@@ -356,10 +331,15 @@ mod tests {
     /// An answer: status and headers; the body is the server's usual one for the status.
     type Answer = (u16, Vec<(&'static str, String)>);
 
+    /// In a script: no HTTP answer at all (connection refused, timeout).
+    const NO_ANSWER: u16 = 0;
+
     #[derive(Debug, Default)]
     struct ServerState {
         script: VecDeque<Answer>,
         posts: Vec<Post>,
+        /// Answers wait for [`ScriptedServer::release`] (a post in flight at shutdown).
+        hold: bool,
     }
 
     /// A dcmon server in process for the delivery loop: each post gets the next scripted
@@ -369,12 +349,25 @@ mod tests {
     struct ScriptedServer {
         state: Arc<Mutex<ServerState>>,
         posted: watch::Sender<usize>,
+        /// One permit per held answer let go.
+        released: Arc<tokio::sync::Semaphore>,
     }
 
     impl ScriptedServer {
         fn new(script: Vec<Answer>) -> Self {
-            let state = ServerState { script: script.into(), posts: Vec::new() };
-            Self { state: Arc::new(Mutex::new(state)), posted: watch::channel(0).0 }
+            let state = ServerState { script: script.into(), ..ServerState::default() };
+            let released = Arc::new(tokio::sync::Semaphore::new(0));
+            Self { state: Arc::new(Mutex::new(state)), posted: watch::channel(0).0, released }
+        }
+
+        /// Hold every answer from now on until [`ScriptedServer::release`].
+        fn hold(&self) {
+            self.state.lock().expect("state").hold = true;
+        }
+
+        /// Let one held answer go.
+        fn release(&self) {
+            self.released.add_permits(1);
         }
 
         fn posts(&self) -> Vec<Post> {
@@ -402,10 +395,14 @@ mod tests {
 
     impl BatchSender for ScriptedClient {
         fn send(&mut self, body: Bytes) -> impl Future<Output = Result<Delivered, UploadError>> + Send {
-            let (code, headers) = {
+            let (code, headers, hold) = {
                 let mut state = self.server.state.lock().expect("state");
                 state.posts.push(Post { at: VirtualInstant::now(), body: body.clone(), key: self.key.clone() });
-                state.script.pop_front().unwrap_or_else(|| (if self.key == GOOD_KEY { 200 } else { 401 }, Vec::new()))
+                let (code, headers) = state
+                    .script
+                    .pop_front()
+                    .unwrap_or_else(|| (if self.key == GOOD_KEY { 200 } else { 401 }, Vec::new()));
+                (code, headers, state.hold)
             };
             self.server.posted.send_modify(|n| *n += 1);
             let mut map = HeaderMap::new();
@@ -418,7 +415,19 @@ mod tests {
                 _ => r#"{"detail":"scripted"}"#.to_owned(),
             };
             let now = SystemTime::UNIX_EPOCH + Duration::from_secs(SERVER_NOW_SECS);
-            std::future::ready(classify_answer(code, &map, answer.as_bytes(), now))
+            let result = if code == NO_ANSWER {
+                let reason = "error sending request: tcp connect error: Connection refused (os error 111)".to_owned();
+                Err(UploadError::Unreachable { url: "http://127.0.0.1:9/api/metrics".to_owned(), reason })
+            } else {
+                classify_answer(code, &map, answer.as_bytes(), now)
+            };
+            let released = Arc::clone(&self.server.released);
+            async move {
+                if hold {
+                    released.acquire().await.expect("semaphore").forget();
+                }
+                result
+            }
         }
 
         fn set_key(&mut self, key: &ApiKey) -> anyhow::Result<()> {
@@ -441,7 +450,6 @@ mod tests {
         dir: tempfile::TempDir,
         outbox: SharedOutbox,
         server: ScriptedServer,
-        wake: Arc<Notify>,
         stop: watch::Sender<bool>,
         task: JoinHandle<()>,
     }
@@ -452,8 +460,7 @@ mod tests {
         }
 
         fn push(&self, timestamp: i64, samples: usize) {
-            lock(&self.outbox).push(timestamp, batch_body(timestamp, samples));
-            self.wake.notify_one();
+            let _ = self.outbox.push(timestamp, batch_body(timestamp, samples));
         }
 
         async fn stop(self) -> tempfile::TempDir {
@@ -476,17 +483,16 @@ mod tests {
         let key_path = dir.path().join("api_key");
         write_key(&key_path, key);
         let limits = OutboxLimits { max_bytes: 64 << 20, max_age: Duration::from_secs(7 * 86400) };
-        let outbox = Arc::new(Mutex::new(Outbox::open(dir.path().join("outbox"), limits, 1_700_000_000)));
+        let outbox = SharedOutbox::new(Outbox::open(dir.path().join("outbox"), limits, 1_700_000_000));
         for n in 0..batches {
-            lock(&outbox).push(1_700_000_000 + n as i64, batch_body(1_700_000_000 + n as i64, 3));
+            let _ = outbox.push(1_700_000_000 + n as i64, batch_body(1_700_000_000 + n as i64, 3));
         }
         let server = ScriptedServer::new(script);
         let mut policy = policy(&key_file.unwrap_or(key_path));
         tune(&mut policy);
         let (stop, stop_rx) = watch::channel(false);
-        let wake = Arc::new(Notify::new());
-        let task = tokio::spawn(deliver(Arc::clone(&outbox), server.client(key), policy, Arc::clone(&wake), stop_rx));
-        Running { dir, outbox, server, wake, stop, task }
+        let task = tokio::spawn(deliver(outbox.clone(), server.client(key), policy, stop_rx));
+        Running { dir, outbox, server, stop, task }
     }
 
     fn answer(code: u16, retry_after: Option<&str>) -> Answer {
@@ -605,6 +611,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_huge_retry_after_is_capped_and_an_http_date_is_honoured() {
         let script = vec![
+            answer(429, Some("3")),
             answer(503, Some("999999999")),
             answer(429, Some("18446744073709551615")),
             answer(503, Some("99999999999999999999999")),
@@ -616,11 +623,14 @@ mod tests {
             answer(429, Some("Sun, 06 Nov 1994 08:49:37 GMT")),
         ];
         let run = start(1, script, GOOD_KEY, |p| p.backoff_max = Duration::from_secs(120), None);
-        let posts = run.server.wait_for_posts(9).await;
+        let posts = run.server.wait_for_posts(10).await;
         let secs = Duration::from_secs;
-        assert_eq!(gaps(&posts), [secs(120), secs(120), secs(120), secs(30), secs(100), secs(40), secs(120), secs(1)]);
+        assert_eq!(
+            gaps(&posts),
+            [secs(3), secs(120), secs(120), secs(120), secs(30), secs(100), secs(40), secs(120), secs(1)]
+        );
         tokio::task::yield_now().await;
-        assert_eq!(lock(&run.outbox).stats().batches, 0, "delivered by the last post");
+        assert_eq!(run.outbox.lock().stats().batches, 0, "delivered by the last post");
         run.stop().await;
     }
 
@@ -638,7 +648,7 @@ mod tests {
             assert!(*gap < ceiling, "retry {n}: waited {gap:?}, not a backoff under {ceiling:?}");
         }
         tokio::task::yield_now().await;
-        let stats = lock(&run.outbox).stats();
+        let stats = run.outbox.lock().stats();
         assert_eq!((stats.batches, stats.rejected_total), (0, 0), "delivered, none set aside");
         let text = log.text();
         assert!(text.contains("404 Not Found (no POST /api/metrics there: is the path in server_url right"), "{text}");
@@ -650,13 +660,15 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn only_400_413_and_422_set_a_batch_aside_and_delivery_goes_on_at_once() {
+        let log = CapturedLog::start(tracing::Level::INFO);
         let run = start(4, vec![answer(400, None), answer(413, None), answer(422, None)], GOOD_KEY, |_| {}, None);
         let posts = run.server.wait_for_posts(4).await;
         assert_eq!(gaps(&posts), [Duration::ZERO; 3], "no wait after a batch set aside");
         let bodies: Vec<&Bytes> = posts.iter().map(|p| &p.body).collect();
         assert!(bodies.windows(2).all(|w| w[0] != w[1]), "each batch once");
         tokio::task::yield_now().await;
-        assert_eq!(lock(&run.outbox).stats().rejected_total, 3);
+        assert_eq!(run.outbox.stats().rejected_total, 3);
+        assert_eq!(log.count("server refused a batch for good: server answered 4"), 3, "{}", log.text());
         let dir = run.stop().await;
         assert_eq!(std::fs::read_dir(dir.path().join("outbox/rejected")).expect("rejected/").count(), 6);
     }
@@ -745,11 +757,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_single_waiting_batch_is_fsynced_before_the_retry_wait() {
         let run = start(1, vec![answer(503, Some("10"))], GOOD_KEY, |_| {}, None);
-        assert!(lock(&run.outbox).sync_job().is_some(), "written, not yet synced");
+        assert!(run.outbox.lock().sync_job().is_some(), "written, not yet synced");
         run.server.wait_for_posts(1).await;
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(run.server.posts().len(), 1, "still waiting");
-        assert!(lock(&run.outbox).sync_job().is_none(), "the waiting batch is on disk");
+        assert!(run.outbox.lock().sync_job().is_none(), "the waiting batch is on disk");
         run.stop().await;
     }
 
@@ -794,26 +806,34 @@ mod tests {
         run.stop().await;
     }
 
-    /// Issue 22: "uploads succeeding again" follows a failure, a 401 included, and resets the
-    /// throttle so the next failure is logged at once.
+    /// Issue 22: "uploads succeeding again" follows a failure, a 401 or 403 included, and
+    /// resets the throttle so the next failure is logged at once.
     #[tokio::test(start_paused = true)]
     async fn recovery_is_logged_and_resets_the_log_throttle() {
-        let log = CapturedLog::start(tracing::Level::INFO);
-        let script =
-            vec![answer(401, None), (200, Vec::new()), answer(401, None), (200, Vec::new()), answer(503, Some("5"))];
-        let run = start(3, script.clone(), GOOD_KEY, |p| p.auth_retry = Duration::from_secs(1), None);
-        run.server.wait_for_posts(6).await;
-        tokio::task::yield_now().await;
-        let text = log.text();
-        assert_eq!(log.count("upload refused: server answered 401"), 2, "the second 401 is not throttled: {text}");
-        assert_eq!(log.count("upload failed: server answered 503"), 1, "{text}");
-        assert_eq!(log.count("uploads succeeding again"), 3, "{text}");
-        let order: Vec<&str> = text
-            .lines()
-            .filter_map(|l| ["refused", "succeeding", "failed"].into_iter().find(|w| l.contains(*w)))
-            .collect();
-        assert_eq!(order, ["refused", "succeeding", "refused", "succeeding", "failed", "succeeding"], "{text}");
-        run.stop().await;
+        for code in [401, 403] {
+            let log = CapturedLog::start(tracing::Level::INFO);
+            let script = vec![
+                answer(code, None),
+                (200, Vec::new()),
+                answer(code, None),
+                (200, Vec::new()),
+                answer(503, Some("5")),
+            ];
+            let run = start(3, script, GOOD_KEY, |p| p.auth_retry = Duration::from_secs(1), None);
+            run.server.wait_for_posts(6).await;
+            tokio::task::yield_now().await;
+            let text = log.text();
+            let refused = format!("upload refused: server answered {code}");
+            assert_eq!(log.count(&refused), 2, "the second {code} is not throttled: {text}");
+            assert_eq!(log.count("upload failed: server answered 503"), 1, "{text}");
+            assert_eq!(log.count("uploads succeeding again"), 3, "{text}");
+            let order: Vec<&str> = text
+                .lines()
+                .filter_map(|l| ["refused", "succeeding", "failed"].into_iter().find(|w| l.contains(*w)))
+                .collect();
+            assert_eq!(order, ["refused", "succeeding", "refused", "succeeding", "failed", "succeeding"], "{text}");
+            run.stop().await;
+        }
 
         // A success with no failure before says nothing; the same failure twice is said once.
         let log = CapturedLog::start(tracing::Level::INFO);
@@ -824,5 +844,103 @@ mod tests {
         assert_eq!(log.count("upload failed"), 1, "{}", log.text());
         assert_eq!(log.count("uploads succeeding again"), 1, "{}", log.text());
         run.stop().await;
+    }
+
+    /// No answer at all (a refused connection, a timeout): the batch is kept and retried with
+    /// the jittered backoff, the log names the URL once, and every batch goes out in order.
+    #[tokio::test(start_paused = true)]
+    async fn no_answer_is_retried_with_backoff_and_every_batch_goes_out_in_order() {
+        let log = CapturedLog::start(tracing::Level::INFO);
+        let outage = 6;
+        let run = start(3, (0..outage).map(|_| (NO_ANSWER, Vec::new())).collect(), GOOD_KEY, |_| {}, None);
+        let posts = run.server.wait_for_posts(outage + 3).await;
+        for (n, gap) in gaps(&posts)[..outage].iter().enumerate() {
+            let ceiling = Duration::from_secs(1 << (n + 1));
+            assert!(*gap < ceiling, "after failure {}: {gap:?} >= {ceiling:?}", n + 1);
+        }
+        let bodies: Vec<&Bytes> = posts.iter().map(|p| &p.body).collect();
+        assert!(bodies[..=outage].iter().all(|b| *b == bodies[0]), "the same batch until it is accepted");
+        assert!(bodies[outage..].windows(2).all(|w| w[0] != w[1]), "then each of the others once");
+        tokio::task::yield_now().await;
+        assert_eq!(run.outbox.stats().batches, 0);
+        assert_eq!(log.count("upload failed: cannot reach http://127.0.0.1:9/api/metrics"), 1, "{}", log.text());
+        assert_eq!(log.count("uploads succeeding again"), 1, "{}", log.text());
+        run.stop().await;
+    }
+
+    /// A Retry-After that is neither seconds nor an HTTP-date is no hint: the jittered backoff.
+    #[tokio::test(start_paused = true)]
+    async fn a_garbage_retry_after_means_the_jittered_backoff() {
+        let garbage = ["soon", "-5", "1.5", "", "Tue, 99 Nov 2023 25:61:61 GMT", "3 s"];
+        let run = start(1, garbage.iter().map(|g| answer(503, Some(g))).collect(), GOOD_KEY, |_| {}, None);
+        let posts = run.server.wait_for_posts(garbage.len() + 1).await;
+        let gaps = gaps(&posts);
+        for (n, gap) in gaps.iter().enumerate() {
+            let ceiling = Duration::from_secs(1 << (n + 1));
+            assert!(*gap < ceiling, "after {:?}: {gap:?} >= {ceiling:?}", garbage[n]);
+        }
+        // Read as a number the hint would give the same wait every time; jitter never does.
+        assert!(gaps.iter().any(|g| *g != gaps[0]), "not jittered: {gaps:?}");
+        run.stop().await;
+    }
+
+    /// 401 and 403 keep every batch and are logged at a slow rate; the key file is read again
+    /// before each retry, so once the key is fixed the backlog goes out, oldest first.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_key_keeps_every_batch_until_the_key_is_fixed() {
+        for code in [401, 403] {
+            let log = CapturedLog::start(tracing::Level::INFO);
+            let refusals = 5;
+            let run = start(3, (0..refusals).map(|_| answer(code, None)).collect(), BAD_KEY, |_| {}, None);
+            let posts = run.server.wait_for_posts(refusals).await;
+            assert_eq!(gaps(&posts), [Duration::from_secs(60); 4], "{code}: every auth_retry");
+            assert!(posts.iter().all(|p| p.body == posts[0].body && p.key == BAD_KEY), "{code}");
+            let stats = run.outbox.stats();
+            assert_eq!((stats.batches, stats.rejected_total), (3, 0), "{code}: every batch kept");
+            assert_eq!(log.count("upload refused"), 1, "{code}: one line in 4 min: {}", log.text());
+            write_key(&run.key_path(), GOOD_KEY);
+            let posts = run.server.wait_for_posts(refusals + 3).await;
+            let delivered: Vec<&Post> = posts[refusals..].iter().collect();
+            assert_eq!(delivered[0].body, posts[0].body, "{code}: the first refused batch first");
+            assert!(delivered.iter().all(|p| p.key == GOOD_KEY), "{code}");
+            assert!(delivered.windows(2).all(|w| w[0].body != w[1].body), "{code}: each once");
+            tokio::task::yield_now().await;
+            assert_eq!(run.outbox.stats().batches, 0, "{code}");
+            run.stop().await;
+        }
+    }
+
+    /// A shutdown while a post is in flight lets that post finish (an accepted batch leaves
+    /// the outbox, so it is not sent again at the next start) and sends nothing more.
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_mid_send_finishes_that_post_and_sends_no_other() {
+        let run = start(3, Vec::new(), GOOD_KEY, |_| {}, None);
+        run.server.hold();
+        run.server.wait_for_posts(1).await;
+        let _ = run.stop.send(true);
+        run.server.release();
+        let (server, outbox) = (run.server.clone(), run.outbox.clone());
+        let dir = tokio::time::timeout(Duration::from_secs(1), run.stop())
+            .await
+            .expect("delivery stops once the post in flight is answered");
+        assert_eq!(server.posts().len(), 1, "nothing posted after the shutdown");
+        assert_eq!(outbox.stats().batches, 2, "the accepted batch left the outbox");
+        drop(outbox);
+        let left = crate::outbox::inspect(&dir.path().join("outbox")).expect("inspect");
+        assert_eq!(left.iter().map(|b| b.timestamp).collect::<Vec<_>>(), [1_700_000_001, 1_700_000_002]);
+    }
+
+    /// A shutdown during a retry wait ends delivery at once, the batch kept for the next start.
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_during_a_retry_wait_stops_at_once_and_keeps_the_batch() {
+        let run = start(1, vec![answer(503, Some("300"))], GOOD_KEY, |_| {}, None);
+        run.server.wait_for_posts(1).await;
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let (asked, outbox) = (VirtualInstant::now(), run.outbox.clone());
+        let dir = tokio::time::timeout(Duration::from_secs(1), run.stop()).await.expect("no wait for the retry");
+        assert_eq!(VirtualInstant::now(), asked, "no wait for the retry");
+        assert_eq!(outbox.stats().batches, 1);
+        drop(outbox);
+        assert_eq!(crate::outbox::inspect(&dir.path().join("outbox")).expect("inspect").len(), 1);
     }
 }

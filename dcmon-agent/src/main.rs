@@ -3,7 +3,7 @@
 use std::io::{IsTerminal as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
@@ -14,7 +14,7 @@ use dcmon_agent::deliver::DeliveryPolicy;
 use dcmon_agent::host::Host;
 use dcmon_agent::install::{self, InstallOptions};
 use dcmon_agent::notify::Notifier;
-use dcmon_agent::outbox::{Outbox, OutboxLimits};
+use dcmon_agent::outbox::{Outbox, OutboxLimits, SharedOutbox};
 use dcmon_agent::upload::Uploader;
 use dcmon_agent::{api_key, check, collector, register};
 use tokio::sync::mpsc;
@@ -294,7 +294,7 @@ fn load_key(config: &Config) -> Result<api_key::ApiKey, api_key::ApiKeyError> {
 }
 
 /// The machine id and daemon settings for `config` and its `key`, sharing `outbox`.
-fn prepare(config: &Config, key: api_key::ApiKey, outbox: &Arc<Mutex<Outbox>>) -> anyhow::Result<(String, Daemon)> {
+fn prepare(config: &Config, key: api_key::ApiKey, outbox: &SharedOutbox) -> anyhow::Result<(String, Daemon)> {
     let machine_id = machine_id(config)?;
     let uploader = Uploader::new(
         config.server_base(),
@@ -312,7 +312,7 @@ fn prepare(config: &Config, key: api_key::ApiKey, outbox: &Arc<Mutex<Outbox>>) -
     let daemon = Daemon {
         interval: config.interval(),
         phase: agent::phase_offset(&machine_id, config.interval()),
-        outbox: Arc::clone(outbox),
+        outbox: outbox.clone(),
         uploader,
         policy: DeliveryPolicy {
             backoff_base: Duration::from_secs(1),
@@ -330,7 +330,7 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
         |c: &Config| OutboxLimits { max_bytes: c.outbox_max_bytes, max_age: Duration::from_secs(c.outbox_max_age) };
     // Two agents on one outbox would send every batch twice: refuse to start instead.
     let outbox = Outbox::open_exclusive(&config.outbox_dir, limits(&config), agent::unix_now_secs())?;
-    let outbox = Arc::new(Mutex::new(outbox));
+    let outbox = SharedOutbox::new(outbox);
     // At start no signal handler is installed yet, so SIGTERM still ends a read that hangs.
     let key = load_key(&config)?;
     let (machine_id, mut daemon) = prepare(&config, key, &outbox)?;
@@ -371,7 +371,7 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
                         if new.outbox_dir != config.outbox_dir {
                             tracing::warn!("outbox_dir changed: it takes effect at the next restart");
                         }
-                        dcmon_agent::deliver::lock(&outbox).set_limits(limits(&new));
+                        outbox.lock().set_limits(limits(&new));
                         (scheduler, daemon, config) = (new_scheduler, new_daemon, new);
                         tracing::info!("config reloaded");
                     }

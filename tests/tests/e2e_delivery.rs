@@ -1,5 +1,7 @@
-//! Nothing lost: outages, crashes, torn files, poison batches, rate limits, a wrong key and an
-//! unwritable outbox, with the real agent binary against the test receiver.
+//! Nothing lost: an outage, a crash, torn files, an unwritable or full outbox and a second
+//! agent, with the real agent binary against the test receiver. The retry policy (no answer,
+//! 5xx, Retry-After, 4xx, 401/403 and the key re-read, poison batches, shutdown mid-send) is
+//! tested in paused time by deliver.rs's unit tests.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -80,19 +82,6 @@ fn wait_for_stored(dir: &Path, count: usize, agent: &AgentProcess) {
     }
 }
 
-/// Timestamps of the batches set aside in `folder` (`<seq>-<timestamp>.batch`).
-fn set_aside_timestamps(folder: &Path) -> Vec<i64> {
-    let mut ts: Vec<i64> = std::fs::read_dir(folder)
-        .map(|r| {
-            r.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                .filter_map(|n| n.strip_suffix(".batch")?.split_once('-')?.1.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    ts.sort_unstable();
-    ts
-}
-
 /// Everything accepted, once a batch stamped after `second` has arrived (or `None` at timeout).
 fn accepted_past(receiver: &Receiver, second: i64, timeout: Duration) -> Option<Vec<Accepted>> {
     wait_until(timeout, || {
@@ -138,32 +127,6 @@ fn outage_503_then_recovery_delivers_every_batch_in_order() {
         "outage 503: {} batches delivered, {during} from the outage, 0 lost, {dups} duplicates; backlog delivered {took:.2?} after recovery",
         ts.len()
     );
-}
-
-#[test]
-fn refused_connections_then_recovery_delivers_every_batch() {
-    let machine = machine_id();
-    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
-    let addr = receiver.addr();
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_key(dir.path(), KEY).expect("key");
-    let agent = AgentProcess::start(dir.path(), &config(dir.path(), &receiver.url(), &machine, json!({})), &["run"])
-        .expect("agent");
-    assert!(receiver.wait_for_accepted(2, Duration::from_secs(10)).len() >= 2, "{}", agent.stderr());
-    let before = receiver.accepted();
-    drop(receiver); // the port now refuses connections
-    let outage_end = unix_now() + 10;
-    std::thread::sleep(Duration::from_secs(10));
-    let receiver = Receiver::start_on(addr, &[(KEY, &machine)]).expect("receiver back on the same port");
-    let after = accepted_past(&receiver, outage_end + 2, Duration::from_secs(20))
-        .unwrap_or_else(|| panic!("no recovery:\n{}", agent.stderr()));
-    let mut all = before;
-    all.extend(after);
-    let ts = timestamps(&all);
-    let dups = assert_complete_in_order(&ts);
-    assert!(dups <= 1, "at most the batch whose answer was cut off: {ts:?}");
-    assert!(agent.stderr().contains("cannot reach"), "{}", agent.stderr());
-    eprintln!("outage refused: {} batches delivered, 0 lost, {dups} duplicates", ts.len());
 }
 
 #[test]
@@ -243,163 +206,6 @@ fn torn_and_corrupt_outbox_records_are_reported_and_the_rest_delivered() {
             .map(|m| m["value"].clone())
     });
     assert_eq!(corrupt_metric, Some(json!(2)));
-}
-
-#[test]
-fn poison_422_is_set_aside_and_429_retry_after_is_honoured() {
-    let machine = machine_id();
-    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_key(dir.path(), KEY).expect("key");
-    // A Retry-After is held at retry_max_backoff: give the 3 s asked below room.
-    let cfg = config(dir.path(), &receiver.url(), &machine, json!({"retry_max_backoff": 10}));
-    let agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
-    assert!(!receiver.wait_for_accepted(1, Duration::from_secs(10)).is_empty(), "{}", agent.stderr());
-
-    receiver.fail_next(1, 422, None);
-    let rejected = receiver.wait_for_rejected(1, Duration::from_secs(5));
-    let poison = rejected[0].batch_timestamp.expect("timestamp");
-    let n = receiver.accepted().len();
-    let later = receiver.wait_for_accepted(n + 3, Duration::from_secs(10));
-    assert!(later.len() >= n + 3, "batches stopped after the 422");
-    assert!(!timestamps(&later).contains(&poison), "the poison batch must not be retried");
-    let set_aside = set_aside_timestamps(&dir.path().join("outbox/rejected"));
-    assert_eq!(set_aside, [poison]);
-    assert!(agent.stderr().contains("refused a batch for good"), "{}", agent.stderr());
-
-    receiver.fail_next(1, 429, Some(3));
-    let rejected = receiver.wait_for_rejected(2, Duration::from_secs(5));
-    let limited_at = rejected[1].at;
-    let limited_ts = rejected[1].batch_timestamp;
-    let retried = wait_until(Duration::from_secs(10), || {
-        receiver.accepted().into_iter().find(|b| b.json["timestamp"].as_i64() == limited_ts)
-    })
-    .expect("the 429 batch is retried");
-    let gap = retried.at.duration_since(limited_at);
-    assert!(
-        gap >= Duration::from_secs(3) && gap < Duration::from_millis(4500),
-        "Retry-After 3 s, retried after {gap:?}"
-    );
-    eprintln!("429 Retry-After 3: retried after {gap:?}");
-}
-
-/// A receiver, and an agent with the default test config that has delivered its first batch.
-fn agent_delivering() -> (Receiver, tempfile::TempDir, AgentProcess) {
-    let machine = machine_id();
-    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_key(dir.path(), KEY).expect("key");
-    let agent = AgentProcess::start(dir.path(), &config(dir.path(), &receiver.url(), &machine, json!({})), &["run"])
-        .expect("agent");
-    assert!(!receiver.wait_for_accepted(1, Duration::from_secs(10)).is_empty(), "{}", agent.stderr());
-    (receiver, dir, agent)
-}
-
-/// Issue 14: `Retry-After: 0` made 11,431 posts in 10 s. The server's hint never takes the
-/// wait below the backoff floor of 1 s.
-#[test]
-fn retry_after_zero_does_not_make_a_request_storm() {
-    let (receiver, _dir, agent) = agent_delivering();
-    receiver.fail_next_with_retry_after(5_000, 429, "0");
-    let first = receiver.wait_for_rejected(1, Duration::from_secs(5));
-    assert!(!first.is_empty(), "{}", agent.stderr());
-    std::thread::sleep(Duration::from_secs(4));
-    let posts =
-        receiver.rejected().iter().filter(|r| r.at.duration_since(first[0].at) < Duration::from_secs(4)).count();
-    receiver.clear_script();
-    // One post a second at most, plus the first.
-    assert!(posts <= 6, "{posts} posts in 4 s with Retry-After: 0");
-    let n = receiver.accepted().len();
-    assert!(receiver.wait_for_accepted(n + 2, Duration::from_secs(10)).len() >= n + 2, "{}", agent.stderr());
-    eprintln!("Retry-After 0: {posts} posts in the 4 s after the first 429");
-}
-
-/// Issue 14: a huge Retry-After stopped delivery until a restart while the outbox grew. It is
-/// held at retry_max_backoff (2 s here).
-#[test]
-fn a_huge_retry_after_does_not_stop_delivery() {
-    let (receiver, _dir, agent) = agent_delivering();
-    receiver.fail_next_with_retry_after(1, 503, "999999999");
-    receiver.fail_next_with_retry_after(1, 429, "18446744073709551615");
-    let refused = receiver.wait_for_rejected(2, Duration::from_secs(10));
-    assert_eq!(refused.len(), 2, "the second post never came after Retry-After: 999999999\n{}", agent.stderr());
-    let held = refused[0].batch_timestamp;
-    let retried = wait_until(Duration::from_secs(10), || {
-        receiver.accepted().into_iter().find(|b| b.json["timestamp"].as_i64() == held)
-    })
-    .unwrap_or_else(|| panic!("not delivered after a Retry-After of 2^64-1:\n{}", agent.stderr()));
-    let gaps = [refused[1].at - refused[0].at, retried.at - refused[1].at];
-    for gap in gaps {
-        assert!(gap >= Duration::from_millis(1900) && gap < Duration::from_secs(4), "waited {gaps:?}, not 2 s");
-    }
-    let done = accepted_past(&receiver, unix_now() + 1, Duration::from_secs(10)).expect("delivery goes on");
-    assert_eq!(assert_complete_in_order(&timestamps(&done)), 0);
-}
-
-/// Issue 14: a 404 (an ingress misroute), 405, 407 (a proxy wants auth) or 431 moved batches
-/// to `rejected/`, where only the newest 100 are kept: data deleted. They are kept and
-/// retried; the log says what to check.
-#[test]
-fn a_4xx_about_the_way_to_the_server_keeps_every_batch() {
-    let (receiver, dir, agent) = agent_delivering();
-    for status in [404, 405, 407, 431] {
-        receiver.fail_next(1, status, None);
-    }
-    let refused = receiver.wait_for_rejected(4, Duration::from_secs(20));
-    assert_eq!(refused.iter().map(|r| r.status).collect::<Vec<_>>(), [404, 405, 407, 431]);
-    let kept = refused[0].batch_timestamp.expect("timestamp");
-    assert!(refused.iter().all(|r| r.batch_timestamp == Some(kept)), "the same batch each time: {refused:?}");
-    let done = accepted_past(&receiver, kept + 1, Duration::from_secs(20))
-        .unwrap_or_else(|| panic!("not delivered:\n{}", agent.stderr()));
-    let ts = timestamps(&done);
-    assert!(ts.contains(&kept), "the refused batch was delivered: {ts:?}");
-    assert_eq!(assert_complete_in_order(&ts), 0);
-    assert!(set_aside_timestamps(&dir.path().join("outbox/rejected")).is_empty(), "nothing set aside");
-    let log = agent.stderr();
-    assert!(log.contains("is the path in server_url right") && log.contains("a proxy on the way wants"), "{log}");
-}
-
-/// Issue 14: after a 401 the key file was read right after the failed post, so a key fixed
-/// during the wait went out only one auth_retry_interval later, after one more 401.
-#[test]
-fn a_key_fixed_during_the_wait_is_used_at_the_next_retry() {
-    let machine = machine_id();
-    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_key(dir.path(), "dcmon_notTheRightKeyNotTheRightKeyNotTheRigh").expect("key");
-    let cfg = config(dir.path(), &receiver.url(), &machine, json!({"auth_retry_interval": 4}));
-    let agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
-    let refused = receiver.wait_for_rejected(1, Duration::from_secs(10));
-    assert!(!refused.is_empty(), "{}", agent.stderr());
-    std::thread::sleep(Duration::from_millis(1500));
-    write_key(dir.path(), KEY).expect("fix key");
-    let got = receiver.wait_for_accepted(1, Duration::from_secs(10));
-    assert!(!got.is_empty(), "not delivered after fixing the key:\n{}", agent.stderr());
-    let took = got[0].at - refused[0].at;
-    assert_eq!(receiver.rejected().len(), 1, "a 401 after the key was fixed; delivered {took:?} after the first");
-    assert!(took < Duration::from_secs(6), "delivered {took:?} after the 401, auth_retry_interval is 4 s");
-}
-
-#[test]
-fn wrong_key_keeps_batches_until_the_key_is_fixed() {
-    let machine = machine_id();
-    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_key(dir.path(), "dcmon_notTheRightKeyNotTheRightKeyNotTheRigh").expect("key");
-    let cfg = config(dir.path(), &receiver.url(), &machine, json!({"auth_retry_interval": 1}));
-    let agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
-    let refused = receiver.wait_for_rejected(3, Duration::from_secs(10));
-    assert!(refused.iter().all(|r| r.status == 401), "{refused:?}");
-    let first_refused = refused[0].batch_timestamp.expect("timestamp");
-    std::thread::sleep(Duration::from_secs(2));
-    write_key(dir.path(), KEY).expect("fix key");
-    let fixed_at = unix_now();
-    let got = accepted_past(&receiver, fixed_at + 1, Duration::from_secs(15))
-        .unwrap_or_else(|| panic!("not delivered after fixing the key:\n{}", agent.stderr()));
-    let ts = timestamps(&got);
-    assert_eq!(ts[0], first_refused, "the first refused batch was kept: {ts:?}");
-    assert_eq!(assert_complete_in_order(&ts), 0);
-    assert!(agent.stderr().matches("upload refused").count() <= 2, "401 logged at a slow rate:\n{}", agent.stderr());
 }
 
 #[test]

@@ -13,13 +13,21 @@ use anyhow::{Context as _, bail};
 use crate::clean_command;
 
 /// The files checked by default.
-pub const FILES: [&str; 6] = [
+pub const FILES: [&str; 14] = [
     "dcmon-agent/src/batch.rs",
     "dcmon-agent/src/collector/os.rs",
     "dcmon-agent/src/collector/net.rs",
     "dcmon-agent/src/deliver.rs",
+    "dcmon-agent/src/outbox/handle.rs",
+    "dcmon-agent/src/outbox/lock.rs",
     "dcmon-agent/src/outbox/mod.rs",
+    "dcmon-agent/src/outbox/open.rs",
+    "dcmon-agent/src/outbox/queue.rs",
     "dcmon-agent/src/outbox/record.rs",
+    "dcmon-agent/src/outbox/repair.rs",
+    "dcmon-agent/src/outbox/segment.rs",
+    "dcmon-agent/src/outbox/set_aside.rs",
+    "dcmon-agent/src/outbox/writer.rs",
 ];
 
 /// `cargo xtask mutants` options.

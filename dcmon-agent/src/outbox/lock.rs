@@ -11,10 +11,10 @@ pub(super) enum LockError {
     Io(std::io::Error),
 }
 
-/// Take the directory's `.lock` (an exclusive `flock`, released when the file is closed) and
-/// write this process id into it, so that two agents never append to the same segments.
+/// Take the directory's `.lock` (an exclusive `flock`, by [`File::try_lock`], released when the
+/// file is closed) and write this process id into it, so that two agents never append to the
+/// same segments.
 pub(super) fn lock_dir(dir: &Path) -> Result<File, LockError> {
-    use std::os::fd::AsRawFd as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let path = dir.join(".lock");
     let mut f = File::options()
@@ -29,15 +29,14 @@ pub(super) fn lock_dir(dir: &Path) -> Result<File, LockError> {
     if !f.metadata().map_err(LockError::Io)?.is_file() {
         return Err(LockError::Io(std::io::Error::other("not a regular file")));
     }
-    // SAFETY: flock on a descriptor this function owns.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::WouldBlock {
-            return Err(LockError::Io(e));
+    match f.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = (&f).take(32).read_to_string(&mut holder);
+            return Err(LockError::InUse(holder.trim().parse().ok()));
         }
-        let mut holder = String::new();
-        let _ = (&f).take(32).read_to_string(&mut holder);
-        return Err(LockError::InUse(holder.trim().parse().ok()));
+        Err(std::fs::TryLockError::Error(e)) => return Err(LockError::Io(e)),
     }
     f.set_len(0).map_err(LockError::Io)?;
     writeln!(f, "{}", std::process::id()).map_err(LockError::Io)?;

@@ -83,14 +83,19 @@ pub enum Record<'a> {
     },
 }
 
-/// `N` lowercase hex digits of `v`, zero-padded: `{v:0N$x}` without the formatter, which cost
-/// more than the rest of a record's encoding (every record has two such fields).
-fn hex<const N: usize>(v: u64) -> [u8; N] {
-    let mut digits = [0u8; N];
-    for (i, d) in digits.iter_mut().enumerate() {
-        let nibble = (v >> (4 * (N - 1 - i))) & 0xf;
-        *d = b"0123456789abcdef"[nibble as usize];
-    }
+/// `seq` as 16 lowercase hex digits, zero-padded: `{seq:016x}` without the formatter, which
+/// cost more than the rest of a record's encoding.
+fn hex_seq(seq: u64) -> [u8; 16] {
+    let mut digits = [0u8; 16];
+    // Two digits per byte: the lengths match, so this cannot fail.
+    let _ = hex::encode_to_slice(seq.to_be_bytes(), &mut digits);
+    digits
+}
+
+/// `crc` as 8 lowercase hex digits, zero-padded (`{crc:08x}`).
+fn hex_crc(crc: u32) -> [u8; 8] {
+    let mut digits = [0u8; 8];
+    let _ = hex::encode_to_slice(crc.to_be_bytes(), &mut digits);
     digits
 }
 
@@ -101,7 +106,7 @@ fn batch_fields(seq: u64, timestamp: i64, len: usize) -> ([u8; 64], usize) {
     let mut rest = &mut buf[..];
     // 60 bytes at most fit in 64: these writes cannot fail.
     let _ = rest.write_all(b"B ");
-    let _ = rest.write_all(&hex::<16>(seq));
+    let _ = rest.write_all(&hex_seq(seq));
     let _ = write!(rest, " {timestamp} {len}");
     let used = 64 - rest.len();
     (buf, used)
@@ -127,7 +132,7 @@ fn batch_hasher(seq: u64, timestamp: i64, len: usize) -> crc32fast::Hasher {
 fn done_fields(seq: u64) -> [u8; 18] {
     let mut fields = [b'D'; 18];
     fields[1] = b' ';
-    fields[2..].copy_from_slice(&hex::<16>(seq));
+    fields[2..].copy_from_slice(&hex_seq(seq));
     fields
 }
 
@@ -139,7 +144,7 @@ pub fn encode_batch(out: &mut Vec<u8>, seq: u64, timestamp: i64, body: &[u8]) ->
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&fields[..len]);
     out.push(b' ');
-    out.extend_from_slice(&hex::<8>(u64::from(crc)));
+    out.extend_from_slice(&hex_crc(crc));
     out.push(b'\n');
     out.extend_from_slice(body);
     out.push(b'\n');
@@ -152,7 +157,7 @@ pub fn encode_done(out: &mut Vec<u8>, seq: u64) {
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&fields);
     out.push(b' ');
-    out.extend_from_slice(&hex::<8>(u64::from(crc32fast::hash(&fields))));
+    out.extend_from_slice(&hex_crc(crc32fast::hash(&fields)));
     out.push(b'\n');
 }
 
@@ -196,6 +201,13 @@ pub(super) enum Found {
     Batch { seq: u64, timestamp: i64, body_offset: u64, body_len: u64, crc: u32 },
     Done { seq: u64 },
     Damaged { offset: u64, len: u64, why: Corrupt },
+}
+
+/// The length of a batch's record, from its header fields.
+pub(super) fn record_len(seq: u64, timestamp: i64, body_len: u64) -> u64 {
+    // Only the body's length matters, not its bytes.
+    let digits = body_len.checked_ilog10().map_or(1, |d| u64::from(d) + 1);
+    batch_record_len(seq, timestamp, b"") - 1 + digits + body_len
 }
 
 /// One line: where it starts, its first [`HEADER_MAX`] bytes, its whole length (newline
@@ -341,7 +353,7 @@ impl<R: BufRead> RecordReader<R> {
 mod tests {
     use super::*;
 
-    fn body(i: u32) -> Vec<u8> {
+    pub(super) fn body(i: u32) -> Vec<u8> {
         format!("{{\"batch\": {i}}}").into_bytes()
     }
 

@@ -1,5 +1,17 @@
 //! The outbox's unit tests: the queue, its files and their damage, on real directories.
 
+use std::collections::HashSet;
+use std::fs::File;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::queue::DROP_LOG_EVERY;
+use super::segment::{SEGMENT_READ_MAX, list_segments};
+use super::set_aside::SET_ASIDE_KEEP;
 use super::*;
 
 const LIMITS: OutboxLimits = OutboxLimits { max_bytes: 1 << 30, max_age: Duration::from_secs(3600) };
