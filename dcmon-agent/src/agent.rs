@@ -4,8 +4,8 @@
 //! all at once, each under the collector timeout; whatever is done by then goes into the batch.
 //! Collectors that cannot block (reads of files that were found on procfs or sysfs when the
 //! collector was built: the kernel serves those from memory) run on the runtime thread
-//! meanwhile: handing them to a thread cost more than their work (measured: each handoff is
-//! two context switches, and on a VM a switch costs more than parsing the file). A procfs
+//! meanwhile: handing them to a thread costs more than their work (two context switches per
+//! handoff; README, Performance). A procfs
 //! collector whose files are elsewhere (lxcfs's FUSE files over /proc/loadavg and friends in a
 //! container, a `host_root` on any other filesystem) runs on a thread like the hardware ones.
 //! A collector that overruns is reported as failed and is not started again until its earlier

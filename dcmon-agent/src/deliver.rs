@@ -595,7 +595,7 @@ mod tests {
         assert_eq!(count_metrics(br#"{"metrics": 5}"#), 0);
     }
 
-    /// Issue 14: `Retry-After: 0` made 11,431 posts in 10 s. The hint is held at the floor.
+    /// Issue 14: a `Retry-After: 0` must not turn into a post storm; the hint is held at the floor.
     #[tokio::test(start_paused = true)]
     async fn retry_after_zero_waits_the_backoff_floor() {
         let script =

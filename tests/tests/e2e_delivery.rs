@@ -225,10 +225,7 @@ fn unwritable_outbox_keeps_sending_from_memory_and_says_why() {
 #[test]
 fn full_disk_keeps_sending_from_memory_and_says_why() {
     // A real ENOSPC needs a small filesystem; mounting tmpfs needs root (CI runs as root).
-    if !nix_is_root() {
-        eprintln!("skipped: mounting a small tmpfs needs root");
-        return;
-    }
+    dcmon_tests::require_root("mounting a small tmpfs");
     let machine = machine_id();
     let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -254,13 +251,6 @@ fn full_disk_keeps_sending_from_memory_and_says_why() {
     let got = receiver.wait_for_accepted(8, Duration::from_secs(20));
     assert!(got.len() >= 8, "after {:?}:\n{}", start.elapsed(), agent.stderr());
     assert_eq!(assert_complete_in_order(&timestamps(&got)), 0);
-}
-
-fn nix_is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.split_whitespace().nth(2) == Some("0")))
-        .unwrap_or(false)
 }
 
 struct Unmount(PathBuf);

@@ -1,7 +1,7 @@
 //! APT: pending upgrades, the reboot flag, and how old the package lists are.
 //!
-//! Counting upgrades means resolving the whole dependency graph (about 2 s of CPU on the
-//! development VM), so it runs on its own thread and slow interval, and again as soon as dpkg's
+//! Counting upgrades means resolving the whole dependency graph (seconds of CPU; README,
+//! Performance), so it runs on its own thread and slow interval, and again as soon as dpkg's
 //! status or the package lists change; every round reports the cached count. The reboot flag and
 //! the list age are a stat each and are read every round.
 

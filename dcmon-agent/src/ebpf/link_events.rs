@@ -75,10 +75,7 @@ mod tests {
         // Whatever happened before: drain it.
         let _ = events.changed();
         assert!(!events.changed(), "no link changed");
-        // SAFETY: geteuid cannot fail.
-        if unsafe { libc::geteuid() } != 0 {
-            return; // adding an interface needs root; the eBPF tests cover the agent's use
-        }
+        dcmon_tests::require_root("adding a veth pair");
         let pid = std::process::id() % 100_000;
         let (name, peer) = (format!("dcle{pid}"), format!("dclf{pid}"));
         let ip = |args: &[&str]| std::process::Command::new("ip").args(args).status().is_ok_and(|s| s.success());

@@ -99,11 +99,6 @@ fn fds_under(dir: &Path) -> usize {
         .count()
 }
 
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
 /// A small tmpfs at a fresh directory, unmounted on drop.
 struct SmallFs(tempfile::TempDir);
 
@@ -427,10 +422,7 @@ fn a_deleted_directory_is_recreated_and_its_batches_rewritten() {
 // Issue 14 (d): a full disk cost an empty segment file and a descriptor per batch.
 #[test]
 fn a_full_disk_costs_no_file_or_descriptor_per_batch() {
-    if !is_root() {
-        eprintln!("skipped: mounting a small tmpfs needs root");
-        return;
-    }
+    dcmon_tests::require_root("mounting a small tmpfs");
     let fs = SmallFs::mount("64k");
     let outbox = fs.0.path().join("outbox");
     let mut o = Outbox::open(&outbox, LIMITS, 0);
