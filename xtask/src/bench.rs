@@ -33,6 +33,10 @@ pub struct BenchArgs {
     /// Leave out the runs with many interfaces and loop devices (which need root).
     #[arg(long)]
     pub no_scale: bool,
+    /// Another dcmon-agent binary (an earlier commit's release build) measured in the same
+    /// run, alternating with this one, in both modes: the regression check for a change.
+    #[arg(long, value_name = "PATH")]
+    pub baseline: Option<PathBuf>,
 }
 
 /// One run's numbers.
@@ -49,6 +53,9 @@ struct Run {
 enum Subject {
     Agent,
     AgentEbpf,
+    /// The `--baseline` binary, procfs and eBPF mode.
+    Baseline,
+    BaselineEbpf,
     NodeExporter,
     Collectd,
     /// `examples/bench_floor.rs wake`: a process that wakes once a second and does nothing.
@@ -62,6 +69,8 @@ impl Subject {
         match self {
             Subject::Agent => "dcmon-agent (procfs)",
             Subject::AgentEbpf => "dcmon-agent (eBPF)",
+            Subject::Baseline => "baseline dcmon-agent (procfs)",
+            Subject::BaselineEbpf => "baseline dcmon-agent (eBPF)",
             Subject::NodeExporter => "node_exporter 5 collectors, scraped 1/s",
             Subject::Collectd => "collectd cpu,memory,disk,interface,load",
             Subject::FloorWake => "floor: wake once a second, nothing else",
@@ -97,7 +106,13 @@ pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         bail!("cargo build --release failed");
     }
     let bin = workspace.join("target/release");
-    let mut subjects = vec![Subject::Agent, Subject::AgentEbpf, Subject::FloorWake, Subject::FloorJob];
+    let agent = bin.join("dcmon-agent");
+    let mut subjects = vec![Subject::Agent, Subject::AgentEbpf];
+    if let Some(baseline) = &args.baseline {
+        anyhow::ensure!(baseline.is_file(), "--baseline {}: no such file", baseline.display());
+        subjects.extend([Subject::Baseline, Subject::BaselineEbpf]);
+    }
+    subjects.extend([Subject::FloorWake, Subject::FloorJob]);
     if which("prometheus-node-exporter").is_some() {
         subjects.push(Subject::NodeExporter);
     } else {
@@ -113,8 +128,13 @@ pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         for (i, s) in subjects.iter().enumerate() {
             eprintln!("round {round}/{}: {} for {} s", args.rounds, s.name(), args.seconds);
             let run = match s {
-                Subject::Agent => measure_agent(&bin, args.seconds, None, false, Ebpf::Off)?,
-                Subject::AgentEbpf => measure_agent(&bin, args.seconds, None, false, Ebpf::On)?,
+                Subject::Agent => measure_agent(&bin, &agent, args.seconds, None, false, Ebpf::Off)?,
+                Subject::AgentEbpf => measure_agent(&bin, &agent, args.seconds, None, false, Ebpf::On)?,
+                Subject::Baseline | Subject::BaselineEbpf => {
+                    let baseline = args.baseline.as_deref().context("--baseline")?;
+                    let ebpf = if *s == Subject::Baseline { Ebpf::Off } else { Ebpf::On };
+                    measure_agent(&bin, baseline, args.seconds, None, false, ebpf)?
+                }
                 Subject::NodeExporter => measure_node_exporter(args.seconds)?,
                 Subject::Collectd => measure_collectd(args.seconds)?,
                 Subject::FloorWake | Subject::FloorJob => measure_floor(&bin, args.seconds, *s)?,
@@ -210,7 +230,7 @@ fn scale(bin: &Path, args: &BenchArgs) -> anyhow::Result<String> {
         }
         for (ebpf, mode) in [(Ebpf::Off, "procfs"), (Ebpf::On, "eBPF")] {
             eprintln!("scale: {n} interfaces, {mode}, for {seconds} s");
-            let run = measure_agent(bin, seconds, Some(&ns), false, ebpf);
+            let run = measure_agent(bin, &bin.join("dcmon-agent"), seconds, Some(&ns), false, ebpf);
             names.push(format!("dcmon-agent ({mode}), {n} interfaces"));
             match run {
                 Ok(r) => results.push(vec![r]),
@@ -238,7 +258,7 @@ fn scale(bin: &Path, args: &BenchArgs) -> anyhow::Result<String> {
     let mut runs = Vec::new();
     for (ebpf, mode) in [(Ebpf::Off, "procfs"), (Ebpf::On, "eBPF")] {
         eprintln!("scale: {} loop devices, {mode}, for {seconds} s", loops.len());
-        runs.push((mode, measure_agent(bin, seconds, None, true, ebpf)));
+        runs.push((mode, measure_agent(bin, &bin.join("dcmon-agent"), seconds, None, true, ebpf)));
     }
     for l in &loops {
         let _ = Command::new("losetup").args(["-d", l]).status();
@@ -383,14 +403,22 @@ fn start_receiver(bin: &Path, ns: Option<&str>, seconds: u64) -> anyhow::Result<
     Ok((receiver, url, bytes))
 }
 
-fn measure_agent(bin: &Path, seconds: u64, ns: Option<&str>, all_disks: bool, ebpf: Ebpf) -> anyhow::Result<Run> {
+/// `agent` (this build's dcmon-agent or a `--baseline`) posting to a receiver from `bin`.
+fn measure_agent(
+    bin: &Path,
+    agent: &Path,
+    seconds: u64,
+    ns: Option<&str>,
+    all_disks: bool,
+    ebpf: Ebpf,
+) -> anyhow::Result<Run> {
     wait_for_quiet_host()?;
     let dir = scratch_dir("dcmon-bench-agent")?;
     let (receiver, url, bytes) = start_receiver(bin, ns, seconds)?;
     write_key(dir.path(), KEY)?;
     let config = agent_config(&url, dir.path(), all_disks, ebpf).write(dir.path());
     let agent = Guard(
-        in_netns(ns, &bin.join("dcmon-agent"))
+        in_netns(ns, agent)
             .arg("--config")
             .arg(config)
             .args(["--log-level", "warn", "run"])
