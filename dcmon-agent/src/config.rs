@@ -586,8 +586,8 @@ impl Config {
         config.exporters = Exporters::new(schema.exporters.clone());
         config.sections = Sections(schema.sections.iter().map(|&(key, spec)| (key, (spec.default)())).collect());
         let mut part_unknown: Vec<(&'static str, Vec<String>)> = Vec::new();
-        let entries = serde_json::from_str::<TopLevelEntries<'_>>(text)
-            .map_err(|e| parse_error(&e, None, serde_detail(&e)))?;
+        let entries =
+            serde_json::from_str::<TopLevelEntries<'_>>(text).map_err(|e| parse_error(&e, None, serde_detail(&e)))?;
         for (name, raw) in entries.0 {
             let Some(key) = schema.key_of(&name) else { continue };
             let offset = raw.get().as_ptr() as usize - text.as_ptr() as usize;
@@ -740,7 +740,13 @@ impl PartError {
             Some(key) => Some(join_path(key, &self.path)),
             None => Some(self.path).filter(|p| p != "." && p != "?"),
         };
-        ConfigError::Parse { path: path.to_owned(), line, column, field, detail: strip_position(&self.error.to_string()) }
+        ConfigError::Parse {
+            path: path.to_owned(),
+            line,
+            column,
+            field,
+            detail: strip_position(&self.error.to_string()),
+        }
     }
 }
 
@@ -934,6 +940,53 @@ mod tests {
         assert!(err.to_string().contains("field `apt.interval`"), "{err}");
     }
 
+    /// A section is parsed from its own text; its errors still carry the file's line and
+    /// column, on the section's first line (which starts mid-line) and on later ones.
+    #[test]
+    fn a_type_error_in_a_section_names_the_file_line_and_column() {
+        let text = "{\n  \"collection_interval\": 30, \"ipmi\": {\"interface\": \"open\",\n      \"port\": 623,\n      \"timeout\": \"soon\"}\n}";
+        let err = parse(text).expect_err("a string timeout");
+        assert_eq!(
+            err.to_string(),
+            "config /etc/dcmon/config.json: line 4, column 23: field `ipmi.timeout`: \
+             invalid type: string \"soon\", expected u64"
+        );
+        let err = parse("{\"ebpf\": \"auto\",  \"apt\": {\"timeout\": 60, \"interval\": -1}}").expect_err("negative");
+        assert_eq!(
+            err.to_string(),
+            "config /etc/dcmon/config.json: line 1, column 55: field `apt.interval`: \
+             invalid value: integer `-1`, expected u64"
+        );
+        let (_, unknown) =
+            parse("{\"apt\": {\"intervall\": 5}, \"x\": 1, \"exporters\": {\"gpu\": true}}").expect("ok");
+        assert_eq!(unknown, ["apt.intervall", "x", "exporters.gpu"], "the file's order, full dotted paths");
+    }
+
+    /// A section given twice is refused, as the other fields are.
+    #[test]
+    fn a_section_given_twice_is_an_error() {
+        let err = parse("{\"apt\": {\"interval\": 1},\n  \"apt\" : {\"interval\": 2}}").expect_err("twice");
+        assert_eq!(err.to_string(), "config /etc/dcmon/config.json: line 2, column 8: duplicate field `apt`");
+    }
+
+    /// Sections sit behind `Config::section`; comparing, cloning and printing a config still
+    /// covers them (the reload path compares configs).
+    #[test]
+    fn sections_take_part_in_eq_clone_and_debug() {
+        let (parsed, _) = parse(r#"{"apt": {"interval": 600}}"#).expect("ok");
+        assert_ne!(parsed, Config::default());
+        assert_eq!(parsed.clone(), parsed);
+        assert!(format!("{parsed:?}").contains("interval: 600"), "{parsed:?}");
+        let mut set = Config::default();
+        set.set_section(AptConfig { interval: 600, ..AptConfig::default() });
+        assert_eq!(set, parsed);
+        assert_eq!(set.section::<AptConfig>().interval, 600);
+        assert_eq!(*Config::default().section::<IpmiConfig>(), IpmiConfig::default());
+        let bare = Config::defaults(&Schema::default());
+        assert_eq!(*bare.section::<NvmeConfig>(), NvmeConfig::default(), "a section the schema lacks: its default");
+        assert!(!bare.exporters.enabled("apt"));
+    }
+
     #[test]
     fn server_base_has_no_trailing_slash() {
         let (c, _) = parse(r#"{"server_url": "http://h:8000/"}"#).expect("ok");
@@ -1051,7 +1104,8 @@ mod tests {
 
     #[test]
     fn bytes_that_are_not_utf8_are_a_parse_error() {
-        let err = Config::parse_bytes(Path::new("c.json"), b"{\"machine_id\": \"\xff\"}", &schema()).expect_err("not UTF-8");
+        let err =
+            Config::parse_bytes(Path::new("c.json"), b"{\"machine_id\": \"\xff\"}", &schema()).expect_err("not UTF-8");
         assert!(err.to_string().starts_with("config c.json: line 1, column "), "{err}");
     }
 
@@ -1095,8 +1149,8 @@ mod tests {
             assert_eq!(config.ebpf, want);
             assert!(unknown.is_empty());
         }
-        let err = Config::parse(Path::new("c.json"), r#"{"ebpf": "yes"}"#, &schema()).expect_err("unknown mode").to_string();
+        let err =
+            Config::parse(Path::new("c.json"), r#"{"ebpf": "yes"}"#, &schema()).expect_err("unknown mode").to_string();
         assert!(err.contains("ebpf") && err.contains("auto"), "{err}");
     }
 }
-

@@ -137,8 +137,16 @@ impl Source {
 }
 
 /// Every collector (see the module docs); [`from_config`] builds them in this order.
-pub const SOURCES: &[Source] =
-    &[ebpf_status::SOURCE, os::SOURCE, disk::SOURCE, net::SOURCE, apt::SOURCE, nvme::SOURCE, ipmi::SOURCE, nvsmi::SOURCE];
+pub const SOURCES: &[Source] = &[
+    ebpf_status::SOURCE,
+    os::SOURCE,
+    disk::SOURCE,
+    net::SOURCE,
+    apt::SOURCE,
+    nvme::SOURCE,
+    ipmi::SOURCE,
+    nvsmi::SOURCE,
+];
 
 /// What the config file holds for the table: each exporter's switch in the `exporters` map
 /// with its default, and each config section under its collector's name, in table order.
