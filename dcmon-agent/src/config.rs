@@ -126,9 +126,12 @@ pub trait Section: Any + fmt::Debug + Send + Sync {
 /// JSON text and its default.
 #[derive(Clone, Copy)]
 pub struct SectionSpec {
-    parse: fn(&str) -> Result<Parsed<Box<dyn AnySection>>, PartError>,
+    parse: ParseSection,
     default: fn() -> Box<dyn AnySection>,
 }
+
+/// Reads a section from its JSON text.
+type ParseSection = fn(&str) -> Result<Parsed<Box<dyn AnySection>>, PartError>;
 
 impl SectionSpec {
     /// The spec of section type `T`.
