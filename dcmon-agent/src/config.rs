@@ -3,17 +3,23 @@
 //!
 //! Unknown keys are warnings, not errors, so configs written for older or newer agents keep
 //! working; a wrong type or an impossible value is an error, because guessing is worse.
+//!
+//! This module knows the top-level fields. The `exporters` map's keys and the sections (`apt`,
+//! `ipmi`, ...) belong to the collectors: the caller hands them in as a [`Schema`], and
+//! [`Config`] keeps each section behind [`Config::section`]. The agent's `Default` config (every
+//! exporter and section of the collector table at its default) is implemented next to that
+//! table, in the collector module.
 
+use std::any::Any;
+use std::borrow::Cow;
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use serde::de::{DeserializeOwned, DeserializeSeed};
+use serde_json::value::RawValue;
 
-pub use crate::collector::apt::AptConfig;
-pub use crate::collector::ipmi::IpmiConfig;
-pub use crate::collector::nvme::NvmeConfig;
-pub use crate::collector::nvsmi::NvsmiConfig;
-use crate::collector::{SOURCES, Switch};
 use crate::filter::PatternList;
 use crate::secure_file::SmallFileError;
 
@@ -24,7 +30,7 @@ pub const DEFAULT_API_KEY_PATH: &str = "/etc/dcmon/api_key";
 
 /// The whole configuration. Every field has the spec's default.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(default)]
+#[serde(default = "Config::top_level_defaults")]
 pub struct Config {
     /// Base URL of the dcmon server, `http://` or `https://`, without `/api/...`.
     pub server_url: String,
@@ -33,7 +39,8 @@ pub struct Config {
     pub ca_file: Option<crate::upload::CaFile>,
     /// Seconds between batches (at least 1).
     pub collection_interval: u64,
-    /// Which optional exporters are enabled (the spec's map).
+    /// Which optional exporters are enabled (the spec's map). Parsed with the [`Schema`].
+    #[serde(skip)]
     pub exporters: Exporters,
     /// Overrides /etc/machine-id.
     pub machine_id: Option<String>,
@@ -63,14 +70,10 @@ pub struct Config {
     pub auth_retry_interval: u64,
     /// Batches per second sent while catching up on a backlog.
     pub catchup_batches_per_second: u32,
-    /// The `apt` exporter's settings.
-    pub apt: AptConfig,
-    /// The `nvme` exporter's settings.
-    pub nvme: NvmeConfig,
-    /// The `ipmi` exporter's settings.
-    pub ipmi: IpmiConfig,
-    /// The `nvsmi` exporter's settings.
-    pub nvsmi: NvsmiConfig,
+    /// The collectors' sections (`apt`, `ipmi`, ...), read with [`Config::section`]. Parsed
+    /// with the [`Schema`].
+    #[serde(skip)]
+    pub sections: Sections,
     /// Count disk and network I/O with eBPF: `"auto"` (fall back to procfs), `"on"`, `"off"`.
     pub ebpf: EbpfMode,
 }
@@ -88,36 +91,137 @@ pub enum EbpfMode {
     Off,
 }
 
-/// The spec's `exporters` map: one switch per exporter of the collector table
-/// ([`crate::collector::SOURCES`]), each configured in its own section (`apt`, `nvme`, `ipmi`,
-/// `nvsmi`). A collector without its hardware is absent, never zeros. Keys the table does not
-/// know are ignored (and reported as unknown keys).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Exporters {
-    /// Every exporter of the table, in table order, with whether it is on.
-    switches: Vec<(&'static str, bool)>,
+/// What the config holds besides its top-level fields, handed in by the code that owns it
+/// (the collector table): the keys of the `exporters` map and the sections.
+#[derive(Debug, Clone, Default)]
+pub struct Schema {
+    /// Each exporter's key in the `exporters` map and whether it is on when the map leaves
+    /// it out, in the order [`Exporters::iter`] lists them.
+    pub exporters: Vec<(&'static str, bool)>,
+    /// Each section's top-level key and type, in the order they are validated.
+    pub sections: Vec<(&'static str, SectionSpec)>,
 }
 
-impl Default for Exporters {
-    /// Each exporter's own default.
-    fn default() -> Self {
-        let switches = SOURCES
-            .iter()
-            .filter_map(|s| match s.switch {
-                Switch::Exporter { default } => Some((s.name, default)),
-                _ => None,
-            })
-            .collect();
-        Self { switches }
+impl Schema {
+    /// `name` when it is a top-level key this schema parses: `exporters` or a section's.
+    fn key_of(&self, name: &str) -> Option<&'static str> {
+        if name == "exporters" {
+            return Some("exporters");
+        }
+        self.sections.iter().map(|&(key, _)| key).find(|&key| key == name)
     }
 }
 
+/// A section of the config (`apt`, `ipmi`, ...): the checks of its values that its types
+/// cannot make. Its type also gives its defaults (`Default`) and its parsing (`Deserialize`,
+/// with `#[serde(default)]` so a key left out keeps its default); see [`SectionSpec::of`].
+pub trait Section: Any + fmt::Debug + Send + Sync {
+    /// Every duration in it (seconds), by its dotted name (`apt.interval`), with its bound.
+    fn durations(&self) -> Vec<(&'static str, u64, Limit)>;
+    /// A value its type allows but the collector cannot use: the dotted field and what is
+    /// allowed.
+    fn validate(&self) -> Result<(), (&'static str, String)> {
+        Ok(())
+    }
+}
+
+/// One section type, as the parser handles it without naming it: how to read it from its
+/// JSON text and its default.
+#[derive(Clone, Copy)]
+pub struct SectionSpec {
+    parse: ParseSection,
+    default: fn() -> Box<dyn AnySection>,
+}
+
+/// Reads a section from its JSON text.
+type ParseSection = fn(&str) -> Result<Parsed<Box<dyn AnySection>>, PartError>;
+
+impl SectionSpec {
+    /// The spec of section type `T`.
+    pub const fn of<T: Section + Clone + PartialEq + Default + DeserializeOwned>() -> Self {
+        Self { parse: parse_section::<T>, default: default_section::<T> }
+    }
+}
+
+impl fmt::Debug for SectionSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SectionSpec")
+    }
+}
+
+fn parse_section<T: Section + Clone + PartialEq + DeserializeOwned>(
+    text: &str,
+) -> Result<Parsed<Box<dyn AnySection>>, PartError> {
+    let (section, unknown_keys) = parse_part(text, std::marker::PhantomData::<T>)?;
+    Ok((Box::new(section), unknown_keys))
+}
+
+fn default_section<T: Section + Clone + PartialEq + Default>() -> Box<dyn AnySection> {
+    Box::new(T::default())
+}
+
+/// A section behind a box, with the `Clone` and `PartialEq` of its type, so [`Config`] keeps
+/// both.
+trait AnySection: Section {
+    fn clone_box(&self) -> Box<dyn AnySection>;
+    fn equals(&self, other: &dyn AnySection) -> bool;
+}
+
+impl<T: Section + Clone + PartialEq> AnySection for T {
+    fn clone_box(&self) -> Box<dyn AnySection> {
+        Box::new(self.clone())
+    }
+
+    fn equals(&self, other: &dyn AnySection) -> bool {
+        (other as &dyn Any).downcast_ref::<T>() == Some(self)
+    }
+}
+
+/// The config's sections by key, in schema order; read one with [`Config::section`].
+#[derive(Default)]
+pub struct Sections(Vec<(&'static str, Box<dyn AnySection>)>);
+
+impl Clone for Sections {
+    fn clone(&self) -> Self {
+        Self(self.0.iter().map(|(key, section)| (*key, section.clone_box())).collect())
+    }
+}
+
+impl PartialEq for Sections {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len()
+            && self.0.iter().zip(&other.0).all(|((k1, s1), (k2, s2))| k1 == k2 && s1.equals(s2.as_ref()))
+    }
+}
+
+impl Sections {
+    fn replace(&mut self, key: &str, section: Box<dyn AnySection>) {
+        if let Some((_, slot)) = self.0.iter_mut().find(|(k, _)| *k == key) {
+            *slot = section;
+        }
+    }
+}
+
+impl fmt::Debug for Sections {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.0.iter().map(|(key, section)| (key, section))).finish()
+    }
+}
+
+/// The spec's `exporters` map: one switch per exporter of the [`Schema`] (the collector
+/// table's), each configured in its own section (`apt`, `nvme`, `ipmi`, `nvsmi`). A collector
+/// without its hardware is absent, never zeros. Keys the schema does not know are ignored
+/// (and reported as unknown keys).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exporters {
+    /// Every exporter of the schema, in schema order, with whether it is on.
+    switches: Vec<(&'static str, bool)>,
+}
+
 impl Exporters {
-    /// Every exporter off.
-    pub fn none() -> Self {
-        let mut exporters = Self::default();
-        exporters.switches.iter_mut().for_each(|(_, on)| *on = false);
-        exporters
+    /// These exporters, each on or off as given.
+    pub fn new(switches: Vec<(&'static str, bool)>) -> Self {
+        Self { switches }
     }
 
     /// Whether the exporter `name` is on (false for a name that is no exporter).
@@ -142,35 +246,40 @@ impl Exporters {
     }
 }
 
-impl<'de> Deserialize<'de> for Exporters {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Switches;
-        impl<'de> serde::de::Visitor<'de> for Switches {
-            type Value = Exporters;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a map of exporter names to true or false")
-            }
-            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Exporters, A::Error> {
-                let mut exporters = Exporters::default();
-                let mut seen: Vec<&'static str> = Vec::new();
-                while let Some(key) = map.next_key::<String>()? {
-                    match exporters.switches.iter_mut().find(|(n, _)| *n == key) {
-                        Some((name, switch)) => {
-                            // As the derived struct did: a key given twice is an error.
-                            if seen.contains(name) {
-                                return Err(serde::de::Error::duplicate_field(name));
-                            }
-                            seen.push(name);
-                            *switch = map.next_value()?;
-                        }
-                        // Ignored values are what serde_ignored reports as unknown keys.
-                        None => drop(map.next_value::<serde::de::IgnoredAny>()?),
+/// Reads the `exporters` map, starting from the schema's exporters at their defaults.
+struct ExportersSeed<'a>(&'a [(&'static str, bool)]);
+
+impl<'de> DeserializeSeed<'de> for ExportersSeed<'_> {
+    type Value = Exporters;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, deserializer: D) -> Result<Exporters, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ExportersSeed<'_> {
+    type Value = Exporters;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a map of exporter names to true or false")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Exporters, A::Error> {
+        let mut exporters = Exporters::new(self.0.to_vec());
+        let mut seen: Vec<&'static str> = Vec::new();
+        while let Some(key) = map.next_key::<String>()? {
+            match exporters.switches.iter_mut().find(|(n, _)| *n == key) {
+                Some((name, switch)) => {
+                    // As the derived struct did: a key given twice is an error.
+                    if seen.contains(name) {
+                        return Err(serde::de::Error::duplicate_field(name));
                     }
+                    seen.push(name);
+                    *switch = map.next_value()?;
                 }
-                Ok(exporters)
+                // Ignored values are what serde_ignored reports as unknown keys.
+                None => drop(map.next_value::<serde::de::IgnoredAny>()?),
             }
         }
-        deserializer.deserialize_map(Switches)
+        Ok(exporters)
     }
 }
 
@@ -218,13 +327,24 @@ impl DeviceFilter {
     }
 }
 
-impl Default for Config {
-    fn default() -> Self {
+impl Config {
+    /// The spec's defaults with the exporters and sections of `schema` at theirs.
+    pub fn defaults(schema: &Schema) -> Self {
+        Self {
+            exporters: Exporters::new(schema.exporters.clone()),
+            sections: Sections(schema.sections.iter().map(|&(key, spec)| (key, (spec.default)())).collect()),
+            ..Self::top_level_defaults()
+        }
+    }
+
+    /// The top-level fields at their defaults, no exporters and no sections: what parsing
+    /// starts from before the schema's parts are read.
+    fn top_level_defaults() -> Self {
         Self {
             server_url: "http://your-server.com:8000".to_owned(),
             ca_file: None,
             collection_interval: 30,
-            exporters: Exporters::default(),
+            exporters: Exporters::new(Vec::new()),
             machine_id: None,
             api_key_file: PathBuf::from(DEFAULT_API_KEY_PATH),
             host_root: PathBuf::from("/"),
@@ -239,10 +359,7 @@ impl Default for Config {
             retry_max_backoff: 300,
             auth_retry_interval: 60,
             catchup_batches_per_second: 10,
-            apt: AptConfig::default(),
-            nvme: NvmeConfig::default(),
-            ipmi: IpmiConfig::default(),
-            nvsmi: NvsmiConfig::default(),
+            sections: Sections::default(),
             ebpf: EbpfMode::Auto,
         }
     }
@@ -288,6 +405,16 @@ pub enum ConfigError {
         /// What is allowed.
         detail: String,
     },
+}
+
+impl ConfigError {
+    /// Line and column of a parse error, to find the one first in the file (others last).
+    fn position(&self) -> (usize, usize) {
+        match self {
+            ConfigError::Parse { line, column, .. } => (*line, *column),
+            _ => (usize::MAX, usize::MAX),
+        }
+    }
 }
 
 /// Check a dcmon server base URL (`server_url`, `register --server`): `http://` or `https://`
@@ -363,9 +490,9 @@ pub struct Loaded {
 /// would silently set the fields in declaration order: these are checked to be objects first.
 const OBJECT_SECTIONS: [&str; 3] = ["exporters", "disks", "interfaces"];
 
-/// [`OBJECT_SECTIONS`] and the section of every collector that has one.
-fn object_sections() -> impl Iterator<Item = &'static str> {
-    OBJECT_SECTIONS.into_iter().chain(SOURCES.iter().filter(|s| s.section.is_some()).map(|s| s.name))
+/// [`OBJECT_SECTIONS`] and every section of `schema`.
+fn object_sections(schema: &Schema) -> impl Iterator<Item = &'static str> + '_ {
+    OBJECT_SECTIONS.into_iter().chain(schema.sections.iter().map(|&(key, _)| key))
 }
 
 const MINUTE: u64 = 60;
@@ -388,15 +515,15 @@ const UP_TO_A_DAY: Limit = Limit(DAY, "1 day");
 pub const UP_TO_A_WEEK: Limit = Limit(WEEK, "7 days");
 
 impl Config {
-    /// Load from `path`: a regular file of at most [`MAX_CONFIG_FILE_BYTES`]. A missing file
-    /// gives the defaults when `must_exist` is false (the default location); when the operator
-    /// named the file explicitly it must exist. A FIFO or device is refused at once; a file on
-    /// a hung filesystem can still block, so async callers run this on a blocking thread under
-    /// a timeout.
-    pub fn load(path: &Path, must_exist: bool) -> Result<Loaded, ConfigError> {
+    /// Load from `path`: a regular file of at most [`MAX_CONFIG_FILE_BYTES`], with the
+    /// exporters and sections of `schema`. A missing file gives the defaults when `must_exist`
+    /// is false (the default location); when the operator named the file explicitly it must
+    /// exist. A FIFO or device is refused at once; a file on a hung filesystem can still block,
+    /// so async callers run this on a blocking thread under a timeout.
+    pub fn load(path: &Path, must_exist: bool, schema: &Schema) -> Result<Loaded, ConfigError> {
         match crate::secure_file::read(path, MAX_CONFIG_FILE_BYTES) {
             Ok((bytes, _)) => {
-                let (mut config, unknown_keys) = Self::parse_bytes(path, &bytes)?;
+                let (mut config, unknown_keys) = Self::parse_bytes(path, &bytes, schema)?;
                 if let Some(ca) = &mut config.ca_file {
                     ca.load().map_err(|detail| ConfigError::Invalid {
                         path: path.to_owned(),
@@ -407,21 +534,26 @@ impl Config {
                 Ok(Loaded { config, unknown_keys, from_file: true })
             }
             Err(e) if e.is_not_found() && !must_exist => {
-                Ok(Loaded { config: Config::default(), unknown_keys: Vec::new(), from_file: false })
+                Ok(Loaded { config: Config::defaults(schema), unknown_keys: Vec::new(), from_file: false })
             }
             Err(error) => Err(ConfigError::Read { path: path.to_owned(), error }),
         }
     }
 
     /// Parse and validate config text; `path` is only used in error messages.
-    pub fn parse(path: &Path, text: &str) -> Result<(Config, Vec<String>), ConfigError> {
-        Self::parse_bytes(path, text.as_bytes())
+    pub fn parse(path: &Path, text: &str, schema: &Schema) -> Result<(Config, Vec<String>), ConfigError> {
+        Self::parse_bytes(path, text.as_bytes(), schema)
     }
 
     /// Parse and validate the bytes of a config file, touching nothing else (a fuzz target
     /// can call it); `path` is only used in error messages. Bytes that are not UTF-8 are a
     /// parse error with their position.
-    pub fn parse_bytes(path: &Path, bytes: &[u8]) -> Result<(Config, Vec<String>), ConfigError> {
+    ///
+    /// The top-level fields are read in one pass over the whole text; `exporters` and each
+    /// section of `schema` from their own text, with their errors' lines and columns moved to
+    /// the file's. The error reported is the one that comes first in the file, as from a
+    /// single pass.
+    pub fn parse_bytes(path: &Path, bytes: &[u8], schema: &Schema) -> Result<(Config, Vec<String>), ConfigError> {
         let at =
             |line, column, field, detail| ConfigError::Parse { path: path.to_owned(), line, column, field, detail };
         let parse_error = |e: &serde_json::Error, field, detail| at(e.line(), e.column(), field, detail);
@@ -439,7 +571,7 @@ impl Config {
             let (line, column) = first_value_position(bytes);
             at(line, column, None, format!("the config must be a JSON object {{...}}, got {got}"))
         })?;
-        for section in object_sections() {
+        for section in object_sections(schema) {
             if let Some(serde_json::Value::Array(_)) = top.get(section) {
                 return Err(ConfigError::Invalid {
                     path: path.to_owned(),
@@ -448,22 +580,89 @@ impl Config {
                 });
             }
         }
-
-        let mut unknown_keys = Vec::new();
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        let mut on_unknown = |p: serde_ignored::Path<'_>| unknown_keys.push(p.to_string());
-        let ignoring = serde_ignored::Deserializer::new(&mut de, &mut on_unknown);
-        let config: Config = serde_path_to_error::deserialize(ignoring).map_err(|e| {
-            let field = Some(e.path().to_string()).filter(|p| p != "." && p != "?");
-            let e = e.into_inner();
-            parse_error(&e, field, serde_detail(&e))
+        // Valid JSON is valid UTF-8: serde_json checked every string above.
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            let (line, column) = position_at(bytes, e.valid_up_to());
+            at(line, column, None, e.to_string())
         })?;
-        de.end().map_err(|e| parse_error(&e, None, serde_detail(&e)))?;
+
+        // Candidate errors by position: the first in the file is reported.
+        let mut errors: Vec<ConfigError> = Vec::new();
+        let top_level = parse_part(text, std::marker::PhantomData::<Config>);
+        let (mut config, top_level_unknown) = match top_level {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                errors.push(e.in_file(path, text, 0, None));
+                (Config::top_level_defaults(), Vec::new())
+            }
+        };
+        config.exporters = Exporters::new(schema.exporters.clone());
+        config.sections = Sections(schema.sections.iter().map(|&(key, spec)| (key, (spec.default)())).collect());
+        let mut part_unknown: Vec<(&'static str, Vec<String>)> = Vec::new();
+        let entries =
+            serde_json::from_str::<TopLevelEntries<'_>>(text).map_err(|e| parse_error(&e, None, serde_detail(&e)))?;
+        for (name, raw) in entries.0 {
+            let Some(key) = schema.key_of(&name) else { continue };
+            let offset = raw.get().as_ptr() as usize - text.as_ptr() as usize;
+            if part_unknown.iter().any(|&(seen, _)| seen == key) {
+                // As the derived struct did: a key given twice is an error, placed where serde_json
+                // stops reading after the key (its closing quote and any blanks before the colon).
+                let (line, column) = position_at(text.as_bytes(), colon_before(text.as_bytes(), offset));
+                errors.push(at(line, column, None, format!("duplicate field `{key}`")));
+                continue;
+            }
+            let parsed = match schema.sections.iter().find(|&&(section, _)| section == key) {
+                None => parse_part(raw.get(), ExportersSeed(&schema.exporters)).map(|(exporters, unknown)| {
+                    config.exporters = exporters;
+                    unknown
+                }),
+                Some((_, spec)) => (spec.parse)(raw.get()).map(|(section, unknown)| {
+                    config.sections.replace(key, section);
+                    unknown
+                }),
+            };
+            match parsed {
+                Ok(unknown) => part_unknown.push((key, unknown)),
+                Err(e) => {
+                    part_unknown.push((key, Vec::new()));
+                    errors.push(e.in_file(path, text, offset, Some(key)));
+                }
+            }
+        }
+        if let Some(first) = errors.into_iter().min_by_key(ConfigError::position) {
+            return Err(first);
+        }
+        // Each part's unknown keys where the top-level pass skipped the part, so the list
+        // keeps the file's order.
+        let mut unknown_keys = Vec::new();
+        for key in top_level_unknown {
+            match part_unknown.iter_mut().find(|(part, _)| *part == key) {
+                Some((part, unknown)) => unknown_keys.extend(unknown.drain(..).map(|inner| join_path(part, &inner))),
+                None => unknown_keys.push(key),
+            }
+        }
         config.validate(path)?;
         // Schemes are case-insensitive; everything after reads `server_base` as lower case.
-        let mut config = config;
         config.server_url = lowercase_scheme(config.server_url.trim());
         Ok((config, unknown_keys))
+    }
+
+    /// Section `T` of this config: its default where the config's schema has no such section.
+    pub fn section<T: Section + Clone + Default>(&self) -> Cow<'_, T> {
+        let found = self.sections.0.iter().find_map(|(_, section)| (section.as_ref() as &dyn Any).downcast_ref::<T>());
+        found.map_or_else(|| Cow::Owned(T::default()), Cow::Borrowed)
+    }
+
+    /// Replace section `T` (for tests and tools that build a config in code).
+    ///
+    /// # Panics
+    /// When this config's schema has no section of type `T`: a mistake in the calling code.
+    pub fn set_section<T: Section + Clone + PartialEq>(&mut self, value: T) {
+        let slot = self.sections.0.iter_mut().find(|(_, section)| (section.as_ref() as &dyn Any).is::<T>());
+        match slot {
+            Some((_, section)) => *section = Box::new(value),
+            None => panic!("{} is not a section of this config's schema", std::any::type_name::<T>()),
+        }
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
@@ -487,8 +686,8 @@ impl Config {
                 format!("must be at least 65536 (room for a batch), got {}", self.outbox_max_bytes),
             ));
         }
-        for section in SOURCES.iter().filter_map(|s| s.section) {
-            section(self).validate().map_err(|(field, detail)| invalid(field, detail))?;
+        for (_, section) in &self.sections.0 {
+            section.validate().map_err(|(field, detail)| invalid(field, detail))?;
         }
         if self.machine_id.as_ref().is_some_and(|id| id.trim().is_empty()) {
             return Err(invalid("machine_id", "must not be empty (remove the key to use /etc/machine-id)".into()));
@@ -497,7 +696,7 @@ impl Config {
     }
 
     /// Every duration in the config (seconds) by its dotted name, with its upper bound: the
-    /// top-level ones, then each collector section's.
+    /// top-level ones, then each section's.
     fn durations(&self) -> Vec<(&'static str, u64, Limit)> {
         let mut durations = vec![
             ("collection_interval", self.collection_interval, UP_TO_A_DAY),
@@ -508,8 +707,8 @@ impl Config {
             ("retry_max_backoff", self.retry_max_backoff, UP_TO_A_DAY),
             ("auth_retry_interval", self.auth_retry_interval, UP_TO_A_DAY),
         ];
-        for section in SOURCES.iter().filter_map(|s| s.section) {
-            durations.extend(section(self).durations());
+        for (_, section) in &self.sections.0 {
+            durations.extend(section.durations());
         }
         durations
     }
@@ -528,6 +727,99 @@ impl Config {
     pub fn server_base(&self) -> &str {
         self.server_url.trim().trim_end_matches('/')
     }
+}
+
+/// A parsed part of the config and the dotted paths of its unknown keys.
+type Parsed<T> = (T, Vec<String>);
+
+/// An error in a part of the config parsed on its own: the path inside the part and the
+/// error, with the line and column inside the part's text.
+struct PartError {
+    path: String,
+    error: serde_json::Error,
+}
+
+impl PartError {
+    /// The error in the file: `text` is the whole file, the part starts at byte `offset`
+    /// under the top-level key `key` (`None` for the top level itself).
+    fn in_file(self, path: &Path, text: &str, offset: usize, key: Option<&str>) -> ConfigError {
+        let (part_line, part_column) = position_at(text.as_bytes(), offset);
+        let (line, column) = match self.error.line() {
+            // On the part's first line, columns count from where the part starts.
+            1 => (part_line, part_column + self.error.column()),
+            line => (part_line + line - 1, self.error.column()),
+        };
+        let field = match key {
+            Some(key) => Some(join_path(key, &self.path)),
+            None => Some(self.path).filter(|p| p != "." && p != "?"),
+        };
+        ConfigError::Parse {
+            path: path.to_owned(),
+            line,
+            column,
+            field,
+            detail: strip_position(&self.error.to_string()),
+        }
+    }
+}
+
+/// Read `text` with `seed`, noting the path of an error and of every ignored (unknown) key.
+fn parse_part<'de, S: DeserializeSeed<'de>>(text: &'de str, seed: S) -> Result<Parsed<S::Value>, PartError> {
+    let mut unknown_keys = Vec::new();
+    let mut de = serde_json::Deserializer::from_str(text);
+    let mut track = serde_path_to_error::Track::new();
+    let value = {
+        let mut on_unknown = |p: serde_ignored::Path<'_>| unknown_keys.push(p.to_string());
+        let ignoring = serde_ignored::Deserializer::new(&mut de, &mut on_unknown);
+        seed.deserialize(serde_path_to_error::Deserializer::new(ignoring, &mut track))
+    };
+    let value = value.map_err(|error| PartError { path: track.path().to_string(), error })?;
+    de.end().map_err(|error| PartError { path: ".".to_owned(), error })?;
+    Ok((value, unknown_keys))
+}
+
+/// `inner` (a path inside the part under top-level key `key`) as a path in the file.
+fn join_path(key: &str, inner: &str) -> String {
+    match inner {
+        "." => key.to_owned(),
+        _ => format!("{key}.{inner}"),
+    }
+}
+
+/// The top level's keys and their values' text, in file order, duplicates kept.
+struct TopLevelEntries<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for TopLevelEntries<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = TopLevelEntries<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a map")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut entries = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    entries.push(entry);
+                }
+                Ok(TopLevelEntries(entries))
+            }
+        }
+        deserializer.deserialize_map(Entries)
+    }
+}
+
+/// The index of the colon before the value that starts at byte `value_start` of valid JSON.
+fn colon_before(bytes: &[u8], value_start: usize) -> usize {
+    bytes[..value_start].iter().rposition(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r')).unwrap_or(0)
+}
+
+/// Line (1-based) and column of byte `index` as serde_json counts them: the column is the
+/// number of bytes before `index` on its line.
+fn position_at(bytes: &[u8], index: usize) -> (usize, usize) {
+    let before = &bytes[..index.min(bytes.len())];
+    let line_start = before.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    (before.iter().filter(|&&b| b == b'\n').count() + 1, before.len() - line_start)
 }
 
 /// 1-based line and column of the first byte that is not JSON whitespace.
@@ -549,9 +841,14 @@ fn strip_position(msg: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collector::apt::AptConfig;
+    use crate::collector::ipmi::IpmiConfig;
+    use crate::collector::nvme::NvmeConfig;
+    use crate::collector::nvsmi::NvsmiConfig;
+    use crate::collector::schema;
 
     fn parse(text: &str) -> Result<(Config, Vec<String>), ConfigError> {
-        Config::parse(Path::new("/etc/dcmon/config.json"), text)
+        Config::parse(Path::new("/etc/dcmon/config.json"), text, &schema())
     }
 
     #[test]
@@ -642,18 +939,65 @@ mod tests {
         )
         .expect("ok");
         assert!(unknown.is_empty(), "{unknown:?}");
-        assert_eq!(c.apt.interval, 600);
-        assert_eq!(c.apt.timeout, AptConfig::default().timeout);
-        assert_eq!(c.nvme.devices, [PathBuf::from("/dev/nvme1")]);
-        assert_eq!(c.ipmi.cipher_suite, Some(3));
-        assert_eq!(c.ipmi.interval, 60);
-        assert_eq!(c.nvsmi.nvml_library.as_deref(), Some(Path::new("/opt/nv/libnvidia-ml.so.1")));
+        assert_eq!(c.section::<AptConfig>().interval, 600);
+        assert_eq!(c.section::<AptConfig>().timeout, AptConfig::default().timeout);
+        assert_eq!(c.section::<NvmeConfig>().devices, [PathBuf::from("/dev/nvme1")]);
+        assert_eq!(c.section::<IpmiConfig>().cipher_suite, Some(3));
+        assert_eq!(c.section::<IpmiConfig>().interval, 60);
+        assert_eq!(c.section::<NvsmiConfig>().nvml_library.as_deref(), Some(Path::new("/opt/nv/libnvidia-ml.so.1")));
         let err = parse(r#"{"ipmi": {"interface": "lanplus"}}"#).expect_err("no host");
         assert!(err.to_string().contains("field `ipmi.host`"), "{err}");
         let err = parse(r#"{"ipmi": {"interface": "serial"}}"#).expect_err("bad interface");
         assert!(err.to_string().contains("field `ipmi.interface`"), "{err}");
         let err = parse(r#"{"apt": {"interval": 0}}"#).expect_err("zero");
         assert!(err.to_string().contains("field `apt.interval`"), "{err}");
+    }
+
+    /// A section is parsed from its own text; its errors still carry the file's line and
+    /// column, on the section's first line (which starts mid-line) and on later ones.
+    #[test]
+    fn a_type_error_in_a_section_names_the_file_line_and_column() {
+        let text = "{\n  \"collection_interval\": 30, \"ipmi\": {\"interface\": \"open\",\n      \"port\": 623,\n      \"timeout\": \"soon\"}\n}";
+        let err = parse(text).expect_err("a string timeout");
+        assert_eq!(
+            err.to_string(),
+            "config /etc/dcmon/config.json: line 4, column 23: field `ipmi.timeout`: \
+             invalid type: string \"soon\", expected u64"
+        );
+        let err = parse("{\"ebpf\": \"auto\",  \"apt\": {\"timeout\": 60, \"interval\": -1}}").expect_err("negative");
+        assert_eq!(
+            err.to_string(),
+            "config /etc/dcmon/config.json: line 1, column 55: field `apt.interval`: \
+             invalid value: integer `-1`, expected u64"
+        );
+        let (_, unknown) =
+            parse("{\"apt\": {\"intervall\": 5}, \"x\": 1, \"exporters\": {\"gpu\": true}}").expect("ok");
+        assert_eq!(unknown, ["apt.intervall", "x", "exporters.gpu"], "the file's order, full dotted paths");
+    }
+
+    /// A section given twice is refused, as the other fields are.
+    #[test]
+    fn a_section_given_twice_is_an_error() {
+        let err = parse("{\"apt\": {\"interval\": 1},\n  \"apt\" : {\"interval\": 2}}").expect_err("twice");
+        assert_eq!(err.to_string(), "config /etc/dcmon/config.json: line 2, column 8: duplicate field `apt`");
+    }
+
+    /// Sections sit behind `Config::section`; comparing, cloning and printing a config still
+    /// covers them (the reload path compares configs).
+    #[test]
+    fn sections_take_part_in_eq_clone_and_debug() {
+        let (parsed, _) = parse(r#"{"apt": {"interval": 600}}"#).expect("ok");
+        assert_ne!(parsed, Config::default());
+        assert_eq!(parsed.clone(), parsed);
+        assert!(format!("{parsed:?}").contains("interval: 600"), "{parsed:?}");
+        let mut set = Config::default();
+        set.set_section(AptConfig { interval: 600, ..AptConfig::default() });
+        assert_eq!(set, parsed);
+        assert_eq!(set.section::<AptConfig>().interval, 600);
+        assert_eq!(*Config::default().section::<IpmiConfig>(), IpmiConfig::default());
+        let bare = Config::defaults(&Schema::default());
+        assert_eq!(*bare.section::<NvmeConfig>(), NvmeConfig::default(), "a section the schema lacks: its default");
+        assert!(!bare.exporters.enabled("apt"));
     }
 
     #[test]
@@ -666,10 +1010,10 @@ mod tests {
     fn missing_default_file_means_defaults_but_named_file_must_exist() {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("config.json");
-        let loaded = Config::load(&p, false).expect("defaults");
+        let loaded = Config::load(&p, false, &schema()).expect("defaults");
         assert!(!loaded.from_file);
         assert_eq!(loaded.config, Config::default());
-        let err = Config::load(&p, true).expect_err("must exist");
+        let err = Config::load(&p, true, &schema()).expect_err("must exist");
         assert!(err.to_string().contains("config.json"), "{err}");
     }
 
@@ -679,12 +1023,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let fifo = mkfifo(dir.path(), "config.json");
         let path = fifo.clone();
-        let err = read_without_blocking(&fifo, move || Config::load(&path, true)).expect_err("a FIFO");
+        let err = read_without_blocking(&fifo, move || Config::load(&path, true, &schema())).expect_err("a FIFO");
         assert_eq!(err.to_string(), format!("config {}: is a FIFO, expected a regular file", fifo.display()));
-        let err = Config::load(Path::new("/dev/zero"), true).expect_err("/dev/zero");
+        let err = Config::load(Path::new("/dev/zero"), true, &schema()).expect_err("/dev/zero");
         assert_eq!(err.to_string(), "config /dev/zero: is a character device, expected a regular file");
         // Printed with its whole chain, the reason appears once.
-        let err = Config::load(dir.path(), false).expect_err("a directory");
+        let err = Config::load(dir.path(), false, &schema()).expect_err("a directory");
         let msg = format!("{:#}", anyhow::Error::from(err));
         assert_eq!(msg, format!("config {}: is a directory, expected a regular file", dir.path().display()));
     }
@@ -696,7 +1040,7 @@ mod tests {
         let mut text = " ".repeat(5 << 20);
         text.push_str("{}");
         std::fs::write(&p, &text).expect("write");
-        let err = Config::load(&p, true).expect_err("5 MiB");
+        let err = Config::load(&p, true, &schema()).expect_err("5 MiB");
         assert_eq!(err.to_string(), format!("config {}: is larger than the limit of 4194304 bytes", p.display()));
     }
 
@@ -709,7 +1053,7 @@ mod tests {
         );
         let err = parse("\n  \"http://x\"").expect_err("a string");
         assert!(err.to_string().contains("line 2, column 3: the config must be a JSON object"), "{err}");
-        for section in object_sections() {
+        for section in object_sections(&schema()) {
             let err = parse(&format!("{{\"{section}\": [true, false, 1]}}")).expect_err(section);
             assert_eq!(
                 err.to_string(),
@@ -773,7 +1117,8 @@ mod tests {
 
     #[test]
     fn bytes_that_are_not_utf8_are_a_parse_error() {
-        let err = Config::parse_bytes(Path::new("c.json"), b"{\"machine_id\": \"\xff\"}").expect_err("not UTF-8");
+        let err =
+            Config::parse_bytes(Path::new("c.json"), b"{\"machine_id\": \"\xff\"}", &schema()).expect_err("not UTF-8");
         assert!(err.to_string().starts_with("config c.json: line 1, column "), "{err}");
     }
 
@@ -786,9 +1131,9 @@ mod tests {
             "apt": {"interval": 600, "timeout": 60}, "ipmi": {"interface": "lanplus", "host": "10.0.0.5"},
             "outbox_max_bytes": 1048576, "machine_id": "m1"}"#;
         let path = Path::new("fuzz.json");
-        assert!(Config::parse_bytes(path, text).is_ok());
+        assert!(Config::parse_bytes(path, text, &schema()).is_ok());
         let check = |bytes: &[u8]| {
-            let result = std::panic::catch_unwind(|| Config::parse_bytes(path, bytes));
+            let result = std::panic::catch_unwind(|| Config::parse_bytes(path, bytes, &schema()));
             match result {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => assert!(e.to_string().starts_with("config fuzz.json: "), "{e}"),
@@ -813,11 +1158,12 @@ mod tests {
         assert_eq!(Config::default().ebpf, EbpfMode::Auto);
         for (text, want) in [("auto", EbpfMode::Auto), ("on", EbpfMode::On), ("off", EbpfMode::Off)] {
             let json = format!(r#"{{"ebpf": "{text}"}}"#);
-            let (config, unknown) = Config::parse(Path::new("c.json"), &json).expect(text);
+            let (config, unknown) = Config::parse(Path::new("c.json"), &json, &schema()).expect(text);
             assert_eq!(config.ebpf, want);
             assert!(unknown.is_empty());
         }
-        let err = Config::parse(Path::new("c.json"), r#"{"ebpf": "yes"}"#).expect_err("unknown mode").to_string();
+        let err =
+            Config::parse(Path::new("c.json"), r#"{"ebpf": "yes"}"#, &schema()).expect_err("unknown mode").to_string();
         assert!(err.contains("ebpf") && err.contains("auto"), "{err}");
     }
 }

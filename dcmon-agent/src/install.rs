@@ -352,7 +352,8 @@ mod tests {
     #[test]
     fn the_default_config_has_every_exporter_of_the_table() {
         let text = default_config_json();
-        let (parsed, unknown) = Config::parse(Path::new("default.json"), &text).expect("the default config parses");
+        let (parsed, unknown) = Config::parse(Path::new("default.json"), &text, &crate::collector::schema())
+            .expect("the default config parses");
         assert_eq!(parsed, Config::default());
         assert!(unknown.is_empty(), "{unknown:?}");
         let written: serde_json::Value = serde_json::from_str(&text).expect("JSON");

@@ -122,7 +122,7 @@ fn main() -> ExitCode {
 fn run_command(runtime: &tokio::runtime::Runtime, command: Command, path: &Path, explicit: bool) -> ExitCode {
     match command {
         Command::Check => {
-            let report = runtime.block_on(check::check(path, Config::load(path, explicit)));
+            let report = runtime.block_on(check::check(path, Config::load(path, explicit, &collector::schema())));
             let _ = std::io::stdout().lock().write_all(report.text.as_bytes());
             return if report.ok { ExitCode::SUCCESS } else { ExitCode::FAILURE };
         }
@@ -160,7 +160,7 @@ fn run_command(runtime: &tokio::runtime::Runtime, command: Command, path: &Path,
 
 /// Load the config and log its warnings.
 fn load_config(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
-    let Loaded { config, unknown_keys, from_file } = Config::load(path, explicit)?;
+    let Loaded { config, unknown_keys, from_file } = Config::load(path, explicit, &collector::schema())?;
     for key in &unknown_keys {
         tracing::warn!("config {}: unknown key `{key}` ignored", path.display());
     }
@@ -200,7 +200,7 @@ fn install_cmd(args: &InstallArgs, config_path: &Path, explicit: bool) -> anyhow
     let opts = install_options(args, config_path, explicit)?;
     // Render the unit for the operator's config when there is one (it decides the capabilities).
     let on_target = args.root.join(config_path.strip_prefix("/").unwrap_or(config_path));
-    let config = Config::load(&on_target, false)?.config;
+    let config = Config::load(&on_target, false, &collector::schema())?.config;
     install::install(&opts, &config)
 }
 

@@ -8,7 +8,7 @@ use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
     let path = Path::new("/etc/dcmon/config.json");
-    match Config::parse_bytes(path, data) {
+    match Config::parse_bytes(path, data, &dcmon_agent::collector::schema()) {
         Ok((config, _unknown)) => {
             assert!(config.interval().as_secs() >= 1);
             let base = config.server_base();

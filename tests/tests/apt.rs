@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 use dcmon_agent::batch::Sample;
 use dcmon_agent::collector::Collector as _;
 use dcmon_agent::collector::apt::AptCollector;
-use dcmon_agent::config::AptConfig;
+use dcmon_agent::collector::apt::AptConfig;
 use dcmon_agent::exec::Cmd;
 use dcmon_agent::host::Host;
 

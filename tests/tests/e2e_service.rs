@@ -54,7 +54,9 @@ fn install_is_complete_idempotent_and_keeps_the_operators_config() {
     assert_eq!(mode(&bin), 0o755);
     let cfg = root.path().join("etc/dcmon/config.json");
     assert_eq!(mode(&cfg), 0o644);
-    let (parsed, unknown) = Config::parse(&cfg, &std::fs::read_to_string(&cfg).expect("config")).expect("valid config");
+    let (parsed, unknown) =
+        Config::parse(&cfg, &std::fs::read_to_string(&cfg).expect("config"), &dcmon_agent::collector::schema())
+            .expect("valid config");
     assert_eq!(parsed, Config::default());
     assert!(unknown.is_empty());
     assert_eq!(mode(&root.path().join("var/lib/dcmon")), 0o750);

@@ -7,7 +7,7 @@ mod common;
 
 use dcmon_agent::collector::Collector as _;
 use dcmon_agent::collector::nvsmi::NvsmiCollector;
-use dcmon_agent::config::NvsmiConfig;
+use dcmon_agent::collector::nvsmi::NvsmiConfig;
 
 #[test]
 fn nvml_is_loaded_once_reads_both_gpus_and_shuts_down_cleanly() {

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use dcmon_agent::collector::Collector as _;
 use dcmon_agent::collector::nvsmi::NvsmiCollector;
-use dcmon_agent::config::NvsmiConfig;
+use dcmon_agent::collector::nvsmi::NvsmiConfig;
 
 #[test]
 fn failed_nvml_init_falls_back_to_nvidia_smi_with_the_same_metrics() {

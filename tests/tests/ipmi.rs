@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use dcmon_agent::agent::Scheduler;
 use dcmon_agent::collector::Collector;
 use dcmon_agent::collector::ipmi::IpmiCollector;
-use dcmon_agent::config::IpmiConfig;
+use dcmon_agent::collector::ipmi::IpmiConfig;
 use dcmon_agent::host::Host;
 
 const PASSWORD: &str = "sim-secret";

@@ -6,8 +6,8 @@ use std::process::Command;
 
 use dcmon_agent::batch::Sample;
 use dcmon_agent::collector::Collector as _;
+use dcmon_agent::collector::nvme::NvmeConfig;
 use dcmon_agent::collector::nvme::{NvmeCollector, SMART_LOG_BYTES, SmartLog, parse_smart_log, parse_smart_log_json};
-use dcmon_agent::config::NvmeConfig;
 use dcmon_agent::host::Host;
 
 const SHIM: &str = env!("DCMON_NVME_SHIM_SO");

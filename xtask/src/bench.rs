@@ -634,7 +634,8 @@ mod tests {
         for (ebpf, mode) in [(Ebpf::On, EbpfMode::On), (Ebpf::Off, EbpfMode::Off)] {
             let text = agent_config("http://127.0.0.1:9", dir, true, ebpf).to_json();
             let (config, warnings) =
-                Config::parse_bytes(Path::new("bench.json"), text.as_bytes()).unwrap_or_else(|e| panic!("{e}: {text}"));
+                Config::parse_bytes(Path::new("bench.json"), text.as_bytes(), &dcmon_agent::collector::schema())
+                    .unwrap_or_else(|e| panic!("{e}: {text}"));
             assert!(warnings.is_empty(), "{warnings:?}");
             assert_eq!(config.ebpf, mode);
             assert_eq!(config.collection_interval, 1);
@@ -644,7 +645,9 @@ mod tests {
             assert!(config.disks.include.matches("loop7"), "all disks reported: {text}");
         }
         let text = agent_config("http://127.0.0.1:9", dir, false, Ebpf::Off).to_json();
-        let (config, _) = Config::parse_bytes(Path::new("bench.json"), text.as_bytes()).expect("parses");
+        let (config, _) =
+            Config::parse_bytes(Path::new("bench.json"), text.as_bytes(), &dcmon_agent::collector::schema())
+                .expect("parses");
         assert_eq!(config.disks, dcmon_agent::config::DeviceFilter::default_disks());
     }
 }

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use super::background::{FirstRunWait, Refresher};
 use super::{CollectError, Collector};
 use crate::batch::Sample;
-use crate::config::{Limit, UP_TO_A_WEEK, UP_TO_AN_HOUR};
+use crate::config::{Limit, Section, SectionSpec, UP_TO_A_WEEK, UP_TO_AN_HOUR};
 use crate::exec::{Cmd, ExecError};
 use crate::host::Host;
 
@@ -22,8 +22,8 @@ pub const SOURCE: super::Source = super::Source {
     name: "apt",
     switch: super::Switch::Exporter { default: true },
     caps: &[],
-    section: Some(|config| &config.apt),
-    build: Some(|host, config| Box::new(AptCollector::new(host.clone(), &config.apt))),
+    section: Some(SectionSpec::of::<AptConfig>()),
+    build: Some(|host, config| Box::new(AptCollector::new(host.clone(), &config.section::<AptConfig>()))),
 };
 
 /// The `apt` section: pending upgrades, reboot flag, package list age.
@@ -44,7 +44,7 @@ impl Default for AptConfig {
     }
 }
 
-impl super::Section for AptConfig {
+impl Section for AptConfig {
     fn durations(&self) -> Vec<(&'static str, u64, Limit)> {
         vec![("apt.interval", self.interval, UP_TO_A_WEEK), ("apt.timeout", self.timeout, UP_TO_AN_HOUR)]
     }

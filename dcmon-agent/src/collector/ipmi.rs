@@ -22,7 +22,7 @@ use serde::Deserialize;
 use super::background::{FirstRunWait, Refresher};
 use super::{CollectError, Collector};
 use crate::batch::Sample;
-use crate::config::{Limit, UP_TO_A_WEEK, UP_TO_AN_HOUR, YEAR};
+use crate::config::{Limit, Section, SectionSpec, UP_TO_A_WEEK, UP_TO_AN_HOUR, YEAR};
 use crate::exec::{Cmd, ExecError};
 use crate::host::Host;
 
@@ -32,8 +32,8 @@ pub const SOURCE: super::Source = super::Source {
     switch: super::Switch::Exporter { default: true },
     // ipmitool's ioctls on the local BMC device.
     caps: &["CAP_SYS_RAWIO"],
-    section: Some(|config| &config.ipmi),
-    build: Some(|host, config| Box::new(IpmiCollector::new(host.clone(), &config.ipmi))),
+    section: Some(SectionSpec::of::<IpmiConfig>()),
+    build: Some(|host, config| Box::new(IpmiCollector::new(host.clone(), &config.section::<IpmiConfig>()))),
 };
 
 /// The `ipmi` section: where the BMC is and how often to ask it.
@@ -82,7 +82,7 @@ impl Default for IpmiConfig {
     }
 }
 
-impl super::Section for IpmiConfig {
+impl Section for IpmiConfig {
     fn durations(&self) -> Vec<(&'static str, u64, Limit)> {
         vec![
             ("ipmi.interval", self.interval, UP_TO_A_WEEK),

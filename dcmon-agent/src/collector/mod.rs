@@ -16,10 +16,12 @@
 //! Each collector module declares itself in a `pub const SOURCE: Source` near its top: its
 //! name, whether it is always on or an exporter switched in the config's `exporters` map, the
 //! capabilities it needs, its config section and how it is built. [`SOURCES`] lists them
-//! once; [`from_config`], [`capabilities`] (the systemd unit's bounding set), the `exporters`
-//! map, the config's section checks and the default config `install` writes are derived from
-//! it. Adding a collector: its module with its `SOURCE`, a row in [`SOURCES`], and, when it
-//! has a config section, that section's field in [`Config`].
+//! once; [`from_config`], [`capabilities`] (the systemd unit's bounding set), the config
+//! [`schema`] (the `exporters` map and the sections, which the config parser is handed), the
+//! agent's default [`Config`] and the default config `install` writes are derived from it.
+//! Adding a collector: its module with its `SOURCE` and a row in [`SOURCES`]; a config section
+//! is a type of its module that implements [`crate::config::Section`], named in its `SOURCE`,
+//! and read with [`Config::section`].
 
 pub mod apt;
 pub mod background;
@@ -32,7 +34,7 @@ pub mod nvsmi;
 pub mod os;
 
 use crate::batch::Sample;
-use crate::config::Config;
+use crate::config::{Config, Exporters, Schema, SectionSpec};
 use crate::host::Host;
 
 /// Why a collection round produced nothing (or only part).
@@ -93,8 +95,8 @@ pub struct Source {
     pub switch: Switch,
     /// The Linux capabilities it needs, kept in the systemd unit's bounding set while it runs.
     pub caps: &'static [&'static str],
-    /// Its config section, for the checks serde cannot make.
-    pub section: Option<fn(&Config) -> &dyn Section>,
+    /// The type of its config section, under the key `name`.
+    pub section: Option<SectionSpec>,
     /// Builds it from the config; `None` for the one [`build`] makes with the eBPF programs.
     pub build: Option<BuildFn>,
 }
@@ -134,20 +136,43 @@ impl Source {
     }
 }
 
-/// A collector's config section: the checks of its values that its types cannot make.
-pub trait Section {
-    /// Every duration in it (seconds), by its dotted name (`apt.interval`), with its bound.
-    fn durations(&self) -> Vec<(&'static str, u64, crate::config::Limit)>;
-    /// A value its type allows but the collector cannot use: the dotted field and what is
-    /// allowed.
-    fn validate(&self) -> Result<(), (&'static str, String)> {
-        Ok(())
+/// Every collector (see the module docs); [`from_config`] builds them in this order.
+pub const SOURCES: &[Source] = &[
+    ebpf_status::SOURCE,
+    os::SOURCE,
+    disk::SOURCE,
+    net::SOURCE,
+    apt::SOURCE,
+    nvme::SOURCE,
+    ipmi::SOURCE,
+    nvsmi::SOURCE,
+];
+
+/// What the config file holds for the table: each exporter's switch in the `exporters` map
+/// with its default, and each config section under its collector's name, in table order.
+pub fn schema() -> Schema {
+    let exporters = SOURCES.iter().filter_map(|s| match s.switch {
+        Switch::Exporter { default } => Some((s.name, default)),
+        _ => None,
+    });
+    let sections = SOURCES.iter().filter_map(|s| s.section.map(|section| (s.name, section)));
+    Schema { exporters: exporters.collect(), sections: sections.collect() }
+}
+
+impl Default for Config {
+    /// The agent's defaults: the spec's, with every exporter and section of the table at its
+    /// default.
+    fn default() -> Self {
+        Config::defaults(&schema())
     }
 }
 
-/// Every collector (see the module docs); [`from_config`] builds them in this order.
-pub const SOURCES: &[Source] =
-    &[ebpf_status::SOURCE, os::SOURCE, disk::SOURCE, net::SOURCE, apt::SOURCE, nvme::SOURCE, ipmi::SOURCE, nvsmi::SOURCE];
+impl Exporters {
+    /// Every exporter of the table off.
+    pub fn none() -> Self {
+        Exporters::new(schema().exporters.into_iter().map(|(name, _)| (name, false)).collect())
+    }
+}
 
 /// The capabilities the collectors `config` enables need, in table order, each once: the
 /// systemd unit keeps these in its bounding set and drops every other.
@@ -262,7 +287,7 @@ mod tests {
         }
         let built: Vec<&str> = from_config(&config).iter().map(|c| c.name()).collect();
         assert_eq!(built, ["os", "disk", "net", "apt", "nvme", "ipmi", "nvsmi"]);
-        let mut none = Config { exporters: crate::config::Exporters::none(), ..config };
+        let mut none = Config { exporters: Exporters::none(), ..config };
         let built: Vec<&str> = from_config(&none).iter().map(|c| c.name()).collect();
         assert_eq!(built, ["os", "disk", "net"]);
         none.exporters.set("ipmi", true);

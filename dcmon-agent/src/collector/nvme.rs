@@ -9,7 +9,7 @@ use serde::Deserialize;
 
 use super::{CollectError, Collector};
 use crate::batch::Sample;
-use crate::config::{Limit, UP_TO_AN_HOUR};
+use crate::config::{Limit, Section, SectionSpec, UP_TO_AN_HOUR};
 use crate::exec::Cmd;
 use crate::host::Host;
 
@@ -19,8 +19,8 @@ pub const SOURCE: super::Source = super::Source {
     switch: super::Switch::Exporter { default: true },
     // The NVMe admin ioctl that reads the SMART log.
     caps: &["CAP_SYS_ADMIN"],
-    section: Some(|config| &config.nvme),
-    build: Some(|host, config| Box::new(NvmeCollector::new(host.clone(), &config.nvme))),
+    section: Some(SectionSpec::of::<NvmeConfig>()),
+    build: Some(|host, config| Box::new(NvmeCollector::new(host.clone(), &config.section::<NvmeConfig>()))),
 };
 
 /// The `nvme` section.
@@ -41,7 +41,7 @@ impl Default for NvmeConfig {
     }
 }
 
-impl super::Section for NvmeConfig {
+impl Section for NvmeConfig {
     fn durations(&self) -> Vec<(&'static str, u64, Limit)> {
         vec![("nvme.timeout", self.timeout, UP_TO_AN_HOUR)]
     }

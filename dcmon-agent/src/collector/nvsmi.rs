@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use super::{CollectError, Collector};
 use crate::batch::Sample;
-use crate::config::{Limit, UP_TO_AN_HOUR};
+use crate::config::{Limit, Section, SectionSpec, UP_TO_AN_HOUR};
 use crate::exec::{Cmd, ExecError};
 
 /// This collector's row in the table ([`super::SOURCES`]).
@@ -23,8 +23,8 @@ pub const SOURCE: super::Source = super::Source {
     name: "nvsmi",
     switch: super::Switch::Exporter { default: true },
     caps: &[],
-    section: Some(|config| &config.nvsmi),
-    build: Some(|_, config| Box::new(NvsmiCollector::new(&config.nvsmi))),
+    section: Some(SectionSpec::of::<NvsmiConfig>()),
+    build: Some(|_, config| Box::new(NvsmiCollector::new(&config.section::<NvsmiConfig>()))),
 };
 
 /// The `nvsmi` section: where NVML and nvidia-smi are.
@@ -45,7 +45,7 @@ impl Default for NvsmiConfig {
     }
 }
 
-impl super::Section for NvsmiConfig {
+impl Section for NvsmiConfig {
     fn durations(&self) -> Vec<(&'static str, u64, Limit)> {
         vec![("nvsmi.timeout", self.timeout, UP_TO_AN_HOUR)]
     }

@@ -33,7 +33,6 @@ pub const SOURCE: super::Source = super::Source {
     build: Some(|host, config| Box::new(DiskCollector::new(host.clone(), config.disks.clone()))),
 };
 
-
 /// Counters of one whole disk, in the units the metrics use.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskCounters {
