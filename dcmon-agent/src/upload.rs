@@ -1138,7 +1138,11 @@ mod tests {
         let config_path = dir.path().join("config.json");
         let config = serde_json::json!({"server_url": "https://dcmon.example", "ca_file": ca_path});
         std::fs::write(&config_path, config.to_string()).expect("write config");
-        let load_error = || crate::config::Config::load(&config_path, true, &crate::collector::schema()).expect_err("a bad ca_file").to_string();
+        let load_error = || {
+            crate::config::Config::load(&config_path, true, &crate::collector::schema())
+                .expect_err("a bad ca_file")
+                .to_string()
+        };
         let prefix = format!("config {}: field `ca_file`: {}: ", config_path.display(), ca_path.display());
 
         let e = load_error();
@@ -1178,7 +1182,8 @@ mod tests {
         assert!(e.starts_with(&format!("{prefix}certificate 1 is not an X.509 certificate usable as a CA")), "{e}");
 
         std::fs::write(&ca_path, format!("{}{}", ca.pem, test_ca("a second CA").pem)).expect("write CA file");
-        let loaded = crate::config::Config::load(&config_path, true, &crate::collector::schema()).expect("a good bundle").config;
+        let loaded =
+            crate::config::Config::load(&config_path, true, &crate::collector::schema()).expect("a good bundle").config;
         let ca = loaded.ca_file.expect("ca_file");
         assert_eq!((ca.path(), ca.certificates.len()), (ca_path.as_path(), 2));
     }

@@ -417,13 +417,7 @@ fn measure_agent(
     let (receiver, url, bytes) = start_receiver(bin, ns, seconds)?;
     write_key(dir.path(), KEY)?;
     let config = agent_config(&url, dir.path(), all_disks, ebpf).write(dir.path());
-    let agent = Guard(
-        in_netns(ns, agent)
-            .arg("--config")
-            .arg(config)
-            .args(["--log-level", "warn", "run"])
-            .spawn()?,
-    );
+    let agent = Guard(in_netns(ns, agent).arg("--config").arg(config).args(["--log-level", "warn", "run"]).spawn()?);
     // With `ip netns exec` the agent is a child of ip's exec: same pid.
     let run = measure_process(agent.0.id(), seconds, || bytes.load(Ordering::Relaxed));
     drop(agent);
@@ -623,8 +617,8 @@ fn status_kib(pid: u32, field: &str) -> Option<f64> {
 
 #[cfg(test)]
 mod tests {
-    use dcmon_agent::config::{Config, Exporters};
     use dcmon_agent::config::EbpfMode;
+    use dcmon_agent::config::{Config, Exporters};
 
     use super::*;
 
