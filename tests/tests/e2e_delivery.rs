@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use dcmon_agent::agent::phase_offset;
-use dcmon_tests::{Accepted, AgentProcess, Receiver, wait_until, write_key};
+use dcmon_tests::{Accepted, AgentConfig, AgentProcess, Receiver, wait_until, write_key};
 use serde_json::{Value, json};
 
 const KEY: &str = "dcmon_deliveryKeyDeliveryKeyDeliveryKeyDeliv";
@@ -22,24 +22,30 @@ fn machine_id() -> String {
         .unwrap_or_default()
 }
 
+/// A receiver that accepts `KEY` for a fresh machine id, and a folder holding the key.
+fn set_up() -> (String, Receiver, tempfile::TempDir) {
+    let machine = machine_id();
+    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_key(dir.path(), KEY).expect("key");
+    (machine, receiver, dir)
+}
+
+/// The agent's config in `dir` (1 s rounds, short timeouts, no exporters), `extra` on top.
 fn config(dir: &Path, server: &str, machine: &str, extra: Value) -> PathBuf {
-    let mut cfg = json!({
-        "server_url": server,
-        "collection_interval": 1,
-        "machine_id": machine,
-        "api_key_file": dir.join("api_key"),
-        "outbox_dir": dir.join("outbox"),
-        "exporters": {"ipmi": false, "apt": false, "nvme": false, "nvsmi": false},
-        "retry_max_backoff": 2,
-        "connect_timeout": 1,
-        "upload_timeout": 3,
-    });
-    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
-        cfg[k] = v;
-    }
-    let p = dir.join("config.json");
-    std::fs::write(&p, cfg.to_string()).expect("write config");
-    p
+    AgentConfig::without_exporters()
+        .extend(json!({
+            "server_url": server,
+            "collection_interval": 1,
+            "machine_id": machine,
+            "api_key_file": dir.join("api_key"),
+            "outbox_dir": dir.join("outbox"),
+            "retry_max_backoff": 2,
+            "connect_timeout": 1,
+            "upload_timeout": 3,
+        }))
+        .extend(extra)
+        .write(dir)
 }
 
 fn timestamps(batches: &[Accepted]) -> Vec<i64> {
@@ -96,10 +102,7 @@ fn unix_now() -> i64 {
 
 #[test]
 fn outage_503_then_recovery_delivers_every_batch_in_order() {
-    let machine = machine_id();
-    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_key(dir.path(), KEY).expect("key");
+    let (machine, receiver, dir) = set_up();
     let agent = AgentProcess::start(dir.path(), &config(dir.path(), &receiver.url(), &machine, json!({})), &["run"])
         .expect("agent");
     assert!(receiver.wait_for_accepted(2, Duration::from_secs(10)).len() >= 2, "{}", agent.stderr());
@@ -131,10 +134,7 @@ fn outage_503_then_recovery_delivers_every_batch_in_order() {
 
 #[test]
 fn kill_9_during_an_outage_loses_nothing() {
-    let machine = machine_id();
-    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_key(dir.path(), KEY).expect("key");
+    let (machine, receiver, dir) = set_up();
     let cfg = config(dir.path(), &receiver.url(), &machine, json!({}));
     receiver.force_status(Some(503));
     let mut agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
@@ -158,10 +158,7 @@ fn kill_9_during_an_outage_loses_nothing() {
 
 #[test]
 fn torn_and_corrupt_outbox_records_are_reported_and_the_rest_delivered() {
-    let machine = machine_id();
-    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_key(dir.path(), KEY).expect("key");
+    let (machine, receiver, dir) = set_up();
     let cfg = config(dir.path(), &receiver.url(), &machine, json!({}));
     receiver.force_status(Some(503));
     let mut agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
@@ -210,10 +207,7 @@ fn torn_and_corrupt_outbox_records_are_reported_and_the_rest_delivered() {
 
 #[test]
 fn unwritable_outbox_keeps_sending_from_memory_and_says_why() {
-    let machine = machine_id();
-    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_key(dir.path(), KEY).expect("key");
+    let (machine, receiver, dir) = set_up();
     std::fs::write(dir.path().join("not-a-dir"), "x").expect("file");
     let cfg = config(dir.path(), &receiver.url(), &machine, json!({"outbox_dir": dir.path().join("not-a-dir/outbox")}));
     let agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
@@ -226,10 +220,7 @@ fn unwritable_outbox_keeps_sending_from_memory_and_says_why() {
 fn full_disk_keeps_sending_from_memory_and_says_why() {
     // A real ENOSPC needs a small filesystem; mounting tmpfs needs root (CI runs as root).
     dcmon_tests::require_root("mounting a small tmpfs");
-    let machine = machine_id();
-    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_key(dir.path(), KEY).expect("key");
+    let (machine, receiver, dir) = set_up();
     let mnt = dir.path().join("small");
     std::fs::create_dir(&mnt).expect("mkdir");
     let mounted = std::process::Command::new("mount")
@@ -263,10 +254,7 @@ impl Drop for Unmount {
 
 #[test]
 fn a_second_agent_on_the_same_outbox_refuses_to_start_naming_the_first() {
-    let machine = machine_id();
-    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
-    let dir = tempfile::tempdir().expect("tempdir");
-    write_key(dir.path(), KEY).expect("key");
+    let (machine, receiver, dir) = set_up();
     let cfg = config(dir.path(), &receiver.url(), &machine, json!({}));
     let first = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
     assert!(!receiver.wait_for_accepted(1, Duration::from_secs(10)).is_empty(), "{}", first.stderr());
