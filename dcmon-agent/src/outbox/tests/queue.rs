@@ -1,0 +1,208 @@
+//! Outbox tests of the queue itself: push, deliver, reject, fsync, segment rotation, the size and age bounds and their accounting, and the drop logs.
+
+use super::*;
+
+#[test]
+fn survives_reopen_in_order_and_forgets_delivered_batches() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = Outbox::open(dir.path(), LIMITS, 100);
+    for i in 0..3 {
+        o.push(100 + i64::from(i), body(i));
+    }
+    assert_eq!(o.stats().batches, 3);
+    drop(o);
+    let mut o = Outbox::open(dir.path(), LIMITS, 103);
+    assert_eq!(o.stats().batches, 3);
+    let (seq, b) = o.oldest().expect("oldest");
+    assert_eq!(b, body(0));
+    o.remove(seq);
+    assert_eq!(o.oldest().map(|(_, b)| b), Some(body(1)));
+    o.push(104, body(9));
+    let pending: Vec<i64> = inspect(dir.path()).expect("inspect").iter().map(|b| b.timestamp).collect();
+    assert_eq!(pending, [101, 102, 104]);
+    drop(o);
+    let mut o = Outbox::open(dir.path(), LIMITS, 105);
+    assert_eq!(drain(&mut o), [body(1), body(2), body(9)]);
+    assert_eq!(o.stats(), OutboxStats::default());
+    drop(o);
+    // Everything delivered: at most the last run's segment is left, holding nothing.
+    let o = Outbox::open(dir.path(), LIMITS, 106);
+    assert_eq!(o.stats(), OutboxStats::default());
+    assert!(segments(dir.path()).is_empty(), "{:?}", segments(dir.path()));
+}
+
+#[test]
+fn the_happy_path_is_one_write_per_batch_and_one_per_ack() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = Outbox::open(dir.path(), LIMITS, 0);
+    for i in 0..10 {
+        o.push(i64::from(i), body(i));
+        assert!(!o.backlog_needs_sync(), "a lone batch waits for no fsync");
+        let (seq, _) = o.oldest().expect("batch");
+        o.remove(seq);
+    }
+    let segs = segments(dir.path());
+    assert_eq!(segs.len(), 1);
+    let data = std::fs::read(&segs[0]).expect("read");
+    let records = parse_segment(&data);
+    assert_eq!(records.len(), 20);
+    assert!(records.iter().all(|r| !matches!(r, Record::Damaged { .. })));
+}
+
+#[test]
+fn a_waiting_batch_asks_for_fsync_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = Outbox::open(dir.path(), LIMITS, 0);
+    o.push(1, body(1));
+    let job = o.sync_job().expect("unsynced");
+    assert!(job.dir_needed, "a new segment needs its directory entry synced");
+    o.push(2, body(2));
+    assert!(o.backlog_needs_sync());
+    let result = job.run();
+    o.sync_finished(&job, result);
+    assert!(o.backlog_needs_sync(), "batch 2 was written after the job was made");
+    let job = o.sync_job().expect("unsynced");
+    assert!(!job.dir_needed);
+    o.sync_finished(&job, Err(std::io::Error::other("EIO")));
+    assert!(o.backlog_needs_sync(), "a failed fsync leaves the data due");
+    let result = job.run();
+    o.sync_finished(&job, result);
+    assert!(!o.backlog_needs_sync());
+    assert!(o.sync_job().is_none());
+}
+
+#[test]
+fn segments_rotate_and_are_deleted_oldest_first() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = Outbox::open(dir.path(), LIMITS, 0);
+    let big = Bytes::from(format!("\"{}\"", "x".repeat(300_000)));
+    for i in 0..10 {
+        o.push(i, big.clone());
+    }
+    let before = segments(dir.path()).len();
+    assert!(before >= 3, "{before} segments for 3 MB");
+    // Deliver half: the fully delivered segments go, in order.
+    for _ in 0..5 {
+        let (seq, _) = o.oldest().expect("batch");
+        o.remove(seq);
+    }
+    let after = segments(dir.path()).len();
+    assert!(after < before && after >= 2, "{before} -> {after}");
+    drop(o);
+    let mut o = Outbox::open(dir.path(), LIMITS, 0);
+    assert_eq!(o.stats().batches, 5);
+    assert_eq!(drain(&mut o).len(), 5);
+    drop(o);
+    drop(Outbox::open(dir.path(), LIMITS, 0));
+    assert!(segments(dir.path()).is_empty());
+}
+
+#[test]
+fn size_and_age_limits_drop_the_oldest() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = batch_record_len(0, 1000, &body(0));
+    let t0 = Instant::now();
+    let limits = OutboxLimits { max_bytes: one * 2, max_age: Duration::from_secs(60) };
+    let mut o = Outbox::open_at(dir.path().into(), limits, 1000, t0);
+    for i in 0..3 {
+        o.push_at(1000, body(i), t0);
+    }
+    assert_eq!(o.stats().batches, 2);
+    assert_eq!(o.stats().dropped_total, 1);
+    assert_eq!(o.oldest().map(|(_, b)| b), Some(body(1)));
+    o.push_at(1061, body(7), t0 + Duration::from_secs(61)); // the two at t0 have waited 61 s
+    assert_eq!(o.stats().batches, 1);
+    assert_eq!(o.stats().dropped_total, 3);
+    drop(o);
+    let pending: Vec<i64> = inspect(dir.path()).expect("inspect").iter().map(|b| b.timestamp).collect();
+    assert_eq!(pending, [1061], "dropped batches stay dropped after a restart");
+    let mut o = Outbox::open(dir.path(), OutboxLimits { max_bytes: 10, max_age: Duration::from_secs(60) }, 1061);
+    o.push(1062, body(8));
+    assert_eq!(o.oldest().map(|(_, b)| b), Some(body(8)), "a batch over the bound on its own is still kept");
+}
+
+#[test]
+fn a_body_with_a_raw_newline_is_kept_in_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = Outbox::open(dir.path(), LIMITS, 0);
+    o.push(1, Bytes::from_static(b"{\n}"));
+    assert_eq!(o.stats().in_memory, 1);
+    assert!(o.persist_error().is_some_and(|e| e.contains("newline")), "{:?}", o.persist_error());
+    o.push(2, body(2));
+    assert!(o.persist_error().is_none());
+    assert_eq!(drain(&mut o), [Bytes::from_static(b"{\n}"), body(2)]);
+}
+
+#[test]
+fn rejected_batches_are_kept_aside_with_the_answer() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = Outbox::open(dir.path(), LIMITS, 0);
+    for i in 0..6 {
+        o.push(i, body(u32::try_from(i).expect("small")));
+    }
+    // The 6th is read back from disk (not cached): reject the first five, then it.
+    for _ in 0..6 {
+        let (seq, _) = o.oldest().expect("oldest");
+        o.reject(seq, "422: metrics.0.labels.x: expected a string");
+    }
+    assert_eq!(o.stats().rejected_total, 6);
+    assert_eq!(o.stats().batches, 0);
+    let reason = std::fs::read_to_string(dir.path().join("rejected/0000000000000005-5.batch.reason")).expect("reason");
+    assert!(reason.contains("expected a string"));
+    let kept = std::fs::read(dir.path().join("rejected/0000000000000005-5.batch")).expect("body");
+    assert_eq!(kept, body(5));
+}
+
+// Issue 14 (h) and issue 22: the files on disk outgrew outbox_max_bytes; the byte count
+// after a delivery and the bound at exactly max_bytes were never checked.
+#[test]
+fn the_files_on_disk_stay_within_the_size_bound() {
+    let one = batch_record_len(0, 1000, &fixed(0));
+    for (max_bytes, fits) in [(8 * one, 8), (8 * one - 1, 7)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = OutboxLimits { max_bytes, max_age: Duration::from_secs(3600) };
+        let mut o = Outbox::open(dir.path(), limits, 1000);
+        for i in 0..8 {
+            o.push(1000, fixed(i));
+            assert!(segment_bytes_on_disk(dir.path()) <= max_bytes);
+        }
+        assert_eq!(o.stats().batches, fits, "bound {max_bytes}, records of {one}");
+        assert_eq!(o.stats().bytes, fits * one);
+        assert_eq!(o.stats().dropped_total, 8 - fits);
+        // An outage with deliveries now and then: the bound holds for the files too.
+        for i in 8..200 {
+            o.push(1000, fixed(i));
+            if i % 3 == 0 {
+                let (seq, _) = o.oldest().expect("queued");
+                o.remove(seq);
+            }
+            let on_disk = segment_bytes_on_disk(dir.path());
+            assert!(on_disk <= max_bytes, "{on_disk} bytes on disk, bound {max_bytes}");
+            assert_eq!(o.stats().bytes, o.stats().batches * one, "after push {i}");
+        }
+        let left = o.stats().batches;
+        let (seq, _) = o.oldest().expect("queued");
+        o.remove(seq);
+        assert_eq!(o.stats().bytes, (left - 1) * one, "a delivery subtracts its record");
+    }
+}
+
+// Issue 14 (i): one WARN line per dropped batch.
+#[test]
+fn drops_are_logged_once_then_summarised() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = batch_record_len(0, 1000, &fixed(0));
+    let t0 = Instant::now();
+    let limits = OutboxLimits { max_bytes: 4 * one, max_age: Duration::from_secs(3600) };
+    let mut o = Outbox::open_at(dir.path().into(), limits, 1000, t0);
+    let ((), log) = logged(|| {
+        for i in 0..120 {
+            o.push_at(1000, fixed(i), t0 + Duration::from_secs(u64::from(i)));
+        }
+    });
+    assert_eq!(o.stats().dropped_total, 116);
+    assert_eq!(log.lines().filter(|l| l.contains("dropped")).count(), 1, "{log}");
+    // The first drop (the 5th push, at t0 + 4 s) was logged; the next 116 are summarised.
+    let ((), log) = logged(|| o.push_at(1000, fixed(999), t0 + Duration::from_secs(4) + DROP_LOG_EVERY));
+    assert!(log.contains("dropped the 116 oldest batches since the last report"), "{log}");
+}
