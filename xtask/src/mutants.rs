@@ -16,8 +16,8 @@ use crate::clean_command;
 pub const FILES: [&str; 14] = [
     "dcmon-agent/src/batch.rs",
     "dcmon-agent/src/collector/os.rs",
-    "dcmon-agent/src/collector/net.rs",
-    "dcmon-agent/src/deliver.rs",
+    "dcmon-agent/src/collector/net/mod.rs",
+    "dcmon-agent/src/deliver/mod.rs",
     "dcmon-agent/src/outbox/handle.rs",
     "dcmon-agent/src/outbox/lock.rs",
     "dcmon-agent/src/outbox/mod.rs",
@@ -73,4 +73,16 @@ pub fn run(root: &Path, args: &MutantsArgs) -> anyhow::Result<()> {
         bail!("cargo mutants: {status}; see mutants.out/missed.txt and mutants.out/timeout.txt");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// A file that moved (a module turned into a folder) must move here too, or the default
+    /// run mutates nothing in it.
+    #[test]
+    fn every_default_file_exists() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let missing: Vec<&str> = super::FILES.iter().copied().filter(|f| !root.join(f).is_file()).collect();
+        assert!(missing.is_empty(), "xtask mutants FILES that do not exist: {missing:?}");
+    }
 }
