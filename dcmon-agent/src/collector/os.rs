@@ -33,8 +33,10 @@ impl CpuTicks {
         if total == 0 || busy > total {
             return None;
         }
-        #[allow(clippy::cast_precision_loss, reason = "tick deltas are far below 2^52")]
-        Some(busy as f64 * 100.0 / total as f64)
+        // Deltas past 2^53 (a corrupt file) round, and busy == total could come out a hair
+        // above 100.
+        #[allow(clippy::cast_precision_loss, reason = "a percentage needs no more than f64's precision")]
+        Some((busy as f64 * 100.0 / total as f64).min(100.0))
     }
 }
 
@@ -250,6 +252,14 @@ impl Collector for OsCollector {
 
 #[cfg(test)]
 mod tests {
+    /// Fuzz finding: equal busy and total deltas past 2^53 gave 100.00000000000001.
+    #[test]
+    fn huge_equal_deltas_are_exactly_100_percent() {
+        let earlier = CpuTicks { busy: 3, total: 3 };
+        let later = CpuTicks { busy: 800_000_007_374_674_407, total: 800_000_007_374_674_407 };
+        assert_eq!(later.usage_percent_since(earlier), Some(100.0));
+    }
+
     use super::*;
     use std::path::Path;
 
