@@ -19,6 +19,7 @@ pub mod host;
 pub mod install;
 pub mod notify;
 pub mod outbox;
+pub mod output;
 pub mod register;
 pub mod secure_file;
 pub mod ticker;

@@ -22,12 +22,15 @@ mod tests;
 
 use std::any::Any;
 use std::borrow::Cow;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::filter::PatternList;
+use crate::output::DCMON_OUTPUT;
+use crate::output::remote_write::RemoteWriteConfig;
 use crate::secure_file::SmallFileError;
 
 use parts::{
@@ -92,6 +95,12 @@ pub struct Config {
     pub sections: Sections,
     /// Count disk and network I/O with eBPF: `"auto"` (fall back to procfs), `"on"`, `"off"`.
     pub ebpf: EbpfMode,
+    /// Deliver batches to the dcmon server at `server_url` (the default output).
+    pub dcmon_output: bool,
+    /// Prometheus remote_write outputs.
+    pub remote_write: Vec<RemoteWriteConfig>,
+    /// Serve the latest round at `http://ADDR/metrics` for scrapers; off when `None`.
+    pub prometheus_listen: Option<SocketAddr>,
 }
 
 /// The config's `ebpf` key.
@@ -184,6 +193,9 @@ impl Config {
             catchup_batches_per_second: 10,
             sections: Sections::default(),
             ebpf: EbpfMode::Auto,
+            dcmon_output: true,
+            remote_write: Vec::new(),
+            prometheus_listen: None,
         }
     }
 }
@@ -223,8 +235,8 @@ pub enum ConfigError {
     Invalid {
         /// Config file path.
         path: PathBuf,
-        /// Dotted path of the offending field.
-        field: &'static str,
+        /// Dotted path of the offending field (`remote_write[1].url`).
+        field: Cow<'static, str>,
         /// What is allowed.
         detail: String,
     },
@@ -293,7 +305,7 @@ impl Config {
                 if let Some(ca) = &mut config.ca_file {
                     ca.load().map_err(|detail| ConfigError::Invalid {
                         path: path.to_owned(),
-                        field: "ca_file",
+                        field: "ca_file".into(),
                         detail,
                     })?;
                 }
@@ -341,7 +353,7 @@ impl Config {
             if let Some(serde_json::Value::Array(_)) = top.get(section) {
                 return Err(ConfigError::Invalid {
                     path: path.to_owned(),
-                    field: section,
+                    field: section.into(),
                     detail: "expected a JSON object {...}, got an array".into(),
                 });
             }
@@ -432,7 +444,11 @@ impl Config {
     }
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |field, detail: String| ConfigError::Invalid { path: path.to_owned(), field, detail };
+        let invalid = |field: &'static str, detail: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field: field.into(),
+            detail,
+        };
         check_server_url(&self.server_url).map_err(|detail| invalid("server_url", detail))?;
         for (field, value, Limit(max, max_text)) in self.durations() {
             if value < 1 {
@@ -458,7 +474,43 @@ impl Config {
         if self.machine_id.as_ref().is_some_and(|id| id.trim().is_empty()) {
             return Err(invalid("machine_id", "must not be empty (remove the key to use /etc/machine-id)".into()));
         }
+        self.validate_outputs(path)
+    }
+
+    /// Each remote_write entry, names unique, and at least one output.
+    fn validate_outputs(&self, path: &Path) -> Result<(), ConfigError> {
+        let mut names: Vec<String> = Vec::new();
+        for (i, rw) in self.remote_write.iter().enumerate() {
+            let name = rw.output_name();
+            let invalid = |field: &str, detail: String| ConfigError::Invalid {
+                path: path.to_owned(),
+                field: format!("remote_write[{i}]{}{field}", if field.is_empty() { "" } else { "." }).into(),
+                detail: format!("output {name:?}: {detail}"),
+            };
+            rw.validate().map_err(|(field, detail)| invalid(field, detail))?;
+            if name == DCMON_OUTPUT || names.contains(&name) {
+                return Err(invalid(
+                    "name",
+                    "another output has this name; give each remote_write entry its own `name`".into(),
+                ));
+            }
+            names.push(name);
+        }
+        if !self.dcmon_output && self.remote_write.is_empty() && self.prometheus_listen.is_none() {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                field: "dcmon_output".into(),
+                detail: "is false and no remote_write or prometheus_listen is set: batches would go nowhere".into(),
+            });
+        }
         Ok(())
+    }
+
+    /// The names of the outputs that deliver from the outbox, each with its own cursor:
+    /// [`DCMON_OUTPUT`] when enabled, then each remote_write entry's.
+    pub fn output_names(&self) -> Vec<String> {
+        let dcmon = self.dcmon_output.then(|| DCMON_OUTPUT.to_owned());
+        dcmon.into_iter().chain(self.remote_write.iter().map(RemoteWriteConfig::output_name)).collect()
     }
 
     /// Every duration in the config (seconds) by its dotted name, with its upper bound: the

@@ -323,3 +323,29 @@ fn ebpf_key_parses_and_defaults_to_auto() {
         Config::parse(Path::new("c.json"), r#"{"ebpf": "yes"}"#, &schema()).expect_err("unknown mode").to_string();
     assert!(err.contains("ebpf") && err.contains("auto"), "{err}");
 }
+
+#[test]
+fn outputs_parse_and_their_errors_name_the_output_and_field() {
+    let (c, unknown) = parse(
+        r#"{"dcmon_output": false, "prometheus_listen": "127.0.0.1:9101",
+            "remote_write": [{"name": "prom", "url": "http://127.0.0.1:9090/api/v1/write", "colour": 1},
+                             {"url": "http://vm.example:8428/api/v1/write", "external_labels": {"cluster": "a"}}]}"#,
+    )
+    .expect("outputs");
+    assert_eq!(c.output_names(), ["prom", "vm.example:8428"]);
+    assert_eq!(c.prometheus_listen, Some("127.0.0.1:9101".parse().expect("addr")));
+    assert_eq!(unknown, ["remote_write.0.colour"]);
+    assert_eq!(Config::default().output_names(), ["dcmon"]);
+
+    let message = |text: &str| parse(text).expect_err(text).to_string();
+    assert_eq!(
+        message(r#"{"remote_write": [{"url": "http://a/"}, {"name": "x", "url": "http://b/", "timeout": 0}]}"#),
+        "config /etc/dcmon/config.json: field `remote_write[1].timeout`: output \"x\": must be 1 to 3600 seconds, got 0"
+    );
+    let twice = message(r#"{"remote_write": [{"url": "http://a:1/"}, {"url": "http://a:1/x"}]}"#);
+    assert!(twice.contains("`remote_write[1].name`") && twice.contains("\"a:1\""), "{twice}");
+    let nowhere = message(r#"{"dcmon_output": false}"#);
+    assert!(nowhere.contains("`dcmon_output`") && nowhere.contains("go nowhere"), "{nowhere}");
+    let bad_listen = message(r#"{"prometheus_listen": "localhost"}"#);
+    assert!(bad_listen.contains("prometheus_listen"), "{bad_listen}");
+}
