@@ -124,6 +124,8 @@ impl Drop for SmallFs {
     }
 }
 
+/// Issue 22: the bounds the record reader enforces.
+mod bounds;
 mod hostile;
 /// Issue 14's fuzzing: any sequence of pushes, deliveries, rejections, crashes and cut
 /// files loses nothing inside the bounds, and reports every loss outside them.
