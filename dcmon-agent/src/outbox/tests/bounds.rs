@@ -33,3 +33,19 @@ fn a_declared_length_of_exactly_the_maximum_is_not_oversize() {
         );
     }
 }
+
+// Issue 22: the age bound drops batches older than `outbox_max_age`; one exactly that old
+// stays until the next push after it.
+#[test]
+fn a_batch_exactly_max_age_old_is_kept_and_dropped_just_after() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let t0 = Instant::now();
+    let max_age = Duration::from_secs(60);
+    let mut o = Outbox::open_at(dir.path().into(), OutboxLimits { max_bytes: 1 << 30, max_age }, 1000, t0);
+    o.push_at(1000, body(0), t0);
+    o.push_at(1060, body(1), t0 + max_age);
+    assert_eq!((o.stats().batches, o.stats().dropped_total), (2, 0), "exactly max_age old: kept");
+    o.push_at(1060, body(2), t0 + max_age + Duration::from_nanos(1));
+    assert_eq!((o.stats().batches, o.stats().dropped_total), (2, 1), "older than max_age: dropped");
+    assert_eq!(drain(&mut o), [body(1), body(2)]);
+}
