@@ -131,4 +131,6 @@ mod hostile;
 /// files loses nothing inside the bounds, and reports every loss outside them.
 mod property;
 mod queue;
+/// Issue 22: reading a batch back for sending.
+mod read_back;
 mod recovery;
