@@ -352,4 +352,3 @@ async fn read_answer(
     }
     Ok((status, headers, body))
 }
-

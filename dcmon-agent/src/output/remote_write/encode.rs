@@ -283,3 +283,5 @@ fn pack(series: Vec<TimeSeries>, max_bytes: usize) -> Result<(Vec<Bytes>, Vec<us
     Ok((requests, sizes))
 }
 
+#[cfg(test)]
+mod tests;
