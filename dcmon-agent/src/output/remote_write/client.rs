@@ -300,7 +300,9 @@ impl RemoteWriteClient {
                 return Err(RemoteWriteError::Unreachable {
                     output: self.output.clone(),
                     url: self.url_for_log.clone(),
-                    reason: with_tls_hint(error_chain(&e)),
+                    // reqwest's message repeats the URL, query and all: the query may carry a tenant or
+                    // token, and the URL is in the message already.
+                    reason: with_tls_hint(error_chain(&e.without_url())),
                 });
             }
         };
@@ -352,3 +354,6 @@ async fn read_answer(
     }
     Ok((status, headers, body))
 }
+
+#[cfg(test)]
+mod tests;
