@@ -355,7 +355,7 @@ async fn stale_markers_survive_a_retried_failure_and_go_once() {
     let seen = rx.seen();
     assert_eq!(seen.len(), 4);
     let stale = (String::from("a"), STALE_NAN_BITS, 130_000);
-    assert_eq!(stale_markers(&seen[1..2]), [stale.clone()], "the failed attempt carried it");
+    assert_eq!(stale_markers(&seen[1..2]), vec![stale.clone()], "the failed attempt carried it");
     assert_eq!(stale_markers(&seen[2..3]), [stale], "and so did the retry");
     assert!(stale_markers(&seen[3..]).is_empty(), "sent once");
     assert!(stale_markers(&seen[..1]).is_empty());
