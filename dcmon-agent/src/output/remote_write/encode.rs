@@ -151,14 +151,19 @@ pub fn encode(
         }
     }
 
-    let mut next_state = HashMap::with_capacity(series.len());
     let mut samples = 0;
     for s in &mut series {
         order_samples(&mut s.samples);
         samples += s.samples.len();
-        let last = s.samples.last().map_or(timestamp_ms, |x| x.timestamp);
-        next_state.insert(s.labels.clone(), last);
     }
+    // The index's keys become the state's: each series' labels are copied once, not twice.
+    let next_state: HashMap<Vec<Label>, i64> = index
+        .into_iter()
+        .map(|(labels, i)| {
+            let last = series.get(i).and_then(|s| s.samples.last()).map_or(timestamp_ms, |x| x.timestamp);
+            (labels, last)
+        })
+        .collect();
 
     // Stale markers, sorted so that a retry of this batch encodes to the same requests. A
     // series whose last sample is not older than this batch gets none: it would be out of
