@@ -168,6 +168,9 @@ impl RemoteWriteClient {
         let output = config.output_name();
         let setup_error =
             |field: &'static str, reason: String| RemoteWriteSetupError { output: output.clone(), field, reason };
+        // The config loader has checked the entry; a client built from an unchecked one is
+        // refused for the same reasons.
+        config.validate().map_err(|(field, reason)| setup_error(field, reason))?;
         let url = reqwest::Url::parse(config.url.trim()).map_err(|e| setup_error("url", e.to_string()))?;
         let (credentials, warnings) = Credentials::load(config)?;
         for warning in &warnings {

@@ -245,6 +245,10 @@ fn a_missing_or_unusable_secret_file_names_the_output_and_field() {
         config(serde_json::json!({"name": "prom", "url": "http://127.0.0.1:9/w", "bearer_token_file": "/dev/zero"}));
     let err = RemoteWriteClient::new(&cfg).expect_err("a device");
     assert!(err.to_string().contains("expected a regular file"), "{err}");
+    let cfg =
+        config(serde_json::json!({"name": "prom", "url": "http://127.0.0.1:9/w", "headers": {"Content-Type": "x"}}));
+    let err = RemoteWriteClient::new(&cfg).expect_err("an unchecked entry");
+    assert_eq!(err.field, "headers", "{err}");
 }
 
 #[tokio::test]
