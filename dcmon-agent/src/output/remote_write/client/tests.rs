@@ -405,3 +405,86 @@ async fn a_batch_split_over_requests_resumes_where_it_failed() {
         assert!(r.request.encoded_len() <= 4096);
     }
 }
+
+/// A CA's PEM and a rustls server config with a certificate for 127.0.0.1 that it signed.
+fn test_ca() -> (String, Arc<rustls::ServerConfig>) {
+    let ca_key = rcgen::KeyPair::generate().expect("CA key");
+    let mut ca = rcgen::CertificateParams::new(Vec::new()).expect("CA params");
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name.push(rcgen::DnType::CommonName, "remote_write test CA");
+    let pem = ca.self_signed(&ca_key).expect("CA certificate").pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let key = rcgen::KeyPair::generate().expect("server key");
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).expect("server params");
+    let certificate = params.signed_by(&key, &issuer).expect("server certificate");
+    let server = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(vec![certificate.der().clone()], key.into())
+        .expect("server config");
+    (pem, Arc::new(server))
+}
+
+/// An `https://` receiver on a thread: for each of `connections` connections, reads one
+/// request and answers 204; a connection whose handshake fails ends. Returns the URL and,
+/// joined, the request bodies (snappy) it read.
+fn tls_receiver(tls: Arc<rustls::ServerConfig>, connections: usize) -> (String, std::thread::JoinHandle<Vec<Vec<u8>>>) {
+    use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let url = format!("https://{}/api/v1/write", listener.local_addr().expect("addr"));
+    let handle = std::thread::spawn(move || {
+        let mut bodies = Vec::new();
+        for _ in 0..connections {
+            let (tcp, _) = listener.accept().expect("accept");
+            let session = rustls::ServerConnection::new(Arc::clone(&tls)).expect("TLS session");
+            let mut reader = BufReader::new(rustls::StreamOwned::new(session, tcp));
+            let mut length = 0;
+            loop {
+                let mut line = String::new();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().expect("content-length");
+                }
+                if line == "\r\n" {
+                    let mut body = vec![0; length];
+                    reader.read_exact(&mut body).expect("body");
+                    bodies.push(body);
+                    let answer = "HTTP/1.1 204 No Content\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+                    reader.get_mut().write_all(answer.as_bytes()).expect("answer");
+                    let _ = reader.get_mut().flush();
+                    break;
+                }
+            }
+        }
+        bodies
+    });
+    (url, handle)
+}
+
+#[tokio::test]
+async fn https_with_the_ca_file() {
+    let (pem, tls) = test_ca();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, pem).expect("write CA");
+    let (url, server) = tls_receiver(tls, 2);
+    let mut untrusting =
+        RemoteWriteClient::new(&config(serde_json::json!({"name": "prom", "url": url}))).expect("client");
+    let err = untrusting.send(batch_of(100, &["a"])).await.expect_err("an unknown CA");
+    assert!(err.to_string().contains("set ca_file"), "{err}");
+    assert_eq!(err.verdict(), Verdict::RetryLater { retry_after: None });
+    let cfg = config(serde_json::json!({"name": "prom", "url": url, "ca_file": ca_path}));
+    let mut client = RemoteWriteClient::new(&cfg).expect("client");
+    let sent = client.send(batch_of(100, &["a"])).await.expect("trusted");
+    assert_eq!(sent.status, Some(StatusCode::NO_CONTENT));
+    let bodies = server.join().expect("server");
+    assert_eq!(bodies.len(), 1);
+    let proto = snap::raw::Decoder::new().decompress_vec(&bodies[0]).expect("snappy");
+    assert_eq!(WriteRequest::decode(proto.as_slice()).expect("proto").timeseries.len(), 1);
+    let cfg = config(serde_json::json!({"name": "prom", "url": url, "ca_file": dir.path().join("none.pem")}));
+    let err = RemoteWriteClient::new(&cfg).expect_err("a missing ca_file");
+    assert_eq!(err.field, "ca_file", "{err}");
+}
