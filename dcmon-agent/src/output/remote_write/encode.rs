@@ -19,12 +19,14 @@
 //! - series are packed into as few requests as keep each under `max_request_bytes`
 //!   uncompressed; a series is never split, so one larger than the bound goes alone.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::hash::{BuildHasherDefault, Hash as _, Hasher};
 
 use bytes::Bytes;
 use prost::Message as _;
 
-use super::proto::{Label, Sample, TimeSeries, WriteRequest};
+use super::proto::{Label, Sample, TimeSeries};
 
 /// The bits of Prometheus's stale marker (`value.StaleNaN`), a NaN no computation makes. The
 /// only NaN the agent ever sends.
@@ -36,22 +38,99 @@ const NAME_LABEL: &str = "__name__";
 /// The label every series gets from the batch.
 const MACHINE_ID_LABEL: &str = "machine_id";
 
-/// A stored batch, as far as remote_write reads it (unknown keys ignored).
+/// A stored batch, as far as remote_write reads it (unknown keys ignored). Strings without
+/// escapes are borrowed from the body.
 #[derive(serde::Deserialize)]
-struct JsonBatch {
-    machine_id: String,
+struct JsonBatch<'a> {
+    #[serde(borrow)]
+    machine_id: Str<'a>,
     timestamp: i64,
-    metrics: Vec<JsonMetric>,
+    #[serde(borrow)]
+    metrics: Vec<JsonMetric<'a>>,
 }
 
 #[derive(serde::Deserialize)]
-struct JsonMetric {
-    name: String,
+struct JsonMetric<'a> {
+    #[serde(borrow)]
+    name: Str<'a>,
     value: f64,
-    #[serde(default)]
-    labels: BTreeMap<String, String>,
+    #[serde(default, borrow)]
+    labels: BTreeMap<Str<'a>, Str<'a>>,
     #[serde(default)]
     timestamp: Option<i64>,
+}
+
+/// A JSON string, borrowed from the body unless it holds escapes (serde's `Cow<str>` always
+/// copies inside a map).
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+struct Str<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Str<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for Visitor<'a> {
+            type Value = Str<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: serde::de::Error>(self, v: &'de str) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Borrowed(v)))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: serde::de::Error>(self, v: String) -> Result<Self::Value, E> {
+                Ok(Str(Cow::Owned(v)))
+            }
+        }
+        deserializer.deserialize_str(Visitor(std::marker::PhantomData))
+    }
+}
+
+/// FxHash (rustc's): the series maps hash every label of every series of every batch, and
+/// SipHash was the largest single cost of encoding. The keys are the agent's own labels, not
+/// an attacker's, so flooding resistance buys nothing here.
+#[derive(Default, Clone, Copy)]
+struct FxHasher(u64);
+
+impl Hasher for FxHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for chunk in &mut chunks {
+            let mut word = [0; 8];
+            word.copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+        for &b in chunks.remainder() {
+            self.add(u64::from(b));
+        }
+    }
+
+    fn write_u8(&mut self, i: u8) {
+        self.add(u64::from(i));
+    }
+
+    fn write_usize(&mut self, i: usize) {
+        self.add(i as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+impl FxHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+type FxBuild = BuildHasherDefault<FxHasher>;
+
+fn hash_labels(labels: &[Label]) -> u64 {
+    let mut hasher = FxHasher::default();
+    labels.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Why a stored batch cannot become a request. It will not get better on a retry.
@@ -72,7 +151,7 @@ pub enum EncodeError {
 /// in milliseconds: what the next batch's stale markers are computed from.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct StaleState {
-    last: HashMap<Vec<Label>, i64>,
+    last: HashMap<Vec<Label>, i64, FxBuild>,
 }
 
 impl StaleState {
@@ -116,7 +195,7 @@ pub struct Encoded {
     pub dropped: usize,
     /// The batch's timestamp in milliseconds.
     pub timestamp_ms: i64,
-    next_state: HashMap<Vec<Label>, i64>,
+    next_state: HashMap<Vec<Label>, i64, FxBuild>,
 }
 
 /// Encode one stored JSON batch: its series with `external_labels` added, stale markers for
@@ -128,50 +207,66 @@ pub fn encode(
     max_request_bytes: usize,
 ) -> Result<Encoded, EncodeError> {
     let batch: JsonBatch = serde_json::from_slice(body).map_err(|e| EncodeError::Json(e.to_string()))?;
-    if batch.machine_id.is_empty() {
+    if batch.machine_id.0.is_empty() {
         return Err(EncodeError::Invalid("machine_id is empty".into()));
     }
     let timestamp_ms = seconds_to_ms(batch.timestamp)
         .ok_or_else(|| EncodeError::Invalid(format!("timestamp {} is out of range", batch.timestamp)))?;
 
+    // Series in the batch's order, found by their labels' hash (a chain per hash for the
+    // labels that share one), so that each label set is built once and owned by its series.
     let mut series: Vec<TimeSeries> = Vec::with_capacity(batch.metrics.len());
-    let mut index: HashMap<Vec<Label>, usize> = HashMap::with_capacity(batch.metrics.len());
+    let mut by_hash: HashMap<u64, usize, FxBuild> = HashMap::default();
+    by_hash.reserve(batch.metrics.len());
+    let mut same_hash: Vec<Option<usize>> = Vec::with_capacity(batch.metrics.len());
     let mut dropped = 0;
-    for metric in batch.metrics {
-        let Some((labels, sample)) = metric_series(metric, &batch.machine_id, batch.timestamp, external_labels) else {
+    for metric in &batch.metrics {
+        let Some((labels, sample)) = metric_series(metric, &batch.machine_id.0, batch.timestamp, external_labels)
+        else {
             dropped += 1;
             continue;
         };
-        match index.get(&labels) {
-            Some(&i) => series[i].samples.push(sample),
+        let hash = hash_labels(&labels);
+        let mut slot = by_hash.get(&hash).copied();
+        while let Some(i) = slot {
+            if series[i].labels == labels {
+                break;
+            }
+            slot = same_hash[i];
+        }
+        match slot {
+            Some(i) => series[i].samples.push(sample),
             None => {
-                index.insert(labels.clone(), series.len());
+                same_hash.push(by_hash.insert(hash, series.len()));
                 series.push(TimeSeries { labels, samples: vec![sample] });
             }
         }
     }
+    let fresh = series.len();
 
     let mut samples = 0;
     for s in &mut series {
         order_samples(&mut s.samples);
         samples += s.samples.len();
     }
-    // The index's keys become the state's: each series' labels are copied once, not twice.
-    let next_state: HashMap<Vec<Label>, i64> = index
-        .into_iter()
-        .map(|(labels, i)| {
-            let last = series.get(i).and_then(|s| s.samples.last()).map_or(timestamp_ms, |x| x.timestamp);
-            (labels, last)
-        })
-        .collect();
 
     // Stale markers, sorted so that a retry of this batch encodes to the same requests. A
     // series whose last sample is not older than this batch gets none: it would be out of
     // order, and Prometheus rejects the whole request for it.
+    let is_current = |labels: &Vec<Label>| {
+        let mut slot = by_hash.get(&hash_labels(labels)).copied();
+        while let Some(i) = slot {
+            if series[i].labels == *labels {
+                return true;
+            }
+            slot = same_hash[i];
+        }
+        false
+    };
     let mut stale: Vec<&Vec<Label>> = previous
         .last
         .iter()
-        .filter(|(labels, last)| **last < timestamp_ms && !next_state.contains_key(*labels))
+        .filter(|(labels, last)| **last < timestamp_ms && !is_current(labels))
         .map(|(labels, _)| labels)
         .collect();
     stale.sort_unstable();
@@ -182,7 +277,15 @@ pub fn encode(
     }
 
     let series_count = series.len();
-    let (requests, uncompressed_bytes) = pack(series, max_request_bytes)?;
+    let (requests, uncompressed_bytes) = pack(&series, max_request_bytes)?;
+    // The requests are written: the batch's own series' labels move into the state.
+    series.truncate(fresh);
+    let mut next_state: HashMap<Vec<Label>, i64, FxBuild> = HashMap::default();
+    next_state.reserve(fresh);
+    next_state.extend(series.into_iter().map(|s| {
+        let last = s.samples.last().map_or(timestamp_ms, |x| x.timestamp);
+        (s.labels, last)
+    }));
     Ok(Encoded {
         requests,
         uncompressed_bytes,
@@ -197,24 +300,29 @@ pub fn encode(
 
 /// The labels and sample of one metric, or `None` when Prometheus would refuse it.
 fn metric_series(
-    metric: JsonMetric,
+    metric: &JsonMetric<'_>,
     machine_id: &str,
     batch_timestamp: i64,
     external_labels: &BTreeMap<String, String>,
 ) -> Option<(Vec<Label>, Sample)> {
-    if !is_metric_name(&metric.name) || !metric.value.is_finite() {
+    if !is_metric_name(&metric.name.0) || !metric.value.is_finite() {
         return None;
     }
-    if !metric.labels.keys().all(|name| is_label_name(name) && !name.starts_with("__")) {
+    if !metric.labels.keys().all(|name| is_label_name(&name.0) && !name.0.starts_with("__")) {
         return None;
     }
     let timestamp = seconds_to_ms(metric.timestamp.unwrap_or(batch_timestamp))?;
-    let mut merged: BTreeMap<&str, &str> = external_labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    merged.insert(MACHINE_ID_LABEL, machine_id);
-    merged.extend(metric.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
-    merged.insert(NAME_LABEL, &metric.name);
-    // A BTreeMap of &str iterates in byte order, the order Prometheus sorts labels in.
-    let labels = merged.into_iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| Label::new(k, v)).collect();
+    // Highest precedence first: the name, the metric's labels, machine_id, the external
+    // labels. A stable sort by name keeps that order among equal names; the first is kept.
+    let mut pairs: Vec<(&str, &str)> = Vec::with_capacity(2 + metric.labels.len() + external_labels.len());
+    pairs.push((NAME_LABEL, &metric.name.0));
+    pairs.extend(metric.labels.iter().map(|(k, v)| (&*k.0, &*v.0)));
+    pairs.push((MACHINE_ID_LABEL, machine_id));
+    pairs.extend(external_labels.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    // Byte order, the order Prometheus sorts labels in.
+    pairs.sort_by(|a, b| a.0.cmp(b.0));
+    pairs.dedup_by(|later, first| later.0 == first.0);
+    let labels = pairs.into_iter().filter(|(_, v)| !v.is_empty()).map(|(k, v)| Label::new(k, v)).collect();
     Some((labels, Sample { value: metric.value, timestamp }))
 }
 
@@ -255,35 +363,36 @@ fn is_label_name(name: &str) -> bool {
 }
 
 /// Pack the series in order into requests of at most `max_bytes` encoded (a series larger
-/// than that alone in its request), each encoded and snappy-compressed. Returns the bodies
-/// and their sizes before snappy.
-fn pack(series: Vec<TimeSeries>, max_bytes: usize) -> Result<(Vec<Bytes>, Vec<usize>), EncodeError> {
+/// than that alone in its request), each encoded as a `WriteRequest` and snappy-compressed.
+/// Returns the bodies and their sizes before snappy.
+fn pack(series: &[TimeSeries], max_bytes: usize) -> Result<(Vec<Bytes>, Vec<usize>), EncodeError> {
     let mut requests = Vec::new();
     let mut sizes = Vec::new();
-    let mut current = WriteRequest::default();
-    let mut current_bytes = 0;
     let mut snappy = snap::raw::Encoder::new();
-    let mut flush = |request: &mut WriteRequest, bytes: usize| -> Result<(), EncodeError> {
-        let proto = std::mem::take(request).encode_to_vec();
-        debug_assert_eq!(proto.len(), bytes);
+    let mut proto = Vec::new();
+    let mut start = 0;
+    while start < series.len() {
+        // Field 1 of WriteRequest, length-delimited: one tag byte, the length, the message.
+        let mut end = start;
+        let mut bytes = 0;
+        while let Some(s) = series.get(end) {
+            let len = s.encoded_len();
+            let size = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
+            if end > start && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            end += 1;
+        }
+        proto.clear();
+        proto.reserve(bytes);
+        for s in &series[start..end] {
+            prost::encoding::message::encode(1, s, &mut proto);
+        }
         let compressed = snappy.compress_vec(&proto).map_err(|e| EncodeError::Snappy(e.to_string()))?;
         requests.push(Bytes::from(compressed));
         sizes.push(proto.len());
-        Ok(())
-    };
-    for s in series {
-        // Field 1, length-delimited: one tag byte, the length, the message.
-        let len = s.encoded_len();
-        let size = 1 + prost::encoding::encoded_len_varint(len as u64) + len;
-        if current_bytes > 0 && current_bytes + size > max_bytes {
-            flush(&mut current, current_bytes)?;
-            current_bytes = 0;
-        }
-        current.timeseries.push(s);
-        current_bytes += size;
-    }
-    if current_bytes > 0 {
-        flush(&mut current, current_bytes)?;
+        start = end;
     }
     Ok((requests, sizes))
 }

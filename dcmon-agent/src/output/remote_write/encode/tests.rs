@@ -256,3 +256,18 @@ fn an_empty_batch_needs_no_request() {
         .expect("encode");
     assert!(encoded.requests.is_empty());
 }
+
+#[test]
+fn escaped_strings_are_read_whole() {
+    let body = r#"{"machine_id":"m\u002d1","timestamp":1,"metrics":[
+        {"name":"a","value":1,"labels":{"model":"H100 \"SXM\" caf\u00e9","path":"C:\\x"}},
+        {"name":"a","value":2,"labels":{"path":"C:\\x","model":"H100 \"SXM\" café"}}]}"#;
+    let encoded = encode(body.as_bytes(), &no_labels(), &StaleState::new(), 1 << 20).expect("encode");
+    let requests = decode(&encoded);
+    assert_eq!(requests[0].timeseries.len(), 1, "one series, however its labels were written");
+    assert_eq!(
+        requests[0].timeseries[0].labels,
+        labels(&[("__name__", "a"), ("machine_id", "m-1"), ("model", "H100 \"SXM\" café"), ("path", "C:\\x")])
+    );
+    assert_eq!(requests[0].timeseries[0].samples, [Sample { value: 2.0, timestamp: 1000 }]);
+}
