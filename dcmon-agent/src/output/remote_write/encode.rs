@@ -21,7 +21,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
-use std::hash::{BuildHasherDefault, Hash as _, Hasher};
+use std::hash::{Hash as _, Hasher as _};
 
 use bytes::Bytes;
 use prost::Message as _;
@@ -87,48 +87,13 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for Str<'a> {
     }
 }
 
-/// FxHash (rustc's): the series maps hash every label of every series of every batch, and
-/// SipHash was the largest single cost of encoding. The keys are the agent's own labels, not
-/// an attacker's, so flooding resistance buys nothing here.
-#[derive(Default, Clone, Copy)]
-struct FxHasher(u64);
-
-impl Hasher for FxHasher {
-    fn write(&mut self, bytes: &[u8]) {
-        let mut chunks = bytes.chunks_exact(8);
-        for chunk in &mut chunks {
-            let mut word = [0; 8];
-            word.copy_from_slice(chunk);
-            self.add(u64::from_le_bytes(word));
-        }
-        for &b in chunks.remainder() {
-            self.add(u64::from(b));
-        }
-    }
-
-    fn write_u8(&mut self, i: u8) {
-        self.add(u64::from(i));
-    }
-
-    fn write_usize(&mut self, i: usize) {
-        self.add(i as u64);
-    }
-
-    fn finish(&self) -> u64 {
-        self.0
-    }
-}
-
-impl FxHasher {
-    fn add(&mut self, word: u64) {
-        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-}
-
-type FxBuild = BuildHasherDefault<FxHasher>;
+/// FxHash (rustc's, from `rustc-hash`): the series maps hash every label of every series of
+/// every batch, and SipHash was the largest single cost of encoding. The keys are the agent's
+/// own labels, not an attacker's, so flooding resistance buys nothing here.
+type FxBuild = rustc_hash::FxBuildHasher;
 
 fn hash_labels(labels: &[Label]) -> u64 {
-    let mut hasher = FxHasher::default();
+    let mut hasher = rustc_hash::FxHasher::default();
     labels.hash(&mut hasher);
     hasher.finish()
 }
