@@ -383,6 +383,11 @@ impl VictoriaMetrics {
         format!("http://{}", self.process.addr)
     }
 
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.process.addr
+    }
+
     /// The remote-write endpoint for the agent's `remote_write[].url`.
     pub fn remote_write_url(&self) -> String {
         format!("{}/api/v1/write", self.url())
@@ -510,10 +515,24 @@ pub fn http_request(
     path: &str,
     body: Option<(&str, &[u8])>,
 ) -> anyhow::Result<(u16, Vec<u8>)> {
+    http_request_with_headers(method, addr, path, &[], body)
+}
+
+/// [`http_request`] with extra request headers.
+pub fn http_request_with_headers(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<(&str, &[u8])>,
+) -> anyhow::Result<(u16, Vec<u8>)> {
     let mut stream = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)?;
     stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
     stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
     let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nUser-Agent: dcmon-tests\r\n").into_bytes();
+    for (k, v) in headers {
+        req.extend_from_slice(format!("{k}: {v}\r\n").as_bytes());
+    }
     if let Some((content_type, data)) = body {
         req.extend_from_slice(format!("Content-Type: {content_type}\r\nContent-Length: {}\r\n", data.len()).as_bytes());
         req.extend_from_slice(b"\r\n");

@@ -368,6 +368,67 @@ fn harness_missing_binary_message_names_the_package() {
     assert!(text.contains("apt-get install prometheus"), "{text}");
 }
 
+/// The agent's JSON batches as remote-write series (what the agent's remote_write must send).
+fn batches_as_series(batches: &[Value], external: &[(&str, &str)]) -> Vec<Series> {
+    expected_from_batches(batches, external, i64::MAX)
+        .into_iter()
+        .map(|(labels, samples)| Series { labels, samples: samples.into_iter().collect() })
+        .collect()
+}
+
+/// The comparison the agent tests make, on batches this test writes to both databases itself
+/// (the agent's dcmon output only, which works without issue 16): equal when written as sent,
+/// and a changed value, a missing series and an extra one are each caught.
+#[test]
+fn harness_comparison_holds_for_batches_written_by_the_test_and_catches_differences() {
+    let machine = machine_id("harness");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
+    let prom = Prometheus::start(dir.path());
+    let vm = VictoriaMetrics::start(dir.path());
+    let cfg = config(dir.path(), &receiver.url(), &machine, vec![], json!({}));
+    let started = unix_now();
+    let agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
+    let got = receiver.wait_for_accepted(3, ARRIVAL);
+    assert!(got.len() >= 3, "{}", agent.stderr());
+    drop(agent);
+    let batches: Vec<Value> = got.into_iter().map(|a| a.json).collect();
+    let cut = batches[2]["timestamp"].as_i64().expect("ts");
+    let external = [("cluster", "tsdb-test"), ("sink", "harness")];
+    let series = batches_as_series(&batches[..3], &external);
+    let (status, answer) = dcmon_tests::remote_write::push(prom.addr(), "/api/v1/write", &series).expect("push");
+    assert!((200..300).contains(&status), "Prometheus: {status} {answer}");
+    let (status, answer) = dcmon_tests::remote_write::push(vm.addr(), "/api/v1/write", &series).expect("push");
+    assert!((200..300).contains(&status), "VictoriaMetrics: {status} {answer}");
+    let want = expected_from_batches(&batches, &external, cut);
+    assert!(want.keys().any(|l| l["__name__"] == "gpu_power_draw"), "GPU series from the fake NVML");
+    let in_prom = stored(prometheus_all(&prom, &machine), cut);
+    assert_same("Prometheus", &want, &in_prom, exact);
+    let in_vm = wait_until(Duration::from_secs(10), || {
+        Some(stored(victoria_all(&vm, &machine, started), cut)).filter(|m| m.len() == want.len())
+    })
+    .unwrap_or_else(|| stored(victoria_all(&vm, &machine, started), cut));
+    assert_same("VictoriaMetrics", &want, &in_vm, vm_equal);
+
+    let fails = |got: &SeriesMap| std::panic::catch_unwind(|| assert_same("x", &want, got, exact)).is_err();
+    let mut changed = in_prom.clone();
+    let first = changed.values_mut().next().expect("a series");
+    let v = first.values_mut().next().expect("a sample");
+    *v = f64::from_bits(v.to_bits() ^ 1);
+    assert!(fails(&changed), "a value one bit off is caught");
+    let mut missing = in_prom.clone();
+    missing.pop_last();
+    assert!(fails(&missing), "a missing series is caught");
+    let mut extra = in_prom.clone();
+    let mut labels = extra.keys().next().expect("a series").clone();
+    labels.insert("extra".into(), "1".into());
+    extra.insert(labels, BTreeMap::from([(cut * 1000, 1.0)]));
+    assert!(fails(&extra), "an extra series is caught");
+    let mut late = in_prom;
+    late.values_mut().next().expect("a series").insert(cut * 1000 + 1, 1.0);
+    assert!(fails(&late), "an extra sample is caught");
+}
+
 // ---------------------------------------------------------------------------------------
 // The agent's outputs. These need issue 16's remote_write client, per-output cursors and
 // /metrics in the agent.
