@@ -818,3 +818,215 @@ fn per_output_cursors_are_independent() {
     assert!(dcmon_lags.len() >= 9, "dcmon rounds while remote_write was down: {dcmon_lags:?}");
     assert!(max(&dcmon_lags) < 3.0, "the dcmon output fell behind while remote_write was down: {dcmon_lags:?}");
 }
+
+// ---------------------------------------------------------------------------------------
+// The Grafana dashboard (dashboards/dcmon.json).
+
+/// Metrics the dashboard may use that issue 16 adds (not yet in README's Metrics table).
+const NEW_METRICS: &[&str] = &["dcmon_output_lag_seconds", "dcmon_output_batches_sent_total"];
+
+/// Metrics the dashboard must show (the fleet row and the host row of issue 16).
+const DASHBOARD_MUST_SHOW: &[&str] = &[
+    "dcmon_collector_success",
+    "cpu_load_1m",
+    "cpu_usage_percent",
+    "memory_usage_percent",
+    "memory_used_bytes",
+    "dcmon_outbox_batches",
+    "dcmon_output_lag_seconds",
+    "disk_read_bytes_total",
+    "disk_write_bytes_total",
+    "network_receive_bytes_total",
+    "network_transmit_bytes_total",
+    "gpu_temperature",
+    "gpu_power_draw",
+    "gpu_utilization_gpu",
+];
+
+fn dashboard() -> Value {
+    let path = dcmon_tests::workspace_root().join("dashboards/dcmon.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+/// Every panel, rows' nested panels included.
+fn panels(dash: &Value) -> Vec<Value> {
+    let mut out = Vec::new();
+    for p in dash["panels"].as_array().expect("panels") {
+        out.push(p.clone());
+        if let Some(nested) = p["panels"].as_array() {
+            out.extend(nested.iter().cloned());
+        }
+    }
+    out
+}
+
+/// (panel title, PromQL) of every target.
+fn targets(dash: &Value) -> Vec<(String, String)> {
+    panels(dash)
+        .iter()
+        .filter(|p| p["type"] != "row")
+        .flat_map(|p| {
+            let title = p["title"].as_str().unwrap_or_default().to_owned();
+            p["targets"].as_array().cloned().unwrap_or_default().into_iter().map(move |t| {
+                (title.clone(), t["expr"].as_str().unwrap_or_else(|| panic!("a target without expr: {t}")).to_owned())
+            })
+        })
+        .collect()
+}
+
+/// The metric names in README's Metrics table.
+fn readme_metrics() -> BTreeSet<String> {
+    let readme = std::fs::read_to_string(dcmon_tests::workspace_root().join("README.md")).expect("README");
+    let table = readme.split("## Metrics").nth(1).expect("a Metrics section").split("\n## ").next().unwrap_or_default();
+    table
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .flat_map(|l| l.split(" |").next().unwrap_or_default().split('`').map(str::to_owned).collect::<Vec<_>>())
+        .filter(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+        .collect()
+}
+
+/// Identifiers in a PromQL expression that look like the agent's metric names.
+fn metric_names(expr: &str) -> BTreeSet<String> {
+    const PREFIXES: &[&str] = &["cpu_", "memory_", "disk_", "network_", "gpu_", "dcmon_", "nvme_", "ipmi_", "apt_"];
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| PREFIXES.iter().any(|p| w.starts_with(p)))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The expression as Grafana sends it: template variables replaced.
+fn substitute(expr: &str, machine: &str) -> String {
+    expr.replace("${machine_id}", machine)
+        .replace("$machine_id", machine)
+        .replace("$__rate_interval", "1m")
+        .replace("$__interval", "15s")
+        .replace("$__range", "5m")
+        .replace("${topn}", "10")
+        .replace("$topn", "10")
+}
+
+#[test]
+fn dashboard_is_importable_and_uses_only_the_agents_metrics() {
+    let dash = dashboard();
+    let inputs = dash["__inputs"].as_array().expect("__inputs (an exported dashboard)");
+    assert!(
+        inputs.iter().any(|i| i["name"] == "DS_PROMETHEUS" && i["pluginId"] == "prometheus" && i["type"] == "datasource"),
+        "{inputs:?}"
+    );
+    let vars = dash["templating"]["list"].as_array().expect("templating");
+    let machine = vars.iter().find(|v| v["name"] == "machine_id").expect("a machine_id variable");
+    assert_eq!(machine["type"], "query");
+    assert_eq!(machine["definition"], "label_values(cpu_load_1m, machine_id)");
+    assert_eq!(machine["query"]["query"], "label_values(cpu_load_1m, machine_id)");
+    let mut ids = BTreeSet::new();
+    for p in panels(&dash) {
+        assert!(ids.insert(p["id"].as_i64().expect("panel id")), "panel id twice: {p}");
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"]["uid"], "${DS_PROMETHEUS}", "panel {}", p["title"]);
+        let ts = p["targets"].as_array().unwrap_or_else(|| panic!("panel {} has no targets", p["title"]));
+        assert!(!ts.is_empty(), "panel {} has no targets", p["title"]);
+        for t in ts {
+            assert_eq!(t["datasource"]["uid"], "${DS_PROMETHEUS}", "a target of {}", p["title"]);
+        }
+    }
+    let known = readme_metrics();
+    assert!(known.contains("cpu_load_1m") && known.contains("dcmon_outbox_batches") && known.len() > 40, "{known:?}");
+    let mut used = BTreeSet::new();
+    for (title, expr) in targets(&dash) {
+        for name in metric_names(&expr) {
+            assert!(
+                known.contains(&name) || NEW_METRICS.contains(&name.as_str()),
+                "panel {title:?} uses {name}, which is not in README's Metrics table"
+            );
+            used.insert(name);
+        }
+    }
+    let missing: Vec<&&str> = DASHBOARD_MUST_SHOW.iter().filter(|m| !used.contains(**m)).collect();
+    assert!(missing.is_empty(), "the dashboard does not show {missing:?}");
+    let host_panels = targets(&dash).iter().filter(|(_, e)| e.contains("$machine_id")).count();
+    assert!(host_panels >= 15, "host-row targets filtered by $machine_id: {host_panels}");
+}
+
+#[test]
+fn dashboard_queries_all_return_data_from_the_agents_remote_write() {
+    let machine = machine_id("dashboard");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
+    let prom = Prometheus::start(dir.path());
+    // The live host (real disks, interfaces and a changing /proc/stat, so cpu_usage_percent
+    // and the rates exist) with the fake NVML's two GPUs.
+    let cfg = config(
+        dir.path(),
+        &receiver.url(),
+        &machine,
+        vec![rw("prometheus", &prom.remote_write_url())],
+        json!({"host_root": "/"}),
+    );
+    let agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
+    // rate() needs two samples in its window; six rounds leave room.
+    let rounds = wait_until(ARRIVAL + Duration::from_secs(10), || {
+        let n = prom.raw_samples(&format!("cpu_load_1m{{machine_id={machine:?}}}"), Duration::from_secs(300)).ok()?;
+        let n = n.first()?.samples.len();
+        (n >= 6).then_some(n)
+    });
+    assert!(rounds.is_some(), "no 6 rounds in Prometheus:\n{}\n{}", agent.stderr(), prom.log());
+    // The machine_id variable: label_values(cpu_load_1m, machine_id) is a series lookup.
+    let hosts: BTreeSet<String> = prom
+        .series("cpu_load_1m", unix_now_f64() - 300.0, unix_now_f64())
+        .expect("series")
+        .into_iter()
+        .filter_map(|l| l.get("machine_id").cloned())
+        .collect();
+    assert_eq!(hosts, BTreeSet::from([machine.clone()]));
+    let (asked, problems) = dashboard_problems(&prom, &machine, |_| true);
+    drop(agent);
+    assert!(problems.is_empty(), "{} of {asked} dashboard queries failed:\n{}", problems.len(), problems.join("\n"));
+    eprintln!("dashboard: {asked} queries, each with data");
+}
+
+/// Run every target of the dashboard (`which` of them) against `prom` for `machine`: how many
+/// ran, and each one that errs or has no data.
+fn dashboard_problems(prom: &Prometheus, machine: &str, which: impl Fn(&str) -> bool) -> (usize, Vec<String>) {
+    let dash = dashboard();
+    let mut problems = Vec::new();
+    let mut asked = 0;
+    for (title, expr) in targets(&dash).iter().filter(|(_, e)| which(e)) {
+        let q = substitute(expr, machine);
+        assert!(!q.contains('$'), "a template variable left in {q:?} (panel {title:?})");
+        asked += 1;
+        match prom.query(&q, None) {
+            Err(e) => problems.push(format!("panel {title:?}: {q}: {e:#}")),
+            Ok(r) if r.is_empty() => problems.push(format!("panel {title:?}: {q}: no data")),
+            Ok(_) => {}
+        }
+    }
+    (asked, problems)
+}
+
+/// The dashboard's queries on the agent's batches as the test writes them to Prometheus (the
+/// dcmon output only, which works without issue 16): every target but those on the metrics
+/// issue 16 adds has data.
+#[test]
+fn dashboard_queries_have_data_on_batches_written_by_the_test() {
+    let machine = machine_id("dashboard-harness");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
+    let prom = Prometheus::start(dir.path());
+    let cfg = config(dir.path(), &receiver.url(), &machine, vec![], json!({"host_root": "/"}));
+    let agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
+    let got = receiver.wait_for_accepted(4, ARRIVAL);
+    assert!(got.len() >= 4, "{}", agent.stderr());
+    drop(agent);
+    let batches: Vec<Value> = got.into_iter().map(|a| a.json).collect();
+    let (status, answer) =
+        dcmon_tests::remote_write::push(prom.addr(), "/api/v1/write", &batches_as_series(&batches, &[])).expect("push");
+    assert!((200..300).contains(&status), "{status} {answer}");
+    let (asked, problems) = dashboard_problems(&prom, &machine, |e| !NEW_METRICS.iter().any(|m| e.contains(m)));
+    assert!(problems.is_empty(), "{} of {asked} dashboard queries failed:\n{}", problems.len(), problems.join("\n"));
+    assert!(asked >= 25, "queries run: {asked}");
+    eprintln!("dashboard on batches written by the test: {asked} queries, each with data");
+}
