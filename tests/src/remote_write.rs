@@ -388,7 +388,6 @@ mod tests {
         assert_eq!(decode_write_request(&snappy_decode(&body).expect("snappy")).expect("decode"), series);
     }
 
-
     #[test]
     fn snappy_literals_and_copies() {
         // "abcabcabcabc": a 3-byte literal then a 1-byte-offset copy of 9 (4 + 5) at offset 3.

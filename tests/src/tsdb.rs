@@ -81,7 +81,14 @@ impl DbProcess {
             .append(true)
             .open(&self.log)
             .unwrap_or_else(|e| panic!("opening {}: {e}", self.log.display()));
-        let _ = writeln!(log, "==== start {} of {}: {} {}", self.starts, self.what, self.bin.display(), self.args.join(" "));
+        let _ = writeln!(
+            log,
+            "==== start {} of {}: {} {}",
+            self.starts,
+            self.what,
+            self.bin.display(),
+            self.args.join(" ")
+        );
         let err = log.try_clone().unwrap_or_else(|e| panic!("{e}"));
         let child = Command::new(&self.bin)
             .args(&self.args)
@@ -285,8 +292,12 @@ impl Prometheus {
     /// POST `form` to an API path; the `data` of a `"status": "success"` answer.
     fn api(&self, path: &str, form: &[(&str, String)]) -> anyhow::Result<Value> {
         let body = form_encode(form);
-        let (status, answer) =
-            http_request("POST", self.process.addr, path, Some(("application/x-www-form-urlencoded", body.as_bytes())))?;
+        let (status, answer) = http_request(
+            "POST",
+            self.process.addr,
+            path,
+            Some(("application/x-www-form-urlencoded", body.as_bytes())),
+        )?;
         let v: Value = serde_json::from_slice(&answer)
             .with_context(|| format!("{path}: HTTP {status}, not JSON: {}", String::from_utf8_lossy(&answer)))?;
         if status != 200 || v["status"] != "success" {
@@ -418,8 +429,12 @@ impl VictoriaMetrics {
     /// Write the Prometheus text format (`/api/v1/import/prometheus`); samples without a
     /// timestamp get the time of the import.
     pub fn import_prometheus(&self, text: &str) -> anyhow::Result<()> {
-        let (status, body) =
-            http_request("POST", self.process.addr, "/api/v1/import/prometheus", Some(("text/plain", text.as_bytes())))?;
+        let (status, body) = http_request(
+            "POST",
+            self.process.addr,
+            "/api/v1/import/prometheus",
+            Some(("text/plain", text.as_bytes())),
+        )?;
         if !(200..300).contains(&status) {
             bail!("import: HTTP {status}: {}", String::from_utf8_lossy(&body));
         }
