@@ -37,6 +37,10 @@ impl Series {
     }
 }
 
+/// Prometheus's stale marker (`value.StaleNaN`), written by a remote-write sender when a
+/// series ends; VictoriaMetrics exports it as `null`.
+pub const STALE_NAN_BITS: u64 = 0x7ff0_0000_0000_0002;
+
 /// How long a database may take to answer its readiness endpoint after a start.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// One HTTP request to a database.
@@ -482,6 +486,8 @@ impl VictoriaMetrics {
                     let v = match v {
                         Value::Number(n) => n.as_f64().context("value")?,
                         Value::String(s) => parse_prom_float(s)?,
+                        // A stale marker (Prometheus's StaleNaN) is exported as null.
+                        Value::Null => f64::from_bits(STALE_NAN_BITS),
                         other => bail!("value {other}"),
                     };
                     Ok((t, v))

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use dcmon_agent::agent::phase_offset;
 use dcmon_tests::remote_write::WriteAnswer;
-use dcmon_tests::tsdb::free_loopback_addr;
+use dcmon_tests::tsdb::{STALE_NAN_BITS, free_loopback_addr};
 use dcmon_tests::{
     AgentConfig, AgentProcess, Prometheus, Receiver, RemoteWriteReceiver, ScrapeJob, Series, VictoriaMetrics,
     fixture_host, wait_until, write_key,
@@ -152,8 +152,9 @@ fn stored(series: Vec<Series>, until: i64) -> SeriesMap {
             continue;
         }
         let samples = out.entry(s.labels).or_default();
-        for (t, v) in s.samples {
-            if t <= until * 1000 {
+        // A stale marker (a series the sender saw end) is not a sample of a batch.
+        for (t, v) in s.samples.into_iter().filter(|(_, v)| !v.is_nan()) {
+            if t <= until.saturating_mul(1000) {
                 assert!(samples.insert(t, v).is_none(), "a sample stored twice at {t}");
             }
         }
@@ -222,7 +223,7 @@ fn newest(series: &[Series]) -> Option<i64> {
 fn cpu_load_timestamps(series: &[Series]) -> BTreeMap<i64, usize> {
     let mut out = BTreeMap::new();
     for s in series.iter().filter(|s| s.name() == "cpu_load_1m") {
-        for (t, _) in &s.samples {
+        for (t, _) in s.samples.iter().filter(|(_, v)| !v.is_nan()) {
             *out.entry(t / 1000).or_insert(0) += 1;
         }
     }
@@ -238,7 +239,7 @@ fn sink_arrivals(sink: &RemoteWriteReceiver) -> Vec<(i64, Instant)> {
             r.series
                 .iter()
                 .filter(|s| s.name() == "cpu_load_1m")
-                .flat_map(|s| s.samples.iter().map(|p| (p.0 / 1000, r.at)))
+                .flat_map(|s| s.samples.iter().filter(|p| !p.1.is_nan()).map(|p| (p.0 / 1000, r.at)))
                 .collect::<Vec<_>>()
         })
         .collect()
@@ -407,6 +408,31 @@ fn harness_missing_binary_message_names_the_package() {
     .expect_err("a missing binary fails");
     let text = err.downcast_ref::<String>().cloned().unwrap_or_default();
     assert!(text.contains("apt-get install prometheus"), "{text}");
+}
+
+#[test]
+fn harness_stale_markers_are_not_read_back_as_samples() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let prom = Prometheus::start(dir.path());
+    let vm = VictoriaMetrics::start(dir.path());
+    let now_ms = unix_now() * 1000;
+    let labels: Labels =
+        [("__name__", "harness_stale"), ("machine_id", "stale-test")].map(|(k, v)| (k.to_owned(), v.to_owned())).into();
+    let series = vec![Series {
+        labels: labels.clone(),
+        samples: vec![(now_ms - 3000, 1.5), (now_ms - 2000, 2.5), (now_ms - 1000, f64::from_bits(STALE_NAN_BITS))],
+    }];
+    for addr in [prom.addr(), vm.addr()] {
+        let (status, answer) = dcmon_tests::remote_write::push(addr, "/api/v1/write", &series).expect("push");
+        assert!((200..300).contains(&status), "{addr}: {status} {answer}");
+    }
+    let want: SeriesMap = [(labels, BTreeMap::from([(now_ms - 3000, 1.5), (now_ms - 2000, 2.5)]))].into();
+    assert_same("Prometheus", &want, &stored(prometheus_all(&prom, "stale-test"), i64::MAX / 1000), exact);
+    let in_vm = wait_until(Duration::from_secs(10), || {
+        Some(stored(victoria_all(&vm, "stale-test", now_ms / 1000), i64::MAX / 1000)).filter(|m| !m.is_empty())
+    })
+    .unwrap_or_default();
+    assert_same("VictoriaMetrics", &want, &in_vm, vm_equal);
 }
 
 /// The agent's JSON batches as remote-write series (what the agent's remote_write must send).
