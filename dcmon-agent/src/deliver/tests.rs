@@ -111,6 +111,13 @@ struct ScriptedClient {
 }
 
 impl BatchSender for ScriptedClient {
+    type Sent = Delivered;
+    type Error = UploadError;
+
+    fn uses_api_key(&self) -> bool {
+        true
+    }
+
     fn send(&mut self, body: Bytes) -> impl Future<Output = Result<Delivered, UploadError>> + Send {
         let (code, headers, hold) = {
             let mut state = self.server.state.lock().expect("state");
@@ -206,7 +213,7 @@ fn start(
     let mut policy = policy(&key_file.unwrap_or(key_path));
     tune(&mut policy);
     let (stop, stop_rx) = watch::channel(false);
-    let task = tokio::spawn(deliver(outbox.clone(), server.client(key), policy, stop_rx));
+    let task = tokio::spawn(deliver(outbox.clone(), DCMON_OUTPUT.to_owned(), server.client(key), policy, stop_rx));
     Running { dir, outbox, server, stop, task }
 }
 
