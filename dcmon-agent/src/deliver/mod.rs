@@ -68,20 +68,33 @@ impl SendFailure for UploadError {
     }
 }
 
+/// A delivered batch's answer, as the debug line of each post shows it.
+pub trait SendSuccess {
+    /// Its status code; "2xx" when the client does not say.
+    fn status(&self) -> String {
+        "2xx".to_owned()
+    }
+}
+
+impl SendSuccess for Delivered {
+    fn status(&self) -> String {
+        self.status.as_u16().to_string()
+    }
+}
+
+/// A client that reports nothing about a delivered batch.
+impl SendSuccess for () {}
+
 /// What the delivery loop needs from an output's client ([`Uploader`] for the dcmon server;
 /// remote_write clients fit too); a trait so the loop's timing can be tested in paused time,
 /// where real sockets and timers do not mix.
 pub trait BatchSender: Send + 'static {
     /// What a delivered batch's answer says.
-    type Sent: Send;
+    type Sent: SendSuccess + Send;
     /// Why a send failed.
     type Error: SendFailure + Send;
     /// Send one batch (the outbox's JSON body) and classify the answer.
     fn send(&mut self, body: Bytes) -> impl Future<Output = Result<Self::Sent, Self::Error>> + Send;
-    /// The status code of a delivered batch's answer, for the debug line of each post.
-    fn sent_status(_sent: &Self::Sent) -> String {
-        "2xx".to_owned()
-    }
     /// Whether it sends the agent's API key, so that after a 401/403 the key file is read
     /// again before the retry ([`BatchSender::set_key`]).
     fn uses_api_key(&self) -> bool {
@@ -99,10 +112,6 @@ impl BatchSender for Uploader {
 
     fn send(&mut self, body: Bytes) -> impl Future<Output = Result<Delivered, UploadError>> + Send {
         Uploader::send(self, body)
-    }
-
-    fn sent_status(sent: &Delivered) -> String {
-        sent.status.as_u16().to_string()
     }
 
     fn uses_api_key(&self) -> bool {
@@ -241,7 +250,7 @@ fn log_post<S: BatchSender>(
     took: Duration,
 ) {
     let status = match result {
-        Ok(sent) => S::sent_status(sent),
+        Ok(sent) => sent.status(),
         Err(e) => e.status(),
     };
     tracing::debug!(output, seq, samples, bytes, status = %status, took = ?took, "batch posted");
