@@ -668,7 +668,7 @@ impl std::fmt::Display for ReceiverError {
 
 impl SendFailure for ReceiverError {
     fn verdict(&self) -> Verdict {
-        self.0.clone()
+        self.0
     }
 }
 

@@ -51,7 +51,7 @@ fn a_batch_stays_until_every_output_has_it() {
         samples
             .iter()
             .find(|s| s.name == name && s.labels == [("output", output.to_owned())])
-            .map(|s| s.value.clone())
+            .map(|s| s.value)
             .expect("sample")
     };
     assert_eq!(find("dcmon_output_batches_sent_total", "dcmon"), crate::batch::Value::Count(3));
