@@ -231,6 +231,11 @@ impl Outbox {
                 pending: 0,
             });
         }
+        // New batches must be numbered past every cursor, or an output would take them for
+        // done: a cursor record can outlive the batch records it covers (their segment deleted).
+        if let Some(&cursor) = self.cursors.values().max() {
+            self.next_seq = self.next_seq.max(cursor);
+        }
         found.retain(|e| !done.contains(&e.seq));
         found.sort_by_key(|e| e.seq);
         found.dedup_by_key(|e| e.seq);

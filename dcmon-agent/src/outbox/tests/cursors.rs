@@ -238,3 +238,18 @@ fn cursor_records_round_trip_and_old_readers_formats_still_read() {
     let text = String::from_utf8_lossy(&seg).into_owned();
     assert!(text.contains("DCMB2 C 0000000000000007 prom-1.example:9090 "), "{text}");
 }
+
+#[test]
+fn new_batches_are_numbered_past_every_saved_cursor() {
+    // A segment holding only cursor records, its batches' segment gone: the next batch must
+    // not take a number an output already counts as done.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut seg = Vec::new();
+    assert!(encode_cursor(&mut seg, "prom", 41));
+    std::fs::write(dir.path().join("0000000000000005.seg"), &seg).expect("write");
+    let mut o = Outbox::open(dir.path(), LIMITS, 100);
+    o.set_outputs(&names(&["dcmon", "prom"]));
+    o.push(100, body(0));
+    assert_eq!(waiting_for(&mut o, "prom"), Some(42));
+    assert_eq!(waiting_for(&mut o, "dcmon"), Some(42));
+}
