@@ -446,6 +446,25 @@ mod tests {
     }
 
     #[test]
+    fn the_cursor_record_format_is_pinned_and_its_damage_named() {
+        // Issue 16: segments written now must read the same in later releases.
+        let pinned = "DCMB2 C 000000000000001f prom-1:9090 00e141fd\n";
+        let mut seg = Vec::new();
+        assert!(encode_cursor(&mut seg, "prom-1:9090", 0x1f));
+        assert_eq!(String::from_utf8(seg.clone()).expect("utf8"), pinned);
+        assert_eq!(parse_segment(&seg), [Record::Cursor { output: "prom-1:9090".to_owned(), seq: 0x1f }]);
+        let mut flipped = seg.clone();
+        flipped[10] ^= 1; // in the seq
+        assert!(matches!(parse_segment(&flipped)[..], [Record::Damaged { offset: 0, why: Corrupt::Checksum, .. }]));
+        let mut flipped = seg.clone();
+        flipped[26] ^= 1; // in the name
+        assert!(matches!(parse_segment(&flipped)[..], [Record::Damaged { offset: 0, why: Corrupt::Checksum, .. }]));
+        let mut cut = seg.clone();
+        cut.truncate(seg.len() - 1);
+        assert!(matches!(parse_segment(&cut)[..], [Record::Damaged { why: Corrupt::Torn, .. }]));
+    }
+
+    #[test]
     fn records_round_trip_and_damage_is_named() {
         let mut seg = Vec::new();
         encode_batch(&mut seg, 7, 100, b"{\"a\":1}");
@@ -494,6 +513,8 @@ mod tests {
             ends.push((seg.len(), 1u32));
         }
         encode_done(&mut seg, 0);
+        ends.push((seg.len(), 0));
+        assert!(encode_cursor(&mut seg, "prom", 1));
         ends.push((seg.len(), 0));
         for cut in 0..=seg.len() {
             let records = parse_segment(&seg[..cut]);
