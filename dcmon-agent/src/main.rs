@@ -15,6 +15,7 @@ use dcmon_agent::host::Host;
 use dcmon_agent::install::{self, InstallOptions};
 use dcmon_agent::notify::Notifier;
 use dcmon_agent::outbox::{Outbox, OutboxLimits, SharedOutbox};
+use dcmon_agent::output::metrics_endpoint::{LatestRound, Limits, MetricsEndpoint};
 use dcmon_agent::upload::Uploader;
 use dcmon_agent::{api_key, check, collector, register};
 use tokio::sync::mpsc;
@@ -338,12 +339,18 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
     let mut scheduler = Scheduler::new(collector::build(&config)?, machine_id, timeout(&config));
     // Kept across reloads: batch timestamps must keep increasing whatever the config.
     let mut clock = BatchClock::new(Arc::new(SystemClock));
+    // A scrape reads the latest round; an address that cannot be bound stops the start.
+    let latest = LatestRound::new();
+    let mut endpoint = config
+        .prometheus_listen
+        .map(|addr| MetricsEndpoint::bind(addr, latest.clone(), Limits::default()))
+        .transpose()?;
     let notifier = Notifier::from_env();
     let mut control = control_from_signals()?;
     tracing::info!(config = %config_path.display(), "dcmon-agent {VERSION} started");
     notifier.notify("READY=1");
     loop {
-        match agent::run(&mut scheduler, &daemon, &mut clock, &mut control, &notifier).await {
+        match agent::run(&mut scheduler, &daemon, &mut clock, &mut control, &notifier, &latest).await {
             Control::Shutdown => break,
             Control::Reload => {
                 notifier.notify("RELOADING=1");
@@ -372,6 +379,9 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
                             tracing::warn!("outbox_dir changed: it takes effect at the next restart");
                         }
                         outbox.lock().set_limits(limits(&new));
+                        if new.prometheus_listen != config.prometheus_listen {
+                            endpoint = reconfigure_endpoint(endpoint, new.prometheus_listen, &latest).await;
+                        }
                         (scheduler, daemon, config) = (new_scheduler, new_daemon, new);
                         tracing::info!("config reloaded");
                     }
@@ -384,10 +394,30 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
         }
     }
     notifier.notify("STOPPING=1");
+    if let Some(endpoint) = endpoint {
+        endpoint.stop().await;
+    }
     clock.report_at_exit();
     agent::report_outbox_at_exit(&outbox);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The `/metrics` endpoint after a reload changed `prometheus_listen` (moved to the new
+/// address; on a bind failure the error is logged and the one serving, if any, stays).
+async fn reconfigure_endpoint(
+    current: Option<MetricsEndpoint>,
+    wanted: Option<std::net::SocketAddr>,
+    latest: &LatestRound,
+) -> Option<MetricsEndpoint> {
+    let (endpoint, error) = MetricsEndpoint::reconfigure(current, wanted, latest, Limits::default()).await;
+    if let Some(e) = error {
+        match &endpoint {
+            Some(ep) => tracing::error!("{e}; still serving http://{}/metrics", ep.local_addr()),
+            None => tracing::error!("{e}; not serving /metrics"),
+        }
+    }
+    endpoint
 }
 
 /// SIGTERM and SIGINT stop the daemon, SIGHUP reloads its config.

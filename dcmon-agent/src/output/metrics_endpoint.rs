@@ -121,13 +121,12 @@ impl Default for Limits {
 
 /// A bind failure: the message names `prometheus_listen` and the address.
 #[derive(Debug, thiserror::Error)]
-#[error("prometheus_listen {addr}: cannot listen there: {source}{hint}")]
+#[error("prometheus_listen {addr}: cannot listen there: {error}{hint}")]
 pub struct BindError {
     /// The address asked for.
     pub addr: SocketAddr,
-    /// What bind(2) said.
-    #[source]
-    pub source: io::Error,
+    /// What bind(2) said (in the message, hence not a `source`: anyhow's chain would repeat it).
+    pub error: io::Error,
     hint: &'static str,
 }
 
@@ -148,7 +147,7 @@ impl MetricsEndpoint {
                 l.set_nonblocking(true)?;
                 TcpListener::from_std(l)
             })
-            .map_err(|source| BindError { addr, hint: bind_hint(&source), source })?;
+            .map_err(|error| BindError { addr, hint: bind_hint(&error), error })?;
         let addr = listener.local_addr().unwrap_or(addr);
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(accept_loop(listener, latest, limits, stopped));
@@ -203,7 +202,7 @@ impl MetricsEndpoint {
                 old.stop().await;
                 (Some(new), None)
             }
-            Err(e) if e.source.kind() == io::ErrorKind::AddrInUse && addr.port() == old.addr.port() => {
+            Err(e) if e.error.kind() == io::ErrorKind::AddrInUse && addr.port() == old.addr.port() => {
                 let old_addr = old.addr;
                 old.stop().await;
                 match Self::bind(addr, latest.clone(), limits) {
