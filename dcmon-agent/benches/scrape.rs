@@ -191,8 +191,16 @@ fn main() {
             total += thread_ns(tid) - before;
         }
         let fresh = Duration::from_nanos(total / u64::from(SCRAPES));
+        // A connection per scrape, as when the connection idled past the header timeout.
+        let before = thread_ns(tid);
+        for _ in 0..SCRAPES {
+            let mut c = TcpStream::connect(addr).expect("connect");
+            scrape(&mut c, &mut buf);
+        }
+        let fresh_conn = Duration::from_nanos((thread_ns(tid) - before) / u64::from(SCRAPES));
         println!(
-            "server thread CPU per scrape (keep-alive, loopback): cached {cached:.1?}, first of a round {fresh:.1?}"
+            "server thread CPU per scrape (loopback): keep-alive cached {cached:.1?}, keep-alive first of a round \
+             {fresh:.1?}, new connection cached {fresh_conn:.1?}"
         );
     }
 }

@@ -13,7 +13,9 @@
 //! - request headers (start line included) of at most [`Limits::max_header_bytes`] (431 past
 //!   that) and at most 64 header fields;
 //! - the headers of each request must arrive within [`Limits::header_read_timeout`] (a
-//!   slowloris client sending a byte at a time is cut off then);
+//!   slowloris client sending a byte at a time is cut off then). hyper starts that timer when
+//!   it starts waiting for a request, so an idle connection, a kept-alive one between scrapes
+//!   included, is closed after it too: at usual scrape intervals each scrape connects anew;
 //! - a connection lives at most [`Limits::connection_lifetime`]: then it is asked to close
 //!   after the request in flight, and closed for good [`Limits::close_grace`] later.
 //!
@@ -62,12 +64,12 @@ impl LatestRound {
     }
 }
 
-/// One round and its renderings. Rendered on first use, per format: a 165-sample batch renders
-/// in tens of microseconds, while serving it costs more (README, Scrape endpoint, has the
-/// numbers), so rendering per round would be cheaper only when every round is scraped, and
-/// rendering per scrape would repeat the work for every scrape of a round (several Prometheus
-/// servers, or a scrape interval shorter than the collection interval). Lazily, a round nobody
-/// scrapes costs nothing, and each format is rendered at most once per round.
+/// One round and its renderings. Rendered on first use, per format (README, Scrape endpoint,
+/// has the numbers: rendering a 188-sample round costs about 26 µs of CPU, serving it 11 µs on a
+/// kept-alive connection and 49 µs on a new one): rendering per scrape would repeat the work
+/// for every scrape of a round (several Prometheus servers, or a scrape interval shorter than
+/// the collection interval), rendering in the loop would spend it on rounds nobody scrapes.
+/// Lazily, a round nobody scrapes costs nothing, and each format is rendered at most once.
 #[derive(Debug)]
 pub struct Round {
     batch: Batch,
@@ -112,7 +114,7 @@ impl Default for Limits {
             max_connections: 8,
             max_header_bytes: 16 * 1024,
             header_read_timeout: Duration::from_secs(5),
-            // Prometheus keeps connections alive between scrapes and reconnects when closed.
+            // Bounds a client that keeps sending requests on one connection.
             connection_lifetime: Duration::from_secs(120),
             close_grace: Duration::from_secs(10),
         }

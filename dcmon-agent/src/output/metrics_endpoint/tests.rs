@@ -250,3 +250,27 @@ async fn a_round_renders_once_per_format() {
     assert_eq!(a.as_ptr(), b.as_ptr(), "rendered twice");
     assert_ne!(round.rendered(Format::OpenMetrics), a);
 }
+
+/// A connection that sends nothing, at first or after a scrape (kept alive), is closed after
+/// the header timeout: idle connections do not keep slots.
+#[tokio::test]
+async fn idle_connections_are_closed_after_the_header_timeout() {
+    let latest = LatestRound::new();
+    latest.publish(batch(1));
+    let limits = quick_limits();
+    let ep = MetricsEndpoint::bind(loopback(), latest, limits).expect("bind");
+    let started = Instant::now();
+    let mut silent = TcpStream::connect(ep.local_addr()).await.expect("connect");
+    let mut after_scrape = TcpStream::connect(ep.local_addr()).await.expect("connect");
+    after_scrape.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await.expect("write");
+    let limit = limits.header_read_timeout + Duration::from_secs(2);
+    let mut raw = Vec::new();
+    let closed = tokio::time::timeout(limit, silent.read_to_end(&mut raw)).await;
+    assert!(closed.is_ok(), "silent connection open after {limit:?}");
+    assert!(raw.is_empty() || raw.starts_with(b"HTTP/1.1 408"), "{:?}", String::from_utf8_lossy(&raw));
+    let mut raw = Vec::new();
+    let closed = tokio::time::timeout(limit, after_scrape.read_to_end(&mut raw)).await;
+    assert!(closed.is_ok(), "kept-alive connection open after {limit:?}");
+    assert_eq!(parse(&raw).0, 200);
+    assert!(started.elapsed() >= limits.header_read_timeout, "closed before the timeout");
+}
