@@ -379,9 +379,8 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
                             tracing::warn!("outbox_dir changed: it takes effect at the next restart");
                         }
                         outbox.lock().set_limits(limits(&new));
-                        if new.prometheus_listen != config.prometheus_listen {
-                            endpoint = reconfigure_endpoint(endpoint, new.prometheus_listen, &latest).await;
-                        }
+                        // Against what is served, not the old config: a bind that failed retries.
+                        endpoint = reconfigure_endpoint(endpoint, new.prometheus_listen, &latest).await;
                         (scheduler, daemon, config) = (new_scheduler, new_daemon, new);
                         tracing::info!("config reloaded");
                     }
@@ -403,8 +402,9 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
     Ok(())
 }
 
-/// The `/metrics` endpoint after a reload changed `prometheus_listen` (moved to the new
-/// address; on a bind failure the error is logged and the one serving, if any, stays).
+/// The `/metrics` endpoint for a reloaded `prometheus_listen`: kept when it serves that
+/// address, else moved there; on a bind failure the error is logged and the one serving, if
+/// any, stays (the next reload tries again).
 async fn reconfigure_endpoint(
     current: Option<MetricsEndpoint>,
     wanted: Option<std::net::SocketAddr>,
