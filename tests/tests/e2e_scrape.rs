@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use dcmon_tests::{AgentConfig, AgentProcess, Receiver, wait_until, write_key};
-use serde_json::{Value, json};
+use serde_json::json;
 
 const KEY: &str = "dcmon_scrapeKeyScrapeKeyScrapeKeyScrapeKeyScr";
 const MACHINE: &str = "e2e-scrape-0001";
@@ -74,19 +74,22 @@ fn parse_text(text: &str) -> Series {
     out
 }
 
-/// The samples of a JSON batch, with the `machine_id` label the exposition adds.
-fn parse_batch(batch: &Value) -> Series {
+/// The samples of a JSON batch body, with the `machine_id` label the exposition adds. Values
+/// are read from the body's text with Rust's float parser: serde_json's default one (no
+/// `float_roundtrip`) may land one ulp off, and the two formats must agree to the bit.
+fn parse_batch(body: &[u8]) -> Series {
+    use serde_json::value::RawValue;
+    let top: BTreeMap<String, &RawValue> = serde_json::from_slice(body).expect("batch");
+    let machine_id: String = serde_json::from_str(top["machine_id"].get()).expect("machine id");
+    let metrics: Vec<BTreeMap<String, &RawValue>> = serde_json::from_str(top["metrics"].get()).expect("metrics");
     let mut out = Series::new();
-    for m in batch["metrics"].as_array().expect("metrics") {
-        let mut pairs: Vec<(String, String)> = m["labels"]
-            .as_object()
-            .expect("labels")
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().expect("string label").to_owned()))
-            .collect();
-        pairs.push(("machine_id".into(), batch["machine_id"].as_str().expect("machine id").to_owned()));
+    for m in metrics {
+        let name: String = serde_json::from_str(m["name"].get()).expect("name");
+        let labels: BTreeMap<String, String> = serde_json::from_str(m["labels"].get()).expect("string labels");
+        let mut pairs: Vec<(String, String)> = labels.into_iter().collect();
+        pairs.push(("machine_id".into(), machine_id.clone()));
         pairs.sort();
-        out.insert((m["name"].as_str().expect("name").to_owned(), pairs), m["value"].as_f64().expect("number"));
+        out.insert((name, pairs), m["value"].get().parse().expect("number"));
     }
     out
 }
@@ -136,12 +139,12 @@ fn scraped_round_equals_the_batch_sent_for_it() {
     assert!(scraped.keys().any(|(n, _)| n == "dcmon_outbox_batches"), "self-metrics: {text}");
     // The round scraped is delivered within moments; it is one of the batches received.
     let matched = wait_until(Duration::from_secs(10), || {
-        receiver.accepted().iter().find(|b| parse_batch(&b.json) == scraped).map(|b| b.json["timestamp"].clone())
+        receiver.accepted().iter().find(|b| parse_batch(&b.body) == scraped).map(|b| b.json["timestamp"].clone())
     });
     assert!(
         matched.is_some(),
         "no batch received equals the scrape\nscraped: {scraped:?}\nreceived: {:?}",
-        receiver.accepted().iter().map(|b| parse_batch(&b.json)).collect::<Vec<_>>()
+        receiver.accepted().iter().map(|b| parse_batch(&b.body)).collect::<Vec<_>>()
     );
     promtool_check(&text);
 
