@@ -32,6 +32,8 @@ use tokio::task::JoinHandle;
 use crate::deliver::{DeliveryPolicy, deliver};
 use crate::notify::Notifier;
 use crate::outbox::{DCMON_OUTPUT, SharedOutbox};
+use crate::output::metrics_endpoint::LatestRound;
+use crate::output::remote_write::RemoteWriteClient;
 use crate::ticker::Ticker;
 use crate::upload::Uploader;
 
@@ -40,22 +42,32 @@ pub use clock::{BatchClock, SystemClock, WallClock};
 pub use scheduler::{Outcome, Scheduler};
 
 /// One round of the daemon loop: collect, stamp, and append the batch to the outbox unless
-/// the clock holds it back. True when the outbox must be fsynced before going on.
+/// the clock holds it back; then hand it to `latest` for scrapes. True when the outbox must be
+/// fsynced before going on.
 async fn round(
     scheduler: &mut Scheduler,
     clock: &mut BatchClock,
     outbox: &SharedOutbox,
+    latest: &LatestRound,
     scheduled: tokio::time::Instant,
 ) -> bool {
     let timestamp = clock.stamp(scheduled, tokio::time::Instant::now());
     let batch = scheduler.collect(timestamp).await;
     let Some(mut batch) = clock.admit(batch) else {
+        // Scrapes carry no timestamp, so held rounds are shown too (a copy: this is rare).
+        if let Some(held) = clock.held() {
+            let mut shown = held.clone();
+            shown.extend(outbox.samples(shown.timestamp));
+            latest.publish(shown);
+        }
         return false;
     };
     batch.extend(outbox.samples(batch.timestamp));
     // One write(2) into the page cache, on this thread: a thread hop would cost more than the
     // write (outbox/mod.rs says when batches are fsynced).
-    outbox.push(batch.timestamp, Bytes::from(batch.to_json()))
+    let fsync = outbox.push(batch.timestamp, Bytes::from(batch.to_json()));
+    latest.publish(batch);
+    fsync
 }
 
 /// Seconds since the Unix epoch, as the batch wants them.
@@ -89,6 +101,8 @@ pub fn first_tick_delay(now_unix_ms: u64, phase: Duration, interval: Duration, m
 pub enum OutputSender {
     /// The dcmon server (JSON, with the API key).
     Dcmon(Uploader),
+    /// A Prometheus remote_write receiver.
+    RemoteWrite(RemoteWriteClient),
 }
 
 /// One push output: its name (its cursor in the outbox and its `output` label) and its client.
@@ -101,6 +115,11 @@ pub struct OutputTask {
 }
 
 impl OutputTask {
+    /// A remote_write output, named by its config.
+    pub fn remote_write(client: RemoteWriteClient) -> Self {
+        Self { name: client.output().to_owned(), sender: OutputSender::RemoteWrite(client) }
+    }
+
     /// The dcmon server output, named [`DCMON_OUTPUT`].
     pub fn dcmon(uploader: Uploader) -> Self {
         Self { name: DCMON_OUTPUT.to_owned(), sender: OutputSender::Dcmon(uploader) }
@@ -111,6 +130,7 @@ impl OutputTask {
         let (outbox, name, policy) = (outbox.clone(), self.name.clone(), policy.clone());
         match &self.sender {
             OutputSender::Dcmon(uploader) => tokio::spawn(deliver(outbox, name, uploader.clone(), policy, stop)),
+            OutputSender::RemoteWrite(client) => tokio::spawn(deliver(outbox, name, client.clone(), policy, stop)),
         }
     }
 }
@@ -146,14 +166,16 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Run the daemon until a [`Control`] arrives (a closed channel means shutdown), and return
 /// it: a batch every interval, each written to the outbox before delivery, which runs in its
-/// own task so a slow or absent server never delays collection. Pings the systemd watchdog
-/// from this loop, so a stuck loop gets the service restarted.
+/// own task so a slow or absent server never delays collection, and handed to `latest` (the
+/// `/metrics` endpoint reads it; publishing moves the batch, it costs no copy). Pings the
+/// systemd watchdog from this loop, so a stuck loop gets the service restarted.
 pub async fn run(
     scheduler: &mut Scheduler,
     daemon: &Daemon,
     clock: &mut BatchClock,
     control: &mut mpsc::Receiver<Control>,
     notifier: &Notifier,
+    latest: &LatestRound,
 ) -> Control {
     let outbox = &daemon.outbox;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -179,7 +201,7 @@ pub async fn run(
                 notifier.notify("WATCHDOG=1");
             }
             scheduled = ticker.tick() => {
-                if round(scheduler, clock, outbox, scheduled).await {
+                if round(scheduler, clock, outbox, latest, scheduled).await {
                     outbox.sync().await;
                 }
                 rounds += 1;

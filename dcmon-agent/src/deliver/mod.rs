@@ -25,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::api_key::{ApiKey, ApiKeyError, PermissionWarning};
 use crate::outbox::{DCMON_OUTPUT, SharedOutbox};
+use crate::output::remote_write::{RemoteWriteClient, RemoteWriteError, RemoteWriteSent};
 use crate::upload::{Delivered, UploadError, Uploader, Verdict};
 
 /// How the delivery loop paces itself.
@@ -103,6 +104,36 @@ pub trait BatchSender: Send + 'static {
     /// Use this key from the next send on (only called when [`BatchSender::uses_api_key`]).
     fn set_key(&mut self, _key: &ApiKey) -> anyhow::Result<()> {
         Ok(())
+    }
+}
+
+impl SendFailure for RemoteWriteError {
+    fn verdict(&self) -> Verdict {
+        RemoteWriteError::verdict(self)
+    }
+
+    fn status(&self) -> String {
+        match self {
+            Self::Status { status, .. } => status.as_u16().to_string(),
+            Self::InvalidStatus { code, .. } => code.to_string(),
+            Self::Unreachable { .. } | Self::Batch { .. } => "none".to_owned(),
+        }
+    }
+}
+
+impl SendSuccess for RemoteWriteSent {
+    fn status(&self) -> String {
+        // No request at all: an empty batch with nothing gone stale.
+        self.status.map_or_else(|| "none".to_owned(), |s| s.as_u16().to_string())
+    }
+}
+
+impl BatchSender for RemoteWriteClient {
+    type Sent = RemoteWriteSent;
+    type Error = RemoteWriteError;
+
+    fn send(&mut self, body: Bytes) -> impl Future<Output = Result<RemoteWriteSent, RemoteWriteError>> + Send {
+        RemoteWriteClient::send(self, body)
     }
 }
 

@@ -135,15 +135,16 @@ impl RemoteWriteError {
 
 /// The batch being posted when a call failed part-way: which of its requests the receiver
 /// has stored. A retry of the same batch posts only the rest.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Progress {
     body: Bytes,
     stored: usize,
 }
 
 /// Posts the outbox's batches to one remote_write receiver, with the stale-marker state that
-/// runs from one batch to the next. One per output; `send` takes `&mut self`.
-#[derive(Debug)]
+/// runs from one batch to the next. One per output; `send` takes `&mut self`. A clone starts
+/// where the original stands (each run of the daemon loop delivers with a clone).
+#[derive(Debug, Clone)]
 pub struct RemoteWriteClient {
     output: String,
     client: reqwest::Client,
