@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use dcmon_agent::agent::{self, BatchClock, Control, Daemon, Scheduler, SystemClock};
+use dcmon_agent::agent::{self, BatchClock, Control, Daemon, OutputTask, Scheduler, SystemClock};
 use dcmon_agent::collector::EbpfSettings;
 use dcmon_agent::config::{self, Config, ConfigError, Loaded};
 use dcmon_agent::deliver::DeliveryPolicy;
@@ -253,15 +253,16 @@ async fn register_cmd(config: &Config, server: Option<String>, force: bool) -> a
     .await
 }
 
-/// The config at `path` and the API key it names, read on a blocking thread under
+/// The config at `path` and the API key it names (when the dcmon output is on), read on a
+/// blocking thread under
 /// [`RELOAD_READ_TIMEOUT`]; a shutdown request meanwhile ends the wait (`Ok(None)`).
 async fn read_config_and_key(
     path: &Path,
     explicit: bool,
     control: &mut mpsc::Receiver<Control>,
-) -> anyhow::Result<Option<(Config, api_key::ApiKey)>> {
+) -> anyhow::Result<Option<(Config, Option<api_key::ApiKey>)>> {
     let thread_path = path.to_owned();
-    let read = tokio::task::spawn_blocking(move || -> anyhow::Result<(Config, api_key::ApiKey)> {
+    let read = tokio::task::spawn_blocking(move || -> anyhow::Result<(Config, Option<api_key::ApiKey>)> {
         let config = load_config(&thread_path, explicit)?;
         let key = load_key(&config)?;
         Ok((config, key))
@@ -285,36 +286,59 @@ async fn read_config_and_key(
     }
 }
 
-/// The API key `config` names, with its permission warning logged.
-fn load_key(config: &Config) -> Result<api_key::ApiKey, api_key::ApiKeyError> {
+/// The API key `config` names, with its permission warning logged; `None` when the dcmon
+/// output is off (`dcmon_output: false`): only the dcmon server takes the key.
+fn load_key(config: &Config) -> Result<Option<api_key::ApiKey>, api_key::ApiKeyError> {
+    if !config.dcmon_output {
+        return Ok(None);
+    }
     let (key, warning) = api_key::load(&config.api_key_file)?;
     if let Some(w) = warning {
         tracing::warn!("{w}");
     }
-    Ok(key)
+    Ok(Some(key))
 }
 
-/// The machine id and daemon settings for `config` and its `key`, sharing `outbox`.
-fn prepare(config: &Config, key: api_key::ApiKey, outbox: &SharedOutbox) -> anyhow::Result<(String, Daemon)> {
+/// The machine id and daemon settings for `config` and its `key` (`None` when the dcmon
+/// output is off), sharing `outbox`.
+fn prepare(config: &Config, key: Option<api_key::ApiKey>, outbox: &SharedOutbox) -> anyhow::Result<(String, Daemon)> {
     let machine_id = machine_id(config)?;
-    let uploader = Uploader::new(
-        config.server_base(),
-        key,
-        Duration::from_secs(config.connect_timeout),
-        Duration::from_secs(config.upload_timeout),
-        config.ca_file.as_ref(),
-    )?;
-    tracing::info!(
-        url = uploader.metrics_url(),
-        machine_id,
-        interval_secs = config.collection_interval,
-        "dcmon-agent {VERSION} collecting"
-    );
+    let mut outputs = Vec::new();
+    match key {
+        Some(key) if config.dcmon_output => {
+            let uploader = Uploader::new(
+                config.server_base(),
+                key,
+                Duration::from_secs(config.connect_timeout),
+                Duration::from_secs(config.upload_timeout),
+                config.ca_file.as_ref(),
+            )?;
+            tracing::info!(
+                url = uploader.metrics_url(),
+                machine_id,
+                interval_secs = config.collection_interval,
+                "dcmon-agent {VERSION} collecting"
+            );
+            outputs.push(OutputTask::dcmon(uploader));
+        }
+        _ => tracing::info!(
+            machine_id,
+            interval_secs = config.collection_interval,
+            "dcmon-agent {VERSION} collecting; the dcmon output is off (dcmon_output: false)"
+        ),
+    }
+    for rw in &config.remote_write {
+        // The outbox holds batches only for outputs that run: this one would hold them forever.
+        tracing::warn!(
+            "remote_write output {:?}: this build does not send remote_write yet; its batches are not kept",
+            rw.output_name()
+        );
+    }
     let daemon = Daemon {
         interval: config.interval(),
         phase: agent::phase_offset(&machine_id, config.interval()),
         outbox: outbox.clone(),
-        uploader,
+        outputs,
         policy: DeliveryPolicy {
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(config.retry_max_backoff),

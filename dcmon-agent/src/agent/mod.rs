@@ -27,10 +27,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
 use crate::deliver::{DeliveryPolicy, deliver};
 use crate::notify::Notifier;
-use crate::outbox::SharedOutbox;
+use crate::outbox::{DCMON_OUTPUT, SharedOutbox};
 use crate::output::metrics_endpoint::LatestRound;
 use crate::ticker::Ticker;
 use crate::upload::Uploader;
@@ -55,12 +56,12 @@ async fn round(
         // Scrapes carry no timestamp, so held rounds are shown too (a copy: this is rare).
         if let Some(held) = clock.held() {
             let mut shown = held.clone();
-            shown.extend(outbox.stats().samples());
+            shown.extend(outbox.samples(shown.timestamp));
             latest.publish(shown);
         }
         return false;
     };
-    batch.extend(outbox.stats().samples());
+    batch.extend(outbox.samples(batch.timestamp));
     // One write(2) into the page cache, on this thread: a thread hop would cost more than the
     // write (outbox/mod.rs says when batches are fsynced).
     let fsync = outbox.push(batch.timestamp, Bytes::from(batch.to_json()));
@@ -93,6 +94,38 @@ pub fn first_tick_delay(now_unix_ms: u64, phase: Duration, interval: Duration, m
     Duration::from_millis(first - now_unix_ms)
 }
 
+/// The client of one push output. A new kind of output is a variant here and an arm in
+/// [`OutputTask::spawn`].
+#[derive(Debug, Clone)]
+pub enum OutputSender {
+    /// The dcmon server (JSON, with the API key).
+    Dcmon(Uploader),
+}
+
+/// One push output: its name (its cursor in the outbox and its `output` label) and its client.
+#[derive(Debug, Clone)]
+pub struct OutputTask {
+    /// The output's name ([`crate::config::Config::output_names`]).
+    pub name: String,
+    /// Its client.
+    pub sender: OutputSender,
+}
+
+impl OutputTask {
+    /// The dcmon server output, named [`DCMON_OUTPUT`].
+    pub fn dcmon(uploader: Uploader) -> Self {
+        Self { name: DCMON_OUTPUT.to_owned(), sender: OutputSender::Dcmon(uploader) }
+    }
+
+    /// Start its delivery task ([`deliver`]) on a clone of its client.
+    fn spawn(&self, outbox: &SharedOutbox, policy: &DeliveryPolicy, stop: watch::Receiver<bool>) -> JoinHandle<()> {
+        let (outbox, name, policy) = (outbox.clone(), self.name.clone(), policy.clone());
+        match &self.sender {
+            OutputSender::Dcmon(uploader) => tokio::spawn(deliver(outbox, name, uploader.clone(), policy, stop)),
+        }
+    }
+}
+
 /// Everything the daemon loop needs besides the scheduler.
 #[derive(Debug, Clone)]
 pub struct Daemon {
@@ -102,9 +135,11 @@ pub struct Daemon {
     pub phase: Duration,
     /// The durable queue of unsent batches (kept across config reloads).
     pub outbox: SharedOutbox,
-    /// The HTTP client.
-    pub uploader: Uploader,
-    /// Retry and pacing rules.
+    /// The push outputs, each delivered by its own task from its own cursor; their names are
+    /// the outbox's outputs while the loop runs. Empty: batches are kept (under the outbox's
+    /// bounds) and nothing is sent.
+    pub outputs: Vec<OutputTask>,
+    /// Retry and pacing rules (each output applies them on its own).
     pub policy: DeliveryPolicy,
 }
 
@@ -135,7 +170,13 @@ pub async fn run(
 ) -> Control {
     let outbox = &daemon.outbox;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut delivery = tokio::spawn(deliver(outbox.clone(), daemon.uploader.clone(), daemon.policy.clone(), stop_rx));
+    // The outbox holds batches for exactly the outputs running now: one a reload took out no
+    // longer holds any, one it added starts from its saved cursor (or the oldest batch).
+    let names: Vec<String> = daemon.outputs.iter().map(|o| o.name.clone()).collect();
+    outbox.lock().set_outputs(&names);
+    let mut delivery: Vec<(String, JoinHandle<()>)> =
+        daemon.outputs.iter().map(|o| (o.name.clone(), o.spawn(outbox, &daemon.policy, stop_rx.clone()))).collect();
+    drop(stop_rx);
 
     let now_ms = u64::try_from(unix_millis(clock.clock.now())).unwrap_or(0);
     // At least a second before the first round, so CPU usage has a window to measure.
@@ -167,9 +208,13 @@ pub async fn run(
         }
     };
     let _ = stop_tx.send(true);
-    if tokio::time::timeout(SHUTDOWN_GRACE, &mut delivery).await.is_err() {
-        delivery.abort();
-        tracing::warn!("abandoned the upload in flight; its batch stays in the outbox");
+    // One grace period for all outputs, not one each.
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    for (name, task) in &mut delivery {
+        if tokio::time::timeout_at(deadline, &mut *task).await.is_err() {
+            task.abort();
+            tracing::warn!(output = %name, "abandoned the upload in flight; its batch stays in the outbox");
+        }
     }
     exit
 }

@@ -1,7 +1,7 @@
 //! The outbox's unit tests: the queue, its files and their damage, on real directories.
 //!
 //! This file holds the shared helpers; the tests are in one file per role: `queue`, `recovery`,
-//! `hostile` and `property`.
+//! `hostile`, `property` and `cursors`.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -124,6 +124,7 @@ impl Drop for SmallFs {
     }
 }
 
+mod cursors;
 mod hostile;
 /// Issue 14's fuzzing: any sequence of pushes, deliveries, rejections, crashes and cut
 /// files loses nothing inside the bounds, and reports every loss outside them.
