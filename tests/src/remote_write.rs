@@ -32,6 +32,8 @@ pub struct WriteRequestSeen {
     pub headers: BTreeMap<String, String>,
     /// Why it could not be decoded, if it could not.
     pub decode_error: Option<String>,
+    /// The body's length as posted (snappy-compressed).
+    pub bytes: usize,
 }
 
 impl WriteRequestSeen {
@@ -137,13 +139,14 @@ async fn write(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body:
         .iter()
         .map(|(k, v)| (k.as_str().to_ascii_lowercase(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
         .collect();
+    let bytes = body.len();
     let decoded = snappy_decode(&body).and_then(|raw| decode_write_request(&raw));
     let (series, decode_error) = match decoded {
         Ok(s) => (s, None),
         Err(e) => (Vec::new(), Some(format!("{e:#}"))),
     };
     let mut g = lock(&inner);
-    let mut seen = WriteRequestSeen { at: Instant::now(), status: 204, series, headers, decode_error };
+    let mut seen = WriteRequestSeen { at: Instant::now(), status: 204, series, headers, decode_error, bytes };
     let (status, text) = if seen.decode_error.is_some() {
         (400, format!("cannot decode: {}", seen.decode_error.clone().unwrap_or_default()))
     } else {
