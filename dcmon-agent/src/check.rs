@@ -112,6 +112,15 @@ pub async fn check(
         }
     }
 
+    if !config.dcmon_output {
+        // The key and the server are only the dcmon output's: nothing to check without it.
+        r.line(
+            " -- ",
+            "dcmon output",
+            "off (dcmon_output: false): no API key is needed and nothing is posted to the server",
+        );
+        return r;
+    }
     let key = match crate::api_key::load(&config.api_key_file) {
         Ok((key, warning)) => {
             match warning {

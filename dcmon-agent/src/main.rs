@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use dcmon_agent::agent::{self, BatchClock, Control, Daemon, Scheduler, SystemClock};
+use dcmon_agent::agent::{self, BatchClock, Control, Daemon, OutputTask, Scheduler, SystemClock};
 use dcmon_agent::collector::EbpfSettings;
 use dcmon_agent::config::{self, Config, ConfigError, Loaded};
 use dcmon_agent::deliver::DeliveryPolicy;
@@ -15,6 +15,8 @@ use dcmon_agent::host::Host;
 use dcmon_agent::install::{self, InstallOptions};
 use dcmon_agent::notify::Notifier;
 use dcmon_agent::outbox::{Outbox, OutboxLimits, SharedOutbox};
+use dcmon_agent::output::metrics_endpoint::{LatestRound, Limits, MetricsEndpoint};
+use dcmon_agent::output::remote_write::RemoteWriteClient;
 use dcmon_agent::upload::Uploader;
 use dcmon_agent::{api_key, check, collector, register};
 use tokio::sync::mpsc;
@@ -252,18 +254,19 @@ async fn register_cmd(config: &Config, server: Option<String>, force: bool) -> a
     .await
 }
 
-/// The config at `path` and the API key it names, read on a blocking thread under
+/// The config at `path` and the API key it names (when the dcmon output is on), read on a
+/// blocking thread under
 /// [`RELOAD_READ_TIMEOUT`]; a shutdown request meanwhile ends the wait (`Ok(None)`).
 async fn read_config_and_key(
     path: &Path,
     explicit: bool,
     control: &mut mpsc::Receiver<Control>,
-) -> anyhow::Result<Option<(Config, api_key::ApiKey)>> {
+) -> anyhow::Result<Option<(Config, Secrets)>> {
     let thread_path = path.to_owned();
-    let read = tokio::task::spawn_blocking(move || -> anyhow::Result<(Config, api_key::ApiKey)> {
+    let read = tokio::task::spawn_blocking(move || -> anyhow::Result<(Config, Secrets)> {
         let config = load_config(&thread_path, explicit)?;
-        let key = load_key(&config)?;
-        Ok((config, key))
+        let secrets = load_secrets(&config)?;
+        Ok((config, secrets))
     });
     let timeout = tokio::time::sleep(RELOAD_READ_TIMEOUT);
     tokio::pin!(read, timeout);
@@ -273,7 +276,7 @@ async fn read_config_and_key(
                 return done.map_err(|e| anyhow::anyhow!("reading the config failed: {e}"))?.map(Some);
             }
             () = &mut timeout => anyhow::bail!(
-                "reading {} and its API key file took more than {RELOAD_READ_TIMEOUT:?} (a hung filesystem?)",
+                "reading {} and its secret files took more than {RELOAD_READ_TIMEOUT:?} (a hung filesystem?)",
                 path.display()
             ),
             c = control.recv() => match c {
@@ -284,36 +287,68 @@ async fn read_config_and_key(
     }
 }
 
-/// The API key `config` names, with its permission warning logged.
-fn load_key(config: &Config) -> Result<api_key::ApiKey, api_key::ApiKeyError> {
-    let (key, warning) = api_key::load(&config.api_key_file)?;
-    if let Some(w) = warning {
-        tracing::warn!("{w}");
-    }
-    Ok(key)
+/// What the outputs read from secret files: read together, on a blocking thread at a reload,
+/// since a file on a hung filesystem blocks in read(2).
+struct Secrets {
+    /// The API key; `None` when the dcmon output is off (`dcmon_output: false`): only the
+    /// dcmon server takes it.
+    key: Option<api_key::ApiKey>,
+    /// A client per remote_write entry, its credential files read.
+    remote_write: Vec<RemoteWriteClient>,
 }
 
-/// The machine id and daemon settings for `config` and its `key`, sharing `outbox`.
-fn prepare(config: &Config, key: api_key::ApiKey, outbox: &SharedOutbox) -> anyhow::Result<(String, Daemon)> {
+/// The secrets `config` names, with permission warnings logged.
+fn load_secrets(config: &Config) -> anyhow::Result<Secrets> {
+    let key = if config.dcmon_output {
+        let (key, warning) = api_key::load(&config.api_key_file)?;
+        if let Some(w) = warning {
+            tracing::warn!("{w}");
+        }
+        Some(key)
+    } else {
+        None
+    };
+    let remote_write = config.remote_write.iter().map(RemoteWriteClient::new).collect::<Result<_, _>>()?;
+    Ok(Secrets { key, remote_write })
+}
+
+/// The machine id and daemon settings for `config` and its `secrets`, sharing `outbox`.
+fn prepare(config: &Config, secrets: Secrets, outbox: &SharedOutbox) -> anyhow::Result<(String, Daemon)> {
+    let Secrets { key, remote_write } = secrets;
     let machine_id = machine_id(config)?;
-    let uploader = Uploader::new(
-        config.server_base(),
-        key,
-        Duration::from_secs(config.connect_timeout),
-        Duration::from_secs(config.upload_timeout),
-        config.ca_file.as_ref(),
-    )?;
-    tracing::info!(
-        url = uploader.metrics_url(),
-        machine_id,
-        interval_secs = config.collection_interval,
-        "dcmon-agent {VERSION} collecting"
-    );
+    let mut outputs = Vec::new();
+    match key {
+        Some(key) if config.dcmon_output => {
+            let uploader = Uploader::new(
+                config.server_base(),
+                key,
+                Duration::from_secs(config.connect_timeout),
+                Duration::from_secs(config.upload_timeout),
+                config.ca_file.as_ref(),
+            )?;
+            tracing::info!(
+                url = uploader.metrics_url(),
+                machine_id,
+                interval_secs = config.collection_interval,
+                "dcmon-agent {VERSION} collecting"
+            );
+            outputs.push(OutputTask::dcmon(uploader));
+        }
+        _ => tracing::info!(
+            machine_id,
+            interval_secs = config.collection_interval,
+            "dcmon-agent {VERSION} collecting; the dcmon output is off (dcmon_output: false)"
+        ),
+    }
+    for client in remote_write {
+        tracing::info!(output = client.output(), "remote_write output on");
+        outputs.push(OutputTask::remote_write(client));
+    }
     let daemon = Daemon {
         interval: config.interval(),
         phase: agent::phase_offset(&machine_id, config.interval()),
         outbox: outbox.clone(),
-        uploader,
+        outputs,
         policy: DeliveryPolicy {
             backoff_base: Duration::from_secs(1),
             backoff_max: Duration::from_secs(config.retry_max_backoff),
@@ -332,18 +367,24 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
     let outbox = Outbox::open_exclusive(&config.outbox_dir, limits(&config), agent::unix_now_secs())?;
     let outbox = SharedOutbox::new(outbox);
     // At start no signal handler is installed yet, so SIGTERM still ends a read that hangs.
-    let key = load_key(&config)?;
-    let (machine_id, mut daemon) = prepare(&config, key, &outbox)?;
+    let secrets = load_secrets(&config)?;
+    let (machine_id, mut daemon) = prepare(&config, secrets, &outbox)?;
     let timeout = |c: &Config| Duration::from_secs(c.collector_timeout);
     let mut scheduler = Scheduler::new(collector::build(&config)?, machine_id, timeout(&config));
     // Kept across reloads: batch timestamps must keep increasing whatever the config.
     let mut clock = BatchClock::new(Arc::new(SystemClock));
+    // A scrape reads the latest round; an address that cannot be bound stops the start.
+    let latest = LatestRound::new();
+    let mut endpoint = config
+        .prometheus_listen
+        .map(|addr| MetricsEndpoint::bind(addr, latest.clone(), Limits::default()))
+        .transpose()?;
     let notifier = Notifier::from_env();
     let mut control = control_from_signals()?;
     tracing::info!(config = %config_path.display(), "dcmon-agent {VERSION} started");
     notifier.notify("READY=1");
     loop {
-        match agent::run(&mut scheduler, &daemon, &mut clock, &mut control, &notifier).await {
+        match agent::run(&mut scheduler, &daemon, &mut clock, &mut control, &notifier, &latest).await {
             Control::Shutdown => break,
             Control::Reload => {
                 notifier.notify("RELOADING=1");
@@ -353,8 +394,8 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
                     Ok(None) => break,
                     Err(e) => Err(e),
                 };
-                let reloaded = read.and_then(|(new, key)| {
-                    let (machine_id, new_daemon) = prepare(&new, key, &outbox)?;
+                let reloaded = read.and_then(|(new, secrets)| {
+                    let (machine_id, new_daemon) = prepare(&new, secrets, &outbox)?;
                     // Unchanged eBPF settings keep the loaded programs and the collectors'
                     // baselines: no BPF load (a BTF parse, and a chance of failing) per reload.
                     let collectors =
@@ -372,6 +413,8 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
                             tracing::warn!("outbox_dir changed: it takes effect at the next restart");
                         }
                         outbox.lock().set_limits(limits(&new));
+                        // Against what is served, not the old config: a bind that failed retries.
+                        endpoint = reconfigure_endpoint(endpoint, new.prometheus_listen, &latest).await;
                         (scheduler, daemon, config) = (new_scheduler, new_daemon, new);
                         tracing::info!("config reloaded");
                     }
@@ -384,10 +427,31 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
         }
     }
     notifier.notify("STOPPING=1");
+    if let Some(endpoint) = endpoint {
+        endpoint.stop().await;
+    }
     clock.report_at_exit();
     agent::report_outbox_at_exit(&outbox);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The `/metrics` endpoint for a reloaded `prometheus_listen`: kept when it serves that
+/// address, else moved there; on a bind failure the error is logged and the one serving, if
+/// any, stays (the next reload tries again).
+async fn reconfigure_endpoint(
+    current: Option<MetricsEndpoint>,
+    wanted: Option<std::net::SocketAddr>,
+    latest: &LatestRound,
+) -> Option<MetricsEndpoint> {
+    let (endpoint, error) = MetricsEndpoint::reconfigure(current, wanted, latest, Limits::default()).await;
+    if let Some(e) = error {
+        match &endpoint {
+            Some(ep) => tracing::error!("{e}; still serving http://{}/metrics", ep.local_addr()),
+            None => tracing::error!("{e}; not serving /metrics"),
+        }
+    }
+    endpoint
 }
 
 /// SIGTERM and SIGINT stop the daemon, SIGHUP reloads its config.

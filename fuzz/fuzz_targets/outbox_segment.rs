@@ -1,15 +1,15 @@
 //! An outbox segment file as found on disk after a crash, a torn write or bit rot; and the
 //! records the agent writes, read back.
 #![no_main]
-use dcmon_agent::outbox::{Record, encode_batch, encode_done, parse_segment};
+use dcmon_agent::outbox::{Record, encode_batch, encode_cursor, encode_done, parse_segment};
 use libfuzzer_sys::fuzz_target;
 
-/// The bytes of the segment each record covers (a done record carries no offset).
+/// The bytes of the segment each record covers (done and cursor records carry no offset).
 fn span(record: &Record<'_>) -> Option<(usize, usize)> {
     match record {
         Record::Batch { body_offset, body, .. } => Some((*body_offset, body_offset + body.len() + 1)),
         Record::Damaged { offset, len, .. } => Some((*offset, offset + len)),
-        Record::Done { .. } => None,
+        Record::Done { .. } | Record::Cursor { .. } => None,
     }
 }
 
@@ -40,10 +40,19 @@ fuzz_target!(|data: &[u8]| {
     let mut segment = Vec::new();
     let crc = encode_batch(&mut segment, seq, timestamp, &body);
     let body_offset = segment.len() - body.len() - 1;
+    // An output name from the input where a record can carry it (printable, no space), else
+    // a fixed one: either way the cursor record reads back as written.
+    let name: String = data.iter().rev().map(|&b| b as char).filter(char::is_ascii_graphic).take(64).collect();
+    let output = if name.is_empty() { "dcmon".to_owned() } else { name };
+    assert!(encode_cursor(&mut segment, &output, seq), "{output:?} fits a cursor record");
     encode_done(&mut segment, seq);
     assert_eq!(
         check(&segment),
-        [Record::Batch { seq, timestamp, body_offset, body: &body, crc }, Record::Done { seq }],
+        [
+            Record::Batch { seq, timestamp, body_offset, body: &body, crc },
+            Record::Cursor { output, seq },
+            Record::Done { seq }
+        ],
         "{:?}",
         String::from_utf8_lossy(&segment)
     );

@@ -269,3 +269,22 @@ fn a_second_agent_on_the_same_outbox_refuses_to_start_naming_the_first() {
     assert!(log.contains(&format!("another dcmon-agent (pid {})", first.pid())), "{log}");
     assert!(log.contains(&outbox.display().to_string()), "{log}");
 }
+
+// Issue 16: with the dcmon output off the agent needs no API key and posts nothing to the
+// dcmon server; its batches still go to the outbox for the other outputs.
+#[test]
+fn with_the_dcmon_output_off_no_key_is_read_and_nothing_is_posted() {
+    let machine = machine_id();
+    let receiver = Receiver::start(&[(KEY, &machine)]).expect("receiver");
+    let dir = tempfile::tempdir().expect("tempdir");
+    // No key file at all.
+    let extra = json!({"dcmon_output": false, "remote_write": [{"url": "http://127.0.0.1:9/api/v1/write"}]});
+    let cfg = config(dir.path(), &receiver.url(), &machine, extra);
+    let mut agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
+    wait_for_stored(&dir.path().join("outbox"), 2, &agent);
+    assert!(agent.try_wait().is_none(), "the agent stopped:\n{}", agent.stderr());
+    assert!(receiver.accepted().is_empty() && receiver.rejected().is_empty(), "posted to the dcmon server");
+    let log = agent.stderr();
+    assert!(!log.contains("API key"), "the key was looked for:\n{log}");
+    assert!(log.contains("the dcmon output is off"), "{log}");
+}

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
+use dcmon_tests::remote_write::RemoteWriteReceiver;
 use dcmon_tests::{AgentConfig, loop_device, write_key};
 use serde_json::json;
 
@@ -52,6 +53,8 @@ struct Run {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Subject {
     Agent,
+    /// The agent (procfs) with a remote_write output beside the dcmon server.
+    AgentRemoteWrite,
     AgentEbpf,
     /// The `--baseline` binary, procfs and eBPF mode.
     Baseline,
@@ -68,6 +71,7 @@ impl Subject {
     fn name(self) -> &'static str {
         match self {
             Subject::Agent => "dcmon-agent (procfs)",
+            Subject::AgentRemoteWrite => "dcmon-agent (procfs) + remote_write (bytes: remote_write's only)",
             Subject::AgentEbpf => "dcmon-agent (eBPF)",
             Subject::Baseline => "baseline dcmon-agent (procfs)",
             Subject::BaselineEbpf => "baseline dcmon-agent (eBPF)",
@@ -107,7 +111,7 @@ pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     }
     let bin = workspace.join("target/release");
     let agent = bin.join("dcmon-agent");
-    let mut subjects = vec![Subject::Agent, Subject::AgentEbpf];
+    let mut subjects = vec![Subject::Agent, Subject::AgentRemoteWrite, Subject::AgentEbpf];
     if let Some(baseline) = &args.baseline {
         anyhow::ensure!(baseline.is_file(), "--baseline {}: no such file", baseline.display());
         subjects.extend([Subject::Baseline, Subject::BaselineEbpf]);
@@ -129,6 +133,7 @@ pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             eprintln!("round {round}/{}: {} for {} s", args.rounds, s.name(), args.seconds);
             let run = match s {
                 Subject::Agent => measure_agent(&bin, &agent, args.seconds, None, false, Ebpf::Off)?,
+                Subject::AgentRemoteWrite => measure_agent_remote_write(&bin, &agent, args.seconds)?,
                 Subject::AgentEbpf => measure_agent(&bin, &agent, args.seconds, None, false, Ebpf::On)?,
                 Subject::Baseline | Subject::BaselineEbpf => {
                     let baseline = args.baseline.as_deref().context("--baseline")?;
@@ -420,6 +425,26 @@ fn measure_agent(
     let agent = Guard(in_netns(ns, agent).arg("--config").arg(config).args(["--log-level", "warn", "run"]).spawn()?);
     // With `ip netns exec` the agent is a child of ip's exec: same pid.
     let run = measure_process(agent.0.id(), seconds, || bytes.load(Ordering::Relaxed));
+    drop(agent);
+    drop(receiver);
+    run
+}
+
+/// The agent (procfs) posting JSON to a dcmon receiver and, beside it, snappy protobuf to a
+/// remote_write receiver in this process; the bytes counted are remote_write's, to set beside
+/// the JSON row's.
+fn measure_agent_remote_write(bin: &Path, agent: &Path, seconds: u64) -> anyhow::Result<Run> {
+    wait_for_quiet_host()?;
+    let dir = scratch_dir("dcmon-bench-agent")?;
+    let (receiver, url, _) = start_receiver(bin, None, seconds)?;
+    let remote_write = RemoteWriteReceiver::start()?;
+    write_key(dir.path(), KEY)?;
+    let config = agent_config(&url, dir.path(), false, Ebpf::Off)
+        .set("remote_write", json!([{"name": "bench", "url": remote_write.url()}]))
+        .write(dir.path());
+    let agent = Guard(Command::new(agent).arg("--config").arg(config).args(["--log-level", "warn", "run"]).spawn()?);
+    let rw_bytes = || remote_write.accepted().iter().map(|r| r.bytes as u64).sum();
+    let run = measure_process(agent.0.id(), seconds, rw_bytes);
     drop(agent);
     drop(receiver);
     run

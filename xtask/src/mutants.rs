@@ -13,11 +13,12 @@ use anyhow::{Context as _, bail};
 use crate::clean_command;
 
 /// The files checked by default.
-pub const FILES: [&str; 14] = [
+pub const FILES: [&str; 15] = [
     "dcmon-agent/src/batch.rs",
     "dcmon-agent/src/collector/os.rs",
     "dcmon-agent/src/collector/net/mod.rs",
     "dcmon-agent/src/deliver/mod.rs",
+    "dcmon-agent/src/outbox/cursor.rs",
     "dcmon-agent/src/outbox/handle.rs",
     "dcmon-agent/src/outbox/lock.rs",
     "dcmon-agent/src/outbox/mod.rs",

@@ -126,6 +126,11 @@ impl BatchClock {
         }
     }
 
+    /// The rounds held back since the clock stepped back, merged, if any.
+    pub(super) fn held(&self) -> Option<&Batch> {
+        self.held.as_ref()
+    }
+
     /// Say at exit what held rounds are lost (their timestamps were not after the last one sent).
     pub fn report_at_exit(&self) {
         if self.held_rounds > 0 {

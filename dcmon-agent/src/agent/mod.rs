@@ -27,10 +27,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 
 use crate::deliver::{DeliveryPolicy, deliver};
 use crate::notify::Notifier;
-use crate::outbox::SharedOutbox;
+use crate::outbox::{DCMON_OUTPUT, SharedOutbox};
+use crate::output::metrics_endpoint::LatestRound;
+use crate::output::remote_write::RemoteWriteClient;
 use crate::ticker::Ticker;
 use crate::upload::Uploader;
 
@@ -39,22 +42,32 @@ pub use clock::{BatchClock, SystemClock, WallClock};
 pub use scheduler::{Outcome, Scheduler};
 
 /// One round of the daemon loop: collect, stamp, and append the batch to the outbox unless
-/// the clock holds it back. True when the outbox must be fsynced before going on.
+/// the clock holds it back; then hand it to `latest` for scrapes. True when the outbox must be
+/// fsynced before going on.
 async fn round(
     scheduler: &mut Scheduler,
     clock: &mut BatchClock,
     outbox: &SharedOutbox,
+    latest: &LatestRound,
     scheduled: tokio::time::Instant,
 ) -> bool {
     let timestamp = clock.stamp(scheduled, tokio::time::Instant::now());
     let batch = scheduler.collect(timestamp).await;
     let Some(mut batch) = clock.admit(batch) else {
+        // Scrapes carry no timestamp, so held rounds are shown too (a copy: this is rare).
+        if let Some(held) = clock.held() {
+            let mut shown = held.clone();
+            shown.extend(outbox.samples(shown.timestamp));
+            latest.publish(shown);
+        }
         return false;
     };
-    batch.extend(outbox.stats().samples());
+    batch.extend(outbox.samples(batch.timestamp));
     // One write(2) into the page cache, on this thread: a thread hop would cost more than the
     // write (outbox/mod.rs says when batches are fsynced).
-    outbox.push(batch.timestamp, Bytes::from(batch.to_json()))
+    let fsync = outbox.push(batch.timestamp, Bytes::from(batch.to_json()));
+    latest.publish(batch);
+    fsync
 }
 
 /// Seconds since the Unix epoch, as the batch wants them.
@@ -82,6 +95,46 @@ pub fn first_tick_delay(now_unix_ms: u64, phase: Duration, interval: Duration, m
     Duration::from_millis(first - now_unix_ms)
 }
 
+/// The client of one push output. A new kind of output is a variant here and an arm in
+/// [`OutputTask::spawn`].
+#[derive(Debug, Clone)]
+pub enum OutputSender {
+    /// The dcmon server (JSON, with the API key).
+    Dcmon(Uploader),
+    /// A Prometheus remote_write receiver.
+    RemoteWrite(RemoteWriteClient),
+}
+
+/// One push output: its name (its cursor in the outbox and its `output` label) and its client.
+#[derive(Debug, Clone)]
+pub struct OutputTask {
+    /// The output's name ([`crate::config::Config::output_names`]).
+    pub name: String,
+    /// Its client.
+    pub sender: OutputSender,
+}
+
+impl OutputTask {
+    /// A remote_write output, named by its config.
+    pub fn remote_write(client: RemoteWriteClient) -> Self {
+        Self { name: client.output().to_owned(), sender: OutputSender::RemoteWrite(client) }
+    }
+
+    /// The dcmon server output, named [`DCMON_OUTPUT`].
+    pub fn dcmon(uploader: Uploader) -> Self {
+        Self { name: DCMON_OUTPUT.to_owned(), sender: OutputSender::Dcmon(uploader) }
+    }
+
+    /// Start its delivery task ([`deliver`]) on a clone of its client.
+    fn spawn(&self, outbox: &SharedOutbox, policy: &DeliveryPolicy, stop: watch::Receiver<bool>) -> JoinHandle<()> {
+        let (outbox, name, policy) = (outbox.clone(), self.name.clone(), policy.clone());
+        match &self.sender {
+            OutputSender::Dcmon(uploader) => tokio::spawn(deliver(outbox, name, uploader.clone(), policy, stop)),
+            OutputSender::RemoteWrite(client) => tokio::spawn(deliver(outbox, name, client.clone(), policy, stop)),
+        }
+    }
+}
+
 /// Everything the daemon loop needs besides the scheduler.
 #[derive(Debug, Clone)]
 pub struct Daemon {
@@ -91,9 +144,11 @@ pub struct Daemon {
     pub phase: Duration,
     /// The durable queue of unsent batches (kept across config reloads).
     pub outbox: SharedOutbox,
-    /// The HTTP client.
-    pub uploader: Uploader,
-    /// Retry and pacing rules.
+    /// The push outputs, each delivered by its own task from its own cursor; their names are
+    /// the outbox's outputs while the loop runs. Empty: batches are kept (under the outbox's
+    /// bounds) and nothing is sent.
+    pub outputs: Vec<OutputTask>,
+    /// Retry and pacing rules (each output applies them on its own).
     pub policy: DeliveryPolicy,
 }
 
@@ -111,18 +166,26 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 
 /// Run the daemon until a [`Control`] arrives (a closed channel means shutdown), and return
 /// it: a batch every interval, each written to the outbox before delivery, which runs in its
-/// own task so a slow or absent server never delays collection. Pings the systemd watchdog
-/// from this loop, so a stuck loop gets the service restarted.
+/// own task so a slow or absent server never delays collection, and handed to `latest` (the
+/// `/metrics` endpoint reads it; publishing moves the batch, it costs no copy). Pings the
+/// systemd watchdog from this loop, so a stuck loop gets the service restarted.
 pub async fn run(
     scheduler: &mut Scheduler,
     daemon: &Daemon,
     clock: &mut BatchClock,
     control: &mut mpsc::Receiver<Control>,
     notifier: &Notifier,
+    latest: &LatestRound,
 ) -> Control {
     let outbox = &daemon.outbox;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let mut delivery = tokio::spawn(deliver(outbox.clone(), daemon.uploader.clone(), daemon.policy.clone(), stop_rx));
+    // The outbox holds batches for exactly the outputs running now: one a reload took out no
+    // longer holds any, one it added starts from its saved cursor (or the oldest batch).
+    let names: Vec<String> = daemon.outputs.iter().map(|o| o.name.clone()).collect();
+    outbox.lock().set_outputs(&names);
+    let mut delivery: Vec<(String, JoinHandle<()>)> =
+        daemon.outputs.iter().map(|o| (o.name.clone(), o.spawn(outbox, &daemon.policy, stop_rx.clone()))).collect();
+    drop(stop_rx);
 
     let now_ms = u64::try_from(unix_millis(clock.clock.now())).unwrap_or(0);
     // At least a second before the first round, so CPU usage has a window to measure.
@@ -138,7 +201,7 @@ pub async fn run(
                 notifier.notify("WATCHDOG=1");
             }
             scheduled = ticker.tick() => {
-                if round(scheduler, clock, outbox, scheduled).await {
+                if round(scheduler, clock, outbox, latest, scheduled).await {
                     outbox.sync().await;
                 }
                 rounds += 1;
@@ -154,9 +217,13 @@ pub async fn run(
         }
     };
     let _ = stop_tx.send(true);
-    if tokio::time::timeout(SHUTDOWN_GRACE, &mut delivery).await.is_err() {
-        delivery.abort();
-        tracing::warn!("abandoned the upload in flight; its batch stays in the outbox");
+    // One grace period for all outputs, not one each.
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    for (name, task) in &mut delivery {
+        if tokio::time::timeout_at(deadline, &mut *task).await.is_err() {
+            task.abort();
+            tracing::warn!(output = %name, "abandoned the upload in flight; its batch stays in the outbox");
+        }
     }
     exit
 }

@@ -100,6 +100,7 @@ async fn batch_timestamps_keep_increasing_when_the_wall_clock_steps() {
     let wall = Arc::new(SetClock(std::sync::Mutex::new(UNIX_EPOCH)));
     let mut clock = BatchClock::new(wall.clone());
     let mut scheduler = Scheduler::new(vec![Box::new(Rounds(0))], "m".into(), Duration::from_secs(1));
+    let latest = LatestRound::new();
     // Scheduled instants ahead of now: every round starts on time, whatever the host's load.
     let start = tokio::time::Instant::now() + Duration::from_secs(3600);
     for k in 1..=16_u64 {
@@ -110,7 +111,12 @@ async fn batch_timestamps_keep_increasing_when_the_wall_clock_steps() {
         };
         let unix = u64::try_from(T0 + i64::try_from(k).expect("k") + stepped).expect("after 1970");
         *wall.0.lock().expect("clock") = UNIX_EPOCH + Duration::from_millis(unix * 1000 + 300);
-        round(&mut scheduler, &mut clock, &outbox, start + Duration::from_secs(k)).await;
+        round(&mut scheduler, &mut clock, &outbox, &latest, start + Duration::from_secs(k)).await;
+        // Scrapes show every round, held ones included.
+        let shown = latest.get().expect("published");
+        let count = shown.batch().samples().iter().find(|s| s.name == "round").map(|s| s.value);
+        assert_eq!(count, Some(crate::batch::Value::Count(k)), "round {k} shown");
+        assert!(shown.batch().samples().iter().any(|s| s.name == "dcmon_outbox_batches"), "self-metrics shown");
     }
     let batches = stored_batches(dir.path());
     let stamps: Vec<i64> = batches.iter().map(|b| b["timestamp"].as_i64().expect("timestamp") - T0).collect();
@@ -121,4 +127,57 @@ async fn batch_timestamps_keep_increasing_when_the_wall_clock_steps() {
     assert_eq!(value_of(&batches[3], "only_in_round_5"), Some(1), "a series only a held round had is kept");
     assert_eq!(value_of(&batches[4], "only_in_round_5"), None, "and sent once");
     assert_eq!(clock.held_rounds, 0);
+}
+
+/// Counts its runs in a counter the test reads.
+struct Counted(Arc<std::sync::atomic::AtomicU64>);
+
+impl Collector for Counted {
+    fn name(&self) -> &'static str {
+        "counted"
+    }
+    fn may_block(&self) -> bool {
+        false
+    }
+    fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        out.push(Sample::count("collections_total", n));
+        Ok(())
+    }
+}
+
+/// Scrapes read the round the loop published; they never run a collector.
+#[tokio::test(flavor = "current_thread")]
+async fn a_scrape_never_runs_the_collectors() {
+    use crate::output::metrics_endpoint::{Limits, MetricsEndpoint};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = crate::outbox::OutboxLimits { max_bytes: 1 << 20, max_age: Duration::from_secs(86_400) };
+    let outbox = SharedOutbox::new(crate::outbox::Outbox::open(dir.path(), limits, 1));
+    let mut clock = BatchClock::new(Arc::new(SystemClock));
+    let runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut scheduler = Scheduler::new(vec![Box::new(Counted(runs.clone()))], "m".into(), Duration::from_secs(1));
+    let latest = LatestRound::new();
+    let endpoint =
+        MetricsEndpoint::bind(([127, 0, 0, 1], 0).into(), latest.clone(), Limits::default()).expect("bind loopback");
+    let scrape = || async {
+        let mut s = tokio::net::TcpStream::connect(endpoint.local_addr()).await.expect("connect");
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.expect("write");
+        let mut raw = String::new();
+        s.read_to_string(&mut raw).await.expect("read");
+        raw
+    };
+    assert!(scrape().await.starts_with("HTTP/1.1 503"), "before the first round");
+    let start = tokio::time::Instant::now() + Duration::from_secs(3600);
+    for k in 1..=2_u64 {
+        // One second apart, so the clock admits each round.
+        tokio::time::sleep(Duration::from_millis(1001)).await;
+        round(&mut scheduler, &mut clock, &outbox, &latest, start + Duration::from_secs(k)).await;
+        for _ in 0..10 {
+            let text = scrape().await;
+            assert!(text.contains(&format!("collections_total{{machine_id=\"m\"}} {k}\n")), "{text}");
+        }
+        assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), k, "collections after round {k} and 10 scrapes");
+    }
 }

@@ -1,4 +1,6 @@
-//! Delivery: sends the outbox's batches oldest first and applies the retry policy.
+//! Delivery: one task per output ([`deliver`]), each sending the outbox's batches oldest first
+//! from its own cursor and applying the retry policy on its own (backoff, Retry-After, log
+//! throttling, catch-up pace), so a slow or dead output never delays another.
 //!
 //! - network error, timeout, 3xx, 5xx and every 4xx not named below (404, 405, 407, 408, 429,
 //!   431, ...): exponential backoff with full jitter, capped. A Retry-After on 429 and 503
@@ -7,7 +9,8 @@
 //!   right before each retry, so fixing the key (or re-enabling the client on the server)
 //!   delivers the backlog.
 //! - 400, 413, 422 only: the batch can never be accepted; move it to `rejected/` with the
-//!   answer logged and go on with the next.
+//!   answer logged and go on with the next. For an output other than the dcmon server a
+//!   rejected batch is counted and its receiver's answer logged, and it goes on (no copy).
 //! - After an outage the backlog goes out at a bounded rate, in order, while collection carries
 //!   on in its own task.
 
@@ -21,7 +24,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::api_key::{ApiKey, ApiKeyError, PermissionWarning};
-use crate::outbox::SharedOutbox;
+use crate::outbox::{DCMON_OUTPUT, SharedOutbox};
+use crate::output::remote_write::{RemoteWriteClient, RemoteWriteError, RemoteWriteSent};
 use crate::upload::{Delivered, UploadError, Uploader, Verdict};
 
 /// How the delivery loop paces itself.
@@ -40,18 +44,109 @@ pub struct DeliveryPolicy {
     pub api_key_file: PathBuf,
 }
 
-/// What the delivery loop needs from the HTTP client ([`Uploader`]); a trait so the loop's
-/// timing can be tested in paused time, where real sockets and timers do not mix.
-pub trait BatchSender {
-    /// Post one batch and classify the answer.
-    fn send(&mut self, body: Bytes) -> impl Future<Output = Result<Delivered, UploadError>> + Send;
-    /// Use this key from the next post on.
-    fn set_key(&mut self, key: &ApiKey) -> anyhow::Result<()>;
+/// A send that failed, as the delivery loop needs it: what to do about it ([`Verdict`]) and,
+/// through `Display`, what to log.
+pub trait SendFailure: std::fmt::Display {
+    /// Retry later, keep batches and retry slowly (not authorised), or give the batch up.
+    fn verdict(&self) -> Verdict;
+    /// The answer's status code for the debug line of each post; "none" without an answer.
+    fn status(&self) -> String {
+        "none".to_owned()
+    }
+}
+
+impl SendFailure for UploadError {
+    fn verdict(&self) -> Verdict {
+        UploadError::verdict(self)
+    }
+
+    fn status(&self) -> String {
+        match self {
+            Self::Status { status, .. } => status.as_u16().to_string(),
+            Self::InvalidStatus { code } => code.to_string(),
+            Self::Unreachable { .. } => "none".to_owned(),
+        }
+    }
+}
+
+/// A delivered batch's answer, as the debug line of each post shows it.
+pub trait SendSuccess {
+    /// Its status code; "2xx" when the client does not say.
+    fn status(&self) -> String {
+        "2xx".to_owned()
+    }
+}
+
+impl SendSuccess for Delivered {
+    fn status(&self) -> String {
+        self.status.as_u16().to_string()
+    }
+}
+
+/// A client that reports nothing about a delivered batch.
+impl SendSuccess for () {}
+
+/// What the delivery loop needs from an output's client ([`Uploader`] for the dcmon server;
+/// remote_write clients fit too); a trait so the loop's timing can be tested in paused time,
+/// where real sockets and timers do not mix.
+pub trait BatchSender: Send + 'static {
+    /// What a delivered batch's answer says.
+    type Sent: SendSuccess + Send;
+    /// Why a send failed.
+    type Error: SendFailure + Send;
+    /// Send one batch (the outbox's JSON body) and classify the answer.
+    fn send(&mut self, body: Bytes) -> impl Future<Output = Result<Self::Sent, Self::Error>> + Send;
+    /// Whether it sends the agent's API key, so that after a 401/403 the key file is read
+    /// again before the retry ([`BatchSender::set_key`]).
+    fn uses_api_key(&self) -> bool {
+        false
+    }
+    /// Use this key from the next send on (only called when [`BatchSender::uses_api_key`]).
+    fn set_key(&mut self, _key: &ApiKey) -> anyhow::Result<()> {
+        Ok(())
+    }
+}
+
+impl SendFailure for RemoteWriteError {
+    fn verdict(&self) -> Verdict {
+        RemoteWriteError::verdict(self)
+    }
+
+    fn status(&self) -> String {
+        match self {
+            Self::Status { status, .. } => status.as_u16().to_string(),
+            Self::InvalidStatus { code, .. } => code.to_string(),
+            Self::Unreachable { .. } | Self::Batch { .. } => "none".to_owned(),
+        }
+    }
+}
+
+impl SendSuccess for RemoteWriteSent {
+    fn status(&self) -> String {
+        // No request at all: an empty batch with nothing gone stale.
+        self.status.map_or_else(|| "none".to_owned(), |s| s.as_u16().to_string())
+    }
+}
+
+impl BatchSender for RemoteWriteClient {
+    type Sent = RemoteWriteSent;
+    type Error = RemoteWriteError;
+
+    fn send(&mut self, body: Bytes) -> impl Future<Output = Result<RemoteWriteSent, RemoteWriteError>> + Send {
+        RemoteWriteClient::send(self, body)
+    }
 }
 
 impl BatchSender for Uploader {
+    type Sent = Delivered;
+    type Error = UploadError;
+
     fn send(&mut self, body: Bytes) -> impl Future<Output = Result<Delivered, UploadError>> + Send {
         Uploader::send(self, body)
+    }
+
+    fn uses_api_key(&self) -> bool {
+        true
     }
 
     fn set_key(&mut self, key: &ApiKey) -> anyhow::Result<()> {
@@ -177,20 +272,28 @@ fn count_metrics(body: &[u8]) -> usize {
 }
 
 /// The debug line for one post: what went and what came back.
-fn log_post(seq: u64, samples: usize, bytes: usize, result: &Result<Delivered, UploadError>, took: Duration) {
+fn log_post<S: BatchSender>(
+    output: &str,
+    seq: u64,
+    samples: usize,
+    bytes: usize,
+    result: &Result<S::Sent, S::Error>,
+    took: Duration,
+) {
     let status = match result {
-        Ok(d) => d.status.as_u16().to_string(),
-        Err(UploadError::Status { status, .. }) => status.as_u16().to_string(),
-        Err(UploadError::InvalidStatus { code }) => code.to_string(),
-        Err(UploadError::Unreachable { .. }) => "none".to_owned(),
+        Ok(sent) => sent.status(),
+        Err(e) => e.status(),
     };
-    tracing::debug!(seq, samples, bytes, status = %status, took = ?took, "batch posted");
+    tracing::debug!(output, seq, samples, bytes, status = %status, took = ?took, "batch posted");
 }
 
-/// Send batches until `shutdown` turns true; with none waiting, wait for the next push.
-pub async fn deliver(
+/// Send `output`'s batches (from its cursor in the outbox) until `shutdown` turns true; with
+/// none waiting, wait for the next push. Run one per output: each keeps its own failures,
+/// backoff and log throttling.
+pub async fn deliver<S: BatchSender>(
     outbox: SharedOutbox,
-    mut sender: impl BatchSender,
+    output: String,
+    mut sender: S,
     policy: DeliveryPolicy,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -199,14 +302,17 @@ pub async fn deliver(
     let mut key_file = KeyFile { path: policy.api_key_file.clone(), pending: None };
     let mut reread_key = false;
     let pace = Duration::from_secs(1) / policy.catchup_batches_per_sec.max(1);
+    // Subscribed before the first look at the outbox, so no push in between is missed.
+    let mut pushes = outbox.watch_pushes();
+    let dcmon = output == DCMON_OUTPUT;
     loop {
         if *shutdown.borrow() {
             return;
         }
-        let next = outbox.lock().oldest();
+        let next = outbox.lock().oldest_for(&output);
         let Some((seq, body)) = next else {
             tokio::select! {
-                () = outbox.pushed() => {}
+                () = pushes.pushed() => {}
                 _ = shutdown.changed() => {}
             }
             continue;
@@ -225,7 +331,7 @@ pub async fn deliver(
         let started = tokio::time::Instant::now();
         let result = sender.send(body).await;
         if let Some(samples) = samples {
-            log_post(seq, samples, bytes, &result, started.elapsed());
+            log_post::<S>(&output, seq, samples, bytes, &result, started.elapsed());
         }
         if result.as_ref().is_err_and(|e| !matches!(e.verdict(), Verdict::Rejected)) {
             // The batch has to wait: make sure it outlives a power loss.
@@ -234,40 +340,64 @@ pub async fn deliver(
         let pause = match result {
             Ok(_) => {
                 let mut o = outbox.lock();
-                o.remove(seq);
+                o.delivered(&output, seq);
+                let backlog = o.backlog_for(&output);
                 if failures > 0 || log.last.is_some() {
-                    tracing::info!(backlog = o.stats().batches, "uploads succeeding again");
+                    tracing::info!(output, backlog, "uploads succeeding again");
                     log.last = None;
                 }
                 failures = 0;
                 // Pace only the backlog: with nothing waiting the loop sleeps until a push.
-                if o.stats().batches > 0 { pace } else { Duration::ZERO }
+                if backlog > 0 { pace } else { Duration::ZERO }
             }
             Err(e) => match e.verdict() {
                 Verdict::RetryLater { retry_after } => {
                     failures = failures.saturating_add(1);
                     let delay = retry_delay(&policy, failures, retry_after);
+                    let backlog = {
+                        let mut o = outbox.lock();
+                        o.send_failed(&output);
+                        o.backlog_for(&output)
+                    };
                     if log.should_log(&e.to_string()) {
-                        let backlog = outbox.stats().batches;
-                        tracing::warn!(backlog, "upload failed: {e}; retrying in {delay:.1?} (batches are kept)");
+                        tracing::warn!(
+                            output,
+                            backlog,
+                            "upload failed: {e}; retrying in {delay:.1?} (batches are kept)"
+                        );
                     }
                     delay
                 }
                 Verdict::NotAuthorized => {
+                    let backlog = {
+                        let mut o = outbox.lock();
+                        o.send_failed(&output);
+                        o.backlog_for(&output)
+                    };
                     if log.should_log(&e.to_string()) {
-                        let backlog = outbox.stats().batches;
                         tracing::error!(
+                            output,
                             backlog,
                             "upload refused: {e}; keeping batches, retrying every {:?}",
                             policy.auth_retry
                         );
                     }
-                    reread_key = true;
+                    reread_key = sender.uses_api_key();
                     policy.auth_retry
                 }
                 Verdict::Rejected => {
-                    tracing::error!("server refused a batch for good: {e}; moved it to rejected/ and going on");
-                    outbox.lock().reject(seq, &e.to_string());
+                    if dcmon {
+                        tracing::error!(
+                            output,
+                            "server refused a batch for good: {e}; moved it to rejected/ and going on"
+                        );
+                    } else {
+                        tracing::error!(
+                            output,
+                            "output {output} refused batch {seq} for good: {e}; dropped it for this output and going on"
+                        );
+                    }
+                    outbox.lock().gave_up(&output, seq, &e.to_string());
                     Duration::ZERO
                 }
             },

@@ -4,22 +4,52 @@
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
-use tokio::sync::Notify;
+use tokio::sync::watch;
 
 use super::{Outbox, OutboxStats};
+use crate::batch::Sample;
 
 /// A handle on one outbox; clones share it.
 #[derive(Debug, Clone)]
 pub struct SharedOutbox {
     outbox: Arc<Mutex<Outbox>>,
-    /// Notified at each push, so that delivery waiting on an empty outbox goes on.
-    pushed: Arc<Notify>,
+    /// Bumped at each push, so that every output's delivery waiting for a batch goes on (a
+    /// `Notify` wakes only one waiter, and there is one per output).
+    pushed: Arc<watch::Sender<()>>,
+}
+
+/// One delivery task's view of the pushes ([`SharedOutbox::watch_pushes`]).
+#[derive(Debug)]
+pub struct PushWatch(watch::Receiver<()>);
+
+impl PushWatch {
+    /// Until the next push since the last wait (at once if one came meanwhile).
+    pub async fn pushed(&mut self) {
+        if self.0.changed().await.is_err() {
+            // The sender lives as long as the outbox; should it go, no push ever comes.
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 impl SharedOutbox {
     /// Share `outbox`.
     pub fn new(outbox: Outbox) -> Self {
-        Self { outbox: Arc::new(Mutex::new(outbox)), pushed: Arc::new(Notify::new()) }
+        Self { outbox: Arc::new(Mutex::new(outbox)), pushed: Arc::new(watch::channel(()).0) }
+    }
+
+    /// Wake-ups at each push, for one delivery task; pushes before this call are not seen.
+    pub fn watch_pushes(&self) -> PushWatch {
+        PushWatch(self.pushed.subscribe())
+    }
+
+    /// The outbox self-metrics and each output's ([`Outbox::output_samples`]), for a batch
+    /// stamped `now_unix`.
+    pub fn samples(&self, now_unix: i64) -> Vec<Sample> {
+        let o = self.lock();
+        let mut samples = o.stats().samples().to_vec();
+        samples.extend(o.output_samples(now_unix));
+        samples
     }
 
     /// Lock the outbox. Its state stays consistent even if a holder panicked (every method
@@ -43,13 +73,8 @@ impl SharedOutbox {
             o.push(timestamp, body);
             o.backlog_needs_sync()
         };
-        self.pushed.notify_one();
+        self.pushed.send_replace(());
         must_sync
-    }
-
-    /// Until the next [`SharedOutbox::push`] (at once if one came since the last wait).
-    pub async fn pushed(&self) {
-        self.pushed.notified().await;
     }
 
     /// Fsync what the outbox wrote since the last sync, on a blocking thread, so the batches

@@ -1,5 +1,16 @@
-//! The durable outbox: every batch is written to disk before it is sent, and leaves only when the
-//! server answered 2xx (or refused it for good, or a bound dropped it).
+//! The durable outbox: every batch is written to disk before it is sent, and leaves only when
+//! every output has delivered it (or refused it for good), or a bound dropped it.
+//!
+//! # Outputs and cursors
+//! Several outputs (the dcmon server, remote_write receivers: [`crate::output`]) deliver the
+//! same batches, each at its own pace: each has a cursor, the first batch it has not finished
+//! ([`Outbox::oldest_for`], [`Outbox::delivered`], [`Outbox::gave_up`]). A batch leaves once
+//! every configured output ([`Outbox::set_outputs`]) is past it; an output taken out of the
+//! config no longer holds batches, and one with no saved cursor starts at the oldest batch
+//! waiting. Cursor advances are persisted as `C` records (see [`record`]), so a restart or a
+//! kill -9 resumes each output where it was; a lost `C` record means resending, never losing.
+//! The size and age bounds drop batches for every output. Until `set_outputs` is called the
+//! only output is [`DCMON_OUTPUT`], which is the single-output behaviour of earlier releases.
 //!
 //! # Layout
 //! Append-only segment files `<segment number as 16 hex digits>.seg`, numbered in creation
@@ -41,10 +52,11 @@
 //! # Files
 //! [`record`] the record codec; `segment` the segment files and their fsync; `writer` appends;
 //! `open` indexes what earlier runs left; `queue` hands out the oldest batch and applies the
-//! bounds; `repair` puts right files changed underneath the agent; `set_aside` the `corrupt/`
+//! bounds; `cursor` the outputs' cursors and counters; `repair` puts right files changed underneath the agent; `set_aside` the `corrupt/`
 //! and `rejected/` folders; `lock` one agent per directory; `handle` the outbox shared by the
 //! daemon loop and delivery.
 
+mod cursor;
 mod handle;
 mod lock;
 mod open;
@@ -55,20 +67,25 @@ mod segment;
 mod set_aside;
 mod writer;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-pub use self::handle::SharedOutbox;
+pub use self::cursor::OutputStats;
+pub use self::handle::{PushWatch, SharedOutbox};
 pub use self::open::{StoredBatch, inspect};
 use self::queue::DropLog;
-pub use self::record::{Corrupt, MAX_BODY_BYTES, Record, batch_record_len, encode_batch, encode_done, parse_segment};
+pub use self::record::{
+    Corrupt, MAX_BODY_BYTES, OUTPUT_NAME_MAX, Record, batch_record_len, encode_batch, encode_cursor, encode_done,
+    parse_segment, valid_output_name,
+};
 use self::segment::Segment;
 pub use self::segment::SyncJob;
 use crate::batch::Sample;
+pub use crate::output::DCMON_OUTPUT;
 
 /// Size and age bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,7 +108,7 @@ pub struct OutboxStats {
     /// Torn or corrupt records set aside, and batches lost from files changed underneath the
     /// agent, since start.
     pub corrupt_total: u64,
-    /// Batches the server refused for good (400, 413, 422) since start.
+    /// Batches the dcmon server refused for good (400, 413, 422) since start.
     pub rejected_total: u64,
     /// Batches held in memory because the directory cannot be written.
     pub in_memory: u64,
@@ -190,6 +207,13 @@ pub struct Outbox {
     /// The directory's device and inode, to notice it being deleted or replaced.
     dir_identity: Option<(u64, u64)>,
     drops: DropLog,
+    /// The outputs that deliver from this outbox, in config order.
+    outputs: Vec<String>,
+    /// Each output's cursor: the lowest seq it has not finished. Read back from `C` records at
+    /// open; kept for an output taken out of the config, in case a reload brings it back.
+    cursors: BTreeMap<String, u64>,
+    /// Per-output counters since start, kept across reloads.
+    output_stats: BTreeMap<String, OutputStats>,
     /// Record bytes being assembled (kept to reuse the allocation).
     scratch: Vec<u8>,
 }

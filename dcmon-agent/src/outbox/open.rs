@@ -1,7 +1,7 @@
 //! Opening an outbox: its lock, and the index of what earlier runs left (their segments read
 //! record by record, damage set aside, torn tails cut off).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io::{BufReader, Read as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -12,7 +12,7 @@ use super::record::{Corrupt, Found, RecordReader, record_len};
 use super::segment::{
     OPEN_SEGMENTS_MAX, SEGMENT_READ_MAX, Segment, file_for_cut, identity, list_segments, open_regular,
 };
-use super::{Entry, Outbox, OutboxInUse, OutboxLimits, OutboxStats, Stored};
+use super::{DCMON_OUTPUT, Entry, Outbox, OutboxInUse, OutboxLimits, OutboxStats, Stored};
 
 /// A batch waiting in an outbox, as [`inspect`] reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,7 +45,8 @@ pub fn inspect(dir: &Path) -> std::io::Result<Vec<StoredBatch>> {
                 Found::Done { seq } => {
                     done.insert(seq);
                 }
-                Found::Damaged { .. } => {}
+                // Cursors say which outputs still have a batch to send; it waits until all do.
+                Found::Cursor { .. } | Found::Damaged { .. } => {}
             }
         }
     }
@@ -88,6 +89,9 @@ impl Outbox {
             in_use: None,
             dir_identity: None,
             drops: DropLog::default(),
+            outputs: vec![DCMON_OUTPUT.to_owned()],
+            cursors: BTreeMap::new(),
+            output_stats: BTreeMap::new(),
             scratch: Vec::new(),
         };
         if let Err(e) = std::fs::create_dir_all(&outbox.dir) {
@@ -189,6 +193,12 @@ impl Outbox {
                     Ok(Some(Found::Done { seq })) => {
                         done.insert(seq);
                     }
+                    Ok(Some(Found::Cursor { output, seq })) => {
+                        // Cursors only move forward; the highest one found is where it got.
+                        let next = seq.saturating_add(1);
+                        let cursor = self.cursors.entry(output).or_insert(next);
+                        *cursor = (*cursor).max(next);
+                    }
                     Ok(Some(Found::Damaged { offset, len, why })) => {
                         if why == Corrupt::Torn {
                             intact_len = offset;
@@ -220,6 +230,11 @@ impl Outbox {
                 writable: false,
                 pending: 0,
             });
+        }
+        // New batches must be numbered past every cursor, or an output would take them for
+        // done: a cursor record can outlive the batch records it covers (their segment deleted).
+        if let Some(&cursor) = self.cursors.values().max() {
+            self.next_seq = self.next_seq.max(cursor);
         }
         found.retain(|e| !done.contains(&e.seq));
         found.sort_by_key(|e| e.seq);

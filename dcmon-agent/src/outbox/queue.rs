@@ -25,8 +25,14 @@ impl Outbox {
     /// set aside in `corrupt/` (logged, counted) and skipped; it is never marked done, so it
     /// cannot hide another batch.
     pub fn oldest(&mut self) -> Option<(u64, Bytes)> {
+        self.oldest_from(0)
+    }
+
+    /// [`Outbox::oldest`] among the batches numbered `from` and up (an output's cursor).
+    pub(super) fn oldest_from(&mut self, from: u64) -> Option<(u64, Bytes)> {
         loop {
-            let front = self.entries.front()?;
+            // Entries are in seq order: pushed in order, sorted at open.
+            let front = self.entries.get(self.entries.partition_point(|e| e.seq < from))?;
             let (seq, timestamp, len, record_len) = (front.seq, front.timestamp, front.len, front.bytes);
             let (segment, body_offset, crc) = match &front.stored {
                 Stored::Memory(b) | Stored::Disk { cached: Some(b), .. } => return Some((seq, b.clone())),
@@ -69,15 +75,25 @@ impl Outbox {
         Ok(body)
     }
 
-    /// The server accepted batch `seq`: forget it.
+    /// Batch `seq` is delivered to every output: forget it. (Outputs with cursors use
+    /// [`Outbox::delivered`].)
     pub fn remove(&mut self, seq: u64) {
         self.finish(seq, true);
     }
 
     /// The server will never accept batch `seq` (400, 413, 422): copy it to `rejected/` with the
-    /// server's answer beside it, and go on with the next.
+    /// server's answer beside it, and go on with the next, for every output. (Outputs with
+    /// cursors use [`Outbox::gave_up`].)
     pub fn reject(&mut self, seq: u64, answer: &str) {
-        let Some(e) = self.entries.iter().find(|e| e.seq == seq) else { return };
+        if self.copy_rejected(seq, answer) {
+            self.finish(seq, true);
+        }
+    }
+
+    /// Copy batch `seq` to `rejected/` with the server's answer beside it, and count it;
+    /// false when it is no longer queued.
+    pub(super) fn copy_rejected(&mut self, seq: u64, answer: &str) -> bool {
+        let Some(e) = self.entries.iter().find(|e| e.seq == seq) else { return false };
         self.stats.rejected_total += 1;
         let (timestamp, len) = (e.timestamp, e.len);
         let body = match &e.stored {
@@ -88,12 +104,12 @@ impl Outbox {
             }
         };
         self.set_aside_rejected(seq, timestamp, body, answer);
-        self.finish(seq, true);
+        true
     }
 
-    /// Batch `seq` leaves the queue: record that on disk (when `mark_done`) and delete segments
-    /// left with nothing to deliver.
-    fn finish(&mut self, seq: u64, mark_done: bool) {
+    /// Batch `seq` leaves the queue, for every output: record that on disk (when `mark_done`)
+    /// and delete segments left with nothing to deliver.
+    pub(super) fn finish(&mut self, seq: u64, mark_done: bool) {
         let Some(pos) = self.entries.iter().position(|e| e.seq == seq) else { return };
         let Some(e) = self.entries.remove(pos) else { return };
         self.stats.batches -= 1;
@@ -110,29 +126,32 @@ impl Outbox {
                 if mark_done && !gone {
                     self.scratch.clear();
                     encode_done(&mut self.scratch, seq);
-                    match self.append_scratch() {
-                        Ok(_) => {
-                            if let Some(was) = self.done_error.take() {
-                                tracing::info!(
-                                    "outbox {}: delivered batches are recorded again (was: {was})",
-                                    self.dir.display()
-                                );
-                            }
-                        }
-                        Err(e) => {
-                            let why = e.to_string();
-                            if self.done_error.as_deref() != Some(why.as_str()) {
-                                // The batch may be sent again after a restart; nothing is lost.
-                                tracing::warn!(
-                                    "outbox {}: cannot record delivered batches ({why}); they may be sent again after a restart",
-                                    self.dir.display()
-                                );
-                                self.done_error = Some(why);
-                            }
-                        }
-                    }
+                    self.append_progress();
                 }
                 self.delete_done_segments();
+            }
+        }
+    }
+
+    /// Append `self.scratch`, a `D` or `C` record: progress that, if lost, only means sending
+    /// a batch again after a restart. A failure is logged once per distinct error.
+    pub(super) fn append_progress(&mut self) {
+        match self.append_scratch() {
+            Ok(_) => {
+                if let Some(was) = self.done_error.take() {
+                    tracing::info!("outbox {}: delivered batches are recorded again (was: {was})", self.dir.display());
+                }
+            }
+            Err(e) => {
+                let why = e.to_string();
+                if self.done_error.as_deref() != Some(why.as_str()) {
+                    // The batch may be sent again after a restart; nothing is lost.
+                    tracing::warn!(
+                        "outbox {}: cannot record delivered batches ({why}); they may be sent again after a restart",
+                        self.dir.display()
+                    );
+                    self.done_error = Some(why);
+                }
             }
         }
     }

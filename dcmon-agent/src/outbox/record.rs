@@ -1,14 +1,22 @@
-//! The record codec: how a batch and a "done" mark are written into a segment, and a reader
-//! that finds them again in bounded memory, whatever the file holds.
+//! The record codec: how a batch, a "done" mark and an output's cursor are written into a
+//! segment, and a reader that finds them again in bounded memory, whatever the file holds.
 //!
 //! ```text
 //! DCMB2 B <seq:016x> <timestamp> <body length> <crc32:08x>\n<body>\n   a batch
 //! DCMB2 D <seq:016x> <crc32:08x>\n                                      batch <seq> is done
+//! DCMB2 C <seq:016x> <output> <crc32:08x>\n                             <output> is done with
+//!                                                                        every batch up to <seq>
 //! ```
 //!
 //! The CRC covers the header fields and the body, so a torn or damaged record is detected. A
 //! body is compact JSON, which never holds a raw newline, so records are lines: after damage
 //! the reader resumes at the next header line.
+//!
+//! `D` means done for every output (the only kind the first releases wrote, and still what a
+//! batch gets once its last output is done with it). `C` records came with several outputs
+//! (issue 16): an output delivers oldest first, so one number says how far it got. An
+//! `<output>` name is 1 to [`OUTPUT_NAME_MAX`] printable ASCII bytes without spaces; a reader
+//! that predates `C` records sets them aside as damage, which only means resending.
 
 use std::io::{BufRead, Write as _};
 
@@ -18,8 +26,13 @@ pub(super) const MAGIC: &[u8] = b"DCMB2 ";
 /// a larger length is damage. The reader never allocates by a declared length anyway.
 pub const MAX_BODY_BYTES: u64 = 256 << 20;
 
-/// A header line is at most 6 + 60 + 9 bytes; a longer line is not a header.
-const HEADER_MAX: usize = 80;
+/// The longest output name a cursor record carries (config names are at most 64 bytes; a
+/// name derived from a URL's `host:port` at most 253 + 6).
+pub const OUTPUT_NAME_MAX: usize = 260;
+
+/// A header line is at most 6 + 60 + 9 bytes for a batch, 6 + 2 + 16 + 1 + [`OUTPUT_NAME_MAX`]
+/// + 9 for a cursor; a longer line is not a header.
+const HEADER_MAX: usize = 6 + 2 + 16 + 1 + OUTPUT_NAME_MAX + 9;
 
 /// Why a stored record cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,6 +83,13 @@ pub enum Record<'a> {
     /// Batch `seq` is done (delivered, rejected or dropped).
     Done {
         /// Its sequence number.
+        seq: u64,
+    },
+    /// Output `output` is done with every batch up to and including `seq`.
+    Cursor {
+        /// The output's name.
+        output: String,
+        /// The last batch it is done with.
         seq: u64,
     },
     /// Bytes that are not a valid record.
@@ -136,6 +156,37 @@ fn done_fields(seq: u64) -> [u8; 18] {
     fields
 }
 
+/// Whether `output` can be written into a cursor record: 1 to [`OUTPUT_NAME_MAX`] printable
+/// ASCII bytes, no space (fields are space-separated, records are lines).
+pub fn valid_output_name(output: &str) -> bool {
+    (1..=OUTPUT_NAME_MAX).contains(&output.len()) && output.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// `C {seq:016x} {output}`: a cursor record's fields, which its CRC covers.
+fn cursor_fields(seq: u64, output: &str) -> Vec<u8> {
+    let mut fields = Vec::with_capacity(2 + 16 + 1 + output.len());
+    fields.extend_from_slice(b"C ");
+    fields.extend_from_slice(&hex_seq(seq));
+    fields.push(b' ');
+    fields.extend_from_slice(output.as_bytes());
+    fields
+}
+
+/// Append the record saying `output` is done with every batch up to `seq` to `out`. Returns
+/// false (appending nothing) for a name a record cannot carry ([`valid_output_name`]).
+pub fn encode_cursor(out: &mut Vec<u8>, output: &str, seq: u64) -> bool {
+    if !valid_output_name(output) {
+        return false;
+    }
+    let fields = cursor_fields(seq, output);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&fields);
+    out.push(b' ');
+    out.extend_from_slice(&hex_crc(crc32fast::hash(&fields)));
+    out.push(b'\n');
+    true
+}
+
 /// Append the record of a batch to `out`; returns its CRC.
 pub fn encode_batch(out: &mut Vec<u8>, seq: u64, timestamp: i64, body: &[u8]) -> u32 {
     let (fields, len) = batch_fields(seq, timestamp, body.len());
@@ -189,6 +240,7 @@ pub fn parse_segment(data: &[u8]) -> Vec<Record<'_>> {
                 Record::Batch { seq, timestamp, body_offset: start, body: &data[start..start + at(body_len)], crc }
             }
             Found::Done { seq } => Record::Done { seq },
+            Found::Cursor { output, seq } => Record::Cursor { output, seq },
             Found::Damaged { offset, len, why } => Record::Damaged { offset: at(offset), len: at(len), why },
         });
     }
@@ -200,6 +252,7 @@ pub fn parse_segment(data: &[u8]) -> Vec<Record<'_>> {
 pub(super) enum Found {
     Batch { seq: u64, timestamp: i64, body_offset: u64, body_len: u64, crc: u32 },
     Done { seq: u64 },
+    Cursor { output: String, seq: u64 },
     Damaged { offset: u64, len: u64, why: Corrupt },
 }
 
@@ -343,6 +396,13 @@ impl<R: BufRead> RecordReader<R> {
                 (Some(_), Some(_)) => Found::Damaged { offset: line.offset, len: line.len, why: Corrupt::Checksum },
                 _ => Found::Damaged { offset: line.offset, len: line.len, why: Corrupt::Header },
             },
+            ["C", seq, output, crc] if valid_output_name(output) => match (parse_hex_seq(seq), parse_crc(crc)) {
+                (Some(seq), Some(crc)) if crc32fast::hash(&cursor_fields(seq, output)) == crc => {
+                    Found::Cursor { output: (*output).to_owned(), seq }
+                }
+                (Some(_), Some(_)) => Found::Damaged { offset: line.offset, len: line.len, why: Corrupt::Checksum },
+                _ => Found::Damaged { offset: line.offset, len: line.len, why: Corrupt::Header },
+            },
             _ => return self.damaged_until_next_header(&line, Corrupt::Header).map(Some),
         };
         Ok(Some(found))
@@ -383,6 +443,25 @@ mod tests {
             ),
             "{records:?}"
         );
+    }
+
+    #[test]
+    fn the_cursor_record_format_is_pinned_and_its_damage_named() {
+        // Issue 16: segments written now must read the same in later releases.
+        let pinned = "DCMB2 C 000000000000001f prom-1:9090 00e141fd\n";
+        let mut seg = Vec::new();
+        assert!(encode_cursor(&mut seg, "prom-1:9090", 0x1f));
+        assert_eq!(String::from_utf8(seg.clone()).expect("utf8"), pinned);
+        assert_eq!(parse_segment(&seg), [Record::Cursor { output: "prom-1:9090".to_owned(), seq: 0x1f }]);
+        let mut flipped = seg.clone();
+        flipped[10] ^= 1; // in the seq
+        assert!(matches!(parse_segment(&flipped)[..], [Record::Damaged { offset: 0, why: Corrupt::Checksum, .. }]));
+        let mut flipped = seg.clone();
+        flipped[26] ^= 1; // in the name
+        assert!(matches!(parse_segment(&flipped)[..], [Record::Damaged { offset: 0, why: Corrupt::Checksum, .. }]));
+        let mut cut = seg.clone();
+        cut.truncate(seg.len() - 1);
+        assert!(matches!(parse_segment(&cut)[..], [Record::Damaged { why: Corrupt::Torn, .. }]));
     }
 
     #[test]
@@ -434,6 +513,8 @@ mod tests {
             ends.push((seg.len(), 1u32));
         }
         encode_done(&mut seg, 0);
+        ends.push((seg.len(), 0));
+        assert!(encode_cursor(&mut seg, "prom", 1));
         ends.push((seg.len(), 0));
         for cut in 0..=seg.len() {
             let records = parse_segment(&seg[..cut]);

@@ -3,8 +3,11 @@
 //!
 //! - the dcmon server (JSON, [`crate::upload`]), the default output, named [`DCMON_OUTPUT`];
 //! - Prometheus remote_write receivers ([`remote_write`]), each named by its config;
-//! - the latest round served at `/metrics` for scrapers (pull; no cursor).
+//! - the latest round served at `/metrics` for scrapers (pull; no cursor): [`metrics_endpoint`]
+//!   serves it, [`exposition`] renders it.
 
+pub mod exposition;
+pub mod metrics_endpoint;
 pub mod remote_write;
 
 /// The `output` label and cursor name of the dcmon server output. No remote_write output may

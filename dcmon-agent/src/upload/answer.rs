@@ -137,7 +137,7 @@ pub fn classify_answer(
 /// in any of the three forms RFC 9110 says to accept (a date in the past is no wait). A
 /// number too big for a u64 is "very long" ([`Duration::MAX`]); the delivery loop bounds it.
 /// `None` when the value is neither.
-pub(super) fn retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
+pub(crate) fn retry_after(value: &HeaderValue, now: SystemTime) -> Option<Duration> {
     let text = value.to_str().ok()?.trim();
     if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
         return Some(text.parse::<u64>().map_or(Duration::MAX, Duration::from_secs));

@@ -22,11 +22,12 @@ pub use tls::{CaFile, client_builder};
 
 use crate::api_key::ApiKey;
 use answer::Answer;
+pub(crate) use answer::retry_after;
 use direct::{Direct, direct_target};
-use tls::with_tls_hint;
+pub(crate) use tls::with_tls_hint;
 
 /// How many bytes of a server's answer are read; the rest is untrusted and of no use.
-const ANSWER_BODY_CAP: usize = 64 * 1024;
+pub(crate) const ANSWER_BODY_CAP: usize = 64 * 1024;
 
 /// Posts batches to one server with one key. The URL and the headers are built once: a post
 /// every second should not parse a URL and format a header each time.

@@ -97,7 +97,7 @@ pub fn client_builder(ca: Option<&CaFile>) -> anyhow::Result<reqwest::ClientBuil
 }
 
 /// The reason for an unreachable server, with a hint when its certificate was not trusted.
-pub(super) fn with_tls_hint(reason: String) -> String {
+pub(crate) fn with_tls_hint(reason: String) -> String {
     if reason.contains("invalid peer certificate") {
         format!("{reason} (the server's certificate is not signed by a trusted CA: for an internal CA, set ca_file)")
     } else {

@@ -1,7 +1,7 @@
 //! The outbox's unit tests: the queue, its files and their damage, on real directories.
 //!
 //! This file holds the shared helpers; the tests are in one file per role: `queue`, `recovery`,
-//! `hostile` and `property`.
+//! `hostile`, `property`, `cursors`, `bounds` and `read_back`.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -124,8 +124,9 @@ impl Drop for SmallFs {
     }
 }
 
-/// Issue 22: the bounds the record reader enforces.
+/// Issue 22: the bounds the record reader and the queue enforce.
 mod bounds;
+mod cursors;
 mod hostile;
 /// Issue 14's fuzzing: any sequence of pushes, deliveries, rejections, crashes and cut
 /// files loses nothing inside the bounds, and reports every loss outside them.

@@ -1,7 +1,7 @@
 //! One `remote_write` entry of the config: where to send, how to authenticate, what to add.
 //!
 //! Secrets (the bearer token, the basic-auth password) are named by file, never written in
-//! the config; the files are read when the config is loaded.
+//! the config; the files are read (with the API key) at start and at each reload.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
