@@ -304,14 +304,30 @@ mod tests {
         }
     }
 
+    /// Each error says what was expected and quotes what was there.
     #[test]
     fn garbage_is_an_error_not_a_panic() {
-        assert!(parse_loadavg("not a loadavg").is_err());
-        assert!(parse_cpu_ticks("cpu  x y z 1\n").is_err());
-        assert!(parse_cpu_ticks("cpu  1 2 3\n").is_err());
-        assert!(parse_cpu_ticks("intr 1 2 3 4\n").is_err());
-        assert!(parse_loadavg("0.5 0.4\n").is_err());
-        assert!(parse_meminfo("MemTotal: lots\n").is_err());
+        let loadavg = |got: &str| {
+            format!("expected three load averages of at least 0 such as \"0.52 0.58 0.59 ...\", got {got:?}")
+        };
+        assert_eq!(parse_loadavg("not a loadavg").expect_err("words").to_string(), loadavg("not a loadavg"));
+        assert_eq!(parse_loadavg("0.5 0.4\n").expect_err("two fields").to_string(), loadavg("0.5 0.4"));
+        assert_eq!(
+            parse_cpu_ticks("cpu  x y z 1\n").expect_err("words").to_string(),
+            "expected tick counts on the \"cpu\" line, got \"cpu  x y z 1\""
+        );
+        assert_eq!(
+            parse_cpu_ticks("cpu  1 2 3\n").expect_err("three fields").to_string(),
+            "expected at least 4 tick counts on the \"cpu\" line, got \"cpu  1 2 3\""
+        );
+        assert_eq!(
+            parse_cpu_ticks("intr 1 2 3 4\n").expect_err("another line").to_string(),
+            "expected the first line to start with \"cpu \", got \"intr 1 2 3 4\""
+        );
+        assert_eq!(
+            parse_meminfo("MemTotal: lots\n").expect_err("a word").to_string(),
+            "field MemTotal: expected a number of kB, got \"lots\""
+        );
     }
 
     #[test]
@@ -477,7 +493,11 @@ mod tests {
         let e = parse_loadavg("\r\r\r1\r11010E10013010\r0413 8 8841182\n").expect_err("infinite load");
         assert!(e.to_string().contains("expected three load averages"), "{e}");
         for text in ["inf 0.1 0.1 1/2 3\n", "0.1 NaN 0.1 1/2 3\n", "0.1 0.1 1e999 1/2 3\n"] {
-            assert!(parse_loadavg(text).is_err(), "{text:?}");
+            let e = parse_loadavg(text).expect_err(text).to_string();
+            assert!(
+                e.starts_with("expected three load averages") && e.ends_with(&format!("{:?}", text.trim_end())),
+                "{e}"
+            );
         }
     }
 
@@ -485,7 +505,11 @@ mod tests {
     fn tick_counts_that_overflow_when_added_are_an_error() {
         let e = parse_cpu_ticks("cpu  18446744073709551615 1 0 0\n").expect_err("busy overflows");
         assert!(e.to_string().contains("\"cpu  18446744073709551615 1 0 0\""), "{e}");
-        assert!(parse_cpu_ticks("cpu  1 0 0 18446744073709551615\n").is_err(), "total overflows");
+        let e = parse_cpu_ticks("cpu  1 0 0 18446744073709551615\n").expect_err("total overflows");
+        assert_eq!(
+            e.to_string(),
+            "tick counts on the \"cpu\" line add up past 2^64, got \"cpu  1 0 0 18446744073709551615\""
+        );
     }
 
     #[test]

@@ -452,7 +452,17 @@ mod tests {
 
     #[test]
     fn malformed_line_is_an_error() {
-        assert!(parse_diskstats("254 0 vda x y\n", &WholeDisks::ByName, &DeviceFilter::default_disks()).is_err());
+        let e = parse_diskstats(
+            "254 0 vda 1 0 2 0 3 0 4 0 0 0 0\n254 0 vdb x y\n",
+            &WholeDisks::ByName,
+            &DeviceFilter::default_disks(),
+        )
+        .expect_err("malformed");
+        assert_eq!(
+            e.to_string(),
+            "line 2: expected \"MAJOR MINOR NAME\" and at least 11 counters (11, 15 or 17 by kernel version), \
+             got \"254 0 vdb x y\""
+        );
     }
 
     #[test]
@@ -494,7 +504,8 @@ mod tests {
         );
         let err = parse_block_stat("vda", "1 2 x 4 5 6 7 8 9 10 11\n").expect_err("not a number");
         assert!(err.to_string().contains("field 3 is \"x\""), "{err}");
-        assert!(parse_block_stat("vda", "").is_err());
+        let err = parse_block_stat("vda", "").expect_err("empty");
+        assert_eq!(err.to_string(), "expected at least 11 numbers (11, 15 or 17 by kernel version), found 0");
     }
 
     #[test]

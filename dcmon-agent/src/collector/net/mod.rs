@@ -152,7 +152,8 @@ vethab12: 100 1 0 0 0 0 0 0 200 2 0 0 0 0 0 0
         assert_eq!(e.to_string(), "line 3: eth0: expected a counter, got \"x\"");
         let e = parse_net_dev("h1\nh2\n eth0: 1 2 3\n", &all).expect_err("short");
         assert_eq!(e.to_string(), "line 3: eth0 has too few counters");
-        assert!(parse_net_dev("h1\nh2\nno colon here\n", &all).is_err());
+        let e = parse_net_dev("h1\nh2\n eth0: 1 2 3 4 5 6 7 8 9\nno colon here\n", &all).expect_err("no colon");
+        assert_eq!(e.to_string(), "line 4: expected `<interface>: <counters>`, got \"no colon here\"");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The outbox's unit tests: the queue, its files and their damage, on real directories.
 //!
 //! This file holds the shared helpers; the tests are in one file per role: `queue`, `recovery`,
-//! `hostile`, `property` and `cursors`.
+//! `hostile`, `property`, `cursors`, `bounds` and `read_back`.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -124,10 +124,14 @@ impl Drop for SmallFs {
     }
 }
 
+/// Issue 22: the bounds the record reader and the queue enforce.
+mod bounds;
 mod cursors;
 mod hostile;
 /// Issue 14's fuzzing: any sequence of pushes, deliveries, rejections, crashes and cut
 /// files loses nothing inside the bounds, and reports every loss outside them.
 mod property;
 mod queue;
+/// Issue 22: reading a batch back for sending.
+mod read_back;
 mod recovery;
