@@ -21,8 +21,8 @@ pub struct OutputStats {
 impl Outbox {
     /// The outputs that deliver from this outbox (the config's `output_names`). An output with
     /// no saved cursor starts at the oldest batch waiting; batches that only outputs no longer
-    /// listed still had to deliver leave now. With no output at all, batches wait (under the
-    /// bounds) until one is configured.
+    /// listed still had to deliver leave now. With no output at all (only the scrape endpoint),
+    /// the batches waiting leave and new ones are not stored.
     pub fn set_outputs(&mut self, outputs: &[String]) {
         let mut listed: Vec<String> = Vec::with_capacity(outputs.len());
         for o in outputs {
@@ -111,7 +111,8 @@ impl Outbox {
 
     /// Batches every configured output is past leave the outbox.
     fn release(&mut self) {
-        let Some(min) = self.outputs.iter().map(|o| self.cursor(o)).min() else { return };
+        // No output at all: nothing will deliver any of them.
+        let min = self.outputs.iter().map(|o| self.cursor(o)).min().unwrap_or(u64::MAX);
         while let Some(seq) = self.entries.front().map(|e| e.seq).filter(|&seq| seq < min) {
             self.finish(seq, true);
         }

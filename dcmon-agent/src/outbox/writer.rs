@@ -31,8 +31,12 @@ pub(super) enum AppendFailure {
 impl Outbox {
     /// Store a batch collected at `timestamp`: one write to the current segment (see the module
     /// docs for when it is fsynced). If the directory cannot be written it is kept in memory,
-    /// and the reason logged.
+    /// and the reason logged. With no output configured (only the scrape endpoint), nothing
+    /// would ever deliver it: it is not stored.
     pub fn push(&mut self, timestamp: i64, body: Bytes) {
+        if self.outputs.is_empty() {
+            return;
+        }
         self.push_at(timestamp, body, Instant::now());
     }
 

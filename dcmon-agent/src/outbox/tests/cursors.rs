@@ -253,3 +253,29 @@ fn new_batches_are_numbered_past_every_saved_cursor() {
     assert_eq!(waiting_for(&mut o, "prom"), Some(42));
     assert_eq!(waiting_for(&mut o, "dcmon"), Some(42));
 }
+
+/// Only the scrape endpoint (no push output): nothing would deliver a batch, so none is stored
+/// and the disk is left alone.
+#[test]
+fn with_no_output_nothing_is_stored() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let segment_bytes = || -> u64 {
+        std::fs::read_dir(dir.path())
+            .expect("dir")
+            .filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "seg"))
+            .map(|e| e.metadata().expect("metadata").len())
+            .sum()
+    };
+    let mut o = Outbox::open(dir.path(), LIMITS, 100);
+    o.set_outputs(&names(&["dcmon"]));
+    o.push(100, body(0));
+    o.set_outputs(&[]);
+    assert_eq!(o.stats().batches, 0, "the batch only dcmon needed leaves");
+    let before = segment_bytes();
+    o.push(101, body(1));
+    assert_eq!(o.stats().batches, 0);
+    assert_eq!(segment_bytes(), before, "nothing was written");
+    drop(o);
+    assert_eq!(Outbox::open(dir.path(), LIMITS, 200).stats().batches, 0, "a restart finds nothing to send");
+}
