@@ -24,6 +24,7 @@
 //! and read with [`Config::section`].
 
 pub mod apt;
+pub mod attr;
 pub mod background;
 pub mod disk;
 pub mod ebpf_status;
@@ -31,7 +32,9 @@ pub mod ipmi;
 pub mod net;
 pub mod nvme;
 pub mod nvsmi;
+pub mod netstat;
 pub mod os;
+pub mod pressure;
 
 use crate::batch::Sample;
 use crate::config::{Config, Exporters, Schema, SectionSpec};
@@ -142,6 +145,8 @@ pub const SOURCES: &[Source] = &[
     os::SOURCE,
     disk::SOURCE,
     net::SOURCE,
+    pressure::SOURCE,
+    netstat::SOURCE,
     apt::SOURCE,
     nvme::SOURCE,
     ipmi::SOURCE,
@@ -286,10 +291,10 @@ mod tests {
             assert_eq!(SOURCES.iter().filter(|s| s.name == source.name).count(), 1, "{source:?}");
         }
         let built: Vec<&str> = from_config(&config).iter().map(|c| c.name()).collect();
-        assert_eq!(built, ["os", "disk", "net", "apt", "nvme", "ipmi", "nvsmi"]);
+        assert_eq!(built, ["os", "disk", "net", "pressure", "netstat", "apt", "nvme", "ipmi", "nvsmi"]);
         let mut none = Config { exporters: Exporters::none(), ..config };
         let built: Vec<&str> = from_config(&none).iter().map(|c| c.name()).collect();
-        assert_eq!(built, ["os", "disk", "net"]);
+        assert_eq!(built, ["os", "disk", "net", "pressure", "netstat"]);
         none.exporters.set("ipmi", true);
         assert_eq!(from_config(&none).last().map(|c| c.name()), Some("ipmi"));
     }
