@@ -166,7 +166,10 @@ mod tests {
     fn numbers_parse_and_errors_quote_the_text() {
         assert_eq!(parse_u64("1234\n").expect("u64"), 1234);
         assert_eq!(parse_i64("-1\n").expect("i64"), -1);
-        assert_eq!(parse_u64("N/A (no PMA)\n").expect_err("text").to_string(), "expected an unsigned integer, got \"N/A (no PMA)\"");
+        assert_eq!(
+            parse_u64("N/A (no PMA)\n").expect_err("text").to_string(),
+            "expected an unsigned integer, got \"N/A (no PMA)\""
+        );
         assert_eq!(parse_i64("x").expect_err("text").to_string(), "expected an integer, got \"x\"");
         assert!(parse_u64("-1").is_err());
     }

@@ -30,9 +30,10 @@ pub mod disk;
 pub mod ebpf_status;
 pub mod ipmi;
 pub mod net;
+pub mod netstat;
+pub mod nic;
 pub mod nvme;
 pub mod nvsmi;
-pub mod netstat;
 pub mod os;
 pub mod pressure;
 
@@ -147,6 +148,7 @@ pub const SOURCES: &[Source] = &[
     net::SOURCE,
     pressure::SOURCE,
     netstat::SOURCE,
+    nic::SOURCE,
     apt::SOURCE,
     nvme::SOURCE,
     ipmi::SOURCE,
@@ -291,10 +293,10 @@ mod tests {
             assert_eq!(SOURCES.iter().filter(|s| s.name == source.name).count(), 1, "{source:?}");
         }
         let built: Vec<&str> = from_config(&config).iter().map(|c| c.name()).collect();
-        assert_eq!(built, ["os", "disk", "net", "pressure", "netstat", "apt", "nvme", "ipmi", "nvsmi"]);
+        assert_eq!(built, ["os", "disk", "net", "pressure", "netstat", "nic", "apt", "nvme", "ipmi", "nvsmi"]);
         let mut none = Config { exporters: Exporters::none(), ..config };
         let built: Vec<&str> = from_config(&none).iter().map(|c| c.name()).collect();
-        assert_eq!(built, ["os", "disk", "net", "pressure", "netstat"]);
+        assert_eq!(built, ["os", "disk", "net", "pressure", "netstat", "nic"]);
         none.exporters.set("ipmi", true);
         assert_eq!(from_config(&none).last().map(|c| c.name()), Some("ipmi"));
     }

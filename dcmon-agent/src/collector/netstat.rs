@@ -81,7 +81,12 @@ pub fn parse_snmp(text: &str, fields: &[Field]) -> anyhow::Result<Vec<Sample>> {
         for i in wanted {
             let Some(col) = names.iter().position(|name| *name == fields[i].field) else { continue };
             let v = numbers[col].parse::<u64>().map_err(|_| {
-                anyhow::anyhow!("line {}: {group} {}: expected a counter, got {:?}", m + 1, fields[i].field, numbers[col])
+                anyhow::anyhow!(
+                    "line {}: {group} {}: expected a counter, got {:?}",
+                    m + 1,
+                    fields[i].field,
+                    numbers[col]
+                )
             })?;
             values[i] = Some(v);
         }
@@ -234,11 +239,8 @@ UdpLite: 9 9 9 9 9 9 9 9 9
                 let col = h.split_whitespace().position(|n| n == name).expect("column");
                 v.split_whitespace().nth(col).expect("value").parse().expect("number")
             };
-            let want: Vec<(&str, Value)> = SNMP
-                .iter()
-                .chain(&NETSTAT)
-                .map(|f| (f.metric, Value::Count(get(f.group, f.field))))
-                .collect();
+            let want: Vec<(&str, Value)> =
+                SNMP.iter().chain(&NETSTAT).map(|f| (f.metric, Value::Count(get(f.group, f.field)))).collect();
             assert_eq!(pairs(&out), want);
             return;
         }
