@@ -28,6 +28,7 @@ pub mod attr;
 pub mod background;
 pub mod disk;
 pub mod ebpf_status;
+pub mod infiniband;
 pub mod ipmi;
 pub mod net;
 pub mod netstat;
@@ -149,6 +150,7 @@ pub const SOURCES: &[Source] = &[
     pressure::SOURCE,
     netstat::SOURCE,
     nic::SOURCE,
+    infiniband::SOURCE,
     apt::SOURCE,
     nvme::SOURCE,
     ipmi::SOURCE,
@@ -293,7 +295,10 @@ mod tests {
             assert_eq!(SOURCES.iter().filter(|s| s.name == source.name).count(), 1, "{source:?}");
         }
         let built: Vec<&str> = from_config(&config).iter().map(|c| c.name()).collect();
-        assert_eq!(built, ["os", "disk", "net", "pressure", "netstat", "nic", "apt", "nvme", "ipmi", "nvsmi"]);
+        assert_eq!(
+            built,
+            ["os", "disk", "net", "pressure", "netstat", "nic", "infiniband", "apt", "nvme", "ipmi", "nvsmi"]
+        );
         let mut none = Config { exporters: Exporters::none(), ..config };
         let built: Vec<&str> = from_config(&none).iter().map(|c| c.name()).collect();
         assert_eq!(built, ["os", "disk", "net", "pressure", "netstat", "nic"]);
