@@ -36,6 +36,7 @@ pub mod nic;
 pub mod nvme;
 pub mod nvsmi;
 pub mod os;
+pub mod pcie;
 pub mod pressure;
 
 use crate::batch::Sample;
@@ -150,6 +151,7 @@ pub const SOURCES: &[Source] = &[
     pressure::SOURCE,
     netstat::SOURCE,
     nic::SOURCE,
+    pcie::SOURCE,
     infiniband::SOURCE,
     apt::SOURCE,
     nvme::SOURCE,
@@ -297,11 +299,11 @@ mod tests {
         let built: Vec<&str> = from_config(&config).iter().map(|c| c.name()).collect();
         assert_eq!(
             built,
-            ["os", "disk", "net", "pressure", "netstat", "nic", "infiniband", "apt", "nvme", "ipmi", "nvsmi"]
+            ["os", "disk", "net", "pressure", "netstat", "nic", "pcie", "infiniband", "apt", "nvme", "ipmi", "nvsmi"]
         );
         let mut none = Config { exporters: Exporters::none(), ..config };
         let built: Vec<&str> = from_config(&none).iter().map(|c| c.name()).collect();
-        assert_eq!(built, ["os", "disk", "net", "pressure", "netstat", "nic"]);
+        assert_eq!(built, ["os", "disk", "net", "pressure", "netstat", "nic", "pcie"]);
         none.exporters.set("ipmi", true);
         assert_eq!(from_config(&none).last().map(|c| c.name()), Some("ipmi"));
     }
