@@ -28,6 +28,7 @@ pub mod attr;
 pub mod background;
 pub mod disk;
 pub mod ebpf_status;
+pub mod edac;
 pub mod infiniband;
 pub mod ipmi;
 pub mod net;
@@ -152,6 +153,7 @@ pub const SOURCES: &[Source] = &[
     netstat::SOURCE,
     nic::SOURCE,
     pcie::SOURCE,
+    edac::SOURCE,
     infiniband::SOURCE,
     apt::SOURCE,
     nvme::SOURCE,
@@ -299,11 +301,25 @@ mod tests {
         let built: Vec<&str> = from_config(&config).iter().map(|c| c.name()).collect();
         assert_eq!(
             built,
-            ["os", "disk", "net", "pressure", "netstat", "nic", "pcie", "infiniband", "apt", "nvme", "ipmi", "nvsmi"]
+            [
+                "os",
+                "disk",
+                "net",
+                "pressure",
+                "netstat",
+                "nic",
+                "pcie",
+                "edac",
+                "infiniband",
+                "apt",
+                "nvme",
+                "ipmi",
+                "nvsmi"
+            ]
         );
         let mut none = Config { exporters: Exporters::none(), ..config };
         let built: Vec<&str> = from_config(&none).iter().map(|c| c.name()).collect();
-        assert_eq!(built, ["os", "disk", "net", "pressure", "netstat", "nic", "pcie"]);
+        assert_eq!(built, ["os", "disk", "net", "pressure", "netstat", "nic", "pcie", "edac"]);
         none.exporters.set("ipmi", true);
         assert_eq!(from_config(&none).last().map(|c| c.name()), Some("ipmi"));
     }
