@@ -323,7 +323,11 @@ mod tests {
     fn the_unit_bounding_set_is_derived_from_the_table_for_every_combination() {
         use crate::config::EbpfMode;
         let names: Vec<&str> = Config::default().exporters.iter().map(|(name, _)| name).collect();
-        assert_eq!(names, ["infiniband", "apt", "nvme", "ipmi", "nvsmi"], "the exporters, in table order");
+        assert_eq!(
+            names,
+            ["infiniband", "temperature", "apt", "nvme", "ipmi", "nvsmi"],
+            "the exporters, in table order"
+        );
         for ebpf in [EbpfMode::Auto, EbpfMode::On, EbpfMode::Off] {
             for combination in 0..1_u32 << names.len() {
                 let mut c = Config { ebpf, exporters: crate::config::Exporters::none(), ..Config::default() };

@@ -88,6 +88,13 @@ fn trim_zeros(digits: &[u8]) -> &[u8] {
     &digits[zeros.min(digits.len().saturating_sub(1))..]
 }
 
+/// The number after `prefix` in a directory name (`thermal_zone3` -> `3`, `mc0` -> `0`);
+/// `None` when the name is not `prefix` and digits.
+pub fn index_of(name: &str, prefix: &str) -> Option<String> {
+    let digits = name.strip_prefix(prefix)?;
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then(|| digits.to_owned())
+}
+
 /// The start of `text` for an error message: its first line, at most 80 characters.
 pub fn excerpt(text: &str) -> String {
     text.lines().next().unwrap_or_default().chars().take(80).collect()

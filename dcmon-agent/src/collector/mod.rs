@@ -39,6 +39,7 @@ pub mod nvsmi;
 pub mod os;
 pub mod pcie;
 pub mod pressure;
+pub mod temperature;
 
 use crate::batch::Sample;
 use crate::config::{Config, Exporters, Schema, SectionSpec};
@@ -155,6 +156,7 @@ pub const SOURCES: &[Source] = &[
     pcie::SOURCE,
     edac::SOURCE,
     infiniband::SOURCE,
+    temperature::SOURCE,
     apt::SOURCE,
     nvme::SOURCE,
     ipmi::SOURCE,
@@ -311,6 +313,7 @@ mod tests {
                 "pcie",
                 "edac",
                 "infiniband",
+                "temperature",
                 "apt",
                 "nvme",
                 "ipmi",
