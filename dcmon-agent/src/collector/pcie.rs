@@ -1,7 +1,7 @@
 //! PCIe health of GPUs, NICs, NVMe drives, accelerators and bridges from
 //! /sys/bus/pci/devices/ADDR/: the AER error counts the kernel keeps per device
-//! (`aer_dev_correctable`, `aer_dev_nonfatal`, `aer_dev_fatal`, each per error type and in
-//! total) and the current against the maximum link speed and width, with
+//! (`aer_dev_correctable`, `aer_dev_nonfatal`, `aer_dev_fatal`: the total of each always,
+//! each error type once it has counted one) and the current against the maximum link speed and width, with
 //! `pcie_link_degraded` 1 when the link trained below what both ends support (a GPU at x8
 //! has half its bandwidth).
 //!
@@ -212,7 +212,10 @@ impl Collector for PcieCollector {
                 match parse_aer(buf) {
                     Ok((types, total)) => {
                         out.push(labelled(Sample::count("pcie_aer_errors_total", total)).label("severity", severity));
-                        out.extend(types.into_iter().map(|(t, n)| {
+                        // Per type only what happened: about 44 error types a device, nearly
+                        // all 0, on dozens of devices (every bridge) would be thousands of
+                        // series. A type's series appears with its first error; absent is 0.
+                        out.extend(types.into_iter().filter(|(_, n)| *n > 0).map(|(t, n)| {
                             labelled(Sample::count("pcie_aer_errors_by_type_total", n))
                                 .label("severity", severity)
                                 .label("type", t)
