@@ -117,10 +117,14 @@ impl NicCollector {
             }
             let iface = match old.iter().position(|i| i.name == name) {
                 Some(i) => old.swap_remove(i),
+                // Only the attributes this kernel has (`carrier_changes` since Linux 3.15): a
+                // file missing later means the interface is gone.
                 None => Interface {
                     files: ATTRS
                         .iter()
-                        .map(|(attr, _, _)| (*attr, OpenFile::new(&self.host, format!("/sys/class/net/{name}/{attr}"))))
+                        .map(|(attr, _, _)| (*attr, format!("/sys/class/net/{name}/{attr}")))
+                        .filter(|(_, rel)| self.host.path(rel).exists())
+                        .map(|(attr, rel)| (attr, OpenFile::new(&self.host, rel)))
                         .collect(),
                     name,
                 },
@@ -255,6 +259,13 @@ mod tests {
         let mut out = Vec::new();
         c.collect(&mut out).expect("eth1 gone");
         assert_eq!(out.len(), 12);
+
+        // An attribute this kernel lacks is left out, not taken for an interface gone.
+        std::fs::remove_file(dir.path().join("sys/class/net/eth0/carrier_changes")).expect("rm");
+        let mut fresh = NicCollector::new(Host::new(dir.path()), DeviceFilter::default_interfaces());
+        let mut out = Vec::new();
+        fresh.collect(&mut out).expect("collect");
+        assert_eq!(values(&out, "eth0").len(), 11, "{out:?}");
     }
 
     #[test]
