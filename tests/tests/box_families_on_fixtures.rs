@@ -217,3 +217,62 @@ fn temperatures_on_the_gpu_server() {
     assert_eq!(s.len(), 7 + 1 + 2 * 7);
     assert_eq!(collect(&fixture_host("debian12-virtio"), "temperature"), None);
 }
+
+/// `dcmon-agent once` on a copy of the GPU server with a bad file in three families (a counter
+/// that is not a number, a FIFO where a PCIe attribute belongs, a temperature that is text):
+/// each of those fails its round naming the file, keeps what it could read, and every other
+/// collector reports as usual.
+#[test]
+fn bad_files_fail_only_their_family_naming_the_file() {
+    use dcmon_tests::agent::run_once;
+    use dcmon_tests::batch::find;
+    use serde_json::json;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("host");
+    let out = std::process::Command::new("cp").arg("-a").arg(gpu_server()).arg(&root).output().expect("cp");
+    assert!(out.status.success(), "cp: {}", String::from_utf8_lossy(&out.stderr));
+    let symbol_error = root.join("sys/class/infiniband/mlx5_0/ports/1/counters/symbol_error");
+    std::fs::write(&symbol_error, "many\n").expect("write");
+    let width = root.join("sys/bus/pci/devices/0000:3b:00.0/current_link_width");
+    std::fs::remove_file(&width).expect("rm");
+    let mkfifo = std::process::Command::new("mkfifo").arg(&width).output().expect("mkfifo");
+    assert!(mkfifo.status.success());
+    let temp = root.join("sys/class/hwmon/hwmon2/temp1_input");
+    std::fs::write(&temp, "hot\n").expect("write");
+    let config = dcmon_tests::AgentConfig::without_exporters()
+        .set("host_root", json!(root))
+        .set("ebpf", json!("off"))
+        .write(dir.path());
+    let (stdout, log) = run_once(dir.path(), &config);
+    let batch: serde_json::Value = serde_json::from_str(&stdout).expect("a batch");
+    for (collector, ok) in [
+        ("os", 1),
+        ("disk", 1),
+        ("net", 1),
+        ("pressure", 1),
+        ("netstat", 1),
+        ("nic", 1),
+        ("edac", 1),
+        ("pcie", 0),
+        ("infiniband", 0),
+        ("temperature", 0),
+    ] {
+        assert_eq!(find(&batch, "dcmon_collector_success", collector), Some(json!(ok)), "{collector}\n{log}");
+    }
+    let named = |path: &Path, what: &str| log.contains(&format!("parsing {}: {what}", path.display()));
+    assert!(
+        named(&symbol_error, "expected an unsigned integer, got \\\"many\\\"")
+            || named(&symbol_error, "expected an unsigned integer, got \"many\""),
+        "{log}"
+    );
+    assert!(log.contains(&format!("{}: is a FIFO, expected a regular file", width.display())), "{log}");
+    assert!(named(&temp, "expected an integer"), "{log}");
+    // What the failing families could read is still there.
+    assert_eq!(
+        find(&batch, "infiniband_port_receive_bytes_total", "mlx5_0"),
+        Some(json!(2_203_344_120_334_455_u64 * 4))
+    );
+    assert_eq!(find(&batch, "pcie_link_max_width_lanes", "0000:3b:00.0"), Some(json!(16.0)));
+    assert_eq!(find(&batch, "thermal_zone_temperature_celsius", "x86_pkg_temp"), Some(json!(51.0)));
+    assert!(find(&batch, "edac_dimm_correctable_errors_total", "CPU_SrcID#0_MC#0_Chan#0_DIMM#0").is_some());
+}
