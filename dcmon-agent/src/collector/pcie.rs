@@ -6,7 +6,9 @@
 //! has half its bandwidth).
 //!
 //! The AER counts are kernel memory and the link attributes one config-space read each, so
-//! this runs inline. Devices are listed again every [`RELIST_EVERY`].
+//! this runs inline. Devices, their class, driver and maximum link speed and width are read
+//! when listed, again every [`RELIST_EVERY`]; each round reads the AER files and the current
+//! speed and width.
 
 use super::attr::{RELIST_EVERY, Relist, excerpt, is_gone, round_result};
 use super::{CollectError, Collector};
@@ -89,6 +91,12 @@ pub fn parse_speed(text: &str) -> anyhow::Result<Option<f64>> {
     }
 }
 
+/// A link speed (`speed`) or width file's value.
+fn parse_link(text: &str, speed: bool) -> anyhow::Result<Option<f64>> {
+    #[allow(clippy::cast_precision_loss, reason = "a lane count")]
+    if speed { parse_speed(text) } else { parse_width(text).map(|w| Some(w as f64)) }
+}
+
 /// A link width (`16`).
 pub fn parse_width(text: &str) -> anyhow::Result<u64> {
     super::attr::parse_u64(text)
@@ -104,6 +112,11 @@ struct Device {
     aer: Vec<usize>,
     /// Whether it has the link attributes (a PCIe device, not a conventional PCI one).
     link: bool,
+    /// Maximum link speed (GT/s) and width: what both ends support, fixed, so read when
+    /// listed; `None` where unknown.
+    max: [Option<f64>; 2],
+    /// Why a maximum could not be read when listed, reported every round until listed again.
+    max_error: Option<String>,
 }
 
 /// PCIe AER counts and link state.
@@ -143,7 +156,22 @@ impl PcieCollector {
                 .ok()
                 .and_then(|t| t.file_name().map(|n| n.to_string_lossy().into_owned()))
                 .unwrap_or_default();
-            devices.push(Device { address, driver, class, aer, link });
+            let (mut max, mut max_error) = ([None, None], None);
+            if link {
+                for (slot, (rel, speed)) in max.iter_mut().zip([("max_link_speed", true), ("max_link_width", false)]) {
+                    let rel = format!("/sys/bus/pci/devices/{address}/{rel}");
+                    match self.host.read_to_string(&rel) {
+                        Ok(text) => match parse_link(&text, speed) {
+                            Ok(v) => *slot = v,
+                            Err(e) => {
+                                max_error = Some(format!("parsing {}: {e:#}", self.host.path(&rel).display()));
+                            }
+                        },
+                        Err(e) => max_error = Some(e.to_string()),
+                    }
+                }
+            }
+            devices.push(Device { address, driver, class, aer, link, max, max_error });
         }
         self.devices = devices;
         if first && self.devices.is_empty() {
@@ -227,24 +255,23 @@ impl Collector for PcieCollector {
             if !d.link {
                 continue;
             }
-            let mut link = [None, None, None, None];
-            for (slot, (rel, speed)) in link.iter_mut().zip([
-                ("current_link_speed", true),
-                ("max_link_speed", true),
-                ("current_link_width", false),
-                ("max_link_width", false),
-            ]) {
+            let mut current = [None, None];
+            for (slot, (rel, speed)) in
+                current.iter_mut().zip([("current_link_speed", true), ("current_link_width", false)])
+            {
                 if !fetch(host, d, rel, buf, &mut errors, &mut gone) {
                     continue;
                 }
-                #[allow(clippy::cast_precision_loss, reason = "a lane count")]
-                let value = if speed { parse_speed(buf) } else { parse_width(buf).map(|w| Some(w as f64)) };
-                match value {
+                match parse_link(buf, speed) {
                     Ok(v) => *slot = v,
                     Err(e) => errors.push(named(rel, e)),
                 }
             }
-            let [speed, max_speed, width, max_width] = link;
+            if let Some(e) = &d.max_error {
+                errors.push(anyhow::anyhow!("{e}"));
+            }
+            let [speed, width] = current;
+            let [max_speed, max_width] = d.max;
             for (metric, v) in [
                 ("pcie_link_speed_gt_per_second", speed),
                 ("pcie_link_max_speed_gt_per_second", max_speed),
@@ -378,6 +405,39 @@ mod tests {
         let device = [l("address", "0000:17:00.0"), l("driver", ""), l("class", "gpu")];
         assert_eq!(out[2].labels, device);
         assert_eq!(out[1].labels[3..], [l("severity", "correctable"), l("type", "RxErr")]);
+    }
+
+    #[test]
+    fn a_bad_maximum_read_when_listed_fails_every_round() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let dev = dir.path().join("sys/bus/pci/devices/0000:5e:00.0");
+        std::fs::create_dir_all(&dev).expect("mkdir");
+        for (f, t) in [
+            ("class", "0x010802"),
+            ("current_link_speed", "16.0 GT/s PCIe"),
+            ("max_link_speed", "sixteen"),
+            ("current_link_width", "4"),
+            ("max_link_width", "4"),
+        ] {
+            std::fs::write(dev.join(f), format!("{t}\n")).expect("write");
+        }
+        let mut c = PcieCollector::new(Host::new(dir.path()));
+        for _ in 0..2 {
+            let mut out = Vec::new();
+            let e = format!("{:#}", c.collect(&mut out).expect_err("bad max"));
+            assert!(e.starts_with(&format!("parsing {}: expected", dev.join("max_link_speed").display())), "{e}");
+            let names: Vec<&str> = out.iter().map(|s| s.name).collect();
+            assert_eq!(
+                names,
+                [
+                    "pcie_link_speed_gt_per_second",
+                    "pcie_link_width_lanes",
+                    "pcie_link_max_width_lanes",
+                    "pcie_link_degraded"
+                ]
+            );
+            assert_eq!(out[3].value, Value::Count(0), "width 4 of 4; speed unknown against its maximum");
+        }
     }
 
     #[test]
