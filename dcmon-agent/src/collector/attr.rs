@@ -6,7 +6,6 @@
 //! first listing) is [`CollectError::NotPresent`]. A file that cannot be parsed fails that
 //! round, naming the file and what was expected, after the rest was read.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use super::CollectError;
@@ -53,7 +52,7 @@ impl Relist {
 
 /// The names in host directory `rel` in [`natural_cmp`] order (names that are not UTF-8 are
 /// left out). Not for PCI addresses: their fixed-width hex sorts as plain text.
-pub fn sorted_names(host: &Host, rel: impl AsRef<Path>) -> Result<Vec<String>, ReadError> {
+pub fn sorted_names(host: &Host, rel: impl AsRef<std::path::Path>) -> Result<Vec<String>, ReadError> {
     let mut names = host.dir_names(rel)?;
     names.sort_unstable_by(|a, b| natural_cmp(a, b));
     Ok(names)
@@ -112,23 +111,6 @@ pub fn parse_i64(text: &str) -> anyhow::Result<i64> {
     t.parse().map_err(|_| anyhow::anyhow!("expected an integer, got {:?}", excerpt(t)))
 }
 
-/// Reads host file `rel` into `buf`; the error names the path.
-pub fn read(host: &Host, rel: impl AsRef<Path>, buf: &mut String) -> Result<(), ReadError> {
-    host.read_into(rel, buf)
-}
-
-/// Reads and parses host file `rel` with `parse`; the error names the file.
-pub fn read_parsed<T>(
-    host: &Host,
-    rel: impl AsRef<Path>,
-    buf: &mut String,
-    parse: impl FnOnce(&str) -> anyhow::Result<T>,
-) -> anyhow::Result<T> {
-    let rel = rel.as_ref();
-    host.read_into(rel, buf)?;
-    parse(buf).map_err(|e| e.context(format!("parsing {}", host.path(rel).display())))
-}
-
 /// Whether a read failed because the file or its device is gone (ENOENT, ENODEV, ENXIO).
 pub fn is_gone(e: &ReadError) -> bool {
     e.is_not_found() || matches!(e.error.raw_os_error(), Some(libc::ENODEV | libc::ENXIO))
@@ -179,21 +161,6 @@ mod tests {
         );
         assert_eq!(parse_i64("x").expect_err("text").to_string(), "expected an integer, got \"x\"");
         assert!(parse_u64("-1").is_err());
-    }
-
-    #[test]
-    fn read_parsed_names_the_file() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir_all(dir.path().join("sys")).expect("mkdir");
-        std::fs::write(dir.path().join("sys/x"), "12 apples\n").expect("write");
-        let host = Host::new(dir.path());
-        let e = read_parsed(&host, "/sys/x", &mut String::new(), parse_u64).expect_err("not a number");
-        assert_eq!(
-            format!("{e:#}"),
-            format!("parsing {}: expected an unsigned integer, got \"12 apples\"", dir.path().join("sys/x").display())
-        );
-        let e = read_parsed(&host, "/sys/y", &mut String::new(), parse_u64).expect_err("missing");
-        assert!(format!("{e:#}").contains(&dir.path().join("sys/y").display().to_string()), "{e:#}");
     }
 
     #[test]
