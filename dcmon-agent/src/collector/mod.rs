@@ -24,14 +24,22 @@
 //! and read with [`Config::section`].
 
 pub mod apt;
+pub mod attr;
 pub mod background;
 pub mod disk;
 pub mod ebpf_status;
+pub mod edac;
+pub mod infiniband;
 pub mod ipmi;
 pub mod net;
+pub mod netstat;
+pub mod nic;
 pub mod nvme;
 pub mod nvsmi;
 pub mod os;
+pub mod pcie;
+pub mod pressure;
+pub mod temperature;
 
 use crate::batch::Sample;
 use crate::config::{Config, Exporters, Schema, SectionSpec};
@@ -142,6 +150,13 @@ pub const SOURCES: &[Source] = &[
     os::SOURCE,
     disk::SOURCE,
     net::SOURCE,
+    pressure::SOURCE,
+    netstat::SOURCE,
+    nic::SOURCE,
+    pcie::SOURCE,
+    edac::SOURCE,
+    infiniband::SOURCE,
+    temperature::SOURCE,
     apt::SOURCE,
     nvme::SOURCE,
     ipmi::SOURCE,
@@ -286,10 +301,28 @@ mod tests {
             assert_eq!(SOURCES.iter().filter(|s| s.name == source.name).count(), 1, "{source:?}");
         }
         let built: Vec<&str> = from_config(&config).iter().map(|c| c.name()).collect();
-        assert_eq!(built, ["os", "disk", "net", "apt", "nvme", "ipmi", "nvsmi"]);
+        assert_eq!(
+            built,
+            [
+                "os",
+                "disk",
+                "net",
+                "pressure",
+                "netstat",
+                "nic",
+                "pcie",
+                "edac",
+                "infiniband",
+                "temperature",
+                "apt",
+                "nvme",
+                "ipmi",
+                "nvsmi"
+            ]
+        );
         let mut none = Config { exporters: Exporters::none(), ..config };
         let built: Vec<&str> = from_config(&none).iter().map(|c| c.name()).collect();
-        assert_eq!(built, ["os", "disk", "net"]);
+        assert_eq!(built, ["os", "disk", "net", "pressure", "netstat", "nic", "pcie", "edac"]);
         none.exporters.set("ipmi", true);
         assert_eq!(from_config(&none).last().map(|c| c.name()), Some("ipmi"));
     }
