@@ -85,6 +85,7 @@ fn batches_arrive_every_interval_with_auth_names_labels_and_integer_timestamps()
                 n if n.starts_with("dcmon_collector_") => &["collector"],
                 n if n.starts_with("dcmon_ebpf_program_") => &["program"],
                 n if n.starts_with("pressure_") => &["resource"],
+                n if n.starts_with("dcmon_output_") => &["output"],
                 _ => &[],
             };
             assert_eq!(labels.keys().map(String::as_str).collect::<Vec<_>>(), want_labels, "{m}");
