@@ -31,6 +31,12 @@ pub fn render_unit(binary: &Path, config_path: &Path, config: &Config) -> String
     if !config.outbox_dir.starts_with("/var/lib/dcmon") {
         writable.push(format!("-{}", config.outbox_dir.display()));
     }
+    // config_update writes the config file back (temp file + rename in its directory).
+    if config.commands.allows(crate::config::CommandType::ConfigUpdate)
+        && let Some(dir) = config_path.parent().filter(|d| !d.as_os_str().is_empty())
+    {
+        writable.push(format!("-{}", dir.display()));
+    }
     format!(
         "# Written by `dcmon-agent install`; it is rewritten on the next install.\n\
          # Local changes belong in `systemctl edit dcmon-client`.\n\
