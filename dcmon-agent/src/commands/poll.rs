@@ -153,9 +153,18 @@ impl Poller {
         }
     }
 
-    /// One poll: pending results, the server's commands, their results.
+    /// One poll: pending results, the server's commands, their results. A server that does
+    /// not take results is still polled: a command it offers again is then seen in the journal
+    /// and not run twice.
     pub async fn cycle(&self) -> Result<(), String> {
-        self.post_results().await?;
+        let earlier = self.post_results().await;
+        let polled = self.poll_and_run().await;
+        let now = if earlier.is_ok() { self.post_results().await } else { Ok(()) };
+        earlier.and(polled).and(now)
+    }
+
+    /// Fetch the server's commands; journal, run or refuse each new one.
+    async fn poll_and_run(&self) -> Result<(), String> {
         let body = self.fetch().await?;
         let parsed = parse_answer(&body, &self.config)?;
         if parsed.without_id > 0 {
@@ -196,7 +205,7 @@ impl Poller {
             .await
             .map_err(|e| format!("running commands: {e}"))??;
         }
-        self.post_results().await
+        Ok(())
     }
 
     async fn fetch(&self) -> Result<Vec<u8>, String> {

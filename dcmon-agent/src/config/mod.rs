@@ -501,6 +501,13 @@ impl Config {
             }
             names.push(name);
         }
+        if self.commands.enabled && !self.dcmon_output {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                field: "commands.enabled".into(),
+                detail: "commands come from the dcmon server, and dcmon_output is false".into(),
+            });
+        }
         if !self.dcmon_output && self.remote_write.is_empty() && self.prometheus_listen.is_none() {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
