@@ -210,3 +210,31 @@ fn garbage_and_oversized_answers_are_survived() {
     assert!(!log.contains("panicked"), "{log}");
     assert!(!log.contains(KEY), "the key is never logged");
 }
+
+#[test]
+fn a_result_rejected_for_good_does_not_hold_back_later_ones() {
+    let (receiver, dir, cfg) = set_up(&["fan_control"]);
+    receiver.force_results_status(Some(422));
+    receiver.queue_command(MACHINE, json!(31), "fan_control", json!({"action": "get_status"}));
+    let agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
+    assert!(
+        wait_until(WAIT, || agent.stderr().contains("rejected the result of command 31").then_some(())).is_some(),
+        "{}",
+        agent.stderr()
+    );
+    receiver.force_results_status(None);
+    receiver.queue_command(
+        MACHINE,
+        json!(32),
+        "fan_control",
+        json!({"action": "set_fan_speed", "zone": 0, "speed": 0}),
+    );
+    // 32's result arrives; 31, still pending on the server and so offered again, has its
+    // stored result posted again (the server now takes it), without running it again.
+    let results = receiver.wait_for_results(2, WAIT);
+    assert_eq!(result_of(&results, 32), json!({"success": true, "message": "Zone 0 speed set to 0%"}));
+    assert_eq!(result_of(&results, 31)["success"], true, "{results:?}");
+    let polls = receiver.command_polls();
+    assert!(wait_until(WAIT, || (receiver.command_polls() >= polls + 2).then_some(())).is_some());
+    assert_eq!(calls(dir.path(), "ipmitool").iter().filter(|c| c.as_str() == "raw 0x30 0x45 0x00").count(), 1);
+}

@@ -2,7 +2,8 @@
 //! journal still holds, ask `GET {server}/api/commands/{machine_id}`, take each new command id
 //! into the journal (fsynced) before it runs or is refused, run it on a blocking thread, and
 //! post its result to `POST {server}/api/command-results`. Results are retried with the
-//! delivery backoff until the server answers 2xx.
+//! delivery backoff until the server answers 2xx (a 400, 413 or 422, which a retry of the same
+//! body cannot turn into a 2xx, drops the result with an error logged, as for batches).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -250,7 +251,11 @@ impl Poller {
                 .await
                 .map_err(|e| format!("POST {}: {}", self.results_url, crate::upload::error_chain(&e)))?;
             let status = response.status();
-            if !status.is_success() {
+            if matches!(status.as_u16(), 400 | 413 | 422) {
+                // Rejected for good, as batches are (upload::classify_answer): retrying the
+                // same body cannot succeed, and it would hold back every later result.
+                tracing::error!("commands: the server rejected the result of command {id} ({status}); dropped");
+            } else if !status.is_success() {
                 return Err(format!("POST {} for command {id}: {status}", self.results_url));
             }
             self.mark_delivered(id).await?;

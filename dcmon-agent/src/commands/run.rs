@@ -166,9 +166,11 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let mut name = path.file_name().unwrap_or_default().to_owned();
     name.push(".dcmon-tmp");
     let tmp = dir.join(name);
+    // The file's own mode, or 0644 as install writes it (the API key lives in its own file).
+    let mode =
+        std::fs::metadata(path).map_or(0o644, |m| std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o7777);
     let mut file = std::fs::File::create(&tmp)?;
-    // As install writes it: the API key lives in its own file, the config holds no secret.
-    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644))?;
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
     file.write_all(bytes)?;
     file.sync_all()?;
     drop(file);

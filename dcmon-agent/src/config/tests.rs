@@ -369,6 +369,10 @@ fn commands_are_off_by_default_and_unknown_types_in_allow_name_the_field() {
     assert!(err.contains("`commands.poll_interval`") && err.contains("at least 1"), "{err}");
     let err = parse(r#"{"commands": {"poll_interval": 86401}}"#).expect_err("day").to_string();
     assert!(err.contains("`commands.poll_interval`") && err.contains("at most"), "{err}");
+    let err = parse(r#"{"dcmon_output": false, "prometheus_listen": "127.0.0.1:9101", "commands": {"enabled": true}}"#)
+        .expect_err("no server")
+        .to_string();
+    assert!(err.contains("`commands.enabled`"), "{err}");
     let err = parse(r#"{"commands": []}"#).expect_err("array").to_string();
     assert!(err.contains("`commands`"), "{err}");
 }
