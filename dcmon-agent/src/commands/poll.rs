@@ -134,9 +134,16 @@ impl Poller {
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let interval = Duration::from_secs(self.config.poll_interval.max(1));
         let mut failures: u32 = 0;
-        tracing::info!(allow = ?self.config.allow, "polling for commands every {interval:?}");
+        let allowed: Vec<&str> = self.config.allow.iter().map(|t| t.name()).collect();
+        tracing::info!("polling for commands every {interval:?}; allowed: {}", allowed.join(", "));
         loop {
-            let wait = match self.cycle().await {
+            // A stop ends a poll in flight: a command already taken finishes on its blocking
+            // thread and its result stays in the journal for the next start or config.
+            let outcome = tokio::select! {
+                r = self.cycle() => r,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let wait = match outcome {
                 Ok(()) => {
                     failures = 0;
                     interval
