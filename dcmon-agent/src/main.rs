@@ -386,7 +386,11 @@ fn prepare(
     match key {
         Some(key) if config.dcmon_output => {
             if config.commands.enabled {
-                poller = Some(remote.poller(config, &key, &machine_id, policy.clone())?);
+                // Without a readable journal no command may run (at most once); collection goes on.
+                match remote.poller(config, &key, &machine_id, policy.clone()) {
+                    Ok(p) => poller = Some(p),
+                    Err(e) => tracing::error!("remote commands are off: {e:#}"),
+                }
             }
             let uploader = Uploader::new(
                 config.server_base(),

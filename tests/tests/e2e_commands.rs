@@ -238,3 +238,16 @@ fn a_result_rejected_for_good_does_not_hold_back_later_ones() {
     assert!(wait_until(WAIT, || (receiver.command_polls() >= polls + 2).then_some(())).is_some());
     assert_eq!(calls(dir.path(), "ipmitool").iter().filter(|c| c.as_str() == "raw 0x30 0x45 0x00").count(), 1);
 }
+
+#[test]
+fn an_unreadable_journal_turns_commands_off_and_collection_goes_on() {
+    let (receiver, dir, cfg) = set_up(&["fan_control"]);
+    std::fs::write(dir.path().join("commands.journal"), b"{torn").expect("journal");
+    receiver.queue_command(MACHINE, json!(41), "fan_control", json!({"action": "get_status"}));
+    let agent = AgentProcess::start(dir.path(), &cfg, &["run"]).expect("agent");
+    assert!(receiver.wait_for_accepted(2, WAIT).len() >= 2, "{}", agent.stderr());
+    let log = agent.stderr();
+    assert!(log.contains("remote commands are off: command journal"), "{log}");
+    assert_eq!(receiver.command_polls(), 0);
+    assert!(calls(dir.path(), "ipmitool").is_empty());
+}

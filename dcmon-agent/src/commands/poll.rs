@@ -182,15 +182,18 @@ impl Poller {
             let (journal, stats, runner) = (self.journal.clone(), self.stats.clone(), self.runner.clone());
             tokio::task::spawn_blocking(move || {
                 for command in parsed.commands {
-                    stats.received.fetch_add(1, Ordering::Relaxed);
-                    let mut j = lock(&journal);
-                    if j.contains(&command.id) {
-                        // Offered again: the server did not record the result; post it again.
-                        j.redeliver(&command.id)?;
-                        continue;
+                    // Taken (durably, before anything runs) under the lock, which is not held while
+                    // the command runs: the async side reads the journal too.
+                    {
+                        let mut j = lock(&journal);
+                        if j.contains(&command.id) {
+                            // Offered again: the server did not record the result; post it again.
+                            j.redeliver(&command.id)?;
+                            continue;
+                        }
+                        j.take(&command.id, unix_now())?;
                     }
-                    // Durably taken before anything runs: never run twice.
-                    j.take(&command.id, unix_now())?;
+                    stats.received.fetch_add(1, Ordering::Relaxed);
                     let outcome = match &command.action {
                         Err(why) => {
                             stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -206,7 +209,7 @@ impl Poller {
                             outcome
                         }
                     };
-                    j.finish(&command.id, outcome)?;
+                    lock(&journal).finish(&command.id, outcome)?;
                 }
                 Ok::<(), String>(())
             })
@@ -240,7 +243,11 @@ impl Poller {
 
     /// Post every result the journal holds undelivered, oldest first; stop at the first failure.
     async fn post_results(&self) -> Result<(), String> {
-        let pending = lock(&self.journal).undelivered();
+        // On a blocking thread: a holder of the lock may be in fsync, and the runtime has one thread.
+        let journal = self.journal.clone();
+        let pending = tokio::task::spawn_blocking(move || lock(&journal).undelivered())
+            .await
+            .map_err(|e| format!("command journal: {e}"))?;
         for (id, outcome) in pending {
             let body = serde_json::json!({
                 "machine_id": self.machine_id,
