@@ -436,12 +436,13 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
     let outbox = SharedOutbox::new(outbox);
     // At start no signal handler is installed yet, so SIGTERM still ends a read that hangs.
     let secrets = load_secrets(&config)?;
-    let (control_tx, mut control) = control_from_signals()?;
+    // The daemon loop's requests: signals (installed below) and a config_update's reload.
+    let (control_tx, mut control) = mpsc::channel(4);
     let mut remote = RemoteCommands {
         journal: None,
         stats: Arc::new(CommandStats::default()),
         config_path: config_path.to_owned(),
-        reload: control_tx,
+        reload: control_tx.clone(),
     };
     let (machine_id, mut daemon) = prepare(&config, secrets, &outbox, &mut remote)?;
     let timeout = |c: &Config| Duration::from_secs(c.collector_timeout);
@@ -455,6 +456,7 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
         .map(|addr| MetricsEndpoint::bind(addr, latest.clone(), Limits::default()))
         .transpose()?;
     let notifier = Notifier::from_env();
+    control_from_signals(control_tx)?;
     tracing::info!(config = %config_path.display(), "dcmon-agent {VERSION} started");
     notifier.notify("READY=1");
     loop {
@@ -528,15 +530,13 @@ async fn reconfigure_endpoint(
     endpoint
 }
 
-/// SIGTERM and SIGINT stop the daemon, SIGHUP reloads its config.
-/// Also returns a sender for requests from inside the agent (a `config_update` command's reload).
-fn control_from_signals() -> anyhow::Result<(mpsc::Sender<Control>, mpsc::Receiver<Control>)> {
+/// SIGTERM and SIGINT stop the daemon, SIGHUP reloads its config: forwarded to `tx`, whose
+/// receiver the daemon loop reads (a `config_update` command sends its reload there too).
+fn control_from_signals(tx: mpsc::Sender<Control>) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let (tx, rx) = mpsc::channel(4);
-    let inner = tx.clone();
     tokio::spawn(async move {
         loop {
             let c = tokio::select! {
@@ -549,5 +549,5 @@ fn control_from_signals() -> anyhow::Result<(mpsc::Sender<Control>, mpsc::Receiv
             }
         }
     });
-    Ok((inner, rx))
+    Ok(())
 }
