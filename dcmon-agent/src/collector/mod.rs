@@ -27,6 +27,7 @@ pub mod apt;
 pub mod background;
 pub mod disk;
 pub mod ebpf_status;
+pub mod filesystems;
 pub mod ipmi;
 pub mod net;
 pub mod nvme;
@@ -142,6 +143,7 @@ pub const SOURCES: &[Source] = &[
     os::SOURCE,
     disk::SOURCE,
     net::SOURCE,
+    filesystems::SOURCE,
     apt::SOURCE,
     nvme::SOURCE,
     ipmi::SOURCE,
@@ -286,10 +288,10 @@ mod tests {
             assert_eq!(SOURCES.iter().filter(|s| s.name == source.name).count(), 1, "{source:?}");
         }
         let built: Vec<&str> = from_config(&config).iter().map(|c| c.name()).collect();
-        assert_eq!(built, ["os", "disk", "net", "apt", "nvme", "ipmi", "nvsmi"]);
+        assert_eq!(built, ["os", "disk", "net", "filesystems", "apt", "nvme", "ipmi", "nvsmi"]);
         let mut none = Config { exporters: Exporters::none(), ..config };
         let built: Vec<&str> = from_config(&none).iter().map(|c| c.name()).collect();
-        assert_eq!(built, ["os", "disk", "net"]);
+        assert_eq!(built, ["os", "disk", "net", "filesystems"]);
         none.exporters.set("ipmi", true);
         assert_eq!(from_config(&none).last().map(|c| c.name()), Some("ipmi"));
     }
