@@ -29,6 +29,7 @@ pub mod disk;
 pub mod ebpf_status;
 pub mod filesystems;
 pub mod ipmi;
+pub mod ipmi_sel;
 pub mod net;
 pub mod nvme;
 pub mod nvsmi;
