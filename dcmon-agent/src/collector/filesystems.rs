@@ -1,5 +1,6 @@
-//! Space and inodes of every real mounted filesystem: the mounts from `/proc/self/mountinfo`,
-//! the numbers from `statvfs(3)` of each mount point.
+//! Space and inodes of every real mounted filesystem: the mounts from `/proc/self/mountinfo`
+//! (`/proc/1/mountinfo` under another `host_root`), the numbers from `statvfs(3)` of each
+//! mount point.
 //!
 //! `statfs` of a network or FUSE filesystem whose server is gone can block for minutes (a hard
 //! NFS mount: for ever), and a thread blocked there cannot be taken back. So no statfs runs on
@@ -36,8 +37,13 @@ pub const SOURCE: super::Source = super::Source {
     }),
 };
 
-/// Where the mounts are listed, under the host root.
+/// Where the mounts are listed on the agent's own host (`host_root` `/`).
 pub const MOUNTINFO: &str = "/proc/self/mountinfo";
+/// Where they are listed under another `host_root` (a container with the host's `/` at
+/// `/host`): the host's init process's mount namespace (needs the host's PID namespace), whose
+/// mount points are host paths, found under the root. The agent's own list would name the
+/// container's mounts, with the host's under `/host` again.
+pub const HOST_MOUNTINFO: &str = "/proc/1/mountinfo";
 
 /// Filesystem types that hold no data of their own (kernel interfaces, memory, overlays of
 /// other filesystems, read-only images) or that statfs would disturb (autofs mounts on access).
@@ -428,7 +434,8 @@ impl Collector for FilesystemsCollector {
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
-        self.host.read_into(MOUNTINFO, &mut self.buf)?;
+        let mountinfo = if self.host.root() == std::path::Path::new("/") { MOUNTINFO } else { HOST_MOUNTINFO };
+        self.host.read_into(mountinfo, &mut self.buf)?;
         let (mut mounts, errors) = parse_mountinfo(&self.buf);
         mounts.retain(|m| Self::selects(&self.config, m));
         let paths: Vec<PathBuf> = mounts.iter().map(|m| self.host.path(&m.mount_point)).collect();
@@ -478,7 +485,7 @@ impl Collector for FilesystemsCollector {
         if errors.is_empty() {
             Ok(())
         } else {
-            let path = self.host.path(MOUNTINFO);
+            let path = self.host.path(mountinfo);
             Err(anyhow::anyhow!("{}: {}", path.display(), errors.join("; ")).into())
         }
     }
@@ -584,13 +591,13 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut c = FilesystemsCollector::new(Host::new(dir.path()), &FilesystemsConfig::default());
         assert!(matches!(c.collect(&mut Vec::new()), Err(CollectError::NotPresent(_))));
-        std::fs::create_dir_all(dir.path().join("proc/self")).expect("mkdir");
+        std::fs::create_dir_all(dir.path().join("proc/1")).expect("mkdir");
         // The fixture's mount points exist nowhere under the root: statfs fails, reported as such.
-        std::fs::write(dir.path().join("proc/self/mountinfo"), "27 1 259:2 / /gone rw - ext4 /dev/vda rw\nbad\n")
+        std::fs::write(dir.path().join("proc/1/mountinfo"), "27 1 259:2 / /gone rw - ext4 /dev/vda rw\nbad\n")
             .expect("write");
         let mut out = Vec::new();
         let err = c.collect(&mut out).expect_err("bad line");
-        assert!(format!("{err:#}").contains("proc/self/mountinfo: line 2: expected"), "{err:#}");
+        assert!(format!("{err:#}").contains("proc/1/mountinfo: line 2: expected"), "{err:#}");
         let names: Vec<(&str, f64)> = out.iter().map(|s| (s.name, s.value.as_f64())).collect();
         assert_eq!(names, [("filesystem_readonly", 0.0), ("filesystem_statfs_ok", 0.0)]);
     }
