@@ -26,7 +26,12 @@ fn config_for(root: &Path) -> Config {
 fn collect_all(root: &Path) -> Vec<Sample> {
     let mut out = Vec::new();
     for mut c in collector::from_config(&config_for(root)) {
-        c.collect(&mut out).unwrap_or_else(|e| panic!("collector {} on {}: {e:#}", c.name(), root.display()));
+        match c.collect(&mut out) {
+            // The fixture trees have no mount list (statfs of their mount points would read
+            // this machine's disks); the filesystems collector has tests of its own.
+            Err(collector::CollectError::NotPresent(_)) if c.name() == "filesystems" => {}
+            r => r.unwrap_or_else(|e| panic!("collector {} on {}: {e:#}", c.name(), root.display())),
+        }
     }
     out
 }
