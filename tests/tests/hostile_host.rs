@@ -197,11 +197,12 @@ fn run_with_a_hung_fuse_mount_keeps_the_cadence_and_reports_it_failed() {
     }
     let hung_ok: Vec<Option<Value>> = accepted.iter().map(|a| find(&a.json, "filesystem_statfs_ok", &hung_s)).collect();
     assert!(hung_ok[3..].iter().all(|v| *v == Some(json!(0))), "{hung_ok:?}");
-    // The fixed cadence holds once the hang is known: batches a second apart.
-    for pair in accepted[3..].windows(2) {
-        let gap = pair[1].at - pair[0].at;
-        assert!(gap < Duration::from_millis(1600), "batches {gap:?} apart");
-    }
+    // The fixed cadence holds once the hang is known: batches a second apart (the median, so
+    // one late post on a loaded machine does not count; waiting out the 1 s statfs timeout
+    // every round would skip every other tick: 2 s).
+    let mut gaps: Vec<Duration> = accepted[3..].windows(2).map(|p| p[1].at - p[0].at).collect();
+    gaps.sort();
+    assert!(gaps[gaps.len() / 2] < Duration::from_millis(1500), "batches apart: {gaps:?}");
     assert!(fuse.statfs_answered() >= 1);
     let status = agent.signal_and_wait("TERM", Duration::from_secs(5));
     let log = agent.stderr();
