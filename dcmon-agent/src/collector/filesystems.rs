@@ -29,7 +29,7 @@ use crate::host::Host;
 /// This collector's row in the table ([`super::SOURCES`]).
 pub const SOURCE: super::Source = super::Source {
     name: "filesystems",
-    switch: super::Switch::Always,
+    switch: super::Switch::Exporter { default: true },
     caps: &[],
     section: Some(SectionSpec::of::<FilesystemsConfig>()),
     build: Some(|host, config| {
