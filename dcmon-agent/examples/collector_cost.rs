@@ -1,6 +1,7 @@
 //! CPU time of each OS collector per cycle, the way the agent runs them: one round a second
-//! (so caches are as cold as in the agent), timed with the thread's CPU clock, which counts the
-//! kernel's work for the collector's system calls too.
+//! (so caches are as cold as in the agent), timed with the process's CPU clock, which counts the
+//! kernel's work for the collector's system calls too, and the filesystems collector's statfs
+//! worker thread (the collectors run one after the other here, so nothing else is running).
 //! `cargo run --release -p dcmon-agent --example collector_cost [CYCLES] [--ebpf] [--all-disks]`
 //!
 //! `--ebpf` loads the BPF programs (root) and times the eBPF disk and network collectors;
@@ -15,11 +16,11 @@ use dcmon_agent::collector;
 use dcmon_agent::config::{Config, DeviceFilter, EbpfMode, Exporters};
 use dcmon_agent::filter::PatternList;
 
-/// CPU time this thread has used, in microseconds.
+/// CPU time this process has used, in microseconds.
 fn thread_cpu_us() -> f64 {
     let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes one timespec to a valid pointer.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
     assert_eq!(rc, 0, "clock_gettime: {}", std::io::Error::last_os_error());
     t.tv_sec as f64 * 1e6 + t.tv_nsec as f64 / 1e3
 }
@@ -69,7 +70,7 @@ fn main() -> anyhow::Result<()> {
     let names = collectors.iter().map(|c| c.name()).chain(std::iter::once("all"));
     for (name, t) in names.zip(times) {
         let (m, lo, hi) = percentiles(t);
-        println!("{name:>5}: {m:7.1} [{lo:.1}-{hi:.1}]");
+        println!("{name:>11}: {m:7.1} [{lo:.1}-{hi:.1}]");
     }
     println!("{} samples a cycle", samples.len());
     Ok(())

@@ -338,7 +338,20 @@ mod tests {
         let names: Vec<&str> = Config::default().exporters.iter().map(|(name, _)| name).collect();
         assert_eq!(
             names,
-            ["infiniband", "temperature", "apt", "nvme", "ipmi", "nvsmi"],
+            [
+                "filesystems",
+                "pressure",
+                "netstat",
+                "nic",
+                "pcie",
+                "edac",
+                "infiniband",
+                "temperature",
+                "apt",
+                "nvme",
+                "ipmi",
+                "nvsmi"
+            ],
             "the exporters, in table order"
         );
         for ebpf in [EbpfMode::Auto, EbpfMode::On, EbpfMode::Off] {

@@ -86,9 +86,12 @@ fn batches_arrive_every_interval_with_auth_names_labels_and_integer_timestamps()
                 n if n.starts_with("dcmon_ebpf_program_") => &["program"],
                 n if n.starts_with("pressure_") => &["resource"],
                 n if n.starts_with("dcmon_output_") => &["output"],
+                n if n.starts_with("filesystem_") => &["device", "fstype", "mountpoint"],
                 _ => &[],
             };
-            assert_eq!(labels.keys().map(String::as_str).collect::<Vec<_>>(), want_labels, "{m}");
+            let mut keys: Vec<&str> = labels.keys().map(String::as_str).collect();
+            keys.sort_unstable();
+            assert_eq!(keys, want_labels, "{m}");
             // Seconds counters (PSI stall time, BPF run time) have fractions; the rest are counts.
             if (name.ends_with("_total") && !name.ends_with("_seconds_total")) || name.ends_with("_bytes") {
                 assert!(m["value"].is_u64(), "counter {name} not sent as an integer: {m}");

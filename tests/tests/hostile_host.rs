@@ -166,3 +166,54 @@ fn ebpf_off_means_no_ebpf_collector_at_all() {
     assert_eq!(find(&batch, "dcmon_ebpf_active", "").and_then(|v| v.as_f64()), Some(0.0), "{log}");
     assert_eq!(find(&batch, "dcmon_collector_success", "ebpf"), Some(json!(1)), "{log}");
 }
+
+/// A FUSE mount whose daemon answers one statfs and then nothing (a hung network filesystem):
+/// the filesystems collector reports it as failed after its 2 s statfs timeout once, then at
+/// once every round, while every batch, with the root filesystem's numbers, goes out on the
+/// 1 s cadence; SIGTERM still stops the agent.
+#[test]
+fn run_with_a_hung_fuse_mount_keeps_the_cadence_and_reports_it_failed() {
+    use common::fuse::HungFuseFile;
+    require_root("mounting FUSE");
+    let receiver = Receiver::start(&[(KEY, MACHINE)]).expect("receiver");
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_key(dir.path(), KEY).expect("key");
+    let hung = dir.path().join("hung-mount");
+    std::fs::write(&hung, "").expect("touch");
+    let mut agent: AgentProcess;
+    let fuse = HungFuseFile::mount(&hung);
+    let hung_s = hung.display().to_string();
+    let settings = json!({
+        "ebpf": "off", "server_url": receiver.url(),
+        "filesystems": {"mount_points": {"include": ["/", hung_s]}, "fstypes": {"include": ["*"]}, "timeout": 2},
+    });
+    let config = write_config(dir.path(), settings);
+    agent = AgentProcess::start(dir.path(), &config, &["run"]).expect("agent");
+    let accepted = receiver.wait_for_accepted(7, Duration::from_secs(30));
+    assert!(accepted.len() >= 7, "{} batches in 30 s:\n{}", accepted.len(), agent.stderr());
+    for a in &accepted {
+        assert!(find(&a.json, "filesystem_size_bytes", "/").is_some(), "root filesystem reported");
+        assert_eq!(find(&a.json, "dcmon_collector_success", "filesystems"), Some(json!(1)));
+    }
+    let hung_ok: Vec<Option<Value>> = accepted.iter().map(|a| find(&a.json, "filesystem_statfs_ok", &hung_s)).collect();
+    assert!(hung_ok[3..].iter().all(|v| *v == Some(json!(0))), "{hung_ok:?}");
+    // The fixed cadence holds once the hang is known: batches a second apart (the median, so
+    // one late post on a loaded machine does not count; waiting out the 2 s statfs timeout
+    // every round would put them 2-3 s apart).
+    let mut gaps: Vec<Duration> = accepted[3..].windows(2).map(|p| p[1].at - p[0].at).collect();
+    gaps.sort();
+    let took: Vec<Option<Value>> =
+        accepted.iter().map(|a| find(&a.json, "dcmon_collector_duration_seconds", "filesystems")).collect();
+    let stamps: Vec<Option<Value>> = accepted.iter().map(|a| a.json.get("timestamp").cloned()).collect();
+    assert!(
+        gaps[gaps.len() / 2] < Duration::from_millis(1500),
+        "batches apart: {gaps:?}; filesystems took {took:?}; timestamps {stamps:?}\n{}",
+        agent.stderr()
+    );
+    assert!(fuse.statfs_answered() >= 1);
+    let status = agent.signal_and_wait("TERM", Duration::from_secs(5));
+    let log = agent.stderr();
+    assert!(status.is_some_and(|s| s.success()), "no clean exit within 5 s of SIGTERM:\n{log}");
+    let warned = log.lines().filter(|l| l.contains(&format!("statfs of {hung_s}"))).count();
+    assert_eq!(warned, 1, "the hang is logged once:\n{log}");
+}

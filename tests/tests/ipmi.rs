@@ -112,8 +112,29 @@ impl Sim {
             interval: 1,
             timeout: 10,
             sdr_cache: self.cache(),
+            sel_state_file: self.dir.path().join("state/ipmi-sel.state"),
             ..IpmiConfig::default()
         }
+    }
+
+    /// Run the real ipmitool against the simulated BMC.
+    fn ipmitool(&self, args: &[&str]) -> String {
+        let out = Command::new("ipmitool")
+            .args(["-I", "lanplus", "-H", "127.0.0.1", "-C", "3", "-U", "dcmon", "-P", PASSWORD, "-p"])
+            .arg(self.port.to_string())
+            .args(args)
+            .output()
+            .expect("run ipmitool");
+        assert!(out.status.success(), "ipmitool {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Add SEL entries (ipmitool `sel add`: event message rev, sensor type, number, event
+    /// type, data 1-3 per line).
+    fn sel_add(&self, lines: &[&str]) {
+        let file = self.dir.path().join("events");
+        std::fs::write(&file, lines.join("\n") + "\n").expect("write events");
+        self.ipmitool(&["sel", "add", &file.display().to_string()]);
     }
 
     fn cache(&self) -> PathBuf {
@@ -130,10 +151,11 @@ impl Drop for Sim {
 
 type Values = BTreeMap<(String, String, String), f64>;
 
-/// (metric, sensor, id) -> value.
+/// (metric, sensor, id) -> value of the sensor series (not the SEL's, see [`sel_values`]).
 fn values(samples: &[dcmon_agent::batch::Sample]) -> Values {
     samples
         .iter()
+        .filter(|s| !s.name.starts_with("ipmi_sel_") && !s.name.starts_with("ipmi_dcmi_"))
         .map(|s| {
             let label = |k: &str| {
                 s.labels
@@ -236,6 +258,7 @@ fn a_hung_ipmitool_is_killed_and_never_overlaps() {
         interval: 1,
         timeout: 2,
         sdr_cache: dir.path().join("sdr.cache"),
+        sel_state_file: dir.path().join("sel.state"),
         ..IpmiConfig::default()
     };
     let mut c = IpmiCollector::new(Host::default(), &config);
@@ -269,4 +292,87 @@ fn a_hung_ipmitool_is_killed_and_never_overlaps() {
         assert!(gap_ms >= 1900, "runs overlapped: {gap_ms} ms apart\n{starts}");
     }
     assert!(!starts.contains("finished"), "the hung child was not killed");
+}
+
+const TEMPERATURE_HIGH: &str = "0x04 0x01 0x30 0x01 0x09 0x00 0x00";
+const MEMORY_ECC: &str = "0x04 0x0c 0x53 0x6f 0x00 0x00 0x00";
+const PSU_FAILURE: &str = "0x04 0x08 0x61 0x6f 0x01 0x00 0x00";
+
+/// `ipmi_sel_events_total` by "sensor type/event/direction", and the other SEL and DCMI series.
+fn sel_values(out: &[dcmon_agent::batch::Sample]) -> BTreeMap<String, f64> {
+    out.iter()
+        .filter(|s| s.name.starts_with("ipmi_sel_") || s.name.starts_with("ipmi_dcmi_"))
+        .map(|s| {
+            let labels: Vec<&str> = s.labels.iter().map(|(_, v)| v.as_str()).collect();
+            let key = if labels.is_empty() { s.name.to_owned() } else { labels.join("/") };
+            (key, s.value.as_f64())
+        })
+        .collect()
+}
+
+fn sel_expected(
+    temperature: f64,
+    memory: f64,
+    psu: f64,
+    entries: f64,
+    free: f64,
+    percent: f64,
+) -> BTreeMap<String, f64> {
+    let mut m: BTreeMap<String, f64> = [
+        ("ipmi_sel_entries".to_owned(), entries),
+        ("ipmi_sel_free_bytes".to_owned(), free),
+        ("ipmi_sel_used_percent".to_owned(), percent),
+        ("ipmi_sel_overflow".to_owned(), 0.0),
+    ]
+    .into_iter()
+    .collect();
+    for (key, n) in [
+        ("Temperature/Upper Critical going high/Asserted", temperature),
+        ("Memory/Correctable ECC/Asserted", memory),
+        ("Power Supply/Failure detected/Asserted", psu),
+    ] {
+        if n > 0.0 {
+            m.insert(key.to_owned(), n);
+        }
+    }
+    m
+}
+
+/// Collect until the SEL series are `want` (the 1 s interval passes between reads).
+fn collect_until(c: &mut IpmiCollector, want: &BTreeMap<String, f64>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut out = Vec::new();
+        c.collect(&mut out).expect("collect");
+        let got = sel_values(&out);
+        if got == *want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "SEL series never became {want:?}: {got:?}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// The SEL of ipmi_sim: entries counted once each, by sensor type and event, across a restart
+/// of the collector (the state file) and a `sel clear`; its fill level as `sel info` says.
+/// ipmi_sim has no DCMI: no `ipmi_dcmi_*` series (the parser is tested on captured output).
+#[test]
+fn sel_is_counted_incrementally_across_a_restart_and_a_clear() {
+    let sim = Sim::start();
+    sim.sel_add(&[TEMPERATURE_HIGH, MEMORY_ECC, PSU_FAILURE]);
+    let mut c = IpmiCollector::new(Host::default(), &sim.config());
+    // 16 bytes an entry of ipmi_sim's 800.
+    collect_until(&mut c, &sel_expected(1.0, 1.0, 1.0, 3.0, 752.0, 6.0));
+    sim.sel_add(&[MEMORY_ECC]);
+    collect_until(&mut c, &sel_expected(1.0, 2.0, 1.0, 4.0, 736.0, 8.0));
+    // A restart: nothing counted twice.
+    drop(c);
+    let mut c = IpmiCollector::new(Host::default(), &sim.config());
+    let mut out = Vec::new();
+    c.collect(&mut out).expect("collect");
+    assert_eq!(sel_values(&out), sel_expected(1.0, 2.0, 1.0, 4.0, 736.0, 8.0));
+    // Cleared, then one new entry (its record id restarts at 1): counted, the rest kept.
+    sim.ipmitool(&["sel", "clear"]);
+    sim.sel_add(&[TEMPERATURE_HIGH]);
+    collect_until(&mut c, &sel_expected(2.0, 2.0, 1.0, 1.0, 784.0, 2.0));
 }

@@ -34,6 +34,8 @@ fn smart_page() -> [u8; SMART_LOG_BYTES] {
     put(144, 17); // unsafe shutdowns
     put(160, 2); // media errors
     put(176, 9); // error log entries
+    p[192..196].copy_from_slice(&75u32.to_le_bytes()); // warning composite temperature time, minutes
+    p[196..200].copy_from_slice(&3u32.to_le_bytes()); // critical composite temperature time, minutes
     p
 }
 
@@ -48,6 +50,9 @@ fn expected() -> SmartLog {
         power_on_hours: 12_345,
         unsafe_shutdowns: 17,
         media_errors: 2,
+        error_log_entries: 9,
+        warning_temp_minutes: 75,
+        critical_temp_minutes: 3,
     }
 }
 
@@ -57,7 +62,7 @@ fn byte_exact_page_parses_at_spec_offsets() {
     // Every other byte changed must not move the reported fields.
     let mut noisy = smart_page();
     for (i, b) in noisy.iter_mut().enumerate() {
-        let reported = matches!(i, 0..=3 | 5 | 32..=63 | 128..=175);
+        let reported = matches!(i, 0..=3 | 5 | 32..=63 | 128..=199);
         if !reported {
             *b = 0xA5;
         }
@@ -80,7 +85,10 @@ fn samples_have_units_labels_and_big_counters() {
     #[allow(clippy::cast_precision_loss, reason = "the comparison is in f64")]
     let big = ABOVE_U64 as f64;
     assert_eq!(get("nvme_data_units_read_total").value.as_f64(), big);
-    assert_eq!(samples.len(), 9);
+    assert_eq!(get("nvme_error_log_entries_total").value.as_f64(), 9.0);
+    assert_eq!(get("nvme_warning_temperature_seconds_total").value.as_f64(), 75.0 * 60.0);
+    assert_eq!(get("nvme_critical_temperature_seconds_total").value.as_f64(), 3.0 * 60.0);
+    assert_eq!(samples.len(), 12);
     for s in &samples {
         assert_eq!(s.labels, [("device", "nvme0".to_owned()), ("model", "Samsung SSD 990 PRO 2TB".to_owned())]);
     }
@@ -117,6 +125,12 @@ fn nvme_cli_json_errors_name_the_field() {
     let text = fixture("smart-log-2.3.json").replace("\"temperature\":358", "\"temperature\":70000");
     let e = parse_smart_log_json(&text).expect_err("too big");
     assert!(e.contains("temperature"), "{e}");
+    let text = fixture("smart-log-2.3.json").replace("\"warning_temp_time\":75", "\"warning_temp_time\":4294967296");
+    let e = parse_smart_log_json(&text).expect_err("above u32");
+    assert!(e.contains("warning_temp_time") && e.contains("4294967295"), "{e}");
+    let text = fixture("smart-log-2.3.json").replace("\"num_err_log_entries\":\"9\",", "");
+    let e = parse_smart_log_json(&text).expect_err("missing");
+    assert!(e.contains("num_err_log_entries"), "{e}");
     assert!(parse_smart_log_json("Smart Log for NVME device").is_err());
 }
 

@@ -55,6 +55,8 @@ enum Subject {
     Agent,
     /// The agent (procfs) with a remote_write output beside the dcmon server.
     AgentRemoteWrite,
+    /// The agent (procfs) with every collector but the tool and hardware exporters.
+    AgentHostFamilies,
     AgentEbpf,
     /// The `--baseline` binary, procfs and eBPF mode.
     Baseline,
@@ -72,6 +74,9 @@ impl Subject {
         match self {
             Subject::Agent => "dcmon-agent (procfs)",
             Subject::AgentRemoteWrite => "dcmon-agent (procfs) + remote_write (bytes: remote_write's only)",
+            Subject::AgentHostFamilies => {
+                "dcmon-agent (procfs) + filesystems, pressure, netstat, nic, pcie, edac, infiniband, temperature"
+            }
             Subject::AgentEbpf => "dcmon-agent (eBPF)",
             Subject::Baseline => "baseline dcmon-agent (procfs)",
             Subject::BaselineEbpf => "baseline dcmon-agent (eBPF)",
@@ -111,7 +116,7 @@ pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
     }
     let bin = workspace.join("target/release");
     let agent = bin.join("dcmon-agent");
-    let mut subjects = vec![Subject::Agent, Subject::AgentRemoteWrite, Subject::AgentEbpf];
+    let mut subjects = vec![Subject::Agent, Subject::AgentRemoteWrite, Subject::AgentHostFamilies, Subject::AgentEbpf];
     if let Some(baseline) = &args.baseline {
         anyhow::ensure!(baseline.is_file(), "--baseline {}: no such file", baseline.display());
         subjects.extend([Subject::Baseline, Subject::BaselineEbpf]);
@@ -133,7 +138,8 @@ pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             eprintln!("round {round}/{}: {} for {} s", args.rounds, s.name(), args.seconds);
             let run = match s {
                 Subject::Agent => measure_agent(&bin, &agent, args.seconds, None, false, Ebpf::Off)?,
-                Subject::AgentRemoteWrite => measure_agent_remote_write(&bin, &agent, args.seconds)?,
+                Subject::AgentRemoteWrite => measure_agent_with(&bin, &agent, args.seconds, Extra::RemoteWrite)?,
+                Subject::AgentHostFamilies => measure_agent_with(&bin, &agent, args.seconds, Extra::HostFamilies)?,
                 Subject::AgentEbpf => measure_agent(&bin, &agent, args.seconds, None, false, Ebpf::On)?,
                 Subject::Baseline | Subject::BaselineEbpf => {
                     let baseline = args.baseline.as_deref().context("--baseline")?;
@@ -202,10 +208,25 @@ enum Ebpf {
     On,
 }
 
-/// The agent's config: interval 1, OS collectors only, outbox on disk under `dir`;
-/// `all_disks` also reports loop devices.
+/// The exporters that read tools and hardware (apt-get, NVMe, the BMC, NVML): off in every
+/// bench run, which measures the same job as the peers.
+const TOOL_EXPORTERS: [&str; 4] = ["apt", "nvme", "ipmi", "nvsmi"];
+
+/// Every exporter of the agent's table switched off, but those `on` names.
+fn exporters_only(on: &[&str]) -> serde_json::Value {
+    let map: serde_json::Map<String, serde_json::Value> = dcmon_agent::collector::schema()
+        .exporters
+        .iter()
+        .map(|&(name, _)| (name.to_owned(), json!(on.contains(&name))))
+        .collect();
+    serde_json::Value::Object(map)
+}
+
+/// The agent's config: interval 1, the OS collectors only (load, CPU, memory, disks and
+/// interfaces: the peers' job), outbox on disk under `dir`; `all_disks` also reports loop
+/// devices.
 fn agent_config(url: &str, dir: &Path, all_disks: bool, ebpf: Ebpf) -> AgentConfig {
-    let config = AgentConfig::without_exporters().extend(json!({
+    let config = AgentConfig::new().set("exporters", exporters_only(&[])).extend(json!({
         "collection_interval": 1, "machine_id": "bench", "server_url": url,
         "ebpf": if ebpf == Ebpf::On { "on" } else { "off" },
         "api_key_file": dir.join("api_key"), "outbox_dir": dir.join("outbox"),
@@ -430,21 +451,43 @@ fn measure_agent(
     run
 }
 
-/// The agent (procfs) posting JSON to a dcmon receiver and, beside it, snappy protobuf to a
-/// remote_write receiver in this process; the bytes counted are remote_write's, to set beside
-/// the JSON row's.
-fn measure_agent_remote_write(bin: &Path, agent: &Path, seconds: u64) -> anyhow::Result<Run> {
+/// What a [`measure_agent_with`] run adds to the agent's (procfs) job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Extra {
+    /// A remote_write output beside the dcmon server, to a receiver in this process; the bytes
+    /// counted are remote_write's, to set beside the JSON row's.
+    RemoteWrite,
+    /// Every collector but the tool and hardware exporters ([`TOOL_EXPORTERS`]).
+    HostFamilies,
+}
+
+/// The agent (procfs) doing its job plus `extra`.
+fn measure_agent_with(bin: &Path, agent: &Path, seconds: u64, extra: Extra) -> anyhow::Result<Run> {
     wait_for_quiet_host()?;
     let dir = scratch_dir("dcmon-bench-agent")?;
-    let (receiver, url, _) = start_receiver(bin, None, seconds)?;
+    let (receiver, url, json_bytes) = start_receiver(bin, None, seconds)?;
     let remote_write = RemoteWriteReceiver::start()?;
     write_key(dir.path(), KEY)?;
-    let config = agent_config(&url, dir.path(), false, Ebpf::Off)
-        .set("remote_write", json!([{"name": "bench", "url": remote_write.url()}]))
-        .write(dir.path());
+    let config = agent_config(&url, dir.path(), false, Ebpf::Off);
+    let config = match extra {
+        Extra::RemoteWrite => config.set("remote_write", json!([{"name": "bench", "url": remote_write.url()}])),
+        Extra::HostFamilies => {
+            let families: Vec<&str> = dcmon_agent::collector::schema()
+                .exporters
+                .iter()
+                .map(|&(name, _)| name)
+                .filter(|name| !TOOL_EXPORTERS.contains(name))
+                .collect();
+            config.set("exporters", exporters_only(&families))
+        }
+    }
+    .write(dir.path());
     let agent = Guard(Command::new(agent).arg("--config").arg(config).args(["--log-level", "warn", "run"]).spawn()?);
-    let rw_bytes = || remote_write.accepted().iter().map(|r| r.bytes as u64).sum();
-    let run = measure_process(agent.0.id(), seconds, rw_bytes);
+    let sent = || match extra {
+        Extra::RemoteWrite => remote_write.accepted().iter().map(|r| r.bytes as u64).sum(),
+        Extra::HostFamilies => json_bytes.load(Ordering::Relaxed),
+    };
+    let run = measure_process(agent.0.id(), seconds, sent);
     drop(agent);
     drop(receiver);
     run

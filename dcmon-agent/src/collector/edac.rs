@@ -14,7 +14,7 @@ use crate::host::{Host, served_from_kernel_memory};
 /// This collector's row in the table ([`super::SOURCES`]).
 pub const SOURCE: super::Source = super::Source {
     name: "edac",
-    switch: super::Switch::Always,
+    switch: super::Switch::Exporter { default: true },
     caps: &[],
     section: None,
     build: Some(|host, _| Box::new(EdacCollector::new(host.clone()))),

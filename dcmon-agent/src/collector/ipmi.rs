@@ -20,6 +20,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Deserialize;
 
 use super::background::{FirstRunWait, Refresher};
+use super::ipmi_sel::{SelTracker, parse_dcmi_power, parse_sel_info, parse_sel_list};
 use super::{CollectError, Collector};
 use crate::batch::Sample;
 use crate::config::{Limit, Section, SectionSpec, UP_TO_A_WEEK, UP_TO_AN_HOUR, YEAR};
@@ -62,6 +63,12 @@ pub struct IpmiConfig {
     pub sdr_cache: PathBuf,
     /// Seconds after which the SDR cache is rebuilt.
     pub sdr_cache_max_age: u64,
+    /// Read the System Event Log (`sel info` every read, `sel list` when it changed).
+    pub sel: bool,
+    /// Where the last SEL entry counted and the counts are kept across restarts.
+    pub sel_state_file: PathBuf,
+    /// Read the DCMI power reading (`dcmi power reading`).
+    pub dcmi: bool,
 }
 
 impl Default for IpmiConfig {
@@ -78,6 +85,9 @@ impl Default for IpmiConfig {
             ipmitool: PathBuf::from("ipmitool"),
             sdr_cache: PathBuf::from("/var/cache/dcmon/ipmi-sdr.cache"),
             sdr_cache_max_age: 86_400,
+            sel: true,
+            sel_state_file: PathBuf::from("/var/lib/dcmon/ipmi-sel.state"),
+            dcmi: true,
         }
     }
 }
@@ -247,6 +257,25 @@ struct Reader {
     unreadable_after_rebuild: Option<usize>,
     /// Rebuild before the next read.
     rebuild: bool,
+    /// The SEL, while it is read: its state file, and the tracker once loaded.
+    sel: Option<(PathBuf, Option<SelTracker>)>,
+    /// Whether the DCMI power reading is asked for.
+    dcmi: bool,
+    /// Which of SEL and DCMI have answered once (a source that never did is given up on at
+    /// its first failure: the BMC does not have it).
+    sel_worked: bool,
+    dcmi_worked: bool,
+    /// The last SEL or DCMI failure logged, so a repeated one is logged once.
+    last_extra_error: Option<String>,
+}
+
+/// One read: the sensors, then the SEL and DCMI metrics.
+#[derive(Debug, Clone, Default)]
+pub struct IpmiRead {
+    /// The sensors with a reading.
+    pub readings: Vec<Reading>,
+    /// SEL fill level and event counts, DCMI power.
+    pub extra: Vec<Sample>,
 }
 
 impl Reader {
@@ -288,7 +317,84 @@ impl Reader {
         Ok((parse_sdr_list(&String::from_utf8_lossy(&out.stdout)), out.stderr_text()))
     }
 
-    fn read(&mut self) -> Result<Vec<Reading>, ReadError> {
+    fn run_text(&self, args: &[&str]) -> Result<String, String> {
+        let out = self.base.clone().args(args.iter().copied()).run().map_err(|e| format!("{e:#}"))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn read_sel(&mut self) -> Result<Vec<Sample>, String> {
+        let program = self.base.program().to_owned();
+        let info = parse_sel_info(&self.run_text(&["sel", "info"])?)?;
+        let mut out = info.samples();
+        let Some((path, tracker)) = &mut self.sel else { return Ok(out) };
+        let tracker = tracker.get_or_insert_with(|| SelTracker::load(path));
+        if tracker.needs_listing(&info) {
+            let text = self.base.clone().args(["sel", "list"]).run().map_err(|e| format!("{e:#}"))?;
+            let list = parse_sel_list(&String::from_utf8_lossy(&text.stdout)).map_err(|e| format!("{program}: {e}"))?;
+            let Some((_, Some(tracker))) = &mut self.sel else { return Ok(out) };
+            if let Err(e) = tracker.update(&info, &list) {
+                tracing::warn!("IPMI SEL counts not saved: {e}");
+            }
+        }
+        if let Some((_, Some(tracker))) = &self.sel {
+            out.extend(tracker.samples());
+        }
+        Ok(out)
+    }
+
+    fn read_dcmi(&self) -> Result<Vec<Sample>, String> {
+        let text = self.run_text(&["dcmi", "power", "reading"])?;
+        Ok(parse_dcmi_power(&text)?.map(|p| p.samples()).unwrap_or_default())
+    }
+
+    /// A SEL or DCMI failure: the source is given up on when it never answered, else logged
+    /// (once while it repeats) and tried again next read.
+    fn extra_failed(&mut self, what: &str, worked: bool, e: &str) -> bool {
+        if !worked {
+            tracing::info!("IPMI {what} not available from this BMC ({e}); not asked again");
+            return false;
+        }
+        let msg = format!("IPMI {what}: {e}");
+        if self.last_extra_error.as_deref() != Some(msg.as_str()) {
+            tracing::warn!("{msg}");
+            self.last_extra_error = Some(msg);
+        }
+        true
+    }
+
+    fn read_extra(&mut self) -> Vec<Sample> {
+        let mut out = Vec::new();
+        if self.sel.is_some() {
+            match self.read_sel() {
+                Ok(s) => {
+                    out.extend(s);
+                    self.sel_worked = true;
+                }
+                Err(e) => {
+                    if !self.extra_failed("System Event Log", self.sel_worked, &e) {
+                        self.sel = None;
+                    }
+                }
+            }
+        }
+        if self.dcmi {
+            match self.read_dcmi() {
+                Ok(s) => {
+                    out.extend(s);
+                    self.dcmi_worked = true;
+                }
+                Err(e) => self.dcmi = self.extra_failed("DCMI power reading", self.dcmi_worked, &e),
+            }
+        }
+        out
+    }
+
+    fn read(&mut self) -> Result<IpmiRead, ReadError> {
+        let readings = self.read_sensors()?;
+        Ok(IpmiRead { readings, extra: self.read_extra() })
+    }
+
+    fn read_sensors(&mut self) -> Result<Vec<Reading>, ReadError> {
         let mut rebuilt = false;
         if self.rebuild || self.cache_is_stale() {
             self.dump_cache()?;
@@ -341,7 +447,7 @@ pub struct IpmiCollector {
     read_limit: Duration,
     first_wait: FirstRunWait,
     reader: Option<Reader>,
-    refresher: Option<Refresher<Result<Vec<Reading>, ReadError>>>,
+    refresher: Option<Refresher<Result<IpmiRead, ReadError>>>,
     last_trigger: Option<Instant>,
 }
 
@@ -383,6 +489,11 @@ impl IpmiCollector {
                 cache_max_age: Duration::from_secs(config.sdr_cache_max_age),
                 unreadable_after_rebuild: None,
                 rebuild: false,
+                sel: config.sel.then(|| (config.sel_state_file.clone(), None)),
+                dcmi: config.dcmi,
+                sel_worked: false,
+                dcmi_worked: false,
+                last_extra_error: None,
             }),
             refresher: None,
             last_trigger: None,
@@ -435,7 +546,10 @@ impl Collector for IpmiCollector {
             refresher.wait_first(self.first_wait, "ipmitool (reading the sensors)");
         }
         match refresher.latest() {
-            Some(Ok(readings)) => out.extend(readings.iter().map(Reading::sample)),
+            Some(Ok(read)) => {
+                out.extend(read.readings.iter().map(Reading::sample));
+                out.extend(read.extra.iter().cloned());
+            }
             Some(Err(ReadError::NotPresent(why))) => return Err(CollectError::NotPresent(why)),
             Some(Err(ReadError::Failed(why))) => return Err(anyhow::anyhow!(why).into()),
             None => {}
@@ -556,6 +670,9 @@ garbage line without fields
                  case \"$*\" in\n\
                  *'sdr dump'*) echo dump >> $d/calls; echo cache > \"$last\";;\n\
                  *'sdr list all'*) echo list >> $d/calls; cat $d/list;;\n\
+                 *'sel info'*) echo sel-info >> $d/calls; cat $d/sel-info;;\n\
+                 *'sel list'*) echo sel-list >> $d/calls; cat $d/sel-list;;\n\
+                 *'dcmi power reading'*) echo dcmi >> $d/calls; cat $d/dcmi || exit 1;;\n\
                  esac\n",
                 d = dir.display()
             ),
@@ -575,18 +692,23 @@ garbage line without fields
             cache_max_age: Duration::from_secs(3600),
             unreadable_after_rebuild: None,
             rebuild: false,
+            sel: None,
+            dcmi: false,
+            sel_worked: false,
+            dcmi_worked: false,
+            last_extra_error: None,
         };
         let calls = || std::fs::read_to_string(d.join("calls")).unwrap_or_default();
         std::fs::write(d.join("list"), "A | 1 Volts | ok\nB | no reading | ns\n").expect("w");
         // Missing cache: dump, then list.
-        assert_eq!(reader.read().expect("read").len(), 1);
+        assert_eq!(reader.read().expect("read").readings.len(), 1);
         assert_eq!(calls(), "dump\nlist\n");
         // Fresh cache, same unreadable count: list only.
         reader.read().expect("read");
         assert_eq!(calls(), "dump\nlist\nlist\n");
         // A sensor goes unreadable: this read is reported, the next one rebuilds first.
         std::fs::write(d.join("list"), "A | na | ns\nB | no reading | ns\n").expect("w");
-        assert!(reader.read().expect("read").is_empty());
+        assert!(reader.read().expect("read").readings.is_empty());
         assert_eq!(calls(), "dump\nlist\nlist\nlist\n");
         reader.read().expect("read");
         assert_eq!(calls(), "dump\nlist\nlist\nlist\ndump\nlist\n");
@@ -634,5 +756,52 @@ garbage line without fields
     fn a_fahrenheit_reading_too_large_to_convert_is_no_reading() {
         let list = parse_sdr_list("Inlet | -1.7e308 degrees F | ok\nOutlet | 1e308 degrees F | ok\n");
         assert_eq!((list.rows, list.readings), (2, vec![]));
+    }
+
+    /// SEL and DCMI through the reader with captured ipmitool output: DCMI power reported,
+    /// the SEL listed only when `sel info` changed, and a BMC without DCMI asked once.
+    #[test]
+    fn sel_and_dcmi_through_the_reader() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let d = dir.path();
+        let mut reader = Reader {
+            base: Cmd::new(fake_ipmitool(d)),
+            cache: d.join("cache/sdr"),
+            cache_max_age: Duration::from_secs(3600),
+            unreadable_after_rebuild: None,
+            rebuild: false,
+            sel: Some((d.join("sel.state"), None)),
+            dcmi: true,
+            sel_worked: false,
+            dcmi_worked: false,
+            last_extra_error: None,
+        };
+        std::fs::write(d.join("list"), "A | 1 Volts | ok\n").expect("w");
+        std::fs::write(d.join("sel-info"), "Entries          : 1\nFree Space       : 784 bytes\nPercent Used     : 2%\nLast Add Time    : 06/08/2023 14:01:37\n").expect("w");
+        std::fs::write(
+            d.join("sel-list"),
+            "   1 | 06/08/2023 | 14:01:37 | Memory #0x53 | Correctable ECC | Asserted\n",
+        )
+        .expect("w");
+        std::fs::write(d.join("dcmi"), "    Instantaneous power reading:                   168 Watts\n    Minimum during sampling period:                 16 Watts\n    Maximum during sampling period:                348 Watts\n    Average power reading over sample period:      168 Watts\n    Sampling period:                          00000001 Seconds.\n    Power reading state is:                   activated\n").expect("w");
+        let calls = || std::fs::read_to_string(d.join("calls")).unwrap_or_default();
+        let value = |r: &IpmiRead, name: &str| r.extra.iter().find(|s| s.name == name).map(|s| s.value.as_f64());
+        let r = reader.read().expect("read");
+        assert_eq!(value(&r, "ipmi_dcmi_power_watts"), Some(168.0));
+        assert_eq!(value(&r, "ipmi_dcmi_power_maximum_watts"), Some(348.0));
+        assert_eq!(value(&r, "ipmi_sel_events_total"), Some(1.0));
+        assert_eq!(value(&r, "ipmi_sel_free_bytes"), Some(784.0));
+        assert_eq!(calls(), "dump\nlist\nsel-info\nsel-list\ndcmi\n");
+        // Unchanged `sel info`: no listing, the count stays.
+        let r = reader.read().expect("read");
+        assert_eq!(value(&r, "ipmi_sel_events_total"), Some(1.0));
+        assert_eq!(calls(), "dump\nlist\nsel-info\nsel-list\ndcmi\nlist\nsel-info\ndcmi\n");
+        // A BMC without DCMI (ipmitool exits 1): asked once, never again, nothing sent.
+        let mut fresh = Reader { dcmi: true, dcmi_worked: false, sel: None, ..reader };
+        std::fs::remove_file(d.join("dcmi")).expect("rm");
+        std::fs::remove_file(d.join("calls")).expect("rm");
+        assert_eq!(fresh.read().expect("read").extra, vec![]);
+        assert_eq!(fresh.read().expect("read").extra, vec![]);
+        assert_eq!(calls(), "list\ndcmi\nlist\n");
     }
 }

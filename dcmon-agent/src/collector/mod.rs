@@ -29,8 +29,10 @@ pub mod background;
 pub mod disk;
 pub mod ebpf_status;
 pub mod edac;
+pub mod filesystems;
 pub mod infiniband;
 pub mod ipmi;
+pub mod ipmi_sel;
 pub mod net;
 pub mod netstat;
 pub mod nic;
@@ -150,6 +152,7 @@ pub const SOURCES: &[Source] = &[
     os::SOURCE,
     disk::SOURCE,
     net::SOURCE,
+    filesystems::SOURCE,
     pressure::SOURCE,
     netstat::SOURCE,
     nic::SOURCE,
@@ -309,6 +312,7 @@ mod tests {
                 "os",
                 "disk",
                 "net",
+                "filesystems",
                 "pressure",
                 "netstat",
                 "nic",
@@ -324,7 +328,7 @@ mod tests {
         );
         let mut none = Config { exporters: Exporters::none(), ..config };
         let built: Vec<&str> = from_config(&none).iter().map(|c| c.name()).collect();
-        assert_eq!(built, ["os", "disk", "net", "pressure", "netstat", "nic", "pcie", "edac"]);
+        assert_eq!(built, ["os", "disk", "net"]);
         none.exporters.set("ipmi", true);
         assert_eq!(from_config(&none).last().map(|c| c.name()), Some("ipmi"));
     }

@@ -11,7 +11,7 @@ use crate::host::{Host, OpenFile, served_from_kernel_memory};
 /// This collector's row in the table ([`super::SOURCES`]).
 pub const SOURCE: super::Source = super::Source {
     name: "netstat",
-    switch: super::Switch::Always,
+    switch: super::Switch::Exporter { default: true },
     caps: &[],
     section: None,
     build: Some(|host, _| Box::new(NetstatCollector::new(host))),

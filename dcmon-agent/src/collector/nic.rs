@@ -14,7 +14,7 @@ use crate::host::{Host, OpenFile};
 /// This collector's row in the table ([`super::SOURCES`]).
 pub const SOURCE: super::Source = super::Source {
     name: "nic",
-    switch: super::Switch::Always,
+    switch: super::Switch::Exporter { default: true },
     caps: &[],
     section: None,
     build: Some(|host, config| Box::new(NicCollector::new(host.clone(), config.interfaces.clone()))),

@@ -74,6 +74,15 @@ pub struct SmartLog {
     pub unsafe_shutdowns: u128,
     /// Media and Data Integrity Errors (bytes 160-175).
     pub media_errors: u128,
+    /// Number of Error Information Log Entries over the controller's life (bytes 176-191):
+    /// the entries the Error Information log page (0x01) has held, not the ones it still holds.
+    pub error_log_entries: u128,
+    /// Warning Composite Temperature Time: minutes the composite temperature was at or above
+    /// the warning threshold (WCTEMP) and below the critical one (bytes 192-195).
+    pub warning_temp_minutes: u32,
+    /// Critical Composite Temperature Time: minutes at or above the critical threshold
+    /// (CCTEMP) (bytes 196-199).
+    pub critical_temp_minutes: u32,
 }
 
 fn counter(name: &'static str, v: u128) -> Sample {
@@ -102,6 +111,9 @@ impl SmartLog {
             counter("nvme_unsafe_shutdowns_total", self.unsafe_shutdowns),
             counter("nvme_data_units_read_total", self.data_units_read),
             counter("nvme_data_units_written_total", self.data_units_written),
+            counter("nvme_error_log_entries_total", self.error_log_entries),
+            Sample::count("nvme_warning_temperature_seconds_total", u64::from(self.warning_temp_minutes) * 60),
+            Sample::count("nvme_critical_temperature_seconds_total", u64::from(self.critical_temp_minutes) * 60),
         ];
         s.into_iter().map(|s| s.label("device", device).label("model", model)).collect()
     }
@@ -112,7 +124,8 @@ impl SmartLog {
 /// ```text
 /// 00: crit_warn | 01-02: temp K | 03: spare% | 04: spare thresh% | 05: used% | ...
 /// 32: data units read (16 bytes) | 48: written | ... | 128: power on hours | 144: unsafe
-/// shutdowns | 160: media errors | ...
+/// shutdowns | 160: media errors | 176: error log entries | 192: warning temp time (4 bytes,
+/// minutes) | 196: critical temp time (4 bytes, minutes) | ...
 /// ```
 pub fn parse_smart_log(page: &[u8]) -> Result<SmartLog, String> {
     if page.len() < SMART_LOG_BYTES {
@@ -125,6 +138,7 @@ pub fn parse_smart_log(page: &[u8]) -> Result<SmartLog, String> {
             .ok_or_else(|| format!("SMART log too short for the counter at byte {off}"))
     };
     let byte = |off: usize| page.get(off).copied().unwrap_or(0);
+    let u32_at = |off: usize| u32::from_le_bytes([byte(off), byte(off + 1), byte(off + 2), byte(off + 3)]);
     Ok(SmartLog {
         critical_warning: byte(0),
         temperature_kelvin: u16::from_le_bytes([byte(1), byte(2)]),
@@ -135,6 +149,9 @@ pub fn parse_smart_log(page: &[u8]) -> Result<SmartLog, String> {
         power_on_hours: u128_at(128)?,
         unsafe_shutdowns: u128_at(144)?,
         media_errors: u128_at(160)?,
+        error_log_entries: u128_at(176)?,
+        warning_temp_minutes: u32_at(192),
+        critical_temp_minutes: u32_at(196),
     })
 }
 
@@ -203,6 +220,9 @@ pub fn parse_smart_log_json(text: &str) -> Result<SmartLog, String> {
         power_on_hours: json_uint(obj, "power_on_hours")?,
         unsafe_shutdowns: json_uint(obj, "unsafe_shutdowns")?,
         media_errors: json_uint(obj, "media_errors")?,
+        error_log_entries: json_uint(obj, "num_err_log_entries")?,
+        warning_temp_minutes: json_narrow(obj, "warning_temp_time", "4294967295")?,
+        critical_temp_minutes: json_narrow(obj, "critical_comp_time", "4294967295")?,
     })
 }
 

@@ -18,7 +18,7 @@ use crate::host::{Host, served_from_kernel_memory};
 /// This collector's row in the table ([`super::SOURCES`]).
 pub const SOURCE: super::Source = super::Source {
     name: "pcie",
-    switch: super::Switch::Always,
+    switch: super::Switch::Exporter { default: true },
     caps: &[],
     section: None,
     build: Some(|host, _| Box::new(PcieCollector::new(host.clone()))),
