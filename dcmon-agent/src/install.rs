@@ -31,6 +31,19 @@ pub fn render_unit(binary: &Path, config_path: &Path, config: &Config) -> String
     if !config.outbox_dir.starts_with("/var/lib/dcmon") {
         writable.push(format!("-{}", config.outbox_dir.display()));
     }
+    // The command journal, when polling is on and it lives elsewhere.
+    if config.commands.enabled
+        && !config.commands.journal.starts_with("/var/lib/dcmon")
+        && let Some(dir) = config.commands.journal.parent().filter(|d| !d.as_os_str().is_empty())
+    {
+        writable.push(format!("-{}", dir.display()));
+    }
+    // config_update writes the config file back (temp file + rename in its directory).
+    if config.commands.allows(crate::config::CommandType::ConfigUpdate)
+        && let Some(dir) = config_path.parent().filter(|d| !d.as_os_str().is_empty())
+    {
+        writable.push(format!("-{}", dir.display()));
+    }
     format!(
         "# Written by `dcmon-agent install`; it is rewritten on the next install.\n\
          # Local changes belong in `systemctl edit dcmon-client`.\n\
@@ -394,5 +407,33 @@ mod tests {
         let c = Config { outbox_dir: "/srv/dcmon-outbox".into(), ..Config::default() };
         let unit = render_unit(Path::new("/usr/local/bin/dcmon-agent"), Path::new("/etc/dcmon/config.json"), &c);
         assert!(unit.contains("\nReadWritePaths=/var/lib/dcmon -/srv/dcmon-outbox\n"), "{unit}");
+    }
+
+    /// Remote commands grow the bounding set only for the types allowed, and only while
+    /// polling is on; config_update makes the config's folder writable.
+    #[test]
+    fn remote_commands_grow_the_unit_only_for_allowed_types() {
+        use crate::config::{CommandType, CommandsConfig, EbpfMode};
+        let mut c = Config { ebpf: EbpfMode::Off, ..Config::default() };
+        for name in ["nvme", "ipmi"] {
+            c.exporters.set(name, false);
+        }
+        let unit_for =
+            |c: &Config| render_unit(Path::new("/usr/local/bin/dcmon-agent"), Path::new("/etc/dcmon/config.json"), c);
+        let all = CommandsConfig { allow: CommandType::ALL.to_vec(), ..CommandsConfig::default() };
+        c.commands = all.clone();
+        let unit = unit_for(&c);
+        assert!(unit.contains("\nCapabilityBoundingSet=\n"), "listed but not enabled: nothing: {unit}");
+        assert!(unit.contains("\nReadWritePaths=/var/lib/dcmon\n"), "{unit}");
+        c.commands = CommandsConfig { enabled: true, allow: vec![CommandType::FanControl], ..all.clone() };
+        assert!(unit_for(&c).contains("\nCapabilityBoundingSet=CAP_SYS_RAWIO\n"));
+        c.commands.allow.push(CommandType::Reboot);
+        assert!(unit_for(&c).contains("\nCapabilityBoundingSet=CAP_SYS_RAWIO CAP_SYS_BOOT\n"));
+        c.commands = CommandsConfig { enabled: true, allow: vec![CommandType::ConfigUpdate], ..all };
+        let unit = unit_for(&c);
+        assert!(unit.contains("\nCapabilityBoundingSet=\n"), "{unit}");
+        assert!(unit.contains("\nReadWritePaths=/var/lib/dcmon -/etc/dcmon\n"), "{unit}");
+        c.commands.journal = "/srv/dcmon/commands.journal".into();
+        assert!(unit_for(&c).contains("\nReadWritePaths=/var/lib/dcmon -/srv/dcmon -/etc/dcmon\n"));
     }
 }

@@ -9,6 +9,7 @@ pub mod api_key;
 pub mod batch;
 pub mod check;
 pub mod collector;
+pub mod commands;
 pub mod config;
 pub mod deliver;
 pub mod ebpf;

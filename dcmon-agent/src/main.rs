@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use dcmon_agent::agent::{self, BatchClock, Control, Daemon, OutputTask, Scheduler, SystemClock};
 use dcmon_agent::collector::EbpfSettings;
+use dcmon_agent::commands::{CommandStats, Journal, Poller, PollerParts, Runner, SharedJournal};
 use dcmon_agent::config::{self, Config, ConfigError, Loaded};
 use dcmon_agent::deliver::DeliveryPolicy;
 use dcmon_agent::host::Host;
@@ -312,13 +313,85 @@ fn load_secrets(config: &Config) -> anyhow::Result<Secrets> {
     Ok(Secrets { key, remote_write })
 }
 
+/// What the remote commands keep across reloads: the journal (opened when polling is first
+/// on), the counters, and how a `config_update` asks for a reload.
+struct RemoteCommands {
+    journal: Option<(PathBuf, SharedJournal)>,
+    stats: Arc<CommandStats>,
+    config_path: PathBuf,
+    reload: mpsc::Sender<Control>,
+}
+
+impl RemoteCommands {
+    /// The poll task for `config` (whose `commands.enabled` is true).
+    fn poller(
+        &mut self,
+        config: &Config,
+        key: &api_key::ApiKey,
+        machine_id: &str,
+        policy: DeliveryPolicy,
+    ) -> anyhow::Result<Poller> {
+        let path = &config.commands.journal;
+        let journal = match &self.journal {
+            Some((open, journal)) if open == path => journal.clone(),
+            _ => {
+                let journal = Arc::new(std::sync::Mutex::new(Journal::open(path).map_err(anyhow::Error::msg)?));
+                self.journal = Some((path.clone(), journal.clone()));
+                journal
+            }
+        };
+        let reload = self.reload.clone();
+        let runner = Runner {
+            config: config.commands.clone(),
+            config_path: self.config_path.clone(),
+            schema: collector::schema(),
+            reload: Box::new(move || {
+                if reload.try_send(Control::Reload).is_err() {
+                    tracing::warn!("config_update: a reload is already pending");
+                }
+            }),
+        };
+        Poller::new(PollerParts {
+            server_base: config.server_base(),
+            ca: config.ca_file.as_ref(),
+            key,
+            machine_id,
+            timeouts: (Duration::from_secs(config.connect_timeout), Duration::from_secs(config.upload_timeout)),
+            policy,
+            journal,
+            stats: self.stats.clone(),
+            runner,
+        })
+    }
+}
+
 /// The machine id and daemon settings for `config` and its `secrets`, sharing `outbox`.
-fn prepare(config: &Config, secrets: Secrets, outbox: &SharedOutbox) -> anyhow::Result<(String, Daemon)> {
+fn prepare(
+    config: &Config,
+    secrets: Secrets,
+    outbox: &SharedOutbox,
+    remote: &mut RemoteCommands,
+) -> anyhow::Result<(String, Daemon)> {
     let Secrets { key, remote_write } = secrets;
     let machine_id = machine_id(config)?;
     let mut outputs = Vec::new();
+    let policy = DeliveryPolicy {
+        backoff_base: Duration::from_secs(1),
+        backoff_max: Duration::from_secs(config.retry_max_backoff),
+        auth_retry: Duration::from_secs(config.auth_retry_interval),
+        catchup_batches_per_sec: config.catchup_batches_per_second,
+        api_key_file: config.api_key_file.clone(),
+    };
+    let mut poller = None;
     match key {
         Some(key) if config.dcmon_output => {
+            if config.commands.enabled {
+                // Without a readable journal no command may run (at most once); collection goes on.
+                match remote.poller(config, &key, &machine_id, policy.clone()) {
+                    Ok(p) => poller = Some(p),
+                    Err(e) => tracing::error!("remote commands are off: {e:#}"),
+                }
+            }
             let uploader = Uploader::new(
                 config.server_base(),
                 key,
@@ -349,13 +422,8 @@ fn prepare(config: &Config, secrets: Secrets, outbox: &SharedOutbox) -> anyhow::
         phase: agent::phase_offset(&machine_id, config.interval()),
         outbox: outbox.clone(),
         outputs,
-        policy: DeliveryPolicy {
-            backoff_base: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(config.retry_max_backoff),
-            auth_retry: Duration::from_secs(config.auth_retry_interval),
-            catchup_batches_per_sec: config.catchup_batches_per_second,
-            api_key_file: config.api_key_file.clone(),
-        },
+        policy,
+        commands: poller,
     };
     Ok((machine_id, daemon))
 }
@@ -368,7 +436,15 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
     let outbox = SharedOutbox::new(outbox);
     // At start no signal handler is installed yet, so SIGTERM still ends a read that hangs.
     let secrets = load_secrets(&config)?;
-    let (machine_id, mut daemon) = prepare(&config, secrets, &outbox)?;
+    // The daemon loop's requests: signals (installed below) and a config_update's reload.
+    let (control_tx, mut control) = mpsc::channel(4);
+    let mut remote = RemoteCommands {
+        journal: None,
+        stats: Arc::new(CommandStats::default()),
+        config_path: config_path.to_owned(),
+        reload: control_tx.clone(),
+    };
+    let (machine_id, mut daemon) = prepare(&config, secrets, &outbox, &mut remote)?;
     let timeout = |c: &Config| Duration::from_secs(c.collector_timeout);
     let mut scheduler = Scheduler::new(collector::build(&config)?, machine_id, timeout(&config));
     // Kept across reloads: batch timestamps must keep increasing whatever the config.
@@ -380,7 +456,7 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
         .map(|addr| MetricsEndpoint::bind(addr, latest.clone(), Limits::default()))
         .transpose()?;
     let notifier = Notifier::from_env();
-    let mut control = control_from_signals()?;
+    control_from_signals(control_tx)?;
     tracing::info!(config = %config_path.display(), "dcmon-agent {VERSION} started");
     notifier.notify("READY=1");
     loop {
@@ -395,7 +471,7 @@ async fn run(mut config: Config, config_path: &Path, explicit: bool) -> anyhow::
                     Err(e) => Err(e),
                 };
                 let reloaded = read.and_then(|(new, secrets)| {
-                    let (machine_id, new_daemon) = prepare(&new, secrets, &outbox)?;
+                    let (machine_id, new_daemon) = prepare(&new, secrets, &outbox, &mut remote)?;
                     // Unchanged eBPF settings keep the loaded programs and the collectors'
                     // baselines: no BPF load (a BTF parse, and a chance of failing) per reload.
                     let collectors =
@@ -454,13 +530,13 @@ async fn reconfigure_endpoint(
     endpoint
 }
 
-/// SIGTERM and SIGINT stop the daemon, SIGHUP reloads its config.
-fn control_from_signals() -> anyhow::Result<mpsc::Receiver<Control>> {
+/// SIGTERM and SIGINT stop the daemon, SIGHUP reloads its config: forwarded to `tx`, whose
+/// receiver the daemon loop reads (a `config_update` command sends its reload there too).
+fn control_from_signals(tx: mpsc::Sender<Control>) -> anyhow::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
-    let (tx, rx) = mpsc::channel(4);
     tokio::spawn(async move {
         loop {
             let c = tokio::select! {
@@ -473,5 +549,5 @@ fn control_from_signals() -> anyhow::Result<mpsc::Receiver<Control>> {
             }
         }
     });
-    Ok(rx)
+    Ok(())
 }

@@ -55,6 +55,17 @@ struct Inner {
     forced_status: Option<u16>,
     /// Answers for the next requests, used up one per request: (status, Retry-After value).
     scripted: std::collections::VecDeque<(u16, Option<String>)>,
+    /// Queued commands (`{"id", "type", "params", "created_at", "machine_id"}`), pending until
+    /// a result for their id is posted, as on the real server.
+    commands: Vec<Value>,
+    /// Results posted to /api/command-results and accepted, oldest first.
+    results: Vec<Value>,
+    /// When set, /api/command-results answers this status (outage simulation).
+    results_forced_status: Option<u16>,
+    /// When set, /api/commands/{id} answers exactly this body (garbage, oversized).
+    commands_raw_answer: Option<Vec<u8>>,
+    /// GETs of /api/commands/{id} answered.
+    command_polls: usize,
 }
 
 /// A dcmon-server stand-in on 127.0.0.1, running on its own thread until dropped.
@@ -91,6 +102,9 @@ impl Receiver {
             .route("/api/metrics", post(submit))
             .route("/api/register", post(register))
             .route("/health", get(health))
+            .route("/api/commands", post(queue_command))
+            .route("/api/commands/{machine_id}", get(poll_commands))
+            .route("/api/command-results", post(command_result))
             // The real server has no body-size limit; axum's default of 2 MB would turn big
             // hosts' batches into 413s the server never sends.
             .layer(axum::extract::DefaultBodyLimit::disable())
@@ -152,6 +166,48 @@ impl Receiver {
     /// Forget the scripted answers not used yet.
     pub fn clear_script(&self) {
         lock(&self.inner).scripted.clear();
+    }
+
+    /// Queue a command for `machine_id`, as `POST /api/commands` does (the real server asks no
+    /// authentication for it).
+    pub fn queue_command(&self, machine_id: &str, id: Value, kind: &str, params: Value) {
+        lock(&self.inner).commands.push(json!({
+            "id": id, "machine_id": machine_id, "type": kind, "params": params, "created_at": now_secs(),
+        }));
+    }
+
+    /// Results accepted at /api/command-results, oldest first.
+    pub fn command_results(&self) -> Vec<Value> {
+        lock(&self.inner).results.clone()
+    }
+
+    /// Commands still pending (no result posted yet).
+    pub fn pending_commands(&self) -> Vec<Value> {
+        lock(&self.inner).commands.clone()
+    }
+
+    /// How many times the commands were polled.
+    pub fn command_polls(&self) -> usize {
+        lock(&self.inner).command_polls
+    }
+
+    /// Answer every result post with `status` until called again with `None`.
+    pub fn force_results_status(&self, status: Option<u16>) {
+        lock(&self.inner).results_forced_status = status;
+    }
+
+    /// Answer every commands poll with exactly `body` until called again with `None`.
+    pub fn commands_raw_answer(&self, body: Option<Vec<u8>>) {
+        lock(&self.inner).commands_raw_answer = body;
+    }
+
+    /// Wait until at least `n` command results were accepted, or `timeout` passes.
+    pub fn wait_for_results(&self, n: usize, timeout: Duration) -> Vec<Value> {
+        wait_until(timeout, || {
+            let got = self.command_results();
+            (got.len() >= n).then_some(got)
+        })
+        .unwrap_or_else(|| self.command_results())
     }
 
     /// The listening address.
@@ -262,6 +318,88 @@ async fn submit(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body
     let count = parsed["metrics"].as_array().map_or(0, Vec::len);
     lock(&inner).accepted.push(Accepted { body, json: parsed, authorization, at: Instant::now() });
     axum::Json(json!({"status": "accepted", "metrics_count": count, "timestamp": now_secs()})).into_response()
+}
+
+/// The machine id of a request's Bearer key, or the error the server answers.
+fn authenticate(inner: &Mutex<Inner>, headers: &HeaderMap) -> Result<String, Box<Response>> {
+    let authorization = headers.get("authorization").and_then(|v| v.to_str().ok()).unwrap_or("");
+    let Some(key) = authorization.strip_prefix("Bearer ") else {
+        let detail = if authorization.is_empty() { "Not authenticated" } else { "Invalid authentication credentials" };
+        return Err(Box::new(error(inner, StatusCode::FORBIDDEN, json!(detail))));
+    };
+    let machine = lock(inner).keys.get(key).cloned();
+    machine.ok_or_else(|| Box::new(error(inner, StatusCode::UNAUTHORIZED, json!("Invalid API key"))))
+}
+
+async fn queue_command(State(inner): State<Arc<Mutex<Inner>>>, body: Bytes) -> Response {
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return error(&inner, StatusCode::UNPROCESSABLE_ENTITY, json!("invalid JSON"));
+    };
+    let (Some(machine_id), Some(kind)) = (v["machine_id"].as_str(), v["command_type"].as_str()) else {
+        return error(&inner, StatusCode::UNPROCESSABLE_ENTITY, json!("machine_id and command_type required"));
+    };
+    let mut g = lock(&inner);
+    let id = g.commands.len() + g.results.len() + 1;
+    g.commands.push(json!({
+        "id": id, "machine_id": machine_id, "type": kind, "params": v["params"].clone(), "created_at": now_secs(),
+    }));
+    axum::Json(json!({"status": "success", "command_id": id})).into_response()
+}
+
+async fn poll_commands(
+    State(inner): State<Arc<Mutex<Inner>>>,
+    axum::extract::Path(machine_id): axum::extract::Path<String>,
+    headers: HeaderMap,
+) -> Response {
+    let machine = match authenticate(&inner, &headers) {
+        Ok(m) => m,
+        Err(resp) => return *resp,
+    };
+    if machine != machine_id {
+        return error(&inner, StatusCode::FORBIDDEN, json!("Machine ID mismatch"));
+    }
+    let mut g = lock(&inner);
+    g.command_polls += 1;
+    if let Some(raw) = g.commands_raw_answer.clone() {
+        return (StatusCode::OK, [("content-type", "application/json")], raw).into_response();
+    }
+    let commands: Vec<Value> = g
+        .commands
+        .iter()
+        .filter(|c| c["machine_id"] == machine_id.as_str())
+        .map(|c| json!({"id": c["id"], "type": c["type"], "params": c["params"], "created_at": c["created_at"]}))
+        .collect();
+    axum::Json(json!({"commands": commands, "count": commands.len(), "timestamp": now_secs()})).into_response()
+}
+
+async fn command_result(State(inner): State<Arc<Mutex<Inner>>>, headers: HeaderMap, body: Bytes) -> Response {
+    let forced = lock(&inner).results_forced_status;
+    if let Some(code) = forced {
+        let status = StatusCode::from_u16(code).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        return error(&inner, status, json!("answer scripted by the test"));
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return error(&inner, StatusCode::UNPROCESSABLE_ENTITY, json!("invalid JSON"));
+    };
+    let well_formed = v["machine_id"].is_string()
+        && (v["command_id"].is_string() || v["command_id"].is_u64())
+        && v["timestamp"].is_i64()
+        && v["result"]["success"].is_boolean()
+        && v["result"]["message"].is_string();
+    if !well_formed {
+        return error(&inner, StatusCode::UNPROCESSABLE_ENTITY, json!(format!("bad command result: {v}")));
+    }
+    let machine = match authenticate(&inner, &headers) {
+        Ok(m) => m,
+        Err(resp) => return *resp,
+    };
+    if v["machine_id"] != machine.as_str() {
+        return error(&inner, StatusCode::FORBIDDEN, json!("Machine ID mismatch"));
+    }
+    let mut g = lock(&inner);
+    g.commands.retain(|c| c["id"] != v["command_id"]);
+    g.results.push(v);
+    axum::Json(json!({"status": "success"})).into_response()
 }
 
 async fn register(State(inner): State<Arc<Mutex<Inner>>>, body: Bytes) -> Response {

@@ -29,6 +29,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
+use crate::commands::{CommandStats, Poller};
 use crate::deliver::{DeliveryPolicy, deliver};
 use crate::notify::Notifier;
 use crate::outbox::{DCMON_OUTPUT, SharedOutbox};
@@ -42,14 +43,16 @@ pub use clock::{BatchClock, SystemClock, WallClock};
 pub use scheduler::{Outcome, Scheduler};
 
 /// One round of the daemon loop: collect, stamp, and append the batch to the outbox unless
-/// the clock holds it back; then hand it to `latest` for scrapes. True when the outbox must be
-/// fsynced before going on.
+/// the clock holds it back; then hand it to `latest` for scrapes. The outbox's self-metrics are
+/// added to the batch, and the remote commands' when `commands` polling is on. True when the
+/// outbox must be fsynced before going on.
 async fn round(
     scheduler: &mut Scheduler,
     clock: &mut BatchClock,
     outbox: &SharedOutbox,
     latest: &LatestRound,
     scheduled: tokio::time::Instant,
+    commands: Option<&CommandStats>,
 ) -> bool {
     let timestamp = clock.stamp(scheduled, tokio::time::Instant::now());
     let batch = scheduler.collect(timestamp).await;
@@ -63,6 +66,9 @@ async fn round(
         return false;
     };
     batch.extend(outbox.samples(batch.timestamp));
+    if let Some(stats) = commands {
+        batch.extend(stats.samples());
+    }
     // One write(2) into the page cache, on this thread: a thread hop would cost more than the
     // write (outbox/mod.rs says when batches are fsynced).
     let fsync = outbox.push(batch.timestamp, Bytes::from(batch.to_json()));
@@ -150,6 +156,8 @@ pub struct Daemon {
     pub outputs: Vec<OutputTask>,
     /// Retry and pacing rules (each output applies them on its own).
     pub policy: DeliveryPolicy,
+    /// The remote commands poll task, when `commands.enabled` (README, Remote commands).
+    pub commands: Option<Poller>,
 }
 
 /// Requests to the daemon loop (from signal handlers, or tests).
@@ -185,7 +193,11 @@ pub async fn run(
     outbox.lock().set_outputs(&names);
     let mut delivery: Vec<(String, JoinHandle<()>)> =
         daemon.outputs.iter().map(|o| (o.name.clone(), o.spawn(outbox, &daemon.policy, stop_rx.clone()))).collect();
+    if let Some(poller) = &daemon.commands {
+        delivery.push(("commands".to_owned(), tokio::spawn(poller.clone().run(stop_rx.clone()))));
+    }
     drop(stop_rx);
+    let command_stats = daemon.commands.as_ref().map(|p| p.stats().clone());
 
     let now_ms = u64::try_from(unix_millis(clock.clock.now())).unwrap_or(0);
     // At least a second before the first round, so CPU usage has a window to measure.
@@ -201,7 +213,7 @@ pub async fn run(
                 notifier.notify("WATCHDOG=1");
             }
             scheduled = ticker.tick() => {
-                if round(scheduler, clock, outbox, latest, scheduled).await {
+                if round(scheduler, clock, outbox, latest, scheduled, command_stats.as_deref()).await {
                     outbox.sync().await;
                 }
                 rounds += 1;
@@ -222,7 +234,11 @@ pub async fn run(
     for (name, task) in &mut delivery {
         if tokio::time::timeout_at(deadline, &mut *task).await.is_err() {
             task.abort();
-            tracing::warn!(output = %name, "abandoned the upload in flight; its batch stays in the outbox");
+            if name == "commands" {
+                tracing::warn!("abandoned the command poll in flight; its results stay in the journal");
+            } else {
+                tracing::warn!(output = %name, "abandoned the upload in flight; its batch stays in the outbox");
+            }
         }
     }
     exit

@@ -111,7 +111,7 @@ async fn batch_timestamps_keep_increasing_when_the_wall_clock_steps() {
         };
         let unix = u64::try_from(T0 + i64::try_from(k).expect("k") + stepped).expect("after 1970");
         *wall.0.lock().expect("clock") = UNIX_EPOCH + Duration::from_millis(unix * 1000 + 300);
-        round(&mut scheduler, &mut clock, &outbox, &latest, start + Duration::from_secs(k)).await;
+        round(&mut scheduler, &mut clock, &outbox, &latest, start + Duration::from_secs(k), None).await;
         // Scrapes show every round, held ones included.
         let shown = latest.get().expect("published");
         let count = shown.batch().samples().iter().find(|s| s.name == "round").map(|s| s.value);
@@ -173,7 +173,7 @@ async fn a_scrape_never_runs_the_collectors() {
     for k in 1..=2_u64 {
         // One second apart, so the clock admits each round.
         tokio::time::sleep(Duration::from_millis(1001)).await;
-        round(&mut scheduler, &mut clock, &outbox, &latest, start + Duration::from_secs(k)).await;
+        round(&mut scheduler, &mut clock, &outbox, &latest, start + Duration::from_secs(k), None).await;
         for _ in 0..10 {
             let text = scrape().await;
             assert!(text.contains(&format!("collections_total{{machine_id=\"m\"}} {k}\n")), "{text}");

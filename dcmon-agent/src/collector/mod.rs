@@ -196,7 +196,9 @@ impl Exporters {
 /// systemd unit keeps these in its bounding set and drops every other.
 pub fn capabilities(config: &Config) -> Vec<&'static str> {
     let mut caps: Vec<&'static str> = Vec::new();
-    for cap in SOURCES.iter().filter(|s| s.enabled(config)).flat_map(|s| s.caps) {
+    // Remote commands add theirs only for the types allowed (README, Remote commands).
+    let commands = config.commands.caps();
+    for cap in SOURCES.iter().filter(|s| s.enabled(config)).flat_map(|s| s.caps).chain(commands.iter()) {
         if !caps.contains(cap) {
             caps.push(cap);
         }

@@ -14,6 +14,7 @@
 //! config holds for the collectors without naming them), `parts` (reading the file in parts),
 //! `server_url` (checking the server URL).
 
+mod commands;
 mod parts;
 mod schema;
 mod server_url;
@@ -33,6 +34,7 @@ use crate::output::DCMON_OUTPUT;
 use crate::output::remote_write::RemoteWriteConfig;
 use crate::secure_file::SmallFileError;
 
+pub use commands::{CommandType, CommandsConfig};
 use parts::{
     TopLevelEntries, colon_before, field_prefix, first_value_position, join_path, parse_part, position_at,
     strip_position,
@@ -101,6 +103,8 @@ pub struct Config {
     pub remote_write: Vec<RemoteWriteConfig>,
     /// Serve the latest round at `http://ADDR/metrics` for scrapers; off when `None`.
     pub prometheus_listen: Option<SocketAddr>,
+    /// Remote commands from the dcmon server (off unless `enabled`).
+    pub commands: CommandsConfig,
 }
 
 /// The config's `ebpf` key.
@@ -196,6 +200,7 @@ impl Config {
             dcmon_output: true,
             remote_write: Vec::new(),
             prometheus_listen: None,
+            commands: CommandsConfig::default(),
         }
     }
 }
@@ -266,7 +271,7 @@ pub struct Loaded {
 /// The sections of the config that are JSON objects, besides each collector's section.
 /// serde's derive also accepts an array for a struct and maps it by position, so `[30, ...]`
 /// would silently set the fields in declaration order: these are checked to be objects first.
-const OBJECT_SECTIONS: [&str; 3] = ["exporters", "disks", "interfaces"];
+const OBJECT_SECTIONS: [&str; 4] = ["exporters", "disks", "interfaces", "commands"];
 
 /// [`OBJECT_SECTIONS`] and every section of `schema`.
 fn object_sections(schema: &Schema) -> impl Iterator<Item = &'static str> + '_ {
@@ -496,6 +501,13 @@ impl Config {
             }
             names.push(name);
         }
+        if self.commands.enabled && !self.dcmon_output {
+            return Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                field: "commands.enabled".into(),
+                detail: "commands come from the dcmon server, and dcmon_output is false".into(),
+            });
+        }
         if !self.dcmon_output && self.remote_write.is_empty() && self.prometheus_listen.is_none() {
             return Err(ConfigError::Invalid {
                 path: path.to_owned(),
@@ -524,6 +536,7 @@ impl Config {
             ("outbox_max_age", self.outbox_max_age, Limit(10 * YEAR, "10 years")),
             ("retry_max_backoff", self.retry_max_backoff, UP_TO_A_DAY),
             ("auth_retry_interval", self.auth_retry_interval, UP_TO_A_DAY),
+            ("commands.poll_interval", self.commands.poll_interval, UP_TO_A_DAY),
         ];
         for (_, section) in &self.sections.0 {
             durations.extend(section.durations());

@@ -349,3 +349,30 @@ fn outputs_parse_and_their_errors_name_the_output_and_field() {
     let bad_listen = message(r#"{"prometheus_listen": "localhost"}"#);
     assert!(bad_listen.contains("prometheus_listen"), "{bad_listen}");
 }
+
+#[test]
+fn commands_are_off_by_default_and_unknown_types_in_allow_name_the_field() {
+    let c = parse("{}").expect("defaults").0;
+    assert!(!c.commands.enabled);
+    assert!(c.commands.allow.is_empty());
+    assert!(c.commands.caps().is_empty());
+    let (c, unknown) =
+        parse(r#"{"commands": {"enabled": true, "poll_interval": 30, "allow": ["fan_control", "reboot"], "x": 1}}"#)
+            .expect("commands");
+    assert!(c.commands.allows(CommandType::Reboot) && !c.commands.allows(CommandType::ConfigUpdate));
+    assert_eq!(c.commands.caps(), ["CAP_SYS_RAWIO", "CAP_SYS_BOOT"]);
+    assert_eq!(unknown, ["commands.x"]);
+    let err = parse(r#"{"commands": {"enabled": true, "allow": ["fan_control", "shell"]}}"#).expect_err("shell");
+    let msg = err.to_string();
+    assert!(msg.contains("field `commands.allow[1]`") && msg.contains("unknown variant `shell`"), "{msg}");
+    let err = parse(r#"{"commands": {"poll_interval": 0}}"#).expect_err("zero").to_string();
+    assert!(err.contains("`commands.poll_interval`") && err.contains("at least 1"), "{err}");
+    let err = parse(r#"{"commands": {"poll_interval": 86401}}"#).expect_err("day").to_string();
+    assert!(err.contains("`commands.poll_interval`") && err.contains("at most"), "{err}");
+    let err = parse(r#"{"dcmon_output": false, "prometheus_listen": "127.0.0.1:9101", "commands": {"enabled": true}}"#)
+        .expect_err("no server")
+        .to_string();
+    assert!(err.contains("`commands.enabled`"), "{err}");
+    let err = parse(r#"{"commands": []}"#).expect_err("array").to_string();
+    assert!(err.contains("`commands`"), "{err}");
+}
