@@ -212,13 +212,15 @@ enum Ebpf {
 /// bench run, which measures the same job as the peers.
 const TOOL_EXPORTERS: [&str; 4] = ["apt", "nvme", "ipmi", "nvsmi"];
 
-/// Every exporter of the agent's table switched off, but those `on` names.
+/// The host families beside the OS collectors (sysfs and procfs reads), on in one row. With
+/// [`TOOL_EXPORTERS`], every exporter of the agent's table (a test holds them equal).
+const HOST_FAMILIES: [&str; 8] =
+    ["filesystems", "pressure", "netstat", "nic", "pcie", "edac", "infiniband", "temperature"];
+
+/// Every exporter switched off, but those `on` names.
 fn exporters_only(on: &[&str]) -> serde_json::Value {
-    let map: serde_json::Map<String, serde_json::Value> = dcmon_agent::collector::schema()
-        .exporters
-        .iter()
-        .map(|&(name, _)| (name.to_owned(), json!(on.contains(&name))))
-        .collect();
+    let map: serde_json::Map<String, serde_json::Value> =
+        TOOL_EXPORTERS.iter().chain(&HOST_FAMILIES).map(|&name| (name.to_owned(), json!(on.contains(&name)))).collect();
     serde_json::Value::Object(map)
 }
 
@@ -471,15 +473,7 @@ fn measure_agent_with(bin: &Path, agent: &Path, seconds: u64, extra: Extra) -> a
     let config = agent_config(&url, dir.path(), false, Ebpf::Off);
     let config = match extra {
         Extra::RemoteWrite => config.set("remote_write", json!([{"name": "bench", "url": remote_write.url()}])),
-        Extra::HostFamilies => {
-            let families: Vec<&str> = dcmon_agent::collector::schema()
-                .exporters
-                .iter()
-                .map(|&(name, _)| name)
-                .filter(|name| !TOOL_EXPORTERS.contains(name))
-                .collect();
-            config.set("exporters", exporters_only(&families))
-        }
+        Extra::HostFamilies => config.set("exporters", exporters_only(&HOST_FAMILIES)),
     }
     .write(dir.path());
     let agent = Guard(Command::new(agent).arg("--config").arg(config).args(["--log-level", "warn", "run"]).spawn()?);
@@ -689,6 +683,15 @@ mod tests {
     use dcmon_agent::config::{Config, Exporters};
 
     use super::*;
+
+    #[test]
+    fn the_bench_knows_every_exporter_of_the_table() {
+        let mut table: Vec<&str> = dcmon_agent::collector::schema().exporters.iter().map(|&(name, _)| name).collect();
+        let mut known: Vec<&str> = TOOL_EXPORTERS.iter().chain(&HOST_FAMILIES).copied().collect();
+        table.sort_unstable();
+        known.sort_unstable();
+        assert_eq!(known, table, "TOOL_EXPORTERS and HOST_FAMILIES against collector::SOURCES");
+    }
 
     #[test]
     fn the_agent_reads_the_bench_config_as_meant() {
