@@ -167,13 +167,7 @@ pub fn job_of_cgroup_file(text: &str) -> Result<Option<Job>, JobError> {
 
 /// The first job in [`JobKind`] order among `lines`' paths (the first line wins a tie).
 pub fn best_job(lines: &[CgroupLine<'_>]) -> Option<Job> {
-    lines
-        .iter()
-        .filter_map(|line| job_of_cgroup_path(line.path))
-        .fold(None, |best: Option<Job>, job| match best {
-            Some(b) if b.kind <= job.kind => Some(b),
-            _ => Some(job),
-        })
+    lines.iter().filter_map(|line| job_of_cgroup_path(line.path)).min_by_key(|job| job.kind)
 }
 
 /// The job of a cgroup path (`/slurm/uid_0/job_42/step_0`, `/system.slice/foo.service`):

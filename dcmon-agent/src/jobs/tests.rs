@@ -156,10 +156,16 @@ fn systemd_services_sessions_and_the_root() {
     assert_eq!(of(hybrid), job(JobKind::Unit, "nginx.service"));
     assert_eq!(of(hybrid).expect("job").label(), "unit:nginx.service");
     assert_eq!(of("0::/system.slice/nvidia-persistenced.service\n"), job(JobKind::Unit, "nvidia-persistenced.service"));
-    assert_eq!(of("0::/system.slice/system-getty.slice/getty@tty1.service\n"), job(JobKind::Unit, "getty@tty1.service"));
+    assert_eq!(
+        of("0::/system.slice/system-getty.slice/getty@tty1.service\n"),
+        job(JobKind::Unit, "getty@tty1.service")
+    );
     assert_eq!(of("0::/init.scope\n"), job(JobKind::Unit, "init.scope"));
     // A user's sessions and user units are that user's slice.
-    for path in ["/user.slice/user-1000.slice/session-4.scope", "/user.slice/user-1000.slice/user@1000.service/app.slice/x.service"] {
+    for path in [
+        "/user.slice/user-1000.slice/session-4.scope",
+        "/user.slice/user-1000.slice/user@1000.service/app.slice/x.service",
+    ] {
         assert_eq!(job_of_cgroup_path(path), job(JobKind::Unit, "user-1000.slice"), "{path}");
     }
     assert_eq!(of("0::/\n"), None);
