@@ -78,14 +78,15 @@ nvmlReturn_t nvmlInit_v2(void)
 	const char *fail = getenv("FAKE_NVML_INIT_FAIL");
 	if (fail && strcmp(fail, "1") == 0)
 		return NVML_ERROR_DRIVER_NOT_LOADED;
-	initialized = 1;
+	initialized++; /* NVML counts nvmlInit calls; the last nvmlShutdown shuts down */
 	log_line("init");
 	return NVML_SUCCESS;
 }
 
 nvmlReturn_t nvmlShutdown(void)
 {
-	initialized = 0;
+	if (initialized > 0)
+		initialized--;
 	log_line("shutdown");
 	return NVML_SUCCESS;
 }
@@ -278,10 +279,13 @@ nvmlReturn_t nvmlDeviceGetPerformanceState(nvmlDevice_t d, int *pstate)
  * ---- XID events (nvmlEventSet*, nvmlDeviceRegisterEvents) ----
  *
  * FAKE_NVML_XID_EVENTS=FILE scripts the XID events: one "GPU-INDEX XID" line per event, in
- * order. A wait delivers the next line not yet delivered to that set (the file is read again
- * at each wait, so a test can append while the agent runs); with none, it sleeps in steps of
- * 10 ms until the timeout and returns NVML_ERROR_TIMEOUT, as the real call does. Signatures,
- * the event data layout and the return codes are nvml.h's.
+ * order. Each line happens once: a wait delivers the next line no wait has delivered yet, in
+ * this process or an earlier one (FILE.delivered keeps the count), to a set registered for that
+ * GPU, as the driver delivers each XID to the sets registered when it happens; so an agent
+ * restarted later does not see old events again. The file is read again at each wait, so a
+ * test can append while the agent runs. With no line left, the wait sleeps in steps of 10 ms
+ * until the timeout and returns NVML_ERROR_TIMEOUT, as the real call does. Signatures, the
+ * event data layout and the return codes are nvml.h's.
  */
 #include <time.h>
 
@@ -291,7 +295,6 @@ nvmlReturn_t nvmlDeviceGetPerformanceState(nvmlDevice_t d, int *pstate)
 
 struct nvmlEventSet_st {
 	unsigned long long registered[FAKE_XID_MAX_GPUS]; /* event types per GPU index */
-	long delivered;                   /* lines of the script delivered */
 };
 typedef struct nvmlEventSet_st *nvmlEventSet_t;
 
@@ -352,10 +355,9 @@ nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t d, unsigned long long types, 
 }
 
 /* Line `n` (from 0) of the script: 1 with the GPU index and XID, 0 when there is none. */
-static int xid_script_line(long n, long *index, unsigned long long *xid)
+static int xid_script_line(const char *path, long n, long *index, unsigned long long *xid)
 {
-	const char *path = getenv("FAKE_NVML_XID_EVENTS");
-	FILE *f = path ? fopen(path, "r") : NULL;
+	FILE *f = fopen(path, "r");
 	int found = 0;
 	if (!f)
 		return 0;
@@ -368,6 +370,24 @@ static int xid_script_line(long n, long *index, unsigned long long *xid)
 	return found;
 }
 
+/* FILE.delivered: how many lines of the script were delivered (read, or written when `set`). */
+static long xid_delivered(const char *path, long set)
+{
+	char name[4096];
+	long n = 0;
+	FILE *f;
+	snprintf(name, sizeof name, "%s.delivered", path);
+	f = fopen(name, set >= 0 ? "w" : "r");
+	if (!f)
+		return 0;
+	if (set >= 0)
+		fprintf(f, "%ld\n", n = set);
+	else if (fscanf(f, "%ld", &n) != 1)
+		n = 0;
+	fclose(f);
+	return n;
+}
+
 nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeoutms)
 {
 	if (!initialized)
@@ -375,10 +395,11 @@ nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsi
 	if (!set || !data)
 		return NVML_ERROR_INVALID_ARGUMENT;
 	for (unsigned int waited = 0;; waited += 10) {
-		long index;
+		const char *path = getenv("FAKE_NVML_XID_EVENTS");
+		long index, next = path ? xid_delivered(path, -1) : 0;
 		unsigned long long xid;
-		while (xid_script_line(set->delivered, &index, &xid)) {
-			set->delivered++;
+		while (path && xid_script_line(path, next, &index, &xid)) {
+			xid_delivered(path, ++next);
 			if (index < 0 || index >= (long)(sizeof gpus / sizeof gpus[0]) || index >= FAKE_XID_MAX_GPUS ||
 			    !(set->registered[index] & FAKE_NVML_EVENT_TYPE_XID))
 				continue;

@@ -177,16 +177,10 @@ impl Ledger {
         ledger
     }
 
-    /// The GPUs NVML enumerated: their labels.
+    /// The GPUs NVML enumerated: their labels (saved with the next count, so a host without
+    /// XIDs writes no state file).
     pub fn set_gpus(&mut self, gpus: Vec<GpuIdentity>) {
-        for gpu in gpus {
-            if let Some(addr) = PciAddr::parse(&gpu.bus_id)
-                && self.gpus.get(&addr) != Some(&gpu)
-            {
-                self.gpus.insert(addr, gpu);
-                self.dirty = true;
-            }
-        }
+        self.gpus.extend(gpus.into_iter().filter_map(|g| Some((PciAddr::parse(&g.bus_id)?, g))));
     }
 
     /// Count a kernel-log record `seq` unless an earlier run counted it (the ring is read
