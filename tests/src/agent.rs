@@ -132,10 +132,8 @@ impl AgentConfig {
     /// The hardware exporters (IPMI, apt, NVMe, nvidia-smi, GPU XIDs) off, so a test sees the
     /// OS collectors of its host root alone, whatever devices this machine has.
     pub fn without_exporters() -> Self {
-        Self::new().set(
-            "exporters",
-            json!({"ipmi": false, "apt": false, "nvme": false, "nvsmi": false, "gpu_xid": false}),
-        )
+        Self::new()
+            .set("exporters", json!({"ipmi": false, "apt": false, "nvme": false, "nvsmi": false, "gpu_xid": false}))
     }
 
     /// Set `key` (replacing what was there).

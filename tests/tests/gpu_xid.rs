@@ -16,8 +16,10 @@ use dcmon_tests::agent::{AgentConfig, run_once};
 use dcmon_tests::wait_until;
 use serde_json::json;
 
-const H100: &str = "gpu=0,model=NVIDIA H100 80GB HBM3,bus_id=00000000:18:00.0,uuid=GPU-11111111-2222-3333-4444-555555555555";
-const A100: &str = "gpu=1,model=NVIDIA A100-SXM4-40GB,bus_id=00000000:3B:00.0,uuid=GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
+const H100: &str =
+    "gpu=0,model=NVIDIA H100 80GB HBM3,bus_id=00000000:18:00.0,uuid=GPU-11111111-2222-3333-4444-555555555555";
+const A100: &str =
+    "gpu=1,model=NVIDIA A100-SXM4-40GB,bus_id=00000000:3B:00.0,uuid=GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee";
 
 /// The ring as /dev/kmsg hands it out: an XID on each GPU (bus 18 and 3b, the fake's), the
 /// fallen-off-the-bus line without `Xid`, an NVSwitch SXid and continuation lines.
@@ -125,7 +127,10 @@ fn xids_from_nvml_events_and_the_kernel_log_counted_once_across_restarts() {
     append(&events, "0 31\n");
     collect_until(&mut c, "the NVML-only XID", |got| got.contains_key(&format!("{H100},xid=31")));
     // One XID both see: counted once.
-    append(&kmsg, "4,105,9000000,-;NVRM: Xid (PCI:0000:3b:00): 48, pid=77, name=x, An uncorrectable double bit error\n");
+    append(
+        &kmsg,
+        "4,105,9000000,-;NVRM: Xid (PCI:0000:3b:00): 48, pid=77, name=x, An uncorrectable double bit error\n",
+    );
     append(&events, "1 48\n");
     collect_until(&mut c, "the XID from both sources", |got| got.contains_key(&format!("{A100},xid=48")));
     std::thread::sleep(Duration::from_millis(500));

@@ -98,9 +98,10 @@ fn register<'n>(nvml: &'n Nvml, sink: &mut impl NvmlSink) -> Result<(EventSet<'n
                 continue;
             }
         };
-        let identity = dev.pci_info().map(|p| p.bus_id).and_then(|bus_id| {
-            Ok(GpuIdentity { index, model: dev.name()?, bus_id, uuid: dev.uuid()? })
-        });
+        let identity = dev
+            .pci_info()
+            .map(|p| p.bus_id)
+            .and_then(|bus_id| Ok(GpuIdentity { index, model: dev.name()?, bus_id, uuid: dev.uuid()? }));
         let (identity, addr) = match identity.map(|g| (PciAddr::parse(&g.bus_id), g)) {
             Ok((Some(addr), g)) => (g, addr),
             Ok((None, g)) => {

@@ -86,7 +86,10 @@ pub fn follow(path: &Path, sink: &mut impl KmsgSink, stop: &AtomicBool) {
     let mut file = match std::fs::File::options().read(true).custom_flags(libc::O_NONBLOCK).open(path) {
         Ok(f) => f,
         Err(e) => {
-            tracing::warn!("cannot read the kernel log {}: {e}; GPU XIDs are counted from NVML events only", path.display());
+            tracing::warn!(
+                "cannot read the kernel log {}: {e}; GPU XIDs are counted from NVML events only",
+                path.display()
+            );
             sink.caught_up();
             return;
         }
@@ -126,7 +129,10 @@ pub fn follow(path: &Path, sink: &mut impl KmsgSink, stop: &AtomicBool) {
                 false
             }
             Err(e) => {
-                tracing::warn!("reading the kernel log {}: {e}; GPU XIDs are counted from NVML events only", path.display());
+                tracing::warn!(
+                    "reading the kernel log {}: {e}; GPU XIDs are counted from NVML events only",
+                    path.display()
+                );
                 sink.caught_up();
                 return;
             }

@@ -25,29 +25,42 @@ fn xid_lines_of_each_driver_generation() {
     );
     // The process unknown (the driver's own work).
     assert_eq!(
-        xid("NVRM: Xid (PCI:0000:cb:00): 13, pid='<unknown>', name=<unknown>, Graphics SM Warp Exception on (GPC 7, TPC 7, SM 0): Illegal Instruction Parameter"),
+        xid(
+            "NVRM: Xid (PCI:0000:cb:00): 13, pid='<unknown>', name=<unknown>, Graphics SM Warp Exception on (GPC 7, TPC 7, SM 0): Illegal Instruction Parameter"
+        ),
         Some((addr(0, 0xcb, 0), 13))
     );
     assert_eq!(
-        xid("NVRM: Xid (PCI:0000:cb:00): 109, pid=1797828, name=pt_main_thread, Ch 00000008, errorString CTX SWITCH TIMEOUT, Info 0x58005"),
+        xid(
+            "NVRM: Xid (PCI:0000:cb:00): 109, pid=1797828, name=pt_main_thread, Ch 00000008, errorString CTX SWITCH TIMEOUT, Info 0x58005"
+        ),
         Some((addr(0, 0xcb, 0), 109))
     );
     // Older drivers: no pid, hex words after the code.
-    assert_eq!(xid("NVRM: Xid (PCI:0000:01:00): 31, Ch 00000003, engmask 00000101, intr 10000000"), Some((addr(0, 1, 0), 31)));
+    assert_eq!(
+        xid("NVRM: Xid (PCI:0000:01:00): 31, Ch 00000003, engmask 00000101, intr 10000000"),
+        Some((addr(0, 1, 0), 31))
+    );
     assert_eq!(xid("NVRM: Xid (PCI:0000:06:00): 79, GPU has fallen off the bus."), Some((addr(0, 6, 0), 79)));
     // Older still: no `PCI:`.
     assert_eq!(xid("NVRM: Xid (0000:04:00): 8, Channel 00000001"), Some((addr(0, 4, 0), 8)));
     // Recent drivers: NVLink XIDs on Grace systems' non-zero domains, GSP timeouts, recovery.
     assert_eq!(
-        xid("NVRM: Xid (PCI:0019:01:00): 149, NETIR Fatal XC0 i0 Link -1 (0x000fe406 0x00000000 0x00000000 0x00000000 0x00000000 0x00000000)"),
+        xid(
+            "NVRM: Xid (PCI:0019:01:00): 149, NETIR Fatal XC0 i0 Link -1 (0x000fe406 0x00000000 0x00000000 0x00000000 0x00000000 0x00000000)"
+        ),
         Some((addr(0x19, 1, 0), 149))
     );
     assert_eq!(
-        xid("NVRM: Xid (PCI:0000:17:00): 119, pid=3456, name=python3, Timeout after 6s of waiting for RPC response from GPU0 GSP! Expected function 76 (GSP_RM_CONTROL) (0x20802a02 0x8)."),
+        xid(
+            "NVRM: Xid (PCI:0000:17:00): 119, pid=3456, name=python3, Timeout after 6s of waiting for RPC response from GPU0 GSP! Expected function 76 (GSP_RM_CONTROL) (0x20802a02 0x8)."
+        ),
         Some((addr(0, 0x17, 0), 119))
     );
     assert_eq!(
-        xid("NVRM: Xid (PCI:0000:9b:00): 94, pid=1234, name=python3, Contained: CE User Channel (0x2). RST: No, D-RST: No"),
+        xid(
+            "NVRM: Xid (PCI:0000:9b:00): 94, pid=1234, name=python3, Contained: CE User Channel (0x2). RST: No, D-RST: No"
+        ),
         Some((addr(0, 0x9b, 0), 94))
     );
     assert_eq!(xid("NVRM: Xid (PCI:0000:ed:00): 45"), Some((addr(0, 0xed, 0), 45)));
@@ -73,7 +86,8 @@ kernel: NVRM: Xid (PCI:0000:97:00): 45, pid=1818987, name=python3, Ch 00000003 c
 
 #[test]
 fn kmsg_records_and_pci_addresses() {
-    let r = parse_record("3,1234,5678901234,-;NVRM: Xid (PCI:0000:18:00): 79, GPU has fallen off the bus.").expect("record");
+    let r = parse_record("3,1234,5678901234,-;NVRM: Xid (PCI:0000:18:00): 79, GPU has fallen off the bus.")
+        .expect("record");
     assert_eq!((r.seq, r.ts_us), (1234, 5_678_901_234));
     assert!(r.message.starts_with("NVRM: Xid"));
     // Facility and level together, the continuation flag, a ';' in the text.
