@@ -316,3 +316,15 @@ fn this_hosts_kernel_log_parses_when_readable() {
     }
     assert!(records > 0);
 }
+
+proptest::proptest! {
+    /// Any line: no panic, and an XID found names the code written after the address.
+    #[test]
+    fn any_line_parses_without_panicking(prefix in "\\PC{0,40}", bus in 0u8.., code in 0u32.., rest in "\\PC{0,40}") {
+        let _ = parse_record(&prefix);
+        let _ = parse_xid(&prefix);
+        let line = format!("{prefix}NVRM: Xid (PCI:0000:{bus:02x}:00): {code}, {rest}");
+        let found = parse_xid(&line).expect("an XID line");
+        proptest::prop_assert_eq!((found.gpu, found.xid), (addr(0, bus, 0), code));
+    }
+}
