@@ -24,7 +24,7 @@ pub const MATCH_WINDOW_US: u64 = 10_000_000;
 const UNMATCHED_KEEP_US: u64 = 120_000_000;
 
 /// The most sightings waiting for a match, per source (an XID storm keeps the newest).
-const UNMATCHED_CAP: usize = 4096;
+const UNMATCHED_CAP: usize = 1024;
 
 /// The largest state file read (a few GPUs' counts and labels take a few KiB).
 const STATE_FILE_LIMIT: u64 = 1 << 20;

@@ -221,6 +221,18 @@ impl GpuXidCollector {
     }
 }
 
+impl Drop for GpuXidCollector {
+    /// What the sources counted since the last round is saved, so a reload or a stop between
+    /// rounds loses no NVML event (the kernel log would be read again anyway).
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take()
+            && let Err(e) = running.shared.lock().ledger.save_if_changed()
+        {
+            tracing::warn!("GPU XID counts not saved: {e}");
+        }
+    }
+}
+
 /// Wait on `shared` until `done` holds or `deadline` passes.
 fn wait_until<'a>(
     shared: &'a Shared,

@@ -315,6 +315,17 @@ fn this_hosts_kernel_log_parses_when_readable() {
         }
     }
     assert!(records > 0);
+    // The reader on it: the ring to its end (EAGAIN), then waiting in poll(2) until stopped.
+    let sink = SeenSink::default();
+    let seen = Arc::clone(&sink.0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (stop, mut sink) = (Arc::clone(&stop), sink.clone());
+        std::thread::spawn(move || follow(std::path::Path::new("/dev/kmsg"), &mut sink, &stop))
+    };
+    wait_for(&seen, "this host's ring to be read", |s| s.caught_up == 1);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.join().expect("reader ends when stopped");
 }
 
 proptest::proptest! {
