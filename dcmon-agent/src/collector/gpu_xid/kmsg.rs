@@ -68,7 +68,7 @@ const READ_BUFFER: usize = 16 * 1024;
 const FOLLOW_EVERY: Duration = Duration::from_millis(100);
 
 /// How long one poll(2) waits before the stop flag is looked at again.
-const POLL_TIMEOUT_MS: i32 = 1000;
+const POLL_TIMEOUT_MS: i32 = 5000;
 
 /// What the reader reports.
 pub trait KmsgSink {
