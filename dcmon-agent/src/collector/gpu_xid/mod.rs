@@ -222,8 +222,8 @@ impl GpuXidCollector {
 }
 
 impl Drop for GpuXidCollector {
-    /// What the sources counted since the last round is saved, so a reload or a stop between
-    /// rounds loses no NVML event (the kernel log would be read again anyway).
+    /// What the sources counted since the last round is saved, so a stop between rounds loses
+    /// no NVML event (the kernel log is read again at the next start anyway).
     fn drop(&mut self) {
         if let Some(running) = self.running.take()
             && let Err(e) = running.shared.lock().ledger.save_if_changed()
