@@ -8,6 +8,7 @@ mod common;
 use dcmon_agent::collector::Collector as _;
 use dcmon_agent::collector::nvsmi::NvsmiCollector;
 use dcmon_agent::collector::nvsmi::NvsmiConfig;
+use dcmon_agent::host::Host;
 
 #[test]
 fn nvml_is_loaded_once_reads_both_gpus_and_shuts_down_cleanly() {
@@ -19,13 +20,23 @@ fn nvml_is_loaded_once_reads_both_gpus_and_shuts_down_cleanly() {
         nvml_library: Some(env!("DCMON_FAKE_NVML_SO").into()),
         // Must not be needed: NVML works.
         nvidia_smi: "/nonexistent/nvidia-smi".into(),
-        timeout: 5,
+        ..NvsmiConfig::default()
     };
-    let mut collector = NvsmiCollector::new(&config);
+    // Its PCI bus has the two NVIDIA GPUs (17:00.0, 3b:00.0) beside other vendors' devices.
+    let mut collector = NvsmiCollector::new(Host::new(dcmon_tests::fixture_host("gpu-server")), &config);
+    let mut want = common::gpu::expected();
+    want.extend(common::gpu::h100_health());
+    want.extend(common::gpu::a100_health());
+    want.insert(common::gpu::row("gpu_expected", "2"));
+    want.insert(common::gpu::row("gpu_visible", "2"));
+    // Every round the same: the utilization interval covers the samples since the last round
+    // (the fake's buffer gains four each round), the counters are steady.
     for _ in 0..3 {
         let mut out = Vec::new();
         collector.collect(&mut out).expect("collect through NVML");
-        assert_eq!(common::gpu::rows(&out), common::gpu::expected());
+        let got = common::gpu::rows(&out);
+        assert_eq!(got, want, "missing: {:?}\nextra: {:?}", want.difference(&got), got.difference(&want));
+        assert_eq!(out.len(), want.len(), "a series twice: {out:?}");
     }
     assert_eq!(std::fs::read_to_string(&log).expect("log"), "init\n");
     drop(collector);
