@@ -518,9 +518,11 @@ nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t d, unsigned long l
 }
 
 /* Boards without NVLink answer NOT_SUPPORTED; links past the board's answer INVALID_ARGUMENT. */
-static nvmlReturn_t check_link(nvmlDevice_t d, unsigned link)
+#define check_link(d, link) check_link_call(d, link, __func__)
+
+static nvmlReturn_t check_link_call(nvmlDevice_t d, unsigned link, const char *fn)
 {
-	nvmlReturn_t r = check(d);
+	nvmlReturn_t r = check_call(d, fn);
 	if (r)
 		return r;
 	if (!d->has_nvlink)
