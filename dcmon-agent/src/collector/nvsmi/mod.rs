@@ -23,13 +23,14 @@ use std::time::Duration;
 use nvml_wrapper::Nvml;
 use serde::Deserialize;
 
-pub use self::smi::{QUERY_FIELDS, parse_query_gpu};
+use self::smi::SmiQueries;
+pub use self::smi::{HEALTH_FIELDS, QUERY_FIELDS, REMAPPED_ROWS_FIELDS, parse_query_gpu, parse_remapped_rows};
 use self::workers::{Answer, Workers};
 use super::attr::{RELIST_EVERY, Relist};
 use super::{CollectError, Collector};
 use crate::batch::Sample;
 use crate::config::{Limit, Section, SectionSpec, UP_TO_AN_HOUR};
-use crate::exec::{Cmd, ExecError};
+use crate::exec::ExecError;
 use crate::host::Host;
 
 /// This collector's row in the table ([`super::SOURCES`]).
@@ -149,7 +150,7 @@ enum Source {
 pub struct NvsmiCollector {
     host: Host,
     nvml_library: Option<PathBuf>,
-    smi: Cmd,
+    smi: SmiQueries,
     gpu_timeout: Duration,
     source: Option<Source>,
     /// `gpu_expected`, listed again every [`RELIST_EVERY`].
@@ -161,11 +162,7 @@ impl NvsmiCollector {
     /// A collector with the `nvsmi` config section, looking for GPUs on `host`'s PCI bus.
     /// Nothing is loaded until the first round.
     pub fn new(host: Host, config: &NvsmiConfig) -> Self {
-        let smi = Cmd::new(&config.nvidia_smi)
-            .args([format!("--query-gpu={QUERY_FIELDS}"), "--format=csv,noheader,nounits".to_owned()])
-            .timeout(Duration::from_secs(config.timeout))
-            .max_output(1 << 20)
-            .env("LC_ALL", "C");
+        let smi = SmiQueries::new(&config.nvidia_smi, Duration::from_secs(config.timeout));
         Self {
             host,
             nvml_library: config.nvml_library.clone(),
@@ -190,14 +187,6 @@ impl NvsmiCollector {
             }
         }
         Err(why.join("; "))
-    }
-
-    fn read_smi(&self) -> Result<Vec<GpuReading>, ExecError> {
-        let out = self.smi.run()?;
-        parse_query_gpu(&String::from_utf8_lossy(&out.stdout)).map_err(|e| ExecError::Io {
-            program: self.smi.program(),
-            error: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
-        })
     }
 
     /// `gpu_expected`, from the listing of at most [`RELIST_EVERY`] ago.
@@ -265,7 +254,7 @@ impl Collector for NvsmiCollector {
                     let handle = Arc::new(NvmlHandle(Some(Box::new(nvml))));
                     self.source = Some(Source::Nvml(Workers::new(handle)));
                 }
-                Err(nvml_err) => match self.read_smi() {
+                Err(nvml_err) => match self.smi.read(&mut errors) {
                     Ok(gpus) => {
                         tracing::info!("NVML unavailable ({nvml_err}); using {}", self.smi.program());
                         self.source = Some(Source::Smi);
@@ -292,10 +281,10 @@ impl Collector for NvsmiCollector {
             }
         }
         self.expected(out, &mut errors);
-        match &self.source {
+        match &mut self.source {
             Some(Source::Nvml(_)) => self.collect_nvml(out, &mut errors)?,
             Some(Source::Smi) => {
-                let gpus = self.read_smi().map_err(anyhow::Error::from)?;
+                let gpus = self.smi.read(&mut errors).map_err(anyhow::Error::from)?;
                 out.extend(gpus.iter().flat_map(GpuReading::samples));
             }
             None => {}

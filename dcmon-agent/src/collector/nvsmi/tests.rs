@@ -30,7 +30,9 @@ fn csv_with_absent_fields() {
 #[test]
 fn malformed_lines_are_errors() {
     let e = parse_query_gpu("0, x, y\n").expect_err("short");
-    assert!(e.contains("19"), "{e}");
+    assert!(e.contains("expected 19 or 27 comma-separated fields, got 3"), "{e}");
+    let e = parse_remapped_rows("00000000:18:00.0, 2\n").expect_err("short");
+    assert!(e.contains("expected 5 comma-separated fields, got 2"), "{e}");
     let line = SMI.lines().next().unwrap_or_default().replacen('0', "z", 1);
     let e = parse_query_gpu(&line).expect_err("index");
     assert!(e.contains("index"), "{e}");
@@ -107,4 +109,44 @@ fn memory_usage_that_overflows_is_left_out() {
     let line = "0, GPU, 00000000:18:00.0, GPU-1, 45, 1, 2, 3, 4, 5, 6, 7, 1e308, 1e-300, 0, 0, 5, 16, P0\n";
     let gpus = parse_query_gpu(line).expect("parse");
     assert!(gpus[0].values.iter().all(|s| s.value.is_finite() && s.name != "gpu_memory_usage"), "{gpus:?}");
+}
+
+/// The health cells after the spec's: a bitmask in hex, `[N/A]` where the board lacks the
+/// feature, `Yes`/`No` flags.
+#[test]
+fn health_fields_and_remapped_rows() {
+    let spec = SMI.lines().next().unwrap_or_default();
+    let line = format!("{spec}, 0x00000000000000A4, 3, [N/A], No, 5, 16, 7, [Not Supported]\n");
+    let gpus = parse_query_gpu(&line).expect("parse");
+    let health: Vec<(String, Vec<(&str, String)>, f64)> =
+        gpus[0].values[14..].iter().map(|s| (s.name.to_owned(), s.labels.clone(), s.value.as_f64())).collect();
+    let l = |pairs: &[(&'static str, &str)]| pairs.iter().map(|&(k, v)| (k, v.to_owned())).collect::<Vec<_>>();
+    assert_eq!(
+        health,
+        vec![
+            ("gpu_ecc_errors_total".to_owned(), l(&[("counter", "aggregate"), ("type", "corrected")]), 0.0),
+            ("gpu_ecc_errors_total".to_owned(), l(&[("counter", "aggregate"), ("type", "uncorrected")]), 0.0),
+            ("gpu_ecc_errors_total".to_owned(), l(&[("counter", "volatile"), ("type", "corrected")]), 7.0),
+            ("gpu_retired_pages_total".to_owned(), l(&[("cause", "single_bit")]), 3.0),
+            ("gpu_retired_pages_pending".to_owned(), l(&[]), 0.0),
+            ("gpu_clocks_event_reasons".to_owned(), l(&[]), 164.0),
+            ("gpu_pcie_max_gen".to_owned(), l(&[]), 5.0),
+            ("gpu_pcie_max_width".to_owned(), l(&[]), 16.0),
+        ]
+    );
+    let rows = parse_remapped_rows("00000000:18:00.0, 2, 0, Yes, No\n00000000:3B:00.0, [N/A], [N/A], [N/A], [N/A]\n")
+        .expect("parse");
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].0, "00000000:18:00.0");
+    let values: Vec<(&str, f64)> = rows[0].1.iter().map(|s| (s.name, s.value.as_f64())).collect();
+    assert_eq!(
+        values,
+        [
+            ("gpu_remapped_rows_total", 2.0),
+            ("gpu_remapped_rows_total", 0.0),
+            ("gpu_remapped_rows_pending", 1.0),
+            ("gpu_remapped_rows_failure", 0.0)
+        ]
+    );
+    assert!(rows[1].1.is_empty(), "{rows:?}");
 }
