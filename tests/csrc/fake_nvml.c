@@ -15,6 +15,8 @@
  *   FAKE_NVML_LOST=1         every call on that GPU answers NVML_ERROR_GPU_IS_LOST;
  *   FAKE_NVML_HANG=2         every call on that GPU blocks forever (a wedged driver);
  *   FAKE_NVML_NO_ECC=0       ECC, row remapping and page retirement: NVML_ERROR_NOT_SUPPORTED.
+ * FAKE_NVML_PROCS="GPU:PID:BYTES;..." lists the compute processes on each GPU (BYTES "na" is
+ * NVML_VALUE_NOT_AVAILABLE, as under MIG without permission); none by default.
  * FAKE_NVML_CALLS=FILE appends one line per device call ("GPU_INDEX FUNCTION"), for counting.
  */
 #include <stddef.h>
@@ -66,6 +68,9 @@ struct fake_gpu {
 	unsigned util_gpu_cycle[4], util_mem_cycle[4];
 	unsigned long long sample_clock_us; /* the newest sample's time stamp */
 	int lost, hang;
+	unsigned nprocs;
+	unsigned proc_pid[8];
+	unsigned long long proc_bytes[8];
 };
 
 #define NS ~0ULL /* violation counter not supported */
@@ -83,7 +88,7 @@ static struct fake_gpu gpus[FAKE_MAX_GPUS] = {
 	 1, {1, 1, 1, 0},
 	 {{1, 0, 5, 0}, {0, 0, 0, 0}, {0, 2, 0, 7}, {0, 0, 0, 0}},
 	 123456789ULL,
-	 {50, 100, 70, 80}, {10, 20, 30, 40}, 0, 0, 0},
+	 {50, 100, 70, 80}, {10, 20, 30, 40}, 0, 0, 0, 0, {0}, {0}},
 	{"NVIDIA A100-SXM4-40GB", "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", "00000000:3B:00.0",
 	 61, 250000, 400000, 100, 75, 0, 0, 1410, 1215,
 	 42949672960ULL, 10737418240ULL, 1, 12, 3, 4, 8, 2,
@@ -96,7 +101,7 @@ static struct fake_gpu gpus[FAKE_MAX_GPUS] = {
 	 0, {0, 0, 0, 0},
 	 {{0}},
 	 5000000ULL,
-	 {100, 100, 100, 100}, {75, 75, 75, 75}, 0, 0, 0},
+	 {100, 100, 100, 100}, {75, 75, 75, 75}, 0, 0, 0, 0, {0}, {0}},
 	{"NVIDIA H100 80GB HBM3", "GPU-33333333-2222-3333-4444-555555555555", "00000000:5E:00.0",
 	 40, 100000, 700000, 10, 5, 1, 30, 1980, 2619,
 	 85899345920ULL, 8589934592ULL, 1, 0, 0, 5, 16, 0,
@@ -109,7 +114,7 @@ static struct fake_gpu gpus[FAKE_MAX_GPUS] = {
 	 0, {0, 0, 0, 0},
 	 {{0}},
 	 1000ULL,
-	 {10, 10, 10, 10}, {5, 5, 5, 5}, 0, 0, 0},
+	 {10, 10, 10, 10}, {5, 5, 5, 5}, 0, 0, 0, 0, {0}, {0}},
 };
 
 static int initialized;
@@ -189,6 +194,27 @@ nvmlReturn_t nvmlInit_v2(void)
 			struct fake_gpu *g = &gpus[*p - '0'];
 			g->has_ecc = g->has_remap = g->has_retire = 0;
 		}
+	}
+	const char *procs = getenv("FAKE_NVML_PROCS");
+	while (procs && *procs) {
+		unsigned gpu, pid;
+		unsigned long long bytes = ~0ULL;
+		int used = 0;
+		if (sscanf(procs, "%u:%u:%llu%n", &gpu, &pid, &bytes, &used) < 3) {
+			used = 0;
+			if (sscanf(procs, "%u:%u:na%n", &gpu, &pid, &used) < 2 || used == 0)
+				break;
+			bytes = ~0ULL;
+		}
+		if (gpu < FAKE_MAX_GPUS && gpus[gpu].nprocs < 8) {
+			struct fake_gpu *g = &gpus[gpu];
+			g->proc_pid[g->nprocs] = pid;
+			g->proc_bytes[g->nprocs] = bytes;
+			g->nprocs++;
+		}
+		procs += used;
+		if (*procs == ';')
+			procs++;
 	}
 	initialized = 1;
 	log_line("init");
@@ -601,6 +627,33 @@ nvmlReturn_t nvmlDeviceGetSamples(nvmlDevice_t d, int type, unsigned long long l
 	/* Both sample types share the clock: advance it once per pair of reads. */
 	if (type == 2)
 		d->sample_clock_us = newest;
+	return NVML_SUCCESS;
+}
+
+typedef struct {
+	unsigned pid;
+	unsigned long long usedGpuMemory;
+	unsigned gpuInstanceId, computeInstanceId;
+} nvmlProcessInfo_t;
+
+/* A count below the processes' (or no buffer) answers INSUFFICIENT_SIZE with the count needed. */
+nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t d, unsigned *count,
+						     nvmlProcessInfo_t *infos)
+{
+	nvmlReturn_t r = check(d);
+	if (r)
+		return r;
+	if (!infos || *count < d->nprocs) {
+		*count = d->nprocs;
+		return d->nprocs ? NVML_ERROR_INSUFFICIENT_SIZE : NVML_SUCCESS;
+	}
+	for (unsigned i = 0; i < d->nprocs; i++) {
+		infos[i].pid = d->proc_pid[i];
+		infos[i].usedGpuMemory = d->proc_bytes[i];
+		infos[i].gpuInstanceId = 0xFFFFFFFFu;
+		infos[i].computeInstanceId = 0xFFFFFFFFu;
+	}
+	*count = d->nprocs;
 	return NVML_SUCCESS;
 }
 

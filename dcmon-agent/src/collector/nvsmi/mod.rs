@@ -9,6 +9,7 @@
 //! `gpu_visible` (NVML) shows a GPU the driver no longer sees.
 
 mod nvml;
+mod per_job;
 mod presence;
 pub mod smi;
 #[cfg(test)]
@@ -23,6 +24,7 @@ use std::time::Duration;
 use nvml_wrapper::Nvml;
 use serde::Deserialize;
 
+use self::per_job::PerJob;
 use self::smi::SmiQueries;
 pub use self::smi::{HEALTH_FIELDS, QUERY_FIELDS, REMAPPED_ROWS_FIELDS, parse_query_gpu, parse_remapped_rows};
 use self::workers::{Answer, Workers};
@@ -153,6 +155,7 @@ pub struct NvsmiCollector {
     smi: SmiQueries,
     gpu_timeout: Duration,
     source: Option<Source>,
+    per_job: PerJob,
     /// `gpu_expected`, listed again every [`RELIST_EVERY`].
     expected: Option<u64>,
     relist: Relist,
@@ -164,6 +167,7 @@ impl NvsmiCollector {
     pub fn new(host: Host, config: &NvsmiConfig) -> Self {
         let smi = SmiQueries::new(&config.nvidia_smi, Duration::from_secs(config.timeout));
         Self {
+            per_job: PerJob::new(host.clone()),
             host,
             nvml_library: config.nvml_library.clone(),
             smi,
@@ -212,6 +216,14 @@ impl NvsmiCollector {
         out.push(Sample::count("gpu_visible", u64::from(count)));
         let answers =
             workers.round(count, self.gpu_timeout).map_err(|e| anyhow::anyhow!("starting a GPU thread: {e}"))?;
+        let with_processes: Vec<(&GpuReading, &[(u32, Option<u64>)])> = answers
+            .iter()
+            .filter_map(|a| match a {
+                Answer::Read(round) => Some((&round.reading, round.processes.as_deref()?)),
+                _ => None,
+            })
+            .collect();
+        self.per_job.samples(&with_processes, out, errors);
         for answer in answers {
             match answer {
                 Answer::Read(round) => {

@@ -11,7 +11,7 @@ use nvml_wrapper::enum_wrappers::device::{
     Clock, EccCounter, MemoryError, PcieUtilCounter, PerformancePolicy, PerformanceState, Sampling, TemperatureSensor,
 };
 use nvml_wrapper::enum_wrappers::nv_link::ErrorCounter;
-use nvml_wrapper::enums::device::SampleValue;
+use nvml_wrapper::enums::device::{SampleValue, UsedGpuMemory};
 use nvml_wrapper::error::{NvmlError, nvml_sym, nvml_try, nvml_try_count};
 
 use super::{GpuReading, percent};
@@ -64,6 +64,9 @@ pub struct GpuRound {
     pub lost: bool,
     /// Calls that failed for another reason than the board not supporting them.
     pub errors: Vec<String>,
+    /// The compute processes on the GPU: pid and the GPU memory it uses (`None` where NVML
+    /// does not say, as under MIG); `None` when NVML does not list them.
+    pub processes: Option<Vec<(u32, Option<u64>)>>,
 }
 
 impl GpuRound {
@@ -73,7 +76,7 @@ impl GpuRound {
         let errors = if lost { Vec::new() } else { vec![format!("handle: {e}")] };
         let reading =
             GpuReading { index, model: String::new(), bus_id: String::new(), uuid: String::new(), values: Vec::new() };
-        Self { reading, lost, errors }
+        Self { reading, lost, errors, processes: None }
     }
 }
 
@@ -151,13 +154,29 @@ pub fn read_gpu(dev: &Device<'_>, state: &mut GpuState) -> GpuRound {
         &[],
     );
     utilization_between_polls(dev, &mut calls, &mut v, &mut state.last_sample_us);
+    let processes = calls.get("compute_processes", || dev.running_compute_processes()).map(|list| {
+        list.into_iter()
+            .map(|p| {
+                let bytes = match p.used_gpu_memory {
+                    UsedGpuMemory::Used(b) => Some(b),
+                    UsedGpuMemory::Unavailable => None,
+                };
+                (p.pid, bytes)
+            })
+            .collect()
+    });
     let lost = calls.lost;
     let mut values = v.0;
     if lost {
         // Whatever was read before the GPU answered "lost" is not trusted.
         values.clear();
     }
-    GpuRound { reading: GpuReading { index: state.index, model, bus_id, uuid, values }, lost, errors: calls.errors }
+    GpuRound {
+        reading: GpuReading { index: state.index, model, bus_id, uuid, values },
+        lost,
+        errors: calls.errors,
+        processes: if lost { None } else { processes },
+    }
 }
 
 #[allow(clippy::cast_precision_loss, reason = "byte and error counts as f64 for the wire")]
