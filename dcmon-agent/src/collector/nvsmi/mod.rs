@@ -117,6 +117,10 @@ fn percent(used: f64, total: f64) -> Option<f64> {
     (total > 0.0).then(|| used / total * 100.0).filter(|p| p.is_finite())
 }
 
+/// A compute process on a GPU: its pid and the GPU memory it uses, bytes (`None` where NVML
+/// does not say, as under MIG).
+pub type GpuProcess = (u32, Option<u64>);
+
 /// NVML, initialised once. Dropping it calls nvmlShutdown through nvml-wrapper's `Drop`, which
 /// panics (`expect`) when the library lacks that symbol; such a library is leaked instead.
 pub struct NvmlHandle(Option<Box<Nvml>>);
@@ -216,7 +220,7 @@ impl NvsmiCollector {
         out.push(Sample::count("gpu_visible", u64::from(count)));
         let answers =
             workers.round(count, self.gpu_timeout).map_err(|e| anyhow::anyhow!("starting a GPU thread: {e}"))?;
-        let with_processes: Vec<(&GpuReading, &[(u32, Option<u64>)])> = answers
+        let with_processes: Vec<(&GpuReading, &[GpuProcess])> = answers
             .iter()
             .filter_map(|a| match a {
                 Answer::Read(round) => Some((&round.reading, round.processes.as_deref()?)),

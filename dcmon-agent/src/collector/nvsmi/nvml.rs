@@ -14,7 +14,7 @@ use nvml_wrapper::enum_wrappers::nv_link::ErrorCounter;
 use nvml_wrapper::enums::device::{SampleValue, UsedGpuMemory};
 use nvml_wrapper::error::{NvmlError, nvml_sym, nvml_try, nvml_try_count};
 
-use super::{GpuReading, percent};
+use super::{GpuProcess, GpuReading, percent};
 use crate::batch::Sample;
 
 /// NVML_NVLINK_MAX_LINKS: the most links a board has (18 on H100 SXM).
@@ -66,7 +66,7 @@ pub struct GpuRound {
     pub errors: Vec<String>,
     /// The compute processes on the GPU: pid and the GPU memory it uses (`None` where NVML
     /// does not say, as under MIG); `None` when NVML does not list them.
-    pub processes: Option<Vec<(u32, Option<u64>)>>,
+    pub processes: Option<Vec<GpuProcess>>,
 }
 
 impl GpuRound {

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use super::GpuReading;
+use super::{GpuProcess, GpuReading};
 use crate::batch::Sample;
 use crate::host::Host;
 use crate::jobs::{Job, JobCache, JobError, JobLabels};
@@ -28,12 +28,7 @@ impl PerJob {
 
     /// `gpu_job_processes` and `gpu_job_memory_used_bytes` of each GPU and job, from each GPU's
     /// process list. A process that exited since NVML listed it is left out.
-    pub fn samples(
-        &mut self,
-        gpus: &[(&GpuReading, &[(u32, Option<u64>)])],
-        out: &mut Vec<Sample>,
-        errors: &mut Vec<String>,
-    ) {
+    pub fn samples(&mut self, gpus: &[(&GpuReading, &[GpuProcess])], out: &mut Vec<Sample>, errors: &mut Vec<String>) {
         let mut found: Vec<(usize, Option<Job>, Option<u64>)> = Vec::new();
         for (slot, (_, processes)) in gpus.iter().enumerate() {
             for &(pid, bytes) in *processes {
