@@ -9,8 +9,8 @@
  * whose driver is not loaded. FAKE_NVML_LOG=FILE appends "init" / "shutdown" lines.
  *
  * Health readings: GPU 0 has row remapping (no page retirement, as on Ampere and later) and
- * four NVLinks (link 3 down); GPU 1 retires pages and has no NVLink. Scripted faults, read at
- * nvmlInit, each a comma-separated list of GPU indices:
+ * four NVLinks (link 3 down); GPU 1 retires pages and has no NVLink. Scripted faults, read when
+ * the library is loaded, each a comma-separated list of GPU indices:
  *   FAKE_NVML_GPUS=3         enumerate a third GPU (an H100 like GPU 0);
  *   FAKE_NVML_LOST=1         every call on that GPU answers NVML_ERROR_GPU_IS_LOST;
  *   FAKE_NVML_HANG=2         every call on that GPU blocks forever (a wedged driver);
@@ -178,11 +178,9 @@ static nvmlReturn_t copy_str(char *dst, unsigned len, const char *src)
 	return NVML_SUCCESS;
 }
 
-nvmlReturn_t nvmlInit_v2(void)
+/* The scripted faults and processes, read when the library is loaded (before any nvmlInit). */
+__attribute__((constructor)) static void read_script(void)
 {
-	const char *fail = getenv("FAKE_NVML_INIT_FAIL");
-	if (fail && strcmp(fail, "1") == 0)
-		return NVML_ERROR_DRIVER_NOT_LOADED;
 	const char *count = getenv("FAKE_NVML_GPUS");
 	if (count && strcmp(count, "3") == 0)
 		gpu_count = 3;
@@ -216,6 +214,13 @@ nvmlReturn_t nvmlInit_v2(void)
 		if (*procs == ';')
 			procs++;
 	}
+}
+
+nvmlReturn_t nvmlInit_v2(void)
+{
+	const char *fail = getenv("FAKE_NVML_INIT_FAIL");
+	if (fail && strcmp(fail, "1") == 0)
+		return NVML_ERROR_DRIVER_NOT_LOADED;
 	initialized = 1;
 	log_line("init");
 	return NVML_SUCCESS;
