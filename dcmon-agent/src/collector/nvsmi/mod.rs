@@ -74,7 +74,7 @@ impl Section for NvsmiConfig {
 
 /// Where the loader finds NVML when the config names no path: the driver ships the versioned
 /// name; the unversioned one only comes with development packages.
-const DEFAULT_LIBRARIES: [&str; 2] = ["libnvidia-ml.so.1", "libnvidia-ml.so"];
+pub const DEFAULT_LIBRARIES: [&str; 2] = ["libnvidia-ml.so.1", "libnvidia-ml.so"];
 
 /// One GPU's readings, from either source.
 #[derive(Debug, Clone, PartialEq)]
