@@ -69,8 +69,10 @@ fn a_lost_and_a_hung_gpu_leave_the_others_reporting_on_time() {
         let started = Instant::now();
         let err = collector.collect(&mut out).expect_err("the hung GPU fails the round");
         let took = started.elapsed();
-        // Waits for the hung GPU until the deadline, not longer; far below collector_timeout (10 s).
-        assert!(took >= gpu_timeout && took < gpu_timeout + Duration::from_millis(500), "round {round} took {took:?}");
+        // The first round waits for the hung GPU until the deadline, not longer; later rounds
+        // do not wait for a GPU still in the first round's call. Far below collector_timeout (10 s).
+        let limit = if round == 0 { gpu_timeout + Duration::from_millis(500) } else { Duration::from_millis(500) };
+        assert!(took < limit && (round > 0 || took >= gpu_timeout), "round {round} took {took:?}");
         assert_eq!(err.to_string(), "GPU 2: NVML did not answer within 1 s", "round {round}");
         let got = common::gpu::rows(&out);
         assert_eq!(

@@ -2,7 +2,8 @@
 //! off the bus) holds up its own readings only: each round asks every idle worker for a
 //! reading and waits for all of them until one shared deadline. A worker still busy at the
 //! deadline is reported unresponsive and is not asked again (nor replaced: a second thread
-//! would block the same way) until it answers; its late answer is dropped as stale.
+//! would block the same way) until it answers; its late answer is dropped as stale. Later
+//! rounds do not wait for it: only the round that asked pays the timeout.
 
 use std::sync::Arc;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
@@ -69,27 +70,36 @@ impl Workers {
             self.workers.push(spawn(index, Arc::clone(&self.nvml))?);
         }
         let deadline = Instant::now() + timeout;
+        // Whether each worker was asked this round: one still in an earlier round's call is
+        // not waited for (its answer would be stale), so a hung GPU costs one round the
+        // timeout, not every round.
+        let mut asked = Vec::with_capacity(count as usize);
         for w in self.workers.iter_mut().take(count as usize) {
             if w.busy {
                 match w.replies.try_recv() {
                     // The answer to a request that ran past an earlier deadline: stale.
                     Ok(_) => w.busy = false,
-                    Err(TryRecvError::Empty) => continue,
+                    Err(TryRecvError::Empty) => {}
                     Err(TryRecvError::Disconnected) => w.gone = true,
                 }
             }
-            if w.gone {
-                continue;
+            let ask = !w.busy && !w.gone;
+            if ask {
+                match w.requests.as_ref().map(|r| r.send(())) {
+                    Some(Ok(())) => w.busy = true,
+                    _ => w.gone = true,
+                }
             }
-            match w.requests.as_ref().map(|r| r.send(())) {
-                Some(Ok(())) => w.busy = true,
-                _ => w.gone = true,
-            }
+            asked.push(ask && !w.gone);
         }
         let mut answers = Vec::with_capacity(count as usize);
-        for w in self.workers.iter_mut().take(count as usize) {
+        for (w, asked) in self.workers.iter_mut().take(count as usize).zip(asked) {
             if w.gone {
                 answers.push(Answer::Gone { index: w.index });
+                continue;
+            }
+            if !asked {
+                answers.push(Answer::Unresponsive { index: w.index, last: w.last.clone() });
                 continue;
             }
             match w.replies.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
