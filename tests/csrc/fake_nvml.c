@@ -68,6 +68,10 @@ struct fake_gpu {
 	unsigned util_gpu_cycle[4], util_mem_cycle[4];
 	unsigned long long sample_clock_us; /* the newest sample's time stamp */
 	int lost, hang;
+	/* field values: SW thermal, HW thermal, HW power brake throttle time (ns); NVLink data
+	 * transmitted and received per link (KiB) */
+	unsigned long long throttle_field_ns[3];
+	unsigned long long nvlink_tx_kib[FAKE_NVLINKS], nvlink_rx_kib[FAKE_NVLINKS];
 	unsigned nprocs;
 	unsigned proc_pid[8];
 	unsigned long long proc_bytes[8];
@@ -88,7 +92,9 @@ static struct fake_gpu gpus[FAKE_MAX_GPUS] = {
 	 1, {1, 1, 1, 0},
 	 {{1, 0, 5, 0}, {0, 0, 0, 0}, {0, 2, 0, 7}, {0, 0, 0, 0}},
 	 123456789ULL,
-	 {50, 100, 70, 80}, {10, 20, 30, 40}, 0, 0, 0, 0, {0}, {0}},
+	 {50, 100, 70, 80}, {10, 20, 30, 40}, 0, 0, 0,
+	 {500000000ULL, 0, 2000000000ULL}, {1000, 2000, 3000, 0}, {4000, 5000, 6000, 0},
+	 0, {0}, {0}},
 	{"NVIDIA A100-SXM4-40GB", "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", "00000000:3B:00.0",
 	 61, 250000, 400000, 100, 75, 0, 0, 1410, 1215,
 	 42949672960ULL, 10737418240ULL, 1, 12, 3, 4, 8, 2,
@@ -101,7 +107,9 @@ static struct fake_gpu gpus[FAKE_MAX_GPUS] = {
 	 0, {0, 0, 0, 0},
 	 {{0}},
 	 5000000ULL,
-	 {100, 100, 100, 100}, {75, 75, 75, 75}, 0, 0, 0, 0, {0}, {0}},
+	 {100, 100, 100, 100}, {75, 75, 75, 75}, 0, 0, 0,
+	 {3000000000ULL, 1000000000ULL, 0}, {0}, {0},
+	 0, {0}, {0}},
 	{"NVIDIA H100 80GB HBM3", "GPU-33333333-2222-3333-4444-555555555555", "00000000:5E:00.0",
 	 40, 100000, 700000, 10, 5, 1, 30, 1980, 2619,
 	 85899345920ULL, 8589934592ULL, 1, 0, 0, 5, 16, 0,
@@ -114,7 +122,9 @@ static struct fake_gpu gpus[FAKE_MAX_GPUS] = {
 	 0, {0, 0, 0, 0},
 	 {{0}},
 	 1000ULL,
-	 {10, 10, 10, 10}, {5, 5, 5, 5}, 0, 0, 0, 0, {0}, {0}},
+	 {10, 10, 10, 10}, {5, 5, 5, 5}, 0, 0, 0,
+	 {0, 0, 0}, {0}, {0},
+	 0, {0}, {0}},
 };
 
 static int initialized;
@@ -632,6 +642,43 @@ nvmlReturn_t nvmlDeviceGetSamples(nvmlDevice_t d, int type, unsigned long long l
 	/* Both sample types share the clock: advance it once per pair of reads. */
 	if (type == 2)
 		d->sample_clock_us = newest;
+	return NVML_SUCCESS;
+}
+
+typedef struct {
+	unsigned fieldId, scopeId;
+	long long timestamp, latencyUsec;
+	int valueType;
+	nvmlReturn_t nvmlReturn;
+	nvmlValue_t value;
+} nvmlFieldValue_t;
+
+/* NVML_FI_DEV_CLOCKS_EVENT_REASON_{SW_THERM,HW_THERM,HW_POWER_BRAKE}_SLOWDOWN (251-253, the
+ * driver-535 numbering) and NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_{TX,RX} (138, 139; scopeId is
+ * the link). Each value has its own return code; any other field is NOT_SUPPORTED. */
+nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t d, int count, nvmlFieldValue_t *values)
+{
+	nvmlReturn_t r = check(d);
+	if (r)
+		return r;
+	for (int i = 0; i < count; i++) {
+		nvmlFieldValue_t *v = &values[i];
+		v->timestamp = 1700000000000000LL;
+		v->latencyUsec = 0;
+		v->valueType = 3; /* NVML_VALUE_TYPE_UNSIGNED_LONG_LONG */
+		v->nvmlReturn = NVML_SUCCESS;
+		if (v->fieldId >= 251 && v->fieldId <= 253) {
+			v->value.ullVal = d->throttle_field_ns[v->fieldId - 251];
+		} else if (v->fieldId == 138 || v->fieldId == 139) {
+			if (!d->has_nvlink || v->scopeId >= FAKE_NVLINKS)
+				v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
+			else
+				v->value.ullVal = v->fieldId == 138 ? d->nvlink_tx_kib[v->scopeId]
+								   : d->nvlink_rx_kib[v->scopeId];
+		} else {
+			v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
+		}
+	}
 	return NVML_SUCCESS;
 }
 

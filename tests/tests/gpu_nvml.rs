@@ -44,16 +44,16 @@ fn nvml_is_loaded_once_reads_both_gpus_and_shuts_down_cleanly() {
     }
     assert_eq!(std::fs::read_to_string(&log).expect("log"), "init\n");
     // NVML calls per GPU and round (README, Performance): name, PCI info and UUID in the first
-    // round only; then 13 for the spec's gauges, 2 volatile ECC counts, 4 memory health, 7
-    // throttling, 5 PCIe, NVLink (a state and 4 counters a link, and one state call that ends
-    // the links), 1 energy, 4 for the two sample buffers (count, then read) and 1 for the
+    // round only; then 13 for the spec's gauges, 2 volatile ECC counts, 4 memory health, 8
+    // throttling, 5 PCIe, NVLink (a state and 4 counters a link, one state call that ends
+    // the links, one for every link's traffic), 1 energy, 4 for the two sample buffers (count, then read) and 1 for the
     // compute processes (the count, none here).
     let log_text = std::fs::read_to_string(&calls).expect("call log");
     let per_gpu = |gpu: &str| log_text.lines().filter(|l| l.split(' ').next() == Some(gpu)).count();
     let (h100, a100) = (per_gpu("0"), per_gpu("1"));
     eprintln!("NVML calls in 3 rounds: GPU 0 (4 NVLinks) {h100}, GPU 1 (no NVLink) {a100}");
-    assert_eq!(h100, 3 + 3 * (13 + 2 + 4 + 7 + 5 + (4 * 5 + 1) + 1 + 4 + 1));
-    assert_eq!(a100, 3 + 3 * (13 + 2 + 4 + 7 + 5 + 1 + 1 + 4 + 1));
+    assert_eq!(h100, 3 + 3 * (13 + 2 + 4 + 8 + 5 + (4 * 5 + 1 + 1) + 1 + 4 + 1));
+    assert_eq!(a100, 3 + 3 * (13 + 2 + 4 + 8 + 5 + 1 + 1 + 4 + 1));
     drop(collector);
     assert_eq!(std::fs::read_to_string(&log).expect("log"), "init\nshutdown\n");
 }

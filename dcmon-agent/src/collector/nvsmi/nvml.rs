@@ -13,6 +13,12 @@ use nvml_wrapper::enum_wrappers::device::{
 use nvml_wrapper::enum_wrappers::nv_link::ErrorCounter;
 use nvml_wrapper::enums::device::{SampleValue, UsedGpuMemory};
 use nvml_wrapper::error::{NvmlError, nvml_sym, nvml_try, nvml_try_count};
+use nvml_wrapper::structs::device::FieldId;
+use nvml_wrapper::sys_exports::field_id::{
+    NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN, NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN,
+    NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN, NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX,
+    NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX,
+};
 
 use super::{GpuProcess, GpuReading, percent};
 use crate::batch::Sample;
@@ -28,6 +34,13 @@ const THROTTLE_REASONS: [(PerformancePolicy, &str); 6] = [
     (PerformancePolicy::BoardLimit, "board_limit"),
     (PerformancePolicy::LowUtilization, "low_utilization"),
     (PerformancePolicy::Reliability, "reliability"),
+];
+
+/// The throttle reasons NVML times only as field values, and their `reason` label.
+const THROTTLE_FIELDS: [(u32, &str); 3] = [
+    (NVML_FI_DEV_CLOCKS_EVENT_REASON_SW_THERM_SLOWDOWN, "sw_thermal"),
+    (NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_THERM_SLOWDOWN, "hw_thermal"),
+    (NVML_FI_DEV_CLOCKS_EVENT_REASON_HW_POWER_BRAKE_SLOWDOWN, "hw_power_brake"),
 ];
 
 /// The NVLink error counters and their `error` label.
@@ -264,6 +277,18 @@ fn throttling(dev: &Device<'_>, calls: &mut Calls, v: &mut Values) {
         let ns = calls.get("violation_status", || dev.violation_status(policy)).map(|t| t.violation_time);
         v.gauge("gpu_throttle_seconds_total", ns.map(|ns| ns as f64 / 1e9), &[("reason", reason)]);
     }
+    // The reasons without a violation counter: time throttled, as field values (ns).
+    let ids = THROTTLE_FIELDS.map(|(id, _)| FieldId(id));
+    if let Some(values) = calls.get("throttle_fields", || dev.field_values_for(&ids)) {
+        for ((_, reason), value) in THROTTLE_FIELDS.iter().zip(values) {
+            match value.and_then(|f| f.value) {
+                Ok(ns) => v.gauge("gpu_throttle_seconds_total", Some(sample_value(&ns) / 1e9), &[("reason", reason)]),
+                Err(NvmlError::NotSupported | NvmlError::NotFound) => {}
+                Err(NvmlError::GpuLost) => calls.lost = true,
+                Err(e) => calls.errors.push(format!("throttle time {reason}: {e}")),
+            }
+        }
+    }
     let nvml = dev.nvml();
     let reasons = calls.get("clocks_event_reasons", || {
         // The name since driver 535; nvml-wrapper 0.13 only wraps the older one.
@@ -293,6 +318,12 @@ fn links(dev: &Device<'_>, calls: &mut Calls, v: &mut Values) {
             &[("direction", direction)],
         );
     }
+    nvlinks(dev, calls, v);
+}
+
+/// NVLink per link: state, error counters, data sent and received; nothing on boards without.
+fn nvlinks(dev: &Device<'_>, calls: &mut Calls, v: &mut Values) {
+    let mut links = Vec::new();
     for link in 0..MAX_NVLINKS {
         if calls.lost {
             return;
@@ -301,7 +332,7 @@ fn links(dev: &Device<'_>, calls: &mut Calls, v: &mut Values) {
         let active = match nvlink.is_active() {
             Ok(a) => a,
             // No NVLink on this board, or no link this far: the links end here.
-            Err(NvmlError::NotSupported | NvmlError::InvalidArg | NvmlError::FunctionNotFound) => return,
+            Err(NvmlError::NotSupported | NvmlError::InvalidArg | NvmlError::FunctionNotFound) => break,
             Err(NvmlError::GpuLost) => {
                 calls.lost = true;
                 return;
@@ -311,12 +342,71 @@ fn links(dev: &Device<'_>, calls: &mut Calls, v: &mut Values) {
                 continue;
             }
         };
+        links.push(link);
         let link_label = link.to_string();
         v.count("gpu_nvlink_active", Some(u64::from(active)), &[("link", &link_label)]);
         for (counter, error) in NVLINK_ERRORS {
             let n = calls.get("nvlink_errors", || nvlink.error_counter(counter));
             v.count("gpu_nvlink_errors_total", n, &[("link", &link_label), ("error", error)]);
         }
+    }
+    if links.is_empty() {
+        return;
+    }
+    // Both counters of every link in one call; nvml-wrapper's field_values_for cannot name a
+    // link (scopeId).
+    let mut fields: Vec<FieldValue> = links
+        .iter()
+        .flat_map(|&link| {
+            [NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX]
+                .map(|id| FieldValue::ask(id, link))
+        })
+        .collect();
+    let nvml = dev.nvml();
+    let answered = calls.get("nvlink_throughput", || {
+        let sym = nvml_sym(nvml.lib().nvmlDeviceGetFieldValues.as_ref())?;
+        let count = i32::try_from(fields.len()).unwrap_or(i32::MAX);
+        // SAFETY: `fields` holds `count` values laid out as nvml.h's nvmlFieldValue_t.
+        nvml_try(unsafe { sym(dev.handle(), count, fields.as_mut_ptr().cast()) })
+    });
+    if answered.is_none() {
+        return;
+    }
+    for f in &fields {
+        let name = if f.field_id == NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX {
+            "gpu_nvlink_transmit_bytes_total"
+        } else {
+            "gpu_nvlink_receive_bytes_total"
+        };
+        // NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, in KiB.
+        match (f.nvml_return, f.value_type) {
+            (0, 3) => v.count(name, Some(f.value.saturating_mul(1024)), &[("link", &f.scope_id.to_string())]),
+            (0, other) => {
+                calls.errors.push(format!("nvlink {} throughput: value type {other}, expected 3", f.scope_id))
+            }
+            // NOT_SUPPORTED, NOT_FOUND: that link does not count it.
+            (3 | 6, _) => {}
+            (code, _) => calls.errors.push(format!("nvlink {} throughput: NVML error {code}", f.scope_id)),
+        }
+    }
+}
+
+/// nvml.h's nvmlFieldValue_t with its value read as an unsigned long long.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct FieldValue {
+    field_id: u32,
+    scope_id: u32,
+    timestamp: i64,
+    latency_usec: i64,
+    value_type: u32,
+    nvml_return: u32,
+    value: u64,
+}
+
+impl FieldValue {
+    fn ask(field_id: u32, scope_id: u32) -> Self {
+        Self { field_id, scope_id, timestamp: 0, latency_usec: 0, value_type: 0, nvml_return: 0, value: 0 }
     }
 }
 
