@@ -151,8 +151,10 @@ pub fn read_gpu(dev: &Device<'_>, state: &mut GpuState) -> GpuRound {
         let name = calls.get("name", || dev.name());
         let bus_id = calls.get("pci_info", || dev.pci_info()).map(|p| p.bus_id);
         let uuid = calls.get("uuid", || dev.uuid());
-        if let (Some(n), Some(b), Some(u)) = (name, bus_id, uuid) {
-            state.identity = Some((n, b, u));
+        // Kept once read without a failure (a field the board does not have stays empty);
+        // asked again next round otherwise.
+        if !calls.lost && calls.errors.is_empty() {
+            state.identity = Some((name.unwrap_or_default(), bus_id.unwrap_or_default(), uuid.unwrap_or_default()));
         }
     }
     let (model, bus_id, uuid) = state.identity.clone().unwrap_or_default();
