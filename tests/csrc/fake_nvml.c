@@ -7,10 +7,23 @@
  *
  * FAKE_NVML_INIT_FAIL=1 makes nvmlInit fail with NVML_ERROR_DRIVER_NOT_LOADED, as on a host
  * whose driver is not loaded. FAKE_NVML_LOG=FILE appends "init" / "shutdown" lines.
+ *
+ * Health readings: GPU 0 has row remapping (no page retirement, as on Ampere and later) and
+ * four NVLinks (link 3 down); GPU 1 retires pages and has no NVLink. Scripted faults, read when
+ * the library is loaded, each a comma-separated list of GPU indices:
+ *   FAKE_NVML_GPUS=3         enumerate a third GPU (an H100 like GPU 0);
+ *   FAKE_NVML_LOST=1         every call on that GPU answers NVML_ERROR_GPU_IS_LOST;
+ *   FAKE_NVML_HANG=2         every call on that GPU blocks forever (a wedged driver);
+ *   FAKE_NVML_NO_ECC=0       ECC, row remapping and page retirement: NVML_ERROR_NOT_SUPPORTED.
+ * FAKE_NVML_PROCS="GPU:PID:BYTES;..." lists the compute processes on each GPU (BYTES "na" is
+ * NVML_VALUE_NOT_AVAILABLE, as under MIG without permission); none by default.
+ * FAKE_NVML_CALLS=FILE appends one line per device call ("GPU_INDEX FUNCTION"), for counting.
  */
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 typedef int nvmlReturn_t;
 enum {
@@ -18,9 +31,14 @@ enum {
 	NVML_ERROR_UNINITIALIZED = 1,
 	NVML_ERROR_INVALID_ARGUMENT = 2,
 	NVML_ERROR_NOT_SUPPORTED = 3,
+	NVML_ERROR_NOT_FOUND = 6,
 	NVML_ERROR_INSUFFICIENT_SIZE = 7,
 	NVML_ERROR_DRIVER_NOT_LOADED = 9,
+	NVML_ERROR_GPU_IS_LOST = 15,
 };
+
+#define FAKE_MAX_GPUS 3
+#define FAKE_NVLINKS 4
 
 struct fake_gpu {
 	const char *name, *uuid, *bus_id;
@@ -31,18 +49,86 @@ struct fake_gpu {
 	int has_ecc;
 	unsigned long long ecc_corrected, ecc_uncorrected;
 	unsigned pcie_gen, pcie_width, pstate;
+	/* volatile (since the driver loaded) corrected, uncorrected */
+	unsigned long long ecc_volatile_corrected, ecc_volatile_uncorrected;
+	int has_remap; /* nvmlDeviceGetRemappedRows */
+	unsigned remap_corr, remap_unc, remap_pending, remap_failure;
+	int has_retire; /* nvmlDeviceGetRetiredPages */
+	unsigned retired_sbe, retired_dbe, retired_pending;
+	/* nvmlDeviceGetViolationStatus, ns, by nvmlPerfPolicyType_t (0..5); ~0 is NOT_SUPPORTED */
+	unsigned long long violation_ns[6];
+	unsigned long long clocks_event_reasons;
+	unsigned max_gen, max_width, pcie_replays, pcie_tx_kbps, pcie_rx_kbps;
+	int has_nvlink;
+	int nvlink_active[FAKE_NVLINKS];
+	/* per link: replay, recovery, CRC flit, CRC data (nvmlNvLinkErrorCounter_t 0..3) */
+	unsigned long long nvlink_errors[FAKE_NVLINKS][4];
+	unsigned long long energy_mj;
+	/* the sample buffer: one sample every 1000 us, values cycling through these */
+	unsigned util_gpu_cycle[4], util_mem_cycle[4];
+	unsigned long long sample_clock_us; /* the newest sample's time stamp */
+	int lost, hang;
+	/* field values: SW thermal, HW thermal, HW power brake throttle time (ns); NVLink data
+	 * transmitted and received per link (KiB) */
+	unsigned long long throttle_field_ns[3];
+	unsigned long long nvlink_tx_kib[FAKE_NVLINKS], nvlink_rx_kib[FAKE_NVLINKS];
+	unsigned nprocs;
+	unsigned proc_pid[8];
+	unsigned long long proc_bytes[8];
 };
 
-static struct fake_gpu gpus[2] = {
+#define NS ~0ULL /* violation counter not supported */
+
+static struct fake_gpu gpus[FAKE_MAX_GPUS] = {
 	{"NVIDIA H100 80GB HBM3", "GPU-11111111-2222-3333-4444-555555555555", "00000000:18:00.0",
 	 45, 123450, 700000, 87, 33, 1, 40, 1980, 2619,
-	 85899345920ULL, 21474836480ULL, 1, 0, 0, 5, 16, 0},
+	 85899345920ULL, 21474836480ULL, 1, 0, 0, 5, 16, 0,
+	 0, 0,
+	 1, 2, 1, 1, 0,
+	 0, 0, 0, 0,
+	 {1500000000ULL, 250000000ULL, NS, 0, 42000000000ULL, 0},
+	 0x4, /* SW power cap */
+	 5, 16, 0, 1000, 2000,
+	 1, {1, 1, 1, 0},
+	 {{1, 0, 5, 0}, {0, 0, 0, 0}, {0, 2, 0, 7}, {0, 0, 0, 0}},
+	 123456789ULL,
+	 {50, 100, 70, 80}, {10, 20, 30, 40}, 0, 0, 0,
+	 {500000000ULL, 0, 2000000000ULL}, {1000, 2000, 3000, 0}, {4000, 5000, 6000, 0},
+	 0, {0}, {0}},
 	{"NVIDIA A100-SXM4-40GB", "GPU-aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee", "00000000:3B:00.0",
 	 61, 250000, 400000, 100, 75, 0, 0, 1410, 1215,
-	 42949672960ULL, 10737418240ULL, 1, 12, 3, 4, 8, 2},
+	 42949672960ULL, 10737418240ULL, 1, 12, 3, 4, 8, 2,
+	 2, 1,
+	 0, 0, 0, 0, 0,
+	 1, 2, 1, 1,
+	 {0, 3000000000ULL, 0, 0, 0, 0},
+	 0x20 | 0x40, /* SW thermal slowdown, HW thermal slowdown */
+	 4, 16, 7, 500, 250,
+	 0, {0, 0, 0, 0},
+	 {{0}},
+	 5000000ULL,
+	 {100, 100, 100, 100}, {75, 75, 75, 75}, 0, 0, 0,
+	 {3000000000ULL, 1000000000ULL, 0}, {0}, {0},
+	 0, {0}, {0}},
+	{"NVIDIA H100 80GB HBM3", "GPU-33333333-2222-3333-4444-555555555555", "00000000:5E:00.0",
+	 40, 100000, 700000, 10, 5, 1, 30, 1980, 2619,
+	 85899345920ULL, 8589934592ULL, 1, 0, 0, 5, 16, 0,
+	 0, 0,
+	 1, 0, 0, 0, 0,
+	 0, 0, 0, 0,
+	 {0, 0, NS, 0, 0, 0},
+	 0x1, /* idle */
+	 5, 16, 0, 10, 20,
+	 0, {0, 0, 0, 0},
+	 {{0}},
+	 1000ULL,
+	 {10, 10, 10, 10}, {5, 5, 5, 5}, 0, 0, 0,
+	 {0, 0, 0}, {0}, {0},
+	 0, {0}, {0}},
 };
 
 static int initialized;
+static unsigned gpu_count = 2;
 
 static void log_line(const char *what)
 {
@@ -56,12 +142,41 @@ static void log_line(const char *what)
 
 typedef struct fake_gpu *nvmlDevice_t;
 
-static nvmlReturn_t check(nvmlDevice_t d)
+/* Sets the `field` flag of each GPU listed in env var `name` ("1,2"). */
+static void mark_gpus(const char *name, size_t field)
+{
+	const char *list = getenv(name);
+	for (const char *p = list; p && *p; p++) {
+		if (*p >= '0' && *p < '0' + FAKE_MAX_GPUS)
+			*(int *)((char *)&gpus[*p - '0'] + field) = 1;
+	}
+}
+
+static void log_call(nvmlDevice_t d, const char *fn)
+{
+	const char *path = getenv("FAKE_NVML_CALLS");
+	FILE *f = path ? fopen(path, "a") : NULL;
+	if (f) {
+		fprintf(f, "%d %s\n", (int)(d - gpus), fn);
+		fclose(f);
+	}
+}
+
+#define check(d) check_call(d, __func__)
+
+static nvmlReturn_t check_call(nvmlDevice_t d, const char *fn)
 {
 	if (!initialized)
 		return NVML_ERROR_UNINITIALIZED;
-	if (d != &gpus[0] && d != &gpus[1])
+	if (d < &gpus[0] || d >= &gpus[gpu_count])
 		return NVML_ERROR_INVALID_ARGUMENT;
+	log_call(d, fn);
+	if (d->hang) {
+		for (;;)
+			sleep(3600);
+	}
+	if (d->lost)
+		return NVML_ERROR_GPU_IS_LOST;
 	return NVML_SUCCESS;
 }
 
@@ -71,6 +186,44 @@ static nvmlReturn_t copy_str(char *dst, unsigned len, const char *src)
 		return NVML_ERROR_INSUFFICIENT_SIZE;
 	strcpy(dst, src);
 	return NVML_SUCCESS;
+}
+
+/* The scripted faults and processes, read when the library is loaded (before any nvmlInit). */
+__attribute__((constructor)) static void read_script(void)
+{
+	const char *count = getenv("FAKE_NVML_GPUS");
+	if (count && strcmp(count, "3") == 0)
+		gpu_count = 3;
+	mark_gpus("FAKE_NVML_LOST", offsetof(struct fake_gpu, lost));
+	mark_gpus("FAKE_NVML_HANG", offsetof(struct fake_gpu, hang));
+	const char *no_ecc = getenv("FAKE_NVML_NO_ECC");
+	for (const char *p = no_ecc; p && *p; p++) {
+		if (*p >= '0' && *p < '0' + FAKE_MAX_GPUS) {
+			struct fake_gpu *g = &gpus[*p - '0'];
+			g->has_ecc = g->has_remap = g->has_retire = 0;
+		}
+	}
+	const char *procs = getenv("FAKE_NVML_PROCS");
+	while (procs && *procs) {
+		unsigned gpu, pid;
+		unsigned long long bytes = ~0ULL;
+		int used = 0;
+		if (sscanf(procs, "%u:%u:%llu%n", &gpu, &pid, &bytes, &used) < 3) {
+			used = 0;
+			if (sscanf(procs, "%u:%u:na%n", &gpu, &pid, &used) < 2 || used == 0)
+				break;
+			bytes = ~0ULL;
+		}
+		if (gpu < FAKE_MAX_GPUS && gpus[gpu].nprocs < 8) {
+			struct fake_gpu *g = &gpus[gpu];
+			g->proc_pid[g->nprocs] = pid;
+			g->proc_bytes[g->nprocs] = bytes;
+			g->nprocs++;
+		}
+		procs += used;
+		if (*procs == ';')
+			procs++;
+	}
 }
 
 nvmlReturn_t nvmlInit_v2(void)
@@ -97,6 +250,8 @@ const char *nvmlErrorString(nvmlReturn_t r)
 	case NVML_SUCCESS: return "Success";
 	case NVML_ERROR_NOT_SUPPORTED: return "Not Supported";
 	case NVML_ERROR_DRIVER_NOT_LOADED: return "Driver Not Loaded";
+	case NVML_ERROR_GPU_IS_LOST: return "GPU is lost";
+	case NVML_ERROR_NOT_FOUND: return "Not Found";
 	default: return "Unknown Error";
 	}
 }
@@ -110,7 +265,7 @@ nvmlReturn_t nvmlDeviceGetCount_v2(unsigned *count)
 {
 	if (!initialized)
 		return NVML_ERROR_UNINITIALIZED;
-	*count = 2;
+	*count = gpu_count;
 	return NVML_SUCCESS;
 }
 
@@ -118,7 +273,7 @@ nvmlReturn_t nvmlDeviceGetHandleByIndex_v2(unsigned index, nvmlDevice_t *device)
 {
 	if (!initialized)
 		return NVML_ERROR_UNINITIALIZED;
-	if (index > 1)
+	if (index >= gpu_count)
 		return NVML_ERROR_INVALID_ARGUMENT;
 	*device = &gpus[index];
 	return NVML_SUCCESS;
@@ -245,9 +400,18 @@ nvmlReturn_t nvmlDeviceGetTotalEccErrors(nvmlDevice_t d, int error_type, int cou
 		return r;
 	if (!d->has_ecc)
 		return NVML_ERROR_NOT_SUPPORTED;
-	if (counter_type != 1) /* only NVML_AGGREGATE_ECC is exercised */
+	if (error_type != 0 && error_type != 1)
 		return NVML_ERROR_INVALID_ARGUMENT;
-	*count = error_type == 0 ? d->ecc_corrected : d->ecc_uncorrected;
+	switch (counter_type) {
+	case 0: /* NVML_VOLATILE_ECC */
+		*count = error_type == 0 ? d->ecc_volatile_corrected : d->ecc_volatile_uncorrected;
+		break;
+	case 1: /* NVML_AGGREGATE_ECC */
+		*count = error_type == 0 ? d->ecc_corrected : d->ecc_uncorrected;
+		break;
+	default:
+		return NVML_ERROR_INVALID_ARGUMENT;
+	}
 	return NVML_SUCCESS;
 }
 
@@ -265,6 +429,285 @@ nvmlReturn_t nvmlDeviceGetCurrPcieLinkWidth(nvmlDevice_t d, unsigned *width)
 	if (!r)
 		*width = d->pcie_width;
 	return r;
+}
+
+nvmlReturn_t nvmlDeviceGetMaxPcieLinkGeneration(nvmlDevice_t d, unsigned *gen)
+{
+	nvmlReturn_t r = check(d);
+	if (!r)
+		*gen = d->max_gen;
+	return r;
+}
+
+nvmlReturn_t nvmlDeviceGetMaxPcieLinkWidth(nvmlDevice_t d, unsigned *width)
+{
+	nvmlReturn_t r = check(d);
+	if (!r)
+		*width = d->max_width;
+	return r;
+}
+
+nvmlReturn_t nvmlDeviceGetPcieReplayCounter(nvmlDevice_t d, unsigned *value)
+{
+	nvmlReturn_t r = check(d);
+	if (!r)
+		*value = d->pcie_replays;
+	return r;
+}
+
+/* counter: NVML_PCIE_UTIL_TX_BYTES 0, NVML_PCIE_UTIL_RX_BYTES 1; KB/s */
+nvmlReturn_t nvmlDeviceGetPcieThroughput(nvmlDevice_t d, int counter, unsigned *value)
+{
+	nvmlReturn_t r = check(d);
+	if (r)
+		return r;
+	switch (counter) {
+	case 0: *value = d->pcie_tx_kbps; return NVML_SUCCESS;
+	case 1: *value = d->pcie_rx_kbps; return NVML_SUCCESS;
+	default: return NVML_ERROR_INVALID_ARGUMENT;
+	}
+}
+
+nvmlReturn_t nvmlDeviceGetRemappedRows(nvmlDevice_t d, unsigned *corr, unsigned *unc,
+				       unsigned *pending, unsigned *failure)
+{
+	nvmlReturn_t r = check(d);
+	if (r)
+		return r;
+	if (!d->has_remap)
+		return NVML_ERROR_NOT_SUPPORTED;
+	*corr = d->remap_corr;
+	*unc = d->remap_unc;
+	*pending = d->remap_pending;
+	*failure = d->remap_failure;
+	return NVML_SUCCESS;
+}
+
+/* cause: NVML_PAGE_RETIREMENT_CAUSE_MULTIPLE_SINGLE_BIT_ECC_ERRORS 0, _DOUBLE_BIT_ECC_ERROR 1.
+ * A count too small for the pages answers NVML_ERROR_INSUFFICIENT_SIZE with the count needed. */
+nvmlReturn_t nvmlDeviceGetRetiredPages(nvmlDevice_t d, int cause, unsigned *count,
+				       unsigned long long *addresses)
+{
+	nvmlReturn_t r = check(d);
+	if (r)
+		return r;
+	if (!d->has_retire)
+		return NVML_ERROR_NOT_SUPPORTED;
+	if (cause != 0 && cause != 1)
+		return NVML_ERROR_INVALID_ARGUMENT;
+	unsigned n = cause == 0 ? d->retired_sbe : d->retired_dbe;
+	if (*count < n) {
+		*count = n;
+		return NVML_ERROR_INSUFFICIENT_SIZE;
+	}
+	for (unsigned i = 0; i < n; i++)
+		addresses[i] = 0x1000ULL * (i + 1);
+	*count = n;
+	return NVML_SUCCESS;
+}
+
+/* nvmlEnableState_t: NVML_FEATURE_DISABLED 0, NVML_FEATURE_ENABLED 1 */
+nvmlReturn_t nvmlDeviceGetRetiredPagesPendingStatus(nvmlDevice_t d, int *pending)
+{
+	nvmlReturn_t r = check(d);
+	if (r)
+		return r;
+	if (!d->has_retire)
+		return NVML_ERROR_NOT_SUPPORTED;
+	*pending = (int)d->retired_pending;
+	return NVML_SUCCESS;
+}
+
+typedef struct {
+	unsigned long long referenceTime; /* us */
+	unsigned long long violationTime; /* ns */
+} nvmlViolationTime_t;
+
+nvmlReturn_t nvmlDeviceGetViolationStatus(nvmlDevice_t d, int policy, nvmlViolationTime_t *v)
+{
+	nvmlReturn_t r = check(d);
+	if (r)
+		return r;
+	if (policy < 0 || policy > 5)
+		return NVML_ERROR_NOT_SUPPORTED; /* TOTAL_APP_CLOCKS, TOTAL_BASE_CLOCKS */
+	if (d->violation_ns[policy] == NS)
+		return NVML_ERROR_NOT_SUPPORTED;
+	v->referenceTime = 1700000000000000ULL;
+	v->violationTime = d->violation_ns[policy];
+	return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetCurrentClocksEventReasons(nvmlDevice_t d, unsigned long long *reasons)
+{
+	nvmlReturn_t r = check(d);
+	if (!r)
+		*reasons = d->clocks_event_reasons;
+	return r;
+}
+
+/* The name before driver 535; nvml-wrapper 0.13 calls this one. */
+nvmlReturn_t nvmlDeviceGetCurrentClocksThrottleReasons(nvmlDevice_t d, unsigned long long *reasons)
+{
+	return nvmlDeviceGetCurrentClocksEventReasons(d, reasons);
+}
+
+nvmlReturn_t nvmlDeviceGetTotalEnergyConsumption(nvmlDevice_t d, unsigned long long *mj)
+{
+	nvmlReturn_t r = check(d);
+	if (!r)
+		*mj = d->energy_mj;
+	return r;
+}
+
+/* Boards without NVLink answer NOT_SUPPORTED; links past the board's answer INVALID_ARGUMENT. */
+#define check_link(d, link) check_link_call(d, link, __func__)
+
+static nvmlReturn_t check_link_call(nvmlDevice_t d, unsigned link, const char *fn)
+{
+	nvmlReturn_t r = check_call(d, fn);
+	if (r)
+		return r;
+	if (!d->has_nvlink)
+		return NVML_ERROR_NOT_SUPPORTED;
+	if (link >= FAKE_NVLINKS)
+		return NVML_ERROR_INVALID_ARGUMENT;
+	return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetNvLinkState(nvmlDevice_t d, unsigned link, int *active)
+{
+	nvmlReturn_t r = check_link(d, link);
+	if (!r)
+		*active = d->nvlink_active[link];
+	return r;
+}
+
+/* counter: nvmlNvLinkErrorCounter_t, DL_REPLAY 0, DL_RECOVERY 1, DL_CRC_FLIT 2, DL_CRC_DATA 3 */
+nvmlReturn_t nvmlDeviceGetNvLinkErrorCounter(nvmlDevice_t d, unsigned link, int counter,
+					     unsigned long long *value)
+{
+	nvmlReturn_t r = check_link(d, link);
+	if (r)
+		return r;
+	if (counter < 0 || counter > 3)
+		return NVML_ERROR_NOT_SUPPORTED; /* DL_ECC_DATA: not on this board */
+	*value = d->nvlink_errors[link][counter];
+	return NVML_SUCCESS;
+}
+
+typedef union {
+	double dVal;
+	int siVal;
+	unsigned uiVal;
+	unsigned long ulVal;
+	unsigned long long ullVal;
+	long long sllVal;
+	unsigned short usVal;
+} nvmlValue_t;
+
+typedef struct {
+	unsigned long long timeStamp;
+	nvmlValue_t sampleValue;
+} nvmlSample_t;
+
+/* type: NVML_GPU_UTILIZATION_SAMPLES 1, NVML_MEMORY_UTILIZATION_SAMPLES 2. The buffer gains
+ * four samples (one every 1000 us) each time it is read; a read returns those newer than
+ * `last_seen`, NOT_FOUND when there are none, and the count alone when `samples` is NULL. */
+nvmlReturn_t nvmlDeviceGetSamples(nvmlDevice_t d, int type, unsigned long long last_seen,
+				  int *value_type, unsigned *count, nvmlSample_t *samples)
+{
+	nvmlReturn_t r = check(d);
+	if (r)
+		return r;
+	if (type != 1 && type != 2)
+		return NVML_ERROR_NOT_SUPPORTED;
+	const unsigned *cycle = type == 1 ? d->util_gpu_cycle : d->util_mem_cycle;
+	unsigned long long newest = d->sample_clock_us + 4000;
+	unsigned n = last_seen >= newest ? 0 : (unsigned)((newest - last_seen) / 1000);
+	if (n == 0)
+		return NVML_ERROR_NOT_FOUND;
+	if (!samples) {
+		*count = n;
+		return NVML_SUCCESS;
+	}
+	if (*count < n)
+		n = *count;
+	*value_type = 1; /* NVML_VALUE_TYPE_UNSIGNED_INT */
+	for (unsigned i = 0; i < n; i++) {
+		unsigned long long ts = newest - 1000ULL * (n - 1 - i);
+		samples[i].timeStamp = ts;
+		samples[i].sampleValue.ullVal = 0;
+		samples[i].sampleValue.uiVal = cycle[(ts / 1000) % 4];
+	}
+	*count = n;
+	/* Both sample types share the clock: advance it once per pair of reads. */
+	if (type == 2)
+		d->sample_clock_us = newest;
+	return NVML_SUCCESS;
+}
+
+typedef struct {
+	unsigned fieldId, scopeId;
+	long long timestamp, latencyUsec;
+	int valueType;
+	nvmlReturn_t nvmlReturn;
+	nvmlValue_t value;
+} nvmlFieldValue_t;
+
+/* NVML_FI_DEV_CLOCKS_EVENT_REASON_{SW_THERM,HW_THERM,HW_POWER_BRAKE}_SLOWDOWN (251-253, the
+ * driver-535 numbering) and NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_{TX,RX} (138, 139; scopeId is
+ * the link). Each value has its own return code; any other field is NOT_SUPPORTED. */
+nvmlReturn_t nvmlDeviceGetFieldValues(nvmlDevice_t d, int count, nvmlFieldValue_t *values)
+{
+	nvmlReturn_t r = check(d);
+	if (r)
+		return r;
+	for (int i = 0; i < count; i++) {
+		nvmlFieldValue_t *v = &values[i];
+		v->timestamp = 1700000000000000LL;
+		v->latencyUsec = 0;
+		v->valueType = 3; /* NVML_VALUE_TYPE_UNSIGNED_LONG_LONG */
+		v->nvmlReturn = NVML_SUCCESS;
+		if (v->fieldId >= 251 && v->fieldId <= 253) {
+			v->value.ullVal = d->throttle_field_ns[v->fieldId - 251];
+		} else if (v->fieldId == 138 || v->fieldId == 139) {
+			if (!d->has_nvlink || v->scopeId >= FAKE_NVLINKS)
+				v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
+			else
+				v->value.ullVal = v->fieldId == 138 ? d->nvlink_tx_kib[v->scopeId]
+								   : d->nvlink_rx_kib[v->scopeId];
+		} else {
+			v->nvmlReturn = NVML_ERROR_NOT_SUPPORTED;
+		}
+	}
+	return NVML_SUCCESS;
+}
+
+typedef struct {
+	unsigned pid;
+	unsigned long long usedGpuMemory;
+	unsigned gpuInstanceId, computeInstanceId;
+} nvmlProcessInfo_t;
+
+/* A count below the processes' (or no buffer) answers INSUFFICIENT_SIZE with the count needed. */
+nvmlReturn_t nvmlDeviceGetComputeRunningProcesses_v3(nvmlDevice_t d, unsigned *count,
+						     nvmlProcessInfo_t *infos)
+{
+	nvmlReturn_t r = check(d);
+	if (r)
+		return r;
+	if (!infos || *count < d->nprocs) {
+		*count = d->nprocs;
+		return d->nprocs ? NVML_ERROR_INSUFFICIENT_SIZE : NVML_SUCCESS;
+	}
+	for (unsigned i = 0; i < d->nprocs; i++) {
+		infos[i].pid = d->proc_pid[i];
+		infos[i].usedGpuMemory = d->proc_bytes[i];
+		infos[i].gpuInstanceId = 0xFFFFFFFFu;
+		infos[i].computeInstanceId = 0xFFFFFFFFu;
+	}
+	*count = d->nprocs;
+	return NVML_SUCCESS;
 }
 
 nvmlReturn_t nvmlDeviceGetPerformanceState(nvmlDevice_t d, int *pstate)

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 pub mod agent;
 pub mod batch;
 pub mod fixtures;
+pub mod gpu_check;
 pub mod loop_device;
 pub mod privilege;
 #[cfg(feature = "receiver")]

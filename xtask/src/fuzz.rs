@@ -101,15 +101,20 @@ fn fixture_seeds(root: &Path) -> anyhow::Result<Seeds> {
             seeds.entry("nvme_smart_log_json").or_default().push((name, std::fs::read(&path)?));
         }
     }
-    // The stand-in nvidia-smi script echoes the CSV lines the real tool prints.
+    // The stand-in nvidia-smi script echoes the CSV lines the real tool prints: the GPU query
+    // without and with the health fields (19 and 27 fields) and the remapped rows (5).
     let script_path = fixtures.join("gpu/nvidia-smi");
     let script = std::fs::read_to_string(&script_path).with_context(|| format!("reading {}", script_path.display()))?;
-    let csv: String = script
+    let lines: Vec<String> = script
         .lines()
         .filter_map(|l| l.trim().strip_prefix("echo \"")?.strip_suffix('"').map(|l| format!("{l}\n")))
         .filter(|l| !l.starts_with("Invalid"))
         .collect();
-    seeds.entry("nvidia_smi").or_default().push(("fixture-two-gpus".into(), csv.into_bytes()));
+    for (fields, name) in [(19, "fixture-two-gpus"), (27, "fixture-two-gpus-health"), (5, "fixture-remapped-rows")] {
+        let csv: String = lines.iter().filter(|l| l.split(',').count() == fields).map(String::as_str).collect();
+        anyhow::ensure!(!csv.is_empty(), "{}: no {fields}-field line to seed the fuzzer with", script_path.display());
+        seeds.entry("nvidia_smi").or_default().push((name.into(), csv.into_bytes()));
+    }
     Ok(seeds)
 }
 

@@ -4,9 +4,11 @@
 //! `cargo xtask fuzz` runs the cargo-fuzz targets of fuzz/ for a bounded time each;
 //! `cargo xtask mutants` runs cargo-mutants on the files whose unit tests must catch mutants.
 //! `cargo xtask bless` rewrites the golden batches of the fixture hosts (tests/fixtures/golden).
+//! `cargo xtask gpu-check` compares the agent's GPU metrics with `nvidia-smi -q -x` on an NVIDIA host.
 
 mod bench;
 mod fuzz;
+mod gpu_check;
 mod mutants;
 
 use std::path::{Path, PathBuf};
@@ -49,6 +51,8 @@ enum Task {
     Mutants(mutants::MutantsArgs),
     /// Rewrite the golden batches (tests/fixtures/golden) from the agent as it is now.
     Bless,
+    /// On an NVIDIA host: `dcmon-agent once` against `nvidia-smi -q -x`, every GPU metric.
+    GpuCheck(gpu_check::GpuCheckArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +73,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Task::Fuzz(args) => fuzz::run(&root, &args),
         Task::Mutants(args) => mutants::run(&root, &args),
         Task::Bless => bless(&root),
+        Task::GpuCheck(args) => gpu_check::run(&root, &args),
     }
 }
 
