@@ -24,7 +24,9 @@ use dcmon_agent::config::DeviceFilter;
 use dcmon_agent::ebpf::{Probes, load};
 use dcmon_agent::filter::PatternList;
 use dcmon_agent::host::Host;
-use dcmon_common::ebpf::{DISK_MAP, DiskKey, NET_MAP, NetKey, NetValue, PROGRAMS};
+use dcmon_common::ebpf::{
+    DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DiskKey, NET_MAP, NetKey, NetValue, PROGRAMS, RQ_START_MAP,
+};
 
 fn required() -> bool {
     dcmon_tests::ebpf_required()
@@ -78,7 +80,7 @@ fn committed_object_has_every_program_and_map() {
     for (name, _) in PROGRAMS {
         assert!(programs.contains(name), "program {name} missing: {programs:?}");
     }
-    for name in [DISK_MAP, NET_MAP] {
+    for name in [DISK_MAP, NET_MAP, DISK_LAT_MAP, DISK_SLOT_MAP, RQ_START_MAP] {
         assert!(maps.contains(name), "map {name} missing: {maps:?}");
     }
     assert_eq!(programs.len(), PROGRAMS.len(), "unexpected programs: {programs:?}");
@@ -87,7 +89,7 @@ fn committed_object_has_every_program_and_map() {
 /// A loop device over a file on disk, detached on drop.
 struct Loop {
     dev: String,
-    _file: tempfile::NamedTempFile,
+    _file: Option<tempfile::NamedTempFile>,
 }
 
 impl Loop {
@@ -96,7 +98,16 @@ impl Loop {
         file.as_file().set_len(bytes).expect("size backing file");
         let path = file.path().to_str().expect("utf-8 path").to_owned();
         let dev = run(&["losetup", "--find", "--show", "--direct-io=on", &path]).trim().to_owned();
-        Self { dev, _file: file }
+        Self { dev, _file: Some(file) }
+    }
+    /// A loop device over another block device, which it reads with direct I/O.
+    fn over(backing: &Loop) -> Self {
+        let dev = run(&["losetup", "--find", "--show", "--direct-io=on", &backing.dev]).trim().to_owned();
+        Self { dev, _file: None }
+    }
+    /// `major:minor`.
+    fn number(&self) -> String {
+        std::fs::read_to_string(format!("/sys/block/{}/dev", self.name())).expect("dev").trim().to_owned()
     }
     fn name(&self) -> &str {
         self.dev.trim_start_matches("/dev/")
@@ -239,6 +250,138 @@ fn disk_counts_equal_proc_diskstats_exactly() {
     assert!(proc_delta.1 >= (READS * 4096) as u64 && proc_delta.3 >= (WRITES * 16384) as u64);
     assert_eq!(ebpf_delta, proc_delta, "eBPF vs /proc/diskstats deltas");
     assert_eq!(continued.0, continued.1, "eBPF collector must continue the /proc counters");
+}
+
+/// A blkio (cgroup v1) group of this test, removed on drop.
+struct BlkioGroup {
+    dir: std::path::PathBuf,
+}
+
+const BLKIO_ROOT: &str = "/sys/fs/cgroup/blkio";
+
+impl BlkioGroup {
+    fn new(tag: &str) -> Self {
+        let dir = std::path::Path::new(BLKIO_ROOT).join(format!("dcmon-t{}-{tag}", std::process::id()));
+        std::fs::create_dir(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        Self { dir }
+    }
+    /// Limits reads from block device `number` (`major:minor`) by this group to `iops`.
+    fn throttle_reads(&self, number: &str, iops: u32) {
+        let file = self.dir.join("blkio.throttle.read_iops_device");
+        std::fs::write(&file, format!("{number} {iops}")).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+    }
+    /// Moves the calling thread (not the process) into `dir`'s group.
+    fn move_this_thread(dir: &std::path::Path) {
+        // SAFETY: gettid has no arguments and cannot fail.
+        let tid = unsafe { libc::gettid() };
+        std::fs::write(dir.join("tasks"), tid.to_string()).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    }
+}
+
+impl Drop for BlkioGroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// The `disk_io_latency_seconds` histogram of `device` and `op` that the collector reports now:
+/// (cumulative bucket counts by `le`, sum, count); zeros while the series is absent (no I/O).
+fn latency_histogram(collector: &mut EbpfDiskCollector, device: &str, op: &str) -> (Vec<(String, u64)>, f64, u64) {
+    let mut samples = Vec::new();
+    collector.collect(&mut samples).expect("collect");
+    let ours = |s: &&dcmon_agent::batch::Sample| {
+        s.labels.iter().any(|(k, v)| *k == "device" && v == device)
+            && s.labels.iter().any(|(k, v)| *k == "op" && v == op)
+    };
+    let mut buckets = Vec::new();
+    let (mut sum, mut count) = (0.0, 0);
+    for s in samples.iter().filter(ours) {
+        match s.name {
+            "disk_io_latency_seconds_bucket" => {
+                let le = s.labels.iter().find(|(k, _)| *k == "le").expect("le label").1.clone();
+                buckets.push((le, s.value.as_f64() as u64));
+            }
+            "disk_io_latency_seconds_sum" => sum = s.value.as_f64(),
+            "disk_io_latency_seconds_count" => count = s.value.as_f64() as u64,
+            _ => {}
+        }
+    }
+    (buckets, sum, count)
+}
+
+const TIMED_READS: usize = 12;
+/// The throttle that makes some reads slow (tens of milliseconds) and lets others through in
+/// microseconds, so the reads fill buckets far apart.
+const THROTTLE_IOPS: u32 = 20;
+/// How much longer a read may take in the test than from issue to completion in the kernel:
+/// the syscall, the loop device's queueing, the wake-up.
+const USER_OVERHEAD: Duration = Duration::from_millis(10);
+
+#[test]
+fn read_latency_histogram_agrees_with_the_latencies_the_reads_took() {
+    let Some(probes) = attach("I/O latency histogram") else {
+        return;
+    };
+    if !std::path::Path::new(BLKIO_ROOT).join("blkio.throttle.read_iops_device").exists() {
+        assert!(!required(), "DCMON_REQUIRE_EBPF=1 but there is no cgroup v1 blkio throttling");
+        eprintln!("SKIP: no cgroup v1 blkio throttling at {BLKIO_ROOT}");
+        return;
+    }
+    // The reads go to `outer`, whose requests the loop driver serves by reading `inner` in
+    // the reader's blkio group, where they wait for the throttle: the wait is inside the
+    // outer request's issue-to-completion time, which the histogram measures.
+    let inner = Loop::new(16 << 20);
+    let outer = Loop::over(&inner);
+    let _ = Command::new("udevadm").arg("settle").status();
+    std::thread::sleep(Duration::from_millis(500));
+    let group = BlkioGroup::new("latency");
+    group.throttle_reads(&inner.number(), THROTTLE_IOPS);
+
+    let mut collector = EbpfDiskCollector::new(Host::default(), match_all(), probes.clone()).expect("collector");
+    // The first round gives the disk its slot.
+    let (before, sum0, count0) = latency_histogram(&mut collector, outer.name(), "read");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&outer.dev)
+        .expect("open loop device O_DIRECT");
+    let buf = Aligned::new(4096);
+    let mut took = Vec::with_capacity(TIMED_READS);
+    BlkioGroup::move_this_thread(&group.dir);
+    for i in 0..TIMED_READS {
+        let t = std::time::Instant::now();
+        // SAFETY: buf is 4 KiB, aligned; fd is open.
+        let n = unsafe { libc::pread(f.as_raw_fd(), buf.ptr.cast(), 4096, (i * 4096) as libc::off_t) };
+        took.push(t.elapsed());
+        assert_eq!(n, 4096, "pread: {}", std::io::Error::last_os_error());
+    }
+    BlkioGroup::move_this_thread(std::path::Path::new(BLKIO_ROOT));
+    drop(f);
+    let (after, sum1, count1) = latency_histogram(&mut collector, outer.name(), "read");
+    eprintln!("reads took {took:?}; histogram {after:?}, sum {sum1}, count {count1}");
+
+    assert_eq!(count1 - count0, TIMED_READS as u64, "one completion timed per read");
+    let slow = took.iter().filter(|t| **t >= Duration::from_millis(20)).count();
+    // The throttle lets a read or two through per slice, then holds the next ones.
+    assert!(slow >= TIMED_READS / 3, "the throttle did not slow the reads: {took:?}");
+    let was = |le: &str| before.iter().find(|(l, _)| l == le).map_or(0, |(_, n)| *n);
+    assert_eq!(after.last().map(|(le, n)| (le.as_str(), *n - was(le))), Some(("+Inf", TIMED_READS as u64)));
+    // Each read's kernel time lies in [took - USER_OVERHEAD, took], so the count below a bound
+    // is at least the reads that took less, and at most those that took less plus overhead.
+    for (le, n) in &after[..after.len() - 1] {
+        let bound = Duration::from_secs_f64(le.parse().expect("le is a number"));
+        let n = n - was(le);
+        let at_least = took.iter().filter(|t| **t < bound).count() as u64;
+        let at_most = took.iter().filter(|t| t.saturating_sub(USER_OVERHEAD) < bound).count() as u64;
+        assert!(
+            (at_least..=at_most).contains(&n),
+            "le={le}: {n} reads, expected {at_least} to {at_most}; took {took:?}"
+        );
+    }
+    let total: f64 = took.iter().map(Duration::as_secs_f64).sum();
+    let sum = sum1 - sum0;
+    let slack = USER_OVERHEAD.as_secs_f64() * TIMED_READS as f64;
+    assert!(sum <= total && sum >= total - slack, "sum {sum} s against {total} s measured");
 }
 
 /// A network namespace, deleted on drop.
@@ -427,8 +570,13 @@ fn ebpf_and_procfs_report_the_same_names_and_labels() {
             Box::new(EbpfNetCollector::new(host, DeviceFilter::default_interfaces(), probes).expect("eBPF net")),
         ),
     ];
+    // What only the programs can see comes on top: the latency histograms and the overflow
+    // slot's count.
+    let ebpf_only =
+        |s: &String| s.starts_with("disk_io_latency_seconds_") || s.starts_with("dcmon_ebpf_overflow_total ");
     for (mut procfs, mut ebpf) in pairs {
-        let (p, e) = (names_and_labels(procfs.as_mut()), names_and_labels(ebpf.as_mut()));
+        let p = names_and_labels(procfs.as_mut());
+        let e: BTreeSet<String> = names_and_labels(ebpf.as_mut()).into_iter().filter(|s| !ebpf_only(s)).collect();
         assert!(!p.is_empty(), "{} reported nothing", procfs.name());
         assert_eq!(p, e, "{}: procfs vs eBPF metric names and labels", procfs.name());
         assert_eq!(procfs.name(), ebpf.name());

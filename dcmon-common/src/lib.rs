@@ -41,8 +41,11 @@ pub mod ebpf {
     pub const PROG_NETIF_RECEIVE_SKB: &str = "netif_receive_skb";
     /// `tp_btf/net_dev_xmit`: counts transmitted packets and bytes per interface.
     pub const PROG_NET_DEV_XMIT: &str = "net_dev_xmit";
+    /// `tp_btf/block_rq_issue`: stamps a request's issue time for the latency histogram.
+    pub const PROG_BLOCK_RQ_ISSUE: &str = "block_rq_issue";
     /// (program name, kernel tracepoint it attaches to) for every program in the object.
-    pub const PROGRAMS: [(&str, &str); 3] = [
+    pub const PROGRAMS: [(&str, &str); 4] = [
+        (PROG_BLOCK_RQ_ISSUE, "block_rq_issue"),
         (PROG_BLOCK_RQ_COMPLETE, "block_rq_complete"),
         (PROG_NETIF_RECEIVE_SKB, "netif_receive_skb"),
         (PROG_NET_DEV_XMIT, "net_dev_xmit"),
@@ -74,6 +77,8 @@ pub mod ebpf {
     pub const REQ_OP_MASK: u32 = 0xff;
     /// `REQ_OP_READ`.
     pub const REQ_OP_READ: u32 = 0;
+    /// `REQ_OP_FLUSH`.
+    pub const REQ_OP_FLUSH: u32 = 2;
     /// `REQ_OP_DISCARD`: odd like a write, but /proc/diskstats counts it apart.
     pub const REQ_OP_DISCARD: u32 = 3;
     /// `REQ_OP_SECURE_ERASE`: a discard for accounting.
@@ -172,12 +177,143 @@ pub mod ebpf {
         pub tx_bytes: u64,
     }
 
+    /// Per-CPU array of [`LatencyHist`], indexed by `slot * LAT_OPS + op`: I/O latency per disk
+    /// slot and operation, filled on the final completion of a request the programs saw issued.
+    pub const DISK_LAT_MAP: &str = "DCMON_DISK_LAT";
+    /// Array of [`DiskSlot`], [`SLOT_TABLE_ENTRIES`] long: the agent's disk slots, direct-mapped
+    /// by [`slot_table_index`] with up to [`SLOT_PROBES`] linear probes, so that the completion
+    /// program finds a disk's slot with inlined array loads instead of a hash lookup.
+    pub const DISK_SLOT_MAP: &str = "DCMON_DISK_SLOT";
+    /// LRU hash `request pointer -> issue time (ns)`, set at `block_rq_issue` and taken at the
+    /// final `block_rq_complete`. LRU so that requests that never complete are evicted instead
+    /// of filling it; completions without a stamp (issued before attach, or evicted) are not
+    /// timed.
+    pub const RQ_START_MAP: &str = "DCMON_RQ_START";
+    /// Requests in flight that can be timed at once (far above any queue depth sum in practice).
+    pub const RQ_START_ENTRIES: u32 = 16384;
+    /// Disk slots, slot [`OVERFLOW_SLOT`] included.
+    pub const DISK_SLOTS: u32 = 64;
+    /// The slot of disks the agent has not given one (yet, or because all are taken): their I/O
+    /// is timed there, so it is counted rather than lost.
+    pub const OVERFLOW_SLOT: u32 = 0;
+    /// Entries of the direct-mapped slot table (a power of two).
+    pub const SLOT_TABLE_ENTRIES: u32 = 1024;
+    /// Entries the program probes from a disk's home index.
+    pub const SLOT_PROBES: u32 = 4;
+    /// Operations timed: read, write, flush, discard (the order of `op` in the map index).
+    pub const LAT_OPS: u32 = 4;
+    /// Names of the timed operations, in index order (the `op` label).
+    pub const LAT_OP_NAMES: [&str; LAT_OPS as usize] = ["read", "write", "flush", "discard"];
+    /// Log2 latency buckets: bucket `k < LAT_BUCKETS - 1` counts latencies below
+    /// `2^(k + LAT_SHIFT)` ns (from 1.024 µs to 17.18 s); the last one counts the rest.
+    pub const LAT_BUCKETS: u32 = 26;
+    /// Bucket 0's bound is `2^LAT_SHIFT` ns.
+    pub const LAT_SHIFT: u32 = 10;
+
+    /// The latency operation index of a request's `cmd_flags`, or None for ops not timed
+    /// (passthrough, zone management).
+    #[inline(always)]
+    pub const fn lat_op(cmd_flags: u32) -> Option<u32> {
+        let op = cmd_flags & REQ_OP_MASK;
+        if op >= REQ_OP_DRV_IN {
+            None
+        } else if op == REQ_OP_READ {
+            Some(0)
+        } else if op == REQ_OP_FLUSH {
+            Some(2)
+        } else if op == REQ_OP_DISCARD || op == REQ_OP_SECURE_ERASE {
+            Some(3)
+        } else if op & 1 == 1 {
+            Some(1)
+        } else {
+            None
+        }
+    }
+
+    /// The histogram bucket of a latency of `ns` nanoseconds: the bit length of `ns >> LAT_SHIFT`,
+    /// capped at the last bucket. A branch-only binary search: BPF has no count-leading-zeros.
+    #[inline(always)]
+    pub const fn lat_bucket(ns: u64) -> u32 {
+        let mut v = ns >> LAT_SHIFT;
+        let mut bits = 0;
+        if v >= 1 << 32 {
+            v >>= 32;
+            bits += 32;
+        }
+        if v >= 1 << 16 {
+            v >>= 16;
+            bits += 16;
+        }
+        if v >= 1 << 8 {
+            v >>= 8;
+            bits += 8;
+        }
+        if v >= 1 << 4 {
+            v >>= 4;
+            bits += 4;
+        }
+        if v >= 1 << 2 {
+            v >>= 2;
+            bits += 2;
+        }
+        if v >= 1 << 1 {
+            v >>= 1;
+            bits += 1;
+        }
+        bits += v as u32;
+        if bits >= LAT_BUCKETS { LAT_BUCKETS - 1 } else { bits }
+    }
+
+    /// The exclusive upper bound in nanoseconds of bucket `k` (not the last, which is unbounded).
+    pub const fn lat_bucket_bound_ns(k: u32) -> u64 {
+        1 << (k + LAT_SHIFT)
+    }
+
+    /// Home index of disk `dev` (a [`DiskKey::dev`]) in the slot table. Minors of one major are
+    /// consecutive or strided, so they spread; majors are moved apart.
+    #[inline(always)]
+    pub const fn slot_table_index(dev: u32) -> u32 {
+        let major = dev >> 20;
+        let minor = dev & 0xf_ffff;
+        (minor ^ major.wrapping_mul(97)) & (SLOT_TABLE_ENTRIES - 1)
+    }
+
+    /// One slot table entry: disk `dev` (a [`DiskKey::dev`]; 0 = empty) has `slot`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+    pub struct DiskSlot {
+        /// The disk, or 0 for an empty entry.
+        pub dev: u32,
+        /// Its slot, 1 to `DISK_SLOTS - 1`.
+        pub slot: u32,
+    }
+
+    /// The latency histogram of one (slot, op) on one CPU.
+    #[repr(C)]
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub struct LatencyHist {
+        /// Completions per bucket (see [`LAT_BUCKETS`]).
+        pub buckets: [u64; LAT_BUCKETS as usize],
+        /// Sum of the latencies in nanoseconds.
+        pub sum_ns: u64,
+    }
+
+    impl Default for LatencyHist {
+        fn default() -> Self {
+            Self { buckets: [0; LAT_BUCKETS as usize], sum_ns: 0 }
+        }
+    }
+
     const _: () = assert!(core::mem::size_of::<DiskKey>() == 4);
     const _: () = assert!(core::mem::size_of::<DiskValue>() == 32);
     const _: () = assert!(core::mem::size_of::<NetKey>() == 8);
     const _: () = assert!(core::mem::size_of::<NetValue>() == 32);
     // Map names are limited to 15 bytes plus NUL by the kernel (BPF_OBJ_NAME_LEN).
     const _: () = assert!(DISK_MAP.len() <= 15 && NET_MAP.len() <= 15);
+    const _: () = assert!(DISK_LAT_MAP.len() <= 15 && DISK_SLOT_MAP.len() <= 15 && RQ_START_MAP.len() <= 15);
+    const _: () = assert!(core::mem::size_of::<DiskSlot>() == 8);
+    const _: () = assert!(core::mem::size_of::<LatencyHist>() == 8 * (LAT_BUCKETS as usize + 1));
+    const _: () = assert!(SLOT_TABLE_ENTRIES.is_power_of_two());
 
     // SAFETY: plain-old-data: repr(C), only integers, no padding bytes (sizes asserted above),
     // every bit pattern valid.
@@ -192,6 +328,12 @@ pub mod ebpf {
     // SAFETY: as above.
     #[cfg(feature = "user")]
     unsafe impl aya::Pod for NetValue {}
+    // SAFETY: as above.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for DiskSlot {}
+    // SAFETY: as above.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for LatencyHist {}
 }
 
 #[cfg(test)]
@@ -217,5 +359,30 @@ mod tests {
         }
         let k = super::ebpf::DiskKey::new(259, 3);
         assert_eq!((k.major(), k.minor()), (259, 3));
+        // Latency ops: READ, WRITE, FLUSH, DISCARD, SECURE_ERASE, WRITE_ZEROES, DRV_IN.
+        use super::ebpf::lat_op;
+        let ops = [(0, Some(0)), (1, Some(1)), (2, Some(2)), (3, Some(3)), (5, Some(3)), (9, Some(1)), (34, None)];
+        for (op, want) in ops {
+            assert_eq!(lat_op(op | 0x0800_0800), want, "op {op}");
+        }
+    }
+
+    #[test]
+    fn latency_buckets_are_log2_of_microsecond_units() {
+        use super::ebpf::{LAT_BUCKETS, lat_bucket, lat_bucket_bound_ns};
+        assert_eq!(lat_bucket(0), 0);
+        assert_eq!(lat_bucket(1023), 0);
+        assert_eq!(lat_bucket(1024), 1);
+        assert_eq!(lat_bucket(2047), 1);
+        assert_eq!(lat_bucket(2048), 2);
+        assert_eq!(lat_bucket(u64::MAX), LAT_BUCKETS - 1);
+        // Every latency lies below its bucket's bound and at or above the previous one's.
+        for ns in [1u64, 999, 1024, 5_000, 1_000_000, 47_000_000, 17_179_869_183] {
+            let k = lat_bucket(ns);
+            assert!(ns < lat_bucket_bound_ns(k), "{ns} in bucket {k}");
+            assert!(k == 0 || ns >= lat_bucket_bound_ns(k - 1), "{ns} in bucket {k}");
+        }
+        assert_eq!(lat_bucket(17_179_869_184), LAT_BUCKETS - 1);
+        assert_eq!(lat_bucket_bound_ns(LAT_BUCKETS - 2), 17_179_869_184);
     }
 }

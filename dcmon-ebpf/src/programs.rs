@@ -1,10 +1,15 @@
 //! The programs and maps. Names are the contract in `dcmon_common::ebpf`.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::helpers::bpf_ktime_get_ns;
 use aya_ebpf::macros::{btf_tracepoint, map};
-use aya_ebpf::maps::PerCpuHashMap;
+use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::programs::BtfTracePointContext;
-use dcmon_common::ebpf::{DISK_MAP_ENTRIES, DiskKey, DiskValue, NET_MAP_ENTRIES, NetKey, NetValue, OpGroup, op_group};
+use dcmon_common::ebpf::{
+    DISK_MAP_ENTRIES, DISK_SLOTS, DiskKey, DiskSlot, DiskValue, LAT_OPS, LatencyHist, NET_MAP_ENTRIES, NetKey,
+    NetValue, OVERFLOW_SLOT, OpGroup, RQ_START_ENTRIES, SLOT_PROBES, SLOT_TABLE_ENTRIES, lat_bucket, lat_op, op_group,
+    slot_table_index,
+};
 
 /// Per-CPU, so the hot path updates its own CPU's copy without locks or atomics; the agent
 /// sums the copies.
@@ -13,6 +18,18 @@ static DCMON_DISK: PerCpuHashMap<DiskKey, DiskValue> = PerCpuHashMap::with_max_e
 
 #[map]
 static DCMON_NET: PerCpuHashMap<NetKey, NetValue> = PerCpuHashMap::with_max_entries(NET_MAP_ENTRIES, 0);
+
+/// Latency histograms per (disk slot, op): see dcmon_common::ebpf::DISK_LAT_MAP.
+#[map]
+static DCMON_DISK_LAT: PerCpuArray<LatencyHist> = PerCpuArray::with_max_entries(DISK_SLOTS * LAT_OPS, 0);
+
+/// The agent's disk slots: see dcmon_common::ebpf::DISK_SLOT_MAP.
+#[map]
+static DCMON_DISK_SLOT: Array<DiskSlot> = Array::with_max_entries(SLOT_TABLE_ENTRIES, 0);
+
+/// Issue time of requests in flight: see dcmon_common::ebpf::RQ_START_MAP.
+#[map]
+static DCMON_RQ_START: LruHashMap<u64, u64> = LruHashMap::with_max_entries(RQ_START_ENTRIES, 0);
 
 // Field offsets, set by the loader from the running kernel's BTF (see
 // dcmon_common::ebpf::OFFSETS). Zero here only so the object links; the loader refuses to load
@@ -111,8 +128,19 @@ fn try_block_rq_complete(ctx: &BtfTracePointContext) -> Option<()> {
     let rq: usize = ctx.arg(0);
     let nr_bytes: u32 = ctx.arg(2);
     let cmd_flags: u32 = read(rq, off(&OFF_RQ_CMD_FLAGS))?;
+    let data_len: u32 = read(rq, off(&OFF_RQ_DATA_LEN))?;
+    // /proc/diskstats counts the request once, when its last bytes complete
+    // (blk_account_io_done), and its sectors at every partial completion
+    // (blk_account_io_completion: bytes >> 9).
+    let last = nr_bytes >= data_len;
     let group = op_group(cmd_flags);
-    if group == OpGroup::Other {
+    // A plain u32 with an out-of-range "not timed" rather than an Option: LLVM would spill the
+    // Option's undefined payload on the None path, which the verifier refuses to read.
+    let timed = match lat_op(cmd_flags) {
+        Some(op) if last => op,
+        _ => NOT_TIMED,
+    };
+    if group == OpGroup::Other && timed == NOT_TIMED {
         return None;
     }
     let q: usize = read(rq, off(&OFF_RQ_Q))?;
@@ -122,24 +150,76 @@ fn try_block_rq_complete(ctx: &BtfTracePointContext) -> Option<()> {
     }
     let major: u32 = read(disk, off(&OFF_DISK_MAJOR))?;
     let minor: u32 = read(disk, off(&OFF_DISK_FIRST_MINOR))?;
-    let data_len: u32 = read(rq, off(&OFF_RQ_DATA_LEN))?;
-    // /proc/diskstats counts the request once, when its last bytes complete
-    // (blk_account_io_done), and its sectors at every partial completion
-    // (blk_account_io_completion: bytes >> 9).
-    let done = u64::from(nr_bytes >= data_len);
-    let sectors = u64::from(nr_bytes >> 9);
     let key = DiskKey::new(major, minor);
+    if timed != NOT_TIMED {
+        time_request(rq as u64, key.dev, timed);
+    }
+    let done = u64::from(last);
+    let sectors = u64::from(nr_bytes >> 9);
     match group {
         OpGroup::Read => bump(&DCMON_DISK, &key, |v: &mut DiskValue| {
             v.reads += done;
             v.read_sectors += sectors;
         }),
-        _ => bump(&DCMON_DISK, &key, |v: &mut DiskValue| {
+        OpGroup::Write => bump(&DCMON_DISK, &key, |v: &mut DiskValue| {
             v.writes += done;
             v.write_sectors += sectors;
         }),
+        OpGroup::Other => {}
     }
     Some(())
+}
+
+/// An op index no request has: the request is not timed.
+const NOT_TIMED: u32 = LAT_OPS;
+
+/// `block_rq_issue(struct request *rq)`, from blk_mq_start_request when the driver takes the
+/// request: stamps the time for [`time_request`].
+#[btf_tracepoint(function = "block_rq_issue")]
+pub fn block_rq_issue(ctx: BtfTracePointContext) -> i32 {
+    let rq: u64 = ctx.arg(0);
+    if let Some(cmd_flags) = read::<u32>(rq as usize, off(&OFF_RQ_CMD_FLAGS))
+        && lat_op(cmd_flags).is_some()
+    {
+        // SAFETY: a helper call on a valid map. A requeued request is stamped again.
+        let now = unsafe { bpf_ktime_get_ns() };
+        let _ = DCMON_RQ_START.insert(&rq, &now, 0);
+    }
+    0
+}
+
+/// The slot the agent gave disk `dev`, or the overflow slot: a few inlined array loads.
+#[inline(always)]
+fn disk_slot(dev: u32) -> u32 {
+    let home = slot_table_index(dev);
+    for i in 0..SLOT_PROBES {
+        if let Some(e) = DCMON_DISK_SLOT.get((home + i) & (SLOT_TABLE_ENTRIES - 1))
+            && e.dev == dev
+            && e.slot < DISK_SLOTS
+        {
+            return e.slot;
+        }
+    }
+    OVERFLOW_SLOT
+}
+
+/// Adds the issue-to-completion time of request `rq` to its disk's histogram of `op`. A request
+/// without a stamp (issued before the programs attached, or evicted) is not timed.
+#[inline(always)]
+fn time_request(rq: u64, dev: u32, op: u32) {
+    let Some(start) = DCMON_RQ_START.get_ptr(&rq) else { return };
+    // SAFETY: a value pointer the lookup returned; read before the delete frees it.
+    let start = unsafe { core::ptr::read_volatile(start) };
+    let _ = DCMON_RQ_START.remove(&rq);
+    // SAFETY: a helper call.
+    let ns = unsafe { bpf_ktime_get_ns() }.wrapping_sub(start);
+    let Some(hist) = DCMON_DISK_LAT.get_ptr_mut(disk_slot(dev) * LAT_OPS + op) else { return };
+    // SAFETY: this CPU's copy (see `bump`).
+    let hist = unsafe { &mut *hist };
+    if let Some(count) = hist.buckets.get_mut(lat_bucket(ns) as usize) {
+        *count += 1;
+        hist.sum_ns += ns;
+    }
 }
 
 /// The (namespace, ifindex) of a `struct net_device *`.

@@ -7,11 +7,13 @@
 //! - [`load`]: loading the embedded object, attaching, classifying failures.
 //! - [`maps`]: batch reads of the per-CPU maps.
 //! - [`link_events`]: interface changes from rtnetlink, so interfaces are re-listed only then.
+//! - [`slots`]: the slot table that gives each disk its histogram slot.
 
 pub mod btf;
 pub mod link_events;
 pub mod load;
 pub mod maps;
+pub mod slots;
 
 use std::os::fd::{AsFd as _, BorrowedFd};
 use std::sync::Mutex;
@@ -19,7 +21,10 @@ use std::sync::Mutex;
 use anyhow::{Context as _, anyhow};
 use aya::maps::Map;
 use aya::{Ebpf, Pod};
-use dcmon_common::ebpf::{DISK_MAP, DiskKey, DiskValue, NET_MAP, NetKey, NetValue, PROGRAMS};
+use dcmon_common::ebpf::{
+    DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DiskKey, DiskSlot, DiskValue, LAT_OPS, LatencyHist, NET_MAP, NetKey,
+    NetValue, PROGRAMS,
+};
 
 pub use load::{LoadError, Reason};
 
@@ -44,11 +49,20 @@ fn add_net(total: &mut NetValue, v: &NetValue) {
     total.tx_bytes += v.tx_bytes;
 }
 
+/// Sums one CPU's latency histogram into `total`.
+fn add_hist(total: &mut LatencyHist, v: &LatencyHist) {
+    for (t, b) in total.buckets.iter_mut().zip(v.buckets) {
+        *t += b;
+    }
+    total.sum_ns += v.sum_ns;
+}
+
 /// The loaded and attached programs and their maps. Dropping it detaches everything.
 #[derive(Debug)]
 pub struct Probes {
     ebpf: Mutex<Ebpf>,
     ncpus: usize,
+    disk_slots: Mutex<slots::SlotTable>,
 }
 
 /// Per-program counters from `kernel.bpf_stats_enabled`.
@@ -84,16 +98,57 @@ impl Probes {
         release_freed_heap();
         let ncpus = maps::possible_cpus()
             .map_err(|e| LoadError { reason: Reason::Other, detail: format!("counting possible CPUs: {e}") })?;
-        Ok(Self { ebpf: Mutex::new(ebpf), ncpus })
+        Ok(Self { ebpf: Mutex::new(ebpf), ncpus, disk_slots: Mutex::new(slots::SlotTable::default()) })
     }
 
     fn with_map_fd<T>(&self, name: &str, f: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<T>) -> anyhow::Result<T> {
         let ebpf = self.ebpf.lock().map_err(|_| anyhow!("eBPF state poisoned by an earlier panic"))?;
         match ebpf.map(name) {
-            Some(Map::PerCpuHashMap(data)) => f(data.fd().as_fd()).with_context(|| format!("reading BPF map {name}")),
-            Some(_) => Err(anyhow!("BPF map {name} is not a per-CPU hash map")),
+            Some(Map::PerCpuHashMap(data) | Map::PerCpuArray(data) | Map::Array(data) | Map::LruHashMap(data)) => {
+                f(data.fd().as_fd()).with_context(|| format!("BPF map {name}"))
+            }
+            Some(_) => Err(anyhow!("BPF map {name} is not of a type the agent reads")),
             None => Err(anyhow!("BPF map {name} is not in the loaded object")),
         }
+    }
+
+    /// The latency slot of disk `key`, given it now if it has none: None when every slot is
+    /// taken (its I/O is then timed in the overflow slot).
+    pub fn disk_slot(&self, key: DiskKey) -> anyhow::Result<Option<u32>> {
+        let mut table = self.disk_slots.lock().map_err(|_| anyhow!("disk slots poisoned by an earlier panic"))?;
+        if let Some(slot) = table.slot_of(key.dev) {
+            return Ok(Some(slot));
+        }
+        let Some((index, entry)) = table.assign(key.dev) else { return Ok(None) };
+        if let Err(e) = self.with_map_fd(DISK_SLOT_MAP, |fd| maps::update(fd, &index, &entry)) {
+            table.release(key.dev);
+            return Err(e);
+        }
+        Ok(Some(entry.slot))
+    }
+
+    /// Takes disk `key`'s slot back (the disk is gone), so another disk can have it.
+    pub fn release_disk_slot(&self, key: DiskKey) -> anyhow::Result<()> {
+        let mut table = self.disk_slots.lock().map_err(|_| anyhow!("disk slots poisoned by an earlier panic"))?;
+        if let Some(index) = table.release(key.dev) {
+            self.with_map_fd(DISK_SLOT_MAP, |fd| maps::update(fd, &index, &DiskSlot::default()))?;
+        }
+        Ok(())
+    }
+
+    /// The latency histograms of `slot`, one per op (`LAT_OP_NAMES` order), summed over CPUs,
+    /// since the programs were loaded.
+    pub fn disk_latency(&self, slot: u32) -> anyhow::Result<[LatencyHist; LAT_OPS as usize]> {
+        let n = self.ncpus;
+        let keys: Vec<u32> = (0..LAT_OPS).map(|op| slot * LAT_OPS + op).collect();
+        let found = self.with_map_fd(DISK_LAT_MAP, |fd| maps::lookup_percpu(fd, n, &keys, add_hist))?;
+        let mut out = [LatencyHist::default(); LAT_OPS as usize];
+        for (key, hist) in found {
+            if let Some(o) = out.get_mut((key % LAT_OPS) as usize) {
+                *o = hist;
+            }
+        }
+        Ok(out)
     }
 
     /// Every disk's counters since attach, summed over CPUs.
