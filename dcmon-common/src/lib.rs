@@ -43,8 +43,11 @@ pub mod ebpf {
     pub const PROG_NET_DEV_XMIT: &str = "net_dev_xmit";
     /// `tp_btf/block_rq_issue`: stamps a request's issue time for the latency histogram.
     pub const PROG_BLOCK_RQ_ISSUE: &str = "block_rq_issue";
+    /// `tp_btf/kfree_skb`: counts dropped packets per interface and reason.
+    pub const PROG_KFREE_SKB: &str = "kfree_skb";
     /// (program name, kernel tracepoint it attaches to) for every program in the object.
-    pub const PROGRAMS: [(&str, &str); 4] = [
+    pub const PROGRAMS: [(&str, &str); 5] = [
+        (PROG_KFREE_SKB, "kfree_skb"),
         (PROG_BLOCK_RQ_ISSUE, "block_rq_issue"),
         (PROG_BLOCK_RQ_COMPLETE, "block_rq_complete"),
         (PROG_NETIF_RECEIVE_SKB, "netif_receive_skb"),
@@ -154,7 +157,7 @@ pub mod ebpf {
     /// An interface: its ifindex within one network namespace (ifindexes repeat across
     /// namespaces, so the namespace's inode number is part of the key).
     #[repr(C)]
-    #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+    #[derive(Clone, Copy, Default, PartialEq, Eq, Debug, Hash)]
     pub struct NetKey {
         /// `net_device.ifindex`.
         pub ifindex: u32,
@@ -209,6 +212,54 @@ pub mod ebpf {
     pub const LAT_BUCKETS: u32 = 26;
     /// Bucket 0's bound is `2^LAT_SHIFT` ns.
     pub const LAT_SHIFT: u32 = 10;
+
+    /// Per-CPU array of [`DropCounts`], indexed by interface slot: packet drops by reason.
+    pub const NET_DROP_MAP: &str = "DCMON_NET_DROP";
+    /// Array of [`NetSlot`], [`SLOT_TABLE_ENTRIES`] long: the agent's interface slots,
+    /// direct-mapped by [`net_slot_table_index`] with up to [`SLOT_PROBES`] probes.
+    pub const NET_SLOT_MAP: &str = "DCMON_NET_SLOT";
+    /// Interface slots, the overflow and no-device slots included.
+    pub const NET_SLOTS: u32 = 32;
+    /// Drops of packets without a device (`skb->dev` NULL, e.g. at a socket).
+    pub const NO_DEVICE_SLOT: u32 = 1;
+    /// Drop reasons counted by value; values at or above `DROP_REASONS - 1` (subsystem reasons
+    /// such as mac80211's, which have high bits set) share the last counter.
+    pub const DROP_REASONS: u32 = 160;
+    /// `.rodata` global: the running kernel's `SKB_CONSUMED` value (from BTF), a normal end of
+    /// life that is not counted; `u32::MAX` where the kernel has none.
+    pub const DROP_REASON_CONSUMED: &str = "DROP_REASON_CONSUMED";
+    /// `SKB_NOT_DROPPED_YET`: a free that is not a drop, on every kernel with drop reasons.
+    pub const SKB_NOT_DROPPED_YET: u32 = 0;
+
+    /// One interface slot table entry: (namespace, ifindex) `key` has `slot` (slot 0: empty).
+    #[repr(C)]
+    #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+    pub struct NetSlot {
+        /// The interface.
+        pub key: NetKey,
+        /// Its slot, 2 to `NET_SLOTS - 1`; 0 marks an empty entry.
+        pub slot: u32,
+    }
+
+    /// Drops per reason of one interface slot on one CPU.
+    #[repr(C)]
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub struct DropCounts {
+        /// Indexed by `enum skb_drop_reason` value (see [`DROP_REASONS`]).
+        pub reasons: [u64; DROP_REASONS as usize],
+    }
+
+    impl Default for DropCounts {
+        fn default() -> Self {
+            Self { reasons: [0; DROP_REASONS as usize] }
+        }
+    }
+
+    /// Home index of interface `key` in the interface slot table.
+    #[inline(always)]
+    pub const fn net_slot_table_index(key: NetKey) -> u32 {
+        (key.ifindex ^ key.netns.wrapping_mul(97)) & (SLOT_TABLE_ENTRIES - 1)
+    }
 
     /// The latency operation index of a request's `cmd_flags`, or None for ops not timed
     /// (passthrough, zone management).
@@ -312,6 +363,8 @@ pub mod ebpf {
     const _: () = assert!(DISK_MAP.len() <= 15 && NET_MAP.len() <= 15);
     const _: () = assert!(DISK_LAT_MAP.len() <= 15 && DISK_SLOT_MAP.len() <= 15 && RQ_START_MAP.len() <= 15);
     const _: () = assert!(core::mem::size_of::<DiskSlot>() == 8);
+    const _: () = assert!(core::mem::size_of::<NetSlot>() == 12);
+    const _: () = assert!(NET_DROP_MAP.len() <= 15 && NET_SLOT_MAP.len() <= 15);
     const _: () = assert!(core::mem::size_of::<LatencyHist>() == 8 * (LAT_BUCKETS as usize + 1));
     const _: () = assert!(SLOT_TABLE_ENTRIES.is_power_of_two());
 
@@ -334,6 +387,12 @@ pub mod ebpf {
     // SAFETY: as above.
     #[cfg(feature = "user")]
     unsafe impl aya::Pod for LatencyHist {}
+    // SAFETY: as above.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for NetSlot {}
+    // SAFETY: as above.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for DropCounts {}
 }
 
 #[cfg(test)]

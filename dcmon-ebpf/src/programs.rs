@@ -6,8 +6,9 @@ use aya_ebpf::macros::{btf_tracepoint, map};
 use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::programs::BtfTracePointContext;
 use dcmon_common::ebpf::{
-    DISK_MAP_ENTRIES, DISK_SLOTS, DiskKey, DiskSlot, DiskValue, LAT_OPS, LatencyHist, NET_MAP_ENTRIES, NetKey,
-    NetValue, OVERFLOW_SLOT, OpGroup, RQ_START_ENTRIES, SLOT_PROBES, SLOT_TABLE_ENTRIES, lat_bucket, lat_op, op_group,
+    DISK_MAP_ENTRIES, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_OPS, LatencyHist,
+    NET_MAP_ENTRIES, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue, OVERFLOW_SLOT, OpGroup, RQ_START_ENTRIES,
+    SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, lat_bucket, lat_op, net_slot_table_index, op_group,
     slot_table_index,
 };
 
@@ -30,6 +31,18 @@ static DCMON_DISK_SLOT: Array<DiskSlot> = Array::with_max_entries(SLOT_TABLE_ENT
 /// Issue time of requests in flight: see dcmon_common::ebpf::RQ_START_MAP.
 #[map]
 static DCMON_RQ_START: LruHashMap<u64, u64> = LruHashMap::with_max_entries(RQ_START_ENTRIES, 0);
+
+/// Drops per interface slot and reason: see dcmon_common::ebpf::NET_DROP_MAP.
+#[map]
+static DCMON_NET_DROP: PerCpuArray<DropCounts> = PerCpuArray::with_max_entries(NET_SLOTS, 0);
+
+/// The agent's interface slots: see dcmon_common::ebpf::NET_SLOT_MAP.
+#[map]
+static DCMON_NET_SLOT: Array<NetSlot> = Array::with_max_entries(SLOT_TABLE_ENTRIES, 0);
+
+/// dcmon_common::ebpf::DROP_REASON_CONSUMED.
+#[unsafe(no_mangle)]
+static DROP_REASON_CONSUMED: u32 = u32::MAX;
 
 // Field offsets, set by the loader from the running kernel's BTF (see
 // dcmon_common::ebpf::OFFSETS). Zero here only so the object links; the loader refuses to load
@@ -282,4 +295,48 @@ fn try_net_dev_xmit(ctx: &BtfTracePointContext) -> Option<()> {
         v.tx_bytes += u64::from(len);
     });
     Some(())
+}
+
+/// `kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)`: a packet
+/// freed as dropped (consume_skb, the normal end of life, is another tracepoint).
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
+    let skb: usize = ctx.arg(0);
+    let reason: u32 = ctx.arg(2);
+    if reason == SKB_NOT_DROPPED_YET || reason == off(&DROP_REASON_CONSUMED) as u32 {
+        return 0;
+    }
+    let slot = match read::<usize>(skb, off(&OFF_SKB_DEV)) {
+        Some(0) | None => NO_DEVICE_SLOT,
+        Some(dev) => match net_key(dev) {
+            Some(key) => net_slot(key),
+            // Another namespace's interface: not the agent's, counted as unslotted.
+            None => OVERFLOW_SLOT,
+        },
+    };
+    let index = if reason < DROP_REASONS - 1 { reason } else { DROP_REASONS - 1 };
+    if let Some(counts) = DCMON_NET_DROP.get_ptr_mut(slot) {
+        // SAFETY: this CPU's copy (see `bump`).
+        let counts = unsafe { &mut *counts };
+        if let Some(n) = counts.reasons.get_mut(index as usize) {
+            *n += 1;
+        }
+    }
+    0
+}
+
+/// The slot the agent gave interface `key`, or the overflow slot.
+#[inline(always)]
+fn net_slot(key: NetKey) -> u32 {
+    let home = net_slot_table_index(key);
+    for i in 0..SLOT_PROBES {
+        if let Some(e) = DCMON_NET_SLOT.get((home + i) & (SLOT_TABLE_ENTRIES - 1))
+            && e.key == key
+            && e.slot != 0
+            && e.slot < NET_SLOTS
+        {
+            return e.slot;
+        }
+    }
+    OVERFLOW_SLOT
 }

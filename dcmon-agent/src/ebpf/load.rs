@@ -7,7 +7,7 @@ use std::path::Path;
 
 use aya::programs::BtfTracePoint;
 use aya::{Ebpf, EbpfLoader};
-use dcmon_common::ebpf::{NETNS_FILTER, OFFSETS, PROGRAMS};
+use dcmon_common::ebpf::{DROP_REASON_CONSUMED, DROP_REASONS, NETNS_FILTER, OFFSETS, PROGRAMS};
 
 use super::btf::{Btf, BtfError};
 
@@ -137,13 +137,40 @@ fn read_btf(btf_path: &Path) -> Result<Vec<u8>, LoadError> {
 
 /// Field offsets of the running kernel, `(global name, offset)` in [`OFFSETS`] order.
 pub fn kernel_offsets(btf_path: &Path) -> Result<Vec<(&'static str, u32)>, LoadError> {
-    offsets_from(btf_path, &read_btf(btf_path)?)
+    Ok(facts_from(btf_path, &read_btf(btf_path)?)?.0)
 }
 
-fn offsets_from(btf_path: &Path, data: &[u8]) -> Result<Vec<(&'static str, u32)>, LoadError> {
+/// The label of drop reason counter `i` (see `dcmon_common::ebpf::DROP_REASONS`): the kernel's
+/// enumerator name without `SKB_DROP_REASON_`; `OTHER` for the shared last counter.
+pub type DropReasonNames = Vec<String>;
+
+/// The names of `enum skb_drop_reason`'s values as the running kernel has them, by value, and
+/// its `SKB_CONSUMED` value (u32::MAX if none). A kernel without the enum (before 5.17) gives
+/// no names.
+fn drop_reasons(btf: &Btf) -> (DropReasonNames, u32) {
+    let Ok(values) = btf.enum_values("skb_drop_reason") else { return (Vec::new(), u32::MAX) };
+    let last = DROP_REASONS as usize - 1;
+    let mut names: Vec<String> = (0..last).map(|v| format!("UNKNOWN_{v}")).collect();
+    names.push("OTHER".to_owned());
+    let mut consumed = u32::MAX;
+    for (name, value) in values {
+        if name == "SKB_CONSUMED" {
+            consumed = value;
+        }
+        let short = name.strip_prefix("SKB_DROP_REASON_").or_else(|| name.strip_prefix("SKB_")).unwrap_or(&name);
+        if (value as usize) < last {
+            names[value as usize] = short.to_owned();
+        }
+    }
+    (names, consumed)
+}
+
+/// The offsets ([`kernel_offsets`]) and drop reasons ([`drop_reasons`]) from one BTF parse.
+fn facts_from(btf_path: &Path, data: &[u8]) -> Result<(Vec<(&'static str, u32)>, (DropReasonNames, u32)), LoadError> {
     let btf = Btf::parse(data)
         .map_err(|e| LoadError { reason: Reason::NoBtf, detail: format!("{}: {e}", btf_path.display()) })?;
-    OFFSETS
+    let reasons = drop_reasons(&btf);
+    let offsets = OFFSETS
         .iter()
         .map(|&(global, strukt, field, size)| {
             btf.field_offset(strukt, field, size).map(|off| (global, off)).map_err(|e: BtfError| LoadError {
@@ -151,7 +178,8 @@ fn offsets_from(btf_path: &Path, data: &[u8]) -> Result<Vec<(&'static str, u32)>
                 detail: format!("{}: {e}", btf_path.display()),
             })
         })
-        .collect()
+        .collect::<Result<_, _>>()?;
+    Ok((offsets, reasons))
 }
 
 /// Best-effort RLIMIT_MEMLOCK to infinity: kernels before 5.11 charge BPF maps against it,
@@ -165,11 +193,12 @@ fn raise_memlock() {
 }
 
 /// Loads `object` with the running kernel's offsets, without attaching anything. `netns`:
-/// count only that network namespace's interfaces (None: every namespace).
-pub fn load_object(object: &[u8], netns: Option<u32>) -> Result<(Ebpf, aya::Btf), LoadError> {
+/// count only that network namespace's interfaces (None: every namespace). Also returns the
+/// kernel's BTF for attaching and the names of its drop reasons.
+pub fn load_object(object: &[u8], netns: Option<u32>) -> Result<(Ebpf, aya::Btf, DropReasonNames), LoadError> {
     let path = Path::new(VMLINUX_BTF);
     let data = read_btf(path)?;
-    let offsets = offsets_from(path, &data)?;
+    let (offsets, (reason_names, consumed)) = facts_from(path, &data)?;
     let kernel_btf = aya::Btf::parse(&data, aya::Endianness::default())
         .map_err(|e| LoadError { reason: Reason::NoBtf, detail: format!("parsing {VMLINUX_BTF}: {e}") })?;
     drop(data);
@@ -181,8 +210,9 @@ pub fn load_object(object: &[u8], netns: Option<u32>) -> Result<(Ebpf, aya::Btf)
     }
     let netns = netns.unwrap_or(0);
     loader.override_global(NETNS_FILTER, &netns, true);
+    loader.override_global(DROP_REASON_CONSUMED, &consumed, true);
     let ebpf = loader.load(object).map_err(|e| classify("loading the BPF object", &e, false))?;
-    Ok((ebpf, kernel_btf))
+    Ok((ebpf, kernel_btf, reason_names))
 }
 
 /// How many times a load that failed with a [`Reason::Transient`] error is tried in all, and
@@ -214,13 +244,13 @@ pub fn retry_transient<T>(mut attempt: impl FnMut() -> Result<T, LoadError>) -> 
 
 /// Loads `object` and attaches every program in [`PROGRAMS`], trying again on a transient
 /// error ([`retry_transient`]). Dropping the returned `Ebpf` detaches them.
-pub fn load_and_attach(object: &[u8], netns: Option<u32>) -> Result<Ebpf, LoadError> {
+pub fn load_and_attach(object: &[u8], netns: Option<u32>) -> Result<(Ebpf, DropReasonNames), LoadError> {
     // A failed attempt's `Ebpf` is dropped, detaching whatever it had attached.
     retry_transient(|| load_and_attach_once(object, netns))
 }
 
-fn load_and_attach_once(object: &[u8], netns: Option<u32>) -> Result<Ebpf, LoadError> {
-    let (mut ebpf, btf) = load_object(object, netns)?;
+fn load_and_attach_once(object: &[u8], netns: Option<u32>) -> Result<(Ebpf, DropReasonNames), LoadError> {
+    let (mut ebpf, btf, reasons) = load_object(object, netns)?;
     for (name, tracepoint) in PROGRAMS {
         let step = format!("program {name} (tp_btf/{tracepoint})");
         let prog: &mut BtfTracePoint = ebpf
@@ -231,7 +261,7 @@ fn load_and_attach_once(object: &[u8], netns: Option<u32>) -> Result<Ebpf, LoadE
         prog.load(tracepoint, &btf).map_err(|e| classify(&format!("{step}: load"), &e, false))?;
         prog.attach().map_err(|e| classify(&format!("{step}: attach"), &e, true))?;
     }
-    Ok(ebpf)
+    Ok((ebpf, reasons))
 }
 
 #[cfg(test)]

@@ -22,8 +22,8 @@ use anyhow::{Context as _, anyhow};
 use aya::maps::Map;
 use aya::{Ebpf, Pod};
 use dcmon_common::ebpf::{
-    DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DiskKey, DiskSlot, DiskValue, LAT_OPS, LatencyHist, NET_MAP, NetKey,
-    NetValue, PROGRAMS,
+    DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_OPS, LatencyHist,
+    NET_DROP_MAP, NET_MAP, NET_SLOT_MAP, NetKey, NetSlot, NetValue, PROGRAMS,
 };
 
 pub use load::{LoadError, Reason};
@@ -49,6 +49,13 @@ fn add_net(total: &mut NetValue, v: &NetValue) {
     total.tx_bytes += v.tx_bytes;
 }
 
+/// Sums one CPU's drop counts into `total`.
+fn add_drops(total: &mut DropCounts, v: &DropCounts) {
+    for (t, n) in total.reasons.iter_mut().zip(v.reasons) {
+        *t += n;
+    }
+}
+
 /// Sums one CPU's latency histogram into `total`.
 fn add_hist(total: &mut LatencyHist, v: &LatencyHist) {
     for (t, b) in total.buckets.iter_mut().zip(v.buckets) {
@@ -62,7 +69,10 @@ fn add_hist(total: &mut LatencyHist, v: &LatencyHist) {
 pub struct Probes {
     ebpf: Mutex<Ebpf>,
     ncpus: usize,
-    disk_slots: Mutex<slots::SlotTable>,
+    disk_slots: Mutex<slots::SlotTable<u32>>,
+    net_slots: Mutex<slots::SlotTable<NetKey>>,
+    /// Label of each drop reason counter (see [`load::DropReasonNames`]).
+    drop_reasons: load::DropReasonNames,
 }
 
 /// Per-program counters from `kernel.bpf_stats_enabled`.
@@ -94,11 +104,17 @@ impl Probes {
     /// Loads the embedded object and attaches every program, counting the interfaces of
     /// network namespace `netns` (its inode number; None: every namespace).
     pub fn attach(netns: Option<u32>) -> Result<Self, LoadError> {
-        let ebpf = load::load_and_attach(load::OBJECT, netns)?;
+        let (ebpf, drop_reasons) = load::load_and_attach(load::OBJECT, netns)?;
         release_freed_heap();
         let ncpus = maps::possible_cpus()
             .map_err(|e| LoadError { reason: Reason::Other, detail: format!("counting possible CPUs: {e}") })?;
-        Ok(Self { ebpf: Mutex::new(ebpf), ncpus, disk_slots: Mutex::new(slots::SlotTable::default()) })
+        Ok(Self {
+            ebpf: Mutex::new(ebpf),
+            ncpus,
+            disk_slots: Mutex::new(slots::disk_slots()),
+            net_slots: Mutex::new(slots::net_slots()),
+            drop_reasons,
+        })
     }
 
     fn with_map_fd<T>(&self, name: &str, f: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<T>) -> anyhow::Result<T> {
@@ -119,12 +135,51 @@ impl Probes {
         if let Some(slot) = table.slot_of(key.dev) {
             return Ok(Some(slot));
         }
-        let Some((index, entry)) = table.assign(key.dev) else { return Ok(None) };
+        let Some((index, slot)) = table.assign(key.dev) else { return Ok(None) };
+        let entry = DiskSlot { dev: key.dev, slot };
         if let Err(e) = self.with_map_fd(DISK_SLOT_MAP, |fd| maps::update(fd, &index, &entry)) {
             table.release(key.dev);
             return Err(e);
         }
-        Ok(Some(entry.slot))
+        Ok(Some(slot))
+    }
+
+    /// The drop slot of interface `key`, given it now if it has none: None when every slot is
+    /// taken (its drops are then counted in the overflow slot).
+    pub fn net_slot(&self, key: NetKey) -> anyhow::Result<Option<u32>> {
+        let mut table = self.net_slots.lock().map_err(|_| anyhow!("interface slots poisoned by an earlier panic"))?;
+        if let Some(slot) = table.slot_of(key) {
+            return Ok(Some(slot));
+        }
+        let Some((index, slot)) = table.assign(key) else { return Ok(None) };
+        let entry = NetSlot { key, slot };
+        if let Err(e) = self.with_map_fd(NET_SLOT_MAP, |fd| maps::update(fd, &index, &entry)) {
+            table.release(key);
+            return Err(e);
+        }
+        Ok(Some(slot))
+    }
+
+    /// Takes interface `key`'s slot back (it is gone).
+    pub fn release_net_slot(&self, key: NetKey) -> anyhow::Result<()> {
+        let mut table = self.net_slots.lock().map_err(|_| anyhow!("interface slots poisoned by an earlier panic"))?;
+        if let Some(index) = table.release(key) {
+            self.with_map_fd(NET_SLOT_MAP, |fd| maps::update(fd, &index, &NetSlot::default()))?;
+        }
+        Ok(())
+    }
+
+    /// The drop counts of interface slot `slot` by reason value, summed over CPUs, since the
+    /// programs were loaded.
+    pub fn net_drops(&self, slot: u32) -> anyhow::Result<DropCounts> {
+        let n = self.ncpus;
+        let found = self.with_map_fd(NET_DROP_MAP, |fd| maps::lookup_percpu(fd, n, &[slot], add_drops))?;
+        Ok(found.into_iter().next().map(|(_, v)| v).unwrap_or_default())
+    }
+
+    /// The label of drop reason counter `index`: the running kernel's name for that value.
+    pub fn drop_reason_name(&self, index: usize) -> Option<&str> {
+        self.drop_reasons.get(index).map(String::as_str)
     }
 
     /// Takes disk `key`'s slot back (the disk is gone), so another disk can have it.

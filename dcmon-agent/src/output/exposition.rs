@@ -216,6 +216,9 @@ pub fn help(name: &str) -> &'static str {
         "disk_writes_total" => "Completed writes since boot.",
         "disk_write_bytes_total" => "Bytes written since boot.",
         "network_receive_bytes_total" => "Bytes received since boot.",
+        "network_drops_total" => {
+            "Packets the kernel dropped, by interface and drop reason, since the agent started (eBPF)."
+        }
         "network_transmit_bytes_total" => "Bytes transmitted since boot.",
         "apt_upgrades_pending" => "Installed packages with a newer candidate.",
         "apt_reboot_required" => "1 if /run/reboot-required exists, else 0.",

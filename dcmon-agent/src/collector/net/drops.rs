@@ -1,0 +1,107 @@
+//! `network_drops_total{interface,reason}`: packets the kernel freed as dropped (`kfree_skb`),
+//! per interface slot and `enum skb_drop_reason` value, named as the running kernel names them
+//! (see `dcmon_common::ebpf::NET_DROP_MAP`). Counted since the interface got its slot.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use dcmon_common::ebpf::{DropCounts, NO_DEVICE_SLOT, NetKey, OVERFLOW_SLOT};
+
+use crate::batch::Sample;
+use crate::ebpf::Probes;
+
+/// An interface with a slot.
+#[derive(Debug)]
+struct Slotted {
+    name: String,
+    slot: u32,
+    /// The slot's counts when the interface got it.
+    start: DropCounts,
+}
+
+/// The drop counters of the interfaces the agent reports, and their slots.
+#[derive(Debug)]
+pub struct NetDrops {
+    probes: Arc<Probes>,
+    ifaces: HashMap<NetKey, Slotted>,
+    /// The no-device slot at start.
+    no_device_start: DropCounts,
+    /// Drops in the overflow slot at start.
+    overflow_start: u64,
+    /// Whether the lack of a free slot was logged already.
+    warned_full: bool,
+}
+
+impl NetDrops {
+    /// Reads the no-device and overflow slots' starting counts.
+    pub fn new(probes: Arc<Probes>) -> anyhow::Result<Self> {
+        let no_device_start = probes.net_drops(NO_DEVICE_SLOT)?;
+        let overflow_start = probes.net_drops(OVERFLOW_SLOT)?.reasons.iter().sum();
+        Ok(Self { probes, ifaces: HashMap::new(), no_device_start, overflow_start, warned_full: false })
+    }
+
+    /// Gives a slot to each of `ifaces` (interfaces the filter allows) that has none, follows
+    /// renames, and takes back the slots of interfaces no longer among them.
+    pub fn sync<'a>(&mut self, ifaces: impl IntoIterator<Item = (NetKey, &'a str)>) -> anyhow::Result<()> {
+        let wanted: HashMap<NetKey, &str> = ifaces.into_iter().collect();
+        let gone: Vec<NetKey> = self.ifaces.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        for key in gone {
+            self.ifaces.remove(&key);
+            self.probes.release_net_slot(key)?;
+        }
+        for (key, name) in wanted {
+            if let Some(i) = self.ifaces.get_mut(&key) {
+                if i.name != name {
+                    name.clone_into(&mut i.name);
+                }
+                continue;
+            }
+            let Some(slot) = self.probes.net_slot(key)? else {
+                if !self.warned_full {
+                    tracing::warn!(
+                        interface = name,
+                        "no free eBPF drop slot: its drops are counted in the overflow slot"
+                    );
+                    self.warned_full = true;
+                }
+                continue;
+            };
+            let start = self.probes.net_drops(slot)?;
+            self.ifaces.insert(key, Slotted { name: name.to_owned(), slot, start });
+        }
+        Ok(())
+    }
+
+    /// `network_drops_total` of every reason that has had a drop, per interface in name order,
+    /// then the drops of packets without a device (no `interface` label), and the overflow
+    /// slot's count.
+    pub fn samples(&mut self, out: &mut Vec<Sample>) -> anyhow::Result<()> {
+        let mut ifaces: Vec<&Slotted> = self.ifaces.values().collect();
+        ifaces.sort_by(|a, b| a.name.cmp(&b.name));
+        for i in ifaces {
+            let now = self.probes.net_drops(i.slot)?;
+            self.push(&now, &i.start, Some(&i.name), out);
+        }
+        let now = self.probes.net_drops(NO_DEVICE_SLOT)?;
+        self.push(&now, &self.no_device_start, None, out);
+        let overflow: u64 = self.probes.net_drops(OVERFLOW_SLOT)?.reasons.iter().sum();
+        out.push(
+            Sample::count("dcmon_ebpf_overflow_total", overflow.wrapping_sub(self.overflow_start))
+                .label("map", "net_drops"),
+        );
+        Ok(())
+    }
+
+    fn push(&self, now: &DropCounts, start: &DropCounts, interface: Option<&str>, out: &mut Vec<Sample>) {
+        for (index, (n, s)) in now.reasons.iter().zip(&start.reasons).enumerate() {
+            let n = n.wrapping_sub(*s);
+            let Some(reason) = self.probes.drop_reason_name(index).filter(|_| n > 0) else { continue };
+            let sample = Sample::count("network_drops_total", n);
+            let sample = match interface {
+                Some(name) => sample.label("interface", name),
+                None => sample,
+            };
+            out.push(sample.label("reason", reason));
+        }
+    }
+}
