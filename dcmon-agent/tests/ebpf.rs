@@ -7,6 +7,7 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
+use std::io::Write as _;
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
 use std::process::Command;
@@ -578,7 +579,7 @@ fn ebpf_and_procfs_report_the_same_names_and_labels() {
     // What only the programs can see comes on top: the latency histograms and the overflow
     // slot's count.
     let ebpf_only = |s: &String| {
-        ["disk_io_latency_seconds_", "network_drops_total ", "dcmon_ebpf_overflow_total "]
+        ["disk_io_latency_seconds_", "network_drops_total ", "dcmon_ebpf_overflow_total ", "tcp_"]
             .iter()
             .any(|p| s.starts_with(p))
     };
@@ -1245,4 +1246,86 @@ fn scopeguard_link(name: &str) -> impl Drop {
         }
     }
     Link(name.to_owned())
+}
+
+/// RetransSegs of /proc/net/snmp in namespace `ns` (the counter is per namespace).
+fn retrans_segs(ns: &Netns) -> u64 {
+    let text = ns.exec(&["cat", "/proc/net/snmp"]);
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().expect("Tcp: header"), tcp.next().expect("Tcp: values"));
+    let i = names.split_whitespace().position(|n| n == "RetransSegs").expect("RetransSegs column");
+    values.split_whitespace().nth(i).and_then(|v| v.parse().ok()).expect("RetransSegs value")
+}
+
+#[test]
+fn tcp_retransmits_equal_retrans_segs() {
+    if !can_run("TCP retransmits") {
+        return;
+    }
+    // Count only namespace A's sockets, whose /proc/net/snmp the test compares with.
+    let a = Netns::new("rtxa");
+    let b = Netns::new("rtxb");
+    let probes = match Probes::attach(Some(a.inode())) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            assert!(!required(), "DCMON_REQUIRE_EBPF=1 but eBPF failed: {e}");
+            return eprintln!("SKIP: {e}");
+        }
+    };
+    let (va, vb) = (format!("dcr{}", std::process::id()), format!("dcs{}", std::process::id()));
+    run(&["ip", "link", "add", &va, "netns", &a.name, "type", "veth", "peer", "name", &vb, "netns", &b.name]);
+    a.exec(&["ip", "addr", "add", "10.215.0.1/30", "dev", &va]);
+    b.exec(&["ip", "addr", "add", "10.215.0.2/30", "dev", &vb]);
+    a.exec(&["ip", "link", "set", &va, "up"]);
+    b.exec(&["ip", "link", "set", &vb, "up"]);
+    let listener = b.within(|| std::net::TcpListener::bind("10.215.0.2:7000").expect("listen"));
+    let client = a.within(|| std::net::TcpStream::connect("10.215.0.2:7000").expect("connect"));
+    let (_server, _) = listener.accept().expect("accept");
+    client.set_nodelay(true).expect("nodelay");
+    (&client).write_all(b"before the drop").expect("write");
+    std::thread::sleep(Duration::from_millis(200));
+
+    let before = (probes.tcp_counts().expect("tcp map"), retrans_segs(&a));
+    // B drops everything from A: A's data is never acknowledged and its timer retransmits it.
+    b.exec(&["nft", "add", "table", "inet", "dcmon_rtx"]);
+    b.exec(&[
+        "nft",
+        "add",
+        "chain",
+        "inet",
+        "dcmon_rtx",
+        "input",
+        "{ type filter hook input priority 0; policy accept; }",
+    ]);
+    b.exec(&["nft", "add", "rule", "inet", "dcmon_rtx", "input", "ip", "saddr", "10.215.0.1", "drop"]);
+    for _ in 0..3 {
+        (&client).write_all(b"dropped").expect("write");
+    }
+    std::thread::sleep(Duration::from_millis(1700));
+    // A reset ends the connection and its timer, so nothing retransmits between the reads.
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: SO_LINGER with a valid struct linger of the size passed, on an open socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            client.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
+    drop(client);
+    std::thread::sleep(Duration::from_millis(100));
+    let after = (probes.tcp_counts().expect("tcp map"), retrans_segs(&a));
+    let ebpf = after.0.retrans_segs[0] - before.0.retrans_segs[0];
+    let snmp = after.1 - before.1;
+    eprintln!(
+        "retransmits: eBPF {ebpf}, RetransSegs {snmp}; resets sent {}",
+        after.0.resets_sent - before.0.resets_sent
+    );
+    assert!(snmp >= 2, "the drop forced too few retransmits: {snmp}");
+    assert_eq!(ebpf, snmp, "tcp_retransmits_total{{family=ipv4}} against RetransSegs");
+    assert_eq!(after.0.retrans_segs[1], before.0.retrans_segs[1], "no IPv6 retransmits in namespace A");
+    assert_eq!(after.0.resets_sent - before.0.resets_sent, 1, "the linger-0 close sends one reset");
 }

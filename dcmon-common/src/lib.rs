@@ -45,8 +45,17 @@ pub mod ebpf {
     pub const PROG_BLOCK_RQ_ISSUE: &str = "block_rq_issue";
     /// `tp_btf/kfree_skb`: counts dropped packets per interface and reason.
     pub const PROG_KFREE_SKB: &str = "kfree_skb";
+    /// `tp_btf/tcp_retransmit_skb`: counts retransmitted TCP segments per address family.
+    pub const PROG_TCP_RETRANSMIT_SKB: &str = "tcp_retransmit_skb";
+    /// `tp_btf/tcp_send_reset`: counts TCP resets sent.
+    pub const PROG_TCP_SEND_RESET: &str = "tcp_send_reset";
+    /// `tp_btf/tcp_receive_reset`: counts TCP resets received.
+    pub const PROG_TCP_RECEIVE_RESET: &str = "tcp_receive_reset";
     /// (program name, kernel tracepoint it attaches to) for every program in the object.
-    pub const PROGRAMS: [(&str, &str); 5] = [
+    pub const PROGRAMS: [(&str, &str); 8] = [
+        (PROG_TCP_RETRANSMIT_SKB, "tcp_retransmit_skb"),
+        (PROG_TCP_SEND_RESET, "tcp_send_reset"),
+        (PROG_TCP_RECEIVE_RESET, "tcp_receive_reset"),
         (PROG_KFREE_SKB, "kfree_skb"),
         (PROG_BLOCK_RQ_ISSUE, "block_rq_issue"),
         (PROG_BLOCK_RQ_COMPLETE, "block_rq_complete"),
@@ -57,7 +66,7 @@ pub mod ebpf {
     /// Kernel struct field offsets the programs read, as `.rodata` globals the loader sets from
     /// the running kernel's BTF (layouts differ between kernels and configs). Each global is a
     /// `u32` byte offset; the entries are `(global, struct, dotted field path, bytes read)`.
-    pub const OFFSETS: [(&str, &str, &str, u32); 11] = [
+    pub const OFFSETS: [(&str, &str, &str, u32); 16] = [
         ("OFF_RQ_Q", "request", "q", 8),
         ("OFF_RQ_CMD_FLAGS", "request", "cmd_flags", 4),
         ("OFF_RQ_DATA_LEN", "request", "__data_len", 4),
@@ -69,6 +78,11 @@ pub mod ebpf {
         ("OFF_DEV_IFINDEX", "net_device", "ifindex", 4),
         ("OFF_DEV_NET", "net_device", "nd_net.net", 8),
         ("OFF_NET_NS_INUM", "net", "ns.inum", 4),
+        ("OFF_SK_FAMILY", "sock", "__sk_common.skc_family", 2),
+        ("OFF_SK_NET", "sock", "__sk_common.skc_net.net", 8),
+        ("OFF_SKB_HEAD", "sk_buff", "head", 8),
+        ("OFF_SKB_END", "sk_buff", "end", 4),
+        ("OFF_SHINFO_GSO_SEGS", "skb_shared_info", "gso_segs", 2),
     ];
 
     /// `.rodata` global: count only interfaces of the network namespace with this inode number
@@ -231,6 +245,29 @@ pub mod ebpf {
     /// `SKB_NOT_DROPPED_YET`: a free that is not a drop, on every kernel with drop reasons.
     pub const SKB_NOT_DROPPED_YET: u32 = 0;
 
+    /// Per-CPU array of one [`TcpCounts`]: TCP retransmits and resets.
+    pub const TCP_MAP: &str = "DCMON_TCP";
+    /// Address families of [`TcpCounts::retrans_segs`], in index order (the `family` label);
+    /// the last is any other family.
+    pub const TCP_FAMILIES: [&str; 3] = ["ipv4", "ipv6", "other"];
+    /// `AF_INET`.
+    pub const AF_INET: u16 = 2;
+    /// `AF_INET6`.
+    pub const AF_INET6: u16 = 10;
+
+    /// TCP events of the counted network namespace on one CPU.
+    #[repr(C)]
+    #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+    pub struct TcpCounts {
+        /// Segments retransmitted (`tcp_skb_pcount` of each retransmitted skb, as
+        /// /proc/net/snmp's RetransSegs counts them), by [`TCP_FAMILIES`] index.
+        pub retrans_segs: [u64; 3],
+        /// Resets sent (`tcp_send_reset`).
+        pub resets_sent: u64,
+        /// Resets received (`tcp_receive_reset`).
+        pub resets_received: u64,
+    }
+
     /// One interface slot table entry: (namespace, ifindex) `key` has `slot` (slot 0: empty).
     #[repr(C)]
     #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
@@ -364,7 +401,7 @@ pub mod ebpf {
     const _: () = assert!(DISK_LAT_MAP.len() <= 15 && DISK_SLOT_MAP.len() <= 15 && RQ_START_MAP.len() <= 15);
     const _: () = assert!(core::mem::size_of::<DiskSlot>() == 8);
     const _: () = assert!(core::mem::size_of::<NetSlot>() == 12);
-    const _: () = assert!(NET_DROP_MAP.len() <= 15 && NET_SLOT_MAP.len() <= 15);
+    const _: () = assert!(NET_DROP_MAP.len() <= 15 && NET_SLOT_MAP.len() <= 15 && TCP_MAP.len() <= 15);
     const _: () = assert!(core::mem::size_of::<LatencyHist>() == 8 * (LAT_BUCKETS as usize + 1));
     const _: () = assert!(SLOT_TABLE_ENTRIES.is_power_of_two());
 
@@ -393,6 +430,9 @@ pub mod ebpf {
     // SAFETY: as above.
     #[cfg(feature = "user")]
     unsafe impl aya::Pod for DropCounts {}
+    // SAFETY: as above.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for TcpCounts {}
 }
 
 #[cfg(test)]

@@ -1,15 +1,15 @@
 //! The programs and maps. Names are the contract in `dcmon_common::ebpf`.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel};
 use aya_ebpf::macros::{btf_tracepoint, map};
 use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::programs::BtfTracePointContext;
 use dcmon_common::ebpf::{
-    DISK_MAP_ENTRIES, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_OPS, LatencyHist,
-    NET_MAP_ENTRIES, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue, OVERFLOW_SLOT, OpGroup, RQ_START_ENTRIES,
-    SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, lat_bucket, lat_op, net_slot_table_index, op_group,
-    slot_table_index,
+    AF_INET, AF_INET6, DISK_MAP_ENTRIES, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_OPS,
+    LatencyHist, NET_MAP_ENTRIES, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue, OVERFLOW_SLOT, OpGroup,
+    RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TcpCounts, lat_bucket, lat_op,
+    net_slot_table_index, op_group, slot_table_index,
 };
 
 /// Per-CPU, so the hot path updates its own CPU's copy without locks or atomics; the agent
@@ -39,6 +39,21 @@ static DCMON_NET_DROP: PerCpuArray<DropCounts> = PerCpuArray::with_max_entries(N
 /// The agent's interface slots: see dcmon_common::ebpf::NET_SLOT_MAP.
 #[map]
 static DCMON_NET_SLOT: Array<NetSlot> = Array::with_max_entries(SLOT_TABLE_ENTRIES, 0);
+
+/// TCP retransmits and resets: see dcmon_common::ebpf::TCP_MAP.
+#[map]
+static DCMON_TCP: PerCpuArray<TcpCounts> = PerCpuArray::with_max_entries(1, 0);
+
+#[unsafe(no_mangle)]
+static OFF_SK_FAMILY: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SK_NET: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SKB_HEAD: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SKB_END: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SHINFO_GSO_SEGS: u32 = 0;
 
 /// dcmon_common::ebpf::DROP_REASON_CONSUMED.
 #[unsafe(no_mangle)]
@@ -339,4 +354,78 @@ fn net_slot(key: NetKey) -> u32 {
         }
     }
     OVERFLOW_SLOT
+}
+
+/// Whether socket `sk` is in the counted network namespace (see `NETNS_FILTER`).
+#[inline(always)]
+fn counted_sock(sk: usize) -> bool {
+    let only = off(&NETNS_FILTER) as u32;
+    if only == 0 {
+        return true;
+    }
+    let Some(net) = read::<usize>(sk, off(&OFF_SK_NET)) else { return false };
+    read::<u32>(net, off(&OFF_NET_NS_INUM)) == Some(only)
+}
+
+/// This CPU's TCP counters.
+#[inline(always)]
+fn tcp_counts() -> Option<&'static mut TcpCounts> {
+    // SAFETY: this CPU's copy (see `bump`).
+    DCMON_TCP.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// `tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb, ...)`, once per
+/// retransmitted skb, which may carry several segments.
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
+    let sk: usize = ctx.arg(0);
+    let skb: usize = ctx.arg(1);
+    if !counted_sock(sk) {
+        return 0;
+    }
+    let family = match read::<u16>(sk, off(&OFF_SK_FAMILY)) {
+        Some(AF_INET) => 0,
+        Some(AF_INET6) => 1,
+        _ => 2,
+    };
+    // tcp_skb_pcount: skb_shinfo(skb)->gso_segs, the shared info at head + end. Read with a
+    // helper: the verifier knows `head` only as a byte pointer.
+    let mut segs: u16 = 0;
+    if let (Some(head), Some(end)) = (read::<usize>(skb, off(&OFF_SKB_HEAD)), read::<u32>(skb, off(&OFF_SKB_END))) {
+        let at = (head + end as usize + off(&OFF_SHINFO_GSO_SEGS)) as *const u16;
+        // SAFETY: a helper that reads kernel memory and fails cleanly on a bad address.
+        segs = unsafe { bpf_probe_read_kernel(at) }.unwrap_or(0);
+    }
+    if let Some(c) = tcp_counts()
+        && let Some(n) = c.retrans_segs.get_mut(family)
+    {
+        *n += u64::from(segs.max(1));
+    }
+    0
+}
+
+/// `tcp_send_reset(const struct sock *sk, const struct sk_buff *skb, ...)`: `sk` is NULL for
+/// a reset answering a segment no socket took; its namespace is then the device's.
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
+    let sk: usize = ctx.arg(0);
+    let skb: usize = ctx.arg(1);
+    let counted =
+        if sk != 0 { counted_sock(sk) } else { read::<usize>(skb, off(&OFF_SKB_DEV)).and_then(net_key).is_some() };
+    if counted && let Some(c) = tcp_counts() {
+        c.resets_sent += 1;
+    }
+    0
+}
+
+/// `tcp_receive_reset(struct sock *sk)`.
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
+    let sk: usize = ctx.arg(0);
+    if counted_sock(sk)
+        && let Some(c) = tcp_counts()
+    {
+        c.resets_received += 1;
+    }
+    0
 }

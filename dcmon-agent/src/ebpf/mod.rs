@@ -23,7 +23,7 @@ use aya::maps::Map;
 use aya::{Ebpf, Pod};
 use dcmon_common::ebpf::{
     DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_OPS, LatencyHist,
-    NET_DROP_MAP, NET_MAP, NET_SLOT_MAP, NetKey, NetSlot, NetValue, PROGRAMS,
+    NET_DROP_MAP, NET_MAP, NET_SLOT_MAP, NetKey, NetSlot, NetValue, PROGRAMS, TCP_MAP, TcpCounts,
 };
 
 pub use load::{LoadError, Reason};
@@ -47,6 +47,15 @@ fn add_net(total: &mut NetValue, v: &NetValue) {
     total.rx_bytes += v.rx_bytes;
     total.tx_packets += v.tx_packets;
     total.tx_bytes += v.tx_bytes;
+}
+
+/// Sums one CPU's TCP counters into `total`.
+fn add_tcp(total: &mut TcpCounts, v: &TcpCounts) {
+    for (t, n) in total.retrans_segs.iter_mut().zip(v.retrans_segs) {
+        *t += n;
+    }
+    total.resets_sent += v.resets_sent;
+    total.resets_received += v.resets_received;
 }
 
 /// Sums one CPU's drop counts into `total`.
@@ -174,6 +183,13 @@ impl Probes {
     pub fn net_drops(&self, slot: u32) -> anyhow::Result<DropCounts> {
         let n = self.ncpus;
         let found = self.with_map_fd(NET_DROP_MAP, |fd| maps::lookup_percpu(fd, n, &[slot], add_drops))?;
+        Ok(found.into_iter().next().map(|(_, v)| v).unwrap_or_default())
+    }
+
+    /// The TCP retransmit and reset counters since the programs were loaded, summed over CPUs.
+    pub fn tcp_counts(&self) -> anyhow::Result<TcpCounts> {
+        let n = self.ncpus;
+        let found = self.with_map_fd(TCP_MAP, |fd| maps::lookup_percpu(fd, n, &[0u32], add_tcp))?;
         Ok(found.into_iter().next().map(|(_, v)| v).unwrap_or_default())
     }
 

@@ -216,6 +216,9 @@ pub fn help(name: &str) -> &'static str {
         "disk_writes_total" => "Completed writes since boot.",
         "disk_write_bytes_total" => "Bytes written since boot.",
         "network_receive_bytes_total" => "Bytes received since boot.",
+        "tcp_retransmits_total" => "TCP segments retransmitted since the agent started, by address family (eBPF).",
+        "tcp_resets_sent_total" => "TCP resets sent since the agent started (eBPF).",
+        "tcp_resets_received_total" => "TCP resets received since the agent started (eBPF).",
         "network_drops_total" => {
             "Packets the kernel dropped, by interface and drop reason, since the agent started (eBPF)."
         }

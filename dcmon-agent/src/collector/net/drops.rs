@@ -1,11 +1,13 @@
 //! `network_drops_total{interface,reason}`: packets the kernel freed as dropped (`kfree_skb`),
 //! per interface slot and `enum skb_drop_reason` value, named as the running kernel names them
-//! (see `dcmon_common::ebpf::NET_DROP_MAP`). Counted since the interface got its slot.
+//! (see `dcmon_common::ebpf::NET_DROP_MAP`). Counted since the interface got its slot. And the
+//! TCP counters of the same namespace: `tcp_retransmits_total{family}`, `tcp_resets_sent_total`,
+//! `tcp_resets_received_total`, since the agent started.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use dcmon_common::ebpf::{DropCounts, NO_DEVICE_SLOT, NetKey, OVERFLOW_SLOT};
+use dcmon_common::ebpf::{DropCounts, NO_DEVICE_SLOT, NetKey, OVERFLOW_SLOT, TCP_FAMILIES, TcpCounts};
 
 use crate::batch::Sample;
 use crate::ebpf::Probes;
@@ -30,6 +32,8 @@ pub struct NetDrops {
     overflow_start: u64,
     /// Whether the lack of a free slot was logged already.
     warned_full: bool,
+    /// The TCP counters at start.
+    tcp_start: TcpCounts,
 }
 
 impl NetDrops {
@@ -37,7 +41,8 @@ impl NetDrops {
     pub fn new(probes: Arc<Probes>) -> anyhow::Result<Self> {
         let no_device_start = probes.net_drops(NO_DEVICE_SLOT)?;
         let overflow_start = probes.net_drops(OVERFLOW_SLOT)?.reasons.iter().sum();
-        Ok(Self { probes, ifaces: HashMap::new(), no_device_start, overflow_start, warned_full: false })
+        let tcp_start = probes.tcp_counts()?;
+        Ok(Self { probes, ifaces: HashMap::new(), no_device_start, overflow_start, warned_full: false, tcp_start })
     }
 
     /// Gives a slot to each of `ifaces` (interfaces the filter allows) that has none, follows
@@ -89,6 +94,16 @@ impl NetDrops {
             Sample::count("dcmon_ebpf_overflow_total", overflow.wrapping_sub(self.overflow_start))
                 .label("map", "net_drops"),
         );
+        let (tcp, start) = (self.probes.tcp_counts()?, &self.tcp_start);
+        for (i, family) in TCP_FAMILIES.iter().enumerate() {
+            let n = tcp.retrans_segs[i].wrapping_sub(start.retrans_segs[i]);
+            // The families a host has, and any other once it has retransmitted.
+            if i < 2 || n > 0 {
+                out.push(Sample::count("tcp_retransmits_total", n).label("family", *family));
+            }
+        }
+        out.push(Sample::count("tcp_resets_sent_total", tcp.resets_sent.wrapping_sub(start.resets_sent)));
+        out.push(Sample::count("tcp_resets_received_total", tcp.resets_received.wrapping_sub(start.resets_received)));
         Ok(())
     }
 
