@@ -1329,3 +1329,53 @@ fn tcp_retransmits_equal_retrans_segs() {
     assert_eq!(after.0.retrans_segs[1], before.0.retrans_segs[1], "no IPv6 retransmits in namespace A");
     assert_eq!(after.0.resets_sent - before.0.resets_sent, 1, "the linger-0 close sends one reset");
 }
+
+#[test]
+fn an_oom_kill_is_counted_once_with_its_job() {
+    let Some(probes) = attach("OOM kills") else {
+        return;
+    };
+    let memory = std::path::Path::new("/sys/fs/cgroup/memory");
+    if !memory.join("memory.limit_in_bytes").exists() {
+        assert!(!required(), "DCMON_REQUIRE_EBPF=1 but there is no cgroup v1 memory controller");
+        return eprintln!("SKIP: no cgroup v1 memory controller");
+    }
+    // A Slurm job's layout, so the kill's job is `slurm:<id>`.
+    let id = std::process::id();
+    let top = memory.join(format!("slurm_dcmon_t{id}"));
+    let job = top.join(format!("job_{id}"));
+    std::fs::create_dir_all(&job).expect("mkdir memory cgroup");
+    struct Remove(Vec<std::path::PathBuf>);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            for dir in &self.0 {
+                let _ = std::fs::remove_dir(dir);
+            }
+        }
+    }
+    let _remove = Remove(vec![job.clone(), top.clone()]);
+    std::fs::write(job.join("memory.limit_in_bytes"), "16M").expect("memory limit");
+    let _ = std::fs::write(job.join("memory.memsw.limit_in_bytes"), "16M");
+
+    let mut collector = dcmon_agent::collector::ebpf_status::EbpfStatusCollector::new(Host::default(), Some(probes));
+    let kills = |collector: &mut dcmon_agent::collector::ebpf_status::EbpfStatusCollector| {
+        let mut samples = Vec::new();
+        collector.collect(&mut samples).expect("collect");
+        samples
+            .into_iter()
+            .filter(|s| s.name == "oom_kills_total")
+            .map(|s| (s.labels[0].1.clone(), s.value.as_f64() as u64))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(kills(&mut collector), vec![], "no kills before");
+    // `tail` keeps an endless line of /dev/zero in memory until the limit kills it.
+    let procs = job.join("cgroup.procs");
+    let status = Command::new("sh")
+        .args(["-c", &format!("echo $$ > {} && exec tail /dev/zero", procs.display())])
+        .status()
+        .expect("run the memory hog");
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(libc::SIGKILL), "{status:?}");
+    let control = std::fs::read_to_string(job.join("memory.oom_control")).expect("oom_control");
+    assert!(control.contains("oom_kill 1"), "the cgroup's own count: {control}");
+    assert_eq!(kills(&mut collector), vec![(format!("slurm:{id}"), 1)]);
+}

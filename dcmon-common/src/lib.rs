@@ -51,8 +51,11 @@ pub mod ebpf {
     pub const PROG_TCP_SEND_RESET: &str = "tcp_send_reset";
     /// `tp_btf/tcp_receive_reset`: counts TCP resets received.
     pub const PROG_TCP_RECEIVE_RESET: &str = "tcp_receive_reset";
+    /// `tp_btf/mark_victim`: counts OOM kills per memory cgroup.
+    pub const PROG_MARK_VICTIM: &str = "mark_victim";
     /// (program name, kernel tracepoint it attaches to) for every program in the object.
-    pub const PROGRAMS: [(&str, &str); 8] = [
+    pub const PROGRAMS: [(&str, &str); 9] = [
+        (PROG_MARK_VICTIM, "mark_victim"),
         (PROG_TCP_RETRANSMIT_SKB, "tcp_retransmit_skb"),
         (PROG_TCP_SEND_RESET, "tcp_send_reset"),
         (PROG_TCP_RECEIVE_RESET, "tcp_receive_reset"),
@@ -66,7 +69,7 @@ pub mod ebpf {
     /// Kernel struct field offsets the programs read, as `.rodata` globals the loader sets from
     /// the running kernel's BTF (layouts differ between kernels and configs). Each global is a
     /// `u32` byte offset; the entries are `(global, struct, dotted field path, bytes read)`.
-    pub const OFFSETS: [(&str, &str, &str, u32); 16] = [
+    pub const OFFSETS: [(&str, &str, &str, u32); 20] = [
         ("OFF_RQ_Q", "request", "q", 8),
         ("OFF_RQ_CMD_FLAGS", "request", "cmd_flags", 4),
         ("OFF_RQ_DATA_LEN", "request", "__data_len", 4),
@@ -83,7 +86,21 @@ pub mod ebpf {
         ("OFF_SKB_HEAD", "sk_buff", "head", 8),
         ("OFF_SKB_END", "sk_buff", "end", 4),
         ("OFF_SHINFO_GSO_SEGS", "skb_shared_info", "gso_segs", 2),
+        ("OFF_TASK_CGROUPS", "task_struct", "cgroups", 8),
+        ("OFF_CSS_CGROUP", "cgroup_subsys_state", "cgroup", 8),
+        ("OFF_CGROUP_KN", "cgroup", "kn", 8),
+        ("OFF_KN_ID", "kernfs_node", "id", 8),
     ];
+
+    /// `.rodata` global: the byte offset of the memory controller's state in `struct css_set`
+    /// (`subsys[memory_cgrp_id]`, both from the running kernel's BTF).
+    pub const OFF_CSS_SET_MEMCG: &str = "OFF_CSS_SET_MEMCG";
+
+    /// Hash map `memory cgroup id -> OOM kills`: the victims' memory cgroups (the kernfs node
+    /// id, which is the cgroup directory's inode number). OOM kills are rare, so a hash.
+    pub const OOM_MAP: &str = "DCMON_OOM";
+    /// Most memory cgroups with OOM kills tracked.
+    pub const OOM_MAP_ENTRIES: u32 = 4096;
 
     /// `.rodata` global: count only interfaces of the network namespace with this inode number
     /// (the agent's own, whose /proc/net/dev it reports); 0 counts every namespace. Container
@@ -402,6 +419,7 @@ pub mod ebpf {
     const _: () = assert!(core::mem::size_of::<DiskSlot>() == 8);
     const _: () = assert!(core::mem::size_of::<NetSlot>() == 12);
     const _: () = assert!(NET_DROP_MAP.len() <= 15 && NET_SLOT_MAP.len() <= 15 && TCP_MAP.len() <= 15);
+    const _: () = assert!(OOM_MAP.len() <= 15);
     const _: () = assert!(core::mem::size_of::<LatencyHist>() == 8 * (LAT_BUCKETS as usize + 1));
     const _: () = assert!(SLOT_TABLE_ENTRIES.is_power_of_two());
 

@@ -3,12 +3,12 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel};
 use aya_ebpf::macros::{btf_tracepoint, map};
-use aya_ebpf::maps::{Array, LruHashMap, PerCpuArray, PerCpuHashMap};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::programs::BtfTracePointContext;
 use dcmon_common::ebpf::{
     AF_INET, AF_INET6, DISK_MAP_ENTRIES, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_OPS,
-    LatencyHist, NET_MAP_ENTRIES, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue, OVERFLOW_SLOT, OpGroup,
-    RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TcpCounts, lat_bucket, lat_op,
+    LatencyHist, NET_MAP_ENTRIES, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue, OOM_MAP_ENTRIES, OVERFLOW_SLOT,
+    OpGroup, RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TcpCounts, lat_bucket, lat_op,
     net_slot_table_index, op_group, slot_table_index,
 };
 
@@ -39,6 +39,22 @@ static DCMON_NET_DROP: PerCpuArray<DropCounts> = PerCpuArray::with_max_entries(N
 /// The agent's interface slots: see dcmon_common::ebpf::NET_SLOT_MAP.
 #[map]
 static DCMON_NET_SLOT: Array<NetSlot> = Array::with_max_entries(SLOT_TABLE_ENTRIES, 0);
+
+/// OOM kills per memory cgroup: see dcmon_common::ebpf::OOM_MAP.
+#[map]
+static DCMON_OOM: HashMap<u64, u64> = HashMap::with_max_entries(OOM_MAP_ENTRIES, 0);
+
+#[unsafe(no_mangle)]
+static OFF_TASK_CGROUPS: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_CSS_CGROUP: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_CGROUP_KN: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_KN_ID: u32 = 0;
+/// dcmon_common::ebpf::OFF_CSS_SET_MEMCG.
+#[unsafe(no_mangle)]
+static OFF_CSS_SET_MEMCG: u32 = 0;
 
 /// TCP retransmits and resets: see dcmon_common::ebpf::TCP_MAP.
 #[map]
@@ -428,4 +444,32 @@ pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
         c.resets_received += 1;
     }
     0
+}
+
+/// `mark_victim(struct task_struct *task, uid_t uid)`: once per task the OOM killer picks.
+#[btf_tracepoint(function = "mark_victim")]
+pub fn mark_victim(ctx: BtfTracePointContext) -> i32 {
+    let task: usize = ctx.arg(0);
+    let id = memory_cgroup_id(task).unwrap_or(0);
+    if let Some(n) = DCMON_OOM.get_ptr_mut(&id) {
+        // SAFETY: a value of the map. A plain add: the kernel picks victims under oom_lock, so
+        // two runs never update at once.
+        unsafe { *n += 1 };
+    } else if DCMON_OOM.insert(&id, &1, BPF_NOEXIST as u64).is_err()
+        && let Some(n) = DCMON_OOM.get_ptr_mut(&id)
+    {
+        // SAFETY: as above.
+        unsafe { *n += 1 };
+    }
+    0
+}
+
+/// The id of `task`'s memory cgroup: task->cgroups->subsys[memory_cgrp_id]->cgroup->kn->id.
+#[inline(always)]
+fn memory_cgroup_id(task: usize) -> Option<u64> {
+    let cgroups: usize = read(task, off(&OFF_TASK_CGROUPS))?;
+    let css: usize = read(cgroups, off(&OFF_CSS_SET_MEMCG))?;
+    let cgroup: usize = read(css, off(&OFF_CSS_CGROUP))?;
+    let kn: usize = read(cgroup, off(&OFF_CGROUP_KN))?;
+    read(kn, off(&OFF_KN_ID))
 }

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use aya::programs::BtfTracePoint;
 use aya::{Ebpf, EbpfLoader};
-use dcmon_common::ebpf::{DROP_REASON_CONSUMED, DROP_REASONS, NETNS_FILTER, OFFSETS, PROGRAMS};
+use dcmon_common::ebpf::{DROP_REASON_CONSUMED, DROP_REASONS, NETNS_FILTER, OFF_CSS_SET_MEMCG, OFFSETS, PROGRAMS};
 
 use super::btf::{Btf, BtfError};
 
@@ -178,8 +178,26 @@ fn facts_from(btf_path: &Path, data: &[u8]) -> Result<(Vec<(&'static str, u32)>,
                 detail: format!("{}: {e}", btf_path.display()),
             })
         })
-        .collect::<Result<_, _>>()?;
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut offsets = offsets;
+    let memcg = memcg_offset(&btf)
+        .map_err(|e| LoadError { reason: Reason::KernelLayout, detail: format!("{}: {e}", btf_path.display()) })?;
+    offsets.push((OFF_CSS_SET_MEMCG, memcg));
     Ok((offsets, reasons))
+}
+
+/// The offset of `subsys[memory_cgrp_id]` in `struct css_set`: the array's place, and the
+/// memory controller's index from `enum cgroup_subsys_id`.
+fn memcg_offset(btf: &Btf) -> Result<u32, BtfError> {
+    let ids = btf.enum_values("cgroup_subsys_id")?;
+    let id = |name: &str| {
+        ids.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| BtfError::NoField { strukt: "enum cgroup_subsys_id".to_owned(), field: name.to_owned() })
+    };
+    let (memory, count) = (id("memory_cgrp_id")?, id("CGROUP_SUBSYS_COUNT")?);
+    Ok(btf.field_offset("css_set", "subsys", 8 * count)? + 8 * memory)
 }
 
 /// Best-effort RLIMIT_MEMLOCK to infinity: kernels before 5.11 charge BPF maps against it,

@@ -219,6 +219,7 @@ pub fn help(name: &str) -> &'static str {
         "tcp_retransmits_total" => "TCP segments retransmitted since the agent started, by address family (eBPF).",
         "tcp_resets_sent_total" => "TCP resets sent since the agent started (eBPF).",
         "tcp_resets_received_total" => "TCP resets received since the agent started (eBPF).",
+        "oom_kills_total" => "Processes the kernel OOM killer killed since the agent started, by job (eBPF).",
         "network_drops_total" => {
             "Packets the kernel dropped, by interface and drop reason, since the agent started (eBPF)."
         }
