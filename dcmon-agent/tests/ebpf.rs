@@ -69,7 +69,7 @@ fn committed_object_has_every_program_and_map() {
     if !can_run("loading the committed object") {
         return;
     }
-    let (ebpf, _, _) = match load::load_object(load::OBJECT, None) {
+    let (ebpf, _, facts) = match load::load_object(load::OBJECT, None) {
         Ok(x) => x,
         Err(e) => {
             assert!(!required(), "DCMON_REQUIRE_EBPF=1 but loading failed: {e}");
@@ -86,6 +86,48 @@ fn committed_object_has_every_program_and_map() {
         assert!(maps.contains(name), "map {name} missing: {maps:?}");
     }
     assert_eq!(programs.len(), PROGRAMS.len(), "unexpected programs: {programs:?}");
+    assert!(facts.missing.is_empty(), "this kernel has every field: {:?}", facts.missing);
+}
+
+#[test]
+fn a_program_that_cannot_load_leaves_the_others_attached() {
+    if !can_run("optional programs") {
+        return;
+    }
+    let (mut ebpf, btf, _) = match load::load_object(load::OBJECT, None) {
+        Ok(x) => x,
+        Err(e) => {
+            assert!(!required(), "DCMON_REQUIRE_EBPF=1 but loading failed: {e}");
+            return eprintln!("SKIP: {e}");
+        }
+    };
+    // One tracepoint this kernel lacks, and one field it is made to lack.
+    let programs: Vec<(&'static str, &'static str)> = PROGRAMS
+        .iter()
+        .map(|&(name, tp)| if name == "kfree_skb" { (name, "dcmon_no_such_tracepoint") } else { (name, tp) })
+        .collect();
+    let missing = [(
+        "OFF_SK_FAMILY",
+        load::LoadError { reason: load::Reason::KernelLayout, detail: "BTF `struct sock` has no field".into() },
+    )];
+    let failed = load::attach_programs(&mut ebpf, &btf, &programs, &missing);
+    let why: HashMap<&str, load::Reason> = failed.iter().map(|(p, e)| (*p, e.reason)).collect();
+    eprintln!("left out: {failed:?}");
+    assert_eq!(
+        why,
+        HashMap::from([
+            ("kfree_skb", load::Reason::MissingTracepoint),
+            ("tcp_retransmit_skb", load::Reason::KernelLayout)
+        ]),
+    );
+    assert!(failed.iter().all(|(p, e)| e.to_string().contains(p)), "each reason names its program: {failed:?}");
+    // The rest run: loopback packets reach the network counting programs' map.
+    let rx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    rx.connect(rx.local_addr().expect("addr")).expect("connect");
+    rx.send(b"x").expect("send");
+    let map = aya::maps::PerCpuHashMap::<_, NetKey, NetValue>::try_from(ebpf.map(NET_MAP).expect("net map"))
+        .expect("per-CPU hash");
+    assert!(map.keys().count() > 0, "net_dev_xmit and netif_receive_skb attached and counting");
 }
 
 /// A loop device over a file on disk, detached on drop.

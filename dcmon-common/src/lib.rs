@@ -66,6 +66,38 @@ pub mod ebpf {
         (PROG_NET_DEV_XMIT, "net_dev_xmit"),
     ];
 
+    /// The programs the disk and network counters need: if one of them cannot load, the agent
+    /// uses procfs for disk and network I/O (the other programs are optional: each that cannot
+    /// load leaves only its own metrics absent).
+    pub const ESSENTIAL_PROGRAMS: [&str; 3] = [PROG_BLOCK_RQ_COMPLETE, PROG_NETIF_RECEIVE_SKB, PROG_NET_DEV_XMIT];
+
+    /// The offset globals ([`OFFSETS`], [`OFF_CSS_SET_MEMCG`]) each program reads: a program
+    /// whose fields the running kernel lacks is not loaded.
+    pub const PROGRAM_OFFSETS: [(&str, &[&str]); 9] = [
+        (
+            PROG_BLOCK_RQ_COMPLETE,
+            &[
+                "OFF_RQ_Q",
+                "OFF_RQ_CMD_FLAGS",
+                "OFF_RQ_DATA_LEN",
+                "OFF_Q_DISK",
+                "OFF_DISK_MAJOR",
+                "OFF_DISK_FIRST_MINOR",
+            ],
+        ),
+        (PROG_BLOCK_RQ_ISSUE, &["OFF_RQ_CMD_FLAGS"]),
+        (PROG_NETIF_RECEIVE_SKB, &["OFF_SKB_LEN", "OFF_SKB_DEV", "OFF_DEV_IFINDEX", "OFF_DEV_NET", "OFF_NET_NS_INUM"]),
+        (PROG_NET_DEV_XMIT, &["OFF_DEV_IFINDEX", "OFF_DEV_NET", "OFF_NET_NS_INUM"]),
+        (PROG_KFREE_SKB, &["OFF_SKB_DEV", "OFF_DEV_IFINDEX", "OFF_DEV_NET", "OFF_NET_NS_INUM"]),
+        (
+            PROG_TCP_RETRANSMIT_SKB,
+            &["OFF_SK_FAMILY", "OFF_SK_NET", "OFF_NET_NS_INUM", "OFF_SKB_HEAD", "OFF_SKB_END", "OFF_SHINFO_GSO_SEGS"],
+        ),
+        (PROG_TCP_SEND_RESET, &["OFF_SK_NET", "OFF_NET_NS_INUM", "OFF_SKB_DEV", "OFF_DEV_IFINDEX", "OFF_DEV_NET"]),
+        (PROG_TCP_RECEIVE_RESET, &["OFF_SK_NET", "OFF_NET_NS_INUM"]),
+        (PROG_MARK_VICTIM, &["OFF_TASK_CGROUPS", OFF_CSS_SET_MEMCG, "OFF_CSS_CGROUP", "OFF_CGROUP_KN", "OFF_KN_ID"]),
+    ];
+
     /// Kernel struct field offsets the programs read, as `.rodata` globals the loader sets from
     /// the running kernel's BTF (layouts differ between kernels and configs). Each global is a
     /// `u32` byte offset; the entries are `(global, struct, dotted field path, bytes read)`.
@@ -474,6 +506,17 @@ mod tests {
             // Flags above the op bits (REQ_SYNC, REQ_FUA...) must not change the group.
             assert!(op_group(op | 0x0800_0800) == want, "op {op}");
         }
+        // Every program says which offsets it reads, and every offset is read by one.
+        use super::ebpf::{OFF_CSS_SET_MEMCG, OFFSETS, PROGRAM_OFFSETS, PROGRAMS};
+        for (name, _) in PROGRAMS {
+            assert!(PROGRAM_OFFSETS.iter().any(|(p, _)| *p == name), "{name} has no offset list");
+        }
+        let is_global = |g: &str| g == OFF_CSS_SET_MEMCG || OFFSETS.iter().any(|o| o.0 == g);
+        for (p, needs) in PROGRAM_OFFSETS {
+            assert!(needs.iter().all(|n| is_global(n)), "{p}: {needs:?}");
+        }
+        let read = |g: &str| PROGRAM_OFFSETS.iter().any(|(_, n)| n.contains(&g));
+        assert!(OFFSETS.iter().all(|o| read(o.0)) && read(OFF_CSS_SET_MEMCG));
         let k = super::ebpf::DiskKey::new(259, 3);
         assert_eq!((k.major(), k.minor()), (259, 3));
         // Latency ops: READ, WRITE, FLUSH, DISCARD, SECURE_ERASE, WRITE_ZEROES, DRV_IN.

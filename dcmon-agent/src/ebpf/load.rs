@@ -7,7 +7,10 @@ use std::path::Path;
 
 use aya::programs::BtfTracePoint;
 use aya::{Ebpf, EbpfLoader};
-use dcmon_common::ebpf::{DROP_REASON_CONSUMED, DROP_REASONS, NETNS_FILTER, OFF_CSS_SET_MEMCG, OFFSETS, PROGRAMS};
+use dcmon_common::ebpf::{
+    DROP_REASON_CONSUMED, DROP_REASONS, ESSENTIAL_PROGRAMS, NETNS_FILTER, OFF_CSS_SET_MEMCG, OFFSETS, PROGRAM_OFFSETS,
+    PROGRAMS,
+};
 
 use super::btf::{Btf, BtfError};
 
@@ -137,7 +140,24 @@ fn read_btf(btf_path: &Path) -> Result<Vec<u8>, LoadError> {
 
 /// Field offsets of the running kernel, `(global name, offset)` in [`OFFSETS`] order.
 pub fn kernel_offsets(btf_path: &Path) -> Result<Vec<(&'static str, u32)>, LoadError> {
-    Ok(facts_from(btf_path, &read_btf(btf_path)?)?.0)
+    let facts = facts_from(btf_path, &read_btf(btf_path)?)?;
+    match facts.missing.into_iter().next() {
+        Some((_, e)) => Err(e),
+        None => Ok(facts.offsets),
+    }
+}
+
+/// What the loader reads from the kernel's BTF.
+#[derive(Debug)]
+pub struct KernelFacts {
+    /// `(global, offset)` of every offset global; 0 for the missing ones.
+    pub offsets: Vec<(&'static str, u32)>,
+    /// The globals whose field this kernel lacks, with why: their programs are not loaded.
+    pub missing: Vec<(&'static str, LoadError)>,
+    /// See [`drop_reasons`].
+    pub drop_reasons: DropReasonNames,
+    /// `SKB_CONSUMED`'s value (u32::MAX if none).
+    pub consumed: u32,
 }
 
 /// The label of drop reason counter `i` (see `dcmon_common::ebpf::DROP_REASONS`): the kernel's
@@ -166,24 +186,26 @@ fn drop_reasons(btf: &Btf) -> (DropReasonNames, u32) {
 }
 
 /// The offsets ([`kernel_offsets`]) and drop reasons ([`drop_reasons`]) from one BTF parse.
-fn facts_from(btf_path: &Path, data: &[u8]) -> Result<(Vec<(&'static str, u32)>, (DropReasonNames, u32)), LoadError> {
+fn facts_from(btf_path: &Path, data: &[u8]) -> Result<KernelFacts, LoadError> {
     let btf = Btf::parse(data)
         .map_err(|e| LoadError { reason: Reason::NoBtf, detail: format!("{}: {e}", btf_path.display()) })?;
-    let reasons = drop_reasons(&btf);
-    let offsets = OFFSETS
+    let (drop_reasons, consumed) = drop_reasons(&btf);
+    let found = OFFSETS
         .iter()
-        .map(|&(global, strukt, field, size)| {
-            btf.field_offset(strukt, field, size).map(|off| (global, off)).map_err(|e: BtfError| LoadError {
-                reason: Reason::KernelLayout,
-                detail: format!("{}: {e}", btf_path.display()),
-            })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let mut offsets = offsets;
-    let memcg = memcg_offset(&btf)
-        .map_err(|e| LoadError { reason: Reason::KernelLayout, detail: format!("{}: {e}", btf_path.display()) })?;
-    offsets.push((OFF_CSS_SET_MEMCG, memcg));
-    Ok((offsets, reasons))
+        .map(|&(global, strukt, field, size)| (global, btf.field_offset(strukt, field, size)))
+        .chain([(OFF_CSS_SET_MEMCG, memcg_offset(&btf))]);
+    let (mut offsets, mut missing) = (Vec::new(), Vec::new());
+    for (global, off) in found {
+        match off {
+            Ok(off) => offsets.push((global, off)),
+            Err(e) => {
+                offsets.push((global, 0));
+                let detail = format!("{}: {e}", btf_path.display());
+                missing.push((global, LoadError { reason: Reason::KernelLayout, detail }));
+            }
+        }
+    }
+    Ok(KernelFacts { offsets, missing, drop_reasons, consumed })
 }
 
 /// The offset of `subsys[memory_cgrp_id]` in `struct css_set`: the array's place, and the
@@ -213,24 +235,24 @@ fn raise_memlock() {
 /// Loads `object` with the running kernel's offsets, without attaching anything. `netns`:
 /// count only that network namespace's interfaces (None: every namespace). Also returns the
 /// kernel's BTF for attaching and the names of its drop reasons.
-pub fn load_object(object: &[u8], netns: Option<u32>) -> Result<(Ebpf, aya::Btf, DropReasonNames), LoadError> {
+pub fn load_object(object: &[u8], netns: Option<u32>) -> Result<(Ebpf, aya::Btf, KernelFacts), LoadError> {
     let path = Path::new(VMLINUX_BTF);
     let data = read_btf(path)?;
-    let (offsets, (reason_names, consumed)) = facts_from(path, &data)?;
+    let facts = facts_from(path, &data)?;
     let kernel_btf = aya::Btf::parse(&data, aya::Endianness::default())
         .map_err(|e| LoadError { reason: Reason::NoBtf, detail: format!("parsing {VMLINUX_BTF}: {e}") })?;
     drop(data);
     raise_memlock();
     let mut loader = EbpfLoader::new();
     loader.btf(Some(&kernel_btf));
-    for (global, off) in &offsets {
+    for (global, off) in &facts.offsets {
         loader.override_global(global, off, true);
     }
     let netns = netns.unwrap_or(0);
     loader.override_global(NETNS_FILTER, &netns, true);
-    loader.override_global(DROP_REASON_CONSUMED, &consumed, true);
+    loader.override_global(DROP_REASON_CONSUMED, &facts.consumed, true);
     let ebpf = loader.load(object).map_err(|e| classify("loading the BPF object", &e, false))?;
-    Ok((ebpf, kernel_btf, reason_names))
+    Ok((ebpf, kernel_btf, facts))
 }
 
 /// How many times a load that failed with a [`Reason::Transient`] error is tried in all, and
@@ -260,26 +282,70 @@ pub fn retry_transient<T>(mut attempt: impl FnMut() -> Result<T, LoadError>) -> 
     }
 }
 
-/// Loads `object` and attaches every program in [`PROGRAMS`], trying again on a transient
-/// error ([`retry_transient`]). Dropping the returned `Ebpf` detaches them.
-pub fn load_and_attach(object: &[u8], netns: Option<u32>) -> Result<(Ebpf, DropReasonNames), LoadError> {
+/// The loaded object, and the programs that could not be loaded or attached.
+#[derive(Debug)]
+pub struct Attached {
+    /// The object; dropping it detaches its programs.
+    pub ebpf: Ebpf,
+    /// See [`drop_reasons`].
+    pub drop_reasons: DropReasonNames,
+    /// Optional programs left out, with why (each leaves only its own metrics absent).
+    pub failed: Vec<(&'static str, LoadError)>,
+}
+
+/// Loads `object` and attaches every program in [`PROGRAMS`] it can, trying again on a
+/// transient error ([`retry_transient`]). Fails when one of the [`ESSENTIAL_PROGRAMS`] cannot
+/// be attached; any other program that cannot is left out and listed in [`Attached::failed`].
+pub fn load_and_attach(object: &[u8], netns: Option<u32>) -> Result<Attached, LoadError> {
     // A failed attempt's `Ebpf` is dropped, detaching whatever it had attached.
     retry_transient(|| load_and_attach_once(object, netns))
 }
 
-fn load_and_attach_once(object: &[u8], netns: Option<u32>) -> Result<(Ebpf, DropReasonNames), LoadError> {
-    let (mut ebpf, btf, reasons) = load_object(object, netns)?;
-    for (name, tracepoint) in PROGRAMS {
-        let step = format!("program {name} (tp_btf/{tracepoint})");
-        let prog: &mut BtfTracePoint = ebpf
-            .program_mut(name)
-            .ok_or_else(|| LoadError { reason: Reason::Other, detail: format!("{step}: not in the embedded object") })?
-            .try_into()
-            .map_err(|e| classify(&step, &e, false))?;
-        prog.load(tracepoint, &btf).map_err(|e| classify(&format!("{step}: load"), &e, false))?;
-        prog.attach().map_err(|e| classify(&format!("{step}: attach"), &e, true))?;
+fn load_and_attach_once(object: &[u8], netns: Option<u32>) -> Result<Attached, LoadError> {
+    let (mut ebpf, btf, facts) = load_object(object, netns)?;
+    let failed = attach_programs(&mut ebpf, &btf, &PROGRAMS, &facts.missing);
+    let transient = failed.iter().find(|(_, e)| e.reason == Reason::Transient);
+    let essential = failed.iter().find(|(name, _)| ESSENTIAL_PROGRAMS.contains(name));
+    if let Some((_, e)) = transient.or(essential) {
+        return Err(LoadError { reason: e.reason, detail: e.detail.clone() });
     }
-    Ok((ebpf, reasons))
+    Ok(Attached { ebpf, drop_reasons: facts.drop_reasons, failed })
+}
+
+/// Loads and attaches each of `programs` (name, tracepoint) that it can, and says why for the
+/// others: a field in `missing` that it reads, a tracepoint this kernel lacks, the verifier.
+pub fn attach_programs(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    programs: &[(&'static str, &'static str)],
+    missing: &[(&'static str, LoadError)],
+) -> Vec<(&'static str, LoadError)> {
+    let mut failed = Vec::new();
+    for &(name, tracepoint) in programs {
+        let step = format!("program {name} (tp_btf/{tracepoint})");
+        let needs = PROGRAM_OFFSETS.iter().find(|(p, _)| *p == name).map_or(&[][..], |(_, n)| *n);
+        if let Some((_, e)) = missing.iter().find(|(global, _)| needs.contains(global)) {
+            failed.push((name, LoadError { reason: e.reason, detail: format!("{step}: {}", e.detail) }));
+            continue;
+        }
+        let attached = (|| {
+            let prog: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| LoadError {
+                    reason: Reason::Other,
+                    detail: format!("{step}: not in the embedded object"),
+                })?
+                .try_into()
+                .map_err(|e| classify(&step, &e, false))?;
+            prog.load(tracepoint, btf).map_err(|e| classify(&format!("{step}: load"), &e, false))?;
+            prog.attach().map_err(|e| classify(&format!("{step}: attach"), &e, true))?;
+            Ok(())
+        })();
+        if let Err(e) = attached {
+            failed.push((name, e));
+        }
+    }
+    failed
 }
 
 #[cfg(test)]

@@ -82,6 +82,8 @@ pub struct Probes {
     net_slots: Mutex<slots::SlotTable<NetKey>>,
     /// Label of each drop reason counter (see [`load::DropReasonNames`]).
     drop_reasons: load::DropReasonNames,
+    /// Optional programs that could not be loaded, with why.
+    failed: Vec<(&'static str, String)>,
 }
 
 /// Per-program counters from `kernel.bpf_stats_enabled`.
@@ -113,7 +115,11 @@ impl Probes {
     /// Loads the embedded object and attaches every program, counting the interfaces of
     /// network namespace `netns` (its inode number; None: every namespace).
     pub fn attach(netns: Option<u32>) -> Result<Self, LoadError> {
-        let (ebpf, drop_reasons) = load::load_and_attach(load::OBJECT, netns)?;
+        let load::Attached { ebpf, drop_reasons, failed } = load::load_and_attach(load::OBJECT, netns)?;
+        for (program, e) in &failed {
+            tracing::warn!("eBPF program {program} not loaded, its metrics are absent: {e}");
+        }
+        let failed = failed.into_iter().map(|(p, e)| (p, e.to_string())).collect();
         release_freed_heap();
         let ncpus = maps::possible_cpus()
             .map_err(|e| LoadError { reason: Reason::Other, detail: format!("counting possible CPUs: {e}") })?;
@@ -123,6 +129,7 @@ impl Probes {
             disk_slots: Mutex::new(slots::disk_slots()),
             net_slots: Mutex::new(slots::net_slots()),
             drop_reasons,
+            failed,
         })
     }
 
@@ -184,6 +191,16 @@ impl Probes {
         let n = self.ncpus;
         let found = self.with_map_fd(NET_DROP_MAP, |fd| maps::lookup_percpu(fd, n, &[slot], add_drops))?;
         Ok(found.into_iter().next().map(|(_, v)| v).unwrap_or_default())
+    }
+
+    /// Whether program `name` is loaded and attached.
+    pub fn attached(&self, name: &str) -> bool {
+        !self.failed.iter().any(|(p, _)| *p == name)
+    }
+
+    /// The optional programs that could not be loaded, with why.
+    pub fn failed_programs(&self) -> &[(&'static str, String)] {
+        &self.failed
     }
 
     /// OOM kills per victim memory cgroup id since the programs were loaded.
@@ -298,6 +315,7 @@ impl Probes {
         let ebpf = self.ebpf.lock().map_err(|_| anyhow!("eBPF state poisoned by an earlier panic"))?;
         PROGRAMS
             .iter()
+            .filter(|(program, _)| self.attached(program))
             .map(|&(program, _)| {
                 let prog = ebpf.program(program).ok_or_else(|| anyhow!("program {program} not loaded"))?;
                 let c = maps::prog_counters(prog.fd()?.as_fd())

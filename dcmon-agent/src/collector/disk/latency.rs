@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use dcmon_common::ebpf::{
-    DiskKey, LAT_BUCKETS, LAT_OP_NAMES, LAT_OPS, LatencyHist, OVERFLOW_SLOT, lat_bucket_bound_ns,
+    DiskKey, LAT_BUCKETS, LAT_OP_NAMES, LAT_OPS, LatencyHist, OVERFLOW_SLOT, PROG_BLOCK_RQ_ISSUE, lat_bucket_bound_ns,
 };
 
 use crate::batch::{DISK_IO_LATENCY, Labels, Sample};
@@ -103,11 +103,14 @@ impl DiskLatency {
                 out.extend(histogram_samples(&labels, &hist));
             }
         }
-        let overflow: u64 = self.probes.disk_latency(OVERFLOW_SLOT)?.iter().map(count).sum();
-        out.push(
-            Sample::count("dcmon_ebpf_overflow_total", overflow.wrapping_sub(self.overflow_start))
-                .label("map", "disk_latency"),
-        );
+        // Without the issue program nothing is timed: no overflow count either.
+        if self.probes.attached(PROG_BLOCK_RQ_ISSUE) {
+            let overflow: u64 = self.probes.disk_latency(OVERFLOW_SLOT)?.iter().map(count).sum();
+            out.push(
+                Sample::count("dcmon_ebpf_overflow_total", overflow.wrapping_sub(self.overflow_start))
+                    .label("map", "disk_latency"),
+            );
+        }
         Ok(())
     }
 }

@@ -7,7 +7,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use dcmon_common::ebpf::{DropCounts, NO_DEVICE_SLOT, NetKey, OVERFLOW_SLOT, TCP_FAMILIES, TcpCounts};
+use dcmon_common::ebpf::{
+    DropCounts, NO_DEVICE_SLOT, NetKey, OVERFLOW_SLOT, PROG_KFREE_SKB, PROG_TCP_RECEIVE_RESET, PROG_TCP_RETRANSMIT_SKB,
+    PROG_TCP_SEND_RESET, TCP_FAMILIES, TcpCounts,
+};
 
 use crate::batch::Sample;
 use crate::ebpf::Probes;
@@ -89,21 +92,32 @@ impl NetDrops {
         }
         let now = self.probes.net_drops(NO_DEVICE_SLOT)?;
         self.push(&now, &self.no_device_start, None, out);
-        let overflow: u64 = self.probes.net_drops(OVERFLOW_SLOT)?.reasons.iter().sum();
-        out.push(
-            Sample::count("dcmon_ebpf_overflow_total", overflow.wrapping_sub(self.overflow_start))
-                .label("map", "net_drops"),
-        );
+        if self.probes.attached(PROG_KFREE_SKB) {
+            let overflow: u64 = self.probes.net_drops(OVERFLOW_SLOT)?.reasons.iter().sum();
+            out.push(
+                Sample::count("dcmon_ebpf_overflow_total", overflow.wrapping_sub(self.overflow_start))
+                    .label("map", "net_drops"),
+            );
+        }
+        // Each counter only while its program runs: a program that could not load leaves its
+        // metric absent, not zero.
         let (tcp, start) = (self.probes.tcp_counts()?, &self.tcp_start);
-        for (i, family) in TCP_FAMILIES.iter().enumerate() {
-            let n = tcp.retrans_segs[i].wrapping_sub(start.retrans_segs[i]);
-            // The families a host has, and any other once it has retransmitted.
-            if i < 2 || n > 0 {
-                out.push(Sample::count("tcp_retransmits_total", n).label("family", *family));
+        if self.probes.attached(PROG_TCP_RETRANSMIT_SKB) {
+            for (i, family) in TCP_FAMILIES.iter().enumerate() {
+                let n = tcp.retrans_segs[i].wrapping_sub(start.retrans_segs[i]);
+                // The families a host has, and any other once it has retransmitted.
+                if i < 2 || n > 0 {
+                    out.push(Sample::count("tcp_retransmits_total", n).label("family", *family));
+                }
             }
         }
-        out.push(Sample::count("tcp_resets_sent_total", tcp.resets_sent.wrapping_sub(start.resets_sent)));
-        out.push(Sample::count("tcp_resets_received_total", tcp.resets_received.wrapping_sub(start.resets_received)));
+        if self.probes.attached(PROG_TCP_SEND_RESET) {
+            out.push(Sample::count("tcp_resets_sent_total", tcp.resets_sent.wrapping_sub(start.resets_sent)));
+        }
+        if self.probes.attached(PROG_TCP_RECEIVE_RESET) {
+            let n = tcp.resets_received.wrapping_sub(start.resets_received);
+            out.push(Sample::count("tcp_resets_received_total", n));
+        }
         Ok(())
     }
 
