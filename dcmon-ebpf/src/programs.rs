@@ -225,9 +225,17 @@ pub fn block_rq_issue(ctx: BtfTracePointContext) -> i32 {
     if let Some(cmd_flags) = read::<u32>(rq as usize, off(&OFF_RQ_CMD_FLAGS))
         && lat_op(cmd_flags).is_some()
     {
-        // SAFETY: a helper call on a valid map. A requeued request is stamped again.
+        // SAFETY: a helper call.
         let now = unsafe { bpf_ktime_get_ns() };
-        let _ = DCMON_RQ_START.insert(&rq, &now, 0);
+        // Requests come from each queue's fixed pool, so their addresses recur: after the first
+        // use of a request, stamping it is a lookup and a store, without a map update.
+        match DCMON_RQ_START.get_ptr_mut(&rq) {
+            // SAFETY: a value pointer the lookup returned. A requeued request is stamped again.
+            Some(stamp) => unsafe { *stamp = now },
+            None => {
+                let _ = DCMON_RQ_START.insert(&rq, &now, 0);
+            }
+        }
     }
     0
 }
@@ -251,10 +259,14 @@ fn disk_slot(dev: u32) -> u32 {
 /// without a stamp (issued before the programs attached, or evicted) is not timed.
 #[inline(always)]
 fn time_request(rq: u64, dev: u32, op: u32) {
-    let Some(start) = DCMON_RQ_START.get_ptr(&rq) else { return };
-    // SAFETY: a value pointer the lookup returned; read before the delete frees it.
-    let start = unsafe { core::ptr::read_volatile(start) };
-    let _ = DCMON_RQ_START.remove(&rq);
+    let Some(stamp) = DCMON_RQ_START.get_ptr_mut(&rq) else { return };
+    // SAFETY: a value pointer the lookup returned. The stamp is cleared, not deleted (the
+    // address comes back with the next request from the pool); a completion that no issue
+    // stamped since (ended without being started) finds 0 and is not timed.
+    let start = unsafe { core::ptr::replace(stamp, 0) };
+    if start == 0 {
+        return;
+    }
     // SAFETY: a helper call.
     let ns = unsafe { bpf_ktime_get_ns() }.wrapping_sub(start);
     let Some(hist) = DCMON_DISK_LAT.get_ptr_mut(disk_slot(dev) * LAT_OPS + op) else { return };
