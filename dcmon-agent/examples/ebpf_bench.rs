@@ -8,6 +8,12 @@
 //!   loop request and for the backing file's request on the real disk);
 //! - the programs' in-kernel run time per run from BPF_ENABLE_STATS (a separate run: the
 //!   stats accounting itself costs time);
+//! - one round's read of the per-CPU arrays of one disk's latency histograms (4 lookups of 216
+//!   bytes per CPU) and one interface's drop counters (1 lookup of 1,280 bytes per CPU): the time
+//!   per CPU copy, and what a round of 16 disks and 32 interfaces costs at 256 CPUs from it;
+//! - `ebpf_bench memory`: the peak resident memory (VmHWM) of a fresh process that does only
+//!   one step of the load each: nothing, read /sys/kernel/btf/vmlinux, our offset parse, aya's
+//!   BTF parse, and the whole attach;
 //! - one full read of the network map (BPF_MAP_LOOKUP_BATCH, and aya's per-key iteration for
 //!   comparison) with 10, 1,000 and 10,000 interfaces (veth pairs) in a namespace.
 #![allow(clippy::print_stdout, reason = "a benchmark prints its numbers")]
@@ -114,6 +120,36 @@ fn in_kernel_stats(dev: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The per-CPU array reads of the latency histograms and drop counters.
+fn slot_reads() -> anyhow::Result<()> {
+    use dcmon_common::ebpf::{DISK_SLOTS, LAT_OPS, NET_SLOTS};
+    let probes = Probes::attach(None)?;
+    let ncpus = dcmon_agent::ebpf::maps::possible_cpus()?;
+    let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        let mut v = Vec::new();
+        for _ in 0..201 {
+            let s = Instant::now();
+            f()?;
+            v.push(s.elapsed().as_nanos() as f64);
+        }
+        Ok(median(v))
+    };
+    let lat_ns = time(&mut || probes.disk_latency(DISK_SLOTS - 1).map(|_| ()))?;
+    let drop_ns = time(&mut || probes.net_drops(NET_SLOTS - 1).map(|_| ()))?;
+    let lat_copies = (LAT_OPS as usize * ncpus) as f64;
+    let (lat_per_copy, drop_per_copy) = (lat_ns / lat_copies, drop_ns / ncpus as f64);
+    println!(
+        "slot read, {ncpus} possible CPUs: one disk's latency histograms {:.1} us ({lat_per_copy:.0} ns per CPU copy of 216 B), one interface's drops {:.1} us ({drop_per_copy:.0} ns per CPU copy of 1,280 B)",
+        lat_ns / 1e3,
+        drop_ns / 1e3
+    );
+    // A round at 256 CPUs, if each copy costs what it costs here (the syscall's fixed part is
+    // counted 256 times over: an upper bound).
+    let round_us = (16.0 * LAT_OPS as f64 * lat_per_copy + 32.0 * drop_per_copy) * 256.0 / 1e3;
+    println!("slot read projected for 256 CPUs, 16 disks and 32 interfaces: {round_us:.0} us per round");
+    Ok(())
+}
+
 fn map_reads() -> anyhow::Result<()> {
     let probes = Probes::attach(None)?;
     let ns = format!("dcmon-bench{}", std::process::id());
@@ -167,7 +203,47 @@ fn map_reads() -> anyhow::Result<()> {
     result
 }
 
+/// VmHWM of this process, in KiB.
+fn peak_kib() -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).context("no VmHWM in /proc/self/status")?;
+    line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).context("VmHWM value")
+}
+
+/// Runs one load step in this (fresh) process and prints its peak.
+fn memory_step(step: &str) -> anyhow::Result<()> {
+    let path = std::path::Path::new(dcmon_agent::ebpf::load::VMLINUX_BTF);
+    match step {
+        "nothing" => {}
+        "read" => drop(std::fs::read(path)?),
+        "offsets" => drop(dcmon_agent::ebpf::load::kernel_offsets(path)?),
+        "aya" => drop(aya::Btf::parse(&std::fs::read(path)?, aya::Endianness::default())?),
+        "attach" => drop(Probes::attach(None)?),
+        other => bail!("unknown step {other}"),
+    }
+    println!("{}", peak_kib()?);
+    Ok(())
+}
+
+/// The peak of each load step, each in a process of its own.
+fn memory() -> anyhow::Result<()> {
+    let exe = std::env::current_exe()?;
+    for step in ["nothing", "read", "offsets", "aya", "attach"] {
+        let out = Command::new(&exe).args(["memory-step", step]).output()?;
+        if !out.status.success() {
+            bail!("memory step {step}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        println!("load memory, {step}: VmHWM {} KiB", String::from_utf8_lossy(&out.stdout).trim());
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
+    match (std::env::args().nth(1).as_deref(), std::env::args().nth(2)) {
+        (Some("memory-step"), Some(step)) => return memory_step(&step),
+        (Some("memory"), _) => return memory(),
+        _ => {}
+    }
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("run as root: the benchmark attaches BPF programs and creates a loop device");
@@ -183,6 +259,7 @@ fn main() -> anyhow::Result<()> {
         compare("loopback UDP 64-byte packet, send+receive", "packet", udp_loopback)?;
         compare("4 KiB O_DIRECT read of a loop device", "read", || direct_reads(&dev))?;
         in_kernel_stats(&dev)?;
+        slot_reads()?;
         // `ebpf_bench events` skips the slow part (creating 10,000 interfaces).
         if std::env::args().nth(1).as_deref() == Some("events") {
             return Ok(());

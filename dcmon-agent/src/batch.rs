@@ -73,6 +73,65 @@ impl Sample {
     }
 }
 
+/// A Prometheus histogram family the agent sends, as the 1.0 remote_write and the text format
+/// carry classic histograms: one cumulative `<family>_bucket` counter per bound with an `le`
+/// label (the last `+Inf`, equal to `_count`), `<family>_sum` and `<family>_count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HistogramFamily {
+    /// The family name, e.g. `disk_io_latency_seconds`.
+    pub family: &'static str,
+    /// `<family>_bucket`.
+    pub bucket: &'static str,
+    /// `<family>_sum`.
+    pub sum: &'static str,
+    /// `<family>_count`.
+    pub count: &'static str,
+}
+
+/// The label of a histogram bucket's upper bound.
+pub const LE_LABEL: &str = "le";
+
+/// Disk I/O latency, issue to completion (README, Metrics).
+pub const DISK_IO_LATENCY: HistogramFamily = HistogramFamily {
+    family: "disk_io_latency_seconds",
+    bucket: "disk_io_latency_seconds_bucket",
+    sum: "disk_io_latency_seconds_sum",
+    count: "disk_io_latency_seconds_count",
+};
+
+/// Every histogram family the agent sends.
+pub const HISTOGRAM_FAMILIES: [HistogramFamily; 1] = [DISK_IO_LATENCY];
+
+/// The histogram family a sample name belongs to, if it is one's bucket, sum or count.
+pub fn histogram_family(name: &str) -> Option<&'static HistogramFamily> {
+    HISTOGRAM_FAMILIES.iter().find(|h| name == h.bucket || name == h.sum || name == h.count)
+}
+
+impl HistogramFamily {
+    /// The samples of one histogram with `labels`: `buckets` are (upper bound in the unit of
+    /// the family, count in that bucket alone) in increasing bound order, `overflow` the count
+    /// above the last bound; the bucket samples are cumulative, the last one `le="+Inf"`.
+    pub fn samples(&self, labels: &Labels, buckets: &[(f64, u64)], overflow: u64, sum: f64) -> Vec<Sample> {
+        let mut out = Vec::with_capacity(buckets.len() + 3);
+        let mut cumulative = 0;
+        for &(bound, n) in buckets {
+            cumulative += n;
+            // Display: the shortest decimal that reads back as the bound, never in exponent
+            // form, so a bound's label value is the same string in every output.
+            let le = Sample { name: self.bucket, value: Value::Count(cumulative), labels: labels.clone() };
+            out.push(le.label(LE_LABEL, bound.to_string()));
+        }
+        cumulative += overflow;
+        out.push(
+            Sample { name: self.bucket, value: Value::Count(cumulative), labels: labels.clone() }
+                .label(LE_LABEL, "+Inf"),
+        );
+        out.push(Sample { name: self.sum, value: Value::Gauge(sum), labels: labels.clone() });
+        out.push(Sample { name: self.count, value: Value::Count(cumulative), labels: labels.clone() });
+        out
+    }
+}
+
 /// A batch ready to send: every metric carries the batch's timestamp.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Batch {

@@ -41,17 +41,67 @@ pub mod ebpf {
     pub const PROG_NETIF_RECEIVE_SKB: &str = "netif_receive_skb";
     /// `tp_btf/net_dev_xmit`: counts transmitted packets and bytes per interface.
     pub const PROG_NET_DEV_XMIT: &str = "net_dev_xmit";
+    /// `tp_btf/block_rq_issue`: stamps a request's issue time for the latency histogram.
+    pub const PROG_BLOCK_RQ_ISSUE: &str = "block_rq_issue";
+    /// `tp_btf/kfree_skb`: counts dropped packets per interface and reason.
+    pub const PROG_KFREE_SKB: &str = "kfree_skb";
+    /// `tp_btf/tcp_retransmit_skb`: counts retransmitted TCP segments per address family.
+    pub const PROG_TCP_RETRANSMIT_SKB: &str = "tcp_retransmit_skb";
+    /// `tp_btf/tcp_send_reset`: counts TCP resets sent.
+    pub const PROG_TCP_SEND_RESET: &str = "tcp_send_reset";
+    /// `tp_btf/tcp_receive_reset`: counts TCP resets received.
+    pub const PROG_TCP_RECEIVE_RESET: &str = "tcp_receive_reset";
+    /// `tp_btf/mark_victim`: counts OOM kills per memory cgroup.
+    pub const PROG_MARK_VICTIM: &str = "mark_victim";
     /// (program name, kernel tracepoint it attaches to) for every program in the object.
-    pub const PROGRAMS: [(&str, &str); 3] = [
+    pub const PROGRAMS: [(&str, &str); 9] = [
+        (PROG_MARK_VICTIM, "mark_victim"),
+        (PROG_TCP_RETRANSMIT_SKB, "tcp_retransmit_skb"),
+        (PROG_TCP_SEND_RESET, "tcp_send_reset"),
+        (PROG_TCP_RECEIVE_RESET, "tcp_receive_reset"),
+        (PROG_KFREE_SKB, "kfree_skb"),
+        (PROG_BLOCK_RQ_ISSUE, "block_rq_issue"),
         (PROG_BLOCK_RQ_COMPLETE, "block_rq_complete"),
         (PROG_NETIF_RECEIVE_SKB, "netif_receive_skb"),
         (PROG_NET_DEV_XMIT, "net_dev_xmit"),
     ];
 
+    /// The programs the disk and network counters need: if one of them cannot load, the agent
+    /// uses procfs for disk and network I/O (the other programs are optional: each that cannot
+    /// load leaves only its own metrics absent).
+    pub const ESSENTIAL_PROGRAMS: [&str; 3] = [PROG_BLOCK_RQ_COMPLETE, PROG_NETIF_RECEIVE_SKB, PROG_NET_DEV_XMIT];
+
+    /// The offset globals ([`OFFSETS`], [`OFF_CSS_SET_MEMCG`]) each program reads: a program
+    /// whose fields the running kernel lacks is not loaded.
+    pub const PROGRAM_OFFSETS: [(&str, &[&str]); 9] = [
+        (
+            PROG_BLOCK_RQ_COMPLETE,
+            &[
+                "OFF_RQ_Q",
+                "OFF_RQ_CMD_FLAGS",
+                "OFF_RQ_DATA_LEN",
+                "OFF_Q_DISK",
+                "OFF_DISK_MAJOR",
+                "OFF_DISK_FIRST_MINOR",
+            ],
+        ),
+        (PROG_BLOCK_RQ_ISSUE, &["OFF_RQ_CMD_FLAGS"]),
+        (PROG_NETIF_RECEIVE_SKB, &["OFF_SKB_LEN", "OFF_SKB_DEV", "OFF_DEV_IFINDEX", "OFF_DEV_NET", "OFF_NET_NS_INUM"]),
+        (PROG_NET_DEV_XMIT, &["OFF_DEV_IFINDEX", "OFF_DEV_NET", "OFF_NET_NS_INUM"]),
+        (PROG_KFREE_SKB, &["OFF_SKB_DEV", "OFF_DEV_IFINDEX", "OFF_DEV_NET", "OFF_NET_NS_INUM"]),
+        (
+            PROG_TCP_RETRANSMIT_SKB,
+            &["OFF_SK_FAMILY", "OFF_SK_NET", "OFF_NET_NS_INUM", "OFF_SKB_HEAD", "OFF_SKB_END", "OFF_SHINFO_GSO_SEGS"],
+        ),
+        (PROG_TCP_SEND_RESET, &["OFF_SK_NET", "OFF_NET_NS_INUM", "OFF_SKB_DEV", "OFF_DEV_IFINDEX", "OFF_DEV_NET"]),
+        (PROG_TCP_RECEIVE_RESET, &["OFF_SK_NET", "OFF_NET_NS_INUM"]),
+        (PROG_MARK_VICTIM, &["OFF_TASK_CGROUPS", OFF_CSS_SET_MEMCG, "OFF_CSS_CGROUP", "OFF_CGROUP_KN", "OFF_KN_ID"]),
+    ];
+
     /// Kernel struct field offsets the programs read, as `.rodata` globals the loader sets from
     /// the running kernel's BTF (layouts differ between kernels and configs). Each global is a
     /// `u32` byte offset; the entries are `(global, struct, dotted field path, bytes read)`.
-    pub const OFFSETS: [(&str, &str, &str, u32); 11] = [
+    pub const OFFSETS: [(&str, &str, &str, u32); 20] = [
         ("OFF_RQ_Q", "request", "q", 8),
         ("OFF_RQ_CMD_FLAGS", "request", "cmd_flags", 4),
         ("OFF_RQ_DATA_LEN", "request", "__data_len", 4),
@@ -63,7 +113,26 @@ pub mod ebpf {
         ("OFF_DEV_IFINDEX", "net_device", "ifindex", 4),
         ("OFF_DEV_NET", "net_device", "nd_net.net", 8),
         ("OFF_NET_NS_INUM", "net", "ns.inum", 4),
+        ("OFF_SK_FAMILY", "sock", "__sk_common.skc_family", 2),
+        ("OFF_SK_NET", "sock", "__sk_common.skc_net.net", 8),
+        ("OFF_SKB_HEAD", "sk_buff", "head", 8),
+        ("OFF_SKB_END", "sk_buff", "end", 4),
+        ("OFF_SHINFO_GSO_SEGS", "skb_shared_info", "gso_segs", 2),
+        ("OFF_TASK_CGROUPS", "task_struct", "cgroups", 8),
+        ("OFF_CSS_CGROUP", "cgroup_subsys_state", "cgroup", 8),
+        ("OFF_CGROUP_KN", "cgroup", "kn", 8),
+        ("OFF_KN_ID", "kernfs_node", "id", 8),
     ];
+
+    /// `.rodata` global: the byte offset of the memory controller's state in `struct css_set`
+    /// (`subsys[memory_cgrp_id]`, both from the running kernel's BTF).
+    pub const OFF_CSS_SET_MEMCG: &str = "OFF_CSS_SET_MEMCG";
+
+    /// Hash map `memory cgroup id -> OOM kills`: the victims' memory cgroups (the kernfs node
+    /// id, which is the cgroup directory's inode number). OOM kills are rare, so a hash.
+    pub const OOM_MAP: &str = "DCMON_OOM";
+    /// Most memory cgroups with OOM kills tracked.
+    pub const OOM_MAP_ENTRIES: u32 = 4096;
 
     /// `.rodata` global: count only interfaces of the network namespace with this inode number
     /// (the agent's own, whose /proc/net/dev it reports); 0 counts every namespace. Container
@@ -74,6 +143,8 @@ pub mod ebpf {
     pub const REQ_OP_MASK: u32 = 0xff;
     /// `REQ_OP_READ`.
     pub const REQ_OP_READ: u32 = 0;
+    /// `REQ_OP_FLUSH`.
+    pub const REQ_OP_FLUSH: u32 = 2;
     /// `REQ_OP_DISCARD`: odd like a write, but /proc/diskstats counts it apart.
     pub const REQ_OP_DISCARD: u32 = 3;
     /// `REQ_OP_SECURE_ERASE`: a discard for accounting.
@@ -149,7 +220,7 @@ pub mod ebpf {
     /// An interface: its ifindex within one network namespace (ifindexes repeat across
     /// namespaces, so the namespace's inode number is part of the key).
     #[repr(C)]
-    #[derive(Clone, Copy, PartialEq, Eq, Debug, Hash)]
+    #[derive(Clone, Copy, Default, PartialEq, Eq, Debug, Hash)]
     pub struct NetKey {
         /// `net_device.ifindex`.
         pub ifindex: u32,
@@ -172,12 +243,217 @@ pub mod ebpf {
         pub tx_bytes: u64,
     }
 
+    /// Per-CPU array of [`LatencyHist`], indexed by `slot * LAT_OPS + op`: I/O latency per disk
+    /// slot and operation, filled on the final completion of a request the programs saw issued.
+    pub const DISK_LAT_MAP: &str = "DCMON_DISK_LAT";
+    /// Array of [`DiskSlot`], [`SLOT_TABLE_ENTRIES`] long: the agent's disk slots, direct-mapped
+    /// by [`slot_table_index`] with up to [`SLOT_PROBES`] linear probes, so that the completion
+    /// program finds a disk's slot with inlined array loads instead of a hash lookup.
+    pub const DISK_SLOT_MAP: &str = "DCMON_DISK_SLOT";
+    /// LRU hash `request pointer -> issue time (ns)`, set at `block_rq_issue` and taken at the
+    /// final `block_rq_complete`. LRU so that requests that never complete are evicted instead
+    /// of filling it; completions without a stamp (issued before attach, or evicted) are not
+    /// timed.
+    pub const RQ_START_MAP: &str = "DCMON_RQ_START";
+    /// Requests in flight that can be timed at once (far above any queue depth sum in practice).
+    pub const RQ_START_ENTRIES: u32 = 16384;
+    /// Disk slots, slot [`OVERFLOW_SLOT`] included.
+    pub const DISK_SLOTS: u32 = 64;
+    /// The slot of disks the agent has not given one (yet, or because all are taken): their I/O
+    /// is timed there, so it is counted rather than lost.
+    pub const OVERFLOW_SLOT: u32 = 0;
+    /// Entries of the direct-mapped slot table (a power of two).
+    pub const SLOT_TABLE_ENTRIES: u32 = 1024;
+    /// Entries the program probes from a disk's home index.
+    pub const SLOT_PROBES: u32 = 4;
+    /// Operations timed: read, write, flush, discard (the order of `op` in the map index).
+    pub const LAT_OPS: u32 = 4;
+    /// Names of the timed operations, in index order (the `op` label).
+    pub const LAT_OP_NAMES: [&str; LAT_OPS as usize] = ["read", "write", "flush", "discard"];
+    /// Log2 latency buckets: bucket `k < LAT_BUCKETS - 1` counts latencies below
+    /// `2^(k + LAT_SHIFT)` ns (from 1.024 µs to 17.18 s); the last one counts the rest.
+    pub const LAT_BUCKETS: u32 = 26;
+    /// Bucket 0's bound is `2^LAT_SHIFT` ns.
+    pub const LAT_SHIFT: u32 = 10;
+
+    /// Per-CPU array of [`DropCounts`], indexed by interface slot: packet drops by reason.
+    pub const NET_DROP_MAP: &str = "DCMON_NET_DROP";
+    /// Array of [`NetSlot`], [`SLOT_TABLE_ENTRIES`] long: the agent's interface slots,
+    /// direct-mapped by [`net_slot_table_index`] with up to [`SLOT_PROBES`] probes.
+    pub const NET_SLOT_MAP: &str = "DCMON_NET_SLOT";
+    /// Interface slots, the overflow and no-device slots included.
+    pub const NET_SLOTS: u32 = 32;
+    /// Drops of packets without a device (`skb->dev` NULL, e.g. at a socket).
+    pub const NO_DEVICE_SLOT: u32 = 1;
+    /// Drop reasons counted by value; values at or above `DROP_REASONS - 1` (subsystem reasons
+    /// such as mac80211's, which have high bits set) share the last counter.
+    pub const DROP_REASONS: u32 = 160;
+    /// `.rodata` global: the running kernel's `SKB_CONSUMED` value (from BTF), a normal end of
+    /// life that is not counted; `u32::MAX` where the kernel has none.
+    pub const DROP_REASON_CONSUMED: &str = "DROP_REASON_CONSUMED";
+    /// `SKB_NOT_DROPPED_YET`: a free that is not a drop, on every kernel with drop reasons.
+    pub const SKB_NOT_DROPPED_YET: u32 = 0;
+
+    /// Per-CPU array of one [`TcpCounts`]: TCP retransmits and resets.
+    pub const TCP_MAP: &str = "DCMON_TCP";
+    /// Address families of [`TcpCounts::retrans_segs`], in index order (the `family` label);
+    /// the last is any other family.
+    pub const TCP_FAMILIES: [&str; 3] = ["ipv4", "ipv6", "other"];
+    /// `AF_INET`.
+    pub const AF_INET: u16 = 2;
+    /// `AF_INET6`.
+    pub const AF_INET6: u16 = 10;
+
+    /// TCP events of the counted network namespace on one CPU.
+    #[repr(C)]
+    #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+    pub struct TcpCounts {
+        /// Segments retransmitted (`tcp_skb_pcount` of each retransmitted skb, as
+        /// /proc/net/snmp's RetransSegs counts them), by [`TCP_FAMILIES`] index.
+        pub retrans_segs: [u64; 3],
+        /// Resets sent (`tcp_send_reset`).
+        pub resets_sent: u64,
+        /// Resets received (`tcp_receive_reset`).
+        pub resets_received: u64,
+    }
+
+    /// One interface slot table entry: (namespace, ifindex) `key` has `slot` (slot 0: empty).
+    #[repr(C)]
+    #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+    pub struct NetSlot {
+        /// The interface.
+        pub key: NetKey,
+        /// Its slot, 2 to `NET_SLOTS - 1`; 0 marks an empty entry.
+        pub slot: u32,
+    }
+
+    /// Drops per reason of one interface slot on one CPU.
+    #[repr(C)]
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub struct DropCounts {
+        /// Indexed by `enum skb_drop_reason` value (see [`DROP_REASONS`]).
+        pub reasons: [u64; DROP_REASONS as usize],
+    }
+
+    impl Default for DropCounts {
+        fn default() -> Self {
+            Self { reasons: [0; DROP_REASONS as usize] }
+        }
+    }
+
+    /// Home index of interface `key` in the interface slot table.
+    #[inline(always)]
+    pub const fn net_slot_table_index(key: NetKey) -> u32 {
+        (key.ifindex ^ key.netns.wrapping_mul(97)) & (SLOT_TABLE_ENTRIES - 1)
+    }
+
+    /// The latency operation index of a request's `cmd_flags`, or None for ops not timed
+    /// (passthrough, zone management).
+    #[inline(always)]
+    pub const fn lat_op(cmd_flags: u32) -> Option<u32> {
+        let op = cmd_flags & REQ_OP_MASK;
+        if op >= REQ_OP_DRV_IN {
+            None
+        } else if op == REQ_OP_READ {
+            Some(0)
+        } else if op == REQ_OP_FLUSH {
+            Some(2)
+        } else if op == REQ_OP_DISCARD || op == REQ_OP_SECURE_ERASE {
+            Some(3)
+        } else if op & 1 == 1 {
+            Some(1)
+        } else {
+            None
+        }
+    }
+
+    /// The histogram bucket of a latency of `ns` nanoseconds: the bit length of `ns >> LAT_SHIFT`,
+    /// capped at the last bucket. A branch-only binary search: BPF has no count-leading-zeros.
+    #[inline(always)]
+    pub const fn lat_bucket(ns: u64) -> u32 {
+        let mut v = ns >> LAT_SHIFT;
+        let mut bits = 0;
+        if v >= 1 << 32 {
+            v >>= 32;
+            bits += 32;
+        }
+        if v >= 1 << 16 {
+            v >>= 16;
+            bits += 16;
+        }
+        if v >= 1 << 8 {
+            v >>= 8;
+            bits += 8;
+        }
+        if v >= 1 << 4 {
+            v >>= 4;
+            bits += 4;
+        }
+        if v >= 1 << 2 {
+            v >>= 2;
+            bits += 2;
+        }
+        if v >= 1 << 1 {
+            v >>= 1;
+            bits += 1;
+        }
+        bits += v as u32;
+        if bits >= LAT_BUCKETS { LAT_BUCKETS - 1 } else { bits }
+    }
+
+    /// The exclusive upper bound in nanoseconds of bucket `k` (not the last, which is unbounded).
+    pub const fn lat_bucket_bound_ns(k: u32) -> u64 {
+        1 << (k + LAT_SHIFT)
+    }
+
+    /// Home index of disk `dev` (a [`DiskKey::dev`]) in the slot table. Minors of one major are
+    /// consecutive or strided, so they spread; majors are moved apart.
+    #[inline(always)]
+    pub const fn slot_table_index(dev: u32) -> u32 {
+        let major = dev >> 20;
+        let minor = dev & 0xf_ffff;
+        (minor ^ major.wrapping_mul(97)) & (SLOT_TABLE_ENTRIES - 1)
+    }
+
+    /// One slot table entry: disk `dev` (a [`DiskKey::dev`]; 0 = empty) has `slot`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
+    pub struct DiskSlot {
+        /// The disk, or 0 for an empty entry.
+        pub dev: u32,
+        /// Its slot, 1 to `DISK_SLOTS - 1`.
+        pub slot: u32,
+    }
+
+    /// The latency histogram of one (slot, op) on one CPU.
+    #[repr(C)]
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    pub struct LatencyHist {
+        /// Completions per bucket (see [`LAT_BUCKETS`]).
+        pub buckets: [u64; LAT_BUCKETS as usize],
+        /// Sum of the latencies in nanoseconds.
+        pub sum_ns: u64,
+    }
+
+    impl Default for LatencyHist {
+        fn default() -> Self {
+            Self { buckets: [0; LAT_BUCKETS as usize], sum_ns: 0 }
+        }
+    }
+
     const _: () = assert!(core::mem::size_of::<DiskKey>() == 4);
     const _: () = assert!(core::mem::size_of::<DiskValue>() == 32);
     const _: () = assert!(core::mem::size_of::<NetKey>() == 8);
     const _: () = assert!(core::mem::size_of::<NetValue>() == 32);
     // Map names are limited to 15 bytes plus NUL by the kernel (BPF_OBJ_NAME_LEN).
     const _: () = assert!(DISK_MAP.len() <= 15 && NET_MAP.len() <= 15);
+    const _: () = assert!(DISK_LAT_MAP.len() <= 15 && DISK_SLOT_MAP.len() <= 15 && RQ_START_MAP.len() <= 15);
+    const _: () = assert!(core::mem::size_of::<DiskSlot>() == 8);
+    const _: () = assert!(core::mem::size_of::<NetSlot>() == 12);
+    const _: () = assert!(NET_DROP_MAP.len() <= 15 && NET_SLOT_MAP.len() <= 15 && TCP_MAP.len() <= 15);
+    const _: () = assert!(OOM_MAP.len() <= 15);
+    const _: () = assert!(core::mem::size_of::<LatencyHist>() == 8 * (LAT_BUCKETS as usize + 1));
+    const _: () = assert!(SLOT_TABLE_ENTRIES.is_power_of_two());
 
     // SAFETY: plain-old-data: repr(C), only integers, no padding bytes (sizes asserted above),
     // every bit pattern valid.
@@ -192,6 +468,21 @@ pub mod ebpf {
     // SAFETY: as above.
     #[cfg(feature = "user")]
     unsafe impl aya::Pod for NetValue {}
+    // SAFETY: as above.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for DiskSlot {}
+    // SAFETY: as above.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for LatencyHist {}
+    // SAFETY: as above.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for NetSlot {}
+    // SAFETY: as above.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for DropCounts {}
+    // SAFETY: as above.
+    #[cfg(feature = "user")]
+    unsafe impl aya::Pod for TcpCounts {}
 }
 
 #[cfg(test)]
@@ -215,7 +506,43 @@ mod tests {
             // Flags above the op bits (REQ_SYNC, REQ_FUA...) must not change the group.
             assert!(op_group(op | 0x0800_0800) == want, "op {op}");
         }
+        // Every program says which offsets it reads, and every offset is read by one.
+        use super::ebpf::{OFF_CSS_SET_MEMCG, OFFSETS, PROGRAM_OFFSETS, PROGRAMS};
+        for (name, _) in PROGRAMS {
+            assert!(PROGRAM_OFFSETS.iter().any(|(p, _)| *p == name), "{name} has no offset list");
+        }
+        let is_global = |g: &str| g == OFF_CSS_SET_MEMCG || OFFSETS.iter().any(|o| o.0 == g);
+        for (p, needs) in PROGRAM_OFFSETS {
+            assert!(needs.iter().all(|n| is_global(n)), "{p}: {needs:?}");
+        }
+        let read = |g: &str| PROGRAM_OFFSETS.iter().any(|(_, n)| n.contains(&g));
+        assert!(OFFSETS.iter().all(|o| read(o.0)) && read(OFF_CSS_SET_MEMCG));
         let k = super::ebpf::DiskKey::new(259, 3);
         assert_eq!((k.major(), k.minor()), (259, 3));
+        // Latency ops: READ, WRITE, FLUSH, DISCARD, SECURE_ERASE, WRITE_ZEROES, DRV_IN.
+        use super::ebpf::lat_op;
+        let ops = [(0, Some(0)), (1, Some(1)), (2, Some(2)), (3, Some(3)), (5, Some(3)), (9, Some(1)), (34, None)];
+        for (op, want) in ops {
+            assert_eq!(lat_op(op | 0x0800_0800), want, "op {op}");
+        }
+    }
+
+    #[test]
+    fn latency_buckets_are_log2_of_microsecond_units() {
+        use super::ebpf::{LAT_BUCKETS, lat_bucket, lat_bucket_bound_ns};
+        assert_eq!(lat_bucket(0), 0);
+        assert_eq!(lat_bucket(1023), 0);
+        assert_eq!(lat_bucket(1024), 1);
+        assert_eq!(lat_bucket(2047), 1);
+        assert_eq!(lat_bucket(2048), 2);
+        assert_eq!(lat_bucket(u64::MAX), LAT_BUCKETS - 1);
+        // Every latency lies below its bucket's bound and at or above the previous one's.
+        for ns in [1u64, 999, 1024, 5_000, 1_000_000, 47_000_000, 17_179_869_183] {
+            let k = lat_bucket(ns);
+            assert!(ns < lat_bucket_bound_ns(k), "{ns} in bucket {k}");
+            assert!(k == 0 || ns >= lat_bucket_bound_ns(k - 1), "{ns} in bucket {k}");
+        }
+        assert_eq!(lat_bucket(17_179_869_184), LAT_BUCKETS - 1);
+        assert_eq!(lat_bucket_bound_ns(LAT_BUCKETS - 2), 17_179_869_184);
     }
 }

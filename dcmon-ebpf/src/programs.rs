@@ -1,10 +1,16 @@
 //! The programs and maps. Names are the contract in `dcmon_common::ebpf`.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
+use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel};
 use aya_ebpf::macros::{btf_tracepoint, map};
-use aya_ebpf::maps::PerCpuHashMap;
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::programs::BtfTracePointContext;
-use dcmon_common::ebpf::{DISK_MAP_ENTRIES, DiskKey, DiskValue, NET_MAP_ENTRIES, NetKey, NetValue, OpGroup, op_group};
+use dcmon_common::ebpf::{
+    AF_INET, AF_INET6, DISK_MAP_ENTRIES, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_OPS,
+    LatencyHist, NET_MAP_ENTRIES, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue, OOM_MAP_ENTRIES, OVERFLOW_SLOT,
+    OpGroup, RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TcpCounts, lat_bucket, lat_op,
+    net_slot_table_index, op_group, slot_table_index,
+};
 
 /// Per-CPU, so the hot path updates its own CPU's copy without locks or atomics; the agent
 /// sums the copies.
@@ -13,6 +19,61 @@ static DCMON_DISK: PerCpuHashMap<DiskKey, DiskValue> = PerCpuHashMap::with_max_e
 
 #[map]
 static DCMON_NET: PerCpuHashMap<NetKey, NetValue> = PerCpuHashMap::with_max_entries(NET_MAP_ENTRIES, 0);
+
+/// Latency histograms per (disk slot, op): see dcmon_common::ebpf::DISK_LAT_MAP.
+#[map]
+static DCMON_DISK_LAT: PerCpuArray<LatencyHist> = PerCpuArray::with_max_entries(DISK_SLOTS * LAT_OPS, 0);
+
+/// The agent's disk slots: see dcmon_common::ebpf::DISK_SLOT_MAP.
+#[map]
+static DCMON_DISK_SLOT: Array<DiskSlot> = Array::with_max_entries(SLOT_TABLE_ENTRIES, 0);
+
+/// Issue time of requests in flight: see dcmon_common::ebpf::RQ_START_MAP.
+#[map]
+static DCMON_RQ_START: LruHashMap<u64, u64> = LruHashMap::with_max_entries(RQ_START_ENTRIES, 0);
+
+/// Drops per interface slot and reason: see dcmon_common::ebpf::NET_DROP_MAP.
+#[map]
+static DCMON_NET_DROP: PerCpuArray<DropCounts> = PerCpuArray::with_max_entries(NET_SLOTS, 0);
+
+/// The agent's interface slots: see dcmon_common::ebpf::NET_SLOT_MAP.
+#[map]
+static DCMON_NET_SLOT: Array<NetSlot> = Array::with_max_entries(SLOT_TABLE_ENTRIES, 0);
+
+/// OOM kills per memory cgroup: see dcmon_common::ebpf::OOM_MAP.
+#[map]
+static DCMON_OOM: HashMap<u64, u64> = HashMap::with_max_entries(OOM_MAP_ENTRIES, 0);
+
+#[unsafe(no_mangle)]
+static OFF_TASK_CGROUPS: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_CSS_CGROUP: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_CGROUP_KN: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_KN_ID: u32 = 0;
+/// dcmon_common::ebpf::OFF_CSS_SET_MEMCG.
+#[unsafe(no_mangle)]
+static OFF_CSS_SET_MEMCG: u32 = 0;
+
+/// TCP retransmits and resets: see dcmon_common::ebpf::TCP_MAP.
+#[map]
+static DCMON_TCP: PerCpuArray<TcpCounts> = PerCpuArray::with_max_entries(1, 0);
+
+#[unsafe(no_mangle)]
+static OFF_SK_FAMILY: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SK_NET: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SKB_HEAD: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SKB_END: u32 = 0;
+#[unsafe(no_mangle)]
+static OFF_SHINFO_GSO_SEGS: u32 = 0;
+
+/// dcmon_common::ebpf::DROP_REASON_CONSUMED.
+#[unsafe(no_mangle)]
+static DROP_REASON_CONSUMED: u32 = u32::MAX;
 
 // Field offsets, set by the loader from the running kernel's BTF (see
 // dcmon_common::ebpf::OFFSETS). Zero here only so the object links; the loader refuses to load
@@ -111,8 +172,19 @@ fn try_block_rq_complete(ctx: &BtfTracePointContext) -> Option<()> {
     let rq: usize = ctx.arg(0);
     let nr_bytes: u32 = ctx.arg(2);
     let cmd_flags: u32 = read(rq, off(&OFF_RQ_CMD_FLAGS))?;
+    let data_len: u32 = read(rq, off(&OFF_RQ_DATA_LEN))?;
+    // /proc/diskstats counts the request once, when its last bytes complete
+    // (blk_account_io_done), and its sectors at every partial completion
+    // (blk_account_io_completion: bytes >> 9).
+    let last = nr_bytes >= data_len;
     let group = op_group(cmd_flags);
-    if group == OpGroup::Other {
+    // A plain u32 with an out-of-range "not timed" rather than an Option: LLVM would spill the
+    // Option's undefined payload on the None path, which the verifier refuses to read.
+    let timed = match lat_op(cmd_flags) {
+        Some(op) if last => op,
+        _ => NOT_TIMED,
+    };
+    if group == OpGroup::Other && timed == NOT_TIMED {
         return None;
     }
     let q: usize = read(rq, off(&OFF_RQ_Q))?;
@@ -122,24 +194,88 @@ fn try_block_rq_complete(ctx: &BtfTracePointContext) -> Option<()> {
     }
     let major: u32 = read(disk, off(&OFF_DISK_MAJOR))?;
     let minor: u32 = read(disk, off(&OFF_DISK_FIRST_MINOR))?;
-    let data_len: u32 = read(rq, off(&OFF_RQ_DATA_LEN))?;
-    // /proc/diskstats counts the request once, when its last bytes complete
-    // (blk_account_io_done), and its sectors at every partial completion
-    // (blk_account_io_completion: bytes >> 9).
-    let done = u64::from(nr_bytes >= data_len);
-    let sectors = u64::from(nr_bytes >> 9);
     let key = DiskKey::new(major, minor);
+    if timed != NOT_TIMED {
+        time_request(rq as u64, key.dev, timed);
+    }
+    let done = u64::from(last);
+    let sectors = u64::from(nr_bytes >> 9);
     match group {
         OpGroup::Read => bump(&DCMON_DISK, &key, |v: &mut DiskValue| {
             v.reads += done;
             v.read_sectors += sectors;
         }),
-        _ => bump(&DCMON_DISK, &key, |v: &mut DiskValue| {
+        OpGroup::Write => bump(&DCMON_DISK, &key, |v: &mut DiskValue| {
             v.writes += done;
             v.write_sectors += sectors;
         }),
+        OpGroup::Other => {}
     }
     Some(())
+}
+
+/// An op index no request has: the request is not timed.
+const NOT_TIMED: u32 = LAT_OPS;
+
+/// `block_rq_issue(struct request *rq)`, from blk_mq_start_request when the driver takes the
+/// request: stamps the time for [`time_request`].
+#[btf_tracepoint(function = "block_rq_issue")]
+pub fn block_rq_issue(ctx: BtfTracePointContext) -> i32 {
+    let rq: u64 = ctx.arg(0);
+    if let Some(cmd_flags) = read::<u32>(rq as usize, off(&OFF_RQ_CMD_FLAGS))
+        && lat_op(cmd_flags).is_some()
+    {
+        // SAFETY: a helper call.
+        let now = unsafe { bpf_ktime_get_ns() };
+        // Requests come from each queue's fixed pool, so their addresses recur: after the first
+        // use of a request, stamping it is a lookup and a store, without a map update.
+        match DCMON_RQ_START.get_ptr_mut(&rq) {
+            // SAFETY: a value pointer the lookup returned. A requeued request is stamped again.
+            Some(stamp) => unsafe { *stamp = now },
+            None => {
+                let _ = DCMON_RQ_START.insert(&rq, &now, 0);
+            }
+        }
+    }
+    0
+}
+
+/// The slot the agent gave disk `dev`, or the overflow slot: a few inlined array loads.
+#[inline(always)]
+fn disk_slot(dev: u32) -> u32 {
+    let home = slot_table_index(dev);
+    for i in 0..SLOT_PROBES {
+        if let Some(e) = DCMON_DISK_SLOT.get((home + i) & (SLOT_TABLE_ENTRIES - 1))
+            && e.dev == dev
+            && e.slot < DISK_SLOTS
+        {
+            return e.slot;
+        }
+    }
+    OVERFLOW_SLOT
+}
+
+/// Adds the issue-to-completion time of request `rq` to its disk's histogram of `op`. A request
+/// without a stamp (issued before the programs attached, or evicted) is not timed.
+#[inline(always)]
+fn time_request(rq: u64, dev: u32, op: u32) {
+    let Some(stamp) = DCMON_RQ_START.get_ptr_mut(&rq) else { return };
+    // SAFETY: a value pointer the lookup returned. The stamp is cleared, not deleted (the
+    // address comes back with the next request from the pool); a completion that no issue
+    // stamped since (ended without being started) finds 0 and is not timed.
+    let start = unsafe { core::ptr::replace(stamp, 0) };
+    if start == 0 {
+        return;
+    }
+    // SAFETY: a helper call.
+    let ns = unsafe { bpf_ktime_get_ns() }.wrapping_sub(start);
+    let Some(hist) = DCMON_DISK_LAT.get_ptr_mut(disk_slot(dev) * LAT_OPS + op) else { return };
+    // SAFETY: this CPU's copy (see `bump`).
+    let hist = unsafe { &mut *hist };
+    if let Some(count) = hist.buckets.get_mut(lat_bucket(ns) as usize) {
+        *count += 1;
+        hist.sum_ns += ns;
+    }
 }
 
 /// The (namespace, ifindex) of a `struct net_device *`.
@@ -202,4 +338,150 @@ fn try_net_dev_xmit(ctx: &BtfTracePointContext) -> Option<()> {
         v.tx_bytes += u64::from(len);
     });
     Some(())
+}
+
+/// `kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)`: a packet
+/// freed as dropped (consume_skb, the normal end of life, is another tracepoint).
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
+    let skb: usize = ctx.arg(0);
+    let reason: u32 = ctx.arg(2);
+    if reason == SKB_NOT_DROPPED_YET || reason == off(&DROP_REASON_CONSUMED) as u32 {
+        return 0;
+    }
+    let slot = match read::<usize>(skb, off(&OFF_SKB_DEV)) {
+        Some(0) | None => NO_DEVICE_SLOT,
+        Some(dev) => match net_key(dev) {
+            Some(key) => net_slot(key),
+            // Another namespace's interface: not the agent's, counted as unslotted.
+            None => OVERFLOW_SLOT,
+        },
+    };
+    let index = if reason < DROP_REASONS - 1 { reason } else { DROP_REASONS - 1 };
+    if let Some(counts) = DCMON_NET_DROP.get_ptr_mut(slot) {
+        // SAFETY: this CPU's copy (see `bump`).
+        let counts = unsafe { &mut *counts };
+        if let Some(n) = counts.reasons.get_mut(index as usize) {
+            *n += 1;
+        }
+    }
+    0
+}
+
+/// The slot the agent gave interface `key`, or the overflow slot.
+#[inline(always)]
+fn net_slot(key: NetKey) -> u32 {
+    let home = net_slot_table_index(key);
+    for i in 0..SLOT_PROBES {
+        if let Some(e) = DCMON_NET_SLOT.get((home + i) & (SLOT_TABLE_ENTRIES - 1))
+            && e.key == key
+            && e.slot != 0
+            && e.slot < NET_SLOTS
+        {
+            return e.slot;
+        }
+    }
+    OVERFLOW_SLOT
+}
+
+/// Whether socket `sk` is in the counted network namespace (see `NETNS_FILTER`).
+#[inline(always)]
+fn counted_sock(sk: usize) -> bool {
+    let only = off(&NETNS_FILTER) as u32;
+    if only == 0 {
+        return true;
+    }
+    let Some(net) = read::<usize>(sk, off(&OFF_SK_NET)) else { return false };
+    read::<u32>(net, off(&OFF_NET_NS_INUM)) == Some(only)
+}
+
+/// This CPU's TCP counters.
+#[inline(always)]
+fn tcp_counts() -> Option<&'static mut TcpCounts> {
+    // SAFETY: this CPU's copy (see `bump`).
+    DCMON_TCP.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// `tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb, ...)`, once per
+/// retransmitted skb, which may carry several segments.
+#[btf_tracepoint(function = "tcp_retransmit_skb")]
+pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
+    let sk: usize = ctx.arg(0);
+    let skb: usize = ctx.arg(1);
+    if !counted_sock(sk) {
+        return 0;
+    }
+    let family = match read::<u16>(sk, off(&OFF_SK_FAMILY)) {
+        Some(AF_INET) => 0,
+        Some(AF_INET6) => 1,
+        _ => 2,
+    };
+    // tcp_skb_pcount: skb_shinfo(skb)->gso_segs, the shared info at head + end. Read with a
+    // helper: the verifier knows `head` only as a byte pointer.
+    let mut segs: u16 = 0;
+    if let (Some(head), Some(end)) = (read::<usize>(skb, off(&OFF_SKB_HEAD)), read::<u32>(skb, off(&OFF_SKB_END))) {
+        let at = (head + end as usize + off(&OFF_SHINFO_GSO_SEGS)) as *const u16;
+        // SAFETY: a helper that reads kernel memory and fails cleanly on a bad address.
+        segs = unsafe { bpf_probe_read_kernel(at) }.unwrap_or(0);
+    }
+    if let Some(c) = tcp_counts()
+        && let Some(n) = c.retrans_segs.get_mut(family)
+    {
+        *n += u64::from(segs.max(1));
+    }
+    0
+}
+
+/// `tcp_send_reset(const struct sock *sk, const struct sk_buff *skb, ...)`: `sk` is NULL for
+/// a reset answering a segment no socket took; its namespace is then the device's.
+#[btf_tracepoint(function = "tcp_send_reset")]
+pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
+    let sk: usize = ctx.arg(0);
+    let skb: usize = ctx.arg(1);
+    let counted =
+        if sk != 0 { counted_sock(sk) } else { read::<usize>(skb, off(&OFF_SKB_DEV)).and_then(net_key).is_some() };
+    if counted && let Some(c) = tcp_counts() {
+        c.resets_sent += 1;
+    }
+    0
+}
+
+/// `tcp_receive_reset(struct sock *sk)`.
+#[btf_tracepoint(function = "tcp_receive_reset")]
+pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
+    let sk: usize = ctx.arg(0);
+    if counted_sock(sk)
+        && let Some(c) = tcp_counts()
+    {
+        c.resets_received += 1;
+    }
+    0
+}
+
+/// `mark_victim(struct task_struct *task, uid_t uid)`: once per task the OOM killer picks.
+#[btf_tracepoint(function = "mark_victim")]
+pub fn mark_victim(ctx: BtfTracePointContext) -> i32 {
+    let task: usize = ctx.arg(0);
+    let id = memory_cgroup_id(task).unwrap_or(0);
+    if let Some(n) = DCMON_OOM.get_ptr_mut(&id) {
+        // SAFETY: a value of the map. A plain add: the kernel picks victims under oom_lock, so
+        // two runs never update at once.
+        unsafe { *n += 1 };
+    } else if DCMON_OOM.insert(&id, &1, BPF_NOEXIST as u64).is_err()
+        && let Some(n) = DCMON_OOM.get_ptr_mut(&id)
+    {
+        // SAFETY: as above.
+        unsafe { *n += 1 };
+    }
+    0
+}
+
+/// The id of `task`'s memory cgroup: task->cgroups->subsys[memory_cgrp_id]->cgroup->kn->id.
+#[inline(always)]
+fn memory_cgroup_id(task: usize) -> Option<u64> {
+    let cgroups: usize = read(task, off(&OFF_TASK_CGROUPS))?;
+    let css: usize = read(cgroups, off(&OFF_CSS_SET_MEMCG))?;
+    let cgroup: usize = read(css, off(&OFF_CSS_CGROUP))?;
+    let kn: usize = read(cgroup, off(&OFF_CGROUP_KN))?;
+    read(kn, off(&OFF_KN_ID))
 }

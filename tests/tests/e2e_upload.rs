@@ -80,6 +80,14 @@ fn batches_arrive_every_interval_with_auth_names_labels_and_integer_timestamps()
             assert!(labels.values().all(Value::is_string), "{m}");
             let name = m["name"].as_str().unwrap_or_default();
             let want_labels: &[&str] = match name {
+                // eBPF mode's own families (README, Metrics).
+                "disk_io_latency_seconds_bucket" => &["device", "le", "op"],
+                "disk_io_latency_seconds_sum" | "disk_io_latency_seconds_count" => &["device", "op"],
+                "network_drops_total" if !labels.contains_key("interface") => &["reason"],
+                "network_drops_total" => &["interface", "reason"],
+                "tcp_retransmits_total" => &["family"],
+                "oom_kills_total" => &["job"],
+                "dcmon_ebpf_overflow_total" => &["map"],
                 n if n.starts_with("disk_") => &["device"],
                 n if n.starts_with("network_") => &["interface"],
                 n if n.starts_with("dcmon_collector_") => &["collector"],

@@ -1,10 +1,12 @@
 //! The `ebpf` collector: whether the BPF programs feed the disk and network metrics
-//! (`dcmon_ebpf_active`), and the programs' statistics.
+//! (`dcmon_ebpf_active`), the programs' statistics, and the OOM kills the programs count
+//! (`oom_kills_total`, [`super::oom_kills`]).
 
 use std::sync::Arc;
 
 use dcmon_common::collector_names;
 
+use super::oom_kills::OomKills;
 use super::{CollectError, Collector};
 use crate::batch::Sample;
 use crate::ebpf::Probes;
@@ -29,6 +31,8 @@ pub struct EbpfStatusCollector {
     buf: String,
     /// Whether `stats_enabled` is on procfs (see [`served_from_kernel_memory`]).
     inline: bool,
+    /// OOM kills by job, with the programs.
+    oom: Option<OomKills>,
 }
 
 impl EbpfStatusCollector {
@@ -37,7 +41,10 @@ impl EbpfStatusCollector {
         let stats_enabled = OpenFile::new(&host, "/proc/sys/kernel/bpf_stats_enabled");
         // Without the programs it reads nothing.
         let inline = probes.is_none() || served_from_kernel_memory(collector_names::EBPF, [stats_enabled.path()]);
-        Self { probes, stats_enabled, buf: String::new(), inline }
+        let oom = probes.as_ref().and_then(|p| {
+            OomKills::new(&host, Arc::clone(p)).inspect_err(|e| tracing::warn!("OOM kills not reported: {e:#}")).ok()
+        });
+        Self { probes, stats_enabled, buf: String::new(), inline, oom }
     }
 }
 
@@ -60,6 +67,9 @@ impl Collector for EbpfStatusCollector {
         let Some(probes) = &self.probes else {
             return Ok(());
         };
+        if let Some(oom) = &mut self.oom {
+            oom.samples(out)?;
+        }
         let stats = probes.program_stats()?;
         for s in &stats {
             if let Some(misses) = s.recursion_misses {

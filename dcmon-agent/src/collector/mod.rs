@@ -39,6 +39,7 @@ pub mod netstat;
 pub mod nic;
 pub mod nvme;
 pub mod nvsmi;
+pub mod oom_kills;
 pub mod os;
 pub mod pcie;
 pub mod pressure;

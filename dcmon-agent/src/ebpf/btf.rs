@@ -16,6 +16,9 @@ pub enum BtfError {
     /// No struct of that name (a kernel too old or too different).
     #[error("BTF has no `struct {0}`")]
     NoStruct(String),
+    /// No enum of that name.
+    #[error("BTF has no `enum {0}`")]
+    NoEnum(String),
     /// The struct lacks the field.
     #[error("BTF `struct {strukt}` has no field `{field}`")]
     NoField {
@@ -72,6 +75,8 @@ struct Type {
     members: Vec<Member>,
     /// ARRAY: (element type, count).
     array: Option<(u32, u32)>,
+    /// ENUM: (name offset, value) of each enumerator.
+    enumerators: Vec<(u32, u32)>,
 }
 
 /// The parsed types of one BTF blob (index = type id - 1).
@@ -118,7 +123,8 @@ impl Btf {
             let vlen = (info & 0xffff) as usize;
             let kind_flag = info >> 31 == 1;
             at += 12;
-            let mut t = Type { name_off, kind, size_or_type, members: Vec::new(), array: None };
+            let mut t =
+                Type { name_off, kind, size_or_type, members: Vec::new(), array: None, enumerators: Vec::new() };
             let extra = match kind {
                 KIND_INT => 4,
                 KIND_ARRAY => {
@@ -141,7 +147,13 @@ impl Btf {
                     }
                     vlen * 12
                 }
-                KIND_ENUM => vlen * 8,
+                KIND_ENUM => {
+                    for e in 0..vlen {
+                        let get = |i| u32_at(types_raw, at + e * 8 + i).ok_or_else(|| bad("enumerator"));
+                        t.enumerators.push((get(0)?, get(4)?));
+                    }
+                    vlen * 8
+                }
                 13 => vlen * 8,  // FUNC_PROTO params
                 14 => 4,         // VAR
                 15 => vlen * 12, // DATASEC
@@ -249,6 +261,16 @@ impl Btf {
         None
     }
 
+    /// The enumerators of `enum name` as (name, value), in BTF order.
+    pub fn enum_values(&self, name: &str) -> Result<Vec<(String, u32)>, BtfError> {
+        let t = self
+            .types
+            .iter()
+            .find(|t| t.kind == KIND_ENUM && !t.enumerators.is_empty() && self.name(t.name_off) == name)
+            .ok_or_else(|| BtfError::NoEnum(name.to_owned()))?;
+        Ok(t.enumerators.iter().map(|&(off, value)| (self.name(off).to_owned(), value)).collect())
+    }
+
     /// Byte offset of `path` (dotted, e.g. `nd_net.net`) in `struct strukt`, checking that the
     /// field is `size` bytes wide.
     pub fn field_offset(&self, strukt: &str, path: &str, size: u32) -> Result<u32, BtfError> {
@@ -324,6 +346,13 @@ mod tests {
         for (global, strukt, field, size) in dcmon_common::ebpf::OFFSETS {
             btf.field_offset(strukt, field, size).unwrap_or_else(|e| panic!("{global}: {e}"));
         }
+        let reasons = btf.enum_values("skb_drop_reason").expect("enum skb_drop_reason");
+        let value = |name: &str| reasons.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+        assert_eq!(value("SKB_NOT_DROPPED_YET"), Some(0), "{reasons:?}");
+        assert_eq!(value("SKB_DROP_REASON_NOT_SPECIFIED"), Some(2), "{reasons:?}");
+        assert!(value("SKB_DROP_REASON_NETFILTER_DROP").is_some(), "{reasons:?}");
+        eprintln!("skb_drop_reason: {} values, max {:?}", reasons.len(), reasons.iter().map(|r| r.1).max());
+        assert!(matches!(btf.enum_values("no_such_enum"), Err(BtfError::NoEnum(_))));
     }
 
     /// A blob of the `sample()` layout with `types` as its type section.

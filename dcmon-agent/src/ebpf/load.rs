@@ -7,7 +7,10 @@ use std::path::Path;
 
 use aya::programs::BtfTracePoint;
 use aya::{Ebpf, EbpfLoader};
-use dcmon_common::ebpf::{NETNS_FILTER, OFFSETS, PROGRAMS};
+use dcmon_common::ebpf::{
+    DROP_REASON_CONSUMED, DROP_REASONS, ESSENTIAL_PROGRAMS, NETNS_FILTER, OFF_CSS_SET_MEMCG, OFFSETS, PROGRAM_OFFSETS,
+    PROGRAMS,
+};
 
 use super::btf::{Btf, BtfError};
 
@@ -137,21 +140,86 @@ fn read_btf(btf_path: &Path) -> Result<Vec<u8>, LoadError> {
 
 /// Field offsets of the running kernel, `(global name, offset)` in [`OFFSETS`] order.
 pub fn kernel_offsets(btf_path: &Path) -> Result<Vec<(&'static str, u32)>, LoadError> {
-    offsets_from(btf_path, &read_btf(btf_path)?)
+    let facts = facts_from(btf_path, &read_btf(btf_path)?)?;
+    match facts.missing.into_iter().next() {
+        Some((_, e)) => Err(e),
+        None => Ok(facts.offsets),
+    }
 }
 
-fn offsets_from(btf_path: &Path, data: &[u8]) -> Result<Vec<(&'static str, u32)>, LoadError> {
+/// What the loader reads from the kernel's BTF.
+#[derive(Debug)]
+pub struct KernelFacts {
+    /// `(global, offset)` of every offset global; 0 for the missing ones.
+    pub offsets: Vec<(&'static str, u32)>,
+    /// The globals whose field this kernel lacks, with why: their programs are not loaded.
+    pub missing: Vec<(&'static str, LoadError)>,
+    /// See [`drop_reasons`].
+    pub drop_reasons: DropReasonNames,
+    /// `SKB_CONSUMED`'s value (u32::MAX if none).
+    pub consumed: u32,
+}
+
+/// The label of drop reason counter `i` (see `dcmon_common::ebpf::DROP_REASONS`): the kernel's
+/// enumerator name without `SKB_DROP_REASON_`; `OTHER` for the shared last counter.
+pub type DropReasonNames = Vec<String>;
+
+/// The names of `enum skb_drop_reason`'s values as the running kernel has them, by value, and
+/// its `SKB_CONSUMED` value (u32::MAX if none). A kernel without the enum (before 5.17) gives
+/// no names.
+fn drop_reasons(btf: &Btf) -> (DropReasonNames, u32) {
+    let Ok(values) = btf.enum_values("skb_drop_reason") else { return (Vec::new(), u32::MAX) };
+    let last = DROP_REASONS as usize - 1;
+    let mut names: Vec<String> = (0..last).map(|v| format!("UNKNOWN_{v}")).collect();
+    names.push("OTHER".to_owned());
+    let mut consumed = u32::MAX;
+    for (name, value) in values {
+        if name == "SKB_CONSUMED" {
+            consumed = value;
+        }
+        let short = name.strip_prefix("SKB_DROP_REASON_").or_else(|| name.strip_prefix("SKB_")).unwrap_or(&name);
+        if (value as usize) < last {
+            names[value as usize] = short.to_owned();
+        }
+    }
+    (names, consumed)
+}
+
+/// The offsets ([`kernel_offsets`]) and drop reasons ([`drop_reasons`]) from one BTF parse.
+fn facts_from(btf_path: &Path, data: &[u8]) -> Result<KernelFacts, LoadError> {
     let btf = Btf::parse(data)
         .map_err(|e| LoadError { reason: Reason::NoBtf, detail: format!("{}: {e}", btf_path.display()) })?;
-    OFFSETS
+    let (drop_reasons, consumed) = drop_reasons(&btf);
+    let found = OFFSETS
         .iter()
-        .map(|&(global, strukt, field, size)| {
-            btf.field_offset(strukt, field, size).map(|off| (global, off)).map_err(|e: BtfError| LoadError {
-                reason: Reason::KernelLayout,
-                detail: format!("{}: {e}", btf_path.display()),
-            })
-        })
-        .collect()
+        .map(|&(global, strukt, field, size)| (global, btf.field_offset(strukt, field, size)))
+        .chain([(OFF_CSS_SET_MEMCG, memcg_offset(&btf))]);
+    let (mut offsets, mut missing) = (Vec::new(), Vec::new());
+    for (global, off) in found {
+        match off {
+            Ok(off) => offsets.push((global, off)),
+            Err(e) => {
+                offsets.push((global, 0));
+                let detail = format!("{}: {e}", btf_path.display());
+                missing.push((global, LoadError { reason: Reason::KernelLayout, detail }));
+            }
+        }
+    }
+    Ok(KernelFacts { offsets, missing, drop_reasons, consumed })
+}
+
+/// The offset of `subsys[memory_cgrp_id]` in `struct css_set`: the array's place, and the
+/// memory controller's index from `enum cgroup_subsys_id`.
+fn memcg_offset(btf: &Btf) -> Result<u32, BtfError> {
+    let ids = btf.enum_values("cgroup_subsys_id")?;
+    let id = |name: &str| {
+        ids.iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+            .ok_or_else(|| BtfError::NoField { strukt: "enum cgroup_subsys_id".to_owned(), field: name.to_owned() })
+    };
+    let (memory, count) = (id("memory_cgrp_id")?, id("CGROUP_SUBSYS_COUNT")?);
+    Ok(btf.field_offset("css_set", "subsys", 8 * count)? + 8 * memory)
 }
 
 /// Best-effort RLIMIT_MEMLOCK to infinity: kernels before 5.11 charge BPF maps against it,
@@ -165,24 +233,26 @@ fn raise_memlock() {
 }
 
 /// Loads `object` with the running kernel's offsets, without attaching anything. `netns`:
-/// count only that network namespace's interfaces (None: every namespace).
-pub fn load_object(object: &[u8], netns: Option<u32>) -> Result<(Ebpf, aya::Btf), LoadError> {
+/// count only that network namespace's interfaces (None: every namespace). Also returns the
+/// kernel's BTF for attaching and the names of its drop reasons.
+pub fn load_object(object: &[u8], netns: Option<u32>) -> Result<(Ebpf, aya::Btf, KernelFacts), LoadError> {
     let path = Path::new(VMLINUX_BTF);
     let data = read_btf(path)?;
-    let offsets = offsets_from(path, &data)?;
+    let facts = facts_from(path, &data)?;
     let kernel_btf = aya::Btf::parse(&data, aya::Endianness::default())
         .map_err(|e| LoadError { reason: Reason::NoBtf, detail: format!("parsing {VMLINUX_BTF}: {e}") })?;
     drop(data);
     raise_memlock();
     let mut loader = EbpfLoader::new();
     loader.btf(Some(&kernel_btf));
-    for (global, off) in &offsets {
+    for (global, off) in &facts.offsets {
         loader.override_global(global, off, true);
     }
     let netns = netns.unwrap_or(0);
     loader.override_global(NETNS_FILTER, &netns, true);
+    loader.override_global(DROP_REASON_CONSUMED, &facts.consumed, true);
     let ebpf = loader.load(object).map_err(|e| classify("loading the BPF object", &e, false))?;
-    Ok((ebpf, kernel_btf))
+    Ok((ebpf, kernel_btf, facts))
 }
 
 /// How many times a load that failed with a [`Reason::Transient`] error is tried in all, and
@@ -212,26 +282,70 @@ pub fn retry_transient<T>(mut attempt: impl FnMut() -> Result<T, LoadError>) -> 
     }
 }
 
-/// Loads `object` and attaches every program in [`PROGRAMS`], trying again on a transient
-/// error ([`retry_transient`]). Dropping the returned `Ebpf` detaches them.
-pub fn load_and_attach(object: &[u8], netns: Option<u32>) -> Result<Ebpf, LoadError> {
+/// The loaded object, and the programs that could not be loaded or attached.
+#[derive(Debug)]
+pub struct Attached {
+    /// The object; dropping it detaches its programs.
+    pub ebpf: Ebpf,
+    /// See [`drop_reasons`].
+    pub drop_reasons: DropReasonNames,
+    /// Optional programs left out, with why (each leaves only its own metrics absent).
+    pub failed: Vec<(&'static str, LoadError)>,
+}
+
+/// Loads `object` and attaches every program in [`PROGRAMS`] it can, trying again on a
+/// transient error ([`retry_transient`]). Fails when one of the [`ESSENTIAL_PROGRAMS`] cannot
+/// be attached; any other program that cannot is left out and listed in [`Attached::failed`].
+pub fn load_and_attach(object: &[u8], netns: Option<u32>) -> Result<Attached, LoadError> {
     // A failed attempt's `Ebpf` is dropped, detaching whatever it had attached.
     retry_transient(|| load_and_attach_once(object, netns))
 }
 
-fn load_and_attach_once(object: &[u8], netns: Option<u32>) -> Result<Ebpf, LoadError> {
-    let (mut ebpf, btf) = load_object(object, netns)?;
-    for (name, tracepoint) in PROGRAMS {
-        let step = format!("program {name} (tp_btf/{tracepoint})");
-        let prog: &mut BtfTracePoint = ebpf
-            .program_mut(name)
-            .ok_or_else(|| LoadError { reason: Reason::Other, detail: format!("{step}: not in the embedded object") })?
-            .try_into()
-            .map_err(|e| classify(&step, &e, false))?;
-        prog.load(tracepoint, &btf).map_err(|e| classify(&format!("{step}: load"), &e, false))?;
-        prog.attach().map_err(|e| classify(&format!("{step}: attach"), &e, true))?;
+fn load_and_attach_once(object: &[u8], netns: Option<u32>) -> Result<Attached, LoadError> {
+    let (mut ebpf, btf, facts) = load_object(object, netns)?;
+    let failed = attach_programs(&mut ebpf, &btf, &PROGRAMS, &facts.missing);
+    let transient = failed.iter().find(|(_, e)| e.reason == Reason::Transient);
+    let essential = failed.iter().find(|(name, _)| ESSENTIAL_PROGRAMS.contains(name));
+    if let Some((_, e)) = transient.or(essential) {
+        return Err(LoadError { reason: e.reason, detail: e.detail.clone() });
     }
-    Ok(ebpf)
+    Ok(Attached { ebpf, drop_reasons: facts.drop_reasons, failed })
+}
+
+/// Loads and attaches each of `programs` (name, tracepoint) that it can, and says why for the
+/// others: a field in `missing` that it reads, a tracepoint this kernel lacks, the verifier.
+pub fn attach_programs(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    programs: &[(&'static str, &'static str)],
+    missing: &[(&'static str, LoadError)],
+) -> Vec<(&'static str, LoadError)> {
+    let mut failed = Vec::new();
+    for &(name, tracepoint) in programs {
+        let step = format!("program {name} (tp_btf/{tracepoint})");
+        let needs = PROGRAM_OFFSETS.iter().find(|(p, _)| *p == name).map_or(&[][..], |(_, n)| *n);
+        if let Some((_, e)) = missing.iter().find(|(global, _)| needs.contains(global)) {
+            failed.push((name, LoadError { reason: e.reason, detail: format!("{step}: {}", e.detail) }));
+            continue;
+        }
+        let attached = (|| {
+            let prog: &mut BtfTracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| LoadError {
+                    reason: Reason::Other,
+                    detail: format!("{step}: not in the embedded object"),
+                })?
+                .try_into()
+                .map_err(|e| classify(&step, &e, false))?;
+            prog.load(tracepoint, btf).map_err(|e| classify(&format!("{step}: load"), &e, false))?;
+            prog.attach().map_err(|e| classify(&format!("{step}: attach"), &e, true))?;
+            Ok(())
+        })();
+        if let Err(e) = attached {
+            failed.push((name, e));
+        }
+    }
+    failed
 }
 
 #[cfg(test)]

@@ -8,6 +8,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use aya::Pod;
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -199,4 +200,15 @@ pub fn delete<K: Pod>(fd: BorrowedFd<'_>, key: &K) -> io::Result<()> {
         Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
         other => other,
     }
+}
+
+/// Sets `key` to `value` (creating or replacing it; for an array, `key` is the index).
+pub fn update<K: Pod, V: Pod>(fd: BorrowedFd<'_>, key: &K, value: &V) -> io::Result<()> {
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        key: key as *const K as u64,
+        value: value as *const V as u64,
+        ..Default::default()
+    };
+    bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
 }

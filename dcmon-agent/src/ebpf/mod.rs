@@ -7,11 +7,13 @@
 //! - [`load`]: loading the embedded object, attaching, classifying failures.
 //! - [`maps`]: batch reads of the per-CPU maps.
 //! - [`link_events`]: interface changes from rtnetlink, so interfaces are re-listed only then.
+//! - [`slots`]: the slot table that gives each disk its histogram slot.
 
 pub mod btf;
 pub mod link_events;
 pub mod load;
 pub mod maps;
+pub mod slots;
 
 use std::os::fd::{AsFd as _, BorrowedFd};
 use std::sync::Mutex;
@@ -19,7 +21,10 @@ use std::sync::Mutex;
 use anyhow::{Context as _, anyhow};
 use aya::maps::Map;
 use aya::{Ebpf, Pod};
-use dcmon_common::ebpf::{DISK_MAP, DiskKey, DiskValue, NET_MAP, NetKey, NetValue, PROGRAMS};
+use dcmon_common::ebpf::{
+    DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_OPS, LatencyHist,
+    NET_DROP_MAP, NET_MAP, NET_SLOT_MAP, NetKey, NetSlot, NetValue, OOM_MAP, PROGRAMS, TCP_MAP, TcpCounts,
+};
 
 pub use load::{LoadError, Reason};
 
@@ -44,11 +49,41 @@ fn add_net(total: &mut NetValue, v: &NetValue) {
     total.tx_bytes += v.tx_bytes;
 }
 
+/// Sums one CPU's TCP counters into `total`.
+fn add_tcp(total: &mut TcpCounts, v: &TcpCounts) {
+    for (t, n) in total.retrans_segs.iter_mut().zip(v.retrans_segs) {
+        *t += n;
+    }
+    total.resets_sent += v.resets_sent;
+    total.resets_received += v.resets_received;
+}
+
+/// Sums one CPU's drop counts into `total`.
+fn add_drops(total: &mut DropCounts, v: &DropCounts) {
+    for (t, n) in total.reasons.iter_mut().zip(v.reasons) {
+        *t += n;
+    }
+}
+
+/// Sums one CPU's latency histogram into `total`.
+fn add_hist(total: &mut LatencyHist, v: &LatencyHist) {
+    for (t, b) in total.buckets.iter_mut().zip(v.buckets) {
+        *t += b;
+    }
+    total.sum_ns += v.sum_ns;
+}
+
 /// The loaded and attached programs and their maps. Dropping it detaches everything.
 #[derive(Debug)]
 pub struct Probes {
     ebpf: Mutex<Ebpf>,
     ncpus: usize,
+    disk_slots: Mutex<slots::SlotTable<u32>>,
+    net_slots: Mutex<slots::SlotTable<NetKey>>,
+    /// Label of each drop reason counter (see [`load::DropReasonNames`]).
+    drop_reasons: load::DropReasonNames,
+    /// Optional programs that could not be loaded, with why.
+    failed: Vec<(&'static str, String)>,
 }
 
 /// Per-program counters from `kernel.bpf_stats_enabled`.
@@ -80,20 +115,136 @@ impl Probes {
     /// Loads the embedded object and attaches every program, counting the interfaces of
     /// network namespace `netns` (its inode number; None: every namespace).
     pub fn attach(netns: Option<u32>) -> Result<Self, LoadError> {
-        let ebpf = load::load_and_attach(load::OBJECT, netns)?;
+        let load::Attached { ebpf, drop_reasons, failed } = load::load_and_attach(load::OBJECT, netns)?;
+        for (program, e) in &failed {
+            tracing::warn!("eBPF program {program} not loaded, its metrics are absent: {e}");
+        }
+        let failed = failed.into_iter().map(|(p, e)| (p, e.to_string())).collect();
         release_freed_heap();
         let ncpus = maps::possible_cpus()
             .map_err(|e| LoadError { reason: Reason::Other, detail: format!("counting possible CPUs: {e}") })?;
-        Ok(Self { ebpf: Mutex::new(ebpf), ncpus })
+        Ok(Self {
+            ebpf: Mutex::new(ebpf),
+            ncpus,
+            disk_slots: Mutex::new(slots::disk_slots()),
+            net_slots: Mutex::new(slots::net_slots()),
+            drop_reasons,
+            failed,
+        })
     }
 
     fn with_map_fd<T>(&self, name: &str, f: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<T>) -> anyhow::Result<T> {
         let ebpf = self.ebpf.lock().map_err(|_| anyhow!("eBPF state poisoned by an earlier panic"))?;
         match ebpf.map(name) {
-            Some(Map::PerCpuHashMap(data)) => f(data.fd().as_fd()).with_context(|| format!("reading BPF map {name}")),
-            Some(_) => Err(anyhow!("BPF map {name} is not a per-CPU hash map")),
+            Some(Map::PerCpuHashMap(data) | Map::PerCpuArray(data) | Map::Array(data) | Map::LruHashMap(data)) => {
+                f(data.fd().as_fd()).with_context(|| format!("BPF map {name}"))
+            }
+            Some(_) => Err(anyhow!("BPF map {name} is not of a type the agent reads")),
             None => Err(anyhow!("BPF map {name} is not in the loaded object")),
         }
+    }
+
+    /// The latency slot of disk `key`, given it now if it has none: None when every slot is
+    /// taken (its I/O is then timed in the overflow slot).
+    pub fn disk_slot(&self, key: DiskKey) -> anyhow::Result<Option<u32>> {
+        let mut table = self.disk_slots.lock().map_err(|_| anyhow!("disk slots poisoned by an earlier panic"))?;
+        if let Some(slot) = table.slot_of(key.dev) {
+            return Ok(Some(slot));
+        }
+        let Some((index, slot)) = table.assign(key.dev) else { return Ok(None) };
+        let entry = DiskSlot { dev: key.dev, slot };
+        if let Err(e) = self.with_map_fd(DISK_SLOT_MAP, |fd| maps::update(fd, &index, &entry)) {
+            table.release(key.dev);
+            return Err(e);
+        }
+        Ok(Some(slot))
+    }
+
+    /// The drop slot of interface `key`, given it now if it has none: None when every slot is
+    /// taken (its drops are then counted in the overflow slot).
+    pub fn net_slot(&self, key: NetKey) -> anyhow::Result<Option<u32>> {
+        let mut table = self.net_slots.lock().map_err(|_| anyhow!("interface slots poisoned by an earlier panic"))?;
+        if let Some(slot) = table.slot_of(key) {
+            return Ok(Some(slot));
+        }
+        let Some((index, slot)) = table.assign(key) else { return Ok(None) };
+        let entry = NetSlot { key, slot };
+        if let Err(e) = self.with_map_fd(NET_SLOT_MAP, |fd| maps::update(fd, &index, &entry)) {
+            table.release(key);
+            return Err(e);
+        }
+        Ok(Some(slot))
+    }
+
+    /// Takes interface `key`'s slot back (it is gone).
+    pub fn release_net_slot(&self, key: NetKey) -> anyhow::Result<()> {
+        let mut table = self.net_slots.lock().map_err(|_| anyhow!("interface slots poisoned by an earlier panic"))?;
+        if let Some(index) = table.release(key) {
+            self.with_map_fd(NET_SLOT_MAP, |fd| maps::update(fd, &index, &NetSlot::default()))?;
+        }
+        Ok(())
+    }
+
+    /// The drop counts of interface slot `slot` by reason value, summed over CPUs, since the
+    /// programs were loaded.
+    pub fn net_drops(&self, slot: u32) -> anyhow::Result<DropCounts> {
+        let n = self.ncpus;
+        let found = self.with_map_fd(NET_DROP_MAP, |fd| maps::lookup_percpu(fd, n, &[slot], add_drops))?;
+        Ok(found.into_iter().next().map(|(_, v)| v).unwrap_or_default())
+    }
+
+    /// Whether program `name` is loaded and attached.
+    pub fn attached(&self, name: &str) -> bool {
+        !self.failed.iter().any(|(p, _)| *p == name)
+    }
+
+    /// The optional programs that could not be loaded, with why.
+    pub fn failed_programs(&self) -> &[(&'static str, String)] {
+        &self.failed
+    }
+
+    /// OOM kills per victim memory cgroup id since the programs were loaded.
+    pub fn oom_kills(&self) -> anyhow::Result<Vec<(u64, u64)>> {
+        let ebpf = self.ebpf.lock().map_err(|_| anyhow!("eBPF state poisoned by an earlier panic"))?;
+        let map = ebpf.map(OOM_MAP).ok_or_else(|| anyhow!("BPF map {OOM_MAP} is not in the loaded object"))?;
+        let map = aya::maps::HashMap::<_, u64, u64>::try_from(map)?;
+        map.iter().map(|entry| entry.with_context(|| format!("reading BPF map {OOM_MAP}"))).collect()
+    }
+
+    /// The TCP retransmit and reset counters since the programs were loaded, summed over CPUs.
+    pub fn tcp_counts(&self) -> anyhow::Result<TcpCounts> {
+        let n = self.ncpus;
+        let found = self.with_map_fd(TCP_MAP, |fd| maps::lookup_percpu(fd, n, &[0u32], add_tcp))?;
+        Ok(found.into_iter().next().map(|(_, v)| v).unwrap_or_default())
+    }
+
+    /// The label of drop reason counter `index`: the running kernel's name for that value.
+    pub fn drop_reason_name(&self, index: usize) -> Option<&str> {
+        self.drop_reasons.get(index).map(String::as_str)
+    }
+
+    /// Takes disk `key`'s slot back (the disk is gone), so another disk can have it.
+    pub fn release_disk_slot(&self, key: DiskKey) -> anyhow::Result<()> {
+        let mut table = self.disk_slots.lock().map_err(|_| anyhow!("disk slots poisoned by an earlier panic"))?;
+        if let Some(index) = table.release(key.dev) {
+            self.with_map_fd(DISK_SLOT_MAP, |fd| maps::update(fd, &index, &DiskSlot::default()))?;
+        }
+        Ok(())
+    }
+
+    /// The latency histograms of `slot`, one per op (`LAT_OP_NAMES` order), summed over CPUs,
+    /// since the programs were loaded.
+    pub fn disk_latency(&self, slot: u32) -> anyhow::Result<[LatencyHist; LAT_OPS as usize]> {
+        let n = self.ncpus;
+        let keys: Vec<u32> = (0..LAT_OPS).map(|op| slot * LAT_OPS + op).collect();
+        let found = self.with_map_fd(DISK_LAT_MAP, |fd| maps::lookup_percpu(fd, n, &keys, add_hist))?;
+        let mut out = [LatencyHist::default(); LAT_OPS as usize];
+        for (key, hist) in found {
+            if let Some(o) = out.get_mut((key % LAT_OPS) as usize) {
+                *o = hist;
+            }
+        }
+        Ok(out)
     }
 
     /// Every disk's counters since attach, summed over CPUs.
@@ -164,6 +315,7 @@ impl Probes {
         let ebpf = self.ebpf.lock().map_err(|_| anyhow!("eBPF state poisoned by an earlier panic"))?;
         PROGRAMS
             .iter()
+            .filter(|(program, _)| self.attached(program))
             .map(|&(program, _)| {
                 let prog = ebpf.program(program).ok_or_else(|| anyhow!("program {program} not loaded"))?;
                 let c = maps::prog_counters(prog.fd()?.as_fd())
@@ -218,8 +370,9 @@ mod tests {
             let before = super::maps::prog_counters(fd.as_fd()).expect("info");
             let aya = prog.info().expect("aya info");
             let ours = super::maps::prog_counters(fd.as_fd()).expect("info");
-            // The loopback packets above ran the network programs; the disk may be idle.
-            if name != dcmon_common::ebpf::PROG_BLOCK_RQ_COMPLETE {
+            // The loopback packets above ran the network counting programs; the disk may be
+            // idle, and drops, retransmits, resets and OOM kills are rare.
+            if [dcmon_common::ebpf::PROG_NETIF_RECEIVE_SKB, dcmon_common::ebpf::PROG_NET_DEV_XMIT].contains(&name) {
                 assert!(before.run_count > 0, "{name}: no runs counted");
             }
             assert!(

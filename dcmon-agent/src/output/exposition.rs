@@ -5,8 +5,9 @@
 //!
 //! - one `# HELP` and one `# TYPE` line per family, then all its samples, even when the batch
 //!   interleaves families (families in order of first appearance, samples in batch order);
-//! - `counter` for names ending in `_total` (the agent's naming contract: README, Metrics),
-//!   `gauge` otherwise. OpenMetrics names a counter family without `_total` in its HELP and TYPE
+//! - `histogram` for the `_bucket`, `_sum` and `_count` samples of a family in
+//!   [`crate::batch::HISTOGRAM_FAMILIES`], under the family's name; else `counter` for names
+//!   ending in `_total` (the agent's naming contract: README, Metrics), `gauge` otherwise. OpenMetrics names a counter family without `_total` in its HELP and TYPE
 //!   lines; its samples keep the suffix;
 //! - a `machine_id` label on every sample, the batch's machine id (the label remote_write adds),
 //!   unless the sample has one itself;
@@ -24,7 +25,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use crate::batch::{Batch, Sample, Value};
+use crate::batch::{Batch, Sample, Value, histogram_family};
 
 /// The label every sample carries: the batch's machine id.
 pub const MACHINE_ID_LABEL: &str = "machine_id";
@@ -91,8 +92,9 @@ pub fn render(batch: &Batch, format: Format) -> Vec<u8> {
     let mut index: HashMap<&'static str, usize> = HashMap::with_capacity(64);
     let mut families: Vec<(&'static str, Vec<&Sample>)> = Vec::with_capacity(64);
     for s in samples {
-        let i = *index.entry(s.name).or_insert_with(|| {
-            families.push((s.name, Vec::new()));
+        let family = histogram_family(s.name).map_or(s.name, |h| h.family);
+        let i = *index.entry(family).or_insert_with(|| {
+            families.push((family, Vec::new()));
             families.len() - 1
         });
         families[i].1.push(s);
@@ -102,7 +104,8 @@ pub fn render(batch: &Batch, format: Format) -> Vec<u8> {
     let mut machine_id = String::with_capacity(batch.machine_id.len() + 2);
     push_label_value(&mut machine_id, &batch.machine_id);
     for (name, members) in &families {
-        let counter = name.ends_with("_total");
+        let histogram = histogram_family(members[0].name).is_some();
+        let counter = !histogram && name.ends_with("_total");
         let family = match format {
             Format::OpenMetrics if counter => name.strip_suffix("_total").unwrap_or(name),
             _ => name,
@@ -113,9 +116,15 @@ pub fn render(batch: &Batch, format: Format) -> Vec<u8> {
         push_help(&mut out, help(name), format);
         out.push_str("\n# TYPE ");
         out.push_str(family);
-        out.push_str(if counter { " counter\n" } else { " gauge\n" });
+        out.push_str(if histogram {
+            " histogram\n"
+        } else if counter {
+            " counter\n"
+        } else {
+            " gauge\n"
+        });
         for s in members {
-            out.push_str(name);
+            out.push_str(s.name);
             out.push('{');
             let own_machine_id = s.labels.iter().any(|(k, _)| *k == MACHINE_ID_LABEL);
             if !own_machine_id {
@@ -207,6 +216,13 @@ pub fn help(name: &str) -> &'static str {
         "disk_writes_total" => "Completed writes since boot.",
         "disk_write_bytes_total" => "Bytes written since boot.",
         "network_receive_bytes_total" => "Bytes received since boot.",
+        "tcp_retransmits_total" => "TCP segments retransmitted since the agent started, by address family (eBPF).",
+        "tcp_resets_sent_total" => "TCP resets sent since the agent started (eBPF).",
+        "tcp_resets_received_total" => "TCP resets received since the agent started (eBPF).",
+        "oom_kills_total" => "Processes the kernel OOM killer killed since the agent started, by job (eBPF).",
+        "network_drops_total" => {
+            "Packets the kernel dropped, by interface and drop reason, since the agent started (eBPF)."
+        }
         "network_transmit_bytes_total" => "Bytes transmitted since boot.",
         "apt_upgrades_pending" => "Installed packages with a newer candidate.",
         "apt_reboot_required" => "1 if /run/reboot-required exists, else 0.",
@@ -229,6 +245,8 @@ pub fn help(name: &str) -> &'static str {
         "dcmon_collector_duration_seconds" => "Seconds the collector took this round.",
         "dcmon_collector_success" => "1 if the collector worked this round, else 0.",
         "dcmon_nonfinite_values_dropped_total" => "Values dropped because they were NaN or infinite, since start.",
+        "disk_io_latency_seconds" => "Disk I/O latency from issue to completion, per disk and operation (eBPF).",
+        "dcmon_ebpf_overflow_total" => "Events the eBPF programs counted in the overflow slot: devices without a slot.",
         "dcmon_ebpf_active" => "1 when eBPF programs feed the disk and network metrics, 0 on procfs.",
         "dcmon_ebpf_program_missed_total" => "Events the kernel skipped for an eBPF program.",
         "dcmon_ebpf_program_runs_total" => "eBPF program runs (kernel.bpf_stats_enabled=1).",
@@ -244,4 +262,4 @@ pub fn help(name: &str) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

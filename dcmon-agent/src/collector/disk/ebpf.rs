@@ -15,6 +15,7 @@ use anyhow::Context as _;
 use dcmon_common::collector_names;
 use dcmon_common::ebpf::{DiskKey, DiskValue};
 
+use super::latency::DiskLatency;
 use super::{DiskCounters, DiskInventory, is_vanished, parse_block_stat, parse_diskstats_lines};
 use crate::batch::Sample;
 use crate::collector::{CollectError, Collector};
@@ -48,12 +49,15 @@ pub struct EbpfDiskCollector {
     buf: String,
     /// Whether /sys/block is on sysfs (see [`served_from_kernel_memory`]).
     inline: bool,
+    /// The latency histograms of the request-based disks.
+    latency: DiskLatency,
 }
 
 impl EbpfDiskCollector {
     /// Takes the baseline now; call right after the programs are attached.
     pub fn new(host: Host, filter: DeviceFilter, probes: Arc<Probes>) -> anyhow::Result<Self> {
         let start = probes.disk_totals()?.into_iter().collect();
+        let latency = DiskLatency::new(Arc::clone(&probes))?;
         let inline = served_from_kernel_memory(collector_names::DISK, [host.path("/sys/block").as_path()]);
         let text = host.read_to_string("/proc/diskstats")?;
         let lines = parse_diskstats_lines(&text)
@@ -84,6 +88,7 @@ impl EbpfDiskCollector {
             stats: HashMap::new(),
             buf: String::new(),
             inline,
+            latency,
         })
     }
 
@@ -114,6 +119,7 @@ impl EbpfDiskCollector {
             self.baseline.remove(&key);
             self.start.remove(&key);
             self.probes.forget_disk(&key)?;
+            self.latency.forget(key)?;
         }
         let inventory = &self.inventory;
         self.iostats.retain(|name, _| inventory.contains(name));
@@ -205,6 +211,14 @@ impl Collector for EbpfDiskCollector {
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
         let disks = self.read_all()?;
         out.extend(disks.iter().flat_map(DiskCounters::samples));
+        let filter = &self.filter;
+        let timed = self
+            .inventory
+            .disks()
+            .filter(|(name, disk)| disk.request_based && filter.allows(name))
+            .filter_map(|(name, disk)| Some((disk.key?, name)));
+        self.latency.sync(timed)?;
+        self.latency.samples(out)?;
         Ok(())
     }
 }

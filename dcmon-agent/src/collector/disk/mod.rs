@@ -10,6 +10,7 @@
 
 pub mod ebpf;
 mod inventory;
+pub mod latency;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

@@ -16,6 +16,7 @@ use anyhow::{Context as _, anyhow};
 use dcmon_common::collector_names;
 use dcmon_common::ebpf::{NetKey, NetValue};
 
+use super::drops::NetDrops;
 use super::{InterfaceCounters, parse_net_dev};
 use crate::batch::Sample;
 use crate::collector::{CollectError, Collector};
@@ -70,6 +71,8 @@ pub struct EbpfNetCollector {
     stale: bool,
     /// Whether /sys/class/net is on sysfs (see [`served_from_kernel_memory`]).
     inline: bool,
+    /// Packet drops by reason of the interfaces reported.
+    drops: NetDrops,
 }
 
 /// Inode number of the network namespace that `/proc/self/ns/net` under `host` names.
@@ -93,6 +96,7 @@ impl EbpfNetCollector {
         } else {
             None
         };
+        let drops = NetDrops::new(Arc::clone(&probes))?;
         let mut c = Self {
             host,
             filter,
@@ -104,6 +108,7 @@ impl EbpfNetCollector {
             link_events,
             stale: false,
             inline: false,
+            drops,
         };
         c.inline = served_from_kernel_memory(collector_names::NET, [c.host.path("/sys/class/net").as_path()]);
         let text = c.host.read_to_string("/proc/net/dev")?;
@@ -196,6 +201,10 @@ impl Collector for EbpfNetCollector {
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
         let ifaces = self.read_all()?;
         out.extend(ifaces.iter().filter(|i| self.filter.allows(&i.interface)).flat_map(InterfaceCounters::samples));
+        let filter = &self.filter;
+        let allowed = self.known.iter().filter(|(name, _)| filter.allows(name)).map(|(name, i)| (i.key, name.as_str()));
+        self.drops.sync(allowed)?;
+        self.drops.samples(out)?;
         Ok(())
     }
 }

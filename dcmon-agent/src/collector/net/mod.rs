@@ -1,6 +1,7 @@
 //! Per-interface network byte counters from /proc/net/dev; [`ebpf`] holds the eBPF-fed
 //! network collector, which reports the same series.
 
+pub mod drops;
 pub mod ebpf;
 
 use anyhow::Context as _;

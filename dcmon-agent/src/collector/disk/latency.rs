@@ -1,0 +1,196 @@
+//! `disk_io_latency_seconds`: per disk and operation, the histogram of the time from a request's
+//! issue to the driver to its completion, which the BPF programs keep per disk slot (see
+//! `dcmon_common::ebpf::DISK_LAT_MAP`). Reported since the disk got its slot, cumulative.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use dcmon_common::ebpf::{
+    DiskKey, LAT_BUCKETS, LAT_OP_NAMES, LAT_OPS, LatencyHist, OVERFLOW_SLOT, PROG_BLOCK_RQ_ISSUE, lat_bucket_bound_ns,
+};
+
+use crate::batch::{DISK_IO_LATENCY, Labels, Sample};
+use crate::ebpf::Probes;
+
+type Hists = [LatencyHist; LAT_OPS as usize];
+
+/// A disk with a slot.
+#[derive(Debug)]
+struct Slotted {
+    name: String,
+    slot: u32,
+    /// The slot's histograms when the disk got it: reported values are the difference.
+    start: Hists,
+    /// Ops that have had an I/O since; their series are sent from then on.
+    seen: [bool; LAT_OPS as usize],
+}
+
+/// The latency histograms of the disks the agent reports, and their slots.
+#[derive(Debug)]
+pub struct DiskLatency {
+    probes: Arc<Probes>,
+    disks: HashMap<DiskKey, Slotted>,
+    /// Completions in the overflow slot at start.
+    overflow_start: u64,
+    /// Whether the lack of a free slot was logged already.
+    warned_full: bool,
+}
+
+fn count(h: &LatencyHist) -> u64 {
+    h.buckets.iter().sum()
+}
+
+impl DiskLatency {
+    /// Reads the overflow slot's starting count.
+    pub fn new(probes: Arc<Probes>) -> anyhow::Result<Self> {
+        let overflow_start = probes.disk_latency(OVERFLOW_SLOT)?.iter().map(count).sum();
+        Ok(Self { probes, disks: HashMap::new(), overflow_start, warned_full: false })
+    }
+
+    /// Gives a slot to each of `disks` (whole request-based disks the filter allows) that has
+    /// none, and takes back the slots of disks no longer among them.
+    pub fn sync<'a>(&mut self, disks: impl IntoIterator<Item = (DiskKey, &'a str)>) -> anyhow::Result<()> {
+        let wanted: HashMap<DiskKey, &str> = disks.into_iter().collect();
+        let gone: Vec<DiskKey> = self
+            .disks
+            .iter()
+            .filter(|(key, d)| wanted.get(key).is_none_or(|name| *name != d.name))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in gone {
+            self.forget(key)?;
+        }
+        for (key, name) in wanted {
+            if self.disks.contains_key(&key) {
+                continue;
+            }
+            let Some(slot) = self.probes.disk_slot(key)? else {
+                if !self.warned_full {
+                    tracing::warn!(disk = name, "no free eBPF latency slot: its I/O is timed in the overflow slot");
+                    self.warned_full = true;
+                }
+                continue;
+            };
+            let start = self.probes.disk_latency(slot)?;
+            self.disks.insert(key, Slotted { name: name.to_owned(), slot, start, seen: [false; LAT_OPS as usize] });
+        }
+        Ok(())
+    }
+
+    /// Takes disk `key`'s slot back (it is gone, or its number now names another disk).
+    pub fn forget(&mut self, key: DiskKey) -> anyhow::Result<()> {
+        if self.disks.remove(&key).is_some() {
+            self.probes.release_disk_slot(key)?;
+        }
+        Ok(())
+    }
+
+    /// The histograms of every slotted disk with I/O, in device-number order, and the overflow
+    /// slot's count.
+    pub fn samples(&mut self, out: &mut Vec<Sample>) -> anyhow::Result<()> {
+        let mut keys: Vec<DiskKey> = self.disks.keys().copied().collect();
+        keys.sort_by_key(|k| (k.major(), k.minor()));
+        for key in keys {
+            let Some(disk) = self.disks.get_mut(&key) else { continue };
+            let now = self.probes.disk_latency(disk.slot)?;
+            for (op, (now, start)) in now.iter().zip(&disk.start).enumerate() {
+                let hist = since(now, start);
+                disk.seen[op] |= count(&hist) > 0;
+                if !disk.seen[op] {
+                    continue;
+                }
+                let labels: Labels = vec![("device", disk.name.clone()), ("op", LAT_OP_NAMES[op].to_owned())];
+                out.extend(histogram_samples(&labels, &hist));
+            }
+        }
+        // Without the issue program nothing is timed: no overflow count either.
+        if self.probes.attached(PROG_BLOCK_RQ_ISSUE) {
+            let overflow: u64 = self.probes.disk_latency(OVERFLOW_SLOT)?.iter().map(count).sum();
+            out.push(
+                Sample::count("dcmon_ebpf_overflow_total", overflow.wrapping_sub(self.overflow_start))
+                    .label("map", "disk_latency"),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// `now - start`, bucket by bucket.
+fn since(now: &LatencyHist, start: &LatencyHist) -> LatencyHist {
+    let mut out = *now;
+    for (o, s) in out.buckets.iter_mut().zip(start.buckets) {
+        *o = o.wrapping_sub(s);
+    }
+    out.sum_ns = out.sum_ns.wrapping_sub(start.sum_ns);
+    out
+}
+
+/// One histogram as `disk_io_latency_seconds` samples: the bounds of README's bucket table.
+pub fn histogram_samples(labels: &Labels, hist: &LatencyHist) -> Vec<Sample> {
+    let last = (LAT_BUCKETS - 1) as usize;
+    let buckets: Vec<(f64, u64)> =
+        (0..last).map(|k| (lat_bucket_bound_ns(k as u32) as f64 / 1e9, hist.buckets[k])).collect();
+    DISK_IO_LATENCY.samples(labels, &buckets, hist.buckets[last], hist.sum_ns as f64 / 1e9)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::Value;
+
+    #[test]
+    fn histogram_is_cumulative_and_inf_equals_count() {
+        let mut hist = LatencyHist::default();
+        hist.buckets[0] = 2; // under 1.024 µs
+        hist.buckets[5] = 3; // 16.384 to 32.768 µs
+        hist.buckets[(LAT_BUCKETS - 1) as usize] = 1; // over 17.18 s
+        hist.sum_ns = 20_000_000_123;
+        let labels: Labels = vec![("device", "vda".into()), ("op", "read".into())];
+        let samples = histogram_samples(&labels, &hist);
+        assert_eq!(samples.len(), LAT_BUCKETS as usize + 2);
+        let le = |s: &Sample| s.labels.iter().find(|(k, _)| *k == "le").map(|(_, v)| v.clone());
+        let first = &samples[0];
+        assert_eq!(
+            (first.name, first.value, le(first).as_deref()),
+            ("disk_io_latency_seconds_bucket", Value::Count(2), Some("0.000001024"))
+        );
+        assert_eq!(samples[4].value, Value::Count(2));
+        assert_eq!((samples[5].value, le(&samples[5]).as_deref()), (Value::Count(5), Some("0.000032768")));
+        let last_bound = &samples[LAT_BUCKETS as usize - 2];
+        assert_eq!((last_bound.value, le(last_bound).as_deref()), (Value::Count(5), Some("17.179869184")));
+        let inf = &samples[LAT_BUCKETS as usize - 1];
+        assert_eq!((inf.value, le(inf).as_deref()), (Value::Count(6), Some("+Inf")));
+        let sum = &samples[LAT_BUCKETS as usize];
+        assert_eq!((sum.name, sum.value), ("disk_io_latency_seconds_sum", Value::Gauge(20.000000123)));
+        let count = &samples[LAT_BUCKETS as usize + 1];
+        assert_eq!((count.name, count.value), ("disk_io_latency_seconds_count", Value::Count(6)));
+        assert!(samples.iter().all(|s| s.labels[..2] == labels[..]));
+    }
+
+    #[test]
+    fn histogram_text_passes_promtool() {
+        let mut hist = LatencyHist::default();
+        hist.buckets[12] = 7;
+        hist.sum_ns = 7 * 3_000_000;
+        let mut batch = crate::batch::Batch::new("m1", 1);
+        for (device, op) in [("vda", "read"), ("vda", "write"), ("loop0", "read")] {
+            batch.extend(histogram_samples(&vec![("device", device.into()), ("op", op.into())], &hist));
+        }
+        batch.push(Sample::count("disk_reads_total", 3).label("device", "vda"));
+        let text = crate::output::exposition::render(&batch, crate::output::exposition::Format::Prometheus);
+        let text = String::from_utf8(text).expect("utf-8");
+        assert!(text.contains("# TYPE disk_io_latency_seconds histogram\n"), "{text}");
+        assert_eq!(text.matches("# TYPE").count(), 2, "{text}");
+        assert!(
+            text.contains(
+                "disk_io_latency_seconds_bucket{machine_id=\"m1\",device=\"vda\",op=\"read\",le=\"+Inf\"} 7\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("disk_io_latency_seconds_sum{machine_id=\"m1\",device=\"vda\",op=\"read\"} 0.021\n"),
+            "{text}"
+        );
+        crate::output::exposition::tests::promtool_check(text.as_bytes()).expect("promtool");
+    }
+}

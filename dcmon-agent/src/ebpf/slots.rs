@@ -1,0 +1,129 @@
+//! Slot tables: which counter slot each disk or interface has, and where its entry sits in the
+//! direct-mapped table the programs probe (see `dcmon_common::ebpf::DISK_SLOT_MAP` and
+//! `NET_SLOT_MAP`).
+
+use std::collections::HashMap;
+use std::hash::Hash;
+
+use dcmon_common::ebpf::{
+    DISK_SLOTS, NET_SLOTS, NO_DEVICE_SLOT, NetKey, OVERFLOW_SLOT, SLOT_PROBES, SLOT_TABLE_ENTRIES,
+    net_slot_table_index, slot_table_index,
+};
+
+/// The agent's copy of a table: assignments, and which table entries are in use.
+#[derive(Debug)]
+pub struct SlotTable<K> {
+    /// key -> (slot, table index).
+    assigned: HashMap<K, (u32, u32)>,
+    /// Slots not given to any key.
+    free: Vec<u32>,
+    /// Which table entries hold a key.
+    used: Vec<bool>,
+    /// The key's home index (the program's hash).
+    home: fn(K) -> u32,
+}
+
+impl<K: Copy + Eq + Hash> SlotTable<K> {
+    /// Slots `first..slots` to hand out, from the low end.
+    fn new(first: u32, slots: u32, home: fn(K) -> u32) -> Self {
+        let free = (first..slots).rev().collect();
+        Self { assigned: HashMap::new(), free, used: vec![false; SLOT_TABLE_ENTRIES as usize], home }
+    }
+
+    /// The slot of `key`, if it has one.
+    pub fn slot_of(&self, key: K) -> Option<u32> {
+        self.assigned.get(&key).map(|&(slot, _)| slot)
+    }
+
+    /// Gives `key` a slot and a table entry within the program's probe window: (table index,
+    /// slot) to write into the map, or None when the slots or the window's entries are all
+    /// taken. The caller writes the entry, or calls [`SlotTable::release`] if that fails.
+    pub fn assign(&mut self, key: K) -> Option<(u32, u32)> {
+        let home = (self.home)(key);
+        let index =
+            (0..SLOT_PROBES).map(|i| (home + i) & (SLOT_TABLE_ENTRIES - 1)).find(|&i| !self.used[i as usize])?;
+        let slot = self.free.pop()?;
+        self.used[index as usize] = true;
+        self.assigned.insert(key, (slot, index));
+        Some((index, slot))
+    }
+
+    /// Frees `key`'s slot: the table index to clear, if it had one.
+    pub fn release(&mut self, key: K) -> Option<u32> {
+        let (slot, index) = self.assigned.remove(&key)?;
+        self.used[index as usize] = false;
+        self.free.push(slot);
+        Some(index)
+    }
+}
+
+/// Disk latency slots, keyed by `DiskKey::dev`; slot 0 is the overflow.
+pub fn disk_slots() -> SlotTable<u32> {
+    const _: () = assert!(OVERFLOW_SLOT == 0);
+    SlotTable::new(OVERFLOW_SLOT + 1, DISK_SLOTS, slot_table_index)
+}
+
+/// Interface drop slots; slot 0 is the overflow, slot 1 the packets without a device.
+pub fn net_slots() -> SlotTable<NetKey> {
+    SlotTable::new(NO_DEVICE_SLOT + 1, NET_SLOTS, net_slot_table_index)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_unique_and_entries_stay_in_the_probe_window() {
+        let mut table = disk_slots();
+        let mut slots = std::collections::HashSet::new();
+        // Loop devices, SCSI disks and NVMe namespaces, as a host numbers them.
+        let devs: Vec<u32> = (0..16)
+            .map(|m| (7 << 20) | m)
+            .chain((0..16).map(|d| (8 << 20) | (d * 16)))
+            .chain((0..16).map(|m| (259 << 20) | m))
+            .collect();
+        for &dev in &devs {
+            let (index, slot) = table.assign(dev).expect("room");
+            assert!(slot != OVERFLOW_SLOT && slot < DISK_SLOTS);
+            assert!(slots.insert(slot), "slot {slot} twice");
+            let home = slot_table_index(dev);
+            assert!((0..SLOT_PROBES).any(|i| (home + i) & (SLOT_TABLE_ENTRIES - 1) == index));
+            assert_eq!(table.slot_of(dev), Some(slot));
+        }
+        // 63 slots: the 64th disk finds none, and gets one once a disk is released.
+        let more: Vec<u32> = (100..115).map(|m| (7 << 20) | m).collect();
+        for &dev in &more {
+            table.assign(dev).expect("room");
+        }
+        assert!(table.assign((7 << 20) | 200).is_none(), "all 63 slots taken");
+        let freed = table.slot_of(devs[3]).expect("assigned");
+        assert!(table.release(devs[3]).is_some());
+        assert_eq!(table.release(devs[3]), None, "already released");
+        assert_eq!(table.assign((7 << 20) | 200).expect("room").1, freed);
+    }
+
+    #[test]
+    fn a_full_probe_window_refuses_the_disk() {
+        let mut table = disk_slots();
+        // Five disks with home index 0: minor = major * 97 cancels out.
+        let devs: Vec<u32> = (0..64)
+            .map(|major| (major << 20) | ((major * 97) & (SLOT_TABLE_ENTRIES - 1)))
+            .filter(|&dev| slot_table_index(dev) == 0)
+            .take(5)
+            .collect();
+        assert_eq!(devs.len(), 5);
+        for &dev in &devs[..4] {
+            table.assign(dev).expect("window has room");
+        }
+        assert!(table.assign(devs[4]).is_none(), "window of {SLOT_PROBES} full");
+    }
+
+    #[test]
+    fn interface_slots_start_after_the_no_device_slot() {
+        let mut table = net_slots();
+        let (_, slot) = table.assign(NetKey { ifindex: 1, netns: 4026531840 }).expect("room");
+        assert_eq!(slot, NO_DEVICE_SLOT + 1);
+        let given = (0..NET_SLOTS).filter_map(|i| table.assign(NetKey { ifindex: 100 + i * 8, netns: 7 })).count();
+        assert_eq!(given as u32, NET_SLOTS - 3, "slots 0 and 1 are the program's, one is taken");
+    }
+}
