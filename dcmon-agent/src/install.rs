@@ -23,8 +23,30 @@ pub fn default_config_json() -> String {
     )
 }
 
-/// The systemd unit for an agent installed at `binary`, reading `config_path`.
+/// Where the Debian package puts the agent, its unit and its config (dcmon-agent/debian/).
+pub const PACKAGED_BINARY: &str = "/usr/bin/dcmon-agent";
+
+/// The systemd unit for an agent installed at `binary`, reading `config_path`, as `install`
+/// writes it to /etc/systemd/system.
 pub fn render_unit(binary: &Path, config_path: &Path, config: &Config) -> String {
+    format!(
+        "# Written by `dcmon-agent install`; it is rewritten on the next install.\n\
+         # Local changes belong in `systemctl edit dcmon-client`.\n{}",
+        unit_body(binary, config_path, config)
+    )
+}
+
+/// The unit the Debian package ships in /lib/systemd/system: the defaults' unit for
+/// [`PACKAGED_BINARY`] (a test holds dcmon-agent/debian/dcmon-client.service equal to it).
+pub fn packaged_unit() -> String {
+    format!(
+        "# Shipped by the dcmon-agent package. Local changes belong in `systemctl edit dcmon-client`;\n\
+         # `dcmon-agent install` writes a unit for the current config to /etc/systemd/system instead.\n{}",
+        unit_body(Path::new(PACKAGED_BINARY), Path::new(crate::config::DEFAULT_CONFIG_PATH), &Config::default())
+    )
+}
+
+fn unit_body(binary: &Path, config_path: &Path, config: &Config) -> String {
     let caps = crate::collector::capabilities(config).join(" ");
     // The outbox must be writable under ProtectSystem=strict; '-' tolerates a missing path.
     let mut writable = vec!["/var/lib/dcmon".to_owned()];
@@ -45,9 +67,7 @@ pub fn render_unit(binary: &Path, config_path: &Path, config: &Config) -> String
         writable.push(format!("-{}", dir.display()));
     }
     format!(
-        "# Written by `dcmon-agent install`; it is rewritten on the next install.\n\
-         # Local changes belong in `systemctl edit dcmon-client`.\n\
-         [Unit]\n\
+        "[Unit]\n\
          Description=dcmon host monitoring agent\n\
          Wants=network-online.target\n\
          After=network-online.target\n\
@@ -400,6 +420,22 @@ mod tests {
         assert_eq!(exporters.len(), in_table.count(), "{text}");
         assert_eq!(written["server_url"], "http://your-server.com:8000");
         assert_eq!(written["collection_interval"], 30);
+    }
+
+    /// The Debian package's unit and conffile are the files this module renders (regenerate
+    /// them with `DCMON_BLESS=1 cargo test -p dcmon-agent --lib install`).
+    #[test]
+    fn the_packaged_files_are_what_install_renders() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("debian");
+        for (file, want) in [("dcmon-client.service", packaged_unit()), ("config.json", default_config_json())] {
+            let path = dir.join(file);
+            if std::env::var("DCMON_BLESS").is_ok_and(|v| v == "1") {
+                std::fs::write(&path, &want).expect("bless");
+            }
+            let have = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(have, want, "{} is stale: rerun with DCMON_BLESS=1", path.display());
+        }
+        assert!(packaged_unit().contains("\nExecStart=/usr/bin/dcmon-agent --config /etc/dcmon/config.json run\n"));
     }
 
     #[test]
