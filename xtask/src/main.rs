@@ -4,10 +4,13 @@
 //! `cargo xtask fuzz` runs the cargo-fuzz targets of fuzz/ for a bounded time each;
 //! `cargo xtask mutants` runs cargo-mutants on the files whose unit tests must catch mutants.
 //! `cargo xtask bless` rewrites the golden batches of the fixture hosts (tests/fixtures/golden).
+//! `cargo xtask deb` builds the Debian package and runs lintian on it; `cargo xtask static`
+//! builds the static (musl) agent.
 
 mod bench;
 mod fuzz;
 mod mutants;
+mod package;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -49,6 +52,10 @@ enum Task {
     Mutants(mutants::MutantsArgs),
     /// Rewrite the golden batches (tests/fixtures/golden) from the agent as it is now.
     Bless,
+    /// Build the Debian package (cargo-deb) into target/debian/ and check it with lintian.
+    Deb(package::DebArgs),
+    /// Build the static agent for x86_64-unknown-linux-musl and check that it is static.
+    Static(package::StaticArgs),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +76,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Task::Fuzz(args) => fuzz::run(&root, &args),
         Task::Mutants(args) => mutants::run(&root, &args),
         Task::Bless => bless(&root),
+        Task::Deb(args) => package::deb(&root, &args).map(drop),
+        Task::Static(args) => package::static_binary(&root, &args).map(drop),
     }
 }
 
