@@ -48,6 +48,10 @@ pub fn packaged_unit() -> String {
 
 fn unit_body(binary: &Path, config_path: &Path, config: &Config) -> String {
     let caps = crate::collector::capabilities(config).join(" ");
+    // Each sandboxing directive is kept only while every collector still works under it, eBPF
+    // included (the container test, tests/tests/systemd_nspawn.rs). The syscall filter is
+    // systemd's set for services plus what loading and attaching the BPF programs needs; a
+    // call outside it fails with EPERM rather than killing the agent.
     // The outbox must be writable under ProtectSystem=strict; '-' tolerates a missing path.
     let mut writable = vec!["/var/lib/dcmon".to_owned()];
     if !config.outbox_dir.starts_with("/var/lib/dcmon") {
@@ -89,6 +93,8 @@ fn unit_body(binary: &Path, config_path: &Path, config: &Config) -> String {
          ProtectHome=yes\n\
          PrivateTmp=yes\n\
          ProtectKernelModules=yes\n\
+         ProtectKernelTunables=yes\n\
+         ProtectKernelLogs=yes\n\
          ProtectControlGroups=yes\n\
          ProtectClock=yes\n\
          ProtectHostname=yes\n\
@@ -99,6 +105,8 @@ fn unit_body(binary: &Path, config_path: &Path, config: &Config) -> String {
          MemoryDenyWriteExecute=yes\n\
          SystemCallArchitectures=native\n\
          RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK\n\
+         SystemCallFilter=@system-service bpf perf_event_open\n\
+         SystemCallErrorNumber=EPERM\n\
          CapabilityBoundingSet={caps}\n\
          StandardOutput=journal\n\
          StandardError=journal\n\
