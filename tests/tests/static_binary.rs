@@ -57,8 +57,9 @@ fn the_static_agent_runs_once_in_an_empty_chroot() {
     let cpu = value("cpu_usage_percent").expect("cpu_usage_percent from /proc/stat");
     assert!((0.0..=100.0).contains(&cpu), "{cpu}");
     // NVML is dlopen()ed; a static musl binary cannot load the driver's glibc library, and says
-    // so instead of crashing (README, Install: the static build).
+    // so instead of crashing; on a GPU host nvidia-smi is used instead (README, the static build).
     let nvml = stderr.lines().find(|l| l.contains("NVML")).unwrap_or_else(|| panic!("no NVML line:\n{stderr}"));
     eprintln!("{nvml}");
+    assert!(nvml.contains("Dynamic loading not supported"), "{nvml}");
     assert!(!root.join("proc/self").exists(), "the chroot's /proc is still mounted");
 }

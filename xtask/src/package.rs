@@ -53,13 +53,21 @@ pub fn deb(root: &Path, args: &DebArgs) -> anyhow::Result<PathBuf> {
 }
 
 #[derive(Debug, clap::Args)]
-pub struct StaticArgs {}
+pub struct StaticArgs {
+    /// Keep musl's own malloc instead of mimalloc (to measure what it costs: README, Install).
+    #[arg(long)]
+    pub musl_malloc: bool,
+}
 
 /// Build target/x86_64-unknown-linux-musl/release/dcmon-agent and check that it is static.
-pub fn static_binary(root: &Path, _args: &StaticArgs) -> anyhow::Result<PathBuf> {
+pub fn static_binary(root: &Path, args: &StaticArgs) -> anyhow::Result<PathBuf> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(&cargo)
-        .args(["build", "--release", "--package", "dcmon-agent", "--bin", "dcmon-agent", "--target", STATIC_TARGET])
+    let mut build = Command::new(&cargo);
+    build.args(["build", "--release", "--package", "dcmon-agent", "--bin", "dcmon-agent", "--target", STATIC_TARGET]);
+    if !args.musl_malloc {
+        build.args(["--features", "mimalloc"]);
+    }
+    let status = build
         .current_dir(root)
         .status()
         .context("running cargo build")?;
