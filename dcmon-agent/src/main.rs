@@ -22,7 +22,7 @@ use dcmon_agent::upload::Uploader;
 use dcmon_agent::{api_key, check, collector, register};
 use tokio::sync::mpsc;
 
-// The static (musl) build's allocator: musl's own malloc costs more per cycle (README, Install).
+// An option for the static (musl) build, whose own malloc costs more CPU a cycle (README, Install).
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

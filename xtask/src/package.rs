@@ -54,9 +54,9 @@ pub fn deb(root: &Path, args: &DebArgs) -> anyhow::Result<PathBuf> {
 
 #[derive(Debug, clap::Args)]
 pub struct StaticArgs {
-    /// Keep musl's own malloc instead of mimalloc (to measure what it costs: README, Install).
+    /// mimalloc instead of musl's own malloc: less CPU a cycle, more memory (README, Install).
     #[arg(long)]
-    pub musl_malloc: bool,
+    pub mimalloc: bool,
 }
 
 /// Build target/x86_64-unknown-linux-musl/release/dcmon-agent and check that it is static.
@@ -64,7 +64,7 @@ pub fn static_binary(root: &Path, args: &StaticArgs) -> anyhow::Result<PathBuf> 
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = Command::new(&cargo);
     build.args(["build", "--release", "--package", "dcmon-agent", "--bin", "dcmon-agent", "--target", STATIC_TARGET]);
-    if !args.musl_malloc {
+    if args.mimalloc {
         build.args(["--features", "mimalloc"]);
     }
     let status = build
