@@ -341,11 +341,12 @@ mod tests {
         let mut c = Config::default();
         assert_eq!(
             capabilities(&c),
-            ["CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH", "CAP_SYS_ADMIN", "CAP_SYS_RAWIO"],
-            "defaults: eBPF auto, NVMe and IPMI on"
+            ["CAP_BPF", "CAP_PERFMON", "CAP_DAC_READ_SEARCH", "CAP_SYS_ADMIN", "CAP_SYS_RAWIO", "CAP_SYSLOG"],
+            "defaults: eBPF auto, NVMe, IPMI and GPU XIDs on"
         );
         c.exporters.set("nvme", false);
         c.exporters.set("ipmi", false);
+        c.exporters.set("gpu_xid", false);
         assert!(unit_for(&c).contains("\nCapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_DAC_READ_SEARCH\n"));
         c.ebpf = crate::config::EbpfMode::On;
         assert!(unit_for(&c).contains("\nCapabilityBoundingSet=CAP_BPF CAP_PERFMON CAP_DAC_READ_SEARCH\n"));
@@ -359,7 +360,7 @@ mod tests {
 
     /// Every combination of exporters and eBPF modes: the unit keeps exactly what the enabled
     /// collectors need (eBPF: loading and reading the programs; nvme: the admin ioctl; ipmi:
-    /// the BMC device), nothing for apt and nvsmi, in one stable order.
+    /// the BMC device; gpu_xid: the kernel log), nothing for apt and nvsmi, in one stable order.
     #[test]
     fn the_unit_bounding_set_is_derived_from_the_table_for_every_combination() {
         use crate::config::EbpfMode;
@@ -378,7 +379,8 @@ mod tests {
                 "apt",
                 "nvme",
                 "ipmi",
-                "nvsmi"
+                "nvsmi",
+                "gpu_xid"
             ],
             "the exporters, in table order"
         );
@@ -397,6 +399,9 @@ mod tests {
                 }
                 if c.exporters.enabled("ipmi") {
                     want.push("CAP_SYS_RAWIO");
+                }
+                if c.exporters.enabled("gpu_xid") {
+                    want.push("CAP_SYSLOG");
                 }
                 let unit = render_unit(Path::new("/usr/bin/dcmon-agent"), Path::new("/etc/dcmon/config.json"), &c);
                 let line = format!("\nCapabilityBoundingSet={}\n", want.join(" "));
@@ -459,7 +464,7 @@ mod tests {
     fn remote_commands_grow_the_unit_only_for_allowed_types() {
         use crate::config::{CommandType, CommandsConfig, EbpfMode};
         let mut c = Config { ebpf: EbpfMode::Off, ..Config::default() };
-        for name in ["nvme", "ipmi"] {
+        for name in ["nvme", "ipmi", "gpu_xid"] {
             c.exporters.set(name, false);
         }
         let unit_for =

@@ -18,6 +18,7 @@ pub mod filter;
 pub mod footprint;
 pub mod host;
 pub mod install;
+pub mod jobs;
 pub mod notify;
 pub mod outbox;
 pub mod output;

@@ -91,6 +91,20 @@ fn describe(metadata: &Metadata) -> &'static str {
     }
 }
 
+/// Replace the file at `path` with `bytes` whole: written to `path.tmp` and renamed over it, so
+/// a crash leaves the old contents or the new, never a torn file. The directory is created
+/// when missing. The error names the file and the step that failed.
+pub fn write_replacing(path: &Path, bytes: &[u8]) -> Result<(), String> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| format!("cannot move {} to {}: {e}", tmp.display(), path.display()))
+}
+
 /// Helpers for tests of the readers built on [`read`].
 #[cfg(test)]
 pub(crate) mod test_support {

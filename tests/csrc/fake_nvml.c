@@ -78,14 +78,15 @@ nvmlReturn_t nvmlInit_v2(void)
 	const char *fail = getenv("FAKE_NVML_INIT_FAIL");
 	if (fail && strcmp(fail, "1") == 0)
 		return NVML_ERROR_DRIVER_NOT_LOADED;
-	initialized = 1;
+	initialized++; /* NVML counts nvmlInit calls; the last nvmlShutdown shuts down */
 	log_line("init");
 	return NVML_SUCCESS;
 }
 
 nvmlReturn_t nvmlShutdown(void)
 {
-	initialized = 0;
+	if (initialized > 0)
+		initialized--;
 	log_line("shutdown");
 	return NVML_SUCCESS;
 }
@@ -272,4 +273,144 @@ nvmlReturn_t nvmlDeviceGetPerformanceState(nvmlDevice_t d, int *pstate)
 	if (!r)
 		*pstate = (int)d->pstate;
 	return r;
+}
+
+/*
+ * ---- XID events (nvmlEventSet*, nvmlDeviceRegisterEvents) ----
+ *
+ * FAKE_NVML_XID_EVENTS=FILE scripts the XID events: one "GPU-INDEX XID" line per event, in
+ * order. Each line happens once: a wait delivers the next line no wait has delivered yet, in
+ * this process or an earlier one (FILE.delivered keeps the count), to a set registered for that
+ * GPU, as the driver delivers each XID to the sets registered when it happens; so an agent
+ * restarted later does not see old events again. The file is read again at each wait, so a
+ * test can append while the agent runs. With no line left, the wait sleeps in steps of 10 ms
+ * until the timeout and returns NVML_ERROR_TIMEOUT, as the real call does. Signatures, the
+ * event data layout and the return codes are nvml.h's.
+ */
+#include <time.h>
+
+#define FAKE_NVML_ERROR_TIMEOUT 10
+#define FAKE_NVML_EVENT_TYPE_XID 0x0000000000000008ULL
+#define FAKE_XID_MAX_GPUS 8
+
+struct nvmlEventSet_st {
+	unsigned long long registered[FAKE_XID_MAX_GPUS]; /* event types per GPU index */
+};
+typedef struct nvmlEventSet_st *nvmlEventSet_t;
+
+typedef struct {
+	nvmlDevice_t device;
+	unsigned long long eventType;
+	unsigned long long eventData;
+	unsigned int gpuInstanceId;
+	unsigned int computeInstanceId;
+} nvmlEventData_t;
+
+static long xid_gpu_index(nvmlDevice_t d)
+{
+	for (unsigned long i = 0; i < sizeof gpus / sizeof gpus[0]; i++)
+		if (d == &gpus[i])
+			return (long)i;
+	return -1;
+}
+
+nvmlReturn_t nvmlEventSetCreate(nvmlEventSet_t *set)
+{
+	if (!initialized)
+		return NVML_ERROR_UNINITIALIZED;
+	if (!set)
+		return NVML_ERROR_INVALID_ARGUMENT;
+	*set = calloc(1, sizeof **set);
+	return *set ? NVML_SUCCESS : 999; /* NVML_ERROR_UNKNOWN */
+}
+
+nvmlReturn_t nvmlEventSetFree(nvmlEventSet_t set)
+{
+	if (!initialized)
+		return NVML_ERROR_UNINITIALIZED;
+	free(set);
+	return NVML_SUCCESS;
+}
+
+nvmlReturn_t nvmlDeviceGetSupportedEventTypes(nvmlDevice_t d, unsigned long long *types)
+{
+	nvmlReturn_t r = check(d);
+	if (!r)
+		*types = FAKE_NVML_EVENT_TYPE_XID;
+	return r;
+}
+
+nvmlReturn_t nvmlDeviceRegisterEvents(nvmlDevice_t d, unsigned long long types, nvmlEventSet_t set)
+{
+	nvmlReturn_t r = check(d);
+	long index = xid_gpu_index(d);
+	if (r)
+		return r;
+	if (!set)
+		return NVML_ERROR_INVALID_ARGUMENT;
+	if ((types & ~FAKE_NVML_EVENT_TYPE_XID) || index < 0 || index >= FAKE_XID_MAX_GPUS)
+		return NVML_ERROR_NOT_SUPPORTED;
+	set->registered[index] |= types;
+	return NVML_SUCCESS;
+}
+
+/* Line `n` (from 0) of the script: 1 with the GPU index and XID, 0 when there is none. */
+static int xid_script_line(const char *path, long n, long *index, unsigned long long *xid)
+{
+	FILE *f = fopen(path, "r");
+	int found = 0;
+	if (!f)
+		return 0;
+	for (long i = 0; i <= n; i++)
+		if (fscanf(f, "%ld %llu", index, xid) != 2)
+			break;
+		else if (i == n)
+			found = 1;
+	fclose(f);
+	return found;
+}
+
+/* FILE.delivered: how many lines of the script were delivered (read, or written when `set`). */
+static long xid_delivered(const char *path, long set)
+{
+	char name[4096];
+	long n = 0;
+	FILE *f;
+	snprintf(name, sizeof name, "%s.delivered", path);
+	f = fopen(name, set >= 0 ? "w" : "r");
+	if (!f)
+		return 0;
+	if (set >= 0)
+		fprintf(f, "%ld\n", n = set);
+	else if (fscanf(f, "%ld", &n) != 1)
+		n = 0;
+	fclose(f);
+	return n;
+}
+
+nvmlReturn_t nvmlEventSetWait_v2(nvmlEventSet_t set, nvmlEventData_t *data, unsigned int timeoutms)
+{
+	if (!initialized)
+		return NVML_ERROR_UNINITIALIZED;
+	if (!set || !data)
+		return NVML_ERROR_INVALID_ARGUMENT;
+	for (unsigned int waited = 0;; waited += 10) {
+		const char *path = getenv("FAKE_NVML_XID_EVENTS");
+		long index, next = path ? xid_delivered(path, -1) : 0;
+		unsigned long long xid;
+		while (path && xid_script_line(path, next, &index, &xid)) {
+			xid_delivered(path, ++next);
+			if (index < 0 || index >= (long)(sizeof gpus / sizeof gpus[0]) || index >= FAKE_XID_MAX_GPUS ||
+			    !(set->registered[index] & FAKE_NVML_EVENT_TYPE_XID))
+				continue;
+			memset(data, 0, sizeof *data);
+			data->device = &gpus[index];
+			data->eventType = FAKE_NVML_EVENT_TYPE_XID;
+			data->eventData = xid;
+			return NVML_SUCCESS;
+		}
+		if (waited >= timeoutms)
+			return FAKE_NVML_ERROR_TIMEOUT;
+		nanosleep(&(struct timespec){.tv_sec = 0, .tv_nsec = 10 * 1000 * 1000}, NULL);
+	}
 }

@@ -129,10 +129,11 @@ impl AgentConfig {
         Self::default()
     }
 
-    /// The hardware exporters (IPMI, apt, NVMe, nvidia-smi) off, so a test sees the OS
-    /// collectors of its host root alone, whatever devices this machine has.
+    /// The hardware exporters (IPMI, apt, NVMe, nvidia-smi, GPU XIDs) off, so a test sees the
+    /// OS collectors of its host root alone, whatever devices this machine has.
     pub fn without_exporters() -> Self {
-        Self::new().set("exporters", json!({"ipmi": false, "apt": false, "nvme": false, "nvsmi": false}))
+        Self::new()
+            .set("exporters", json!({"ipmi": false, "apt": false, "nvme": false, "nvsmi": false, "gpu_xid": false}))
     }
 
     /// Set `key` (replacing what was there).

@@ -76,10 +76,10 @@ fn install_is_complete_idempotent_and_keeps_the_operators_config() {
         .collect();
     assert!(changes.is_empty(), "second install changed: {changes:?}");
 
-    // An operator's config survives, and the unit follows it (no NVMe, no IPMI: fewer caps).
+    // An operator's config survives, and the unit follows it (no NVMe, IPMI or GPU XIDs: no caps).
     std::fs::write(
         &cfg,
-        r#"{"server_url": "http://dcmon.example:8000", "ebpf": "off", "exporters": {"nvme": false, "ipmi": false}}"#,
+        r#"{"server_url": "http://dcmon.example:8000", "ebpf": "off", "exporters": {"nvme": false, "ipmi": false, "gpu_xid": false}}"#,
     )
     .expect("write");
     let third = agent(&["install", "--root", r]);

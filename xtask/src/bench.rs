@@ -208,9 +208,9 @@ enum Ebpf {
     On,
 }
 
-/// The exporters that read tools and hardware (apt-get, NVMe, the BMC, NVML): off in every
-/// bench run, which measures the same job as the peers.
-const TOOL_EXPORTERS: [&str; 4] = ["apt", "nvme", "ipmi", "nvsmi"];
+/// The exporters that read tools and hardware (apt-get, NVMe, the BMC, NVML, the kernel log):
+/// off in every bench run, which measures the same job as the peers.
+const TOOL_EXPORTERS: [&str; 5] = ["apt", "nvme", "ipmi", "nvsmi", "gpu_xid"];
 
 /// The host families beside the OS collectors (sysfs and procfs reads), on in one row. With
 /// [`TOOL_EXPORTERS`], every exporter of the agent's table (a test holds them equal).

@@ -289,15 +289,7 @@ impl SelTracker {
             counts: self.counts.iter().map(|((t, e, d), n)| (t.clone(), e.clone(), d.clone(), *n)).collect(),
         };
         let bytes = serde_json::to_vec(&state).map_err(|e| format!("IPMI SEL state: {e}"))?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        }
-        let mut tmp = self.path.clone().into_os_string();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        std::fs::write(&tmp, bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, &self.path)
-            .map_err(|e| format!("cannot move {} to {}: {e}", tmp.display(), self.path.display()))
+        crate::secure_file::write_replacing(&self.path, &bytes)
     }
 
     /// `ipmi_sel_events_total` per sensor type, event and direction.

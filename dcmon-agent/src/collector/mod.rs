@@ -30,6 +30,7 @@ pub mod disk;
 pub mod ebpf_status;
 pub mod edac;
 pub mod filesystems;
+pub mod gpu_xid;
 pub mod infiniband;
 pub mod ipmi;
 pub mod ipmi_sel;
@@ -164,6 +165,7 @@ pub const SOURCES: &[Source] = &[
     nvme::SOURCE,
     ipmi::SOURCE,
     nvsmi::SOURCE,
+    gpu_xid::SOURCE,
 ];
 
 /// What the config file holds for the table: each exporter's switch in the `exporters` map
@@ -323,7 +325,8 @@ mod tests {
                 "apt",
                 "nvme",
                 "ipmi",
-                "nvsmi"
+                "nvsmi",
+                "gpu_xid"
             ]
         );
         let mut none = Config { exporters: Exporters::none(), ..config };

@@ -53,7 +53,7 @@ impl Section for NvsmiConfig {
 
 /// Where the loader finds NVML when the config names no path: the driver ships the versioned
 /// name; the unversioned one only comes with development packages.
-const DEFAULT_LIBRARIES: [&str; 2] = ["libnvidia-ml.so.1", "libnvidia-ml.so"];
+pub const DEFAULT_LIBRARIES: [&str; 2] = ["libnvidia-ml.so.1", "libnvidia-ml.so"];
 
 /// The `--query-gpu` fields, in the order [`parse_query_gpu`] reads them.
 pub const QUERY_FIELDS: &str = "index,name,pci.bus_id,uuid,temperature.gpu,power.draw,\
