@@ -94,7 +94,7 @@ fn unit_body(binary: &Path, config_path: &Path, config: &Config) -> String {
          PrivateTmp=yes\n\
          ProtectKernelModules=yes\n\
          ProtectKernelTunables=yes\n\
-         ProtectKernelLogs=yes\n\
+         {kernel_logs}\
          ProtectControlGroups=yes\n\
          ProtectClock=yes\n\
          ProtectHostname=yes\n\
@@ -116,6 +116,8 @@ fn unit_body(binary: &Path, config_path: &Path, config: &Config) -> String {
         binary = binary.display(),
         config = config_path.display(),
         writable = writable.join(" "),
+        // gpu_xid reads /dev/kmsg, which ProtectKernelLogs hides.
+        kernel_logs = if config.exporters.enabled("gpu_xid") { "" } else { "ProtectKernelLogs=yes\n" },
     )
 }
 
@@ -353,6 +355,10 @@ mod tests {
         c.ebpf = crate::config::EbpfMode::Off;
         let unit = unit_for(&c);
         assert!(unit.contains("\nCapabilityBoundingSet=\n"), "no collector needs a capability: drop all: {unit}");
+        assert!(unit.contains("\nProtectKernelLogs=yes\n"), "no kernel log reader: hidden: {unit}");
+        c.exporters.set("gpu_xid", true);
+        assert!(!unit_for(&c).contains("ProtectKernelLogs"), "gpu_xid reads /dev/kmsg");
+        c.exporters.set("gpu_xid", false);
         c.exporters.set("ipmi", true);
         assert!(unit_for(&c).contains("\nCapabilityBoundingSet=CAP_SYS_RAWIO\n"));
         assert!(unit.contains("\nExecStart=/usr/local/bin/dcmon-agent --config /etc/dcmon/config.json run\n"));
