@@ -81,18 +81,25 @@ impl Container {
             .spawn()?;
         let mut container = Self { nspawn, leader: 0, dir, console };
         let pid = container.nspawn.id();
-        let children = format!("/proc/{pid}/task/{pid}/children");
-        container.leader = crate::wait_until(Duration::from_secs(10), || {
-            std::fs::read_to_string(&children).ok()?.split_whitespace().next()?.parse().ok()
-        })
-        .ok_or_else(|| anyhow::anyhow!("systemd-nspawn started no container:\n{}", container.console_log()))?;
         let deadline = Instant::now() + BOOT_TIMEOUT;
         loop {
             if let Some(status) = container.nspawn.try_wait()? {
                 anyhow::bail!("systemd-nspawn exited ({status}) while booting:\n{}", container.console_log());
             }
-            let state = container.exec(&["systemctl", "is-system-running"])?;
-            let state = String::from_utf8_lossy(&state.stdout).trim().to_owned();
+            // nspawn's first child only sets the container up and exits; PID 1 is the child that
+            // runs systemd.
+            match container_init(pid) {
+                Some(init) => container.leader = init,
+                None if Instant::now() > deadline => {
+                    anyhow::bail!("systemd-nspawn started no container:\n{}", container.console_log())
+                }
+                None => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            }
+            let answer = container.exec(&["systemctl", "is-system-running"])?;
+            let state = String::from_utf8_lossy(&answer.stdout).trim().to_owned();
             match state.as_str() {
                 "running" => return Ok(container),
                 "degraded" => {
@@ -100,7 +107,12 @@ impl Container {
                     anyhow::bail!("the container booted degraded:\n{}", text(&failed));
                 }
                 _ if Instant::now() > deadline => {
-                    anyhow::bail!("not booted after {BOOT_TIMEOUT:?} ({state}):\n{}", container.console_log())
+                    anyhow::bail!(
+                        "not booted after {BOOT_TIMEOUT:?} (PID 1 {}: {}):\n{}",
+                        container.leader,
+                        text(&answer),
+                        container.console_log()
+                    )
                 }
                 _ => std::thread::sleep(Duration::from_millis(200)),
             }
@@ -171,6 +183,15 @@ impl Drop for Container {
     fn drop(&mut self) {
         self.poweroff();
     }
+}
+
+/// The child of systemd-nspawn `nspawn` that runs systemd: the container's PID 1.
+fn container_init(nspawn: u32) -> Option<u32> {
+    let children = std::fs::read_to_string(format!("/proc/{nspawn}/task/{nspawn}/children")).ok()?;
+    children
+        .split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+        .find(|c| std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|comm| comm.trim() == "systemd"))
 }
 
 fn text(o: &Output) -> String {
