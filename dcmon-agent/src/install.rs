@@ -23,9 +23,35 @@ pub fn default_config_json() -> String {
     )
 }
 
-/// The systemd unit for an agent installed at `binary`, reading `config_path`.
+/// Where the Debian package puts the agent, its unit and its config (dcmon-agent/debian/).
+pub const PACKAGED_BINARY: &str = "/usr/bin/dcmon-agent";
+
+/// The systemd unit for an agent installed at `binary`, reading `config_path`, as `install`
+/// writes it to /etc/systemd/system.
 pub fn render_unit(binary: &Path, config_path: &Path, config: &Config) -> String {
+    format!(
+        "# Written by `dcmon-agent install`; it is rewritten on the next install.\n\
+         # Local changes belong in `systemctl edit dcmon-client`.\n{}",
+        unit_body(binary, config_path, config)
+    )
+}
+
+/// The unit the Debian package ships in /lib/systemd/system: the defaults' unit for
+/// [`PACKAGED_BINARY`] (a test holds dcmon-agent/debian/dcmon-client.service equal to it).
+pub fn packaged_unit() -> String {
+    format!(
+        "# Shipped by the dcmon-agent package. Local changes belong in `systemctl edit dcmon-client`;\n\
+         # `dcmon-agent install` writes a unit for the current config to /etc/systemd/system instead.\n{}",
+        unit_body(Path::new(PACKAGED_BINARY), Path::new(crate::config::DEFAULT_CONFIG_PATH), &Config::default())
+    )
+}
+
+fn unit_body(binary: &Path, config_path: &Path, config: &Config) -> String {
     let caps = crate::collector::capabilities(config).join(" ");
+    // Each sandboxing directive is kept only while every collector still works under it, eBPF
+    // included (the container test, tests/tests/systemd_nspawn.rs). The syscall filter is
+    // systemd's set for services plus what loading and attaching the BPF programs needs; a
+    // call outside it fails with EPERM rather than killing the agent.
     // The outbox must be writable under ProtectSystem=strict; '-' tolerates a missing path.
     let mut writable = vec!["/var/lib/dcmon".to_owned()];
     if !config.outbox_dir.starts_with("/var/lib/dcmon") {
@@ -45,9 +71,7 @@ pub fn render_unit(binary: &Path, config_path: &Path, config: &Config) -> String
         writable.push(format!("-{}", dir.display()));
     }
     format!(
-        "# Written by `dcmon-agent install`; it is rewritten on the next install.\n\
-         # Local changes belong in `systemctl edit dcmon-client`.\n\
-         [Unit]\n\
+        "[Unit]\n\
          Description=dcmon host monitoring agent\n\
          Wants=network-online.target\n\
          After=network-online.target\n\
@@ -69,6 +93,8 @@ pub fn render_unit(binary: &Path, config_path: &Path, config: &Config) -> String
          ProtectHome=yes\n\
          PrivateTmp=yes\n\
          ProtectKernelModules=yes\n\
+         ProtectKernelTunables=yes\n\
+         {kernel_logs}\
          ProtectControlGroups=yes\n\
          ProtectClock=yes\n\
          ProtectHostname=yes\n\
@@ -79,6 +105,8 @@ pub fn render_unit(binary: &Path, config_path: &Path, config: &Config) -> String
          MemoryDenyWriteExecute=yes\n\
          SystemCallArchitectures=native\n\
          RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6 AF_NETLINK\n\
+         SystemCallFilter=@system-service bpf perf_event_open\n\
+         SystemCallErrorNumber=EPERM\n\
          CapabilityBoundingSet={caps}\n\
          StandardOutput=journal\n\
          StandardError=journal\n\
@@ -88,6 +116,8 @@ pub fn render_unit(binary: &Path, config_path: &Path, config: &Config) -> String
         binary = binary.display(),
         config = config_path.display(),
         writable = writable.join(" "),
+        // gpu_xid reads /dev/kmsg, which ProtectKernelLogs hides.
+        kernel_logs = if config.exporters.enabled("gpu_xid") { "" } else { "ProtectKernelLogs=yes\n" },
     )
 }
 
@@ -325,6 +355,10 @@ mod tests {
         c.ebpf = crate::config::EbpfMode::Off;
         let unit = unit_for(&c);
         assert!(unit.contains("\nCapabilityBoundingSet=\n"), "no collector needs a capability: drop all: {unit}");
+        assert!(unit.contains("\nProtectKernelLogs=yes\n"), "no kernel log reader: hidden: {unit}");
+        c.exporters.set("gpu_xid", true);
+        assert!(!unit_for(&c).contains("ProtectKernelLogs"), "gpu_xid reads /dev/kmsg");
+        c.exporters.set("gpu_xid", false);
         c.exporters.set("ipmi", true);
         assert!(unit_for(&c).contains("\nCapabilityBoundingSet=CAP_SYS_RAWIO\n"));
         assert!(unit.contains("\nExecStart=/usr/local/bin/dcmon-agent --config /etc/dcmon/config.json run\n"));
@@ -405,6 +439,22 @@ mod tests {
         assert_eq!(exporters.len(), in_table.count(), "{text}");
         assert_eq!(written["server_url"], "http://your-server.com:8000");
         assert_eq!(written["collection_interval"], 30);
+    }
+
+    /// The Debian package's unit and conffile are the files this module renders (regenerate
+    /// them with `DCMON_BLESS=1 cargo test -p dcmon-agent --lib install`).
+    #[test]
+    fn the_packaged_files_are_what_install_renders() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("debian");
+        for (file, want) in [("dcmon-client.service", packaged_unit()), ("config.json", default_config_json())] {
+            let path = dir.join(file);
+            if std::env::var("DCMON_BLESS").is_ok_and(|v| v == "1") {
+                std::fs::write(&path, &want).expect("bless");
+            }
+            let have = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            assert_eq!(have, want, "{} is stale: rerun with DCMON_BLESS=1", path.display());
+        }
+        assert!(packaged_unit().contains("\nExecStart=/usr/bin/dcmon-agent --config /etc/dcmon/config.json run\n"));
     }
 
     #[test]

@@ -25,7 +25,8 @@ pub struct Ticker {
 
 fn timespec(d: Duration) -> libc::timespec {
     libc::timespec {
-        tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+        // time_t is i64 on every 64-bit target (musl deprecates naming the alias).
+        tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         tv_nsec: libc::c_long::from(d.subsec_nanos().cast_signed()),
     }
 }

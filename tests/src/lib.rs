@@ -1,6 +1,6 @@
 //! The test support shared by every test of the workspace (the dcmon-tests end-to-end tests,
 //! dcmon-agent's integration tests) and by xtask: where the agent binary and the fixture hosts
-//! are, a builder for the agent's config file, loop devices, the root check every root-gated
+//! are, a builder for the agent's config file, loop devices, a booted Debian container (`container`), the root check every root-gated
 //! test calls, real time-series databases (`tsdb`: Prometheus and VictoriaMetrics processes and
 //! their query APIs), and (feature `receiver`, on by default) a stand-in for the dcmon server
 //! and a Prometheus remote-write receiver.
@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 pub mod agent;
 pub mod batch;
+pub mod container;
 pub mod fixtures;
 pub mod gpu_check;
 pub mod loop_device;
@@ -25,7 +26,7 @@ pub mod tsdb;
 pub use agent::{AgentConfig, AgentProcess, agent_bin, write_key};
 pub use fixtures::{fixture_host, fixture_hosts, fixtures_dir, workspace_root};
 pub use loop_device::LoopDevice;
-pub use privilege::{ebpf_required, is_root, require_root};
+pub use privilege::{ebpf_required, is_root, packaging_required, require_root};
 #[cfg(feature = "receiver")]
 pub use receiver::{Accepted, Receiver, Rejected, validate_batch};
 #[cfg(feature = "receiver")]

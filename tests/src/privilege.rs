@@ -24,3 +24,10 @@ pub fn require_root(why: &str) {
 pub fn ebpf_required() -> bool {
     std::env::var("DCMON_REQUIRE_EBPF").is_ok_and(|v| v == "1")
 }
+
+/// `DCMON_REQUIRE_PACKAGING=1` (CI): the tests of what is shipped (the Debian package in a
+/// systemd-nspawn container, the static binary in an empty chroot) fail instead of skipping when
+/// they cannot run (not root, a tool missing, the package or static binary not built).
+pub fn packaging_required() -> bool {
+    std::env::var("DCMON_REQUIRE_PACKAGING").is_ok_and(|v| v == "1")
+}

@@ -283,6 +283,8 @@ fn systemd_readiness_and_watchdog_notifications() {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     assert_eq!(recv(), "READY=1", "{}", agent.stderr());
+    // The status line `systemctl status` shows: the interval in force.
+    assert_eq!(recv(), "STATUS=collecting every 1s");
     assert_eq!(recv(), "WATCHDOG=1");
     assert_eq!(recv(), "WATCHDOG=1", "pinged repeatedly");
     let _ = agent.signal_and_wait("TERM", Duration::from_secs(10)).expect("exit");

@@ -5,11 +5,14 @@
 //! `cargo xtask mutants` runs cargo-mutants on the files whose unit tests must catch mutants.
 //! `cargo xtask bless` rewrites the golden batches of the fixture hosts (tests/fixtures/golden).
 //! `cargo xtask gpu-check` compares the agent's GPU metrics with `nvidia-smi -q -x` on an NVIDIA host.
+//! `cargo xtask deb` builds the Debian package and runs lintian on it; `cargo xtask static`
+//! builds the static (musl) agent.
 
 mod bench;
 mod fuzz;
 mod gpu_check;
 mod mutants;
+mod package;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -53,6 +56,10 @@ enum Task {
     Bless,
     /// On an NVIDIA host: `dcmon-agent once` against `nvidia-smi -q -x`, every GPU metric.
     GpuCheck(gpu_check::GpuCheckArgs),
+    /// Build the Debian package (cargo-deb) into target/debian/ and check it with lintian.
+    Deb(package::DebArgs),
+    /// Build the static agent for x86_64-unknown-linux-musl and check that it is static.
+    Static(package::StaticArgs),
 }
 
 fn main() -> ExitCode {
@@ -74,6 +81,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Task::Mutants(args) => mutants::run(&root, &args),
         Task::Bless => bless(&root),
         Task::GpuCheck(args) => gpu_check::run(&root, &args),
+        Task::Deb(args) => package::deb(&root, &args).map(drop),
+        Task::Static(args) => package::static_binary(&root, &args).map(drop),
     }
 }
 

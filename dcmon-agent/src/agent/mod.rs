@@ -203,6 +203,8 @@ pub async fn run(
     // At least a second before the first round, so CPU usage has a window to measure.
     let delay = first_tick_delay(now_ms, daemon.phase, daemon.interval, Duration::from_secs(1));
     tracing::info!("first batch in {delay:.1?}, then every {:?}", daemon.interval);
+    // `systemctl status` shows it; after a reload, the interval now in force.
+    notifier.notify(&format!("STATUS=collecting every {:?}", daemon.interval));
     let mut ticker = Cadence::new(tokio::time::Instant::now() + delay, daemon.interval);
     let mut watchdog = notifier.watchdog_interval().map(tokio::time::interval);
     let mut rounds: u64 = 0;

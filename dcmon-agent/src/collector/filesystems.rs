@@ -408,7 +408,7 @@ struct MountList {
 }
 
 /// procfs (`PROC_SUPER_MAGIC` in linux/magic.h).
-const PROC_SUPER_MAGIC: i64 = 0x9fa0;
+const PROC_SUPER_MAGIC: u64 = 0x9fa0;
 
 fn on_procfs(file: &std::fs::File) -> bool {
     use std::os::fd::AsRawFd as _;
@@ -416,9 +416,10 @@ fn on_procfs(file: &std::fs::File) -> bool {
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: a valid descriptor and out-pointer.
     let rc = unsafe { libc::fstatfs(file.as_raw_fd(), &raw mut st) };
+    // f_type is signed with glibc and unsigned with musl (the static build).
     #[allow(clippy::useless_conversion, reason = "f_type's type differs between targets")]
-    let magic = i64::from(st.f_type);
-    rc == 0 && magic == PROC_SUPER_MAGIC
+    let magic = u64::try_from(st.f_type).ok();
+    rc == 0 && magic == Some(PROC_SUPER_MAGIC)
 }
 
 /// Whether the mount table changed since the last poll (a poll that fails counts as a change).
