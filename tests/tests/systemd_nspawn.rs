@@ -233,7 +233,15 @@ fn the_package_runs_the_service_under_a_real_systemd() {
     write_config(&c, &receiver, INTERVAL, json!({}));
     c.ok(&["systemctl", "reload", UNIT]).expect("systemctl reload");
 
-    // Upgrade (the package again): the running agent restarts; config and key stay.
+    // Upgrade (the package again) during an outage: the running agent restarts; config, key and
+    // the batches waiting in the outbox stay, and the upgraded agent delivers them.
+    receiver.force_status(Some(503));
+    let outbox = c.path("/var/lib/dcmon/outbox");
+    let waiting = wait_until(Duration::from_secs(30), || {
+        let stored = dcmon_agent::outbox::inspect(&outbox).ok()?;
+        (!stored.is_empty()).then_some(stored)
+    })
+    .unwrap_or_else(|| panic!("nothing stored during the outage; journal:\n{}", journal(&c)));
     let pid = show(&c, "MainPID");
     let config_before = std::fs::read(c.path("/etc/dcmon/config.json")).expect("config");
     c.ok(&["dpkg", "-i", "/root/dcmon-agent.deb"]).expect("dpkg -i again");
@@ -241,10 +249,15 @@ fn the_package_runs_the_service_under_a_real_systemd() {
     assert!(new_pid != pid && show(&c, "ActiveState") == "active", "{pid} -> {new_pid}");
     assert_eq!(std::fs::read(c.path("/etc/dcmon/config.json")).expect("config"), config_before);
     assert_eq!(std::fs::read_to_string(&key_path).expect("key").trim(), key);
+    receiver.force_status(None);
+    let delivered = wait_until(Duration::from_secs(30), || {
+        let got: BTreeSet<i64> = receiver.accepted().iter().filter_map(|b| b.json["timestamp"].as_i64()).collect();
+        waiting.iter().all(|b| got.contains(&b.timestamp)).then_some(())
+    });
+    assert!(delivered.is_some(), "the outbox was not delivered after the upgrade; journal:\n{}", journal(&c));
 
     // SIGKILL during an outage: systemd restarts it, and the restart delivers the outbox.
     receiver.force_status(Some(503));
-    let outbox = c.path("/var/lib/dcmon/outbox");
     let stored = wait_until(Duration::from_secs(30), || {
         let stored = dcmon_agent::outbox::inspect(&outbox).ok()?;
         (stored.len() >= 2).then_some(stored)
@@ -282,7 +295,7 @@ fn the_package_runs_the_service_under_a_real_systemd() {
     let exposure = security.lines().find(|l| l.contains("Overall exposure level")).expect("an exposure line");
     eprintln!("{exposure}");
 
-    // Stop exits 0; remove stops it and keeps config and key; purge leaves nothing.
+    // Stop exits 0; remove stops it and keeps config and key; `apt-get purge` leaves nothing.
     c.ok(&["systemctl", "stop", UNIT]).expect("systemctl stop");
     assert_eq!(show(&c, "Result"), "success");
     assert_eq!(show(&c, "ExecMainStatus"), "0");
@@ -291,7 +304,7 @@ fn the_package_runs_the_service_under_a_real_systemd() {
     assert_ne!(show(&c, "ActiveState"), "active");
     assert!(c.path("/etc/dcmon/config.json").exists() && key_path.exists());
     assert!(!c.path("/usr/bin/dcmon-agent").exists());
-    c.ok(&["dpkg", "--purge", "dcmon-agent"]).expect("dpkg --purge");
+    c.ok(&["apt-get", "purge", "-y", "dcmon-agent"]).expect("apt-get purge");
     for gone in ["/etc/dcmon", "/var/lib/dcmon", "/lib/systemd/system/dcmon-client.service"] {
         assert!(!c.path(gone).exists(), "{gone} is left after purge");
     }
