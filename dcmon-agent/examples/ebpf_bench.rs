@@ -8,9 +8,9 @@
 //!   loop request and for the backing file's request on the real disk);
 //! - the programs' in-kernel run time per run from BPF_ENABLE_STATS (a separate run: the
 //!   stats accounting itself costs time);
-//! - one round's read of the per-CPU arrays of one disk's latency histograms (4 lookups of 216
-//!   bytes per CPU) and one interface's drop counters (1 lookup of 1,280 bytes per CPU): the time
-//!   per CPU copy, and what a round of 16 disks and 32 interfaces costs at 256 CPUs from it;
+//! - one round's map reads at a 256-CPU server's scale (16 disks, 32 interfaces): the shared
+//!   arrays (latency histograms, drop counters) measured, the per-CPU maps computed from the
+//!   cost of one CPU's copy measured on scratch maps;
 //! - `ebpf_bench memory`: the peak resident memory (VmHWM) of a fresh process that does only
 //!   one step of the load each: nothing, read /sys/kernel/btf/vmlinux, our offset parse, aya's
 //!   BTF parse, and the whole attach;
@@ -120,34 +120,121 @@ fn in_kernel_stats(dev: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The per-CPU array reads of the latency histograms and drop counters.
+/// Median ns of 201 runs of `f`.
+fn time_ns(f: &mut dyn FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    let mut v = Vec::new();
+    for _ in 0..201 {
+        let s = Instant::now();
+        f()?;
+        v.push(s.elapsed().as_nanos() as f64);
+    }
+    Ok(median(v))
+}
+
+/// One round's reads of the maps at the scale of a 256-CPU GPU server (16 disks, 32
+/// interfaces): measured for the shared arrays, whose read does not depend on the CPU count, and
+/// computed for the per-CPU maps from the cost of one CPU copy measured by `copy_cost`.
 fn slot_reads() -> anyhow::Result<()> {
-    use dcmon_common::ebpf::{DISK_SLOTS, LAT_OPS, NET_SLOTS};
+    use dcmon_common::ebpf::{DISK_SLOTS, DiskKey, DiskValue, NET_SLOTS, NetKey, NetValue, TcpCounts};
     let probes = Probes::attach(None)?;
     let ncpus = dcmon_agent::ebpf::maps::possible_cpus()?;
-    let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
-        let mut v = Vec::new();
-        for _ in 0..201 {
-            let s = Instant::now();
-            f()?;
-            v.push(s.elapsed().as_nanos() as f64);
+    let lat_ns = time_ns(&mut || {
+        for slot in DISK_SLOTS - 16..DISK_SLOTS {
+            probes.disk_latency(slot)?;
         }
-        Ok(median(v))
-    };
-    let lat_ns = time(&mut || probes.disk_latency(DISK_SLOTS - 1).map(|_| ()))?;
-    let drop_ns = time(&mut || probes.net_drops(NET_SLOTS - 1).map(|_| ()))?;
-    let lat_copies = (LAT_OPS as usize * ncpus) as f64;
-    let (lat_per_copy, drop_per_copy) = (lat_ns / lat_copies, drop_ns / ncpus as f64);
+        Ok(())
+    })?;
+    let drop_ns = time_ns(&mut || {
+        for slot in NET_SLOTS - 32..NET_SLOTS {
+            probes.net_drops(slot)?;
+        }
+        Ok(())
+    })?;
     println!(
-        "slot read, {ncpus} possible CPUs: one disk's latency histograms {:.1} us ({lat_per_copy:.0} ns per CPU copy of 216 B), one interface's drops {:.1} us ({drop_per_copy:.0} ns per CPU copy of 1,280 B)",
+        "shared array read (any CPU count): 16 disks' latency histograms {:.1} us, 32 interfaces' drop counters {:.1} us",
         lat_ns / 1e3,
         drop_ns / 1e3
     );
-    // A round at 256 CPUs, if each copy costs what it costs here (the syscall's fixed part is
-    // counted 256 times over: an upper bound).
-    let round_us = (16.0 * LAT_OPS as f64 * lat_per_copy + 32.0 * drop_per_copy) * 256.0 / 1e3;
-    println!("slot read projected for 256 CPUs, 16 disks and 32 interfaces: {round_us:.0} us per round");
+    let (fixed_ns, per_byte_ns, per_cpu_ns) = copy_cost()?;
+    // The per-CPU reads left in a round: one lookup per disk and per interface (the counter hash
+    // maps) and one of the TCP counters, each copying every possible CPU's value.
+    let per_cpu_lookup = |lookups: f64, bytes: usize, cpus: f64| {
+        lookups * (fixed_ns + cpus * (per_cpu_ns + bytes as f64 * per_byte_ns))
+    };
+    for cpus in [ncpus as f64, 256.0] {
+        let percpu_ns = per_cpu_lookup(16.0, std::mem::size_of::<DiskValue>() + std::mem::size_of::<DiskKey>(), cpus)
+            + per_cpu_lookup(32.0, std::mem::size_of::<NetValue>() + std::mem::size_of::<NetKey>(), cpus)
+            + per_cpu_lookup(1.0, std::mem::size_of::<TcpCounts>(), cpus);
+        println!(
+            "round at {cpus} CPUs, 16 disks, 32 interfaces: {:.0} us (shared arrays {:.0} us measured, per-CPU counters {:.0} us computed)",
+            (lat_ns + drop_ns + percpu_ns) / 1e3,
+            (lat_ns + drop_ns) / 1e3,
+            percpu_ns / 1e3
+        );
+    }
     Ok(())
+}
+
+/// The cost of one per-CPU map lookup as `fixed + cpus * (per_cpu + bytes * per_byte)` ns, from
+/// lookups of scratch maps made here: plain arrays (one copy) against per-CPU arrays (one copy per
+/// possible CPU) with values of 8 B to 32 KiB. A map sized for 256 CPUs cannot be made on a host
+/// with fewer: the kernel sizes per-CPU values by its own possible CPUs.
+fn copy_cost() -> anyhow::Result<(f64, f64, f64)> {
+    const ARRAY: u32 = 2;
+    const PERCPU_ARRAY: u32 = 6;
+    let ncpus = dcmon_agent::ebpf::maps::possible_cpus()? as f64;
+    let lookup_ns = |map_type: u32, value_size: usize| -> anyhow::Result<f64> {
+        #[repr(C)]
+        struct CreateAttr {
+            map_type: u32,
+            key_size: u32,
+            value_size: u32,
+            max_entries: u32,
+            rest: [u64; 12],
+        }
+        let mut attr = CreateAttr { map_type, key_size: 4, value_size: value_size as u32, max_entries: 1, rest: [0; 12] };
+        // SAFETY: a zeroed bpf_attr prefix with the map_create fields set; the kernel reads only it.
+        let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, &raw mut attr, std::mem::size_of::<CreateAttr>() as u32) };
+        if fd < 0 {
+            bail!("BPF_MAP_CREATE type {map_type} value {value_size} B: {}", std::io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just returned this fd to us.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        let copies = if map_type == PERCPU_ARRAY { ncpus as usize } else { 1 };
+        let mut value = vec![0u64; value_size.div_ceil(8) * copies];
+        let key = 0u32;
+        #[repr(C)]
+        struct ElemAttr {
+            map_fd: u32,
+            pad: u32,
+            key: u64,
+            value: u64,
+            flags: u64,
+        }
+        time_ns(&mut || {
+            let mut attr = ElemAttr {
+                map_fd: fd.as_raw_fd() as u32,
+                pad: 0,
+                key: &raw const key as u64,
+                value: value.as_mut_ptr() as u64,
+                flags: 0,
+            };
+            // SAFETY: BPF_MAP_LOOKUP_ELEM into a buffer sized for every CPU's copy.
+            let rc = unsafe { libc::syscall(libc::SYS_bpf, 1, &raw mut attr, std::mem::size_of::<ElemAttr>() as u32) };
+            if rc < 0 { bail!("BPF_MAP_LOOKUP_ELEM: {}", std::io::Error::last_os_error()) } else { Ok(()) }
+        })
+    };
+    let (small, large) = (8, 32 << 10);
+    let (arr_small, arr_large) = (lookup_ns(ARRAY, small)?, lookup_ns(ARRAY, large)?);
+    let (pc_small, pc_large) = (lookup_ns(PERCPU_ARRAY, small)?, lookup_ns(PERCPU_ARRAY, large)?);
+    let per_byte = ((pc_large - pc_small) / ncpus / (large - small) as f64).max(0.0);
+    // What a per-CPU lookup pays beyond a plain one for the same bytes, per CPU: the loop over CPUs.
+    let per_cpu = ((pc_small - arr_small) / (ncpus - 1.0).max(1.0)).max(0.0);
+    let fixed = (arr_small - small as f64 * per_byte).max(0.0);
+    println!(
+        "lookup of one value, {ncpus} possible CPUs: array 8 B {arr_small:.0} ns, 32 KiB {arr_large:.0} ns; per-CPU array 8 B {pc_small:.0} ns, 32 KiB {pc_large:.0} ns => {per_byte:.3} ns per byte copied, {per_cpu:.0} ns per CPU beyond the bytes, {fixed:.0} ns per syscall"
+    );
+    Ok((fixed, per_byte, per_cpu))
 }
 
 fn map_reads() -> anyhow::Result<()> {
