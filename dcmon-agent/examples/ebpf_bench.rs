@@ -135,7 +135,7 @@ fn time_ns(f: &mut dyn FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
 /// interfaces): measured for the shared arrays, whose read does not depend on the CPU count, and
 /// computed for the per-CPU maps from the cost of one CPU copy measured by `copy_cost`.
 fn slot_reads() -> anyhow::Result<()> {
-    use dcmon_common::ebpf::{DISK_SLOTS, DiskKey, DiskValue, NET_SLOTS, NetKey, NetValue, TcpCounts};
+    use dcmon_common::ebpf::{DISK_SLOTS, DiskValue, NET_SLOTS, NetValue, TcpCounts};
     let probes = Probes::attach(None)?;
     let ncpus = dcmon_agent::ebpf::maps::possible_cpus()?;
     let lat_ns = time_ns(&mut || {
@@ -162,8 +162,8 @@ fn slot_reads() -> anyhow::Result<()> {
         lookups * (fixed_ns + cpus * (per_cpu_ns + bytes as f64 * per_byte_ns))
     };
     for cpus in [ncpus as f64, 256.0] {
-        let percpu_ns = per_cpu_lookup(16.0, std::mem::size_of::<DiskValue>() + std::mem::size_of::<DiskKey>(), cpus)
-            + per_cpu_lookup(32.0, std::mem::size_of::<NetValue>() + std::mem::size_of::<NetKey>(), cpus)
+        let percpu_ns = per_cpu_lookup(16.0, std::mem::size_of::<DiskValue>(), cpus)
+            + per_cpu_lookup(32.0, std::mem::size_of::<NetValue>(), cpus)
             + per_cpu_lookup(1.0, std::mem::size_of::<TcpCounts>(), cpus);
         println!(
             "round at {cpus} CPUs, 16 disks, 32 interfaces: {:.0} us (shared arrays {:.0} us measured, per-CPU counters {:.0} us computed)",
@@ -176,63 +176,68 @@ fn slot_reads() -> anyhow::Result<()> {
 }
 
 /// The cost of one per-CPU map lookup as `fixed + cpus * (per_cpu + bytes * per_byte)` ns, from
-/// lookups of scratch maps made here: plain arrays (one copy) against per-CPU arrays (one copy per
-/// possible CPU) with values of 8 B to 32 KiB. A map sized for 256 CPUs cannot be made on a host
-/// with fewer: the kernel sizes per-CPU values by its own possible CPUs.
+/// scratch maps made here: a batch read of 1,024 8-byte values from a plain array (one copy per
+/// key) against a per-CPU array (one copy per key and possible CPU) gives the cost of one CPU's
+/// copy; one 32 KiB value against one 8-byte value of a per-CPU array the cost per byte; one
+/// lookup of an 8-byte plain array value the syscall's fixed part. A map sized for 256 CPUs
+/// cannot be made on a host with fewer: the kernel sizes per-CPU values by its possible CPUs.
 fn copy_cost() -> anyhow::Result<(f64, f64, f64)> {
     const ARRAY: u32 = 2;
     const PERCPU_ARRAY: u32 = 6;
-    let ncpus = dcmon_agent::ebpf::maps::possible_cpus()? as f64;
-    let lookup_ns = |map_type: u32, value_size: usize| -> anyhow::Result<f64> {
-        #[repr(C)]
-        struct CreateAttr {
-            map_type: u32,
-            key_size: u32,
-            value_size: u32,
-            max_entries: u32,
-            rest: [u64; 12],
-        }
-        let mut attr = CreateAttr { map_type, key_size: 4, value_size: value_size as u32, max_entries: 1, rest: [0; 12] };
-        // SAFETY: a zeroed bpf_attr prefix with the map_create fields set; the kernel reads only it.
-        let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, &raw mut attr, std::mem::size_of::<CreateAttr>() as u32) };
-        if fd < 0 {
-            bail!("BPF_MAP_CREATE type {map_type} value {value_size} B: {}", std::io::Error::last_os_error());
-        }
+    const LOOKUP_ELEM: libc::c_long = 1;
+    const LOOKUP_BATCH: libc::c_long = 24;
+    const KEYS: usize = 1024;
+    let ncpus = dcmon_agent::ebpf::maps::possible_cpus()?;
+    let bpf = |cmd: libc::c_long, attr: &mut [u64]| -> std::io::Result<i64> {
+        // SAFETY: `attr` is a zeroed bpf_attr prefix with the command's fields set; every
+        // address in it points to a live buffer sized for what the command writes.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr) as u32) };
+        if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc) }
+    };
+    // Median ns of reading every key of a new map (one lookup, or one batch for many keys).
+    let read_ns = |map_type: u32, value_size: usize, entries: usize| -> anyhow::Result<f64> {
+        let mut create = [0u64; 16];
+        create[0] = u64::from(map_type) | 4 << 32; // map_type, key_size
+        create[1] = value_size as u64 | (entries as u64) << 32; // value_size, max_entries
+        let fd = bpf(0, &mut create).with_context(|| format!("BPF_MAP_CREATE type {map_type}, {value_size} B"))?;
         // SAFETY: the kernel just returned this fd to us.
         let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-        let copies = if map_type == PERCPU_ARRAY { ncpus as usize } else { 1 };
-        let mut value = vec![0u64; value_size.div_ceil(8) * copies];
-        let key = 0u32;
-        #[repr(C)]
-        struct ElemAttr {
-            map_fd: u32,
-            pad: u32,
-            key: u64,
-            value: u64,
-            flags: u64,
-        }
+        let copies = if map_type == PERCPU_ARRAY { ncpus } else { 1 };
+        let mut values = vec![0u64; value_size.div_ceil(8) * copies * entries];
+        let mut keys = vec![0u32; entries];
+        let mut out_batch = 0u64;
         time_ns(&mut || {
-            let mut attr = ElemAttr {
-                map_fd: fd.as_raw_fd() as u32,
-                pad: 0,
-                key: &raw const key as u64,
-                value: value.as_mut_ptr() as u64,
-                flags: 0,
-            };
-            // SAFETY: BPF_MAP_LOOKUP_ELEM into a buffer sized for every CPU's copy.
-            let rc = unsafe { libc::syscall(libc::SYS_bpf, 1, &raw mut attr, std::mem::size_of::<ElemAttr>() as u32) };
-            if rc < 0 { bail!("BPF_MAP_LOOKUP_ELEM: {}", std::io::Error::last_os_error()) } else { Ok(()) }
+            let mut attr = [0u64; 8];
+            if entries == 1 {
+                attr[0] = fd.as_raw_fd() as u64;
+                attr[1] = keys.as_ptr() as u64;
+                attr[2] = values.as_mut_ptr() as u64;
+                bpf(LOOKUP_ELEM, &mut attr).context("BPF_MAP_LOOKUP_ELEM")?;
+            } else {
+                // in_batch NULL (from the start), out_batch, keys, values, count | map_fd << 32.
+                attr[1] = &raw mut out_batch as u64;
+                attr[2] = keys.as_mut_ptr() as u64;
+                attr[3] = values.as_mut_ptr() as u64;
+                attr[4] = entries as u64 | (fd.as_raw_fd() as u64) << 32;
+                match bpf(LOOKUP_BATCH, &mut attr) {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH"),
+                }
+                anyhow::ensure!(attr[4] as u32 as usize == entries, "batch read {} of {entries} keys", attr[4] as u32);
+            }
+            Ok(())
         })
     };
-    let (small, large) = (8, 32 << 10);
-    let (arr_small, arr_large) = (lookup_ns(ARRAY, small)?, lookup_ns(ARRAY, large)?);
-    let (pc_small, pc_large) = (lookup_ns(PERCPU_ARRAY, small)?, lookup_ns(PERCPU_ARRAY, large)?);
-    let per_byte = ((pc_large - pc_small) / ncpus / (large - small) as f64).max(0.0);
-    // What a per-CPU lookup pays beyond a plain one for the same bytes, per CPU: the loop over CPUs.
-    let per_cpu = ((pc_small - arr_small) / (ncpus - 1.0).max(1.0)).max(0.0);
-    let fixed = (arr_small - small as f64 * per_byte).max(0.0);
+    let fixed = read_ns(ARRAY, 8, 1)?;
+    let (arr_batch, pc_batch) = (read_ns(ARRAY, 8, KEYS)?, read_ns(PERCPU_ARRAY, 8, KEYS)?);
+    let (pc_small, pc_large) = (read_ns(PERCPU_ARRAY, 8, 1)?, read_ns(PERCPU_ARRAY, 32 << 10, 1)?);
+    let per_byte = ((pc_large - pc_small) / ncpus as f64 / ((32 << 10) - 8) as f64).max(0.0);
+    let per_cpu = ((pc_batch - arr_batch) / KEYS as f64 / (ncpus - 1).max(1) as f64).max(0.0);
     println!(
-        "lookup of one value, {ncpus} possible CPUs: array 8 B {arr_small:.0} ns, 32 KiB {arr_large:.0} ns; per-CPU array 8 B {pc_small:.0} ns, 32 KiB {pc_large:.0} ns => {per_byte:.3} ns per byte copied, {per_cpu:.0} ns per CPU beyond the bytes, {fixed:.0} ns per syscall"
+        "lookup, {ncpus} possible CPUs: one 8 B array value {fixed:.0} ns; batch of {KEYS} 8 B values: array {:.1} us, per-CPU array {:.1} us; one per-CPU value of 8 B {pc_small:.0} ns, of 32 KiB {pc_large:.0} ns => {per_cpu:.1} ns per CPU copy, {per_byte:.3} ns per byte",
+        arr_batch / 1e3,
+        pc_batch / 1e3
     );
     Ok((fixed, per_byte, per_cpu))
 }
