@@ -8,9 +8,9 @@
 //!   loop request and for the backing file's request on the real disk);
 //! - the programs' in-kernel run time per run from BPF_ENABLE_STATS (a separate run: the
 //!   stats accounting itself costs time);
-//! - one round's read of the per-CPU arrays of one disk's latency histograms (4 lookups of 216
-//!   bytes per CPU) and one interface's drop counters (1 lookup of 1,280 bytes per CPU): the time
-//!   per CPU copy, and what a round of 16 disks and 32 interfaces costs at 256 CPUs from it;
+//! - one round's map reads at a 256-CPU server's scale (16 disks, 32 interfaces): the shared
+//!   arrays (latency histograms, drop counters) measured, the per-CPU maps computed from the
+//!   cost of one CPU's copy measured on scratch maps;
 //! - `ebpf_bench memory`: the peak resident memory (VmHWM) of a fresh process that does only
 //!   one step of the load each: nothing, read /sys/kernel/btf/vmlinux, our offset parse, aya's
 //!   BTF parse, and the whole attach;
@@ -120,34 +120,126 @@ fn in_kernel_stats(dev: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The per-CPU array reads of the latency histograms and drop counters.
+/// Median ns of 201 runs of `f`.
+fn time_ns(f: &mut dyn FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    let mut v = Vec::new();
+    for _ in 0..201 {
+        let s = Instant::now();
+        f()?;
+        v.push(s.elapsed().as_nanos() as f64);
+    }
+    Ok(median(v))
+}
+
+/// One round's reads of the maps at the scale of a 256-CPU GPU server (16 disks, 32
+/// interfaces): measured for the shared arrays, whose read does not depend on the CPU count, and
+/// computed for the per-CPU maps from the cost of one CPU copy measured by `copy_cost`.
 fn slot_reads() -> anyhow::Result<()> {
-    use dcmon_common::ebpf::{DISK_SLOTS, LAT_OPS, NET_SLOTS};
+    use dcmon_common::ebpf::{DISK_SLOTS, DiskValue, NET_SLOTS, NetValue, TcpCounts};
     let probes = Probes::attach(None)?;
     let ncpus = dcmon_agent::ebpf::maps::possible_cpus()?;
-    let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
-        let mut v = Vec::new();
-        for _ in 0..201 {
-            let s = Instant::now();
-            f()?;
-            v.push(s.elapsed().as_nanos() as f64);
+    let lat_ns = time_ns(&mut || {
+        for slot in DISK_SLOTS - 16..DISK_SLOTS {
+            probes.disk_latency(slot)?;
         }
-        Ok(median(v))
-    };
-    let lat_ns = time(&mut || probes.disk_latency(DISK_SLOTS - 1).map(|_| ()))?;
-    let drop_ns = time(&mut || probes.net_drops(NET_SLOTS - 1).map(|_| ()))?;
-    let lat_copies = (LAT_OPS as usize * ncpus) as f64;
-    let (lat_per_copy, drop_per_copy) = (lat_ns / lat_copies, drop_ns / ncpus as f64);
+        Ok(())
+    })?;
+    let drop_ns = time_ns(&mut || {
+        for slot in NET_SLOTS - 32..NET_SLOTS {
+            probes.net_drops(slot)?;
+        }
+        Ok(())
+    })?;
     println!(
-        "slot read, {ncpus} possible CPUs: one disk's latency histograms {:.1} us ({lat_per_copy:.0} ns per CPU copy of 216 B), one interface's drops {:.1} us ({drop_per_copy:.0} ns per CPU copy of 1,280 B)",
+        "shared array read (any CPU count): 16 disks' latency histograms {:.1} us, 32 interfaces' drop counters {:.1} us",
         lat_ns / 1e3,
         drop_ns / 1e3
     );
-    // A round at 256 CPUs, if each copy costs what it costs here (the syscall's fixed part is
-    // counted 256 times over: an upper bound).
-    let round_us = (16.0 * LAT_OPS as f64 * lat_per_copy + 32.0 * drop_per_copy) * 256.0 / 1e3;
-    println!("slot read projected for 256 CPUs, 16 disks and 32 interfaces: {round_us:.0} us per round");
+    let (fixed_ns, per_byte_ns, per_cpu_ns) = copy_cost()?;
+    // The per-CPU reads left in a round: one lookup per disk and per interface (the counter hash
+    // maps) and one of the TCP counters, each copying every possible CPU's value.
+    let per_cpu_lookup = |lookups: f64, bytes: usize, cpus: f64| {
+        lookups * (fixed_ns + cpus * (per_cpu_ns + bytes as f64 * per_byte_ns))
+    };
+    for cpus in [ncpus as f64, 256.0] {
+        let percpu_ns = per_cpu_lookup(16.0, std::mem::size_of::<DiskValue>(), cpus)
+            + per_cpu_lookup(32.0, std::mem::size_of::<NetValue>(), cpus)
+            + per_cpu_lookup(1.0, std::mem::size_of::<TcpCounts>(), cpus);
+        println!(
+            "round at {cpus} CPUs, 16 disks, 32 interfaces: {:.0} us (shared arrays {:.0} us measured, per-CPU counters {:.0} us computed)",
+            (lat_ns + drop_ns + percpu_ns) / 1e3,
+            (lat_ns + drop_ns) / 1e3,
+            percpu_ns / 1e3
+        );
+    }
     Ok(())
+}
+
+/// The cost of one per-CPU map lookup as `fixed + cpus * (per_cpu + bytes * per_byte)` ns, from
+/// scratch maps made here: a batch read of 1,024 8-byte values from a plain array (one copy per
+/// key) against a per-CPU array (one copy per key and possible CPU) gives the cost of one CPU's
+/// copy; one 32 KiB value against one 8-byte value of a per-CPU array the cost per byte; one
+/// lookup of an 8-byte plain array value the syscall's fixed part. A map sized for 256 CPUs
+/// cannot be made on a host with fewer: the kernel sizes per-CPU values by its possible CPUs.
+fn copy_cost() -> anyhow::Result<(f64, f64, f64)> {
+    const ARRAY: u32 = 2;
+    const PERCPU_ARRAY: u32 = 6;
+    const LOOKUP_ELEM: libc::c_long = 1;
+    const LOOKUP_BATCH: libc::c_long = 24;
+    const KEYS: usize = 1024;
+    let ncpus = dcmon_agent::ebpf::maps::possible_cpus()?;
+    let bpf = |cmd: libc::c_long, attr: &mut [u64]| -> std::io::Result<i64> {
+        // SAFETY: `attr` is a zeroed bpf_attr prefix with the command's fields set; every
+        // address in it points to a live buffer sized for what the command writes.
+        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr) as u32) };
+        if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc) }
+    };
+    // Median ns of reading every key of a new map (one lookup, or one batch for many keys).
+    let read_ns = |map_type: u32, value_size: usize, entries: usize| -> anyhow::Result<f64> {
+        let mut create = [0u64; 16];
+        create[0] = u64::from(map_type) | 4 << 32; // map_type, key_size
+        create[1] = value_size as u64 | (entries as u64) << 32; // value_size, max_entries
+        let fd = bpf(0, &mut create).with_context(|| format!("BPF_MAP_CREATE type {map_type}, {value_size} B"))?;
+        // SAFETY: the kernel just returned this fd to us.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+        let copies = if map_type == PERCPU_ARRAY { ncpus } else { 1 };
+        let mut values = vec![0u64; value_size.div_ceil(8) * copies * entries];
+        let mut keys = vec![0u32; entries];
+        let mut out_batch = 0u64;
+        time_ns(&mut || {
+            let mut attr = [0u64; 8];
+            if entries == 1 {
+                attr[0] = fd.as_raw_fd() as u64;
+                attr[1] = keys.as_ptr() as u64;
+                attr[2] = values.as_mut_ptr() as u64;
+                bpf(LOOKUP_ELEM, &mut attr).context("BPF_MAP_LOOKUP_ELEM")?;
+            } else {
+                // in_batch NULL (from the start), out_batch, keys, values, count | map_fd << 32.
+                attr[1] = &raw mut out_batch as u64;
+                attr[2] = keys.as_mut_ptr() as u64;
+                attr[3] = values.as_mut_ptr() as u64;
+                attr[4] = entries as u64 | (fd.as_raw_fd() as u64) << 32;
+                match bpf(LOOKUP_BATCH, &mut attr) {
+                    Ok(_) => {}
+                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                    Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH"),
+                }
+                anyhow::ensure!(attr[4] as u32 as usize == entries, "batch read {} of {entries} keys", attr[4] as u32);
+            }
+            Ok(())
+        })
+    };
+    let fixed = read_ns(ARRAY, 8, 1)?;
+    let (arr_batch, pc_batch) = (read_ns(ARRAY, 8, KEYS)?, read_ns(PERCPU_ARRAY, 8, KEYS)?);
+    let (pc_small, pc_large) = (read_ns(PERCPU_ARRAY, 8, 1)?, read_ns(PERCPU_ARRAY, 32 << 10, 1)?);
+    let per_byte = ((pc_large - pc_small) / ncpus as f64 / ((32 << 10) - 8) as f64).max(0.0);
+    let per_cpu = ((pc_batch - arr_batch) / KEYS as f64 / (ncpus - 1).max(1) as f64).max(0.0);
+    println!(
+        "lookup, {ncpus} possible CPUs: one 8 B array value {fixed:.0} ns; batch of {KEYS} 8 B values: array {:.1} us, per-CPU array {:.1} us; one per-CPU value of 8 B {pc_small:.0} ns, of 32 KiB {pc_large:.0} ns => {per_cpu:.1} ns per CPU copy, {per_byte:.3} ns per byte",
+        arr_batch / 1e3,
+        pc_batch / 1e3
+    );
+    Ok((fixed, per_byte, per_cpu))
 }
 
 fn map_reads() -> anyhow::Result<()> {

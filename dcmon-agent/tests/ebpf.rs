@@ -432,6 +432,71 @@ fn read_latency_histogram_agrees_with_the_latencies_the_reads_took() {
     assert!(sum <= total && sum >= total - slack, "sum {sum} s against {total} s measured");
 }
 
+/// Reads per CPU in `histograms_shared_by_every_cpu_lose_no_count`.
+const READS_PER_CPU: usize = 2000;
+
+#[test]
+fn histograms_shared_by_every_cpu_lose_no_count() {
+    let Some(probes) = attach("shared latency histograms") else {
+        return;
+    };
+    // One value for all CPUs: the agent copies one value per slot whatever the CPU count.
+    {
+        let (ebpf, _, _) = load::load_object(load::OBJECT, None).expect("load the committed object");
+        for name in [DISK_LAT_MAP, NET_DROP_MAP] {
+            let map = ebpf.map(name).unwrap_or_else(|| panic!("map {name} missing"));
+            assert!(matches!(map, aya::maps::Map::Array(_)), "{name} must be a plain array, is {map:?}");
+        }
+    }
+    let disk = Loop::new(16 << 20);
+    let _ = Command::new("udevadm").arg("settle").status();
+    let mut collector = EbpfDiskCollector::new(Host::default(), match_all(), probes.clone()).expect("collector");
+    // The first round gives the disk its slot.
+    let (_, _, count0) = latency_histogram(&mut collector, disk.name(), "read");
+    let misses = |probes: &Probes| -> u64 {
+        let stats = probes.program_stats().expect("program stats");
+        stats.iter().filter(|s| s.program.starts_with("block_rq")).map(|s| s.recursion_misses.unwrap_or(0)).sum()
+    };
+    let missed0 = misses(&probes);
+    let ncpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // One reader pinned to each CPU, all at once: their completions add to the same buckets
+    // of the same histogram from every CPU.
+    std::thread::scope(|scope| {
+        for cpu in 0..ncpus {
+            let dev = disk.dev.clone();
+            scope.spawn(move || {
+                // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    assert_eq!(libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set), 0, "pin to CPU {cpu}");
+                }
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(&dev)
+                    .expect("open loop device O_DIRECT");
+                let buf = Aligned::new(4096);
+                for i in 0..READS_PER_CPU {
+                    let off = ((i * 7 + cpu) % 4096) * 4096;
+                    // SAFETY: buf is 4 KiB, aligned; fd is open.
+                    let n = unsafe { libc::pread(f.as_raw_fd(), buf.ptr.cast(), 4096, off as libc::off_t) };
+                    assert_eq!(n, 4096, "pread: {}", std::io::Error::last_os_error());
+                }
+            });
+        }
+    });
+    let (buckets, _, count1) = latency_histogram(&mut collector, disk.name(), "read");
+    let issued = (READS_PER_CPU * ncpus) as u64;
+    let missed = misses(&probes) - missed0;
+    eprintln!("{ncpus} CPUs: {issued} reads, {} timed, {missed} program runs skipped by the kernel", count1 - count0);
+    // Every read is timed once, less any the kernel skipped (a program already running on that
+    // CPU), which it reports: none is lost to two CPUs adding at once.
+    assert!(count1 - count0 <= issued, "more completions than reads: {}", count1 - count0);
+    assert!(issued - (count1 - count0) <= missed, "{} of {issued} reads timed, {missed} skipped", count1 - count0);
+    assert_eq!(buckets.last().map(|(_, n)| *n), Some(count1), "+Inf bucket equals the count");
+}
+
 /// A network namespace, deleted on drop.
 struct Netns {
     name: String,

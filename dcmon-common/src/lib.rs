@@ -243,7 +243,7 @@ pub mod ebpf {
         pub tx_bytes: u64,
     }
 
-    /// Per-CPU array of [`LatencyHist`], indexed by `slot * LAT_OPS + op`: I/O latency per disk
+    /// Array of [`LatencyHist`] shared by all CPUs (atomic adds), indexed by `slot * LAT_OPS + op`: I/O latency per disk
     /// slot and operation, filled on the final completion of a request the programs saw issued.
     pub const DISK_LAT_MAP: &str = "DCMON_DISK_LAT";
     /// Array of [`DiskSlot`], [`SLOT_TABLE_ENTRIES`] long: the agent's disk slots, direct-mapped
@@ -276,7 +276,8 @@ pub mod ebpf {
     /// Bucket 0's bound is `2^LAT_SHIFT` ns.
     pub const LAT_SHIFT: u32 = 10;
 
-    /// Per-CPU array of [`DropCounts`], indexed by interface slot: packet drops by reason.
+    /// Array of [`DropCounts`] shared by all CPUs (atomic adds), indexed by interface slot:
+    /// packet drops by reason.
     pub const NET_DROP_MAP: &str = "DCMON_NET_DROP";
     /// Array of [`NetSlot`], [`SLOT_TABLE_ENTRIES`] long: the agent's interface slots,
     /// direct-mapped by [`net_slot_table_index`] with up to [`SLOT_PROBES`] probes.
@@ -327,7 +328,7 @@ pub mod ebpf {
         pub slot: u32,
     }
 
-    /// Drops per reason of one interface slot on one CPU.
+    /// Drops per reason of one interface slot.
     #[repr(C)]
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
     pub struct DropCounts {
@@ -425,7 +426,7 @@ pub mod ebpf {
         pub slot: u32,
     }
 
-    /// The latency histogram of one (slot, op) on one CPU.
+    /// The latency histogram of one (slot, op).
     #[repr(C)]
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
     pub struct LatencyHist {

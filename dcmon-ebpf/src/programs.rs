@@ -8,7 +8,7 @@ use aya_ebpf::programs::BtfTracePointContext;
 use dcmon_common::ebpf::{
     AF_INET, AF_INET6, DISK_MAP_ENTRIES, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_OPS,
     LatencyHist, NET_MAP_ENTRIES, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue, OOM_MAP_ENTRIES, OVERFLOW_SLOT,
-    OpGroup, RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TcpCounts, lat_bucket, lat_op,
+    LAT_BUCKETS, OpGroup, RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TcpCounts, lat_bucket, lat_op,
     net_slot_table_index, op_group, slot_table_index,
 };
 
@@ -20,9 +20,10 @@ static DCMON_DISK: PerCpuHashMap<DiskKey, DiskValue> = PerCpuHashMap::with_max_e
 #[map]
 static DCMON_NET: PerCpuHashMap<NetKey, NetValue> = PerCpuHashMap::with_max_entries(NET_MAP_ENTRIES, 0);
 
-/// Latency histograms per (disk slot, op): see dcmon_common::ebpf::DISK_LAT_MAP.
+/// Latency histograms per (disk slot, op): see dcmon_common::ebpf::DISK_LAT_MAP. Shared by all
+/// CPUs (atomic adds), so the agent's read copies one value whatever the number of CPUs.
 #[map]
-static DCMON_DISK_LAT: PerCpuArray<LatencyHist> = PerCpuArray::with_max_entries(DISK_SLOTS * LAT_OPS, 0);
+static DCMON_DISK_LAT: Array<LatencyHist> = Array::with_max_entries(DISK_SLOTS * LAT_OPS, 0);
 
 /// The agent's disk slots: see dcmon_common::ebpf::DISK_SLOT_MAP.
 #[map]
@@ -32,9 +33,10 @@ static DCMON_DISK_SLOT: Array<DiskSlot> = Array::with_max_entries(SLOT_TABLE_ENT
 #[map]
 static DCMON_RQ_START: LruHashMap<u64, u64> = LruHashMap::with_max_entries(RQ_START_ENTRIES, 0);
 
-/// Drops per interface slot and reason: see dcmon_common::ebpf::NET_DROP_MAP.
+/// Drops per interface slot and reason: see dcmon_common::ebpf::NET_DROP_MAP. Shared by all
+/// CPUs (atomic adds), like DCMON_DISK_LAT.
 #[map]
-static DCMON_NET_DROP: PerCpuArray<DropCounts> = PerCpuArray::with_max_entries(NET_SLOTS, 0);
+static DCMON_NET_DROP: Array<DropCounts> = Array::with_max_entries(NET_SLOTS, 0);
 
 /// The agent's interface slots: see dcmon_common::ebpf::NET_SLOT_MAP.
 #[map]
@@ -270,11 +272,13 @@ fn time_request(rq: u64, dev: u32, op: u32) {
     // SAFETY: a helper call.
     let ns = unsafe { bpf_ktime_get_ns() }.wrapping_sub(start);
     let Some(hist) = DCMON_DISK_LAT.get_ptr_mut(disk_slot(dev) * LAT_OPS + op) else { return };
-    // SAFETY: this CPU's copy (see `bump`).
-    let hist = unsafe { &mut *hist };
-    if let Some(count) = hist.buckets.get_mut(lat_bucket(ns) as usize) {
-        *count += 1;
-        hist.sum_ns += ns;
+    let bucket = lat_bucket(ns) as usize;
+    if bucket < LAT_BUCKETS as usize {
+        // SAFETY: a value pointer the lookup returned; the index is in bounds (checked above).
+        unsafe {
+            shared_add(&raw mut (*hist).buckets[bucket], 1);
+            shared_add(&raw mut (*hist).sum_ns, ns);
+        }
     }
 }
 
@@ -358,14 +362,24 @@ pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
         },
     };
     let index = if reason < DROP_REASONS - 1 { reason } else { DROP_REASONS - 1 };
-    if let Some(counts) = DCMON_NET_DROP.get_ptr_mut(slot) {
-        // SAFETY: this CPU's copy (see `bump`).
-        let counts = unsafe { &mut *counts };
-        if let Some(n) = counts.reasons.get_mut(index as usize) {
-            *n += 1;
-        }
+    if let Some(counts) = DCMON_NET_DROP.get_ptr_mut(slot)
+        && index < DROP_REASONS
+    {
+        // SAFETY: a value pointer the lookup returned; the index is in bounds (checked above).
+        unsafe { shared_add(&raw mut (*counts).reasons[index as usize], 1) };
     }
     0
+}
+
+/// Adds `n` to a counter in a map value every CPU updates: one atomic add (BPF_ATOMIC_ADD).
+///
+/// # Safety
+/// `counter` points into a live map value, 8-byte aligned.
+#[inline(always)]
+unsafe fn shared_add(counter: *mut u64, n: u64) {
+    use core::intrinsics::{AtomicOrdering, atomic_xadd};
+    // SAFETY: the caller's contract; other CPUs touch it only through this same atomic add.
+    unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(counter, n) };
 }
 
 /// The slot the agent gave interface `key`, or the overflow slot.

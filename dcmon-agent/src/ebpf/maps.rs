@@ -193,6 +193,12 @@ pub fn lookup_percpu<K: Pod, V: Pod + Default>(
     Ok(out)
 }
 
+/// The values of `keys` in a map with one value per key shared by all CPUs (a plain array or
+/// hash map), absent keys left out: one copy per key whatever the number of CPUs.
+pub fn lookup_shared<K: Pod, V: Pod + Default>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<Vec<(K, V)>> {
+    lookup_percpu(fd, 1, keys, |total: &mut V, one: &V| *total = *one)
+}
+
 /// Deletes `key`; a key already gone is not an error.
 pub fn delete<K: Pod>(fd: BorrowedFd<'_>, key: &K) -> io::Result<()> {
     let mut attr = ElemAttr { map_fd: fd.as_raw_fd() as u32, key: key as *const K as u64, ..Default::default() };

@@ -58,21 +58,6 @@ fn add_tcp(total: &mut TcpCounts, v: &TcpCounts) {
     total.resets_received += v.resets_received;
 }
 
-/// Sums one CPU's drop counts into `total`.
-fn add_drops(total: &mut DropCounts, v: &DropCounts) {
-    for (t, n) in total.reasons.iter_mut().zip(v.reasons) {
-        *t += n;
-    }
-}
-
-/// Sums one CPU's latency histogram into `total`.
-fn add_hist(total: &mut LatencyHist, v: &LatencyHist) {
-    for (t, b) in total.buckets.iter_mut().zip(v.buckets) {
-        *t += b;
-    }
-    total.sum_ns += v.sum_ns;
-}
-
 /// The loaded and attached programs and their maps. Dropping it detaches everything.
 #[derive(Debug)]
 pub struct Probes {
@@ -185,11 +170,9 @@ impl Probes {
         Ok(())
     }
 
-    /// The drop counts of interface slot `slot` by reason value, summed over CPUs, since the
-    /// programs were loaded.
+    /// The drop counts of interface slot `slot` by reason value since the programs were loaded.
     pub fn net_drops(&self, slot: u32) -> anyhow::Result<DropCounts> {
-        let n = self.ncpus;
-        let found = self.with_map_fd(NET_DROP_MAP, |fd| maps::lookup_percpu(fd, n, &[slot], add_drops))?;
+        let found = self.with_map_fd(NET_DROP_MAP, |fd| maps::lookup_shared(fd, &[slot]))?;
         Ok(found.into_iter().next().map(|(_, v)| v).unwrap_or_default())
     }
 
@@ -232,12 +215,11 @@ impl Probes {
         Ok(())
     }
 
-    /// The latency histograms of `slot`, one per op (`LAT_OP_NAMES` order), summed over CPUs,
-    /// since the programs were loaded.
+    /// The latency histograms of `slot`, one per op (`LAT_OP_NAMES` order), since the programs
+    /// were loaded.
     pub fn disk_latency(&self, slot: u32) -> anyhow::Result<[LatencyHist; LAT_OPS as usize]> {
-        let n = self.ncpus;
         let keys: Vec<u32> = (0..LAT_OPS).map(|op| slot * LAT_OPS + op).collect();
-        let found = self.with_map_fd(DISK_LAT_MAP, |fd| maps::lookup_percpu(fd, n, &keys, add_hist))?;
+        let found = self.with_map_fd(DISK_LAT_MAP, |fd| maps::lookup_shared(fd, &keys))?;
         let mut out = [LatencyHist::default(); LAT_OPS as usize];
         for (key, hist) in found {
             if let Some(o) = out.get_mut((key % LAT_OPS) as usize) {
