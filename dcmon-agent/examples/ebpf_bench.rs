@@ -158,9 +158,8 @@ fn slot_reads() -> anyhow::Result<()> {
     let (fixed_ns, per_byte_ns, per_cpu_ns) = copy_cost()?;
     // The per-CPU reads left in a round: one lookup per disk and per interface (the counter hash
     // maps) and one of the TCP counters, each copying every possible CPU's value.
-    let per_cpu_lookup = |lookups: f64, bytes: usize, cpus: f64| {
-        lookups * (fixed_ns + cpus * (per_cpu_ns + bytes as f64 * per_byte_ns))
-    };
+    let per_cpu_lookup =
+        |lookups: f64, bytes: usize, cpus: f64| lookups * (fixed_ns + cpus * (per_cpu_ns + bytes as f64 * per_byte_ns));
     for cpus in [ncpus as f64, 256.0] {
         let percpu_ns = per_cpu_lookup(16.0, std::mem::size_of::<DiskValue>(), cpus)
             + per_cpu_lookup(32.0, std::mem::size_of::<NetValue>(), cpus)

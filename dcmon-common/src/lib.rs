@@ -139,6 +139,12 @@ pub mod ebpf {
     /// traffic then costs no map update and cannot fill the map.
     pub const NETNS_FILTER: &str = "NETNS_FILTER";
 
+    /// `.rodata` global: 1 when this kernel's `tcp_retransmit_skb` tracepoint passes the
+    /// attempt's error as a third argument. It then also fires for attempts that never reached
+    /// the wire (the original still in the host's queue, no memory, window closed), which
+    /// RetransSegs does not count and neither may we.
+    pub const TCP_RETRANSMIT_HAS_ERR: &str = "TCP_RETRANSMIT_HAS_ERR";
+
     /// `REQ_OP_MASK` (include/linux/blk_types.h): the low 8 bits of `cmd_flags` are the op.
     pub const REQ_OP_MASK: u32 = 0xff;
     /// `REQ_OP_READ`.

@@ -6,10 +6,10 @@ use aya_ebpf::macros::{btf_tracepoint, map};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap};
 use aya_ebpf::programs::BtfTracePointContext;
 use dcmon_common::ebpf::{
-    AF_INET, AF_INET6, DISK_MAP_ENTRIES, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_OPS,
-    LatencyHist, NET_MAP_ENTRIES, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue, OOM_MAP_ENTRIES, OVERFLOW_SLOT,
-    LAT_BUCKETS, OpGroup, RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TcpCounts, lat_bucket, lat_op,
-    net_slot_table_index, op_group, slot_table_index,
+    AF_INET, AF_INET6, DISK_MAP_ENTRIES, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts,
+    LAT_BUCKETS, LAT_OPS, LatencyHist, NET_MAP_ENTRIES, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue,
+    OOM_MAP_ENTRIES, OVERFLOW_SLOT, OpGroup, RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES,
+    TcpCounts, lat_bucket, lat_op, net_slot_table_index, op_group, slot_table_index,
 };
 
 /// Per-CPU, so the hot path updates its own CPU's copy without locks or atomics; the agent
@@ -105,6 +105,10 @@ static OFF_NET_NS_INUM: u32 = 0;
 /// dcmon_common::ebpf::NETNS_FILTER.
 #[unsafe(no_mangle)]
 static NETNS_FILTER: u32 = 0;
+/// dcmon_common::ebpf::TCP_RETRANSMIT_HAS_ERR. While 0 the verifier prunes the read of the
+/// third argument, which older kernels' tracepoint does not have.
+#[unsafe(no_mangle)]
+static TCP_RETRANSMIT_HAS_ERR: u32 = 0;
 
 /// bpf_probe_read_kernel and tp_btf need a GPL-compatible license.
 #[unsafe(link_section = "license")]
@@ -424,6 +428,14 @@ pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
     let skb: usize = ctx.arg(1);
     if !counted_sock(sk) {
         return 0;
+    }
+    if off(&TCP_RETRANSMIT_HAS_ERR) != 0 {
+        // __tcp_retransmit_skb's exits before RetransSegs is added: -EBUSY (the original still
+        // queued in the host), -EAGAIN (outside the window), -EINVAL, -ENOMEM.
+        let err: i64 = ctx.arg(2);
+        if matches!(err as i32, -16 | -11 | -22 | -12) {
+            return 0;
+        }
     }
     let family = match read::<u16>(sk, off(&OFF_SK_FAMILY)) {
         Some(AF_INET) => 0,

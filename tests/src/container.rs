@@ -61,7 +61,8 @@ impl Container {
     /// Copy `base` and boot the copy with systemd-nspawn's `options` added; returns once
     /// systemd says the system is up.
     pub fn boot(base: &Path, options: &[&str]) -> anyhow::Result<Self> {
-        let dir = tempfile::Builder::new().prefix(".run-").tempdir_in(base.parent().unwrap_or(Path::new("/var/tmp")))?;
+        let dir =
+            tempfile::Builder::new().prefix(".run-").tempdir_in(base.parent().unwrap_or(Path::new("/var/tmp")))?;
         let copy = Command::new("cp").arg("-a").arg(base).arg(dir.path().join("root")).output()?;
         if !copy.status.success() {
             anyhow::bail!("cannot copy {}: {}", base.display(), text(&copy));
@@ -139,7 +140,9 @@ impl Container {
         let mut cmd = Command::new("nsenter");
         cmd.arg("-t").arg(self.leader.to_string()).arg("-a").arg("--").args(argv);
         // A clean environment, as a login shell in the container would have.
-        cmd.env_clear().env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin").env("LANG", "C.UTF-8");
+        cmd.env_clear()
+            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("LANG", "C.UTF-8");
         run_with_timeout(&mut cmd, Duration::from_secs(60))
             .map_err(|e| anyhow::anyhow!("`{}` in the container: {e}", argv.join(" ")))
     }

@@ -134,8 +134,7 @@ fn installed_and_registered(options: &[&str], receiver: &Receiver) -> (Container
 
     // Register against the receiver on the host's loopback; the key is 0600 and unprinted.
     write_config(&c, receiver, INTERVAL, json!({}));
-    let registered =
-        c.ok(&["dcmon-agent", "register", "--server", &receiver.url()]).expect("dcmon-agent register");
+    let registered = c.ok(&["dcmon-agent", "register", "--server", &receiver.url()]).expect("dcmon-agent register");
     let key_path = c.path("/etc/dcmon/api_key");
     let key = std::fs::read_to_string(&key_path).expect("the key file").trim().to_owned();
     assert!(!key.is_empty() && !registered.contains(&key), "{registered}");
@@ -206,7 +205,9 @@ fn the_package_runs_the_service_under_a_real_systemd() {
     // Reload: a changed interval applies; a bad config is kept out and said so.
     write_config(&c, &receiver, 3, json!({"ebpf": "off"}));
     c.ok(&["systemctl", "reload", UNIT]).expect("systemctl reload");
-    assert!(wait_until(Duration::from_secs(10), || show(&c, "StatusText").contains("every 3s").then_some(())).is_some());
+    assert!(
+        wait_until(Duration::from_secs(10), || show(&c, "StatusText").contains("every 3s").then_some(())).is_some()
+    );
     let t = Instant::now();
     let slower = batches_after(&c, &receiver, t, 3, Duration::from_secs(30));
     for gap in gaps(&slower[1..]) {

@@ -67,12 +67,11 @@ pub fn static_binary(root: &Path, args: &StaticArgs) -> anyhow::Result<PathBuf> 
     if args.mimalloc {
         build.args(["--features", "mimalloc"]);
     }
-    let status = build
-        .current_dir(root)
-        .status()
-        .context("running cargo build")?;
+    let status = build.current_dir(root).status().context("running cargo build")?;
     if !status.success() {
-        bail!("building for {STATIC_TARGET} failed ({status}); it needs `rustup target add {STATIC_TARGET}` and musl-tools");
+        bail!(
+            "building for {STATIC_TARGET} failed ({status}); it needs `rustup target add {STATIC_TARGET}` and musl-tools"
+        );
     }
     let binary = root.join("target").join(STATIC_TARGET).join("release/dcmon-agent");
     let ldd = Command::new("ldd").arg(&binary).output().context("running ldd")?;

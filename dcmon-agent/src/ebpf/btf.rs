@@ -52,6 +52,7 @@ const KIND_TYPEDEF: u32 = 8;
 const KIND_VOLATILE: u32 = 9;
 const KIND_CONST: u32 = 10;
 const KIND_RESTRICT: u32 = 11;
+const KIND_FUNC_PROTO: u32 = 13;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 /// How deep lookups follow typedefs, anonymous members and arrays; the kernel's types nest a
@@ -77,6 +78,8 @@ struct Type {
     array: Option<(u32, u32)>,
     /// ENUM: (name offset, value) of each enumerator.
     enumerators: Vec<(u32, u32)>,
+    /// FUNC_PROTO: how many parameters.
+    params: u32,
 }
 
 /// The parsed types of one BTF blob (index = type id - 1).
@@ -123,8 +126,15 @@ impl Btf {
             let vlen = (info & 0xffff) as usize;
             let kind_flag = info >> 31 == 1;
             at += 12;
-            let mut t =
-                Type { name_off, kind, size_or_type, members: Vec::new(), array: None, enumerators: Vec::new() };
+            let mut t = Type {
+                name_off,
+                kind,
+                size_or_type,
+                members: Vec::new(),
+                array: None,
+                enumerators: Vec::new(),
+                params: 0,
+            };
             let extra = match kind {
                 KIND_INT => 4,
                 KIND_ARRAY => {
@@ -154,7 +164,10 @@ impl Btf {
                     }
                     vlen * 8
                 }
-                13 => vlen * 8,  // FUNC_PROTO params
+                KIND_FUNC_PROTO => {
+                    t.params = vlen as u32;
+                    vlen * 8
+                }
                 14 => 4,         // VAR
                 15 => vlen * 12, // DATASEC
                 17 => 4,         // DECL_TAG
@@ -261,6 +274,17 @@ impl Btf {
         None
     }
 
+    /// How many arguments tracepoint `name` hands a tp_btf program: the parameters of the
+    /// function prototype that its `btf_trace_<name>` typedef points to, less the leading
+    /// `void *__data`. `None` when this kernel has no such tracepoint.
+    pub fn tracepoint_args(&self, name: &str) -> Option<u32> {
+        let typedef = format!("btf_trace_{name}");
+        let t = self.types.iter().find(|t| t.kind == KIND_TYPEDEF && self.name(t.name_off) == typedef)?;
+        let ptr = self.get(t.size_or_type).filter(|p| p.kind == KIND_PTR)?;
+        let proto = self.get(ptr.size_or_type).filter(|p| p.kind == KIND_FUNC_PROTO)?;
+        proto.params.checked_sub(1)
+    }
+
     /// The enumerators of `enum name` as (name, value), in BTF order.
     pub fn enum_values(&self, name: &str) -> Result<Vec<(String, u32)>, BtfError> {
         let t = self
@@ -353,6 +377,10 @@ mod tests {
         assert!(value("SKB_DROP_REASON_NETFILTER_DROP").is_some(), "{reasons:?}");
         eprintln!("skb_drop_reason: {} values, max {:?}", reasons.len(), reasons.iter().map(|r| r.1).max());
         assert!(matches!(btf.enum_values("no_such_enum"), Err(BtfError::NoEnum(_))));
+        // (rq, error, nr_bytes); the retransmit tracepoint passes the attempt's error since 6.x.
+        assert_eq!(btf.tracepoint_args("block_rq_complete"), Some(3));
+        assert_eq!(btf.tracepoint_args("tcp_retransmit_skb"), Some(3));
+        assert_eq!(btf.tracepoint_args("dcmon_no_such_tracepoint"), None);
     }
 
     /// A blob of the `sample()` layout with `types` as its type section.

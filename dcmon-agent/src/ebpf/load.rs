@@ -9,7 +9,7 @@ use aya::programs::BtfTracePoint;
 use aya::{Ebpf, EbpfLoader};
 use dcmon_common::ebpf::{
     DROP_REASON_CONSUMED, DROP_REASONS, ESSENTIAL_PROGRAMS, NETNS_FILTER, OFF_CSS_SET_MEMCG, OFFSETS, PROGRAM_OFFSETS,
-    PROGRAMS,
+    PROGRAMS, TCP_RETRANSMIT_HAS_ERR,
 };
 
 use super::btf::{Btf, BtfError};
@@ -158,6 +158,9 @@ pub struct KernelFacts {
     pub drop_reasons: DropReasonNames,
     /// `SKB_CONSUMED`'s value (u32::MAX if none).
     pub consumed: u32,
+    /// 1 when the `tcp_retransmit_skb` tracepoint passes the attempt's error (see
+    /// `dcmon_common::ebpf::TCP_RETRANSMIT_HAS_ERR`).
+    pub retransmit_has_err: u32,
 }
 
 /// The label of drop reason counter `i` (see `dcmon_common::ebpf::DROP_REASONS`): the kernel's
@@ -205,7 +208,8 @@ fn facts_from(btf_path: &Path, data: &[u8]) -> Result<KernelFacts, LoadError> {
             }
         }
     }
-    Ok(KernelFacts { offsets, missing, drop_reasons, consumed })
+    let retransmit_has_err = u32::from(btf.tracepoint_args("tcp_retransmit_skb").is_some_and(|n| n >= 3));
+    Ok(KernelFacts { offsets, missing, drop_reasons, consumed, retransmit_has_err })
 }
 
 /// The offset of `subsys[memory_cgrp_id]` in `struct css_set`: the array's place, and the
@@ -250,6 +254,7 @@ pub fn load_object(object: &[u8], netns: Option<u32>) -> Result<(Ebpf, aya::Btf,
     }
     let netns = netns.unwrap_or(0);
     loader.override_global(NETNS_FILTER, &netns, true);
+    loader.override_global(TCP_RETRANSMIT_HAS_ERR, &facts.retransmit_has_err, true);
     loader.override_global(DROP_REASON_CONSUMED, &facts.consumed, true);
     let ebpf = loader.load(object).map_err(|e| classify("loading the BPF object", &e, false))?;
     Ok((ebpf, kernel_btf, facts))
