@@ -209,14 +209,19 @@ impl Drop for Aligned {
 
 /// The map and /proc read while /proc stays the same from before to after: I/O by anything
 /// else on the host completing between the two reads would otherwise count on one side only.
+/// Both sources read while neither changes. The program counts a request in
+/// blk_update_request and /proc a moment later in __blk_mq_end_request; the loop driver
+/// completes from a kworker that can be preempted in between, so a snapshot taken in that
+/// window (a stray reader such as udev's probe) has eBPF one request ahead of /proc. Both
+/// unchanged over 100 ms means no completion was half done.
 fn stable_snapshot(probes: &Probes, key: DiskKey, name: &str) -> ((u64, u64, u64, u64), DiskCounters) {
     for _ in 0..20 {
-        let before = proc_disk(name);
-        let e = ebpf_disk(probes, key);
-        if proc_disk(name) == before {
-            return (e, before);
+        let (p0, e0) = (proc_disk(name), ebpf_disk(probes, key));
+        std::thread::sleep(Duration::from_millis(100));
+        let (e1, p1) = (ebpf_disk(probes, key), proc_disk(name));
+        if p0 == p1 && e0 == e1 {
+            return (e1, p1);
         }
-        std::thread::sleep(Duration::from_millis(50));
     }
     panic!("{name}: /proc/diskstats kept changing; something else is using the device");
 }
