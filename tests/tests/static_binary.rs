@@ -58,7 +58,11 @@ fn the_static_agent_runs_once_in_an_empty_chroot() {
     assert!((0.0..=100.0).contains(&cpu), "{cpu}");
     // NVML is dlopen()ed; a static musl binary cannot load the driver's glibc library, and says
     // so instead of crashing; on a GPU host nvidia-smi is used instead (README, the static build).
-    let nvml = stderr.lines().find(|l| l.contains("NVML")).unwrap_or_else(|| panic!("no NVML line:\n{stderr}"));
+    // The GPU collector's own line: other collectors' threads (gpu_xid) may log about NVML first.
+    let nvml = stderr
+        .lines()
+        .find(|l| l.contains("NVML") && l.contains("collector=\"nvsmi\""))
+        .unwrap_or_else(|| panic!("no NVML line from the nvsmi collector:\n{stderr}"));
     eprintln!("{nvml}");
     assert!(nvml.contains("Dynamic loading not supported"), "{nvml}");
     assert!(!root.join("proc/self").exists(), "the chroot's /proc is still mounted");
