@@ -38,15 +38,7 @@ pub fn run(root: &Path, args: &GpuCheckArgs) -> anyhow::Result<()> {
     };
     let (attached, gpus) = parse_smi_xml(&String::from_utf8_lossy(&smi.stdout))?;
 
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let build = Command::new(&cargo)
-        .args(["build", "--package", "dcmon-agent", "--bin", "dcmon-agent"])
-        .current_dir(root)
-        .status()
-        .context("running cargo build")?;
-    if !build.success() {
-        bail!("building dcmon-agent failed ({build})");
-    }
+    crate::build_agent(root)?;
     let dir = tempfile::tempdir().context("temporary directory")?;
     let config = AgentConfig::without_exporters()
         .set("exporters", json!({"ipmi": false, "apt": false, "nvme": false, "nvsmi": true}))

@@ -89,15 +89,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// Build the agent first, so the golden files come from this source and not from whatever
 /// binary an earlier build left in target/.
 fn bless(root: &Path) -> anyhow::Result<()> {
+    build_agent(root)?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let build = Command::new(&cargo)
-        .args(["build", "--package", "dcmon-agent", "--bin", "dcmon-agent"])
-        .current_dir(root)
-        .status()
-        .context("running cargo build")?;
-    if !build.success() {
-        bail!("building dcmon-agent failed ({build})");
-    }
     let test = Command::new(&cargo)
         .args(["test", "--package", "dcmon-tests", "--test", "golden"])
         .env("DCMON_BLESS", "1")
@@ -243,4 +236,18 @@ fn build_ebpf(root: &Path, toolchain: &str) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(target_dir.join("bpfel-unknown-none/release/dcmon-ebpf"))
+}
+
+/// `cargo build` of the agent's debug binary, the one the tests and `gpu-check` run.
+fn build_agent(root: &Path) -> anyhow::Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let build = Command::new(&cargo)
+        .args(["build", "--package", "dcmon-agent", "--bin", "dcmon-agent"])
+        .current_dir(root)
+        .status()
+        .context("running cargo build")?;
+    if !build.success() {
+        bail!("building dcmon-agent failed ({build})");
+    }
+    Ok(())
 }
