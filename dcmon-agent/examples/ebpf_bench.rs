@@ -13,7 +13,8 @@
 //!   cost of one CPU's copy measured on scratch maps;
 //! - `ebpf_bench memory`: the peak resident memory (VmHWM) of a fresh process that does only
 //!   one step of the load each: nothing, read /sys/kernel/btf/vmlinux, our offset parse, aya's
-//!   BTF parse, and the whole attach;
+//!   parse of the whole BTF (which the agent no longer does, for comparison), the stand-in
+//!   BTF the programs attach with, and the whole attach;
 //! - one full read of the network map (BPF_MAP_LOOKUP_BATCH, and aya's per-key iteration for
 //!   comparison) with 10, 1,000 and 10,000 interfaces (veth pairs) in a namespace.
 #![allow(clippy::print_stdout, reason = "a benchmark prints its numbers")]
@@ -309,6 +310,9 @@ fn memory_step(step: &str) -> anyhow::Result<()> {
         "read" => drop(std::fs::read(path)?),
         "offsets" => drop(dcmon_agent::ebpf::load::kernel_offsets(path)?),
         "aya" => drop(aya::Btf::parse(&std::fs::read(path)?, aya::Endianness::default())?),
+        "tracepoints-btf" => {
+            drop(dcmon_agent::ebpf::load::attach_btf(&dcmon_agent::ebpf::load::kernel_facts(path)?.tracepoint_ids)?)
+        }
         "attach" => drop(Probes::attach(None)?),
         other => bail!("unknown step {other}"),
     }
@@ -319,7 +323,7 @@ fn memory_step(step: &str) -> anyhow::Result<()> {
 /// The peak of each load step, each in a process of its own.
 fn memory() -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
-    for step in ["nothing", "read", "offsets", "aya", "attach"] {
+    for step in ["nothing", "read", "offsets", "aya", "tracepoints-btf", "attach"] {
         let out = Command::new(&exe).args(["memory-step", step]).output()?;
         if !out.status.success() {
             bail!("memory step {step}: {}", String::from_utf8_lossy(&out.stderr));

@@ -66,10 +66,13 @@ pub mod ebpf {
         (PROG_NET_DEV_XMIT, "net_dev_xmit"),
     ];
 
-    /// The programs the disk and network counters need: if one of them cannot load, the agent
-    /// uses procfs for disk and network I/O (the other programs are optional: each that cannot
-    /// load leaves only its own metrics absent).
-    pub const ESSENTIAL_PROGRAMS: [&str; 3] = [PROG_BLOCK_RQ_COMPLETE, PROG_NETIF_RECEIVE_SKB, PROG_NET_DEV_XMIT];
+    /// The programs the disk counters need: if one of them cannot load, the agent reads disk
+    /// I/O from procfs (the network counters stay on eBPF if theirs load).
+    pub const DISK_PROGRAMS: [&str; 1] = [PROG_BLOCK_RQ_COMPLETE];
+    /// The programs the network counters need: if one of them cannot load, the agent reads
+    /// network I/O from procfs (the disk counters stay on eBPF if theirs load). Every other
+    /// program is optional: each that cannot load leaves only its own metrics absent.
+    pub const NET_PROGRAMS: [&str; 2] = [PROG_NETIF_RECEIVE_SKB, PROG_NET_DEV_XMIT];
 
     /// The offset globals ([`OFFSETS`], [`OFF_CSS_SET_MEMCG`]) each program reads: a program
     /// whose fields the running kernel lacks is not loaded.

@@ -96,13 +96,24 @@ fn release_freed_heap() {
     }
 }
 
+/// The log line for a program that could not be loaded: `check` shows these on lines of
+/// their own and recognises them among the other warnings by this text.
+pub fn left_out_message(program: &str, why: &str) -> String {
+    format!("eBPF program {program} not loaded, its metrics are absent: {why}")
+}
+
 impl Probes {
     /// Loads the embedded object and attaches every program, counting the interfaces of
     /// network namespace `netns` (its inode number; None: every namespace).
     pub fn attach(netns: Option<u32>) -> Result<Self, LoadError> {
-        let load::Attached { ebpf, drop_reasons, failed } = load::load_and_attach(load::OBJECT, netns)?;
+        Self::attach_with_btf(std::path::Path::new(load::VMLINUX_BTF), netns)
+    }
+
+    /// [`Probes::attach`] with the kernel's BTF read from `btf_path`.
+    pub fn attach_with_btf(btf_path: &std::path::Path, netns: Option<u32>) -> Result<Self, LoadError> {
+        let load::Attached { ebpf, drop_reasons, failed } = load::load_and_attach(btf_path, load::OBJECT, netns)?;
         for (program, e) in &failed {
-            tracing::warn!("eBPF program {program} not loaded, its metrics are absent: {e}");
+            tracing::warn!("{}", left_out_message(program, &e.to_string()));
         }
         let failed = failed.into_iter().map(|(p, e)| (p, e.to_string())).collect();
         release_freed_heap();
@@ -179,6 +190,13 @@ impl Probes {
     /// Whether program `name` is loaded and attached.
     pub fn attached(&self, name: &str) -> bool {
         !self.failed.iter().any(|(p, _)| *p == name)
+    }
+
+    /// Ok when every one of `programs` is attached, else which are not and why.
+    pub fn counts(&self, programs: &[&str]) -> Result<(), String> {
+        let missing: Vec<String> =
+            self.failed.iter().filter(|(p, _)| programs.contains(p)).map(|(_, why)| why.clone()).collect();
+        if missing.is_empty() { Ok(()) } else { Err(missing.join("; ")) }
     }
 
     /// The optional programs that could not be loaded, with why.
