@@ -14,7 +14,6 @@ use std::path::Path;
 use std::time::Duration;
 
 use dcmon_agent::batch::{Batch, Labels};
-use dcmon_agent::collector::Collector;
 use dcmon_agent::config::{Config, DeviceFilter, EbpfMode, Exporters, Loaded};
 use dcmon_agent::filter::PatternList;
 

@@ -252,7 +252,10 @@ pub fn build(config: &Config) -> anyhow::Result<Vec<Box<dyn Collector>>> {
     let probes = match config.ebpf {
         EbpfMode::Off => None,
         mode => match net::ebpf::own_netns(&host).and_then(|netns| {
-            let btf = host.path(crate::ebpf::load::VMLINUX_BTF);
+            // The host root's, where it has one: a container that sees the host's /sys only
+            // there may lack its own.
+            let vmlinux = std::path::Path::new(crate::ebpf::load::VMLINUX_BTF);
+            let btf = Some(host.path(vmlinux)).filter(|p| p.exists()).unwrap_or_else(|| vmlinux.to_owned());
             let p = Arc::new(Probes::attach_with_btf(&btf, Some(netns))?);
             let mut ebpf: Vec<Box<dyn Collector>> = Vec::new();
             let (disk, net) = (p.counts(&DISK_PROGRAMS), p.counts(&NET_PROGRAMS));

@@ -196,7 +196,8 @@ fn drop_reasons(btf: &Btf) -> (DropReasonNames, u32) {
     (names, consumed)
 }
 
-/// The offsets ([`kernel_offsets`]) and drop reasons ([`drop_reasons`]) from one BTF parse.
+/// The offsets ([`kernel_offsets`]), drop reasons ([`drop_reasons`]) and tracepoint type ids
+/// from one BTF parse.
 fn facts_from(btf_path: &Path, data: &[u8]) -> Result<KernelFacts, LoadError> {
     let btf = Btf::parse(data)
         .map_err(|e| LoadError { reason: Reason::NoBtf, detail: format!("{}: {e}", btf_path.display()) })?;
@@ -224,7 +225,8 @@ fn facts_from(btf_path: &Path, data: &[u8]) -> Result<KernelFacts, LoadError> {
 /// A stand-in for the kernel's BTF holding only what attaching tp_btf programs reads of it:
 /// each `btf_trace_<tracepoint>` typedef of `tracepoint_ids` at the type id the kernel gives
 /// it, every other id a nameless pointer. aya keeps a parsed BTF as one enum of every type
-/// with its names, about four times the size of the file; this one costs only the ids.
+/// with its names, several times the size of the file (README, Performance); this one costs
+/// a few bytes per id.
 pub fn attach_btf(tracepoint_ids: &[(&str, u32)]) -> Result<aya::Btf, LoadError> {
     let last = tracepoint_ids.iter().map(|&(_, id)| id).max().unwrap_or(0);
     let mut strings = vec![0u8];
