@@ -34,6 +34,12 @@ fn host_root_without(tracepoint: &str) -> Option<tempfile::TempDir> {
         btf.windows(name.len()).enumerate().filter(|(_, w)| *w == name.as_bytes()).map(|(i, _)| i).collect();
     assert_eq!(at.len(), 1, "{name:?} once in the string section");
     btf[at[0] + name.len() - 2] = b'#';
+    Some(mirror_host_root(|vmlinux| std::fs::write(vmlinux, &btf).expect("write the BTF copy")))
+}
+
+/// A host root that is this host's `/` but for `sys/kernel/btf/vmlinux`, which `make_btf`
+/// creates.
+fn mirror_host_root(make_btf: impl FnOnce(&Path)) -> tempfile::TempDir {
     let root = tempfile::tempdir().expect("tempdir");
     // Each level down to the BTF is a directory of links to the real entries, less the one
     // replaced below it.
@@ -48,8 +54,8 @@ fn host_root_without(tracepoint: &str) -> Option<tempfile::TempDir> {
         }
         dir.push(keep_out);
     }
-    std::fs::write(&dir, &btf).expect("write the BTF copy");
-    Some(root)
+    make_btf(&dir);
+    root
 }
 
 fn match_all() -> DeviceFilter {
@@ -175,4 +181,24 @@ async fn disk_falls_back_alone_when_its_program_cannot_load() {
 #[tokio::test]
 async fn network_falls_back_alone_when_its_program_cannot_load() {
     one_side_falls_back("net_dev_xmit", "disk", "network").await;
+}
+
+/// A host root whose `sys/kernel/btf/vmlinux` is a FIFO: the agent reads the kernel's own BTF
+/// instead of waiting forever on the FIFO, and eBPF works.
+#[test]
+fn a_fifo_in_place_of_the_host_roots_btf_is_not_read() {
+    common::require_root("loading BPF programs");
+    if !Path::new(VMLINUX).exists() {
+        assert!(!dcmon_tests::ebpf_required(), "DCMON_REQUIRE_EBPF=1 but there is no {VMLINUX}");
+        return eprintln!("SKIP: no {VMLINUX}");
+    }
+    let root = mirror_host_root(|vmlinux| {
+        let status = std::process::Command::new("mkfifo").arg(vmlinux).status().expect("mkfifo");
+        assert!(status.success(), "mkfifo {}", vmlinux.display());
+    });
+    let config = Config { ebpf: EbpfMode::On, ..config(root.path()) };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(dcmon_agent::collector::build(&config).map(|c| c.len())));
+    let built = rx.recv_timeout(Duration::from_secs(60)).expect("build returned (the FIFO was not read)");
+    assert!(built.is_ok(), "{built:?}");
 }

@@ -253,9 +253,9 @@ pub fn build(config: &Config) -> anyhow::Result<Vec<Box<dyn Collector>>> {
         EbpfMode::Off => None,
         mode => match net::ebpf::own_netns(&host).and_then(|netns| {
             // The host root's, where it has one: a container that sees the host's /sys only
-            // there may lack its own.
+            // there may lack its own. Only a regular file: reading a FIFO would never end.
             let vmlinux = std::path::Path::new(crate::ebpf::load::VMLINUX_BTF);
-            let btf = Some(host.path(vmlinux)).filter(|p| p.exists()).unwrap_or_else(|| vmlinux.to_owned());
+            let btf = Some(host.path(vmlinux)).filter(|p| p.is_file()).unwrap_or_else(|| vmlinux.to_owned());
             let p = Arc::new(Probes::attach_with_btf(&btf, Some(netns))?);
             let mut ebpf: Vec<Box<dyn Collector>> = Vec::new();
             let (disk, net) = (p.counts(&DISK_PROGRAMS), p.counts(&NET_PROGRAMS));

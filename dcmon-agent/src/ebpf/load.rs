@@ -126,9 +126,24 @@ fn classify(step: &str, e: &(dyn StdError + 'static), attaching: bool) -> LoadEr
     LoadError { reason, detail }
 }
 
-/// The kernel's BTF file, read once: it feeds both our offset lookup and aya's loader.
+/// Largest BTF file read: kernels' are a few MB; a file far bigger is not one.
+const BTF_MAX_BYTES: u64 = 256 << 20;
+
+/// The kernel's BTF file, read once for our offset lookup.
 fn read_btf(btf_path: &Path) -> Result<Vec<u8>, LoadError> {
-    std::fs::read(btf_path).map_err(|e| LoadError {
+    use std::io::Read as _;
+    let read = std::fs::File::open(btf_path).and_then(|f| {
+        let mut data = Vec::with_capacity(f.metadata()?.len().min(BTF_MAX_BYTES) as usize);
+        f.take(BTF_MAX_BYTES + 1).read_to_end(&mut data)?;
+        Ok(data)
+    });
+    if let Ok(data) = &read
+        && data.len() as u64 > BTF_MAX_BYTES
+    {
+        let detail = format!("{}: larger than {BTF_MAX_BYTES} bytes, not a kernel's BTF", btf_path.display());
+        return Err(LoadError { reason: Reason::NoBtf, detail });
+    }
+    read.map_err(|e| LoadError {
         reason: match e.kind() {
             io::ErrorKind::NotFound => Reason::NoBtf,
             io::ErrorKind::PermissionDenied => Reason::NoPrivilege,
