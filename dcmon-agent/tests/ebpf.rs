@@ -126,8 +126,8 @@ fn a_program_that_cannot_load_leaves_the_others_attached() {
     rx.connect(rx.local_addr().expect("addr")).expect("connect");
     rx.send(b"x").expect("send");
     // No interface has a slot here: the packets count in the overflow slot.
-    let map = aya::maps::PerCpuArray::<_, NetValue>::try_from(ebpf.map(NET_MAP).expect("net map"))
-        .expect("per-CPU array");
+    let map =
+        aya::maps::PerCpuArray::<_, NetValue>::try_from(ebpf.map(NET_MAP).expect("net map")).expect("per-CPU array");
     let overflow = map.get(&dcmon_common::ebpf::OVERFLOW_SLOT, 0).expect("overflow slot");
     let (rx, tx): (u64, u64) = overflow.iter().fold((0, 0), |(r, t), v| (r + v.rx_packets, t + v.tx_packets));
     assert!(rx > 0 && tx > 0, "net_dev_xmit and netif_receive_skb attached and counting: rx {rx}, tx {tx}");
@@ -1505,4 +1505,76 @@ fn an_oom_kill_is_counted_once_with_its_job() {
     let control = std::fs::read_to_string(job.join("memory.oom_control")).expect("oom_control");
     assert!(control.contains("oom_kill 1"), "the cgroup's own count: {control}");
     assert_eq!(kills(&mut collector), vec![(format!("slurm:{id}"), 1)]);
+}
+
+/// `dcmon_ebpf_overflow_total{map}` as `collector` reports it now.
+fn overflow_total(collector: &mut dyn Collector, map: &str) -> u64 {
+    let mut samples = Vec::new();
+    collector.collect(&mut samples).expect("collect");
+    let found: Vec<u64> = samples
+        .iter()
+        .filter(|s| s.name == "dcmon_ebpf_overflow_total" && s.labels.iter().any(|(k, v)| *k == "map" && v == map))
+        .map(|s| s.value.as_f64() as u64)
+        .collect();
+    assert_eq!(found.len(), 1, "one dcmon_ebpf_overflow_total{{map={map}}}: {found:?}");
+    found[0]
+}
+
+/// With every disk and interface slot taken (by device numbers and interface indexes no device
+/// has), a new loop disk and the host's interfaces get none: their I/O is counted in the
+/// overflow slots, and their counters come from /proc and sysfs, still exact.
+#[test]
+fn devices_beyond_the_slots_are_counted_in_the_overflow_and_read_from_proc() {
+    let Some(probes) = attach("devices beyond the slots") else {
+        return;
+    };
+    let mut minor = 0;
+    while probes.disk_slot(DiskKey::new(4095, minor)).expect("disk slot").is_some() {
+        minor += 1;
+    }
+    assert_eq!(minor, dcmon_common::ebpf::DISK_SLOTS - 1, "every disk slot but the overflow handed out");
+    let mut ifindex = 1_000_000;
+    while probes.net_slot(NetKey { ifindex, netns: 1 }).expect("interface slot").is_some() {
+        ifindex += 1;
+    }
+    assert_eq!(ifindex - 1_000_000, dcmon_common::ebpf::NET_SLOTS - 2, "every interface slot handed out");
+
+    let lo = Loop::new(16 << 20);
+    let _ = Command::new("udevadm").arg("settle").status();
+    let mut disks = EbpfDiskCollector::new(Host::default(), match_all(), probes.clone()).expect("disk collector");
+    let mut nets = EbpfNetCollector::new(Host::default(), match_all(), probes.clone()).expect("net collector");
+    let (disk0, net0) = (overflow_total(&mut disks, "disk"), overflow_total(&mut nets, "net"));
+
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&lo.dev)
+        .expect("open loop device O_DIRECT");
+    let buf = Aligned::new(4096);
+    for i in 0..READS {
+        // SAFETY: 4 KiB aligned buffer, open fd.
+        let n = unsafe { libc::pread(f.as_raw_fd(), buf.ptr.cast(), 4096, (i * 4096) as libc::off_t) };
+        assert_eq!(n, 4096, "pread: {}", std::io::Error::last_os_error());
+    }
+    drop(f);
+    udp_exchange("127.0.0.1:40011", "127.0.0.1:0", "127.0.0.1:40011");
+
+    // Other I/O on the host lands in the overflow too: at least ours.
+    let disk_overflow = overflow_total(&mut disks, "disk") - disk0;
+    let net_overflow = overflow_total(&mut nets, "net") - net0;
+    eprintln!("overflow: disk {disk_overflow} completions, net {net_overflow} packets");
+    assert!(disk_overflow >= READS as u64, "{READS} reads of {} not in the overflow: {disk_overflow}", lo.name());
+    assert!(net_overflow >= 2 * PACKETS as u64, "{PACKETS} loopback round trips not in the overflow: {net_overflow}");
+
+    let reported = (0..20)
+        .find_map(|_| {
+            let before = proc_disk(lo.name());
+            let c = disks.read_all().expect("read").into_iter().find(|d| d.device == lo.name()).expect("loop reported");
+            (proc_disk(lo.name()) == before).then_some((c, before))
+        })
+        .expect("/proc/diskstats kept changing");
+    assert_eq!(reported.0, reported.1, "a disk without a slot reports /proc's counters");
+    assert!(reported.1.reads >= READS as u64);
+    let lo_net = nets.read_all().expect("read").into_iter().find(|i| i.interface == "lo").expect("lo reported");
+    assert!(lo_net.receive_bytes >= (PACKETS * PAYLOAD) as u64, "lo from /proc/net/dev: {lo_net:?}");
 }

@@ -4,12 +4,12 @@
 //! Values continue the /proc since-boot counters: when an interface gets its slot the collector
 //! records /proc's values (the baseline) and the slot's values (the start), and reports
 //! `baseline + (slot now - start)`, so switching modes across a restart shows no jump. An
-//! interface without a slot (all taken) is read from its /sys/class/net statistics files.
+//! interface without a slot (all taken) is read from /proc/net/dev.
 //! Interfaces are listed from /sys/class/net at start and again on each rtnetlink link event
 //! (every round where netlink is refused), so renamed interfaces get their current names; the
 //! kernel key (ifindex) never changes under a rename.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt as _;
 use std::sync::Arc;
 
@@ -149,20 +149,6 @@ impl EbpfNetCollector {
         Ok(before)
     }
 
-    /// (rx bytes, tx bytes) of interface `name` from its sysfs statistics; None if it is gone.
-    fn sysfs_bytes(&self, name: &str) -> anyhow::Result<Option<(u64, u64)>> {
-        let mut bytes = [0u64; 2];
-        for (n, file) in bytes.iter_mut().zip(["rx_bytes", "tx_bytes"]) {
-            let path = format!("/sys/class/net/{name}/statistics/{file}");
-            let Ok(text) = self.host.read_to_string(&path) else { return Ok(None) };
-            *n = text
-                .trim()
-                .parse()
-                .with_context(|| format!("{}: expected a byte count, got {text:?}", self.host.path(&path).display()))?;
-        }
-        Ok(Some((bytes[0], bytes[1])))
-    }
-
     fn refresh_interfaces(&mut self) -> anyhow::Result<()> {
         let names = self.host.dir_names("/sys/class/net")?;
         let mut current = HashMap::with_capacity(names.len());
@@ -201,7 +187,7 @@ impl EbpfNetCollector {
             self.refresh_interfaces()?;
             self.stale = false;
         }
-        let (mut slotted, mut fresh, mut out) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut slotted, mut fresh, mut unslotted) = (Vec::new(), Vec::new(), HashSet::new());
         for (name, i) in self.known.iter().filter(|(name, _)| self.filter.allows(name)) {
             match self.probes.net_slot(i.key)? {
                 Some(slot) => {
@@ -210,11 +196,9 @@ impl EbpfNetCollector {
                     }
                     slotted.push((name.clone(), *i, slot));
                 }
-                // No slot left: its packets count in the overflow slot; sysfs has its bytes.
+                // No slot left: its packets count in the overflow slot; /proc has its bytes.
                 None => {
-                    if let Some((rx, tx)) = self.sysfs_bytes(name)? {
-                        out.push(InterfaceCounters { interface: name.clone(), receive_bytes: rx, transmit_bytes: tx });
-                    }
+                    unslotted.insert(name.clone());
                 }
             }
         }
@@ -222,6 +206,14 @@ impl EbpfNetCollector {
         self.start.retain(|key, _| slotted.iter().any(|(_, i, _)| i.key == *key));
         let now = if fresh.is_empty() { self.probes.net_counters()? } else { self.take_baselines(&fresh)? };
         self.overflow = overflow_packets(&now).wrapping_sub(self.overflow_start);
+        let mut out = Vec::with_capacity(slotted.len() + unslotted.len());
+        if !unslotted.is_empty() {
+            let match_all = DeviceFilter { include: PatternList::match_all(), exclude: PatternList::default() };
+            let text = self.host.read_to_string("/proc/net/dev")?;
+            let all = parse_net_dev(&text, &match_all)
+                .with_context(|| format!("parsing {}", self.host.path("/proc/net/dev").display()))?;
+            out.extend(all.into_iter().filter(|i| unslotted.contains(&i.interface)));
+        }
         let zero = NetValue::default();
         for (name, i, slot) in slotted {
             let (base_rx, base_tx) = self.baseline.get(&i.key).copied().unwrap_or((0, 0));
