@@ -8,7 +8,7 @@
 //! Disks come from the [`DiskInventory`], listed again every [`super::RELIST_EVERY`] and at
 //! once when one vanishes; the kernel key (dev_t) never changes under a name.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -173,7 +173,8 @@ impl EbpfDiskCollector {
             }
         }
         // A disk read from its stat file for a while (iostats off) is counted afresh when back.
-        self.start.retain(|key, _| mapped.iter().any(|(k, _, _)| k == key));
+        let counted: HashSet<DiskKey> = mapped.iter().map(|&(key, _, _)| key).collect();
+        self.start.retain(|key, _| counted.contains(key));
         let now = if fresh.is_empty() {
             self.probes.disk_counters()?
         } else {

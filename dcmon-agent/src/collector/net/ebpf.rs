@@ -203,7 +203,8 @@ impl EbpfNetCollector {
             }
         }
         // An interface left out (filtered after a rename) is counted afresh when it is back.
-        self.start.retain(|key, _| slotted.iter().any(|(_, i, _)| i.key == *key));
+        let counted: HashSet<NetKey> = slotted.iter().map(|(_, i, _)| i.key).collect();
+        self.start.retain(|key, _| counted.contains(key));
         let now = if fresh.is_empty() { self.probes.net_counters()? } else { self.take_baselines(&fresh)? };
         self.overflow = overflow_packets(&now).wrapping_sub(self.overflow_start);
         let mut out = Vec::with_capacity(slotted.len() + unslotted.len());
