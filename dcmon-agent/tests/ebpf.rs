@@ -1557,7 +1557,10 @@ fn devices_beyond_the_slots_are_counted_in_the_overflow_and_read_from_proc() {
         assert_eq!(n, 4096, "pread: {}", std::io::Error::last_os_error());
     }
     drop(f);
-    udp_exchange("127.0.0.1:40011", "127.0.0.1:0", "127.0.0.1:40011");
+    // A port of its own: this test runs in the host's namespace, beside anything else there.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port").port();
+    let addr = format!("127.0.0.1:{port}");
+    udp_exchange(&addr, "127.0.0.1:0", &addr);
 
     // Other I/O on the host lands in the overflow too: at least ours.
     let disk_overflow = overflow_total(&mut disks, "disk") - disk0;
