@@ -1384,6 +1384,20 @@ fn retrans_segs(ns: &Netns) -> u64 {
     values.split_whitespace().nth(i).and_then(|v| v.parse().ok()).expect("RetransSegs value")
 }
 
+/// The TCP map and namespace `ns`'s RetransSegs, once neither has changed over 100 ms: a
+/// retransmit taking place between the two reads would count in one and not the other.
+fn stable_tcp_snapshot(probes: &Probes, ns: &Netns) -> (dcmon_common::ebpf::TcpCounts, u64) {
+    for _ in 0..20 {
+        let (e0, s0) = (probes.tcp_counts().expect("tcp map"), retrans_segs(ns));
+        std::thread::sleep(Duration::from_millis(100));
+        let (s1, e1) = (retrans_segs(ns), probes.tcp_counts().expect("tcp map"));
+        if e0 == e1 && s0 == s1 {
+            return (e1, s1);
+        }
+    }
+    panic!("namespace {}: TCP counters kept changing; something else is retransmitting", ns.name);
+}
+
 #[test]
 fn tcp_retransmits_equal_retrans_segs() {
     if !can_run("TCP retransmits") {
@@ -1412,7 +1426,7 @@ fn tcp_retransmits_equal_retrans_segs() {
     (&client).write_all(b"before the drop").expect("write");
     std::thread::sleep(Duration::from_millis(200));
 
-    let before = (probes.tcp_counts().expect("tcp map"), retrans_segs(&a));
+    let before = stable_tcp_snapshot(&probes, &a);
     // B drops everything from A: A's data is never acknowledged and its timer retransmits it.
     b.exec(&["nft", "add", "table", "inet", "dcmon_rtx"]);
     b.exec(&[
@@ -1444,7 +1458,7 @@ fn tcp_retransmits_equal_retrans_segs() {
     assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
     drop(client);
     std::thread::sleep(Duration::from_millis(100));
-    let after = (probes.tcp_counts().expect("tcp map"), retrans_segs(&a));
+    let after = stable_tcp_snapshot(&probes, &a);
     let ebpf = after.0.retrans_segs[0] - before.0.retrans_segs[0];
     let snmp = after.1 - before.1;
     eprintln!(
