@@ -498,6 +498,21 @@ async fn the_backlog_goes_out_at_the_catchup_pace() {
     run.stop().await;
 }
 
+/// Issue 22: the pause after the last batch of a backlog is not paced either: a batch pushed
+/// right after the backlog drained goes at once, not a catch-up interval later.
+#[tokio::test(start_paused = true)]
+async fn a_batch_pushed_just_after_the_backlog_drained_goes_at_once() {
+    let run = start(3, Vec::new(), GOOD_KEY, |p| p.catchup_batches_per_sec = 4, None);
+    run.server.wait_for_posts(3).await;
+    // Let the loop take the third answer and find nothing waiting.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let pushed = VirtualInstant::now();
+    run.push(1_700_000_100, 1);
+    let posts = run.server.wait_for_posts(4).await;
+    assert_eq!(posts[3].at, pushed, "the backlog had drained: no pacing");
+    run.stop().await;
+}
+
 /// Issue 22: the backoff grows after each failure up to the cap, and starts over after a
 /// success.
 #[tokio::test(start_paused = true)]
