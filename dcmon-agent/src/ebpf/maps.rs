@@ -147,6 +147,12 @@ pub fn lookup_prefix_percpu<V: Pod + Default>(
     Ok((0..n).map(|i| sum_percpu(&values[i * ncpus * stride..], ncpus, stride, &add)).collect())
 }
 
+/// Entries `0..n` of an array with one value per entry shared by all CPUs, in index order: one
+/// batch lookup, one copy per entry whatever the number of CPUs.
+pub fn lookup_prefix_shared<V: Pod + Default>(fd: BorrowedFd<'_>, n: usize) -> io::Result<Vec<V>> {
+    lookup_prefix_percpu(fd, 1, n, |total: &mut V, one: &V| *total = *one)
+}
+
 /// The per-CPU sums of `keys` that are in the map (absent keys are left out), one lookup per
 /// key. A batch lookup walks every bucket of the table (65,536 for the network map) whatever
 /// the number of entries, so for a few keys this is far cheaper.

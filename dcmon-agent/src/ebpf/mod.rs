@@ -183,6 +183,14 @@ impl Probes {
         Ok(found.into_iter().next().map(|(_, v)| v).unwrap_or_default())
     }
 
+    /// The drop counts of every interface slot handed out and of the slots below them (the
+    /// overflow and no-device slots first), indexed by slot: one batch read of the array's
+    /// prefix instead of a lookup per slot.
+    pub fn net_drops_all(&self) -> anyhow::Result<Vec<DropCounts>> {
+        let end = self.net_slots.lock().map_err(|_| anyhow!("interface slots poisoned by an earlier panic"))?.end();
+        self.with_map_fd(NET_DROP_MAP, |fd| maps::lookup_prefix_shared(fd, end as usize))
+    }
+
     /// Whether program `name` is loaded and attached.
     pub fn attached(&self, name: &str) -> bool {
         !self.failed.iter().any(|(p, _)| *p == name)
@@ -241,6 +249,19 @@ impl Probes {
             }
         }
         Ok(out)
+    }
+
+    /// The latency histograms of every disk slot handed out and of the slots below them (the
+    /// overflow slot first), indexed by slot, one per op: one batch read of the array's prefix
+    /// instead of a lookup per slot and op.
+    pub fn disk_latency_all(&self) -> anyhow::Result<Vec<[LatencyHist; LAT_OPS as usize]>> {
+        let end = self.disk_slots.lock().map_err(|_| anyhow!("disk slots poisoned by an earlier panic"))?.end();
+        let entries = end as usize * LAT_OPS as usize;
+        let flat: Vec<LatencyHist> = self.with_map_fd(DISK_LAT_MAP, |fd| maps::lookup_prefix_shared(fd, entries))?;
+        Ok(flat
+            .chunks_exact(LAT_OPS as usize)
+            .map(|ops| std::array::from_fn(|op| ops[op]))
+            .collect())
     }
 
     /// The counters of every disk slot handed out and of the slots below them (the overflow

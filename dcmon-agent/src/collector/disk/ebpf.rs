@@ -24,6 +24,9 @@ use crate::config::DeviceFilter;
 use crate::ebpf::Probes;
 use crate::host::{Host, OpenFile, served_from_kernel_memory};
 
+/// Each slotted disk's slot and the slot's counters when the disk got it.
+type SlotStarts = HashMap<DiskKey, (u32, DiskValue)>;
+
 /// Disk I/O from the `block_rq_complete` program.
 ///
 /// That tracepoint sees request-based (blk-mq) disks: SCSI/SATA, NVMe namespaces without
@@ -40,7 +43,7 @@ pub struct EbpfDiskCollector {
     /// /proc/diskstats when the disk got its slot.
     baseline: HashMap<DiskKey, DiskValue>,
     /// The disk's slot and its counters when the disk got it.
-    start: HashMap<DiskKey, (u32, DiskValue)>,
+    start: SlotStarts,
     /// The overflow slot's completions at start.
     overflow_start: u64,
     /// The overflow slot's completions since start, as of the last read.
@@ -208,7 +211,7 @@ impl EbpfDiskCollector {
 fn take_baselines(
     host: &Host,
     probes: &Probes,
-    starts: (&mut HashMap<DiskKey, DiskValue>, &mut HashMap<DiskKey, (u32, DiskValue)>),
+    starts: (&mut HashMap<DiskKey, DiskValue>, &mut SlotStarts),
     keys: &[(DiskKey, u32)],
 ) -> anyhow::Result<Vec<DiskValue>> {
     let (baseline, start) = starts;
