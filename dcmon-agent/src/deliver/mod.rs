@@ -69,10 +69,8 @@ impl SendFailure for UploadError {
 
 /// A delivered batch's answer, as the debug line of each post shows it.
 pub trait SendSuccess {
-    /// Its status code; "2xx" when the client does not say.
-    fn status(&self) -> String {
-        "2xx".to_owned()
-    }
+    /// Its status code.
+    fn status(&self) -> String;
 }
 
 impl SendSuccess for Delivered {
@@ -80,9 +78,6 @@ impl SendSuccess for Delivered {
         self.status.as_u16().to_string()
     }
 }
-
-/// A client that reports nothing about a delivered batch.
-impl SendSuccess for () {}
 
 /// What the delivery loop needs from an output's client ([`Uploader`] for the dcmon server;
 /// remote_write clients fit too); a trait so the loop's timing can be tested in paused time,

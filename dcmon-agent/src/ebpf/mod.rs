@@ -258,10 +258,7 @@ impl Probes {
         let end = self.disk_slots.lock().map_err(|_| anyhow!("disk slots poisoned by an earlier panic"))?.end();
         let entries = end as usize * LAT_OPS as usize;
         let flat: Vec<LatencyHist> = self.with_map_fd(DISK_LAT_MAP, |fd| maps::lookup_prefix_shared(fd, entries))?;
-        Ok(flat
-            .chunks_exact(LAT_OPS as usize)
-            .map(|ops| std::array::from_fn(|op| ops[op]))
-            .collect())
+        Ok(flat.chunks_exact(LAT_OPS as usize).map(|ops| std::array::from_fn(|op| ops[op])).collect())
     }
 
     /// The counters of every disk slot handed out and of the slots below them (the overflow
