@@ -1,5 +1,5 @@
 //! What the eBPF programs cost. Run as root:
-//! `cargo run --release -p dcmon-agent --example ebpf_bench [events]`
+//! `cargo run --release -p dcmon-agent --example ebpf_bench [events|memory|reads]`
 //!
 //! Prints numbers; it is not a timed test. For each workload it alternates runs without and
 //! with the programs attached and reports medians:
@@ -9,19 +9,20 @@
 //! - the programs' in-kernel run time per run from BPF_ENABLE_STATS (a separate run: the
 //!   stats accounting itself costs time);
 //! - one round's map reads at a 256-CPU server's scale (16 disks, 32 interfaces): the shared
-//!   arrays (latency histograms, drop counters) measured, the per-CPU maps computed from the
-//!   cost of one CPU's copy measured on scratch maps;
+//!   arrays (latency histograms, drop counters; read a lookup per slot and, as the agent reads
+//!   them, in one batch) and the per-CPU counter arrays measured at this
+//!   host's CPU count, the per-CPU arrays computed for 256 CPUs from the cost of one CPU's copy
+//!   measured on scratch maps (`ebpf_bench reads`: only these);
 //! - `ebpf_bench memory`: the peak resident memory (VmHWM) of a fresh process that does only
 //!   one step of the load each: nothing, read /sys/kernel/btf/vmlinux, our offset parse, aya's
-//!   BTF parse, and the whole attach;
-//! - one full read of the network map (BPF_MAP_LOOKUP_BATCH, and aya's per-key iteration for
-//!   comparison) with 10, 1,000 and 10,000 interfaces (veth pairs) in a namespace.
+//!   parse of the whole BTF (which the agent no longer does, for comparison), the stand-in
+//!   BTF the programs attach with, and the whole attach.
 #![allow(clippy::print_stdout, reason = "a benchmark prints its numbers")]
 
 use std::os::fd::AsRawFd as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use dcmon_agent::ebpf::Probes;
@@ -88,19 +89,26 @@ fn direct_reads(dev: &str) -> anyhow::Result<f64> {
     Ok(start.elapsed().as_nanos() as f64 / READS as f64)
 }
 
+/// Alternates ROUNDS runs of `f` without and with the programs attached (after one warm-up) and
+/// prints the medians and the added time: the median of each round's difference and their range.
 fn compare(name: &str, per: &str, mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<()> {
     f()?; // warm-up
-    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let (mut without, mut with, mut added) = (Vec::new(), Vec::new(), Vec::new());
     for _ in 0..ROUNDS {
-        without.push(f()?);
+        let a = f()?;
         let probes = Probes::attach(None)?;
-        with.push(f()?);
+        let b = f()?;
         drop(probes);
+        without.push(a);
+        with.push(b);
+        added.push(b - a);
     }
-    let (a, b) = (median(without), median(with));
+    let (lo, hi) = added.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &d| (lo.min(d), hi.max(d)));
     println!(
-        "{name}: {a:.0} ns/{per} without, {b:.0} ns/{per} with programs, added {:.0} ns/{per} (median of {ROUNDS} alternating runs)",
-        b - a
+        "{name}: {:.0} ns/{per} without, {:.0} ns/{per} with programs; added {:.0} ns/{per} (median of {ROUNDS} alternating rounds' differences, range {lo:.0} to {hi:.0})",
+        median(without),
+        median(with),
+        median(added)
     );
     Ok(())
 }
@@ -132,42 +140,71 @@ fn time_ns(f: &mut dyn FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
 }
 
 /// One round's reads of the maps at the scale of a 256-CPU GPU server (16 disks, 32
-/// interfaces): measured for the shared arrays, whose read does not depend on the CPU count, and
-/// computed for the per-CPU maps from the cost of one CPU copy measured by `copy_cost`.
+/// interfaces, given slots here under device numbers and interface indexes no device has):
+/// measured for the shared arrays, whose read does not depend on the CPU count, and for the
+/// per-CPU counter arrays at this host's CPU count, and computed for 256 CPUs from the cost of
+/// one CPU copy measured by `copy_cost`.
 fn slot_reads() -> anyhow::Result<()> {
-    use dcmon_common::ebpf::{DISK_SLOTS, DiskValue, NET_SLOTS, NetValue, TcpCounts};
+    use dcmon_common::ebpf::{DiskKey, DiskValue, NetKey, NetValue, TcpCounts};
     let probes = Probes::attach(None)?;
     let ncpus = dcmon_agent::ebpf::maps::possible_cpus()?;
+    let mut disk_slots = Vec::new();
+    for minor in 0..16 {
+        disk_slots.push(probes.disk_slot(DiskKey::new(4095, minor))?.context("a free disk slot")?);
+    }
+    let mut net_slots = Vec::new();
+    for ifindex in 0..32 {
+        net_slots.push(probes.net_slot(NetKey { ifindex: 1_000_000 + ifindex, netns: 1 })?.context("a free slot")?);
+    }
     let lat_ns = time_ns(&mut || {
-        for slot in DISK_SLOTS - 16..DISK_SLOTS {
+        for &slot in &disk_slots {
             probes.disk_latency(slot)?;
         }
         Ok(())
     })?;
     let drop_ns = time_ns(&mut || {
-        for slot in NET_SLOTS - 32..NET_SLOTS {
+        for &slot in &net_slots {
             probes.net_drops(slot)?;
         }
         Ok(())
     })?;
+    // What the agent does each round: one batch read of each shared array's used prefix.
+    let lat_batch_ns = time_ns(&mut || probes.disk_latency_all().map(|_| ()))?;
+    let drop_batch_ns = time_ns(&mut || probes.net_drops_all().map(|_| ()))?;
+    let disk_ns = time_ns(&mut || probes.disk_counters().map(|_| ()))?;
+    let net_ns = time_ns(&mut || probes.net_counters().map(|_| ()))?;
+    let tcp_ns = time_ns(&mut || probes.tcp_counts().map(|_| ()))?;
+    let (disk_entries, net_entries) = (probes.disk_counters()?.len(), probes.net_counters()?.len());
     println!(
-        "shared array read (any CPU count): 16 disks' latency histograms {:.1} us, 32 interfaces' drop counters {:.1} us",
+        "shared array read (any CPU count), a lookup per slot: 16 disks' latency histograms {:.1} us, 32 interfaces' drop counters {:.1} us",
         lat_ns / 1e3,
         drop_ns / 1e3
     );
+    println!(
+        "shared array read (any CPU count), one batch (the agent's round): 16 disks' latency histograms {:.1} us, 32 interfaces' drop counters {:.1} us",
+        lat_batch_ns / 1e3,
+        drop_batch_ns / 1e3
+    );
+    println!(
+        "per-CPU counter arrays at {ncpus} CPUs: disks ({disk_entries} slots, one batch) {:.1} us, interfaces ({net_entries} slots, one batch) {:.1} us, TCP {:.1} us",
+        disk_ns / 1e3,
+        net_ns / 1e3,
+        tcp_ns / 1e3
+    );
     let (fixed_ns, per_byte_ns, per_cpu_ns) = copy_cost()?;
-    // The per-CPU reads left in a round: one lookup per disk and per interface (the counter hash
-    // maps) and one of the TCP counters, each copying every possible CPU's value.
-    let per_cpu_lookup =
-        |lookups: f64, bytes: usize, cpus: f64| lookups * (fixed_ns + cpus * (per_cpu_ns + bytes as f64 * per_byte_ns));
+    // A batch read of `entries` per-CPU values: the syscall's fixed part once, then every
+    // possible CPU's copy of each entry.
+    let per_cpu_read = |entries: usize, bytes: usize, cpus: f64| {
+        fixed_ns + entries as f64 * cpus * (per_cpu_ns + bytes as f64 * per_byte_ns)
+    };
     for cpus in [ncpus as f64, 256.0] {
-        let percpu_ns = per_cpu_lookup(16.0, std::mem::size_of::<DiskValue>(), cpus)
-            + per_cpu_lookup(32.0, std::mem::size_of::<NetValue>(), cpus)
-            + per_cpu_lookup(1.0, std::mem::size_of::<TcpCounts>(), cpus);
+        let percpu_ns = per_cpu_read(disk_entries, std::mem::size_of::<DiskValue>(), cpus)
+            + per_cpu_read(net_entries, std::mem::size_of::<NetValue>(), cpus)
+            + per_cpu_read(1, std::mem::size_of::<TcpCounts>(), cpus);
         println!(
             "round at {cpus} CPUs, 16 disks, 32 interfaces: {:.0} us (shared arrays {:.0} us measured, per-CPU counters {:.0} us computed)",
-            (lat_ns + drop_ns + percpu_ns) / 1e3,
-            (lat_ns + drop_ns) / 1e3,
+            (lat_batch_ns + drop_batch_ns + percpu_ns) / 1e3,
+            (lat_batch_ns + drop_batch_ns) / 1e3,
             percpu_ns / 1e3
         );
     }
@@ -241,59 +278,6 @@ fn copy_cost() -> anyhow::Result<(f64, f64, f64)> {
     Ok((fixed, per_byte, per_cpu))
 }
 
-fn map_reads() -> anyhow::Result<()> {
-    let probes = Probes::attach(None)?;
-    let ns = format!("dcmon-bench{}", std::process::id());
-    sh(&["ip", "netns", "add", &ns])?;
-    let result = (|| -> anyhow::Result<()> {
-        let mut created = 0;
-        for target in [10usize, 1_000, 10_000] {
-            let mut batch = String::new();
-            // Pairs of veths: this kernel has no dummy driver (CONFIG_DUMMY off, no modules).
-            for i in (created..target).step_by(2) {
-                batch
-                    .push_str(&format!("link add d{i} type veth peer name e{i}\nlink set d{i} up\nlink set e{i} up\n"));
-            }
-            let file = std::env::temp_dir().join(format!("{ns}.batch"));
-            std::fs::write(&file, batch)?;
-            sh(&["ip", "-n", &ns, "-batch", &file.to_string_lossy()])?;
-            let _ = std::fs::remove_file(&file);
-            created = target;
-            // Bringing an interface up sends IPv6 DAD/MLD packets through it, which creates its map
-            // entry; wait until every interface has one.
-            let deadline = Instant::now() + Duration::from_secs(60);
-            let netns = std::fs::metadata(format!("/run/netns/{ns}"))
-                .map(|m| std::os::unix::fs::MetadataExt::ino(&m) as u32)?;
-            let mut ours = 0;
-            while Instant::now() < deadline {
-                ours = probes.net_totals()?.iter().filter(|(k, _)| k.netns == netns).count();
-                if ours >= target {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            let total = probes.net_totals()?.len();
-            let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
-                let mut v = Vec::new();
-                for _ in 0..21 {
-                    let s = Instant::now();
-                    f()?;
-                    v.push(s.elapsed().as_nanos() as f64 / 1e3);
-                }
-                Ok(median(v))
-            };
-            let batch_us = time(&mut || probes.net_totals().map(|_| ()))?;
-            let per_key_us = time(&mut || probes.net_totals_per_key().map(|_| ()))?;
-            println!(
-                "map read, {target} interfaces ({ours} with entries, {total} entries in the map): batch {batch_us:.0} us, per-key {per_key_us:.0} us"
-            );
-        }
-        Ok(())
-    })();
-    let _ = sh(&["ip", "netns", "del", &ns]);
-    result
-}
-
 /// VmHWM of this process, in KiB.
 fn peak_kib() -> anyhow::Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
@@ -309,6 +293,9 @@ fn memory_step(step: &str) -> anyhow::Result<()> {
         "read" => drop(std::fs::read(path)?),
         "offsets" => drop(dcmon_agent::ebpf::load::kernel_offsets(path)?),
         "aya" => drop(aya::Btf::parse(&std::fs::read(path)?, aya::Endianness::default())?),
+        "tracepoints-btf" => {
+            drop(dcmon_agent::ebpf::load::attach_btf(&dcmon_agent::ebpf::load::kernel_facts(path)?.tracepoint_ids)?)
+        }
         "attach" => drop(Probes::attach(None)?),
         other => bail!("unknown step {other}"),
     }
@@ -319,7 +306,7 @@ fn memory_step(step: &str) -> anyhow::Result<()> {
 /// The peak of each load step, each in a process of its own.
 fn memory() -> anyhow::Result<()> {
     let exe = std::env::current_exe()?;
-    for step in ["nothing", "read", "offsets", "aya", "attach"] {
+    for step in ["nothing", "read", "offsets", "aya", "tracepoints-btf", "attach"] {
         let out = Command::new(&exe).args(["memory-step", step]).output()?;
         if !out.status.success() {
             bail!("memory step {step}: {}", String::from_utf8_lossy(&out.stderr));
@@ -339,6 +326,9 @@ fn main() -> anyhow::Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("run as root: the benchmark attaches BPF programs and creates a loop device");
     }
+    if std::env::args().nth(1).as_deref() == Some("reads") {
+        return slot_reads();
+    }
     // Backed by a file in /dev/shm: the loop device's reads are served from memory, so the
     // per-read time is a few microseconds and a ~100 ns difference is not lost in the noise
     // of a virtual disk. O_DIRECT on the loop device still sends every read through the block
@@ -350,12 +340,7 @@ fn main() -> anyhow::Result<()> {
         compare("loopback UDP 64-byte packet, send+receive", "packet", udp_loopback)?;
         compare("4 KiB O_DIRECT read of a loop device", "read", || direct_reads(&dev))?;
         in_kernel_stats(&dev)?;
-        slot_reads()?;
-        // `ebpf_bench events` skips the slow part (creating 10,000 interfaces).
-        if std::env::args().nth(1).as_deref() == Some("events") {
-            return Ok(());
-        }
-        map_reads()
+        slot_reads()
     })();
     let _ = sh(&["losetup", "-d", &dev]);
     result

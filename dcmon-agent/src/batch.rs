@@ -113,19 +113,22 @@ impl HistogramFamily {
     /// above the last bound; the bucket samples are cumulative, the last one `le="+Inf"`.
     pub fn samples(&self, labels: &Labels, buckets: &[(f64, u64)], overflow: u64, sum: f64) -> Vec<Sample> {
         let mut out = Vec::with_capacity(buckets.len() + 3);
+        // Sized for the `le` label up front: a clone grown by one more label reallocates.
+        let with_le = |le: String| {
+            let mut with = Vec::with_capacity(labels.len() + 1);
+            with.extend_from_slice(labels);
+            with.push((LE_LABEL, le));
+            with
+        };
         let mut cumulative = 0;
         for &(bound, n) in buckets {
             cumulative += n;
             // Display: the shortest decimal that reads back as the bound, never in exponent
             // form, so a bound's label value is the same string in every output.
-            let le = Sample { name: self.bucket, value: Value::Count(cumulative), labels: labels.clone() };
-            out.push(le.label(LE_LABEL, bound.to_string()));
+            out.push(Sample { name: self.bucket, value: Value::Count(cumulative), labels: with_le(bound.to_string()) });
         }
         cumulative += overflow;
-        out.push(
-            Sample { name: self.bucket, value: Value::Count(cumulative), labels: labels.clone() }
-                .label(LE_LABEL, "+Inf"),
-        );
+        out.push(Sample { name: self.bucket, value: Value::Count(cumulative), labels: with_le("+Inf".to_owned()) });
         out.push(Sample { name: self.sum, value: Value::Gauge(sum), labels: labels.clone() });
         out.push(Sample { name: self.count, value: Value::Count(cumulative), labels: labels.clone() });
         out

@@ -76,22 +76,31 @@ pub async fn check(
     // in the server check below.
     let (collectors, build_warnings) = logged_warnings(|| collector::build(&config));
     let collectors = match collectors {
-        Ok(collectors) => {
-            let ebpf_in_use = collectors.iter().any(|c| c.uses_bpf_programs());
-            let (status, detail) = match config.ebpf {
-                EbpfMode::Off => (" -- ", "off in the config: disk and network I/O from procfs"),
-                _ if ebpf_in_use => (" OK ", "programs load and attach: disk and network I/O counted in the kernel"),
-                _ => ("WARN", "unavailable, procfs is used (why: the warning below)"),
-            };
-            r.line(status, "eBPF", detail);
-            collectors
-        }
+        Ok(collectors) => collectors,
         Err(e) => {
             r.line("FAIL", "collectors", format!("{e:#}"));
             Vec::new()
         }
     };
-    for warning in build_warnings {
+    let left_out: Vec<(&str, String)> =
+        collectors.iter().flat_map(|c| c.bpf_programs_left_out().iter().map(|(p, why)| (*p, why.clone()))).collect();
+    if !collectors.is_empty() {
+        let counted = |name: &str| collectors.iter().any(|c| c.name() == name && c.uses_bpf_programs());
+        let (status, detail) = match (config.ebpf, counted("disk"), counted("net")) {
+            (EbpfMode::Off, _, _) => (" -- ", "off in the config: disk and network I/O from procfs"),
+            (_, true, true) => (" OK ", "programs load and attach: disk and network I/O counted in the kernel"),
+            (_, true, false) => ("WARN", "disk I/O counted in the kernel, network I/O from procfs (why: below)"),
+            (_, false, true) => ("WARN", "network I/O counted in the kernel, disk I/O from procfs (why: below)"),
+            _ => ("WARN", "unavailable, procfs is used (why: the warning below)"),
+        };
+        r.line(status, "eBPF", detail);
+    }
+    for (program, why) in &left_out {
+        r.line("WARN", &format!("eBPF program {program}"), format!("not loaded, its metrics are absent: {why}"));
+    }
+    // Each left-out program was also logged while building; its own line above says it.
+    let logged: Vec<String> = left_out.iter().map(|(p, why)| crate::ebpf::left_out_message(p, why)).collect();
+    for warning in build_warnings.into_iter().filter(|w| !logged.iter().any(|l| w.starts_with(l.as_str()))) {
         r.line("WARN", "collectors", warning);
     }
     let mut scheduler = Scheduler::new(

@@ -106,7 +106,7 @@ fn open_regular(path: &Path) -> io::Result<std::fs::File> {
 }
 
 /// procfs (`PROC_SUPER_MAGIC` in linux/magic.h).
-const PROC_SUPER_MAGIC: u32 = 0x9fa0;
+pub const PROC_SUPER_MAGIC: u32 = 0x9fa0;
 /// sysfs (`SYSFS_MAGIC`).
 const SYSFS_MAGIC: u32 = 0x6265_6572;
 

@@ -125,9 +125,12 @@ fn a_program_that_cannot_load_leaves_the_others_attached() {
     let rx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
     rx.connect(rx.local_addr().expect("addr")).expect("connect");
     rx.send(b"x").expect("send");
-    let map = aya::maps::PerCpuHashMap::<_, NetKey, NetValue>::try_from(ebpf.map(NET_MAP).expect("net map"))
-        .expect("per-CPU hash");
-    assert!(map.keys().count() > 0, "net_dev_xmit and netif_receive_skb attached and counting");
+    // No interface has a slot here: the packets count in the overflow slot.
+    let map =
+        aya::maps::PerCpuArray::<_, NetValue>::try_from(ebpf.map(NET_MAP).expect("net map")).expect("per-CPU array");
+    let overflow = map.get(&dcmon_common::ebpf::OVERFLOW_SLOT, 0).expect("overflow slot");
+    let (rx, tx): (u64, u64) = overflow.iter().fold((0, 0), |(r, t), v| (r + v.rx_packets, t + v.tx_packets));
+    assert!(rx > 0 && tx > 0, "net_dev_xmit and netif_receive_skb attached and counting: rx {rx}, tx {tx}");
 }
 
 /// A loop device over a file on disk, detached on drop.
@@ -607,6 +610,12 @@ fn net_counts_equal_proc_net_dev_for_veth_and_loopback() {
     std::thread::sleep(Duration::from_millis(300));
 
     let ifaces = [(&a, va.clone(), a.iface(&va)), (&b, vb.clone(), b.iface(&vb)), (&a, "lo".to_owned(), a.iface("lo"))];
+    // The programs count an interface in its slot: give these theirs, as the agent's collector
+    // does for the interfaces of its namespace.
+    for (ns, name, (ifindex, _)) in &ifaces {
+        let key = NetKey { ifindex: *ifindex, netns: ns.inode() };
+        probes.net_slot(key).expect("slot").unwrap_or_else(|| panic!("no slot for {name}"));
+    }
     let snapshot = |probes: &Probes| {
         let procs = [a.proc_net_dev(), b.proc_net_dev()];
         ifaces
@@ -940,6 +949,11 @@ fn netns_filter_counts_only_that_namespace() {
     };
     let (va, vb) = (format!("dcf{}", std::process::id()), format!("dcg{}", std::process::id()));
     run(&["ip", "link", "add", &va, "netns", &a.name, "type", "veth", "peer", "name", &vb, "netns", &b.name]);
+    let ((ia, _), (ib, _)) = (a.iface(&va), b.iface(&vb));
+    // Both have slots, so only the namespace filter can keep B's packets out.
+    for key in [NetKey { ifindex: ia, netns: a.inode() }, NetKey { ifindex: ib, netns: b.inode() }] {
+        probes.net_slot(key).expect("slot").expect("a free slot");
+    }
     a.exec(&["ip", "addr", "add", "10.215.0.1/24", "dev", &va]);
     b.exec(&["ip", "addr", "add", "10.215.0.2/24", "dev", &vb]);
     a.exec(&["ip", "link", "set", &va, "up"]);
@@ -952,12 +966,13 @@ fn netns_filter_counts_only_that_namespace() {
     });
     std::thread::sleep(Duration::from_millis(200));
     let totals = probes.net_totals().expect("read map");
-    let (ia, _) = a.iface(&va);
     assert!(
         totals.iter().any(|(k, v)| *k == NetKey { ifindex: ia, netns: a.inode() } && v.tx_packets >= 20),
         "A's veth not counted: {totals:?}"
     );
-    let others: Vec<_> = totals.iter().filter(|(k, _)| k.netns != a.inode()).collect();
+    // B's veth received the 20 packets (and sent its own IPv6 link-up packets), uncounted.
+    let others: Vec<_> =
+        totals.iter().filter(|(k, v)| k.netns != a.inode() && v.rx_packets + v.tx_packets > 0).collect();
     assert!(others.is_empty(), "other namespaces counted: {others:?}");
 }
 
@@ -1369,6 +1384,20 @@ fn retrans_segs(ns: &Netns) -> u64 {
     values.split_whitespace().nth(i).and_then(|v| v.parse().ok()).expect("RetransSegs value")
 }
 
+/// The TCP map and namespace `ns`'s RetransSegs, once neither has changed over 100 ms: a
+/// retransmit taking place between the two reads would count in one and not the other.
+fn stable_tcp_snapshot(probes: &Probes, ns: &Netns) -> (dcmon_common::ebpf::TcpCounts, u64) {
+    for _ in 0..20 {
+        let (e0, s0) = (probes.tcp_counts().expect("tcp map"), retrans_segs(ns));
+        std::thread::sleep(Duration::from_millis(100));
+        let (s1, e1) = (retrans_segs(ns), probes.tcp_counts().expect("tcp map"));
+        if e0 == e1 && s0 == s1 {
+            return (e1, s1);
+        }
+    }
+    panic!("namespace {}: TCP counters kept changing; something else is retransmitting", ns.name);
+}
+
 #[test]
 fn tcp_retransmits_equal_retrans_segs() {
     if !can_run("TCP retransmits") {
@@ -1397,7 +1426,7 @@ fn tcp_retransmits_equal_retrans_segs() {
     (&client).write_all(b"before the drop").expect("write");
     std::thread::sleep(Duration::from_millis(200));
 
-    let before = (probes.tcp_counts().expect("tcp map"), retrans_segs(&a));
+    let before = stable_tcp_snapshot(&probes, &a);
     // B drops everything from A: A's data is never acknowledged and its timer retransmits it.
     b.exec(&["nft", "add", "table", "inet", "dcmon_rtx"]);
     b.exec(&[
@@ -1429,7 +1458,7 @@ fn tcp_retransmits_equal_retrans_segs() {
     assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
     drop(client);
     std::thread::sleep(Duration::from_millis(100));
-    let after = (probes.tcp_counts().expect("tcp map"), retrans_segs(&a));
+    let after = stable_tcp_snapshot(&probes, &a);
     let ebpf = after.0.retrans_segs[0] - before.0.retrans_segs[0];
     let snmp = after.1 - before.1;
     eprintln!(
@@ -1490,4 +1519,79 @@ fn an_oom_kill_is_counted_once_with_its_job() {
     let control = std::fs::read_to_string(job.join("memory.oom_control")).expect("oom_control");
     assert!(control.contains("oom_kill 1"), "the cgroup's own count: {control}");
     assert_eq!(kills(&mut collector), vec![(format!("slurm:{id}"), 1)]);
+}
+
+/// `dcmon_ebpf_overflow_total{map}` as `collector` reports it now.
+fn overflow_total(collector: &mut dyn Collector, map: &str) -> u64 {
+    let mut samples = Vec::new();
+    collector.collect(&mut samples).expect("collect");
+    let found: Vec<u64> = samples
+        .iter()
+        .filter(|s| s.name == "dcmon_ebpf_overflow_total" && s.labels.iter().any(|(k, v)| *k == "map" && v == map))
+        .map(|s| s.value.as_f64() as u64)
+        .collect();
+    assert_eq!(found.len(), 1, "one dcmon_ebpf_overflow_total{{map={map}}}: {found:?}");
+    found[0]
+}
+
+/// With every disk and interface slot taken (by device numbers and interface indexes no device
+/// has), a new loop disk and the host's interfaces get none: their I/O is counted in the
+/// overflow slots, and their counters come from /proc and sysfs, still exact.
+#[test]
+fn devices_beyond_the_slots_are_counted_in_the_overflow_and_read_from_proc() {
+    let Some(probes) = attach("devices beyond the slots") else {
+        return;
+    };
+    let mut minor = 0;
+    while probes.disk_slot(DiskKey::new(4095, minor)).expect("disk slot").is_some() {
+        minor += 1;
+    }
+    assert_eq!(minor, dcmon_common::ebpf::DISK_SLOTS - 1, "every disk slot but the overflow handed out");
+    let mut ifindex = 1_000_000;
+    while probes.net_slot(NetKey { ifindex, netns: 1 }).expect("interface slot").is_some() {
+        ifindex += 1;
+    }
+    assert_eq!(ifindex - 1_000_000, dcmon_common::ebpf::NET_SLOTS - 2, "every interface slot handed out");
+
+    let lo = Loop::new(16 << 20);
+    let _ = Command::new("udevadm").arg("settle").status();
+    let mut disks = EbpfDiskCollector::new(Host::default(), match_all(), probes.clone()).expect("disk collector");
+    let mut nets = EbpfNetCollector::new(Host::default(), match_all(), probes.clone()).expect("net collector");
+    let (disk0, net0) = (overflow_total(&mut disks, "disk"), overflow_total(&mut nets, "net"));
+
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&lo.dev)
+        .expect("open loop device O_DIRECT");
+    let buf = Aligned::new(4096);
+    for i in 0..READS {
+        // SAFETY: 4 KiB aligned buffer, open fd.
+        let n = unsafe { libc::pread(f.as_raw_fd(), buf.ptr.cast(), 4096, (i * 4096) as libc::off_t) };
+        assert_eq!(n, 4096, "pread: {}", std::io::Error::last_os_error());
+    }
+    drop(f);
+    // A port of its own: this test runs in the host's namespace, beside anything else there.
+    let port = std::net::UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).expect("free port").port();
+    let addr = format!("127.0.0.1:{port}");
+    udp_exchange(&addr, "127.0.0.1:0", &addr);
+
+    // Other I/O on the host lands in the overflow too: at least ours.
+    let disk_overflow = overflow_total(&mut disks, "disk") - disk0;
+    let net_overflow = overflow_total(&mut nets, "net") - net0;
+    eprintln!("overflow: disk {disk_overflow} completions, net {net_overflow} packets");
+    assert!(disk_overflow >= READS as u64, "{READS} reads of {} not in the overflow: {disk_overflow}", lo.name());
+    assert!(net_overflow >= 2 * PACKETS as u64, "{PACKETS} loopback round trips not in the overflow: {net_overflow}");
+
+    let reported = (0..20)
+        .find_map(|_| {
+            let before = proc_disk(lo.name());
+            let c = disks.read_all().expect("read").into_iter().find(|d| d.device == lo.name()).expect("loop reported");
+            (proc_disk(lo.name()) == before).then_some((c, before))
+        })
+        .expect("/proc/diskstats kept changing");
+    assert_eq!(reported.0, reported.1, "a disk without a slot reports /proc's counters");
+    assert!(reported.1.reads >= READS as u64);
+    let lo_net = nets.read_all().expect("read").into_iter().find(|i| i.interface == "lo").expect("lo reported");
+    assert!(lo_net.receive_bytes >= (PACKETS * PAYLOAD) as u64, "lo from /proc/net/dev: {lo_net:?}");
 }

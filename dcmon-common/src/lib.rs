@@ -26,14 +26,14 @@ pub const SECTOR_BYTES: u64 = 512;
 /// Every type is `#[repr(C)]` with explicit padding and a compile-time size check, because the
 /// kernel copies map keys and values byte for byte between the two sides.
 pub mod ebpf {
-    /// Per-CPU hash map `DiskKey -> DiskValue`, filled on block request completion.
+    /// Per-CPU array of [`DiskValue`], [`DISK_SLOTS`] long, indexed by the disk's slot (see
+    /// [`DISK_SLOT_MAP`]), filled on block request completion: an inlined array lookup per
+    /// completion instead of a hash lookup. Disks without a slot count in [`OVERFLOW_SLOT`].
     pub const DISK_MAP: &str = "DCMON_DISK";
-    /// Per-CPU hash map `NetKey -> NetValue`, filled on packet receive and transmit.
+    /// Per-CPU array of [`NetValue`], [`NET_SLOTS`] long, indexed by the interface's slot (see
+    /// [`NET_SLOT_MAP`]), filled on packet receive and transmit. Interfaces without a slot count
+    /// in [`OVERFLOW_SLOT`].
     pub const NET_MAP: &str = "DCMON_NET";
-    /// Most disks tracked; a full map stops counting new disks (existing ones keep counting).
-    pub const DISK_MAP_ENTRIES: u32 = 4096;
-    /// Most (namespace, interface) pairs tracked: container hosts have many veths.
-    pub const NET_MAP_ENTRIES: u32 = 65536;
 
     /// `tp_btf/block_rq_complete`: counts completed reads and writes per disk.
     pub const PROG_BLOCK_RQ_COMPLETE: &str = "block_rq_complete";
@@ -66,10 +66,13 @@ pub mod ebpf {
         (PROG_NET_DEV_XMIT, "net_dev_xmit"),
     ];
 
-    /// The programs the disk and network counters need: if one of them cannot load, the agent
-    /// uses procfs for disk and network I/O (the other programs are optional: each that cannot
-    /// load leaves only its own metrics absent).
-    pub const ESSENTIAL_PROGRAMS: [&str; 3] = [PROG_BLOCK_RQ_COMPLETE, PROG_NETIF_RECEIVE_SKB, PROG_NET_DEV_XMIT];
+    /// The programs the disk counters need: if one of them cannot load, the agent reads disk
+    /// I/O from procfs (the network counters stay on eBPF if theirs load).
+    pub const DISK_PROGRAMS: [&str; 1] = [PROG_BLOCK_RQ_COMPLETE];
+    /// The programs the network counters need: if one of them cannot load, the agent reads
+    /// network I/O from procfs (the disk counters stay on eBPF if theirs load). Every other
+    /// program is optional: each that cannot load leaves only its own metrics absent.
+    pub const NET_PROGRAMS: [&str; 2] = [PROG_NETIF_RECEIVE_SKB, PROG_NET_DEV_XMIT];
 
     /// The offset globals ([`OFFSETS`], [`OFF_CSS_SET_MEMCG`]) each program reads: a program
     /// whose fields the running kernel lacks is not loaded.
@@ -263,10 +266,11 @@ pub mod ebpf {
     pub const RQ_START_MAP: &str = "DCMON_RQ_START";
     /// Requests in flight that can be timed at once (far above any queue depth sum in practice).
     pub const RQ_START_ENTRIES: u32 = 16384;
-    /// Disk slots, slot [`OVERFLOW_SLOT`] included.
+    /// Disk slots, slot [`OVERFLOW_SLOT`] included: disks beyond that are read from their
+    /// /sys/block stat file instead.
     pub const DISK_SLOTS: u32 = 64;
-    /// The slot of disks the agent has not given one (yet, or because all are taken): their I/O
-    /// is timed there, so it is counted rather than lost.
+    /// The slot of disks and interfaces the agent has not given one (yet, or because all are
+    /// taken): their I/O is counted and timed there, so it is counted rather than lost.
     pub const OVERFLOW_SLOT: u32 = 0;
     /// Entries of the direct-mapped slot table (a power of two).
     pub const SLOT_TABLE_ENTRIES: u32 = 1024;
@@ -288,8 +292,9 @@ pub mod ebpf {
     /// Array of [`NetSlot`], [`SLOT_TABLE_ENTRIES`] long: the agent's interface slots,
     /// direct-mapped by [`net_slot_table_index`] with up to [`SLOT_PROBES`] probes.
     pub const NET_SLOT_MAP: &str = "DCMON_NET_SLOT";
-    /// Interface slots, the overflow and no-device slots included.
-    pub const NET_SLOTS: u32 = 32;
+    /// Interface slots, the overflow and no-device slots included: interfaces of the agent's
+    /// network namespace beyond that are read from sysfs instead.
+    pub const NET_SLOTS: u32 = 256;
     /// Drops of packets without a device (`skb->dev` NULL, e.g. at a socket).
     pub const NO_DEVICE_SLOT: u32 = 1;
     /// Drop reasons counted by value; values at or above `DROP_REASONS - 1` (subsystem reasons

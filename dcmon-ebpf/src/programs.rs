@@ -3,22 +3,23 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel};
 use aya_ebpf::macros::{btf_tracepoint, map};
-use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap};
+use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::BtfTracePointContext;
 use dcmon_common::ebpf::{
-    AF_INET, AF_INET6, DISK_MAP_ENTRIES, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts,
-    LAT_BUCKETS, LAT_OPS, LatencyHist, NET_MAP_ENTRIES, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue,
+    AF_INET, AF_INET6, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_BUCKETS, LAT_OPS,
+    LatencyHist, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue,
     OOM_MAP_ENTRIES, OVERFLOW_SLOT, OpGroup, RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES,
     TcpCounts, lat_bucket, lat_op, net_slot_table_index, op_group, slot_table_index,
 };
 
-/// Per-CPU, so the hot path updates its own CPU's copy without locks or atomics; the agent
-/// sums the copies.
+/// Per disk slot, per CPU, so the hot path updates its own CPU's copy without locks or atomics
+/// (the agent sums the copies), and finds it with an array lookup the verifier inlines.
 #[map]
-static DCMON_DISK: PerCpuHashMap<DiskKey, DiskValue> = PerCpuHashMap::with_max_entries(DISK_MAP_ENTRIES, 0);
+static DCMON_DISK: PerCpuArray<DiskValue> = PerCpuArray::with_max_entries(DISK_SLOTS, 0);
 
+/// Per interface slot, per CPU, like DCMON_DISK.
 #[map]
-static DCMON_NET: PerCpuHashMap<NetKey, NetValue> = PerCpuHashMap::with_max_entries(NET_MAP_ENTRIES, 0);
+static DCMON_NET: PerCpuArray<NetValue> = PerCpuArray::with_max_entries(NET_SLOTS, 0);
 
 /// Latency histograms per (disk slot, op): see dcmon_common::ebpf::DISK_LAT_MAP. Shared by all
 /// CPUs (atomic adds), so the agent's read copies one value whatever the number of CPUs.
@@ -143,25 +144,15 @@ fn read<T: Copy>(base: usize, offset: usize) -> Option<T> {
     Some(unsafe { core::ptr::read_volatile((base + offset) as *const T) })
 }
 
-/// Adds to this CPU's counters of `key`, creating the entry on first sight.
+/// Adds to this CPU's copy of `slot` in `map` (slots out of range are not counted: the agent
+/// never hands them out).
 #[inline(always)]
-fn bump<K, V: Default>(map: &PerCpuHashMap<K, V>, key: &K, add: impl Fn(&mut V)) {
-    if let Some(v) = map.get_ptr_mut(key) {
+fn bump<V>(map: &PerCpuArray<V>, slot: u32, add: impl Fn(&mut V)) {
+    if let Some(v) = map.get_ptr_mut(slot) {
         // SAFETY: this CPU's copy of the value. Nothing else writes it while we run: tracing
         // programs run with migration disabled, and the kernel skips (and counts in
         // recursion_misses) a run of this program that would nest on the same CPU.
         unsafe { add(&mut *v) };
-        return;
-    }
-    let mut v = V::default();
-    add(&mut v);
-    if map.insert(key, &v, BPF_NOEXIST as u64).is_err() {
-        // Another CPU created the entry between our lookup and insert (or the map is full,
-        // in which case the lookup fails too and the event is not counted).
-        if let Some(v) = map.get_ptr_mut(key) {
-            // SAFETY: as above.
-            unsafe { add(&mut *v) };
-        }
     }
 }
 
@@ -200,18 +191,18 @@ fn try_block_rq_complete(ctx: &BtfTracePointContext) -> Option<()> {
     }
     let major: u32 = read(disk, off(&OFF_DISK_MAJOR))?;
     let minor: u32 = read(disk, off(&OFF_DISK_FIRST_MINOR))?;
-    let key = DiskKey::new(major, minor);
+    let slot = disk_slot(DiskKey::new(major, minor).dev);
     if timed != NOT_TIMED {
-        time_request(rq as u64, key.dev, timed);
+        time_request(rq as u64, slot, timed);
     }
     let done = u64::from(last);
     let sectors = u64::from(nr_bytes >> 9);
     match group {
-        OpGroup::Read => bump(&DCMON_DISK, &key, |v: &mut DiskValue| {
+        OpGroup::Read => bump(&DCMON_DISK, slot, |v: &mut DiskValue| {
             v.reads += done;
             v.read_sectors += sectors;
         }),
-        OpGroup::Write => bump(&DCMON_DISK, &key, |v: &mut DiskValue| {
+        OpGroup::Write => bump(&DCMON_DISK, slot, |v: &mut DiskValue| {
             v.writes += done;
             v.write_sectors += sectors;
         }),
@@ -261,10 +252,10 @@ fn disk_slot(dev: u32) -> u32 {
     OVERFLOW_SLOT
 }
 
-/// Adds the issue-to-completion time of request `rq` to its disk's histogram of `op`. A request
-/// without a stamp (issued before the programs attached, or evicted) is not timed.
+/// Adds the issue-to-completion time of request `rq` to disk slot `slot`'s histogram of `op`.
+/// A request without a stamp (issued before the programs attached, or evicted) is not timed.
 #[inline(always)]
-fn time_request(rq: u64, dev: u32, op: u32) {
+fn time_request(rq: u64, slot: u32, op: u32) {
     let Some(stamp) = DCMON_RQ_START.get_ptr_mut(&rq) else { return };
     // SAFETY: a value pointer the lookup returned. The stamp is cleared, not deleted (the
     // address comes back with the next request from the pool); a completion that no issue
@@ -275,7 +266,7 @@ fn time_request(rq: u64, dev: u32, op: u32) {
     }
     // SAFETY: a helper call.
     let ns = unsafe { bpf_ktime_get_ns() }.wrapping_sub(start);
-    let Some(hist) = DCMON_DISK_LAT.get_ptr_mut(disk_slot(dev) * LAT_OPS + op) else { return };
+    let Some(hist) = DCMON_DISK_LAT.get_ptr_mut(slot * LAT_OPS + op) else { return };
     let bucket = lat_bucket(ns) as usize;
     if bucket < LAT_BUCKETS as usize {
         // SAFETY: a value pointer the lookup returned; the index is in bounds (checked above).
@@ -315,8 +306,8 @@ fn try_netif_receive_skb(ctx: &BtfTracePointContext) -> Option<()> {
     let skb: usize = ctx.arg(0);
     let len: u32 = read(skb, off(&OFF_SKB_LEN))?;
     let dev: usize = read(skb, off(&OFF_SKB_DEV))?;
-    let key = net_key(dev)?;
-    bump(&DCMON_NET, &key, |v: &mut NetValue| {
+    let slot = net_slot(net_key(dev)?);
+    bump(&DCMON_NET, slot, |v: &mut NetValue| {
         v.rx_packets += 1;
         v.rx_bytes += u64::from(len);
     });
@@ -340,8 +331,8 @@ fn try_net_dev_xmit(ctx: &BtfTracePointContext) -> Option<()> {
     }
     let dev: usize = ctx.arg(2);
     let len: u32 = ctx.arg(3);
-    let key = net_key(dev)?;
-    bump(&DCMON_NET, &key, |v: &mut NetValue| {
+    let slot = net_slot(net_key(dev)?);
+    bump(&DCMON_NET, slot, |v: &mut NetValue| {
         v.tx_packets += 1;
         v.tx_bytes += u64::from(len);
     });

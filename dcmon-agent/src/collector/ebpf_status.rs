@@ -1,10 +1,12 @@
 //! The `ebpf` collector: whether the BPF programs feed the disk and network metrics
-//! (`dcmon_ebpf_active`), the programs' statistics, and the OOM kills the programs count
+//! (`dcmon_ebpf_active`), which programs are attached (`dcmon_ebpf_program_attached`), the
+//! programs' statistics, and the OOM kills the programs count
 //! (`oom_kills_total`, [`super::oom_kills`]).
 
 use std::sync::Arc;
 
 use dcmon_common::collector_names;
+use dcmon_common::ebpf::PROGRAMS;
 
 use super::oom_kills::OomKills;
 use super::{CollectError, Collector};
@@ -62,11 +64,19 @@ impl Collector for EbpfStatusCollector {
         self.probes.is_some()
     }
 
+    fn bpf_programs_left_out(&self) -> &[(&'static str, String)] {
+        self.probes.as_ref().map_or(&[], |p| p.failed_programs())
+    }
+
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
         out.push(Sample::gauge("dcmon_ebpf_active", if self.probes.is_some() { 1.0 } else { 0.0 }));
         let Some(probes) = &self.probes else {
             return Ok(());
         };
+        for (program, _) in PROGRAMS {
+            let attached = if probes.attached(program) { 1.0 } else { 0.0 };
+            out.push(Sample::gauge("dcmon_ebpf_program_attached", attached).label("program", program));
+        }
         if let Some(oom) = &mut self.oom {
             oom.samples(out)?;
         }

@@ -407,9 +407,6 @@ struct MountList {
     errors: Vec<String>,
 }
 
-/// procfs (`PROC_SUPER_MAGIC` in linux/magic.h).
-const PROC_SUPER_MAGIC: u64 = 0x9fa0;
-
 fn on_procfs(file: &std::fs::File) -> bool {
     use std::os::fd::AsRawFd as _;
     // SAFETY: all-zero is a valid `struct statfs` (plain integers).
@@ -419,7 +416,7 @@ fn on_procfs(file: &std::fs::File) -> bool {
     // f_type is signed with glibc and unsigned with musl (the static build).
     #[allow(clippy::useless_conversion, reason = "f_type's type differs between targets")]
     let magic = u64::try_from(st.f_type).ok();
-    rc == 0 && magic == Some(PROC_SUPER_MAGIC)
+    rc == 0 && magic == Some(u64::from(crate::host::PROC_SUPER_MAGIC))
 }
 
 /// Whether the mount table changed since the last poll (a poll that fails counts as a change).

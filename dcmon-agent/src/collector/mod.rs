@@ -95,6 +95,11 @@ pub trait Collector: Send + 'static {
     fn uses_bpf_programs(&self) -> bool {
         false
     }
+    /// The BPF programs this collector was built without because they could not be loaded,
+    /// with why (the eBPF status collector's; `check` lists them).
+    fn bpf_programs_left_out(&self) -> &[(&'static str, String)] {
+        &[]
+    }
 }
 
 /// One collector as the rest of the agent sees it (see the module docs).
@@ -234,25 +239,54 @@ impl EbpfSettings {
 /// The collectors this config enables, with the eBPF mode decided: `"auto"` tries the BPF
 /// programs and falls back to procfs with one log line saying why (the eBPF status collector
 /// then reports `dcmon_ebpf_active` 0), `"on"` returns an error when they cannot be used,
-/// `"off"` never loads them and has no eBPF collector at all.
+/// `"off"` never loads them and has no eBPF collector at all. Disk and network are decided
+/// apart: when only one's programs load (`dcmon_common::ebpf::DISK_PROGRAMS`, `NET_PROGRAMS`),
+/// that one is counted by them and the other read from procfs ("on" refuses that too).
 pub fn build(config: &Config) -> anyhow::Result<Vec<Box<dyn Collector>>> {
     use crate::config::EbpfMode;
     use crate::ebpf::Probes;
+    use dcmon_common::ebpf::{DISK_PROGRAMS, NET_PROGRAMS};
     use ebpf_status::EbpfStatusCollector;
     use std::sync::Arc;
     let host = Host::new(&config.host_root);
     let probes = match config.ebpf {
         EbpfMode::Off => None,
         mode => match net::ebpf::own_netns(&host).and_then(|netns| {
-            let p = Arc::new(Probes::attach(Some(netns))?);
-            let disk = disk::ebpf::EbpfDiskCollector::new(host.clone(), config.disks.clone(), p.clone())?;
-            let net = net::ebpf::EbpfNetCollector::new(host.clone(), config.interfaces.clone(), p.clone())?;
-            Ok((p, disk, net))
-        }) {
-            Ok(ok) => {
-                tracing::info!("eBPF mode: disk and network I/O counted by BPF programs");
-                Some(ok)
+            // The host root's, where it has one: a container that sees the host's /sys only
+            // there may lack its own. Only a regular file: reading a FIFO would never end.
+            let vmlinux = std::path::Path::new(crate::ebpf::load::VMLINUX_BTF);
+            let btf = Some(host.path(vmlinux)).filter(|p| p.is_file()).unwrap_or_else(|| vmlinux.to_owned());
+            let p = Arc::new(Probes::attach_with_btf(&btf, Some(netns))?);
+            let mut ebpf: Vec<Box<dyn Collector>> = Vec::new();
+            let (disk, net) = (p.counts(&DISK_PROGRAMS), p.counts(&NET_PROGRAMS));
+            if let Ok(()) = &disk {
+                ebpf.push(Box::new(disk::ebpf::EbpfDiskCollector::new(host.clone(), config.disks.clone(), p.clone())?));
             }
+            if let Ok(()) = &net {
+                ebpf.push(Box::new(net::ebpf::EbpfNetCollector::new(
+                    host.clone(),
+                    config.interfaces.clone(),
+                    p.clone(),
+                )?));
+            }
+            match (disk, net) {
+                (Err(disk), Err(net)) => Err(anyhow::anyhow!("{disk}; {net}")),
+                (Err(why), Ok(())) | (Ok(()), Err(why)) if mode == EbpfMode::On => Err(anyhow::anyhow!("{why}")),
+                (Err(why), Ok(())) => {
+                    tracing::warn!("eBPF counts network I/O, disk I/O is read from procfs: {why}");
+                    Ok((p, ebpf))
+                }
+                (Ok(()), Err(why)) => {
+                    tracing::warn!("eBPF counts disk I/O, network I/O is read from procfs: {why}");
+                    Ok((p, ebpf))
+                }
+                (Ok(()), Ok(())) => {
+                    tracing::info!("eBPF mode: disk and network I/O counted by BPF programs");
+                    Ok((p, ebpf))
+                }
+            }
+        }) {
+            Ok(ok) => Some(ok),
             Err(e) if mode == EbpfMode::On => {
                 return Err(e.context("config `ebpf` is \"on\" but eBPF cannot be used"));
             }
@@ -263,8 +297,9 @@ pub fn build(config: &Config) -> anyhow::Result<Vec<Box<dyn Collector>>> {
         },
     };
     Ok(match probes {
-        Some((p, disk, net)) => {
-            rebuild(config, vec![Box::new(disk), Box::new(net), Box::new(EbpfStatusCollector::new(host, Some(p)))])
+        Some((p, mut ebpf)) => {
+            ebpf.push(Box::new(EbpfStatusCollector::new(host, Some(p))));
+            rebuild(config, ebpf)
         }
         None if config.ebpf == EbpfMode::Off => from_config(config),
         None => {

@@ -50,9 +50,7 @@ pub trait SendFailure: std::fmt::Display {
     /// Retry later, keep batches and retry slowly (not authorised), or give the batch up.
     fn verdict(&self) -> Verdict;
     /// The answer's status code for the debug line of each post; "none" without an answer.
-    fn status(&self) -> String {
-        "none".to_owned()
-    }
+    fn status(&self) -> String;
 }
 
 impl SendFailure for UploadError {
@@ -97,10 +95,8 @@ pub trait BatchSender: Send + 'static {
     /// Send one batch (the outbox's JSON body) and classify the answer.
     fn send(&mut self, body: Bytes) -> impl Future<Output = Result<Self::Sent, Self::Error>> + Send;
     /// Whether it sends the agent's API key, so that after a 401/403 the key file is read
-    /// again before the retry ([`BatchSender::set_key`]).
-    fn uses_api_key(&self) -> bool {
-        false
-    }
+    /// again before the retry ([`BatchSender::set_key`]). No default: each output says.
+    fn uses_api_key(&self) -> bool;
     /// Use this key from the next send on (only called when [`BatchSender::uses_api_key`]).
     fn set_key(&mut self, _key: &ApiKey) -> anyhow::Result<()> {
         Ok(())
@@ -134,6 +130,11 @@ impl BatchSender for RemoteWriteClient {
 
     fn send(&mut self, body: Bytes) -> impl Future<Output = Result<RemoteWriteSent, RemoteWriteError>> + Send {
         RemoteWriteClient::send(self, body)
+    }
+
+    /// Its credentials are the output's own (headers, basic auth, bearer token files).
+    fn uses_api_key(&self) -> bool {
+        false
     }
 }
 

@@ -498,6 +498,21 @@ async fn the_backlog_goes_out_at_the_catchup_pace() {
     run.stop().await;
 }
 
+/// Issue 22: the pause after the last batch of a backlog is not paced either: a batch pushed
+/// right after the backlog drained goes at once, not a catch-up interval later.
+#[tokio::test(start_paused = true)]
+async fn a_batch_pushed_just_after_the_backlog_drained_goes_at_once() {
+    let run = start(3, Vec::new(), GOOD_KEY, |p| p.catchup_batches_per_sec = 4, None);
+    run.server.wait_for_posts(3).await;
+    // Let the loop take the third answer and find nothing waiting.
+    tokio::time::sleep(Duration::from_millis(1)).await;
+    let pushed = VirtualInstant::now();
+    run.push(1_700_000_100, 1);
+    let posts = run.server.wait_for_posts(4).await;
+    assert_eq!(posts[3].at, pushed, "the backlog had drained: no pacing");
+    run.stop().await;
+}
+
 /// Issue 22: the backoff grows after each failure up to the cap, and starts over after a
 /// success.
 #[tokio::test(start_paused = true)]
@@ -670,6 +685,10 @@ impl SendFailure for ReceiverError {
     fn verdict(&self) -> Verdict {
         self.0
     }
+
+    fn status(&self) -> String {
+        "none".to_owned()
+    }
 }
 
 /// An output's receiver that answers 503 until `fail_until`, then takes every batch; it
@@ -694,6 +713,10 @@ impl TimedReceiver {
 impl BatchSender for TimedReceiver {
     type Sent = ();
     type Error = ReceiverError;
+
+    fn uses_api_key(&self) -> bool {
+        false
+    }
 
     fn send(&mut self, body: Bytes) -> impl Future<Output = Result<(), ReceiverError>> + Send {
         *self.attempts.lock().expect("attempts") += 1;
@@ -785,4 +808,62 @@ async fn a_failing_output_does_not_delay_the_other() {
     let text = log.text();
     assert_eq!(log.count("upload failed"), 2, "{text}");
     assert_eq!(log.count("uploads succeeding again"), 2, "{text}");
+}
+
+/// Issue 22: the debug line of each post names the answer's status as each output's types
+/// report it ("none" where nothing answered).
+#[test]
+fn each_outputs_answers_name_their_status() {
+    use reqwest::StatusCode;
+    let upload = |e: UploadError| SendFailure::status(&e);
+    let status = StatusCode::SERVICE_UNAVAILABLE;
+    assert_eq!(upload(UploadError::Status { status, excerpt: String::new(), retry_after: None }), "503");
+    assert_eq!(upload(UploadError::InvalidStatus { code: 999 }), "999");
+    assert_eq!(upload(UploadError::Unreachable { url: "u".into(), reason: "r".into() }), "none");
+    assert_eq!(SendSuccess::status(&Delivered { status: StatusCode::ACCEPTED, metrics_count: None }), "202");
+
+    let rw = |e: RemoteWriteError| SendFailure::status(&e);
+    let output = || "prom".to_owned();
+    let status = StatusCode::TOO_MANY_REQUESTS;
+    let refused = RemoteWriteError::Status {
+        output: output(),
+        status,
+        excerpt: String::new(),
+        retry_after: None,
+        part: 1,
+        parts: 2,
+    };
+    assert_eq!(rw(refused), "429");
+    assert_eq!(rw(RemoteWriteError::InvalidStatus { output: output(), code: 600 }), "600");
+    assert_eq!(rw(RemoteWriteError::Unreachable { output: output(), url: "u".into(), reason: "r".into() }), "none");
+    assert_eq!(rw(RemoteWriteError::Batch { output: output(), reason: "r".into() }), "none");
+    let sent = RemoteWriteSent {
+        requests: 1,
+        series: 1,
+        samples: 1,
+        stale_markers: 0,
+        dropped: 0,
+        bytes: 10,
+        status: Some(StatusCode::NO_CONTENT),
+    };
+    assert_eq!(SendSuccess::status(&sent), "204");
+    assert_eq!(SendSuccess::status(&RemoteWriteSent { status: None, ..sent }), "none");
+}
+
+/// Issue 22: after a 401/403 the loop reads the API key file again only for the dcmon server's
+/// upload; a remote_write receiver's refusal has nothing to do with that key.
+#[test]
+fn only_the_dcmon_upload_reads_the_api_key_again_after_a_refusal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("api_key");
+    std::fs::write(&path, GOOD_KEY).expect("write key");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let (key, _) = crate::api_key::load(&path).expect("key");
+    let uploader = Uploader::new("http://127.0.0.1:9", key, Duration::from_secs(1), Duration::from_secs(1), None)
+        .expect("uploader");
+    assert!(BatchSender::uses_api_key(&uploader));
+    let config = serde_json::from_value(serde_json::json!({"name": "prom", "url": "http://127.0.0.1:9/api/v1/write"}))
+        .expect("a remote_write entry");
+    let client = RemoteWriteClient::new(&config).expect("client");
+    assert!(!BatchSender::uses_api_key(&client));
 }

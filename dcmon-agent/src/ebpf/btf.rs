@@ -1,11 +1,14 @@
-//! Struct field offsets from the running kernel's BTF (`/sys/kernel/btf/vmlinux`).
+//! Struct field offsets, enum values and tracepoint type ids from the running kernel's BTF
+//! (`/sys/kernel/btf/vmlinux`).
 //!
 //! The BPF programs read a handful of fields of `struct request`, `sk_buff` and `net_device`;
 //! their offsets depend on the kernel version and config, so the loader looks them up here and
 //! hands them to the programs as `.rodata` globals. Only the small part of the BTF format that
-//! this needs is parsed: the type section's struct/union members and the string section.
+//! this needs is read, in place: one pass over the type section records where each type starts
+//! (4 bytes a type), and lookups decode the few records they visit and compare names in the
+//! string section without copying it, so the parse costs little beyond the blob itself.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 /// A BTF blob that could not be used, with what was expected.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +61,8 @@ const KIND_ENUM64: u32 = 19;
 /// How deep lookups follow typedefs, anonymous members and arrays; the kernel's types nest a
 /// few levels, a malformed blob can nest forever.
 const NESTING_LIMIT: u32 = 32;
+/// Bytes of the common part of each type record (name, info, size or type).
+const RECORD: usize = 12;
 
 #[derive(Debug, Clone, Copy)]
 struct Member {
@@ -67,150 +72,143 @@ struct Member {
     bitfield_size: u32,
 }
 
-#[derive(Debug, Clone)]
+/// The common part of one type record.
+#[derive(Debug, Clone, Copy)]
 struct Type {
+    /// Where the record starts in the type section.
+    at: usize,
     name_off: u32,
     kind: u32,
+    /// Members, enumerators or parameters that follow the common part.
+    vlen: usize,
+    kind_flag: bool,
     /// `size` for INT/STRUCT/UNION/ENUM, referenced type id for PTR/TYPEDEF/modifiers.
     size_or_type: u32,
-    members: Vec<Member>,
-    /// ARRAY: (element type, count).
-    array: Option<(u32, u32)>,
-    /// ENUM: (name offset, value) of each enumerator.
-    enumerators: Vec<(u32, u32)>,
-    /// FUNC_PROTO: how many parameters.
-    params: u32,
 }
 
-/// The parsed types of one BTF blob (index = type id - 1).
+/// One BTF blob, borrowed, with where each of its types starts.
 #[derive(Debug)]
-pub struct Btf {
-    types: Vec<Type>,
-    strings: Vec<u8>,
-    structs_by_name: HashMap<String, u32>,
+pub struct Btf<'a> {
+    types: &'a [u8],
+    strings: &'a [u8],
+    /// Offset in `types` of each type's record (index = type id - 1).
+    starts: Vec<u32>,
 }
 
 fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_le_bytes(b.get(at..at + 2)?.try_into().ok()?))
+    Some(u16::from_le_bytes(b.get(at..at.checked_add(2)?)?.try_into().ok()?))
 }
 
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    Some(u32::from_le_bytes(b.get(at..at.checked_add(4)?)?.try_into().ok()?))
 }
 
-impl Btf {
-    /// Parse a little-endian BTF blob such as /sys/kernel/btf/vmlinux.
-    pub fn parse(data: &[u8]) -> Result<Self, BtfError> {
+/// Bytes that follow the common part of a record of `kind` with `vlen` entries; None for a
+/// kind this parser does not know.
+fn extra_len(kind: u32, vlen: usize) -> Option<usize> {
+    Some(match kind {
+        KIND_INT => 4,
+        KIND_ARRAY => 12,
+        KIND_STRUCT | KIND_UNION => vlen * 12,
+        KIND_ENUM => vlen * 8,
+        KIND_FUNC_PROTO => vlen * 8,
+        14 => 4,         // VAR
+        15 => vlen * 12, // DATASEC
+        17 => 4,         // DECL_TAG
+        KIND_ENUM64 => vlen * 12,
+        KIND_PTR | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12 | 16 | KIND_TYPE_TAG => 0,
+        _ => return None,
+    })
+}
+
+impl<'a> Btf<'a> {
+    /// Indexes a little-endian BTF blob such as /sys/kernel/btf/vmlinux.
+    pub fn parse(data: &'a [u8]) -> Result<Self, BtfError> {
         let bad = |what: &str| BtfError::Malformed(what.to_owned());
         let magic = u16_at(data, 0).ok_or_else(|| bad("shorter than its header"))?;
         if magic != BTF_MAGIC {
             return Err(BtfError::Malformed(format!("magic {magic:#x}, expected {BTF_MAGIC:#x} (little-endian BTF)")));
         }
-        let field = |at| u32_at(data, at).ok_or_else(|| bad("truncated header"));
-        let hdr_len = field(4)? as usize;
-        let (type_off, type_len) = (field(8)? as usize, field(12)? as usize);
-        let (str_off, str_len) = (field(16)? as usize, field(20)? as usize);
-        let types_raw = data
-            .get(hdr_len + type_off..hdr_len + type_off + type_len)
-            .ok_or_else(|| bad("type section outside the blob"))?;
-        let strings = data
-            .get(hdr_len + str_off..hdr_len + str_off + str_len)
-            .ok_or_else(|| bad("string section outside the blob"))?
-            .to_vec();
-        let mut types = Vec::new();
+        let field = |at| u32_at(data, at).map(|v| v as usize).ok_or_else(|| bad("truncated header"));
+        let hdr_len = field(4)?;
+        let (type_off, type_len) = (field(8)?, field(12)?);
+        let (str_off, str_len) = (field(16)?, field(20)?);
+        let section = |off: usize, len: usize, what: &str| {
+            let start = hdr_len.checked_add(off).ok_or_else(|| bad(what))?;
+            data.get(start..start.checked_add(len).ok_or_else(|| bad(what))?).ok_or_else(|| bad(what))
+        };
+        let types = section(type_off, type_len, "type section outside the blob")?;
+        let strings = section(str_off, str_len, "string section outside the blob")?;
+        if types.len() > u32::MAX as usize {
+            return Err(bad("type section over 4 GiB"));
+        }
+        let mut starts = Vec::new();
         let mut at = 0;
-        while at < types_raw.len() {
-            let word = |i: usize| u32_at(types_raw, at + i * 4).ok_or_else(|| bad("type record truncated"));
-            let (name_off, info, size_or_type) = (word(0)?, word(1)?, word(2)?);
+        while at < types.len() {
+            let info = u32_at(types, at + 4).filter(|_| at + RECORD <= types.len());
+            let info = info.ok_or_else(|| bad("type record truncated"))?;
             let kind = (info >> 24) & 0x1f;
-            let vlen = (info & 0xffff) as usize;
-            let kind_flag = info >> 31 == 1;
-            at += 12;
-            let mut t = Type {
-                name_off,
-                kind,
-                size_or_type,
-                members: Vec::new(),
-                array: None,
-                enumerators: Vec::new(),
-                params: 0,
-            };
-            let extra = match kind {
-                KIND_INT => 4,
-                KIND_ARRAY => {
-                    let elem = u32_at(types_raw, at).ok_or_else(|| bad("array truncated"))?;
-                    let n = u32_at(types_raw, at + 8).ok_or_else(|| bad("array truncated"))?;
-                    t.array = Some((elem, n));
-                    12
-                }
-                KIND_STRUCT | KIND_UNION => {
-                    for m in 0..vlen {
-                        let base = at + m * 12;
-                        let get = |i| u32_at(types_raw, base + i).ok_or_else(|| bad("member"));
-                        let off = get(8)?;
-                        t.members.push(Member {
-                            name_off: get(0)?,
-                            type_id: get(4)?,
-                            bit_offset: if kind_flag { off & 0xff_ffff } else { off },
-                            bitfield_size: if kind_flag { off >> 24 } else { 0 },
-                        });
-                    }
-                    vlen * 12
-                }
-                KIND_ENUM => {
-                    for e in 0..vlen {
-                        let get = |i| u32_at(types_raw, at + e * 8 + i).ok_or_else(|| bad("enumerator"));
-                        t.enumerators.push((get(0)?, get(4)?));
-                    }
-                    vlen * 8
-                }
-                KIND_FUNC_PROTO => {
-                    t.params = vlen as u32;
-                    vlen * 8
-                }
-                14 => 4,         // VAR
-                15 => vlen * 12, // DATASEC
-                17 => 4,         // DECL_TAG
-                KIND_ENUM64 => vlen * 12,
-                KIND_PTR | 7 | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | 12 | 16 | KIND_TYPE_TAG => 0,
-                other => {
-                    return Err(BtfError::Malformed(format!(
-                        "unknown type kind {other} at type id {}",
-                        types.len() + 1
-                    )));
-                }
-            };
-            at += extra;
-            types.push(t);
-        }
-        let mut btf = Self { types, strings, structs_by_name: HashMap::new() };
-        let mut by_name = HashMap::new();
-        for (i, t) in btf.types.iter().enumerate() {
-            // A struct with no members may be a forward declaration in a module's BTF; keep
-            // the first full definition.
-            if t.kind == KIND_STRUCT && !t.members.is_empty() {
-                let name = btf.name(t.name_off);
-                if !name.is_empty() {
-                    by_name.entry(name.to_owned()).or_insert(i as u32 + 1);
-                }
+            let extra = extra_len(kind, (info & 0xffff) as usize).ok_or_else(|| {
+                BtfError::Malformed(format!("unknown type kind {kind} at type id {}", starts.len() + 1))
+            })?;
+            let end = at + RECORD + extra;
+            if end > types.len() {
+                return Err(BtfError::Malformed(format!("type id {} truncated", starts.len() + 1)));
             }
+            starts.push(at as u32);
+            at = end;
         }
-        btf.structs_by_name = by_name;
-        Ok(btf)
+        Ok(Self { types, strings, starts })
     }
 
-    fn name(&self, off: u32) -> &str {
+    fn name(&self, off: u32) -> &'a str {
         let rest = self.strings.get(off as usize..).unwrap_or_default();
         let end = rest.iter().position(|&b| b == 0).unwrap_or(rest.len());
         std::str::from_utf8(&rest[..end]).unwrap_or("")
     }
 
-    fn get(&self, id: u32) -> Option<&Type> {
-        self.types.get((id as usize).checked_sub(1)?)
+    /// The word `i` after the common part of `t` (records were checked whole by `parse`).
+    fn word(&self, t: &Type, i: usize) -> u32 {
+        u32_at(self.types, t.at + RECORD + i * 4).unwrap_or(0)
+    }
+
+    fn get(&self, id: u32) -> Option<Type> {
+        let at = *self.starts.get((id as usize).checked_sub(1)?)? as usize;
+        let word = |i: usize| u32_at(self.types, at + i * 4);
+        let info = word(1)?;
+        Some(Type {
+            at,
+            name_off: word(0)?,
+            kind: (info >> 24) & 0x1f,
+            vlen: (info & 0xffff) as usize,
+            kind_flag: info >> 31 == 1,
+            size_or_type: word(2)?,
+        })
+    }
+
+    /// The id and record of the first type of `kind` named `name` that `accept`s.
+    fn find(&self, kind: u32, name: &str, accept: impl Fn(&Type) -> bool) -> Option<(u32, Type)> {
+        (1..=self.starts.len() as u32).find_map(|id| {
+            let t = self.get(id)?;
+            (t.kind == kind && accept(&t) && self.name(t.name_off) == name).then_some((id, t))
+        })
+    }
+
+    fn members(&self, t: &Type) -> impl Iterator<Item = Member> + '_ {
+        let t = *t;
+        (0..t.vlen).map(move |m| {
+            let off = self.word(&t, m * 3 + 2);
+            Member {
+                name_off: self.word(&t, m * 3),
+                type_id: self.word(&t, m * 3 + 1),
+                bit_offset: if t.kind_flag { off & 0xff_ffff } else { off },
+                bitfield_size: if t.kind_flag { off >> 24 } else { 0 },
+            }
+        })
     }
 
     /// Follows typedefs and qualifiers to the underlying type.
-    fn resolve(&self, mut id: u32) -> Option<(u32, &Type)> {
+    fn resolve(&self, mut id: u32) -> Option<(u32, Type)> {
         for _ in 0..NESTING_LIMIT {
             let t = self.get(id)?;
             match t.kind {
@@ -234,7 +232,10 @@ impl Btf {
             Some((_, t)) => match t.kind {
                 KIND_INT | KIND_STRUCT | KIND_UNION | KIND_ENUM | KIND_ENUM64 => t.size_or_type,
                 KIND_PTR => 8,
-                KIND_ARRAY if depth > 0 => t.array.map_or(0, |(e, n)| self.size_within(e, depth - 1).saturating_mul(n)),
+                KIND_ARRAY if depth > 0 => {
+                    let (elem, count) = (self.word(&t, 0), self.word(&t, 2));
+                    self.size_within(elem, depth - 1).saturating_mul(count)
+                }
                 _ => 0,
             },
             None => 0,
@@ -259,10 +260,10 @@ impl Btf {
         if t.kind != KIND_STRUCT && t.kind != KIND_UNION {
             return None;
         }
-        for m in &t.members {
+        for m in self.members(&t) {
             let mname = self.name(m.name_off);
             if mname == name {
-                return Some((m.bit_offset, *m));
+                return Some((m.bit_offset, m));
             }
             if mname.is_empty()
                 && depth > 0
@@ -274,32 +275,36 @@ impl Btf {
         None
     }
 
+    /// The type id of tracepoint `name`'s `btf_trace_<name>` typedef, which a tp_btf program
+    /// names as its attach target. `None` when this kernel has no such tracepoint.
+    pub fn tracepoint_type_id(&self, name: &str) -> Option<u32> {
+        self.find(KIND_TYPEDEF, &format!("btf_trace_{name}"), |_| true).map(|(id, _)| id)
+    }
+
     /// How many arguments tracepoint `name` hands a tp_btf program: the parameters of the
     /// function prototype that its `btf_trace_<name>` typedef points to, less the leading
     /// `void *__data`. `None` when this kernel has no such tracepoint.
     pub fn tracepoint_args(&self, name: &str) -> Option<u32> {
-        let typedef = format!("btf_trace_{name}");
-        let t = self.types.iter().find(|t| t.kind == KIND_TYPEDEF && self.name(t.name_off) == typedef)?;
+        let (_, t) = self.find(KIND_TYPEDEF, &format!("btf_trace_{name}"), |_| true)?;
         let ptr = self.get(t.size_or_type).filter(|p| p.kind == KIND_PTR)?;
         let proto = self.get(ptr.size_or_type).filter(|p| p.kind == KIND_FUNC_PROTO)?;
-        proto.params.checked_sub(1)
+        (proto.vlen as u32).checked_sub(1)
     }
 
     /// The enumerators of `enum name` as (name, value), in BTF order.
     pub fn enum_values(&self, name: &str) -> Result<Vec<(String, u32)>, BtfError> {
-        let t = self
-            .types
-            .iter()
-            .find(|t| t.kind == KIND_ENUM && !t.enumerators.is_empty() && self.name(t.name_off) == name)
-            .ok_or_else(|| BtfError::NoEnum(name.to_owned()))?;
-        Ok(t.enumerators.iter().map(|&(off, value)| (self.name(off).to_owned(), value)).collect())
+        let (_, t) = self.find(KIND_ENUM, name, |t| t.vlen > 0).ok_or_else(|| BtfError::NoEnum(name.to_owned()))?;
+        Ok((0..t.vlen).map(|e| (self.name(self.word(&t, e * 2)).to_owned(), self.word(&t, e * 2 + 1))).collect())
     }
 
     /// Byte offset of `path` (dotted, e.g. `nd_net.net`) in `struct strukt`, checking that the
     /// field is `size` bytes wide.
     pub fn field_offset(&self, strukt: &str, path: &str, size: u32) -> Result<u32, BtfError> {
         let no_field = || BtfError::NoField { strukt: strukt.to_owned(), field: path.to_owned() };
-        let mut id = *self.structs_by_name.get(strukt).ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))?;
+        // A struct with no members may be a forward declaration in a module's BTF; take the
+        // first full definition.
+        let (mut id, _) =
+            self.find(KIND_STRUCT, strukt, |t| t.vlen > 0).ok_or_else(|| BtfError::NoStruct(strukt.to_owned()))?;
         let mut bits = 0;
         let mut last = None;
         for part in path.split('.') {
@@ -338,7 +343,8 @@ mod tests {
 
     #[test]
     fn finds_fields_through_anonymous_members() {
-        let btf = Btf::parse(&sample()).expect("parse");
+        let blob = sample();
+        let btf = Btf::parse(&blob).expect("parse");
         assert_eq!(btf.field_offset("s", "a", 4).expect("a"), 0);
         assert_eq!(btf.field_offset("s", "p", 8).expect("p"), 8);
         assert_eq!(btf.field_offset("s", "q", 4).expect("q"), 8);
@@ -381,6 +387,8 @@ mod tests {
         assert_eq!(btf.tracepoint_args("block_rq_complete"), Some(3));
         assert_eq!(btf.tracepoint_args("tcp_retransmit_skb"), Some(3));
         assert_eq!(btf.tracepoint_args("dcmon_no_such_tracepoint"), None);
+        assert!(btf.tracepoint_type_id("block_rq_complete").is_some_and(|id| id > 0));
+        assert_eq!(btf.tracepoint_type_id("dcmon_no_such_tracepoint"), None);
     }
 
     /// A blob of the `sample()` layout with `types` as its type section.
@@ -442,7 +450,8 @@ mod tests {
             .chain(std::iter::once(vec![0, KIND_INT << 24, 4, 32]))
             .collect();
         let levels: Vec<&[u32]> = levels.iter().map(Vec::as_slice).collect();
-        let deep = Btf::parse(&blob_of(&levels, b"\0s\0")).expect("parse");
+        let deep_blob = blob_of(&levels, b"\0s\0");
+        let deep = Btf::parse(&deep_blob).expect("parse");
         assert!(matches!(deep.field_offset("s", "absent", 4), Err(BtfError::NoField { .. })));
         let names: Vec<&str> = blob.split(|&b| b == 0).filter_map(|s| std::str::from_utf8(s).ok()).take(8).collect();
         for strukt in &names {

@@ -8,8 +8,8 @@ use std::path::Path;
 use aya::programs::BtfTracePoint;
 use aya::{Ebpf, EbpfLoader};
 use dcmon_common::ebpf::{
-    DROP_REASON_CONSUMED, DROP_REASONS, ESSENTIAL_PROGRAMS, NETNS_FILTER, OFF_CSS_SET_MEMCG, OFFSETS, PROGRAM_OFFSETS,
-    PROGRAMS, TCP_RETRANSMIT_HAS_ERR,
+    DROP_REASON_CONSUMED, DROP_REASONS, NETNS_FILTER, OFF_CSS_SET_MEMCG, OFFSETS, PROGRAM_OFFSETS, PROGRAMS,
+    TCP_RETRANSMIT_HAS_ERR,
 };
 
 use super::btf::{Btf, BtfError};
@@ -126,9 +126,24 @@ fn classify(step: &str, e: &(dyn StdError + 'static), attaching: bool) -> LoadEr
     LoadError { reason, detail }
 }
 
-/// The kernel's BTF file, read once: it feeds both our offset lookup and aya's loader.
+/// Largest BTF file read: kernels' are a few MB; a file far bigger is not one.
+const BTF_MAX_BYTES: u64 = 256 << 20;
+
+/// The kernel's BTF file, read once for our offset lookup.
 fn read_btf(btf_path: &Path) -> Result<Vec<u8>, LoadError> {
-    std::fs::read(btf_path).map_err(|e| LoadError {
+    use std::io::Read as _;
+    let read = std::fs::File::open(btf_path).and_then(|f| {
+        let mut data = Vec::with_capacity(f.metadata()?.len().min(BTF_MAX_BYTES) as usize);
+        f.take(BTF_MAX_BYTES + 1).read_to_end(&mut data)?;
+        Ok(data)
+    });
+    if let Ok(data) = &read
+        && data.len() as u64 > BTF_MAX_BYTES
+    {
+        let detail = format!("{}: larger than {BTF_MAX_BYTES} bytes, not a kernel's BTF", btf_path.display());
+        return Err(LoadError { reason: Reason::NoBtf, detail });
+    }
+    read.map_err(|e| LoadError {
         reason: match e.kind() {
             io::ErrorKind::NotFound => Reason::NoBtf,
             io::ErrorKind::PermissionDenied => Reason::NoPrivilege,
@@ -140,11 +155,16 @@ fn read_btf(btf_path: &Path) -> Result<Vec<u8>, LoadError> {
 
 /// Field offsets of the running kernel, `(global name, offset)` in [`OFFSETS`] order.
 pub fn kernel_offsets(btf_path: &Path) -> Result<Vec<(&'static str, u32)>, LoadError> {
-    let facts = facts_from(btf_path, &read_btf(btf_path)?)?;
+    let facts = kernel_facts(btf_path)?;
     match facts.missing.into_iter().next() {
         Some((_, e)) => Err(e),
         None => Ok(facts.offsets),
     }
+}
+
+/// What the loader reads from the kernel's BTF file `btf_path`.
+pub fn kernel_facts(btf_path: &Path) -> Result<KernelFacts, LoadError> {
+    facts_from(btf_path, &read_btf(btf_path)?)
 }
 
 /// What the loader reads from the kernel's BTF.
@@ -161,6 +181,9 @@ pub struct KernelFacts {
     /// 1 when the `tcp_retransmit_skb` tracepoint passes the attempt's error (see
     /// `dcmon_common::ebpf::TCP_RETRANSMIT_HAS_ERR`).
     pub retransmit_has_err: u32,
+    /// `(tracepoint, type id of its btf_trace_<tracepoint> typedef)` for each tracepoint of
+    /// [`PROGRAMS`] this kernel has: all a tp_btf program needs of the kernel's BTF.
+    pub tracepoint_ids: Vec<(&'static str, u32)>,
 }
 
 /// The label of drop reason counter `i` (see `dcmon_common::ebpf::DROP_REASONS`): the kernel's
@@ -188,7 +211,8 @@ fn drop_reasons(btf: &Btf) -> (DropReasonNames, u32) {
     (names, consumed)
 }
 
-/// The offsets ([`kernel_offsets`]) and drop reasons ([`drop_reasons`]) from one BTF parse.
+/// The offsets ([`kernel_offsets`]), drop reasons ([`drop_reasons`]) and tracepoint type ids
+/// from one BTF parse.
 fn facts_from(btf_path: &Path, data: &[u8]) -> Result<KernelFacts, LoadError> {
     let btf = Btf::parse(data)
         .map_err(|e| LoadError { reason: Reason::NoBtf, detail: format!("{}: {e}", btf_path.display()) })?;
@@ -209,7 +233,43 @@ fn facts_from(btf_path: &Path, data: &[u8]) -> Result<KernelFacts, LoadError> {
         }
     }
     let retransmit_has_err = u32::from(btf.tracepoint_args("tcp_retransmit_skb").is_some_and(|n| n >= 3));
-    Ok(KernelFacts { offsets, missing, drop_reasons, consumed, retransmit_has_err })
+    let tracepoint_ids = PROGRAMS.iter().filter_map(|&(_, tp)| Some((tp, btf.tracepoint_type_id(tp)?))).collect();
+    Ok(KernelFacts { offsets, missing, drop_reasons, consumed, retransmit_has_err, tracepoint_ids })
+}
+
+/// A stand-in for the kernel's BTF holding only what attaching tp_btf programs reads of it:
+/// each `btf_trace_<tracepoint>` typedef of `tracepoint_ids` at the type id the kernel gives
+/// it, every other id a nameless pointer. aya keeps a parsed BTF as one enum of every type
+/// with its names, several times the size of the file (README, Performance); this one costs
+/// a few bytes per id.
+pub fn attach_btf(tracepoint_ids: &[(&str, u32)]) -> Result<aya::Btf, LoadError> {
+    let last = tracepoint_ids.iter().map(|&(_, id)| id).max().unwrap_or(0);
+    let mut strings = vec![0u8];
+    let mut names = std::collections::HashMap::new();
+    for &(tp, id) in tracepoint_ids {
+        names.insert(id, strings.len() as u32);
+        strings.extend_from_slice(format!("btf_trace_{tp}").as_bytes());
+        strings.push(0);
+    }
+    let mut types = Vec::with_capacity(last as usize * 12);
+    for id in 1..=last {
+        // (name, kind << 24, referenced type): a TYPEDEF or a PTR, both to `void`.
+        let (name, kind) = names.get(&id).map_or((0, 2u32), |&name| (name, 8));
+        for word in [name, kind << 24, 0] {
+            types.extend_from_slice(&word.to_le_bytes());
+        }
+    }
+    let mut blob = Vec::with_capacity(24 + types.len() + strings.len());
+    blob.extend_from_slice(&0xeb9f_u16.to_le_bytes());
+    blob.extend_from_slice(&[1, 0]);
+    for word in [24, 0, types.len() as u32, types.len() as u32, strings.len() as u32] {
+        blob.extend_from_slice(&word.to_le_bytes());
+    }
+    blob.extend_from_slice(&types);
+    drop(types);
+    blob.extend_from_slice(&strings);
+    aya::Btf::parse(&blob, aya::Endianness::Little)
+        .map_err(|e| LoadError { reason: Reason::Other, detail: format!("building the tracepoints' BTF: {e}") })
 }
 
 /// The offset of `subsys[memory_cgrp_id]` in `struct css_set`: the array's place, and the
@@ -238,17 +298,29 @@ fn raise_memlock() {
 
 /// Loads `object` with the running kernel's offsets, without attaching anything. `netns`:
 /// count only that network namespace's interfaces (None: every namespace). Also returns the
-/// kernel's BTF for attaching and the names of its drop reasons.
+/// BTF for attaching ([`attach_btf`]) and what was read from the kernel's BTF.
+///
+/// aya is given no kernel BTF: it would use it only for CO-RE relocations, and the object has
+/// none (its programs read fields through the offset globals set here; a test checks this).
+/// What attaching needs of it comes from [`attach_btf`].
 pub fn load_object(object: &[u8], netns: Option<u32>) -> Result<(Ebpf, aya::Btf, KernelFacts), LoadError> {
-    let path = Path::new(VMLINUX_BTF);
-    let data = read_btf(path)?;
-    let facts = facts_from(path, &data)?;
-    let kernel_btf = aya::Btf::parse(&data, aya::Endianness::default())
-        .map_err(|e| LoadError { reason: Reason::NoBtf, detail: format!("parsing {VMLINUX_BTF}: {e}") })?;
-    drop(data);
-    raise_memlock();
+    load_object_with(Path::new(VMLINUX_BTF), object, netns)
+}
+
+/// [`load_object`] with the kernel's BTF read from `btf_path` (under the configured host root).
+pub fn load_object_with(
+    btf_path: &Path,
+    object: &[u8],
+    netns: Option<u32>,
+) -> Result<(Ebpf, aya::Btf, KernelFacts), LoadError> {
+    // `EbpfLoader::new` parses the whole kernel BTF into aya's types whatever is set later,
+    // the biggest allocation of the load: made first and dropped at once, before anything else
+    // is held, so the later steps reuse its freed heap instead of adding to the peak.
     let mut loader = EbpfLoader::new();
-    loader.btf(Some(&kernel_btf));
+    loader.btf(None);
+    let facts = kernel_facts(btf_path)?;
+    let tracepoints_btf = attach_btf(&facts.tracepoint_ids)?;
+    raise_memlock();
     for (global, off) in &facts.offsets {
         loader.override_global(global, off, true);
     }
@@ -257,7 +329,7 @@ pub fn load_object(object: &[u8], netns: Option<u32>) -> Result<(Ebpf, aya::Btf,
     loader.override_global(TCP_RETRANSMIT_HAS_ERR, &facts.retransmit_has_err, true);
     loader.override_global(DROP_REASON_CONSUMED, &facts.consumed, true);
     let ebpf = loader.load(object).map_err(|e| classify("loading the BPF object", &e, false))?;
-    Ok((ebpf, kernel_btf, facts))
+    Ok((ebpf, tracepoints_btf, facts))
 }
 
 /// How many times a load that failed with a [`Reason::Transient`] error is tried in all, and
@@ -298,20 +370,19 @@ pub struct Attached {
     pub failed: Vec<(&'static str, LoadError)>,
 }
 
-/// Loads `object` and attaches every program in [`PROGRAMS`] it can, trying again on a
-/// transient error ([`retry_transient`]). Fails when one of the [`ESSENTIAL_PROGRAMS`] cannot
-/// be attached; any other program that cannot is left out and listed in [`Attached::failed`].
-pub fn load_and_attach(object: &[u8], netns: Option<u32>) -> Result<Attached, LoadError> {
+/// Loads `object` with the kernel's BTF from `btf_path` and attaches every program in
+/// [`PROGRAMS`] it can, trying again on a transient error ([`retry_transient`]). A program that
+/// cannot be attached is left out and listed in [`Attached::failed`]; the caller decides what
+/// runs without it (see `dcmon_common::ebpf::DISK_PROGRAMS`).
+pub fn load_and_attach(btf_path: &Path, object: &[u8], netns: Option<u32>) -> Result<Attached, LoadError> {
     // A failed attempt's `Ebpf` is dropped, detaching whatever it had attached.
-    retry_transient(|| load_and_attach_once(object, netns))
+    retry_transient(|| load_and_attach_once(btf_path, object, netns))
 }
 
-fn load_and_attach_once(object: &[u8], netns: Option<u32>) -> Result<Attached, LoadError> {
-    let (mut ebpf, btf, facts) = load_object(object, netns)?;
+fn load_and_attach_once(btf_path: &Path, object: &[u8], netns: Option<u32>) -> Result<Attached, LoadError> {
+    let (mut ebpf, btf, facts) = load_object_with(btf_path, object, netns)?;
     let failed = attach_programs(&mut ebpf, &btf, &PROGRAMS, &facts.missing);
-    let transient = failed.iter().find(|(_, e)| e.reason == Reason::Transient);
-    let essential = failed.iter().find(|(name, _)| ESSENTIAL_PROGRAMS.contains(name));
-    if let Some((_, e)) = transient.or(essential) {
+    if let Some((_, e)) = failed.iter().find(|(_, e)| e.reason == Reason::Transient) {
         return Err(LoadError { reason: e.reason, detail: e.detail.clone() });
     }
     Ok(Attached { ebpf, drop_reasons: facts.drop_reasons, failed })
@@ -408,6 +479,51 @@ mod tests {
         })
         .expect_err("no privilege");
         assert_eq!((calls, e.reason), (1, Reason::NoPrivilege));
+    }
+
+    /// `load_object` gives aya no kernel BTF, which is right only while the object has no
+    /// CO-RE relocations for aya to resolve against it.
+    #[test]
+    fn object_has_no_core_relocations() {
+        let object = aya_obj::Object::parse(OBJECT).expect("parse the committed object");
+        assert!(
+            !object.has_btf_relocations(),
+            "the object has CO-RE relocations: load_object must pass aya the kernel BTF"
+        );
+    }
+
+    /// The stand-in BTF gives each tracepoint the kernel's type id and knows no other.
+    #[test]
+    fn attach_btf_has_each_typedef_at_its_id() {
+        let btf = attach_btf(&[("block_rq_issue", 70_000), ("kfree_skb", 3)]).expect("build");
+        let id = |name| btf.id_by_type_name_kind(name, aya_obj::btf::BtfKind::Typedef);
+        assert_eq!(id("btf_trace_block_rq_issue").expect("block_rq_issue"), 70_000);
+        assert_eq!(id("btf_trace_kfree_skb").expect("kfree_skb"), 3);
+        assert!(matches!(id("btf_trace_net_dev_xmit"), Err(aya::BtfError::UnknownBtfTypeName { .. })));
+        assert!(attach_btf(&[]).is_ok());
+    }
+
+    /// Against the running kernel: the ids are those of the kernel's own typedefs, as aya finds
+    /// them in the whole BTF.
+    #[test]
+    fn tracepoint_ids_match_the_kernels_btf() {
+        let Ok(data) = std::fs::read(VMLINUX_BTF) else {
+            assert!(
+                std::env::var_os("DCMON_REQUIRE_EBPF").is_none(),
+                "DCMON_REQUIRE_EBPF is set but {VMLINUX_BTF} is unreadable"
+            );
+            return;
+        };
+        let facts = facts_from(Path::new(VMLINUX_BTF), &data).expect("facts");
+        assert_eq!(facts.tracepoint_ids.len(), PROGRAMS.len(), "{:?}", facts.tracepoint_ids);
+        let full = aya::Btf::parse(&data, aya::Endianness::default()).expect("aya parse");
+        let small = attach_btf(&facts.tracepoint_ids).expect("build");
+        for (tp, id) in &facts.tracepoint_ids {
+            let name = format!("btf_trace_{tp}");
+            let kind = aya_obj::btf::BtfKind::Typedef;
+            assert_eq!(full.id_by_type_name_kind(&name, kind).expect("in the kernel"), *id, "{tp}");
+            assert_eq!(small.id_by_type_name_kind(&name, kind).expect("in the stand-in"), *id, "{tp}");
+        }
     }
 
     #[test]

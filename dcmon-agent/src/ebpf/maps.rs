@@ -1,6 +1,6 @@
-//! Reading the per-CPU hash maps with `BPF_MAP_LOOKUP_BATCH`: a few syscalls for the whole
-//! map instead of one `get_next_key` plus one lookup per key, which matters with thousands of
-//! container interfaces. aya 0.14 has no batch API, so this calls bpf(2) on the map's fd.
+//! Reading the maps with bpf(2) on the map's fd: `BPF_MAP_LOOKUP_BATCH` reads the used slots of
+//! a per-CPU array in one syscall (aya 0.14 has no batch API), and single lookups, updates and
+//! program counters.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -9,7 +9,6 @@ use aya::Pod;
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
@@ -73,7 +72,7 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// `union bpf_attr`'s map element member, for delete.
+/// `union bpf_attr`'s map element member.
 #[repr(C)]
 #[derive(Default)]
 struct ElemAttr {
@@ -112,56 +111,46 @@ fn sum_percpu<V: Pod + Default>(values: &[u8], ncpus: usize, stride: usize, add:
     total
 }
 
-/// Every (key, per-CPU sum) of a per-CPU hash map, with `add` summing one CPU's value into the
-/// total. Entries are read in batches of `chunk` keys.
-pub fn lookup_all_percpu<K: Pod, V: Pod + Default>(
+/// The per-CPU sums of entries `0..n` of a per-CPU array, in index order: one batch lookup,
+/// which copies `n * ncpus` values (the slots the agent handed out are the low ones).
+pub fn lookup_prefix_percpu<V: Pod + Default>(
     fd: BorrowedFd<'_>,
     ncpus: usize,
+    n: usize,
     add: impl Fn(&mut V, &V),
-) -> io::Result<Vec<(K, V)>> {
-    // Per-CPU values are laid out at 8-byte strides.
-    let stride = std::mem::size_of::<V>().div_ceil(8) * 8;
-    let mut chunk: usize = 256;
-    let mut out = Vec::new();
-    let mut token: u64 = 0;
-    let mut first = true;
-    loop {
-        let mut keys = vec![0u8; chunk * std::mem::size_of::<K>()];
-        let mut values = vec![0u8; chunk * stride * ncpus];
-        let mut next: u64 = 0;
-        let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { &token as *const u64 as u64 },
-            out_batch: &mut next as *mut u64 as u64,
-            keys: keys.as_mut_ptr() as u64,
-            values: values.as_mut_ptr() as u64,
-            count: chunk as u32,
-            map_fd: fd.as_raw_fd() as u32,
-            ..Default::default()
-        };
-        let res = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let done = match res {
-            Ok(()) => false,
-            // ENOENT: no more entries; `count` says how many this last call returned.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            // ENOSPC: one hash bucket holds more keys than fit in the buffer; grow and retry.
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && chunk < 1 << 20 => {
-                chunk *= 4;
-                continue;
-            }
-            Err(e) => return Err(e),
-        };
-        let n = attr.count as usize;
-        for i in 0..n {
-            // SAFETY: the kernel wrote `n` keys and `n * ncpus` values; K and V are Pod.
-            let key = unsafe { std::ptr::read_unaligned(keys.as_ptr().add(i * std::mem::size_of::<K>()).cast::<K>()) };
-            out.push((key, sum_percpu(&values[i * ncpus * stride..], ncpus, stride, &add)));
-        }
-        if done {
-            return Ok(out);
-        }
-        token = next;
-        first = false;
+) -> io::Result<Vec<V>> {
+    if n == 0 {
+        return Ok(Vec::new());
     }
+    let stride = std::mem::size_of::<V>().div_ceil(8) * 8;
+    let mut keys = vec![0u32; n];
+    let mut values = vec![0u8; n * stride * ncpus];
+    let mut next: u32 = 0;
+    let mut attr = BatchAttr {
+        out_batch: &mut next as *mut u32 as u64,
+        keys: keys.as_mut_ptr() as u64,
+        values: values.as_mut_ptr() as u64,
+        count: n as u32,
+        map_fd: fd.as_raw_fd() as u32,
+        ..Default::default()
+    };
+    match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
+        // ENOENT: the read reached the array's end; `count` says how many it returned.
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+        Err(e) => return Err(e),
+    }
+    let got = attr.count as usize;
+    if got != n || keys.iter().enumerate().any(|(i, &k)| k as usize != i) {
+        return Err(io::Error::other(format!("batch read of entries 0..{n} returned {got} entries, keys {keys:?}")));
+    }
+    Ok((0..n).map(|i| sum_percpu(&values[i * ncpus * stride..], ncpus, stride, &add)).collect())
+}
+
+/// Entries `0..n` of an array with one value per entry shared by all CPUs, in index order: one
+/// batch lookup, one copy per entry whatever the number of CPUs.
+pub fn lookup_prefix_shared<V: Pod + Default>(fd: BorrowedFd<'_>, n: usize) -> io::Result<Vec<V>> {
+    lookup_prefix_percpu(fd, 1, n, |total: &mut V, one: &V| *total = *one)
 }
 
 /// The per-CPU sums of `keys` that are in the map (absent keys are left out), one lookup per
@@ -197,15 +186,6 @@ pub fn lookup_percpu<K: Pod, V: Pod + Default>(
 /// hash map), absent keys left out: one copy per key whatever the number of CPUs.
 pub fn lookup_shared<K: Pod, V: Pod + Default>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<Vec<(K, V)>> {
     lookup_percpu(fd, 1, keys, |total: &mut V, one: &V| *total = *one)
-}
-
-/// Deletes `key`; a key already gone is not an error.
-pub fn delete<K: Pod>(fd: BorrowedFd<'_>, key: &K) -> io::Result<()> {
-    let mut attr = ElemAttr { map_fd: fd.as_raw_fd() as u32, key: key as *const K as u64, ..Default::default() };
-    match bpf(BPF_MAP_DELETE_ELEM, &mut attr) {
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
-        other => other,
-    }
 }
 
 /// Sets `key` to `value` (creating or replacing it; for an array, `key` is the index).

@@ -1,13 +1,14 @@
-//! Kernel counters from BPF programs: the programs count disk and network I/O in per-CPU maps,
+//! Kernel counters from BPF programs: the programs count disk and network I/O in per-CPU arrays
+//! indexed by the slot the agent gives each disk and interface,
 //! and [`Probes`] loads them, attaches them and reads the maps. A library: it knows nothing of
 //! collectors or the config (the collectors that report these counters are
 //! `collector::disk::ebpf` and `collector::net::ebpf`).
 //!
 //! - [`btf`]: field offsets from the running kernel's BTF.
 //! - [`load`]: loading the embedded object, attaching, classifying failures.
-//! - [`maps`]: batch reads of the per-CPU maps.
+//! - [`maps`]: batch reads of the per-CPU arrays, lookups and updates.
 //! - [`link_events`]: interface changes from rtnetlink, so interfaces are re-listed only then.
-//! - [`slots`]: the slot table that gives each disk its histogram slot.
+//! - [`slots`]: the slot tables that give each disk and interface its slot.
 
 pub mod btf;
 pub mod link_events;
@@ -19,19 +20,14 @@ use std::os::fd::{AsFd as _, BorrowedFd};
 use std::sync::Mutex;
 
 use anyhow::{Context as _, anyhow};
+use aya::Ebpf;
 use aya::maps::Map;
-use aya::{Ebpf, Pod};
 use dcmon_common::ebpf::{
     DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_OPS, LatencyHist,
     NET_DROP_MAP, NET_MAP, NET_SLOT_MAP, NetKey, NetSlot, NetValue, OOM_MAP, PROGRAMS, TCP_MAP, TcpCounts,
 };
 
 pub use load::{LoadError, Reason};
-
-/// Up to this many keys, read them one lookup each rather than with a batch lookup, which
-/// walks every bucket of the table whatever it holds: a few keys cost less one by one, many
-/// cost less batched (README, Performance).
-const FEW_KEYS: usize = 64;
 
 /// Sums one CPU's disk counters into `total`.
 fn add_disk(total: &mut DiskValue, v: &DiskValue) {
@@ -96,13 +92,24 @@ fn release_freed_heap() {
     }
 }
 
+/// The log line for a program that could not be loaded: `check` shows these on lines of
+/// their own and recognises them among the other warnings by this text.
+pub fn left_out_message(program: &str, why: &str) -> String {
+    format!("eBPF program {program} not loaded, its metrics are absent: {why}")
+}
+
 impl Probes {
     /// Loads the embedded object and attaches every program, counting the interfaces of
     /// network namespace `netns` (its inode number; None: every namespace).
     pub fn attach(netns: Option<u32>) -> Result<Self, LoadError> {
-        let load::Attached { ebpf, drop_reasons, failed } = load::load_and_attach(load::OBJECT, netns)?;
+        Self::attach_with_btf(std::path::Path::new(load::VMLINUX_BTF), netns)
+    }
+
+    /// [`Probes::attach`] with the kernel's BTF read from `btf_path`.
+    pub fn attach_with_btf(btf_path: &std::path::Path, netns: Option<u32>) -> Result<Self, LoadError> {
+        let load::Attached { ebpf, drop_reasons, failed } = load::load_and_attach(btf_path, load::OBJECT, netns)?;
         for (program, e) in &failed {
-            tracing::warn!("eBPF program {program} not loaded, its metrics are absent: {e}");
+            tracing::warn!("{}", left_out_message(program, &e.to_string()));
         }
         let failed = failed.into_iter().map(|(p, e)| (p, e.to_string())).collect();
         release_freed_heap();
@@ -121,7 +128,7 @@ impl Probes {
     fn with_map_fd<T>(&self, name: &str, f: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<T>) -> anyhow::Result<T> {
         let ebpf = self.ebpf.lock().map_err(|_| anyhow!("eBPF state poisoned by an earlier panic"))?;
         match ebpf.map(name) {
-            Some(Map::PerCpuHashMap(data) | Map::PerCpuArray(data) | Map::Array(data) | Map::LruHashMap(data)) => {
+            Some(Map::PerCpuArray(data) | Map::Array(data) | Map::LruHashMap(data)) => {
                 f(data.fd().as_fd()).with_context(|| format!("BPF map {name}"))
             }
             Some(_) => Err(anyhow!("BPF map {name} is not of a type the agent reads")),
@@ -129,8 +136,8 @@ impl Probes {
         }
     }
 
-    /// The latency slot of disk `key`, given it now if it has none: None when every slot is
-    /// taken (its I/O is then timed in the overflow slot).
+    /// The slot of disk `key` (its counters and latency histograms), given it now if it has
+    /// none: None when every slot is taken (its I/O is then counted in the overflow slot).
     pub fn disk_slot(&self, key: DiskKey) -> anyhow::Result<Option<u32>> {
         let mut table = self.disk_slots.lock().map_err(|_| anyhow!("disk slots poisoned by an earlier panic"))?;
         if let Some(slot) = table.slot_of(key.dev) {
@@ -145,8 +152,8 @@ impl Probes {
         Ok(Some(slot))
     }
 
-    /// The drop slot of interface `key`, given it now if it has none: None when every slot is
-    /// taken (its drops are then counted in the overflow slot).
+    /// The slot of interface `key` (its counters and drops), given it now if it has none: None
+    /// when every slot is taken (its packets are then counted in the overflow slot).
     pub fn net_slot(&self, key: NetKey) -> anyhow::Result<Option<u32>> {
         let mut table = self.net_slots.lock().map_err(|_| anyhow!("interface slots poisoned by an earlier panic"))?;
         if let Some(slot) = table.slot_of(key) {
@@ -176,9 +183,24 @@ impl Probes {
         Ok(found.into_iter().next().map(|(_, v)| v).unwrap_or_default())
     }
 
+    /// The drop counts of every interface slot handed out and of the slots below them (the
+    /// overflow and no-device slots first), indexed by slot: one batch read of the array's
+    /// prefix instead of a lookup per slot.
+    pub fn net_drops_all(&self) -> anyhow::Result<Vec<DropCounts>> {
+        let end = self.net_slots.lock().map_err(|_| anyhow!("interface slots poisoned by an earlier panic"))?.end();
+        self.with_map_fd(NET_DROP_MAP, |fd| maps::lookup_prefix_shared(fd, end as usize))
+    }
+
     /// Whether program `name` is loaded and attached.
     pub fn attached(&self, name: &str) -> bool {
         !self.failed.iter().any(|(p, _)| *p == name)
+    }
+
+    /// Ok when every one of `programs` is attached, else which are not and why.
+    pub fn counts(&self, programs: &[&str]) -> Result<(), String> {
+        let missing: Vec<String> =
+            self.failed.iter().filter(|(p, _)| programs.contains(p)).map(|(_, why)| why.clone()).collect();
+        if missing.is_empty() { Ok(()) } else { Err(missing.join("; ")) }
     }
 
     /// The optional programs that could not be loaded, with why.
@@ -229,67 +251,53 @@ impl Probes {
         Ok(out)
     }
 
-    /// Every disk's counters since attach, summed over CPUs.
+    /// The latency histograms of every disk slot handed out and of the slots below them (the
+    /// overflow slot first), indexed by slot, one per op: one batch read of the array's prefix
+    /// instead of a lookup per slot and op.
+    pub fn disk_latency_all(&self) -> anyhow::Result<Vec<[LatencyHist; LAT_OPS as usize]>> {
+        let end = self.disk_slots.lock().map_err(|_| anyhow!("disk slots poisoned by an earlier panic"))?.end();
+        let entries = end as usize * LAT_OPS as usize;
+        let flat: Vec<LatencyHist> = self.with_map_fd(DISK_LAT_MAP, |fd| maps::lookup_prefix_shared(fd, entries))?;
+        Ok(flat
+            .chunks_exact(LAT_OPS as usize)
+            .map(|ops| std::array::from_fn(|op| ops[op]))
+            .collect())
+    }
+
+    /// The counters of every disk slot handed out and of the slots below them (the overflow
+    /// slot first), indexed by slot, summed over CPUs: one batch read.
+    pub fn disk_counters(&self) -> anyhow::Result<Vec<DiskValue>> {
+        let end = self.disk_slots.lock().map_err(|_| anyhow!("disk slots poisoned by an earlier panic"))?.end();
+        let n = self.ncpus;
+        self.with_map_fd(DISK_MAP, |fd| maps::lookup_prefix_percpu(fd, n, end as usize, add_disk))
+    }
+
+    /// Every disk with a slot and its counters since the slot was given, summed over CPUs.
     pub fn disk_totals(&self) -> anyhow::Result<Vec<(DiskKey, DiskValue)>> {
+        let slots: Vec<(u32, u32)> =
+            self.disk_slots.lock().map_err(|_| anyhow!("disk slots poisoned by an earlier panic"))?.slots().collect();
+        let values = self.disk_counters()?;
+        Ok(slots.into_iter().filter_map(|(dev, slot)| Some((DiskKey { dev }, *values.get(slot as usize)?))).collect())
+    }
+
+    /// The counters of every interface slot handed out and of the slots below them, indexed by
+    /// slot, summed over CPUs: one batch read.
+    pub fn net_counters(&self) -> anyhow::Result<Vec<NetValue>> {
+        let end = self.net_slots.lock().map_err(|_| anyhow!("interface slots poisoned by an earlier panic"))?.end();
         let n = self.ncpus;
-        self.with_map_fd(DISK_MAP, |fd| maps::lookup_all_percpu(fd, n, add_disk))
+        self.with_map_fd(NET_MAP, |fd| maps::lookup_prefix_percpu(fd, n, end as usize, add_net))
     }
 
-    /// The counters of at least `keys` (those with I/O), summed over CPUs: one lookup per key
-    /// for a few keys, else the whole map (see [`FEW_KEYS`]).
-    pub fn disk_values(&self, keys: &[DiskKey]) -> anyhow::Result<Vec<(DiskKey, DiskValue)>> {
-        self.values_of(DISK_MAP, keys, add_disk)
-    }
-
-    /// Every (namespace, interface)'s counters since attach, summed over CPUs.
+    /// Every interface with a slot and its counters since the slot was given, summed over CPUs.
     pub fn net_totals(&self) -> anyhow::Result<Vec<(NetKey, NetValue)>> {
-        let n = self.ncpus;
-        self.with_map_fd(NET_MAP, |fd| maps::lookup_all_percpu(fd, n, add_net))
-    }
-
-    /// The counters of at least `keys` (those with traffic), summed over CPUs; see
-    /// [`Probes::disk_values`].
-    pub fn net_values(&self, keys: &[NetKey]) -> anyhow::Result<Vec<(NetKey, NetValue)>> {
-        self.values_of(NET_MAP, keys, add_net)
-    }
-
-    /// `keys` of map `name` (and with many keys, every other entry too), summed over CPUs.
-    fn values_of<K: Pod, V: Pod + Default>(
-        &self,
-        name: &str,
-        keys: &[K],
-        add: fn(&mut V, &V),
-    ) -> anyhow::Result<Vec<(K, V)>> {
-        let n = self.ncpus;
-        if keys.len() > FEW_KEYS {
-            self.with_map_fd(name, |fd| maps::lookup_all_percpu(fd, n, add))
-        } else {
-            self.with_map_fd(name, |fd| maps::lookup_percpu(fd, n, keys, add))
-        }
-    }
-
-    /// The per-key way to read the network map (`get_next_key` + lookup per entry, via aya),
-    /// which [`Probes::net_totals`] replaces; kept for the benchmark's comparison.
-    pub fn net_totals_per_key(&self) -> anyhow::Result<usize> {
-        let ebpf = self.ebpf.lock().map_err(|_| anyhow!("eBPF state poisoned by an earlier panic"))?;
-        let map = ebpf.map(NET_MAP).ok_or_else(|| anyhow!("BPF map {NET_MAP} is not in the loaded object"))?;
-        let map = aya::maps::PerCpuHashMap::<_, NetKey, NetValue>::try_from(map)?;
-        let mut n = 0;
-        for entry in map.iter() {
-            let (_, values) = entry?;
-            n += usize::from(values.iter().any(|v| v.rx_packets + v.tx_packets > 0));
-        }
-        Ok(n)
-    }
-
-    /// Forgets a disk that is gone, so a new disk reusing its number starts from zero.
-    pub fn forget_disk(&self, key: &DiskKey) -> anyhow::Result<()> {
-        self.with_map_fd(DISK_MAP, |fd| maps::delete(fd, key))
-    }
-
-    /// Forgets an interface that is gone.
-    pub fn forget_net(&self, key: &NetKey) -> anyhow::Result<()> {
-        self.with_map_fd(NET_MAP, |fd| maps::delete(fd, key))
+        let slots: Vec<(NetKey, u32)> = self
+            .net_slots
+            .lock()
+            .map_err(|_| anyhow!("interface slots poisoned by an earlier panic"))?
+            .slots()
+            .collect();
+        let values = self.net_counters()?;
+        Ok(slots.into_iter().filter_map(|(key, slot)| Some((key, *values.get(slot as usize)?))).collect())
     }
 
     /// Run count and time of each program; zeros unless `kernel.bpf_stats_enabled` is 1.

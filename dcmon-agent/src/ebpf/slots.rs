@@ -1,4 +1,4 @@
-//! Slot tables: which counter slot each disk or interface has, and where its entry sits in the
+//! Slot tables: which slot (of the counters, histograms and drop counters) each disk or interface has, and where its entry sits in the
 //! direct-mapped table the programs probe (see `dcmon_common::ebpf::DISK_SLOT_MAP` and
 //! `NET_SLOT_MAP`).
 
@@ -21,18 +21,30 @@ pub struct SlotTable<K> {
     used: Vec<bool>,
     /// The key's home index (the program's hash).
     home: fn(K) -> u32,
+    /// The lowest slot handed out; those below are the program's own (overflow, no device).
+    first: u32,
 }
 
 impl<K: Copy + Eq + Hash> SlotTable<K> {
     /// Slots `first..slots` to hand out, from the low end.
     fn new(first: u32, slots: u32, home: fn(K) -> u32) -> Self {
         let free = (first..slots).rev().collect();
-        Self { assigned: HashMap::new(), free, used: vec![false; SLOT_TABLE_ENTRIES as usize], home }
+        Self { assigned: HashMap::new(), free, used: vec![false; SLOT_TABLE_ENTRIES as usize], home, first }
     }
 
     /// The slot of `key`, if it has one.
     pub fn slot_of(&self, key: K) -> Option<u32> {
         self.assigned.get(&key).map(|&(slot, _)| slot)
+    }
+
+    /// Every key with a slot, and its slot.
+    pub fn slots(&self) -> impl Iterator<Item = (K, u32)> + '_ {
+        self.assigned.iter().map(|(&key, &(slot, _))| (key, slot))
+    }
+
+    /// One past the highest slot handed out (at least `first`): the slots a read must cover.
+    pub fn end(&self) -> u32 {
+        self.assigned.values().map(|&(slot, _)| slot + 1).max().unwrap_or(self.first).max(self.first)
     }
 
     /// Gives `key` a slot and a table entry within the program's probe window: (table index,
@@ -57,13 +69,13 @@ impl<K: Copy + Eq + Hash> SlotTable<K> {
     }
 }
 
-/// Disk latency slots, keyed by `DiskKey::dev`; slot 0 is the overflow.
+/// Disk slots, keyed by `DiskKey::dev`; slot 0 is the overflow.
 pub fn disk_slots() -> SlotTable<u32> {
     const _: () = assert!(OVERFLOW_SLOT == 0);
     SlotTable::new(OVERFLOW_SLOT + 1, DISK_SLOTS, slot_table_index)
 }
 
-/// Interface drop slots; slot 0 is the overflow, slot 1 the packets without a device.
+/// Interface slots; slot 0 is the overflow, slot 1 the packets without a device.
 pub fn net_slots() -> SlotTable<NetKey> {
     SlotTable::new(NO_DEVICE_SLOT + 1, NET_SLOTS, net_slot_table_index)
 }
@@ -96,6 +108,7 @@ mod tests {
             table.assign(dev).expect("room");
         }
         assert!(table.assign((7 << 20) | 200).is_none(), "all 63 slots taken");
+        assert_eq!(table.end(), DISK_SLOTS);
         let freed = table.slot_of(devs[3]).expect("assigned");
         assert!(table.release(devs[3]).is_some());
         assert_eq!(table.release(devs[3]), None, "already released");
@@ -121,8 +134,10 @@ mod tests {
     #[test]
     fn interface_slots_start_after_the_no_device_slot() {
         let mut table = net_slots();
+        assert_eq!(table.end(), NO_DEVICE_SLOT + 1, "nothing handed out: the program's slots only");
         let (_, slot) = table.assign(NetKey { ifindex: 1, netns: 4026531840 }).expect("room");
         assert_eq!(slot, NO_DEVICE_SLOT + 1);
+        assert_eq!(table.end(), slot + 1);
         let given = (0..NET_SLOTS).filter_map(|i| table.assign(NetKey { ifindex: 100 + i * 8, netns: 7 })).count();
         assert_eq!(given as u32, NET_SLOTS - 3, "slots 0 and 1 are the program's, one is taken");
     }

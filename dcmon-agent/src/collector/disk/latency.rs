@@ -90,9 +90,11 @@ impl DiskLatency {
     pub fn samples(&mut self, out: &mut Vec<Sample>) -> anyhow::Result<()> {
         let mut keys: Vec<DiskKey> = self.disks.keys().copied().collect();
         keys.sort_by_key(|k| (k.major(), k.minor()));
+        let slots = self.probes.disk_latency_all()?;
+        let zero = [LatencyHist::default(); LAT_OPS as usize];
         for key in keys {
             let Some(disk) = self.disks.get_mut(&key) else { continue };
-            let now = self.probes.disk_latency(disk.slot)?;
+            let now = slots.get(disk.slot as usize).unwrap_or(&zero);
             for (op, (now, start)) in now.iter().zip(&disk.start).enumerate() {
                 let hist = since(now, start);
                 disk.seen[op] |= count(&hist) > 0;
@@ -105,7 +107,7 @@ impl DiskLatency {
         }
         // Without the issue program nothing is timed: no overflow count either.
         if self.probes.attached(PROG_BLOCK_RQ_ISSUE) {
-            let overflow: u64 = self.probes.disk_latency(OVERFLOW_SLOT)?.iter().map(count).sum();
+            let overflow: u64 = slots.get(OVERFLOW_SLOT as usize).unwrap_or(&zero).iter().map(count).sum();
             out.push(
                 Sample::count("dcmon_ebpf_overflow_total", overflow.wrapping_sub(self.overflow_start))
                     .label("map", "disk_latency"),

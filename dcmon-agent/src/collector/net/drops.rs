@@ -86,14 +86,15 @@ impl NetDrops {
     pub fn samples(&mut self, out: &mut Vec<Sample>) -> anyhow::Result<()> {
         let mut ifaces: Vec<&Slotted> = self.ifaces.values().collect();
         ifaces.sort_by(|a, b| a.name.cmp(&b.name));
+        let slots = self.probes.net_drops_all()?;
+        let zero = DropCounts::default();
+        let slot = |slot: u32| slots.get(slot as usize).unwrap_or(&zero);
         for i in ifaces {
-            let now = self.probes.net_drops(i.slot)?;
-            self.push(&now, &i.start, Some(&i.name), out);
+            self.push(slot(i.slot), &i.start, Some(&i.name), out);
         }
-        let now = self.probes.net_drops(NO_DEVICE_SLOT)?;
-        self.push(&now, &self.no_device_start, None, out);
+        self.push(slot(NO_DEVICE_SLOT), &self.no_device_start, None, out);
         if self.probes.attached(PROG_KFREE_SKB) {
-            let overflow: u64 = self.probes.net_drops(OVERFLOW_SLOT)?.reasons.iter().sum();
+            let overflow: u64 = slot(OVERFLOW_SLOT).reasons.iter().sum();
             out.push(
                 Sample::count("dcmon_ebpf_overflow_total", overflow.wrapping_sub(self.overflow_start))
                     .label("map", "net_drops"),

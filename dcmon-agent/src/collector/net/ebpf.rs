@@ -1,20 +1,21 @@
 //! Network I/O from the `netif_receive_skb` and `net_dev_xmit` BPF programs, reported like
 //! [`super::NetCollector`] reports /proc/net/dev.
 //!
-//! Values continue the /proc since-boot counters: at attach the collector records /proc's
-//! values (the baseline) and the map's values (the start), and reports
-//! `baseline + (map now - start)`, so switching modes across a restart shows no jump.
+//! Values continue the /proc since-boot counters: when an interface gets its slot the collector
+//! records /proc's values (the baseline) and the slot's values (the start), and reports
+//! `baseline + (slot now - start)`, so switching modes across a restart shows no jump. An
+//! interface without a slot (all taken) is read from /proc/net/dev.
 //! Interfaces are listed from /sys/class/net at start and again on each rtnetlink link event
 //! (every round where netlink is refused), so renamed interfaces get their current names; the
 //! kernel key (ifindex) never changes under a rename.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::MetadataExt as _;
 use std::sync::Arc;
 
 use anyhow::{Context as _, anyhow};
 use dcmon_common::collector_names;
-use dcmon_common::ebpf::{NetKey, NetValue};
+use dcmon_common::ebpf::{NetKey, NetValue, OVERFLOW_SLOT};
 
 use super::drops::NetDrops;
 use super::{InterfaceCounters, parse_net_dev};
@@ -59,10 +60,14 @@ pub struct EbpfNetCollector {
     filter: DeviceFilter,
     probes: Arc<Probes>,
     netns: u32,
-    /// /proc/net/dev at attach: (rx bytes, tx bytes).
+    /// /proc/net/dev when the interface got its slot: (rx bytes, tx bytes).
     baseline: HashMap<NetKey, (u64, u64)>,
-    /// The map at attach.
-    start: HashMap<NetKey, NetValue>,
+    /// The interface's slot and its counters when the interface got it.
+    start: HashMap<NetKey, (u32, NetValue)>,
+    /// The overflow slot's packets at start.
+    overflow_start: u64,
+    /// The overflow slot's packets since start, as of the last read.
+    overflow: u64,
     /// Interfaces from the last round: name -> key and type.
     known: HashMap<String, Iface>,
     /// Link changes; without it (netlink refused) /sys/class/net is listed every round.
@@ -83,10 +88,11 @@ pub fn own_netns(host: &Host) -> anyhow::Result<u32> {
 }
 
 impl EbpfNetCollector {
-    /// Takes the baseline now; call right after the programs are attached.
+    /// Lists the interfaces and gives each its slot now; call right after the programs are
+    /// attached.
     pub fn new(host: Host, filter: DeviceFilter, probes: Arc<Probes>) -> anyhow::Result<Self> {
         let netns = own_netns(&host)?;
-        let start = probes.net_totals()?.into_iter().collect();
+        let overflow_start = overflow_packets(&probes.net_counters()?);
         // Subscribed before the first listing, so no change after it is missed. The socket
         // hears the agent's own namespace: of use only when the host root shows that one.
         let link_events = if own_netns(&Host::default()).ok() == Some(netns) {
@@ -103,25 +109,44 @@ impl EbpfNetCollector {
             probes,
             netns,
             baseline: HashMap::new(),
-            start,
+            start: HashMap::new(),
+            overflow_start,
+            overflow: 0,
             known: HashMap::new(),
             link_events,
-            stale: false,
+            stale: true,
             inline: false,
             drops,
         };
         c.inline = served_from_kernel_memory(collector_names::NET, [c.host.path("/sys/class/net").as_path()]);
-        let text = c.host.read_to_string("/proc/net/dev")?;
-        let match_all = DeviceFilter { include: PatternList::match_all(), exclude: PatternList::default() };
-        let all = parse_net_dev(&text, &match_all)
-            .with_context(|| format!("parsing {}", c.host.path("/proc/net/dev").display()))?;
-        c.refresh_interfaces()?;
-        for i in all {
-            if let Some(iface) = c.known.get(&i.interface) {
-                c.baseline.insert(iface.key, (i.receive_bytes, i.transmit_bytes));
-            }
-        }
+        c.read_all()?;
         Ok(c)
+    }
+
+    /// /proc/net/dev's byte counters of `fresh` (name, key, slot) and the slots' counters, read
+    /// so that no packet of those slots falls between the two (tried a few times; an interface
+    /// busy throughout may be off by the packets of a few microseconds).
+    fn take_baselines(&mut self, fresh: &[(String, NetKey, u32)]) -> anyhow::Result<Vec<NetValue>> {
+        let match_all = DeviceFilter { include: PatternList::match_all(), exclude: PatternList::default() };
+        let mut before = self.probes.net_counters()?;
+        for _ in 0..5 {
+            let text = self.host.read_to_string("/proc/net/dev")?;
+            let all = parse_net_dev(&text, &match_all)
+                .with_context(|| format!("parsing {}", self.host.path("/proc/net/dev").display()))?;
+            let after = self.probes.net_counters()?;
+            let settled = fresh.iter().all(|&(_, _, slot)| before.get(slot as usize) == after.get(slot as usize));
+            for (name, key, slot) in fresh {
+                if let Some(i) = all.iter().find(|i| i.interface == *name) {
+                    self.baseline.insert(*key, (i.receive_bytes, i.transmit_bytes));
+                }
+                self.start.insert(*key, (*slot, after.get(*slot as usize).copied().unwrap_or_default()));
+            }
+            if settled {
+                return Ok(after);
+            }
+            before = after;
+        }
+        Ok(before)
     }
 
     fn refresh_interfaces(&mut self) -> anyhow::Result<()> {
@@ -145,43 +170,70 @@ impl EbpfNetCollector {
             if current.get(name).map(|c| c.key) != Some(i.key) && !current.values().any(|c| c.key == i.key) {
                 self.baseline.remove(&i.key);
                 self.start.remove(&i.key);
-                self.probes.forget_net(&i.key)?;
+                self.probes.release_net_slot(i.key)?;
             }
         }
         self.known = current;
         Ok(())
     }
 
-    /// Every interface of this namespace now, before filtering, sorted by name. /sys/class/net
-    /// is listed again whenever rtnetlink reported a link change since the last round: an
-    /// interface can be renamed at any time and its counters must follow the new name in the
-    /// same round (the kernel queues the event before the rename returns).
+    /// Every interface of this namespace that the filter allows, now, sorted by name.
+    /// /sys/class/net is listed again whenever rtnetlink reported a link change since the last
+    /// round: an interface can be renamed at any time and its counters must follow the new name
+    /// in the same round (the kernel queues the event before the rename returns).
     pub fn read_all(&mut self) -> anyhow::Result<Vec<InterfaceCounters>> {
         if self.stale || self.link_events.as_ref().is_none_or(LinkEvents::changed) {
             self.stale = true;
             self.refresh_interfaces()?;
             self.stale = false;
         }
-        let keys: Vec<NetKey> = self.known.values().map(|i| i.key).collect();
-        let now: HashMap<NetKey, NetValue> = self.probes.net_values(&keys)?.into_iter().collect();
-        let zero = NetValue::default();
-        let mut out: Vec<InterfaceCounters> = self
-            .known
-            .iter()
-            .map(|(name, i)| {
-                let (base_rx, base_tx) = self.baseline.get(&i.key).copied().unwrap_or((0, 0));
-                let (now_rx, now_tx) = header_adjust(i.arphrd, now.get(&i.key).unwrap_or(&zero));
-                let (s_rx, s_tx) = header_adjust(i.arphrd, self.start.get(&i.key).unwrap_or(&zero));
-                InterfaceCounters {
-                    interface: name.clone(),
-                    receive_bytes: base_rx.wrapping_add(now_rx.wrapping_sub(s_rx)),
-                    transmit_bytes: base_tx.wrapping_add(now_tx.wrapping_sub(s_tx)),
+        let (mut slotted, mut fresh, mut unslotted) = (Vec::new(), Vec::new(), HashSet::new());
+        for (name, i) in self.known.iter().filter(|(name, _)| self.filter.allows(name)) {
+            match self.probes.net_slot(i.key)? {
+                Some(slot) => {
+                    if self.start.get(&i.key).is_none_or(|&(had, _)| had != slot) {
+                        fresh.push((name.clone(), i.key, slot));
+                    }
+                    slotted.push((name.clone(), *i, slot));
                 }
-            })
-            .collect();
+                // No slot left: its packets count in the overflow slot; /proc has its bytes.
+                None => {
+                    unslotted.insert(name.clone());
+                }
+            }
+        }
+        // An interface left out (filtered after a rename) is counted afresh when it is back.
+        let counted: HashSet<NetKey> = slotted.iter().map(|(_, i, _)| i.key).collect();
+        self.start.retain(|key, _| counted.contains(key));
+        let now = if fresh.is_empty() { self.probes.net_counters()? } else { self.take_baselines(&fresh)? };
+        self.overflow = overflow_packets(&now).wrapping_sub(self.overflow_start);
+        let mut out = Vec::with_capacity(slotted.len() + unslotted.len());
+        if !unslotted.is_empty() {
+            let match_all = DeviceFilter { include: PatternList::match_all(), exclude: PatternList::default() };
+            let text = self.host.read_to_string("/proc/net/dev")?;
+            let all = parse_net_dev(&text, &match_all)
+                .with_context(|| format!("parsing {}", self.host.path("/proc/net/dev").display()))?;
+            out.extend(all.into_iter().filter(|i| unslotted.contains(&i.interface)));
+        }
+        let zero = NetValue::default();
+        for (name, i, slot) in slotted {
+            let (base_rx, base_tx) = self.baseline.get(&i.key).copied().unwrap_or((0, 0));
+            let (now_rx, now_tx) = header_adjust(i.arphrd, now.get(slot as usize).unwrap_or(&zero));
+            let (s_rx, s_tx) = header_adjust(i.arphrd, self.start.get(&i.key).map_or(&zero, |(_, v)| v));
+            out.push(InterfaceCounters {
+                interface: name,
+                receive_bytes: base_rx.wrapping_add(now_rx.wrapping_sub(s_rx)),
+                transmit_bytes: base_tx.wrapping_add(now_tx.wrapping_sub(s_tx)),
+            });
+        }
         out.sort_by(|a, b| a.interface.cmp(&b.interface));
         Ok(out)
     }
+}
+
+/// Packets counted in the overflow slot (of interfaces without a slot).
+fn overflow_packets(slots: &[NetValue]) -> u64 {
+    slots.get(OVERFLOW_SLOT as usize).map_or(0, |v| v.rx_packets.wrapping_add(v.tx_packets))
 }
 
 impl Collector for EbpfNetCollector {
@@ -200,7 +252,8 @@ impl Collector for EbpfNetCollector {
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
         let ifaces = self.read_all()?;
-        out.extend(ifaces.iter().filter(|i| self.filter.allows(&i.interface)).flat_map(InterfaceCounters::samples));
+        out.extend(ifaces.iter().flat_map(InterfaceCounters::samples));
+        out.push(Sample::count("dcmon_ebpf_overflow_total", self.overflow).label("map", "net"));
         let filter = &self.filter;
         let allowed = self.known.iter().filter(|(name, _)| filter.allows(name)).map(|(name, i)| (i.key, name.as_str()));
         self.drops.sync(allowed)?;

@@ -134,6 +134,18 @@ vethab12: 100 1 0 0 0 0 0 0 200 2 0 0 0 0 0 0
   bond0: 18446744073709551615 1 0 0 0 0 0 0 5 1 0 0 0 0 0 0
 ";
 
+    /// Real /proc/net/dev is read inline; a fixture tree's (not kernel memory, like a FUSE
+    /// mount) on a thread under the collector timeout.
+    #[test]
+    fn reads_inline_only_from_procfs() {
+        let filter = DeviceFilter::default_interfaces;
+        assert!(!NetCollector::new(Host::default(), filter()).may_block(), "/proc is procfs");
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("proc/net")).expect("mkdir");
+        std::fs::write(dir.path().join("proc/net/dev"), NET_DEV).expect("write");
+        assert!(NetCollector::new(Host::new(dir.path()), filter()).may_block(), "a fixture tree is not procfs");
+    }
+
     #[test]
     fn default_filter_drops_loopback_and_virtual() {
         let i = parse_net_dev(NET_DEV, &DeviceFilter::default_interfaces()).expect("parse");
