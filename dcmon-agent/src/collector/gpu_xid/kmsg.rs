@@ -68,7 +68,7 @@ const READ_BUFFER: usize = 16 * 1024;
 const FOLLOW_EVERY: Duration = Duration::from_millis(100);
 
 /// How long one poll(2) waits before the stop flag is looked at again.
-const POLL_TIMEOUT_MS: i32 = 5000;
+pub(super) const POLL_TIMEOUT_MS: i32 = 5000;
 
 /// What the reader reports.
 pub trait KmsgSink {
@@ -116,6 +116,12 @@ pub fn follow(path: &Path, sink: &mut impl KmsgSink, stop: &AtomicBool) {
                 false
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                // At the ring's end: say so before waiting, or the first round would wait for
+                // the next record or the poll timeout.
+                if !live {
+                    live = true;
+                    sink.caught_up();
+                }
                 let mut fd = libc::pollfd { fd: file.as_raw_fd(), events: libc::POLLIN, revents: 0 };
                 // SAFETY: one valid pollfd for the duration of the call.
                 unsafe { libc::poll(&raw mut fd, 1, POLL_TIMEOUT_MS) };

@@ -294,6 +294,36 @@ fn reader_on_a_fifo_and_without_a_log() {
 }
 
 #[test]
+fn caught_up_is_reported_at_the_end_of_the_ring_not_after_the_wait() {
+    use std::io::Write as _;
+    // A FIFO held open for writing reads like /dev/kmsg at its end: EAGAIN, then poll(2).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fifo = crate::secure_file::test_support::mkfifo(dir.path(), "kmsg");
+    let mut writer = std::fs::File::options().read(true).write(true).open(&fifo).expect("open FIFO");
+    writer.write_all(b"4,3,1,-;NVRM: Xid (PCI:0000:18:00): 79, GPU has fallen off the bus.\n").expect("write");
+    let sink = SeenSink::default();
+    let seen = Arc::clone(&sink.0);
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let reader = {
+        let (path, stop, mut sink) = (fifo.clone(), Arc::clone(&stop), sink.clone());
+        std::thread::spawn(move || follow(&path, &mut sink, &stop))
+    };
+    wait_for(&seen, "the FIFO to be caught up", |s| s.caught_up == 1);
+    let waited = started.elapsed();
+    // The agent's first round waits for this: it must not take the poll's timeout.
+    let poll_timeout = Duration::from_millis(super::kmsg::POLL_TIMEOUT_MS.unsigned_abs().into());
+    assert!(waited < poll_timeout / 2, "caught up after {waited:?}, poll timeout {poll_timeout:?}");
+    assert_eq!(seen.lock().expect("lock").xids, [(3, GPU0, 79, 1, false)]);
+    writer.write_all(b"4,4,2,-;NVRM: Xid (PCI:0000:18:00): 48, DBE.\n").expect("write");
+    wait_for(&seen, "the live line", |s| s.xids.len() == 2);
+    assert_eq!(seen.lock().expect("lock").xids[1], (4, GPU0, 48, 2, true));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.write_all(b"4,5,3,-;wake up\n").expect("write");
+    reader.join().expect("reader ends when stopped");
+}
+
+#[test]
 fn this_hosts_kernel_log_parses_when_readable() {
     use std::io::BufRead as _;
     use std::os::unix::fs::OpenOptionsExt as _;
@@ -325,6 +355,9 @@ fn this_hosts_kernel_log_parses_when_readable() {
     };
     wait_for(&seen, "this host's ring to be read", |s| s.caught_up == 1);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    // A record wakes the reader's poll(2) at once instead of at its timeout (root can write the
+    // log; without the permission the join waits that timeout out).
+    let _ = std::fs::write("/dev/kmsg", "dcmon test: waking the kernel log reader\n");
     reader.join().expect("reader ends when stopped");
 }
 
