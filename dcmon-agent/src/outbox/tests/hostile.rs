@@ -176,6 +176,28 @@ fn a_wall_clock_step_never_drops_batches() {
     assert_eq!(o.stats().dropped_total, 2, "batch 2 (1002) is now over a week old");
 }
 
+// A child process being started holds a copy of the lock's descriptor until it execs, so an
+// outbox closed and opened again in one process found it "in use by" its own pid (memory
+// mode, batches lost at the next restart) when another thread was starting a child then.
+#[test]
+fn a_lock_held_for_a_moment_is_waited_for() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    drop(Outbox::open(dir.path(), LIMITS, 0));
+    // The moment's holder: the same lock file, another open file description.
+    let holder = std::fs::File::options().read(true).write(true).open(dir.path().join(".lock")).expect("open");
+    holder.lock().expect("lock");
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(200));
+        drop(holder);
+    });
+    let mut o = Outbox::open(dir.path(), LIMITS, 0);
+    release.join().expect("holder");
+    assert!(o.persist_error().is_none(), "{:?}", o.persist_error());
+    o.push(1, body(1));
+    drop(o);
+    assert_eq!(inspect(dir.path()).expect("inspect").len(), 1, "persisted, not kept in memory");
+}
+
 // Issue 14 (i): memory mode said "not locked for this agent" instead of the real cause.
 #[test]
 fn memory_mode_reports_the_real_cause() {
