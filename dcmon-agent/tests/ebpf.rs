@@ -216,17 +216,18 @@ impl Drop for Aligned {
 /// blk_update_request and /proc a moment later in __blk_mq_end_request; the loop driver
 /// completes from a kworker that can be preempted in between, so a snapshot taken in that
 /// window (a stray reader such as udev's probe) has eBPF one request ahead of /proc. Both
-/// unchanged over 100 ms means no completion was half done.
-fn stable_snapshot(probes: &Probes, key: DiskKey, name: &str) -> ((u64, u64, u64, u64), DiskCounters) {
+/// unchanged over 100 ms means no completion was half done. The same holds for the TCP
+/// counters against /proc/net/snmp. Panics naming `what` if they never settle.
+fn stable_snapshot<E: PartialEq, P: PartialEq>(what: &str, ebpf: impl Fn() -> E, second: impl Fn() -> P) -> (E, P) {
     for _ in 0..20 {
-        let (p0, e0) = (proc_disk(name), ebpf_disk(probes, key));
+        let (e0, p0) = (ebpf(), second());
         std::thread::sleep(Duration::from_millis(100));
-        let (e1, p1) = (ebpf_disk(probes, key), proc_disk(name));
+        let (p1, e1) = (second(), ebpf());
         if p0 == p1 && e0 == e1 {
             return (e1, p1);
         }
     }
-    panic!("{name}: /proc/diskstats kept changing; something else is using the device");
+    panic!("{what}: the counters kept changing; something else is using it");
 }
 
 const READS: usize = 300;
@@ -246,7 +247,7 @@ fn disk_counts_equal_proc_diskstats_exactly() {
     let key = DiskKey::new(major.parse().expect("major"), minor.parse().expect("minor"));
 
     let mut collector = EbpfDiskCollector::new(Host::default(), match_all(), probes.clone()).expect("collector");
-    let (e0, p0) = stable_snapshot(&probes, key, lo.name());
+    let (e0, p0) = stable_snapshot(lo.name(), || ebpf_disk(&probes, key), || proc_disk(lo.name()));
 
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -273,7 +274,7 @@ fn disk_counts_equal_proc_diskstats_exactly() {
     }
     drop(f);
     std::thread::sleep(Duration::from_millis(200));
-    let (e1, p1) = stable_snapshot(&probes, key, lo.name());
+    let (e1, p1) = stable_snapshot(lo.name(), || ebpf_disk(&probes, key), || proc_disk(lo.name()));
     // The collector's view, read while /proc holds still (as in stable_snapshot).
     let continued = (0..20)
         .find_map(|_| {
@@ -1384,20 +1385,6 @@ fn retrans_segs(ns: &Netns) -> u64 {
     values.split_whitespace().nth(i).and_then(|v| v.parse().ok()).expect("RetransSegs value")
 }
 
-/// The TCP map and namespace `ns`'s RetransSegs, once neither has changed over 100 ms: a
-/// retransmit taking place between the two reads would count in one and not the other.
-fn stable_tcp_snapshot(probes: &Probes, ns: &Netns) -> (dcmon_common::ebpf::TcpCounts, u64) {
-    for _ in 0..20 {
-        let (e0, s0) = (probes.tcp_counts().expect("tcp map"), retrans_segs(ns));
-        std::thread::sleep(Duration::from_millis(100));
-        let (s1, e1) = (retrans_segs(ns), probes.tcp_counts().expect("tcp map"));
-        if e0 == e1 && s0 == s1 {
-            return (e1, s1);
-        }
-    }
-    panic!("namespace {}: TCP counters kept changing; something else is retransmitting", ns.name);
-}
-
 #[test]
 fn tcp_retransmits_equal_retrans_segs() {
     if !can_run("TCP retransmits") {
@@ -1426,7 +1413,11 @@ fn tcp_retransmits_equal_retrans_segs() {
     (&client).write_all(b"before the drop").expect("write");
     std::thread::sleep(Duration::from_millis(200));
 
-    let before = stable_tcp_snapshot(&probes, &a);
+    let before = stable_snapshot(
+        &format!("TCP in namespace {}", a.name),
+        || probes.tcp_counts().expect("tcp map"),
+        || retrans_segs(&a),
+    );
     // B drops everything from A: A's data is never acknowledged and its timer retransmits it.
     b.exec(&["nft", "add", "table", "inet", "dcmon_rtx"]);
     b.exec(&[
@@ -1458,7 +1449,11 @@ fn tcp_retransmits_equal_retrans_segs() {
     assert_eq!(rc, 0, "SO_LINGER: {}", std::io::Error::last_os_error());
     drop(client);
     std::thread::sleep(Duration::from_millis(100));
-    let after = stable_tcp_snapshot(&probes, &a);
+    let after = stable_snapshot(
+        &format!("TCP in namespace {}", a.name),
+        || probes.tcp_counts().expect("tcp map"),
+        || retrans_segs(&a),
+    );
     let ebpf = after.0.retrans_segs[0] - before.0.retrans_segs[0];
     let snmp = after.1 - before.1;
     eprintln!(
