@@ -53,18 +53,24 @@ pub mod ebpf {
     pub const PROG_TCP_RECEIVE_RESET: &str = "tcp_receive_reset";
     /// `tp_btf/mark_victim`: counts OOM kills per memory cgroup.
     pub const PROG_MARK_VICTIM: &str = "mark_victim";
-    /// (program name, kernel tracepoint it attaches to) for every program in the object.
+    /// (program name, kernel tracepoint it attaches to) for every program in the object, in the
+    /// order they are attached: a program comes after those it needs ([`PROGRAM_NEEDS`]).
     pub const PROGRAMS: [(&str, &str); 9] = [
         (PROG_MARK_VICTIM, "mark_victim"),
         (PROG_TCP_RETRANSMIT_SKB, "tcp_retransmit_skb"),
         (PROG_TCP_SEND_RESET, "tcp_send_reset"),
         (PROG_TCP_RECEIVE_RESET, "tcp_receive_reset"),
         (PROG_KFREE_SKB, "kfree_skb"),
-        (PROG_BLOCK_RQ_ISSUE, "block_rq_issue"),
         (PROG_BLOCK_RQ_COMPLETE, "block_rq_complete"),
+        (PROG_BLOCK_RQ_ISSUE, "block_rq_issue"),
         (PROG_NETIF_RECEIVE_SKB, "netif_receive_skb"),
         (PROG_NET_DEV_XMIT, "net_dev_xmit"),
     ];
+
+    /// (program, the program it works for): one left out when the other did not load. The
+    /// issue stamps are read only on completion; without it they would cost every I/O a hash
+    /// update for nothing.
+    pub const PROGRAM_NEEDS: [(&str, &str); 1] = [(PROG_BLOCK_RQ_ISSUE, PROG_BLOCK_RQ_COMPLETE)];
 
     /// The programs the disk counters need: if one of them cannot load, the agent reads disk
     /// I/O from procfs (the network counters stay on eBPF if theirs load).

@@ -8,8 +8,8 @@ use std::path::Path;
 use aya::programs::BtfTracePoint;
 use aya::{Ebpf, EbpfLoader};
 use dcmon_common::ebpf::{
-    DROP_REASON_CONSUMED, DROP_REASONS, NETNS_FILTER, OFF_CSS_SET_MEMCG, OFFSETS, PROGRAM_OFFSETS, PROGRAMS,
-    TCP_RETRANSMIT_HAS_ERR,
+    DROP_REASON_CONSUMED, DROP_REASONS, NETNS_FILTER, OFF_CSS_SET_MEMCG, OFFSETS, PROGRAM_NEEDS, PROGRAM_OFFSETS,
+    PROGRAMS, TCP_RETRANSMIT_HAS_ERR,
 };
 
 use super::btf::{Btf, BtfError};
@@ -402,6 +402,12 @@ pub fn attach_programs(
         let needs = PROGRAM_OFFSETS.iter().find(|(p, _)| *p == name).map_or(&[][..], |(_, n)| *n);
         if let Some((_, e)) = missing.iter().find(|(global, _)| needs.contains(global)) {
             failed.push((name, LoadError { reason: e.reason, detail: format!("{step}: {}", e.detail) }));
+            continue;
+        }
+        let works_for = PROGRAM_NEEDS.iter().find(|(p, _)| *p == name).map(|(_, other)| *other);
+        if let Some((other, e)) = failed.iter().find(|(f, _)| Some(*f) == works_for) {
+            let detail = format!("{step}: left out, it only works for {other}, which did not load: {}", e.detail);
+            failed.push((name, LoadError { reason: e.reason, detail }));
             continue;
         }
         let attached = (|| {
