@@ -265,13 +265,64 @@ pub mod ebpf {
     /// by [`slot_table_index`] with up to [`SLOT_PROBES`] linear probes, so that the completion
     /// program finds a disk's slot with inlined array loads instead of a hash lookup.
     pub const DISK_SLOT_MAP: &str = "DCMON_DISK_SLOT";
-    /// LRU hash `request pointer -> issue time (ns)`, set at `block_rq_issue` and taken at the
-    /// final `block_rq_complete`. LRU so that requests that never complete are evicted instead
-    /// of filling it; completions without a stamp (issued before attach, or evicted) are not
-    /// timed.
+    /// Array of u64 shared by all CPUs, [`RQ_START_ENTRIES`] long: issue stamps of requests in
+    /// flight, direct-mapped by the request's address ([`rq_stamp_index`]), each stamp the
+    /// issue time with check bits of the address ([`rq_stamp`]). Set at `block_rq_issue`, taken
+    /// and cleared at the final `block_rq_complete`: an array load and store where a hash map
+    /// would cost a lookup. A completion whose entry is empty or holds another request's
+    /// stamp (issued before attach, overwritten by a request mapped to the same entry, ended
+    /// without being started) is not timed; a request that never completes leaves a stamp that
+    /// the next request mapped there overwrites.
     pub const RQ_START_MAP: &str = "DCMON_RQ_START";
-    /// Requests in flight that can be timed at once (far above any queue depth sum in practice).
+    /// Entries of [`RQ_START_MAP`] (128 KiB): far above any sum of queue depths in practice.
     pub const RQ_START_ENTRIES: u32 = 16384;
+    /// Bits of a stamp that hold the issue time (ns, modulo 2^48: 78 hours, far longer than any
+    /// request); the 16 above hold the check bits.
+    pub const RQ_STAMP_TIME_BITS: u32 = 48;
+
+    /// The address hashed (murmur3's 64-bit finalizer): requests of one pool are a fixed
+    /// stride apart, a multiple of their alignment, which a plain multiplication keeps in the
+    /// high bits.
+    #[inline(always)]
+    const fn rq_hash(rq: u64) -> u64 {
+        let mut h = rq ^ (rq >> 33);
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
+    }
+
+    /// The [`RQ_START_MAP`] entry of request `rq` (its address).
+    #[inline(always)]
+    pub const fn rq_stamp_index(rq: u64) -> u32 {
+        const _: () = assert!(RQ_START_ENTRIES == 1 << 14);
+        (rq_hash(rq) >> 50) as u32
+    }
+
+    /// The stamp of request `rq` issued at `now_ns`: the time's low 48 bits under 16 check bits
+    /// of the address, so one 64-bit store writes both and a completion knows its own stamp.
+    #[inline(always)]
+    pub const fn rq_stamp(rq: u64, now_ns: u64) -> u64 {
+        let check = (rq_hash(rq) >> 24) & 0xffff;
+        (check << RQ_STAMP_TIME_BITS) | (now_ns & ((1 << RQ_STAMP_TIME_BITS) - 1))
+    }
+
+    /// Whether `stamp` (an entry's value) was written for request `rq`: not empty, and its
+    /// check bits are `rq`'s.
+    #[inline(always)]
+    pub const fn rq_stamp_is_own(rq: u64, stamp: u64) -> bool {
+        stamp != 0 && stamp >> RQ_STAMP_TIME_BITS == rq_stamp(rq, 0) >> RQ_STAMP_TIME_BITS
+    }
+
+    /// The issue-to-completion time of request `rq` completing at `now_ns` from the `stamp` in
+    /// its entry, or `None` when the entry is empty or holds another request's stamp.
+    #[inline(always)]
+    pub const fn rq_latency(rq: u64, stamp: u64, now_ns: u64) -> Option<u64> {
+        if !rq_stamp_is_own(rq, stamp) {
+            return None;
+        }
+        Some(now_ns.wrapping_sub(stamp) & ((1 << RQ_STAMP_TIME_BITS) - 1))
+    }
     /// Disk slots, slot [`OVERFLOW_SLOT`] included: disks beyond that are read from their
     /// /sys/block stat file instead.
     pub const DISK_SLOTS: u32 = 64;
@@ -543,6 +594,35 @@ mod tests {
         for (op, want) in ops {
             assert_eq!(lat_op(op | 0x0800_0800), want, "op {op}");
         }
+    }
+
+    #[test]
+    fn request_stamps_spread_and_time_only_their_own_request() {
+        extern crate std;
+        use std::vec::Vec;
+
+        use super::ebpf::{RQ_START_ENTRIES, rq_latency, rq_stamp, rq_stamp_index};
+        // A pool of 1,024 requests 384 bytes apart (a request and its driver data): they fall
+        // in nearly as many entries, so requests in flight rarely share one.
+        let pool: Vec<u64> = (0..1024u64).map(|i| 0xffff_8881_0a00_0000 + i * 384).collect();
+        let mut entries: Vec<u32> = pool.iter().map(|&rq| rq_stamp_index(rq)).collect();
+        assert!(entries.iter().all(|&e| e < RQ_START_ENTRIES));
+        entries.sort_unstable();
+        entries.dedup();
+        assert!(entries.len() > 990, "{} entries for 1,024 requests", entries.len());
+        // A request's own stamp gives its latency, across the 48-bit wrap of the stored time.
+        let (rq, other) = (pool[0], pool[1]);
+        for (issued, took) in [(5_000u64, 40_000u64), ((1 << 48) - 10, 25), (u64::MAX - 3, 1_000_000)] {
+            let stamp = rq_stamp(rq, issued);
+            assert_ne!(stamp, 0);
+            assert_eq!(rq_latency(rq, stamp, issued.wrapping_add(took)), Some(took), "issued at {issued}");
+        }
+        // An empty entry and another request's stamp time nothing.
+        assert_eq!(rq_latency(rq, 0, 1_000), None);
+        let theirs = rq_stamp(other, 500);
+        assert_eq!(rq_latency(rq, theirs, 1_000), None);
+        let same_check = pool.iter().filter(|&&o| o != rq && rq_stamp(o, 0) == rq_stamp(rq, 0)).count();
+        assert!(same_check <= 1, "{same_check} requests of the pool share rq's check bits");
     }
 
     #[test]

@@ -3,13 +3,13 @@
 use aya_ebpf::bindings::BPF_NOEXIST;
 use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel};
 use aya_ebpf::macros::{btf_tracepoint, map};
-use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
+use aya_ebpf::maps::{Array, HashMap, PerCpuArray};
 use aya_ebpf::programs::BtfTracePointContext;
 use dcmon_common::ebpf::{
     AF_INET, AF_INET6, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_BUCKETS, LAT_OPS,
     LatencyHist, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue, OOM_MAP_ENTRIES, OVERFLOW_SLOT, OpGroup,
     RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TcpCounts, lat_bucket, lat_op,
-    net_slot_table_index, op_group, slot_table_index,
+    net_slot_table_index, op_group, rq_latency, rq_stamp, rq_stamp_index, rq_stamp_is_own, slot_table_index,
 };
 
 /// Per disk slot, per CPU, so the hot path updates its own CPU's copy without locks or atomics
@@ -30,9 +30,10 @@ static DCMON_DISK_LAT: Array<LatencyHist> = Array::with_max_entries(DISK_SLOTS *
 #[map]
 static DCMON_DISK_SLOT: Array<DiskSlot> = Array::with_max_entries(SLOT_TABLE_ENTRIES, 0);
 
-/// Issue time of requests in flight: see dcmon_common::ebpf::RQ_START_MAP.
+/// Issue stamps of requests in flight, direct-mapped by address: see
+/// dcmon_common::ebpf::RQ_START_MAP.
 #[map]
-static DCMON_RQ_START: LruHashMap<u64, u64> = LruHashMap::with_max_entries(RQ_START_ENTRIES, 0);
+static DCMON_RQ_START: Array<u64> = Array::with_max_entries(RQ_START_ENTRIES, 0);
 
 /// Drops per interface slot and reason: see dcmon_common::ebpf::NET_DROP_MAP. Shared by all
 /// CPUs (atomic adds), like DCMON_DISK_LAT.
@@ -222,19 +223,27 @@ pub fn block_rq_issue(ctx: BtfTracePointContext) -> i32 {
     if let Some(cmd_flags) = read::<u32>(rq as usize, off(&OFF_RQ_CMD_FLAGS))
         && lat_op(cmd_flags).is_some()
     {
-        // SAFETY: a helper call.
-        let now = unsafe { bpf_ktime_get_ns() };
-        // Requests come from each queue's fixed pool, so their addresses recur: after the first
-        // use of a request, stamping it is a lookup and a store, without a map update.
-        match DCMON_RQ_START.get_ptr_mut(&rq) {
-            // SAFETY: a value pointer the lookup returned. A requeued request is stamped again.
-            Some(stamp) => unsafe { *stamp = now },
-            None => {
-                let _ = DCMON_RQ_START.insert(&rq, &now, 0);
-            }
+        if let Some(rq) = request_id(rq)
+            && let Some(entry) = DCMON_RQ_START.get_ptr_mut(rq_stamp_index(rq))
+        {
+            // SAFETY: a helper call.
+            let now = unsafe { bpf_ktime_get_ns() };
+            // SAFETY: a value pointer the lookup returned; one aligned 64-bit store, so a
+            // completion on another CPU reads the whole stamp or the one before. A requeued
+            // request is stamped again.
+            unsafe { core::ptr::write_volatile(entry, rq_stamp(rq, now)) };
         }
     }
     0
+}
+
+/// Request `rq`'s address as a number the program may hash: its distance from the stamp array,
+/// whose address is fixed. The verifier refuses arithmetic on a kernel pointer other than
+/// adding an offset, but lets a program loaded with CAP_PERFMON subtract two pointers.
+#[inline(always)]
+fn request_id(rq: u64) -> Option<u64> {
+    let base = DCMON_RQ_START.get_ptr(0)? as u64;
+    Some(rq.wrapping_sub(base))
 }
 
 /// The slot the agent gave disk `dev`, or the overflow slot: a few inlined array loads.
@@ -253,19 +262,23 @@ fn disk_slot(dev: u32) -> u32 {
 }
 
 /// Adds the issue-to-completion time of request `rq` to disk slot `slot`'s histogram of `op`.
-/// A request without a stamp (issued before the programs attached, or evicted) is not timed.
+/// A request whose entry holds no stamp of its own (issued before the programs attached, or
+/// overwritten by another request mapped to the same entry) is not timed.
 #[inline(always)]
 fn time_request(rq: u64, slot: u32, op: u32) {
-    let Some(stamp) = DCMON_RQ_START.get_ptr_mut(&rq) else { return };
-    // SAFETY: a value pointer the lookup returned. The stamp is cleared, not deleted (the
-    // address comes back with the next request from the pool); a completion that no issue
-    // stamped since (ended without being started) finds 0 and is not timed.
-    let start = unsafe { core::ptr::replace(stamp, 0) };
-    if start == 0 {
+    let Some(rq) = request_id(rq) else { return };
+    let Some(entry) = DCMON_RQ_START.get_ptr_mut(rq_stamp_index(rq)) else { return };
+    // SAFETY: a value pointer the lookup returned.
+    let stamp = unsafe { core::ptr::read_volatile(entry) };
+    if !rq_stamp_is_own(rq, stamp) {
         return;
     }
+    // SAFETY: as above. Cleared, so that this request's address, back from its pool without
+    // being started again, finds no stamp. A request mapped to the same entry and stamped
+    // between the read and this store loses its stamp and goes untimed: never a wrong time.
+    unsafe { core::ptr::write_volatile(entry, 0) };
     // SAFETY: a helper call.
-    let ns = unsafe { bpf_ktime_get_ns() }.wrapping_sub(start);
+    let Some(ns) = rq_latency(rq, stamp, unsafe { bpf_ktime_get_ns() }) else { return };
     let Some(hist) = DCMON_DISK_LAT.get_ptr_mut(slot * LAT_OPS + op) else { return };
     let bucket = lat_bucket(ns) as usize;
     if bucket < LAT_BUCKETS as usize {
