@@ -37,7 +37,10 @@ pub enum Reason {
     /// EAGAIN, EINTR or EBUSY: the kernel refused for the moment (the verifier gives up with
     /// EAGAIN when a signal arrives, such as a SIGHUP during a reload); worth trying again.
     Transient,
-    /// Anything else (verifier rejection, resource limits...).
+    /// The kernel's verifier ran and refused a program (it answers EACCES or EINVAL, with its
+    /// log; missing privilege fails before it runs, with no log).
+    VerifierRefused,
+    /// Anything else (resource limits...).
     Other,
 }
 
@@ -50,6 +53,7 @@ impl Reason {
             Self::MissingTracepoint => "a tracepoint the programs need is missing in this kernel",
             Self::KernelLayout => "this kernel's structs lack a field the programs read",
             Self::Transient => "the kernel kept refusing the BPF programs for the moment (EAGAIN, EINTR or EBUSY)",
+            Self::VerifierRefused => "this kernel's BPF verifier refused the program",
             Self::Other => "loading the BPF programs failed",
         }
     }
@@ -105,7 +109,15 @@ fn unknown_btf_type(e: &(dyn StdError + 'static)) -> bool {
 }
 
 fn classify(step: &str, e: &(dyn StdError + 'static), attaching: bool) -> LoadError {
-    let reason = match errno_of(e) {
+    let errno = errno_of(e);
+    if !matches!(errno, Some(libc::EAGAIN | libc::EINTR | libc::EBUSY))
+        && let Some(log) = verifier_log(e)
+    {
+        let errno = errno.map_or_else(String::new, |n| format!(" ({})", io::Error::from_raw_os_error(n)));
+        let detail = format!("{step}: BPF_PROG_LOAD{errno}, the verifier's last words: {}", verifier_log_tail(&log));
+        return LoadError { reason: Reason::VerifierRefused, detail };
+    }
+    let reason = match errno {
         Some(libc::EPERM | libc::EACCES) => Reason::NoPrivilege,
         Some(libc::ENOSYS) => Reason::NoBpf,
         Some(libc::EAGAIN | libc::EINTR | libc::EBUSY) => Reason::Transient,
@@ -124,6 +136,29 @@ fn classify(step: &str, e: &(dyn StdError + 'static), attaching: bool) -> LoadEr
         src = s.source();
     }
     LoadError { reason, detail }
+}
+
+/// The verifier's log of a refused BPF_PROG_LOAD in `e`'s chain, when it wrote one.
+fn verifier_log(e: &(dyn StdError + 'static)) -> Option<String> {
+    let mut cur: Option<&(dyn StdError + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(aya::programs::ProgramError::LoadError { verifier_log, .. }) = err.downcast_ref() {
+            let log = verifier_log.to_string();
+            return (!log.trim().is_empty()).then_some(log);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// Lines of the verifier's log kept in the error: its log walks every instruction (thousands
+/// of lines) and ends with why it refused and its statistics.
+const VERIFIER_TAIL_LINES: usize = 4;
+
+/// The last [`VERIFIER_TAIL_LINES`] non-empty lines of a verifier log, joined with " | ".
+fn verifier_log_tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    lines[lines.len().saturating_sub(VERIFIER_TAIL_LINES)..].join(" | ")
 }
 
 /// Largest BTF file read: kernels' are a few MB; a file far bigger is not one.
@@ -459,6 +494,57 @@ mod tests {
         let e = classify("program block_rq_complete", &missing, false);
         assert_eq!(e.reason, Reason::MissingTracepoint);
         assert!(e.to_string().contains("btf_trace_block_rq_complete"), "{e}");
+    }
+
+    /// The verifier answers EACCES for a program it refuses, the errno of missing privilege: its
+    /// log tells the two apart. Reported as "no privilege" with the whole log before.
+    #[test]
+    fn a_verifier_refusal_is_not_taken_for_missing_privilege() {
+        let mut log = String::from("0: R1=ctx() R10=fp0\n");
+        for i in 0..2000 {
+            log.push_str(&format!("{i}: (bf) r1 = r9 ; R1=trusted_ptr_request()\n"));
+        }
+        log.push_str(
+            "154: (77) r1 >>= 33\nR1 pointer arithmetic with >>= operator prohibited\nverification time 1546 usec\n\
+             stack depth 40\nprocessed 133 insns (limit 1000000) max_states_per_insn 0 total_states 10\n",
+        );
+        let refused = |errno| aya::programs::ProgramError::LoadError {
+            io_error: io::Error::from_raw_os_error(errno),
+            verifier_log: aya_obj::VerifierLog::new(log.clone()),
+        };
+        for errno in [libc::EACCES, libc::EINVAL] {
+            let e = classify("program block_rq_issue (tp_btf/block_rq_issue): load", &refused(errno), false);
+            assert_eq!(e.reason, Reason::VerifierRefused);
+            let text = e.to_string();
+            assert!(
+                text.starts_with(
+                    "this kernel's BPF verifier refused the program: program block_rq_issue (tp_btf/block_rq_issue): \
+                     load: BPF_PROG_LOAD ("
+                ),
+                "{text}"
+            );
+            assert!(
+                text.ends_with(
+                    "the verifier's last words: R1 pointer arithmetic with >>= operator prohibited | verification \
+                     time 1546 usec | stack depth 40 | processed 133 insns (limit 1000000) max_states_per_insn 0 \
+                     total_states 10"
+                ),
+                "{text}"
+            );
+            assert!(text.len() < 400, "the instruction walk is left out: {} bytes", text.len());
+        }
+        // No log: the load was refused before the verifier ran.
+        let unprivileged = aya::programs::ProgramError::LoadError {
+            io_error: io::Error::from_raw_os_error(libc::EPERM),
+            verifier_log: aya_obj::VerifierLog::new(String::new()),
+        };
+        assert_eq!(classify("s", &unprivileged, false).reason, Reason::NoPrivilege);
+        // A verifier interrupted by a signal is still worth another try.
+        let interrupted = aya::programs::ProgramError::LoadError {
+            io_error: io::Error::from_raw_os_error(libc::EAGAIN),
+            verifier_log: aya_obj::VerifierLog::new(log.clone()),
+        };
+        assert_eq!(classify("s", &interrupted, false).reason, Reason::Transient);
     }
 
     #[test]
