@@ -92,3 +92,61 @@ impl SharedOutbox {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::outbox::OutboxLimits;
+
+    fn shared(dir: &std::path::Path) -> SharedOutbox {
+        let limits = OutboxLimits { max_bytes: 64 << 20, max_age: Duration::from_secs(86400) };
+        SharedOutbox::new(Outbox::open(dir.join("outbox"), limits, 1_700_000_000))
+    }
+
+    fn body(timestamp: i64) -> Bytes {
+        Bytes::from(format!(r#"{{"timestamp":{timestamp},"metrics":[]}}"#))
+    }
+
+    /// Whether `watch` wakes within 100 ms (paused time: no real wait).
+    async fn wakes(watch: &mut PushWatch) -> bool {
+        tokio::time::timeout(Duration::from_millis(100), watch.pushed()).await.is_ok()
+    }
+
+    /// Every output's delivery task wakes at a push (not only one of them), a wake-up is not
+    /// lost when the push comes before the wait, and a task waits while nothing was pushed.
+    #[tokio::test(start_paused = true)]
+    async fn a_push_wakes_every_watcher_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = shared(dir.path());
+        let (mut first, mut second) = (outbox.watch_pushes(), outbox.watch_pushes());
+        assert!(!wakes(&mut first).await, "nothing pushed yet");
+        let _ = outbox.push(1, body(1));
+        assert!(wakes(&mut first).await && wakes(&mut second).await, "both outputs wake");
+        assert!(!wakes(&mut first).await, "one wake-up per push");
+        let mut late = outbox.watch_pushes();
+        assert!(!wakes(&mut late).await, "pushes before the watch began are not seen");
+    }
+
+    /// The second batch stored while the first waits must be fsynced before anything else; after
+    /// `sync` nothing is left to fsync. Stats and samples read the same outbox.
+    #[tokio::test]
+    async fn a_batch_behind_another_is_due_for_sync_and_sync_does_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outbox = shared(dir.path());
+        assert!(!outbox.push(1, body(1)), "the only batch goes out at once: no fsync due");
+        assert!(outbox.push(2, body(2)), "a batch behind another waits: fsync due");
+        assert!(outbox.lock().sync_job().is_some());
+        outbox.sync().await;
+        assert!(outbox.lock().sync_job().is_none(), "sync wrote everything to disk");
+        assert!(!outbox.lock().backlog_needs_sync());
+        let stats = outbox.stats();
+        assert_eq!(stats.batches, 2);
+        assert!(stats.bytes > (body(1).len() + body(2).len()) as u64, "the records, headers and bodies: {stats:?}");
+        let samples = outbox.samples(1_700_000_000);
+        let batches = samples.iter().find(|s| s.name == "dcmon_outbox_batches").map(|s| s.value.as_f64());
+        assert_eq!(batches, Some(2.0), "{samples:?}");
+        assert_eq!(samples.iter().filter(|s| s.name.starts_with("dcmon_outbox_")).count(), 5, "{samples:?}");
+    }
+}

@@ -133,6 +133,29 @@ fn a_segment_truncated_underneath_is_noticed_and_later_batches_are_kept() {
     assert_eq!(o.stats().corrupt_total, 2, "nothing written after the truncation was damaged");
 }
 
+/// A record ends with its newline (`Entry::record_end`): a segment cut by that one byte has
+/// lost the record, since the next append would run on from its line, so its batch is rewritten.
+#[test]
+fn a_segment_cut_by_its_last_newline_has_that_batch_rewritten() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = Outbox::open(dir.path(), LIMITS, 0);
+    for i in 0..3 {
+        o.push(i, body(u32::try_from(i).expect("small")));
+    }
+    let seg = &segments(dir.path())[0];
+    let len = std::fs::metadata(seg).expect("segment").len();
+    File::options().write(true).open(seg).and_then(|f| f.set_len(len - 1)).expect("truncate");
+    let ((), log) = logged(|| o.push(3, body(3)));
+    let line = format!(
+        "(only its first {} bytes are as written); rewrote 1 batches into a new segment, 0 could not be read back",
+        len - 1
+    );
+    assert!(log.contains(&line), "{log}");
+    assert_eq!(o.stats().corrupt_total, 0);
+    let want: Vec<Bytes> = (0..4).map(body).collect();
+    assert_eq!(drain(&mut o), want);
+}
+
 // Issue 14 (f): a second agent ran anyway, in memory, and sent every batch twice.
 #[test]
 fn open_exclusive_refuses_an_outbox_in_use_naming_the_directory_and_pid() {
