@@ -26,8 +26,8 @@ use dcmon_agent::ebpf::{Probes, load};
 use dcmon_agent::filter::PatternList;
 use dcmon_agent::host::Host;
 use dcmon_common::ebpf::{
-    DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DiskKey, NET_DROP_MAP, NET_MAP, NET_SLOT_MAP, NetKey, NetValue, PROGRAMS,
-    RQ_START_MAP,
+    DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DiskKey, NET_DROP_MAP, NET_MAP, NET_SLOT_MAP, NET_SLOTS, NetKey, NetValue,
+    OVERFLOW_SLOT, PROGRAMS, RQ_START_MAP,
 };
 
 fn required() -> bool {
@@ -671,6 +671,43 @@ fn net_counts_equal_proc_net_dev_for_veth_and_loopback() {
         assert!(proc.0 >= min && proc.1 >= min, "{name}: workload not in /proc: {proc:?}");
         assert_eq!(ebpf, proc, "{name}: eBPF vs /proc/net/dev (rx, tx) byte deltas");
     }
+}
+
+/// The loader sizes the interface counters from the possible CPUs (far beyond the object's
+/// compiled 256 slots on this host), and the programs index them by that length: an interface
+/// whose slot lies beyond the compiled length is counted in its own slot, exactly, not in the
+/// overflow.
+#[test]
+fn an_interface_beyond_the_compiled_slots_is_counted_in_its_own_slot() {
+    let Some(probes) = attach("interface slots sized at load") else {
+        return;
+    };
+    let slots = probes.net_slot_count().expect("slot count");
+    let cpus = dcmon_agent::ebpf::maps::possible_cpus().expect("possible CPUs");
+    assert_eq!(slots, dcmon_common::ebpf::net_slots_for(cpus as u32), "the counters' length as loaded");
+    assert!(slots > NET_SLOTS + 8, "{cpus} possible CPUs give {slots} slots, no more than the compiled {NET_SLOTS}");
+    // Interfaces that do not exist take every slot the object was compiled with.
+    for i in 0..NET_SLOTS {
+        probes.net_slot(NetKey { ifindex: 3_000_000 + i, netns: 1 }).expect("slot").expect("a free slot");
+    }
+    let a = Netns::new("s");
+    let (ifindex, kind) = a.iface("lo");
+    let key = NetKey { ifindex, netns: a.inode() };
+    let slot = probes.net_slot(key).expect("slot").expect("a free slot");
+    assert!(slot >= NET_SLOTS, "lo got slot {slot}, within the compiled length");
+    let overflow = |probes: &Probes| probes.net_counters().expect("read")[OVERFLOW_SLOT as usize];
+    let snapshot = || (header_adjust(kind, &net_value(&probes, key)), a.proc_net_dev()["lo"], overflow(&probes));
+    let (e0, p0, o0) = snapshot();
+    a.within(|| udp_exchange("127.0.0.1:40003", "127.0.0.1:0", "127.0.0.1:40003"));
+    std::thread::sleep(Duration::from_millis(300));
+    let (e1, p1, o1) = snapshot();
+    let ebpf = (e1.0 - e0.0, e1.1 - e0.1);
+    let proc = (p1.0 - p0.0, p1.1 - p0.1);
+    assert!(proc.0 >= (PACKETS * PAYLOAD) as u64, "workload not in /proc: {proc:?}");
+    assert_eq!(ebpf, proc, "lo in slot {slot}: eBPF vs /proc/net/dev (rx, tx) byte deltas");
+    // The namespace's only interface has a slot: nothing of it reached the overflow.
+    let counted = |v: NetValue| v.rx_packets + v.tx_packets;
+    assert!(counted(o1) - counted(o0) < PACKETS as u64, "lo's packets went to the overflow: {o0:?} {o1:?}");
 }
 
 fn names_and_labels(collector: &mut dyn Collector) -> BTreeSet<String> {
@@ -1551,7 +1588,8 @@ fn devices_beyond_the_slots_are_counted_in_the_overflow_and_read_from_proc() {
     while probes.net_slot(NetKey { ifindex, netns: 1 }).expect("interface slot").is_some() {
         ifindex += 1;
     }
-    assert_eq!(ifindex - 1_000_000, dcmon_common::ebpf::NET_SLOTS - 2, "every interface slot handed out");
+    let slots = probes.net_slot_count().expect("slot count");
+    assert_eq!(ifindex - 1_000_000, slots - 2, "every interface slot handed out");
 
     let lo = Loop::new(16 << 20);
     let _ = Command::new("udevadm").arg("settle").status();

@@ -78,6 +78,8 @@ pub struct EbpfNetCollector {
     inline: bool,
     /// Packet drops by reason of the interfaces reported.
     drops: NetDrops,
+    /// The interfaces were re-listed since `drops` last followed them.
+    drops_stale: bool,
 }
 
 /// Inode number of the network namespace that `/proc/self/ns/net` under `host` names.
@@ -117,6 +119,7 @@ impl EbpfNetCollector {
             stale: true,
             inline: false,
             drops,
+            drops_stale: true,
         };
         c.inline = served_from_kernel_memory(collector_names::NET, [c.host.path("/sys/class/net").as_path()]);
         c.read_all()?;
@@ -135,8 +138,10 @@ impl EbpfNetCollector {
                 .with_context(|| format!("parsing {}", self.host.path("/proc/net/dev").display()))?;
             let after = self.probes.net_counters()?;
             let settled = fresh.iter().all(|&(_, _, slot)| before.get(slot as usize) == after.get(slot as usize));
+            // By name, not a search per interface: at start every interface is fresh.
+            let by_name: HashMap<&str, &InterfaceCounters> = all.iter().map(|i| (i.interface.as_str(), i)).collect();
             for (name, key, slot) in fresh {
-                if let Some(i) = all.iter().find(|i| i.interface == *name) {
+                if let Some(i) = by_name.get(name.as_str()) {
                     self.baseline.insert(*key, (i.receive_bytes, i.transmit_bytes));
                 }
                 self.start.insert(*key, (*slot, after.get(*slot as usize).copied().unwrap_or_default()));
@@ -166,8 +171,9 @@ impl EbpfNetCollector {
                 current.insert(name, Iface { key, arphrd });
             }
         }
+        let current_keys: HashSet<NetKey> = current.values().map(|c| c.key).collect();
         for (name, i) in &self.known {
-            if current.get(name).map(|c| c.key) != Some(i.key) && !current.values().any(|c| c.key == i.key) {
+            if current.get(name).map(|c| c.key) != Some(i.key) && !current_keys.contains(&i.key) {
                 self.baseline.remove(&i.key);
                 self.start.remove(&i.key);
                 self.probes.release_net_slot(i.key)?;
@@ -184,6 +190,7 @@ impl EbpfNetCollector {
     pub fn read_all(&mut self) -> anyhow::Result<Vec<InterfaceCounters>> {
         if self.stale || self.link_events.as_ref().is_none_or(LinkEvents::changed) {
             self.stale = true;
+            self.drops_stale = true;
             self.refresh_interfaces()?;
             self.stale = false;
         }
@@ -254,9 +261,15 @@ impl Collector for EbpfNetCollector {
         let ifaces = self.read_all()?;
         out.extend(ifaces.iter().flat_map(InterfaceCounters::samples));
         out.push(Sample::count("dcmon_ebpf_overflow_total", self.overflow).label("map", "net"));
-        let filter = &self.filter;
-        let allowed = self.known.iter().filter(|(name, _)| filter.allows(name)).map(|(name, i)| (i.key, name.as_str()));
-        self.drops.sync(allowed)?;
+        // The interfaces change only when re-listed: following them every round would cost a
+        // few hash lookups per interface for nothing.
+        if self.drops_stale {
+            let filter = &self.filter;
+            let allowed =
+                self.known.iter().filter(|(name, _)| filter.allows(name)).map(|(name, i)| (i.key, name.as_str()));
+            self.drops.sync(allowed)?;
+            self.drops_stale = false;
+        }
         self.drops.samples(out)?;
         Ok(())
     }
