@@ -52,6 +52,18 @@ struct Iface {
     arphrd: u32,
 }
 
+/// An interface with a slot, as a round reports it.
+#[derive(Debug)]
+struct Counted {
+    name: String,
+    arphrd: u32,
+    slot: u32,
+    /// /proc/net/dev's (rx bytes, tx bytes) when it got its slot.
+    baseline: (u64, u64),
+    /// The slot's counters then.
+    start: NetValue,
+}
+
 /// Network I/O from the `netif_receive_skb` and `net_dev_xmit` programs, for the interfaces
 /// of the agent's own network namespace (the one its /proc/net/dev shows).
 #[derive(Debug)]
@@ -78,6 +90,11 @@ pub struct EbpfNetCollector {
     inline: bool,
     /// Packet drops by reason of the interfaces reported.
     drops: NetDrops,
+    /// The interfaces with a slot that the filter allows, in name order, as of the last
+    /// re-list ([`EbpfNetCollector::make_plan`]).
+    plan: Vec<Counted>,
+    /// The interfaces the filter allows that have no slot.
+    unslotted: HashSet<String>,
     /// The interfaces were re-listed since `drops` last followed them.
     drops_stale: bool,
 }
@@ -120,6 +137,8 @@ impl EbpfNetCollector {
             inline: false,
             drops,
             drops_stale: true,
+            plan: Vec::new(),
+            unslotted: HashSet::new(),
         };
         c.inline = served_from_kernel_memory(collector_names::NET, [c.host.path("/sys/class/net").as_path()]);
         c.read_all()?;
@@ -186,14 +205,49 @@ impl EbpfNetCollector {
     /// Every interface of this namespace that the filter allows, now, sorted by name.
     /// /sys/class/net is listed again whenever rtnetlink reported a link change since the last
     /// round: an interface can be renamed at any time and its counters must follow the new name
-    /// in the same round (the kernel queues the event before the rename returns).
+    /// in the same round (the kernel queues the event before the rename returns). Between
+    /// re-lists a round reads the counters and walks the plan the last re-list made, without a
+    /// lookup per interface.
     pub fn read_all(&mut self) -> anyhow::Result<Vec<InterfaceCounters>> {
-        if self.stale || self.link_events.as_ref().is_none_or(LinkEvents::changed) {
+        let now = if self.stale || self.link_events.as_ref().is_none_or(LinkEvents::changed) {
             self.stale = true;
             self.drops_stale = true;
             self.refresh_interfaces()?;
+            let now = self.make_plan()?;
             self.stale = false;
+            now
+        } else {
+            self.probes.net_counters()?
+        };
+        self.overflow = overflow_packets(&now).wrapping_sub(self.overflow_start);
+        let mut out = Vec::with_capacity(self.plan.len() + self.unslotted.len());
+        let zero = NetValue::default();
+        for c in &self.plan {
+            let (base_rx, base_tx) = c.baseline;
+            let (now_rx, now_tx) = header_adjust(c.arphrd, now.get(c.slot as usize).unwrap_or(&zero));
+            let (s_rx, s_tx) = header_adjust(c.arphrd, &c.start);
+            out.push(InterfaceCounters {
+                interface: c.name.clone(),
+                receive_bytes: base_rx.wrapping_add(now_rx.wrapping_sub(s_rx)),
+                transmit_bytes: base_tx.wrapping_add(now_tx.wrapping_sub(s_tx)),
+            });
         }
+        // The plan is in name order; interfaces without a slot come from /proc/net/dev.
+        if !self.unslotted.is_empty() {
+            let match_all = DeviceFilter { include: PatternList::match_all(), exclude: PatternList::default() };
+            let text = self.host.read_to_string("/proc/net/dev")?;
+            let all = parse_net_dev(&text, &match_all)
+                .with_context(|| format!("parsing {}", self.host.path("/proc/net/dev").display()))?;
+            out.extend(all.into_iter().filter(|i| self.unslotted.contains(&i.interface)));
+            out.sort_by(|a, b| a.interface.cmp(&b.interface));
+        }
+        Ok(out)
+    }
+
+    /// Gives each listed interface the filter allows its slot (those left without one are read
+    /// from /proc/net/dev), takes the baselines of those whose slot is new, and plans the rounds
+    /// until the next re-list: the counters read meanwhile.
+    fn make_plan(&mut self) -> anyhow::Result<Vec<NetValue>> {
         let (mut slotted, mut fresh, mut unslotted) = (Vec::new(), Vec::new(), HashSet::new());
         for (name, i) in self.known.iter().filter(|(name, _)| self.filter.allows(name)) {
             match self.probes.net_slot(i.key)? {
@@ -213,28 +267,20 @@ impl EbpfNetCollector {
         let counted: HashSet<NetKey> = slotted.iter().map(|(_, i, _)| i.key).collect();
         self.start.retain(|key, _| counted.contains(key));
         let now = if fresh.is_empty() { self.probes.net_counters()? } else { self.take_baselines(&fresh)? };
-        self.overflow = overflow_packets(&now).wrapping_sub(self.overflow_start);
-        let mut out = Vec::with_capacity(slotted.len() + unslotted.len());
-        if !unslotted.is_empty() {
-            let match_all = DeviceFilter { include: PatternList::match_all(), exclude: PatternList::default() };
-            let text = self.host.read_to_string("/proc/net/dev")?;
-            let all = parse_net_dev(&text, &match_all)
-                .with_context(|| format!("parsing {}", self.host.path("/proc/net/dev").display()))?;
-            out.extend(all.into_iter().filter(|i| unslotted.contains(&i.interface)));
-        }
-        let zero = NetValue::default();
-        for (name, i, slot) in slotted {
-            let (base_rx, base_tx) = self.baseline.get(&i.key).copied().unwrap_or((0, 0));
-            let (now_rx, now_tx) = header_adjust(i.arphrd, now.get(slot as usize).unwrap_or(&zero));
-            let (s_rx, s_tx) = header_adjust(i.arphrd, self.start.get(&i.key).map_or(&zero, |(_, v)| v));
-            out.push(InterfaceCounters {
-                interface: name,
-                receive_bytes: base_rx.wrapping_add(now_rx.wrapping_sub(s_rx)),
-                transmit_bytes: base_tx.wrapping_add(now_tx.wrapping_sub(s_tx)),
-            });
-        }
-        out.sort_by(|a, b| a.interface.cmp(&b.interface));
-        Ok(out)
+        let mut plan: Vec<Counted> = slotted
+            .into_iter()
+            .map(|(name, i, slot)| Counted {
+                name,
+                arphrd: i.arphrd,
+                slot,
+                baseline: self.baseline.get(&i.key).copied().unwrap_or((0, 0)),
+                start: self.start.get(&i.key).map_or_else(NetValue::default, |&(_, v)| v),
+            })
+            .collect();
+        plan.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        self.plan = plan;
+        self.unslotted = unslotted;
+        Ok(now)
     }
 }
 
