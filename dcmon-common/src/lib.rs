@@ -317,7 +317,8 @@ pub mod ebpf {
     /// The interface slots to load on a host with `possible_cpus` possible CPUs: as many as
     /// [`NET_COUNTERS_BUDGET`] holds, from [`NET_SLOTS`] to [`NET_SLOTS_MAX`].
     pub const fn net_slots_for(possible_cpus: u32) -> u32 {
-        let per_slot = core::mem::size_of::<NetValue>() as u64 * if possible_cpus == 0 { 1 } else { possible_cpus as u64 };
+        let per_slot =
+            core::mem::size_of::<NetValue>() as u64 * if possible_cpus == 0 { 1 } else { possible_cpus as u64 };
         let fit = NET_COUNTERS_BUDGET / per_slot;
         if fit < NET_SLOTS as u64 {
             NET_SLOTS

@@ -24,7 +24,8 @@ use aya::Ebpf;
 use aya::maps::Map;
 use dcmon_common::ebpf::{
     DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_OPS, LatencyHist,
-    NET_DROP_MAP, NET_DROP_SLOTS, NET_MAP, NET_SLOT_MAP, NetKey, NetSlot, NetValue, OOM_MAP, PROGRAMS, TCP_MAP, TcpCounts,
+    NET_DROP_MAP, NET_DROP_SLOTS, NET_MAP, NET_SLOT_MAP, NetKey, NetSlot, NetValue, OOM_MAP, PROGRAMS, TCP_MAP,
+    TcpCounts,
 };
 
 pub use load::{LoadError, Reason};

@@ -6,8 +6,7 @@ use std::collections::HashMap;
 use std::hash::Hash;
 
 use dcmon_common::ebpf::{
-    DISK_SLOTS, NO_DEVICE_SLOT, NetKey, OVERFLOW_SLOT, SLOT_PROBES, SLOT_TABLE_ENTRIES, net_slot_hash,
-    slot_table_index,
+    DISK_SLOTS, NO_DEVICE_SLOT, NetKey, OVERFLOW_SLOT, SLOT_PROBES, SLOT_TABLE_ENTRIES, net_slot_hash, slot_table_index,
 };
 
 /// The agent's copy of a table: assignments, and which table entries are in use.

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use dcmon_common::ebpf::{
-    DropCounts, NET_DROP_SLOTS, NO_DEVICE_SLOT, NetKey, OVERFLOW_SLOT, PROG_KFREE_SKB, PROG_TCP_RECEIVE_RESET, PROG_TCP_RETRANSMIT_SKB,
-    PROG_TCP_SEND_RESET, TCP_FAMILIES, TcpCounts,
+    DropCounts, NET_DROP_SLOTS, NO_DEVICE_SLOT, NetKey, OVERFLOW_SLOT, PROG_KFREE_SKB, PROG_TCP_RECEIVE_RESET,
+    PROG_TCP_RETRANSMIT_SKB, PROG_TCP_SEND_RESET, TCP_FAMILIES, TcpCounts,
 };
 
 use crate::batch::Sample;
