@@ -30,7 +30,7 @@ pub mod ebpf {
     /// [`DISK_SLOT_MAP`]), filled on block request completion: an inlined array lookup per
     /// completion instead of a hash lookup. Disks without a slot count in [`OVERFLOW_SLOT`].
     pub const DISK_MAP: &str = "DCMON_DISK";
-    /// Per-CPU array of [`NetValue`], [`NET_SLOTS`] long, indexed by the interface's slot (see
+    /// Per-CPU array of [`NetValue`], [`net_slots_for`] the possible CPUs long as loaded, indexed by the interface's slot (see
     /// [`NET_SLOT_MAP`]), filled on packet receive and transmit. Interfaces without a slot count
     /// in [`OVERFLOW_SLOT`].
     pub const NET_MAP: &str = "DCMON_NET";
@@ -343,15 +343,56 @@ pub mod ebpf {
     /// Bucket 0's bound is `2^LAT_SHIFT` ns.
     pub const LAT_SHIFT: u32 = 10;
 
-    /// Array of [`DropCounts`] shared by all CPUs (atomic adds), indexed by interface slot:
-    /// packet drops by reason.
+    /// Array of [`DropCounts`] shared by all CPUs (atomic adds), indexed by interface slot,
+    /// [`NET_DROP_SLOTS`] long: packet drops by reason.
     pub const NET_DROP_MAP: &str = "DCMON_NET_DROP";
-    /// Array of [`NetSlot`], [`SLOT_TABLE_ENTRIES`] long: the agent's interface slots,
-    /// direct-mapped by [`net_slot_table_index`] with up to [`SLOT_PROBES`] probes.
+    /// Array of [`NetSlot`], [`net_slot_table_entries`] long as loaded: the agent's interface
+    /// slots, direct-mapped by [`net_slot_hash`] with up to [`SLOT_PROBES`] probes.
     pub const NET_SLOT_MAP: &str = "DCMON_NET_SLOT";
-    /// Interface slots, the overflow and no-device slots included: interfaces of the agent's
-    /// network namespace beyond that are read from sysfs instead.
+    /// Interface slots, the overflow and no-device slots included, as compiled into the object
+    /// and at the least: the loader sizes [`NET_MAP`] and [`NET_SLOT_MAP`] with
+    /// [`net_slots_for`] the possible CPUs. Interfaces of the agent's network namespace beyond
+    /// the slots are read from /proc/net/dev instead.
     pub const NET_SLOTS: u32 = 256;
+    /// Most interface slots, whatever the number of CPUs.
+    pub const NET_SLOTS_MAX: u32 = 16384;
+    /// Kernel memory the per-CPU interface counters may take: slots x possible CPUs x
+    /// `size_of::<NetValue>()` stays within it up to 512 possible CPUs (16,384 slots up to 8
+    /// CPUs, 512 at 256; the 256 slots of the floor beyond 512 CPUs).
+    pub const NET_COUNTERS_BUDGET: u64 = 4 << 20;
+    /// Interface slots with drop counters ([`NET_DROP_MAP`]'s length: a [`DropCounts`] is
+    /// 1,280 bytes whatever the CPUs): an interface with a higher slot counts its drops in
+    /// the overflow slot.
+    pub const NET_DROP_SLOTS: u32 = 256;
+    /// `.rodata` global: [`NET_MAP`]'s length as loaded; the programs count no slot at or
+    /// above it.
+    pub const NET_SLOT_COUNT: &str = "NET_SLOT_COUNT";
+    /// `.rodata` global: [`NET_SLOT_MAP`]'s length as loaded minus one (a power of two minus
+    /// one): the mask of [`net_slot_hash`].
+    pub const NET_SLOT_MASK: &str = "NET_SLOT_MASK";
+
+    /// The interface slots to load on a host with `possible_cpus` possible CPUs: as many as
+    /// [`NET_COUNTERS_BUDGET`] holds, from [`NET_SLOTS`] to [`NET_SLOTS_MAX`].
+    pub const fn net_slots_for(possible_cpus: u32) -> u32 {
+        let per_slot =
+            core::mem::size_of::<NetValue>() as u64 * if possible_cpus == 0 { 1 } else { possible_cpus as u64 };
+        let fit = NET_COUNTERS_BUDGET / per_slot;
+        if fit < NET_SLOTS as u64 {
+            NET_SLOTS
+        } else if fit > NET_SLOTS_MAX as u64 {
+            NET_SLOTS_MAX
+        } else {
+            fit as u32
+        }
+    }
+
+    /// [`NET_SLOT_MAP`]'s length for `slots` interface slots: a power of two at least twice
+    /// the slots (so a probe window of [`SLOT_PROBES`] rarely fills) and at least
+    /// [`SLOT_TABLE_ENTRIES`].
+    pub const fn net_slot_table_entries(slots: u32) -> u32 {
+        let want = (slots as u64 * 2).next_power_of_two();
+        if want < SLOT_TABLE_ENTRIES as u64 { SLOT_TABLE_ENTRIES } else { want as u32 }
+    }
     /// Drops of packets without a device (`skb->dev` NULL, e.g. at a socket).
     pub const NO_DEVICE_SLOT: u32 = 1;
     /// Drop reasons counted by value; values at or above `DROP_REASONS - 1` (subsystem reasons
@@ -410,10 +451,12 @@ pub mod ebpf {
         }
     }
 
-    /// Home index of interface `key` in the interface slot table.
+    /// Home index of interface `key` in the interface slot table, before the table's mask
+    /// ([`NET_SLOT_MASK`]). Interfaces of one namespace have consecutive ifindexes, so they
+    /// take consecutive entries.
     #[inline(always)]
-    pub const fn net_slot_table_index(key: NetKey) -> u32 {
-        (key.ifindex ^ key.netns.wrapping_mul(97)) & (SLOT_TABLE_ENTRIES - 1)
+    pub const fn net_slot_hash(key: NetKey) -> u32 {
+        key.ifindex ^ key.netns.wrapping_mul(97)
     }
 
     /// The latency operation index of a request's `cmd_flags`, or None for ops not timed
@@ -523,6 +566,7 @@ pub mod ebpf {
     const _: () = assert!(OOM_MAP.len() <= 15);
     const _: () = assert!(core::mem::size_of::<LatencyHist>() == 8 * (LAT_BUCKETS as usize + 1));
     const _: () = assert!(SLOT_TABLE_ENTRIES.is_power_of_two());
+    const _: () = assert!(NET_DROP_SLOTS <= NET_SLOTS && NET_SLOTS <= NET_SLOTS_MAX);
 
     // SAFETY: plain-old-data: repr(C), only integers, no padding bytes (sizes asserted above),
     // every bit pattern valid.
@@ -594,6 +638,29 @@ mod tests {
         for (op, want) in ops {
             assert_eq!(lat_op(op | 0x0800_0800), want, "op {op}");
         }
+    }
+
+    /// The interface counters stay within their kernel memory budget on any host, and a host
+    /// with few CPUs gets far more slots than the object's compiled 256.
+    #[test]
+    fn interface_slots_fit_the_budget_at_any_cpu_count() {
+        use super::ebpf::{
+            NET_COUNTERS_BUDGET, NET_SLOTS, NET_SLOTS_MAX, NetValue, SLOT_PROBES, net_slot_table_entries, net_slots_for,
+        };
+        let value = core::mem::size_of::<NetValue>() as u64;
+        assert_eq!(net_slots_for(2), NET_SLOTS_MAX);
+        assert_eq!(net_slots_for(8), NET_SLOTS_MAX);
+        assert_eq!(net_slots_for(64), 2048);
+        assert_eq!(net_slots_for(256), 512);
+        assert_eq!(net_slots_for(8192), NET_SLOTS, "never fewer than the compiled slots");
+        assert_eq!(net_slots_for(0), NET_SLOTS_MAX, "a count of 0 is treated as 1");
+        for cpus in [1u32, 2, 3, 7, 16, 96, 128, 255, 256, 512] {
+            let slots = net_slots_for(cpus);
+            assert!(slots as u64 * cpus as u64 * value <= NET_COUNTERS_BUDGET, "{cpus} CPUs: {slots} slots");
+            let entries = net_slot_table_entries(slots);
+            assert!(entries.is_power_of_two() && entries >= 2 * slots, "{slots} slots: {entries} entries");
+        }
+        assert!(SLOT_PROBES >= 1);
     }
 
     #[test]

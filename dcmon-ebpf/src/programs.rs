@@ -7,9 +7,9 @@ use aya_ebpf::maps::{Array, HashMap, PerCpuArray};
 use aya_ebpf::programs::BtfTracePointContext;
 use dcmon_common::ebpf::{
     AF_INET, AF_INET6, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_BUCKETS, LAT_OPS,
-    LatencyHist, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue, OOM_MAP_ENTRIES, OVERFLOW_SLOT, OpGroup,
-    RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TcpCounts, lat_bucket, lat_op,
-    net_slot_table_index, op_group, rq_latency, rq_stamp, rq_stamp_index, rq_stamp_is_own, slot_table_index,
+    LatencyHist, NET_DROP_SLOTS, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue, OOM_MAP_ENTRIES, OVERFLOW_SLOT,
+    OpGroup, RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TcpCounts, lat_bucket, lat_op,
+    net_slot_hash, op_group, rq_latency, rq_stamp, rq_stamp_index, rq_stamp_is_own, slot_table_index,
 };
 
 /// Per disk slot, per CPU, so the hot path updates its own CPU's copy without locks or atomics
@@ -17,7 +17,8 @@ use dcmon_common::ebpf::{
 #[map]
 static DCMON_DISK: PerCpuArray<DiskValue> = PerCpuArray::with_max_entries(DISK_SLOTS, 0);
 
-/// Per interface slot, per CPU, like DCMON_DISK.
+/// Per interface slot, per CPU, like DCMON_DISK. The loader sets its length from the number of
+/// possible CPUs (dcmon_common::ebpf::net_slots_for) and `NET_SLOT_COUNT` to match.
 #[map]
 static DCMON_NET: PerCpuArray<NetValue> = PerCpuArray::with_max_entries(NET_SLOTS, 0);
 
@@ -38,9 +39,10 @@ static DCMON_RQ_START: Array<u64> = Array::with_max_entries(RQ_START_ENTRIES, 0)
 /// Drops per interface slot and reason: see dcmon_common::ebpf::NET_DROP_MAP. Shared by all
 /// CPUs (atomic adds), like DCMON_DISK_LAT.
 #[map]
-static DCMON_NET_DROP: Array<DropCounts> = Array::with_max_entries(NET_SLOTS, 0);
+static DCMON_NET_DROP: Array<DropCounts> = Array::with_max_entries(NET_DROP_SLOTS, 0);
 
-/// The agent's interface slots: see dcmon_common::ebpf::NET_SLOT_MAP.
+/// The agent's interface slots: see dcmon_common::ebpf::NET_SLOT_MAP. The loader sets its
+/// length and `NET_SLOT_MASK` to match.
 #[map]
 static DCMON_NET_SLOT: Array<NetSlot> = Array::with_max_entries(SLOT_TABLE_ENTRIES, 0);
 
@@ -107,6 +109,12 @@ static OFF_NET_NS_INUM: u32 = 0;
 /// dcmon_common::ebpf::NETNS_FILTER.
 #[unsafe(no_mangle)]
 static NETNS_FILTER: u32 = 0;
+/// dcmon_common::ebpf::NET_SLOT_COUNT: DCMON_NET's length as loaded.
+#[unsafe(no_mangle)]
+static NET_SLOT_COUNT: u32 = NET_SLOTS;
+/// dcmon_common::ebpf::NET_SLOT_MASK: DCMON_NET_SLOT's length as loaded, minus one.
+#[unsafe(no_mangle)]
+static NET_SLOT_MASK: u32 = SLOT_TABLE_ENTRIES - 1;
 /// dcmon_common::ebpf::TCP_RETRANSMIT_HAS_ERR. While 0 the verifier prunes the read of the
 /// third argument, which older kernels' tracepoint does not have.
 #[unsafe(no_mangle)]
@@ -369,6 +377,8 @@ pub fn kfree_skb(ctx: BtfTracePointContext) -> i32 {
             None => OVERFLOW_SLOT,
         },
     };
+    // Interface slots beyond the drop counters' count their drops in the overflow slot.
+    let slot = if slot < NET_DROP_SLOTS { slot } else { OVERFLOW_SLOT };
     let index = if reason < DROP_REASONS - 1 { reason } else { DROP_REASONS - 1 };
     if let Some(counts) = DCMON_NET_DROP.get_ptr_mut(slot)
         && index < DROP_REASONS
@@ -393,12 +403,14 @@ unsafe fn shared_add(counter: *mut u64, n: u64) {
 /// The slot the agent gave interface `key`, or the overflow slot.
 #[inline(always)]
 fn net_slot(key: NetKey) -> u32 {
-    let home = net_slot_table_index(key);
+    // The table's and the counters' lengths as loaded, not as compiled: the loader sizes both.
+    let (mask, slots) = (off(&NET_SLOT_MASK) as u32, off(&NET_SLOT_COUNT) as u32);
+    let home = net_slot_hash(key);
     for i in 0..SLOT_PROBES {
-        if let Some(e) = DCMON_NET_SLOT.get((home + i) & (SLOT_TABLE_ENTRIES - 1))
+        if let Some(e) = DCMON_NET_SLOT.get(home.wrapping_add(i) & mask)
             && e.key == key
             && e.slot != 0
-            && e.slot < NET_SLOTS
+            && e.slot < slots
         {
             return e.slot;
         }

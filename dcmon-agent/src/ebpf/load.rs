@@ -8,8 +8,9 @@ use std::path::Path;
 use aya::programs::BtfTracePoint;
 use aya::{Ebpf, EbpfLoader};
 use dcmon_common::ebpf::{
-    DROP_REASON_CONSUMED, DROP_REASONS, NETNS_FILTER, OFF_CSS_SET_MEMCG, OFFSETS, PROGRAM_NEEDS, PROGRAM_OFFSETS,
-    PROGRAMS, TCP_RETRANSMIT_HAS_ERR,
+    DROP_REASON_CONSUMED, DROP_REASONS, NET_MAP, NET_SLOT_COUNT, NET_SLOT_MAP, NET_SLOT_MASK, NETNS_FILTER,
+    OFF_CSS_SET_MEMCG, OFFSETS, PROGRAM_NEEDS, PROGRAM_OFFSETS, PROGRAMS, TCP_RETRANSMIT_HAS_ERR,
+    net_slot_table_entries, net_slots_for,
 };
 
 use super::btf::{Btf, BtfError};
@@ -363,6 +364,16 @@ pub fn load_object_with(
     loader.override_global(NETNS_FILTER, &netns, true);
     loader.override_global(TCP_RETRANSMIT_HAS_ERR, &facts.retransmit_has_err, true);
     loader.override_global(DROP_REASON_CONSUMED, &facts.consumed, true);
+    // The interface counters take slots x possible CPUs of kernel memory: as many slots as the
+    // budget allows on this host, and the programs told the lengths they index.
+    let cpus = super::maps::possible_cpus()
+        .map_err(|e| LoadError { reason: Reason::Other, detail: format!("counting possible CPUs: {e}") })?;
+    let net_slots = net_slots_for(u32::try_from(cpus).unwrap_or(u32::MAX));
+    let net_slot_mask = net_slot_table_entries(net_slots) - 1;
+    loader.map_max_entries(NET_MAP, net_slots);
+    loader.map_max_entries(NET_SLOT_MAP, net_slot_mask + 1);
+    loader.override_global(NET_SLOT_COUNT, &net_slots, true);
+    loader.override_global(NET_SLOT_MASK, &net_slot_mask, true);
     let ebpf = loader.load(object).map_err(|e| classify("loading the BPF object", &e, false))?;
     Ok((ebpf, tracepoints_btf, facts))
 }

@@ -24,7 +24,8 @@ use aya::Ebpf;
 use aya::maps::Map;
 use dcmon_common::ebpf::{
     DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_OPS, LatencyHist,
-    NET_DROP_MAP, NET_MAP, NET_SLOT_MAP, NetKey, NetSlot, NetValue, OOM_MAP, PROGRAMS, TCP_MAP, TcpCounts,
+    NET_DROP_MAP, NET_DROP_SLOTS, NET_MAP, NET_SLOT_MAP, NetKey, NetSlot, NetValue, OOM_MAP, PROGRAMS, TCP_MAP,
+    TcpCounts,
 };
 
 pub use load::{LoadError, Reason};
@@ -115,11 +116,20 @@ impl Probes {
         release_freed_heap();
         let ncpus = maps::possible_cpus()
             .map_err(|e| LoadError { reason: Reason::Other, detail: format!("counting possible CPUs: {e}") })?;
+        // The slot table follows the lengths the maps were loaded with (see load::load_object_with).
+        let length = |name: &str| match ebpf.map(name) {
+            Some(Map::PerCpuArray(data) | Map::Array(data)) => data
+                .info()
+                .map(|info| info.max_entries())
+                .map_err(|e| LoadError { reason: Reason::Other, detail: format!("BPF map {name}: {e}") }),
+            _ => Err(LoadError { reason: Reason::Other, detail: format!("BPF map {name} is not an array") }),
+        };
+        let net_slots = slots::net_slots(length(NET_MAP)?, length(NET_SLOT_MAP)?);
         Ok(Self {
             ebpf: Mutex::new(ebpf),
             ncpus,
             disk_slots: Mutex::new(slots::disk_slots()),
-            net_slots: Mutex::new(slots::net_slots()),
+            net_slots: Mutex::new(net_slots),
             drop_reasons,
             failed,
         })
@@ -168,6 +178,13 @@ impl Probes {
         Ok(Some(slot))
     }
 
+    /// The interface slots, the overflow and no-device slots included: the counters' length as
+    /// loaded for this host's possible CPUs (`dcmon_common::ebpf::net_slots_for`).
+    pub fn net_slot_count(&self) -> anyhow::Result<u32> {
+        let table = self.net_slots.lock().map_err(|_| anyhow!("interface slots poisoned by an earlier panic"))?;
+        Ok(table.slot_count())
+    }
+
     /// Takes interface `key`'s slot back (it is gone).
     pub fn release_net_slot(&self, key: NetKey) -> anyhow::Result<()> {
         let mut table = self.net_slots.lock().map_err(|_| anyhow!("interface slots poisoned by an earlier panic"))?;
@@ -183,11 +200,13 @@ impl Probes {
         Ok(found.into_iter().next().map(|(_, v)| v).unwrap_or_default())
     }
 
-    /// The drop counts of every interface slot handed out and of the slots below them (the
-    /// overflow and no-device slots first), indexed by slot: one batch read of the array's
+    /// The drop counts of every interface slot handed out below `NET_DROP_SLOTS` and of the
+    /// slots below them (the overflow and no-device slots first), indexed by slot: one batch read of the array's
     /// prefix instead of a lookup per slot.
     pub fn net_drops_all(&self) -> anyhow::Result<Vec<DropCounts>> {
         let end = self.net_slots.lock().map_err(|_| anyhow!("interface slots poisoned by an earlier panic"))?.end();
+        // Only the low slots have drop counters (higher ones count their drops in the overflow).
+        let end = end.min(NET_DROP_SLOTS);
         self.with_map_fd(NET_DROP_MAP, |fd| maps::lookup_prefix_shared(fd, end as usize))
     }
 

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use dcmon_common::ebpf::{
-    DropCounts, NO_DEVICE_SLOT, NetKey, OVERFLOW_SLOT, PROG_KFREE_SKB, PROG_TCP_RECEIVE_RESET, PROG_TCP_RETRANSMIT_SKB,
-    PROG_TCP_SEND_RESET, TCP_FAMILIES, TcpCounts,
+    DropCounts, NET_DROP_SLOTS, NO_DEVICE_SLOT, NetKey, OVERFLOW_SLOT, PROG_KFREE_SKB, PROG_TCP_RECEIVE_RESET,
+    PROG_TCP_RETRANSMIT_SKB, PROG_TCP_SEND_RESET, TCP_FAMILIES, TcpCounts,
 };
 
 use crate::batch::Sample;
@@ -64,7 +64,9 @@ impl NetDrops {
                 }
                 continue;
             }
-            let Some(slot) = self.probes.net_slot(key)? else {
+            // Only the low interface slots have drop counters: the programs count the drops of
+            // the others in the overflow slot.
+            let Some(slot) = self.probes.net_slot(key)?.filter(|&slot| slot < NET_DROP_SLOTS) else {
                 if !self.warned_full {
                     tracing::warn!(
                         interface = name,

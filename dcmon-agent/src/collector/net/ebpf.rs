@@ -52,6 +52,18 @@ struct Iface {
     arphrd: u32,
 }
 
+/// An interface with a slot, as a round reports it.
+#[derive(Debug)]
+struct Counted {
+    name: String,
+    arphrd: u32,
+    slot: u32,
+    /// /proc/net/dev's (rx bytes, tx bytes) when it got its slot.
+    baseline: (u64, u64),
+    /// The slot's counters then.
+    start: NetValue,
+}
+
 /// Network I/O from the `netif_receive_skb` and `net_dev_xmit` programs, for the interfaces
 /// of the agent's own network namespace (the one its /proc/net/dev shows).
 #[derive(Debug)]
@@ -78,6 +90,13 @@ pub struct EbpfNetCollector {
     inline: bool,
     /// Packet drops by reason of the interfaces reported.
     drops: NetDrops,
+    /// The interfaces with a slot that the filter allows, in name order, as of the last
+    /// re-list ([`EbpfNetCollector::make_plan`]).
+    plan: Vec<Counted>,
+    /// The interfaces the filter allows that have no slot.
+    unslotted: HashSet<String>,
+    /// The interfaces were re-listed since `drops` last followed them.
+    drops_stale: bool,
 }
 
 /// Inode number of the network namespace that `/proc/self/ns/net` under `host` names.
@@ -117,6 +136,9 @@ impl EbpfNetCollector {
             stale: true,
             inline: false,
             drops,
+            drops_stale: true,
+            plan: Vec::new(),
+            unslotted: HashSet::new(),
         };
         c.inline = served_from_kernel_memory(collector_names::NET, [c.host.path("/sys/class/net").as_path()]);
         c.read_all()?;
@@ -135,8 +157,10 @@ impl EbpfNetCollector {
                 .with_context(|| format!("parsing {}", self.host.path("/proc/net/dev").display()))?;
             let after = self.probes.net_counters()?;
             let settled = fresh.iter().all(|&(_, _, slot)| before.get(slot as usize) == after.get(slot as usize));
+            // By name, not a search per interface: at start every interface is fresh.
+            let by_name: HashMap<&str, &InterfaceCounters> = all.iter().map(|i| (i.interface.as_str(), i)).collect();
             for (name, key, slot) in fresh {
-                if let Some(i) = all.iter().find(|i| i.interface == *name) {
+                if let Some(i) = by_name.get(name.as_str()) {
                     self.baseline.insert(*key, (i.receive_bytes, i.transmit_bytes));
                 }
                 self.start.insert(*key, (*slot, after.get(*slot as usize).copied().unwrap_or_default()));
@@ -166,8 +190,9 @@ impl EbpfNetCollector {
                 current.insert(name, Iface { key, arphrd });
             }
         }
+        let current_keys: HashSet<NetKey> = current.values().map(|c| c.key).collect();
         for (name, i) in &self.known {
-            if current.get(name).map(|c| c.key) != Some(i.key) && !current.values().any(|c| c.key == i.key) {
+            if current.get(name).map(|c| c.key) != Some(i.key) && !current_keys.contains(&i.key) {
                 self.baseline.remove(&i.key);
                 self.start.remove(&i.key);
                 self.probes.release_net_slot(i.key)?;
@@ -180,13 +205,49 @@ impl EbpfNetCollector {
     /// Every interface of this namespace that the filter allows, now, sorted by name.
     /// /sys/class/net is listed again whenever rtnetlink reported a link change since the last
     /// round: an interface can be renamed at any time and its counters must follow the new name
-    /// in the same round (the kernel queues the event before the rename returns).
+    /// in the same round (the kernel queues the event before the rename returns). Between
+    /// re-lists a round reads the counters and walks the plan the last re-list made, without a
+    /// lookup per interface.
     pub fn read_all(&mut self) -> anyhow::Result<Vec<InterfaceCounters>> {
-        if self.stale || self.link_events.as_ref().is_none_or(LinkEvents::changed) {
+        let now = if self.stale || self.link_events.as_ref().is_none_or(LinkEvents::changed) {
             self.stale = true;
+            self.drops_stale = true;
             self.refresh_interfaces()?;
+            let now = self.make_plan()?;
             self.stale = false;
+            now
+        } else {
+            self.probes.net_counters()?
+        };
+        self.overflow = overflow_packets(&now).wrapping_sub(self.overflow_start);
+        let mut out = Vec::with_capacity(self.plan.len() + self.unslotted.len());
+        let zero = NetValue::default();
+        for c in &self.plan {
+            let (base_rx, base_tx) = c.baseline;
+            let (now_rx, now_tx) = header_adjust(c.arphrd, now.get(c.slot as usize).unwrap_or(&zero));
+            let (s_rx, s_tx) = header_adjust(c.arphrd, &c.start);
+            out.push(InterfaceCounters {
+                interface: c.name.clone(),
+                receive_bytes: base_rx.wrapping_add(now_rx.wrapping_sub(s_rx)),
+                transmit_bytes: base_tx.wrapping_add(now_tx.wrapping_sub(s_tx)),
+            });
         }
+        // The plan is in name order; interfaces without a slot come from /proc/net/dev.
+        if !self.unslotted.is_empty() {
+            let match_all = DeviceFilter { include: PatternList::match_all(), exclude: PatternList::default() };
+            let text = self.host.read_to_string("/proc/net/dev")?;
+            let all = parse_net_dev(&text, &match_all)
+                .with_context(|| format!("parsing {}", self.host.path("/proc/net/dev").display()))?;
+            out.extend(all.into_iter().filter(|i| self.unslotted.contains(&i.interface)));
+            out.sort_by(|a, b| a.interface.cmp(&b.interface));
+        }
+        Ok(out)
+    }
+
+    /// Gives each listed interface the filter allows its slot (those left without one are read
+    /// from /proc/net/dev), takes the baselines of those whose slot is new, and plans the rounds
+    /// until the next re-list: the counters read meanwhile.
+    fn make_plan(&mut self) -> anyhow::Result<Vec<NetValue>> {
         let (mut slotted, mut fresh, mut unslotted) = (Vec::new(), Vec::new(), HashSet::new());
         for (name, i) in self.known.iter().filter(|(name, _)| self.filter.allows(name)) {
             match self.probes.net_slot(i.key)? {
@@ -206,28 +267,20 @@ impl EbpfNetCollector {
         let counted: HashSet<NetKey> = slotted.iter().map(|(_, i, _)| i.key).collect();
         self.start.retain(|key, _| counted.contains(key));
         let now = if fresh.is_empty() { self.probes.net_counters()? } else { self.take_baselines(&fresh)? };
-        self.overflow = overflow_packets(&now).wrapping_sub(self.overflow_start);
-        let mut out = Vec::with_capacity(slotted.len() + unslotted.len());
-        if !unslotted.is_empty() {
-            let match_all = DeviceFilter { include: PatternList::match_all(), exclude: PatternList::default() };
-            let text = self.host.read_to_string("/proc/net/dev")?;
-            let all = parse_net_dev(&text, &match_all)
-                .with_context(|| format!("parsing {}", self.host.path("/proc/net/dev").display()))?;
-            out.extend(all.into_iter().filter(|i| unslotted.contains(&i.interface)));
-        }
-        let zero = NetValue::default();
-        for (name, i, slot) in slotted {
-            let (base_rx, base_tx) = self.baseline.get(&i.key).copied().unwrap_or((0, 0));
-            let (now_rx, now_tx) = header_adjust(i.arphrd, now.get(slot as usize).unwrap_or(&zero));
-            let (s_rx, s_tx) = header_adjust(i.arphrd, self.start.get(&i.key).map_or(&zero, |(_, v)| v));
-            out.push(InterfaceCounters {
-                interface: name,
-                receive_bytes: base_rx.wrapping_add(now_rx.wrapping_sub(s_rx)),
-                transmit_bytes: base_tx.wrapping_add(now_tx.wrapping_sub(s_tx)),
-            });
-        }
-        out.sort_by(|a, b| a.interface.cmp(&b.interface));
-        Ok(out)
+        let mut plan: Vec<Counted> = slotted
+            .into_iter()
+            .map(|(name, i, slot)| Counted {
+                name,
+                arphrd: i.arphrd,
+                slot,
+                baseline: self.baseline.get(&i.key).copied().unwrap_or((0, 0)),
+                start: self.start.get(&i.key).map_or_else(NetValue::default, |&(_, v)| v),
+            })
+            .collect();
+        plan.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        self.plan = plan;
+        self.unslotted = unslotted;
+        Ok(now)
     }
 }
 
@@ -254,9 +307,15 @@ impl Collector for EbpfNetCollector {
         let ifaces = self.read_all()?;
         out.extend(ifaces.iter().flat_map(InterfaceCounters::samples));
         out.push(Sample::count("dcmon_ebpf_overflow_total", self.overflow).label("map", "net"));
-        let filter = &self.filter;
-        let allowed = self.known.iter().filter(|(name, _)| filter.allows(name)).map(|(name, i)| (i.key, name.as_str()));
-        self.drops.sync(allowed)?;
+        // The interfaces change only when re-listed: following them every round would cost a
+        // few hash lookups per interface for nothing.
+        if self.drops_stale {
+            let filter = &self.filter;
+            let allowed =
+                self.known.iter().filter(|(name, _)| filter.allows(name)).map(|(name, i)| (i.key, name.as_str()));
+            self.drops.sync(allowed)?;
+            self.drops_stale = false;
+        }
         self.drops.samples(out)?;
         Ok(())
     }
