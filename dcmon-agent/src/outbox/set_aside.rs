@@ -144,3 +144,48 @@ fn prune(folder: &Path, keep: usize) {
         let _ = std::fs::remove_file(reason);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::outbox::OutboxLimits;
+
+    /// A damaged stretch of `len` bytes set aside from a scratch segment: what `corrupt/` holds
+    /// for it, (copy, reason).
+    fn set_aside(len: u64) -> (Vec<u8>, String) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = OutboxLimits { max_bytes: 64 << 20, max_age: Duration::from_secs(86400) };
+        let mut outbox = Outbox::open(dir.path().join("outbox"), limits, 0);
+        let segment = dir.path().join("scratch.seg");
+        let bytes: Vec<u8> = (0..len + 10).map(|i| b'a' + (i % 26) as u8).collect();
+        std::fs::write(&segment, &bytes).expect("segment");
+        let file = File::open(&segment).expect("open");
+        outbox.set_aside_damage(&segment, &file, &[(10, len, Corrupt::Header)]);
+        assert_eq!(outbox.stats().corrupt_total, 1);
+        let copy = dir.path().join("outbox/corrupt/scratch-at0000000010.batch");
+        let mut reason = copy.clone().into_os_string();
+        reason.push(".reason");
+        let copied = std::fs::read(&copy).expect("copy");
+        assert_eq!(copied[..], bytes[10..10 + copied.len()], "the damaged bytes, from their offset");
+        (copied, std::fs::read_to_string(reason).expect("reason"))
+    }
+
+    /// Up to DAMAGE_COPY_MAX bytes of a damaged stretch are copied, and the reason says when
+    /// the copy is cut.
+    #[test]
+    fn a_damaged_stretch_is_copied_up_to_the_limit_and_a_cut_copy_says_so() {
+        let (copy, reason) = set_aside(DAMAGE_COPY_MAX);
+        assert_eq!((copy.len() as u64, reason.as_str()), (DAMAGE_COPY_MAX, "no valid header line"));
+        let (copy, reason) = set_aside(DAMAGE_COPY_MAX + 1);
+        assert_eq!(copy.len() as u64, DAMAGE_COPY_MAX);
+        assert_eq!(
+            reason,
+            format!(
+                "no valid header line; only its first {DAMAGE_COPY_MAX} of {} bytes are copied",
+                DAMAGE_COPY_MAX + 1
+            )
+        );
+    }
+}
