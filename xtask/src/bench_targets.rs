@@ -186,10 +186,35 @@ fn added(events: &Value, workload: &str) -> anyhow::Result<(f64, f64, f64)> {
     Ok((v[v.len() / 2], v[0], v[v.len() - 1]))
 }
 
+/// `cargo` as a shell runs it: without the variables `cargo run` set for xtask itself. Build
+/// scripts such as ring's rerun when `CARGO_MANIFEST_DIR` or `CARGO_PKG_NAME` differ from the
+/// build before, so with them the debug build `cargo test` made would be rebuilt here.
+fn shell_cargo() -> Command {
+    let mut cmd = Command::new(env!("CARGO"));
+    for (var, _) in std::env::vars_os() {
+        let set_by_cargo_run = var.to_str().is_some_and(|v| {
+            v.starts_with("CARGO_PKG_")
+                || matches!(
+                    v,
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_MANIFEST_LINKS"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                )
+        });
+        if set_by_cargo_run {
+            cmd.env_remove(var);
+        }
+    }
+    cmd
+}
+
 /// Builds `ebpf_bench` (the dev profile `cargo test --workspace` already built, so in CI this
 /// compiles nothing) and runs `ebpf_bench json`, its stderr passed through.
 fn ebpf_bench(workspace: &Path) -> anyhow::Result<Value> {
-    let status = Command::new(env!("CARGO"))
+    let status = shell_cargo()
         .current_dir(workspace)
         .args(["build", "--workspace", "--example", "ebpf_bench"])
         .status()
@@ -271,6 +296,18 @@ mod tests {
                  the attach alone in a fresh process 21.0 MiB -> met",
             ]
         );
+    }
+
+    #[test]
+    fn the_inner_cargo_runs_without_what_cargo_run_set_for_xtask() {
+        // cargo sets these for the test process as `cargo run` does for xtask.
+        assert!(std::env::var_os("CARGO_PKG_NAME").is_some() && std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+        let cmd = shell_cargo();
+        let removed: Vec<_> = cmd.get_envs().filter(|(_, v)| v.is_none()).map(|(k, _)| k.to_owned()).collect();
+        for var in ["CARGO_PKG_NAME", "CARGO_PKG_VERSION_MAJOR", "CARGO_MANIFEST_DIR"] {
+            assert!(removed.iter().any(|k| k == var), "{var} not removed: {removed:?}");
+        }
+        assert!(!removed.iter().any(|k| k == "PATH" || k == "CARGO_HOME"), "{removed:?}");
     }
 
     #[test]
