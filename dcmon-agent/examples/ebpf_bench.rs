@@ -1,11 +1,14 @@
 //! What the eBPF programs cost. Run as root:
-//! `cargo run --release -p dcmon-agent --example ebpf_bench [events|memory|reads]`
+//! `cargo run --release -p dcmon-agent --example ebpf_bench [events|memory|reads|json] [--rounds N]`
 //!
-//! Prints numbers; it is not a timed test. For each workload it alternates runs without and
-//! with the programs attached and reports medians:
+//! Prints numbers; it is not a timed test. `json` runs all three parts and prints their
+//! figures as one JSON object (a part that failed as `{"error": "..."}`): `cargo xtask bench`
+//! reads it and sets the figures against the targets. For each workload it alternates runs
+//! without and with the programs attached, `kernel.bpf_stats_enabled` held at 0, and reports
+//! medians:
 //! - N loopback UDP packets (send + receive: one net_dev_xmit and one netif_receive_skb run
-//!   per packet) and N 4 KiB O_DIRECT reads of a loop device (block_rq_complete runs for the
-//!   loop request and for the backing file's request on the real disk);
+//!   per packet) and N 4 KiB O_DIRECT reads of a loop device backed by /dev/shm
+//!   (block_rq_issue and block_rq_complete run once per read);
 //! - the programs' in-kernel run time per run from BPF_ENABLE_STATS (a separate run: the
 //!   stats accounting itself costs time);
 //! - one round's map reads at a 256-CPU server's scale (16 disks, 32 interfaces): the shared
@@ -26,7 +29,9 @@ use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use dcmon_agent::ebpf::Probes;
+use serde_json::{Value, json};
 
+/// Alternating rounds per workload unless `--rounds N` says otherwise.
 const ROUNDS: usize = 7;
 const PACKETS: usize = 100_000;
 const READS: usize = 20_000;
@@ -89,43 +94,120 @@ fn direct_reads(dev: &str) -> anyhow::Result<f64> {
     Ok(start.elapsed().as_nanos() as f64 / READS as f64)
 }
 
-/// Alternates ROUNDS runs of `f` without and with the programs attached (after one warm-up) and
-/// prints the medians and the added time: the median of each round's difference and their range.
-fn compare(name: &str, per: &str, mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<()> {
-    f()?; // warm-up
-    let (mut without, mut with, mut added) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..ROUNDS {
-        let a = f()?;
-        let probes = Probes::attach(None)?;
-        let b = f()?;
-        drop(probes);
-        without.push(a);
-        with.push(b);
-        added.push(b - a);
-    }
-    let (lo, hi) = added.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &d| (lo.min(d), hi.max(d)));
-    println!(
-        "{name}: {:.0} ns/{per} without, {:.0} ns/{per} with programs; added {:.0} ns/{per} (median of {ROUNDS} alternating rounds' differences, range {lo:.0} to {hi:.0})",
-        median(without),
-        median(with),
-        median(added)
-    );
-    Ok(())
+/// The kernel's `bpf_stats_enabled` switch, held at 0 while this lives and set back to what it
+/// was when dropped (on an error or a panic too).
+struct StatsOff {
+    was: Option<String>,
 }
 
-fn in_kernel_stats(dev: &str) -> anyhow::Result<()> {
+const BPF_STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl StatsOff {
+    fn hold() -> anyhow::Result<StatsOff> {
+        let read = || std::fs::read_to_string(BPF_STATS_SYSCTL).with_context(|| format!("reading {BPF_STATS_SYSCTL}"));
+        let was = read()?.trim().to_owned();
+        if was == "0" {
+            return Ok(StatsOff { was: None });
+        }
+        std::fs::write(BPF_STATS_SYSCTL, "0").with_context(|| format!("writing 0 to {BPF_STATS_SYSCTL}"))?;
+        let guard = StatsOff { was: Some(was) };
+        // A BPF_ENABLE_STATS descriptor held by another process keeps the stats on whatever
+        // the switch says: the added time would then include the stats' clock reads.
+        if read()?.trim() != "0" {
+            bail!("{BPF_STATS_SYSCTL} stays on after writing 0: another process holds BPF_ENABLE_STATS");
+        }
+        Ok(guard)
+    }
+}
+
+impl Drop for StatsOff {
+    fn drop(&mut self) {
+        if let Some(was) = &self.was
+            && let Err(e) = std::fs::write(BPF_STATS_SYSCTL, was)
+        {
+            eprintln!("error: setting {BPF_STATS_SYSCTL} back to {was}: {e}");
+        }
+    }
+}
+
+/// One workload's time per event, without and with the programs, for each round.
+struct Added {
+    without: Vec<f64>,
+    with: Vec<f64>,
+}
+
+impl Added {
+    /// Each round's difference: with minus without.
+    fn added(&self) -> Vec<f64> {
+        self.with.iter().zip(&self.without).map(|(b, a)| b - a).collect()
+    }
+}
+
+/// Alternates `rounds` runs of `f` without and with the programs attached (after one warm-up),
+/// `kernel.bpf_stats_enabled` at 0.
+fn compare(rounds: usize, mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<Added> {
+    let _stats_off = StatsOff::hold()?;
+    f()?; // warm-up
+    let (mut without, mut with) = (Vec::new(), Vec::new());
+    for _ in 0..rounds {
+        without.push(f()?);
+        let probes = Probes::attach(None)?;
+        with.push(f()?);
+        drop(probes);
+    }
+    Ok(Added { without, with })
+}
+
+/// Prints the medians and the added time: the median of each round's difference and their range.
+fn print_added(name: &str, per: &str, a: &Added) {
+    let added = a.added();
+    let (lo, hi) = added.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &d| (lo.min(d), hi.max(d)));
+    println!(
+        "{name}: {:.0} ns/{per} without, {:.0} ns/{per} with programs; added {:.0} ns/{per} (median of {} alternating rounds' differences, range {lo:.0} to {hi:.0})",
+        median(a.without.clone()),
+        median(a.with.clone()),
+        median(added),
+        a.without.len(),
+    );
+}
+
+/// One program's runs and run time in the kernel over the stats pass.
+struct InKernel {
+    program: &'static str,
+    runs: u64,
+    ns: u64,
+}
+
+/// The programs' in-kernel time per run: both workloads once with the programs attached and
+/// BPF_ENABLE_STATS held (the kernel turns the stats off again when its descriptor closes,
+/// however this process ends).
+fn in_kernel_stats(dev: &str) -> anyhow::Result<Vec<InKernel>> {
     let probes = Probes::attach(None)?;
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
     let before = probes.program_stats()?;
     udp_loopback()?;
     direct_reads(dev)?;
     let after = probes.program_stats()?;
-    for (b, a) in before.iter().zip(&after) {
-        let runs = a.run_count - b.run_count;
-        let ns = a.run_time_ns - b.run_time_ns;
-        println!("bpf stats {}: {runs} runs, {:.1} ns/run in kernel", a.program, ns as f64 / runs.max(1) as f64);
+    Ok(before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| InKernel {
+            program: a.program,
+            runs: a.run_count - b.run_count,
+            ns: a.run_time_ns - b.run_time_ns,
+        })
+        .collect())
+}
+
+fn print_in_kernel(stats: &[InKernel]) {
+    for s in stats {
+        println!(
+            "bpf stats {}: {} runs, {:.1} ns/run in kernel",
+            s.program,
+            s.runs,
+            s.ns as f64 / s.runs.max(1) as f64
+        );
     }
-    Ok(())
 }
 
 /// Median ns of 201 runs of `f`.
@@ -139,13 +221,57 @@ fn time_ns(f: &mut dyn FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
     Ok(median(v))
 }
 
+/// One round's map reads at a 256-CPU server's scale, ns: what [`slot_reads`] measures.
+struct Reads {
+    ncpus: usize,
+    /// A lookup per slot: 16 disks' latency histograms, 32 interfaces' drop counters.
+    lat_ns: f64,
+    drop_ns: f64,
+    /// One batch each (the agent's round).
+    lat_batch_ns: f64,
+    drop_batch_ns: f64,
+    /// The per-CPU counter arrays at this host's CPU count, one batch each, and their slots.
+    disk_ns: f64,
+    net_ns: f64,
+    tcp_ns: f64,
+    disk_entries: usize,
+    net_entries: usize,
+    copy: CopyCost,
+}
+
+impl Reads {
+    /// The round's per-CPU counter reads at `cpus` possible CPUs, computed from [`CopyCost`]: a
+    /// batch read of `entries` per-CPU values costs the syscall's fixed part once, then every
+    /// possible CPU's copy of each entry.
+    fn per_cpu_computed_ns(&self, cpus: f64) -> f64 {
+        use dcmon_common::ebpf::{DiskValue, NetValue, TcpCounts};
+        let c = &self.copy;
+        let read = |entries: usize, bytes: usize| {
+            c.fixed_ns + entries as f64 * cpus * (c.per_cpu_ns + bytes as f64 * c.per_byte_ns)
+        };
+        read(self.disk_entries, std::mem::size_of::<DiskValue>())
+            + read(self.net_entries, std::mem::size_of::<NetValue>())
+            + read(1, std::mem::size_of::<TcpCounts>())
+    }
+
+    /// The shared arrays' batch reads, measured (they copy one value whatever the CPU count).
+    fn shared_ns(&self) -> f64 {
+        self.lat_batch_ns + self.drop_batch_ns
+    }
+
+    /// The whole round at this host's CPU count, every read measured.
+    fn round_here_ns(&self) -> f64 {
+        self.shared_ns() + self.disk_ns + self.net_ns + self.tcp_ns
+    }
+}
+
 /// One round's reads of the maps at the scale of a 256-CPU GPU server (16 disks, 32
 /// interfaces, given slots here under device numbers and interface indexes no device has):
 /// measured for the shared arrays, whose read does not depend on the CPU count, and for the
 /// per-CPU counter arrays at this host's CPU count, and computed for 256 CPUs from the cost of
 /// one CPU copy measured by `copy_cost`.
-fn slot_reads() -> anyhow::Result<()> {
-    use dcmon_common::ebpf::{DiskKey, DiskValue, NetKey, NetValue, TcpCounts};
+fn slot_reads() -> anyhow::Result<Reads> {
+    use dcmon_common::ebpf::{DiskKey, NetKey};
     let probes = Probes::attach(None)?;
     let ncpus = dcmon_agent::ebpf::maps::possible_cpus()?;
     let mut disk_slots = Vec::new();
@@ -168,47 +294,77 @@ fn slot_reads() -> anyhow::Result<()> {
         }
         Ok(())
     })?;
-    // What the agent does each round: one batch read of each shared array's used prefix.
-    let lat_batch_ns = time_ns(&mut || probes.disk_latency_all().map(|_| ()))?;
-    let drop_batch_ns = time_ns(&mut || probes.net_drops_all().map(|_| ()))?;
-    let disk_ns = time_ns(&mut || probes.disk_counters().map(|_| ()))?;
-    let net_ns = time_ns(&mut || probes.net_counters().map(|_| ()))?;
-    let tcp_ns = time_ns(&mut || probes.tcp_counts().map(|_| ()))?;
-    let (disk_entries, net_entries) = (probes.disk_counters()?.len(), probes.net_counters()?.len());
+    Ok(Reads {
+        ncpus,
+        lat_ns,
+        drop_ns,
+        lat_batch_ns: time_ns(&mut || probes.disk_latency_all().map(|_| ()))?,
+        drop_batch_ns: time_ns(&mut || probes.net_drops_all().map(|_| ()))?,
+        disk_ns: time_ns(&mut || probes.disk_counters().map(|_| ()))?,
+        net_ns: time_ns(&mut || probes.net_counters().map(|_| ()))?,
+        tcp_ns: time_ns(&mut || probes.tcp_counts().map(|_| ()))?,
+        disk_entries: probes.disk_counters()?.len(),
+        net_entries: probes.net_counters()?.len(),
+        copy: copy_cost()?,
+    })
+}
+
+fn print_reads(r: &Reads) {
+    let c = &r.copy;
+    println!(
+        "lookup, {} possible CPUs: one 8 B array value {:.0} ns; batch of {COPY_KEYS} 8 B values: array {:.1} us, per-CPU array {:.1} us; one per-CPU value of 8 B {:.0} ns, of 32 KiB {:.0} ns => {:.1} ns per CPU copy, {:.3} ns per byte",
+        r.ncpus,
+        c.fixed_ns,
+        c.array_batch_ns / 1e3,
+        c.percpu_batch_ns / 1e3,
+        c.percpu_small_ns,
+        c.percpu_large_ns,
+        c.per_cpu_ns,
+        c.per_byte_ns,
+    );
     println!(
         "shared array read (any CPU count), a lookup per slot: 16 disks' latency histograms {:.1} us, 32 interfaces' drop counters {:.1} us",
-        lat_ns / 1e3,
-        drop_ns / 1e3
+        r.lat_ns / 1e3,
+        r.drop_ns / 1e3
     );
     println!(
         "shared array read (any CPU count), one batch (the agent's round): 16 disks' latency histograms {:.1} us, 32 interfaces' drop counters {:.1} us",
-        lat_batch_ns / 1e3,
-        drop_batch_ns / 1e3
+        r.lat_batch_ns / 1e3,
+        r.drop_batch_ns / 1e3
     );
     println!(
-        "per-CPU counter arrays at {ncpus} CPUs: disks ({disk_entries} slots, one batch) {:.1} us, interfaces ({net_entries} slots, one batch) {:.1} us, TCP {:.1} us",
-        disk_ns / 1e3,
-        net_ns / 1e3,
-        tcp_ns / 1e3
+        "per-CPU counter arrays at {} CPUs: disks ({} slots, one batch) {:.1} us, interfaces ({} slots, one batch) {:.1} us, TCP {:.1} us",
+        r.ncpus,
+        r.disk_entries,
+        r.disk_ns / 1e3,
+        r.net_entries,
+        r.net_ns / 1e3,
+        r.tcp_ns / 1e3
     );
-    let (fixed_ns, per_byte_ns, per_cpu_ns) = copy_cost()?;
-    // A batch read of `entries` per-CPU values: the syscall's fixed part once, then every
-    // possible CPU's copy of each entry.
-    let per_cpu_read = |entries: usize, bytes: usize, cpus: f64| {
-        fixed_ns + entries as f64 * cpus * (per_cpu_ns + bytes as f64 * per_byte_ns)
-    };
-    for cpus in [ncpus as f64, 256.0] {
-        let percpu_ns = per_cpu_read(disk_entries, std::mem::size_of::<DiskValue>(), cpus)
-            + per_cpu_read(net_entries, std::mem::size_of::<NetValue>(), cpus)
-            + per_cpu_read(1, std::mem::size_of::<TcpCounts>(), cpus);
+    for cpus in [r.ncpus as f64, 256.0] {
+        let percpu_ns = r.per_cpu_computed_ns(cpus);
         println!(
             "round at {cpus} CPUs, 16 disks, 32 interfaces: {:.0} us (shared arrays {:.0} us measured, per-CPU counters {:.0} us computed)",
-            (lat_batch_ns + drop_batch_ns + percpu_ns) / 1e3,
-            (lat_batch_ns + drop_batch_ns) / 1e3,
+            (r.shared_ns() + percpu_ns) / 1e3,
+            r.shared_ns() / 1e3,
             percpu_ns / 1e3
         );
     }
-    Ok(())
+}
+
+/// Keys of the scratch maps' batch reads in [`copy_cost`].
+const COPY_KEYS: usize = 1024;
+
+/// What one per-CPU map lookup costs: `fixed + cpus * (per_cpu + bytes * per_byte)` ns, and the
+/// scratch-map timings they come from.
+struct CopyCost {
+    fixed_ns: f64,
+    per_cpu_ns: f64,
+    per_byte_ns: f64,
+    array_batch_ns: f64,
+    percpu_batch_ns: f64,
+    percpu_small_ns: f64,
+    percpu_large_ns: f64,
 }
 
 /// The cost of one per-CPU map lookup as `fixed + cpus * (per_cpu + bytes * per_byte)` ns, from
@@ -217,12 +373,12 @@ fn slot_reads() -> anyhow::Result<()> {
 /// copy; one 32 KiB value against one 8-byte value of a per-CPU array the cost per byte; one
 /// lookup of an 8-byte plain array value the syscall's fixed part. A map sized for 256 CPUs
 /// cannot be made on a host with fewer: the kernel sizes per-CPU values by its possible CPUs.
-fn copy_cost() -> anyhow::Result<(f64, f64, f64)> {
+fn copy_cost() -> anyhow::Result<CopyCost> {
     const ARRAY: u32 = 2;
     const PERCPU_ARRAY: u32 = 6;
     const LOOKUP_ELEM: libc::c_long = 1;
     const LOOKUP_BATCH: libc::c_long = 24;
-    const KEYS: usize = 1024;
+    const KEYS: usize = COPY_KEYS;
     let ncpus = dcmon_agent::ebpf::maps::possible_cpus()?;
     let bpf = |cmd: libc::c_long, attr: &mut [u64]| -> std::io::Result<i64> {
         // SAFETY: `attr` is a zeroed bpf_attr prefix with the command's fields set; every
@@ -270,12 +426,15 @@ fn copy_cost() -> anyhow::Result<(f64, f64, f64)> {
     let (pc_small, pc_large) = (read_ns(PERCPU_ARRAY, 8, 1)?, read_ns(PERCPU_ARRAY, 32 << 10, 1)?);
     let per_byte = ((pc_large - pc_small) / ncpus as f64 / ((32 << 10) - 8) as f64).max(0.0);
     let per_cpu = ((pc_batch - arr_batch) / KEYS as f64 / (ncpus - 1).max(1) as f64).max(0.0);
-    println!(
-        "lookup, {ncpus} possible CPUs: one 8 B array value {fixed:.0} ns; batch of {KEYS} 8 B values: array {:.1} us, per-CPU array {:.1} us; one per-CPU value of 8 B {pc_small:.0} ns, of 32 KiB {pc_large:.0} ns => {per_cpu:.1} ns per CPU copy, {per_byte:.3} ns per byte",
-        arr_batch / 1e3,
-        pc_batch / 1e3
-    );
-    Ok((fixed, per_byte, per_cpu))
+    Ok(CopyCost {
+        fixed_ns: fixed,
+        per_cpu_ns: per_cpu,
+        per_byte_ns: per_byte,
+        array_batch_ns: arr_batch,
+        percpu_batch_ns: pc_batch,
+        percpu_small_ns: pc_small,
+        percpu_large_ns: pc_large,
+    })
 }
 
 /// VmHWM of this process, in KiB.
@@ -303,45 +462,132 @@ fn memory_step(step: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The peak of each load step, each in a process of its own.
-fn memory() -> anyhow::Result<()> {
+/// The load steps `ebpf_bench memory` measures, in order: the last is the whole attach.
+const MEMORY_STEPS: [&str; 6] = ["nothing", "read", "offsets", "aya", "tracepoints-btf", "attach"];
+
+/// The peak (VmHWM, KiB) of each load step, each in a process of its own.
+fn memory() -> anyhow::Result<Vec<(&'static str, u64)>> {
     let exe = std::env::current_exe()?;
-    for step in ["nothing", "read", "offsets", "aya", "tracepoints-btf", "attach"] {
-        let out = Command::new(&exe).args(["memory-step", step]).output()?;
-        if !out.status.success() {
-            bail!("memory step {step}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-        println!("load memory, {step}: VmHWM {} KiB", String::from_utf8_lossy(&out.stdout).trim());
+    MEMORY_STEPS
+        .iter()
+        .map(|&step| {
+            let out = Command::new(&exe).args(["memory-step", step]).output()?;
+            if !out.status.success() {
+                bail!("memory step {step}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+            let kib = String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .parse()
+                .with_context(|| format!("memory step {step}: VmHWM"))?;
+            Ok((step, kib))
+        })
+        .collect()
+}
+
+fn print_memory(steps: &[(&str, u64)]) {
+    for (step, kib) in steps {
+        println!("load memory, {step}: VmHWM {kib} KiB");
     }
-    Ok(())
+}
+
+/// A loop device backed by a file in /dev/shm, both removed when dropped. Its reads are served
+/// from memory, so the per-read time is a few microseconds and a ~100 ns difference is not lost
+/// in the noise of a virtual disk. O_DIRECT on the loop device still sends every read through
+/// the block layer (one block_rq_issue and one block_rq_complete per read).
+struct ShmLoop {
+    dev: dcmon_tests::loop_device::LoopDevice,
+    _file: tempfile::NamedTempFile,
+}
+
+impl ShmLoop {
+    fn new() -> anyhow::Result<ShmLoop> {
+        let file = tempfile::NamedTempFile::new_in("/dev/shm")?;
+        std::fs::write(file.path(), vec![0x5au8; 64 << 20])?;
+        let dev = dcmon_tests::loop_device::LoopDevice::add();
+        sh(&["losetup", &format!("/dev/{}", dev.name()), &file.path().to_string_lossy()])?;
+        Ok(ShmLoop { dev, _file: file })
+    }
+
+    fn path(&self) -> String {
+        format!("/dev/{}", self.dev.name())
+    }
+}
+
+/// The per-event part: both workloads compared, then the in-kernel stats pass.
+struct Events {
+    packet: Added,
+    read: Added,
+    in_kernel: Vec<InKernel>,
+}
+
+fn events(rounds: usize) -> anyhow::Result<Events> {
+    let disk = ShmLoop::new()?;
+    let dev = disk.path();
+    Ok(Events {
+        packet: compare(rounds, udp_loopback).context("loopback packets")?,
+        read: compare(rounds, || direct_reads(&dev)).context("O_DIRECT reads")?,
+        in_kernel: in_kernel_stats(&dev).context("in-kernel stats pass")?,
+    })
+}
+
+/// Every part as one JSON object; a part that failed as `{"error": "..."}`.
+fn all_json(rounds: usize) -> Value {
+    let part = |r: anyhow::Result<Value>| r.unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+    let added = |a: &Added| json!({"without_ns": a.without, "with_ns": a.with, "added_ns": a.added()});
+    let events = part(events(rounds).map(|e| {
+        json!({
+            "packet": added(&e.packet),
+            "read": added(&e.read),
+            "in_kernel": e.in_kernel.iter().map(|s| json!({"program": s.program, "runs": s.runs, "ns": s.ns})).collect::<Vec<_>>(),
+        })
+    }));
+    let reads = part(slot_reads().map(|r| {
+        json!({
+            "cpus": r.ncpus,
+            "round_here_ns": r.round_here_ns(),
+            "shared_ns": r.shared_ns(),
+            "per_cpu_here_ns": r.disk_ns + r.net_ns + r.tcp_ns,
+            "per_cpu_256_ns": r.per_cpu_computed_ns(256.0),
+            "per_cpu_copy_ns": r.copy.per_cpu_ns,
+            "per_byte_ns": r.copy.per_byte_ns,
+            "fixed_ns": r.copy.fixed_ns,
+        })
+    }));
+    let memory = part(
+        memory()
+            .map(|steps| Value::Object(steps.into_iter().map(|(step, kib)| (step.to_owned(), json!(kib))).collect())),
+    );
+    json!({"rounds": rounds, "events": events, "reads": reads, "memory": memory})
 }
 
 fn main() -> anyhow::Result<()> {
-    match (std::env::args().nth(1).as_deref(), std::env::args().nth(2)) {
-        (Some("memory-step"), Some(step)) => return memory_step(&step),
-        (Some("memory"), _) => return memory(),
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let rounds = match args.iter().position(|a| a == "--rounds") {
+        Some(i) => {
+            args.get(i + 1).and_then(|n| n.parse().ok()).filter(|&n| n > 0).context("--rounds N: N a number above 0")?
+        }
+        None => ROUNDS,
+    };
+    match (args.first().map(String::as_str), args.get(1)) {
+        (Some("memory-step"), Some(step)) => return memory_step(step),
+        (Some("memory"), _) => return memory().map(|steps| print_memory(&steps)),
         _ => {}
     }
     // SAFETY: no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("run as root: the benchmark attaches BPF programs and creates a loop device");
     }
-    if std::env::args().nth(1).as_deref() == Some("reads") {
-        return slot_reads();
+    match args.first().map(String::as_str) {
+        Some("reads") => print_reads(&slot_reads()?),
+        Some("json") => println!("{}", all_json(rounds)),
+        None | Some("events" | "--rounds") => {
+            let e = events(rounds)?;
+            print_added("loopback UDP 64-byte packet, send+receive", "packet", &e.packet);
+            print_added("4 KiB O_DIRECT read of a loop device", "read", &e.read);
+            print_in_kernel(&e.in_kernel);
+            print_reads(&slot_reads()?);
+        }
+        Some(other) => bail!("unknown part {other}: events, reads, memory or json"),
     }
-    // Backed by a file in /dev/shm: the loop device's reads are served from memory, so the
-    // per-read time is a few microseconds and a ~100 ns difference is not lost in the noise
-    // of a virtual disk. O_DIRECT on the loop device still sends every read through the block
-    // layer (one block_rq_complete per read).
-    let file = tempfile::NamedTempFile::new_in("/dev/shm")?;
-    std::fs::write(file.path(), vec![0x5au8; 64 << 20])?;
-    let dev = sh(&["losetup", "--find", "--show", &file.path().to_string_lossy()])?.trim().to_owned();
-    let result = (|| -> anyhow::Result<()> {
-        compare("loopback UDP 64-byte packet, send+receive", "packet", udp_loopback)?;
-        compare("4 KiB O_DIRECT read of a loop device", "read", || direct_reads(&dev))?;
-        in_kernel_stats(&dev)?;
-        slot_reads()
-    })();
-    let _ = sh(&["losetup", "-d", &dev]);
-    result
+    Ok(())
 }

@@ -159,6 +159,11 @@ pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         args.rounds, args.seconds
     ));
     out.push_str(&table(&subjects.iter().map(|s| s.name().to_owned()).collect::<Vec<_>>(), &results));
+    // A subject's median of one column, if the run measured that subject.
+    let column = |subject, f: fn(&Run) -> f64| {
+        let runs = &results[subjects.iter().position(|s| *s == subject)?];
+        Some(median(runs.iter().map(f).collect()))
+    };
     if let Some(agent) = results.first() {
         // Ratios from schedstat: nanoseconds, where stat counts 10 ms ticks.
         let a = median(agent.iter().map(|r| r.cpu_ms_sched).collect());
@@ -174,11 +179,9 @@ pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
                 m
             ));
         }
-        let cpu = |subject| {
-            let runs = &results[subjects.iter().position(|s| *s == subject)?];
-            Some(median(runs.iter().map(|r| r.cpu_ms_sched).collect()))
-        };
-        if let (Some(wake), Some(job)) = (cpu(Subject::FloorWake), cpu(Subject::FloorJob)) {
+        if let (Some(wake), Some(job)) =
+            (column(Subject::FloorWake, |r| r.cpu_ms_sched), column(Subject::FloorJob, |r| r.cpu_ms_sched))
+        {
             out.push_str(&format!(
                 "\nOn this host, waking once a second costs {wake:.3} ms and the bare job {job:.3} ms a cycle; \
                  the agent (procfs) adds {:.3} ms over the bare job.",
@@ -186,6 +189,15 @@ pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
             ));
         }
         out.push('\n');
+    }
+    if let (Some(procfs_ms), Some(ebpf_ms), Some(ebpf_hwm_kib)) = (
+        column(Subject::Agent, |r| r.cpu_ms_sched),
+        column(Subject::AgentEbpf, |r| r.cpu_ms_sched),
+        column(Subject::AgentEbpf, |r| r.hwm_kib),
+    ) {
+        wait_for_quiet_host()?;
+        let cycle = crate::bench_targets::CycleFigures { procfs_ms, ebpf_ms, ebpf_hwm_kib };
+        out.push_str(&crate::bench_targets::report(workspace, &cycle));
     }
     if !args.no_scale {
         out.push_str(&scale(&bin, args)?);

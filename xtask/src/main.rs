@@ -9,6 +9,7 @@
 //! builds the static (musl) agent.
 
 mod bench;
+mod bench_targets;
 mod fuzz;
 mod gpu_check;
 mod mutants;
