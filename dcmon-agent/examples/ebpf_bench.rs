@@ -11,6 +11,10 @@
 //!   (block_rq_issue and block_rq_complete run once per read);
 //! - the programs' in-kernel run time per run from BPF_ENABLE_STATS (a separate run: the
 //!   stats accounting itself costs time);
+//! - their own work per event: bpf_stats' ns per run includes its two clock reads and the
+//!   program entry, so an empty `tp_btf` program (`r0 = 0; exit`, loaded with raw bpf(2) calls)
+//!   on the same tracepoints, alternating with dcmon's, measures that floor; dcmon's ns per run
+//!   minus the empty one's is what the programs themselves do per event;
 //! - one round's map reads at a 256-CPU server's scale (16 disks, 32 interfaces): the shared
 //!   arrays (latency histograms, drop counters; read a lookup per slot and, as the agent reads
 //!   them, in one batch) and the per-CPU counter arrays measured at this
@@ -22,13 +26,16 @@
 //!   BTF the programs attach with, and the whole attach.
 #![allow(clippy::print_stdout, reason = "a benchmark prints its numbers")]
 
-use std::os::fd::AsRawFd as _;
+use std::io;
+use std::os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::process::Command;
 use std::time::Instant;
 
 use anyhow::{Context as _, bail};
 use dcmon_agent::ebpf::Probes;
+use dcmon_agent::ebpf::btf::Btf;
+use dcmon_agent::ebpf::maps::prog_counters;
 use serde_json::{Value, json};
 
 /// Alternating rounds per workload unless `--rounds N` says otherwise.
@@ -206,6 +213,165 @@ fn print_in_kernel(stats: &[InKernel]) {
             s.program,
             s.runs,
             s.ns as f64 / s.runs.max(1) as f64
+        );
+    }
+}
+
+/// The tracepoints whose programs' own work is measured: per packet and per I/O.
+const OWN_WORK_TRACEPOINTS: [&str; 4] = ["netif_receive_skb", "net_dev_xmit", "block_rq_issue", "block_rq_complete"];
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_RAW_TRACEPOINT_OPEN: libc::c_long = 17;
+const BPF_PROG_TYPE_TRACING: u32 = 26;
+const BPF_TRACE_RAW_TP: u32 = 23;
+
+/// `union bpf_attr`'s BPF_PROG_LOAD member up to `attach_btf_obj_fd` (include/uapi/linux/bpf.h).
+#[repr(C)]
+#[derive(Default)]
+struct ProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+    prog_btf_fd: u32,
+    func_info_rec_size: u32,
+    func_info: u64,
+    func_info_cnt: u32,
+    line_info_rec_size: u32,
+    line_info: u64,
+    line_info_cnt: u32,
+    attach_btf_id: u32,
+    attach_btf_obj_fd: u32,
+}
+
+/// `union bpf_attr`'s BPF_RAW_TRACEPOINT_OPEN member.
+#[repr(C)]
+struct RawTracepointAttr {
+    name: u64,
+    prog_fd: u32,
+    _pad: u32,
+}
+
+fn bpf_fd<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
+    // SAFETY: `attr` is a live, initialized bpf_attr member of the size passed.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, cmd, std::ptr::from_mut(attr), size_of::<T>()) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: bpf(2) returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// An empty tp_btf program attached to `tracepoint`: (program, link); dropping both detaches it.
+fn attach_empty(btf: &Btf<'_>, tracepoint: &str) -> anyhow::Result<(OwnedFd, OwnedFd)> {
+    let btf_id = btf.tracepoint_type_id(tracepoint).with_context(|| format!("no btf_trace_{tracepoint} in BTF"))?;
+    // r0 = 0; exit
+    let insns: [u64; 2] =
+        [u64::from_le_bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]), u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0])];
+    let mut name = [0u8; 16];
+    name[..11].copy_from_slice(b"dcmon_empty");
+    let mut log = vec![0u8; 4096];
+    let mut attr = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_TRACING,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: c"GPL".as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        prog_name: name,
+        expected_attach_type: BPF_TRACE_RAW_TP,
+        attach_btf_id: btf_id,
+        ..ProgLoadAttr::default()
+    };
+    let prog = bpf_fd(BPF_PROG_LOAD, &mut attr).map_err(|e| {
+        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+        anyhow::anyhow!("BPF_PROG_LOAD of an empty tp_btf/{tracepoint}: {e}: {}", String::from_utf8_lossy(&log[..end]))
+    })?;
+    let mut open = RawTracepointAttr { name: 0, prog_fd: prog.as_raw_fd() as u32, _pad: 0 };
+    let link = bpf_fd(BPF_RAW_TRACEPOINT_OPEN, &mut open)
+        .with_context(|| format!("attaching the empty tp_btf/{tracepoint}"))?;
+    Ok((prog, link))
+}
+
+/// One tracepoint's ns per run under bpf_stats: an empty program's and dcmon's, the medians of
+/// the alternating rounds and their ranges.
+struct OwnWork {
+    tracepoint: &'static str,
+    empty: Vec<f64>,
+    ours: Vec<f64>,
+}
+
+impl OwnWork {
+    /// dcmon's program's own work per event: its median ns per run less the empty program's.
+    fn own_ns(&self) -> f64 {
+        median(self.ours.clone()) - median(self.empty.clone())
+    }
+}
+
+/// [`OWN_WORK_TRACEPOINTS`]' empty programs and dcmon's, attached in turn for `rounds` rounds of
+/// both workloads, bpf_stats held on.
+fn own_work(dev: &str, rounds: usize) -> anyhow::Result<Vec<OwnWork>> {
+    let data = std::fs::read("/sys/kernel/btf/vmlinux").context("reading /sys/kernel/btf/vmlinux")?;
+    let btf = Btf::parse(&data).context("parsing the kernel's BTF")?;
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
+    let per_run = |(t0, n0): (u64, u64), (t1, n1): (u64, u64)| (t1 - t0) as f64 / (n1 - n0).max(1) as f64;
+    let mut work: Vec<OwnWork> = OWN_WORK_TRACEPOINTS
+        .iter()
+        .map(|&tracepoint| OwnWork { tracepoint, empty: Vec::new(), ours: Vec::new() })
+        .collect();
+    for _ in 0..rounds {
+        let empty: Vec<_> = OWN_WORK_TRACEPOINTS.iter().map(|tp| attach_empty(&btf, tp)).collect::<Result<_, _>>()?;
+        let counters = || -> io::Result<Vec<(u64, u64)>> {
+            empty.iter().map(|(p, _)| prog_counters(p.as_fd()).map(|c| (c.run_time_ns, c.run_count))).collect()
+        };
+        let before = counters()?;
+        udp_loopback()?;
+        direct_reads(dev)?;
+        for ((w, b), a) in work.iter_mut().zip(before).zip(counters()?) {
+            w.empty.push(per_run(b, a));
+        }
+        drop(empty);
+        let probes = Probes::attach(None)?;
+        let counters = || -> anyhow::Result<Vec<(u64, u64)>> {
+            let stats = probes.program_stats()?;
+            OWN_WORK_TRACEPOINTS
+                .iter()
+                .map(|tp| {
+                    let s = stats.iter().find(|s| s.program == *tp).with_context(|| format!("{tp} not attached"))?;
+                    Ok((s.run_time_ns, s.run_count))
+                })
+                .collect()
+        };
+        let before = counters()?;
+        udp_loopback()?;
+        direct_reads(dev)?;
+        for ((w, b), a) in work.iter_mut().zip(before).zip(counters()?) {
+            w.ours.push(per_run(b, a));
+        }
+    }
+    Ok(work)
+}
+
+fn print_own_work(work: &[OwnWork]) {
+    let range = |v: &[f64]| v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
+    for w in work {
+        let ((elo, ehi), (olo, ohi)) = (range(&w.empty), range(&w.ours));
+        println!(
+            "{}: empty program {:.1} ns/run [{elo:.1}-{ehi:.1}], dcmon's {:.1} [{olo:.1}-{ohi:.1}]: its own work {:.1} ns per event (medians of {} alternating rounds, bpf_stats on)",
+            w.tracepoint,
+            median(w.empty.clone()),
+            median(w.ours.clone()),
+            w.own_ns(),
+            w.ours.len()
         );
     }
 }
@@ -513,11 +679,13 @@ impl ShmLoop {
     }
 }
 
-/// The per-event part: both workloads compared, then the in-kernel stats pass.
+/// The per-event part: both workloads compared, then the in-kernel stats pass and the own-work
+/// rounds.
 struct Events {
     packet: Added,
     read: Added,
     in_kernel: Vec<InKernel>,
+    own_work: Vec<OwnWork>,
 }
 
 fn events(rounds: usize) -> anyhow::Result<Events> {
@@ -527,6 +695,7 @@ fn events(rounds: usize) -> anyhow::Result<Events> {
         packet: compare(rounds, udp_loopback).context("loopback packets")?,
         read: compare(rounds, || direct_reads(&dev)).context("O_DIRECT reads")?,
         in_kernel: in_kernel_stats(&dev).context("in-kernel stats pass")?,
+        own_work: own_work(&dev, rounds).context("own work against an empty program")?,
     })
 }
 
@@ -539,6 +708,12 @@ fn all_json(rounds: usize) -> Value {
             "packet": added(&e.packet),
             "read": added(&e.read),
             "in_kernel": e.in_kernel.iter().map(|s| json!({"program": s.program, "runs": s.runs, "ns": s.ns})).collect::<Vec<_>>(),
+            "own_work": e.own_work.iter().map(|w| json!({
+                "program": w.tracepoint,
+                "empty_ns": median(w.empty.clone()),
+                "ours_ns": median(w.ours.clone()),
+                "own_ns": w.own_ns(),
+            })).collect::<Vec<_>>(),
         })
     }));
     let reads = part(slot_reads().map(|r| {
@@ -585,6 +760,7 @@ fn main() -> anyhow::Result<()> {
             print_added("loopback UDP 64-byte packet, send+receive", "packet", &e.packet);
             print_added("4 KiB O_DIRECT read of a loop device", "read", &e.read);
             print_in_kernel(&e.in_kernel);
+            print_own_work(&e.own_work);
             print_reads(&slot_reads()?);
         }
         Some(other) => bail!("unknown part {other}: events, reads, memory or json"),
