@@ -151,6 +151,7 @@ mod tests {
 
     use super::*;
     use crate::outbox::OutboxLimits;
+    use crate::outbox::tests::logged;
 
     /// A damaged stretch of `len` bytes set aside from a scratch segment: what `corrupt/` holds
     /// for it, (copy, reason).
@@ -162,8 +163,19 @@ mod tests {
         let bytes: Vec<u8> = (0..len + 10).map(|i| b'a' + (i % 26) as u8).collect();
         std::fs::write(&segment, &bytes).expect("segment");
         let file = File::open(&segment).expect("open");
-        outbox.set_aside_damage(&segment, &file, &[(10, len, Corrupt::Header)]);
+        let damage = [(10, len, Corrupt::Header)];
+        let ((), log) = logged(|| outbox.set_aside_damage(&segment, &file, &damage));
+        let line = format!(
+            "outbox: 1 damaged record(s), {len} bytes, in {} are unusable (1 without a valid header line); copied to {}",
+            segment.display(),
+            dir.path().join("outbox/corrupt").display()
+        );
+        assert!(log.contains(&line), "{log}");
         assert_eq!(outbox.stats().corrupt_total, 1);
+        // Found again (the next start reads the same segment): already reported, so neither
+        // counted nor logged again.
+        let ((), log) = logged(|| outbox.set_aside_damage(&segment, &file, &damage));
+        assert_eq!((outbox.stats().corrupt_total, log.as_str()), (1, ""));
         let copy = dir.path().join("outbox/corrupt/scratch-at0000000010.batch");
         let mut reason = copy.clone().into_os_string();
         reason.push(".reason");
@@ -173,7 +185,7 @@ mod tests {
     }
 
     /// Up to DAMAGE_COPY_MAX bytes of a damaged stretch are copied, and the reason says when
-    /// the copy is cut.
+    /// the copy is cut; one log line counts the records and their bytes, once.
     #[test]
     fn a_damaged_stretch_is_copied_up_to_the_limit_and_a_cut_copy_says_so() {
         let (copy, reason) = set_aside(DAMAGE_COPY_MAX);

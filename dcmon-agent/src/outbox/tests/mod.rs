@@ -63,7 +63,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
 }
 
 /// Run `f` and return what it logged (this thread only).
-fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+pub(super) fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
     let buffer = LogBuffer::default();
     let subscriber = tracing_subscriber::fmt().with_writer(buffer.clone()).with_ansi(false).finish();
     let out = tracing::subscriber::with_default(subscriber, f);
