@@ -304,7 +304,7 @@ impl<R: BufRead> RecordReader<R> {
                 self.pos += consumed;
                 return Ok((consumed, false));
             }
-            let (take, complete) = match buf.iter().position(|&b| b == b'\n') {
+            let (take, complete) = match memchr::memchr(b'\n', buf) {
                 Some(i) => (i + 1, true),
                 None => (buf.len(), false),
             };
