@@ -40,7 +40,8 @@ pub struct MutantsArgs {
     /// List the mutants without testing them.
     #[arg(long)]
     pub list: bool,
-    /// Passed on to cargo-mutants.
+    /// Passed on to cargo-mutants; after a further `--`, to `cargo test` (`-- -- outbox::`
+    /// runs only those tests).
     #[arg(last = true, value_name = "CARGO-MUTANTS ARGS")]
     pub extra: Vec<String>,
 }
@@ -61,11 +62,13 @@ pub fn run(root: &Path, args: &MutantsArgs) -> anyhow::Result<()> {
         }
     }
     let mut cmd = clean_command("cargo");
-    cmd.args(["mutants", "--package", "dcmon-agent", "--timeout-multiplier", "3"]);
+    // `--lib` for every cargo run, the builds included: given after `--` it reached only the
+    // test runs, and each mutant also rebuilt and relinked every test, example and bench.
+    cmd.args(["mutants", "--package", "dcmon-agent", "--timeout-multiplier", "3", "--cargo-arg=--lib"]);
     for f in &files {
         cmd.args(["--file", f]);
     }
-    cmd.args(&extra).args(["--", "--lib"]).current_dir(root);
+    cmd.args(&extra).current_dir(root);
     eprintln!("xtask: cargo mutants on {}", files.join(", "));
     let status =
         cmd.status().context("running `cargo mutants` (install it with `cargo install cargo-mutants --locked`)")?;

@@ -304,7 +304,7 @@ impl<R: BufRead> RecordReader<R> {
                 self.pos += consumed;
                 return Ok((consumed, false));
             }
-            let (take, complete) = match buf.iter().position(|&b| b == b'\n') {
+            let (take, complete) = match memchr::memchr(b'\n', buf) {
                 Some(i) => (i + 1, true),
                 None => (buf.len(), false),
             };
@@ -526,6 +526,156 @@ mod tests {
             assert!(
                 records.iter().all(|r| !matches!(r, Record::Damaged { why: Corrupt::Checksum | Corrupt::Header, .. }))
             );
+        }
+    }
+
+    /// A batch header line for `body` whose timestamp `1` is written with leading zeros up to
+    /// `len` bytes (newline excluded); its checksum is that of the record.
+    fn padded_header(len: usize, body: &[u8]) -> Vec<u8> {
+        let crc = batch_crc(3, 1, body);
+        let short = format!("DCMB2 B {:016x} 1 {} {crc:08x}", 3, body.len());
+        let ts = format!("{:0>w$}", 1, w = 1 + len - short.len());
+        format!("DCMB2 B {:016x} {ts} {} {crc:08x}", 3, body.len()).into_bytes()
+    }
+
+    #[test]
+    fn header_lines_are_bounded_at_exactly_header_max() {
+        // The longest header line a writer makes: a cursor with the longest name.
+        let mut longest = Vec::new();
+        assert!(encode_cursor(&mut longest, &"x".repeat(OUTPUT_NAME_MAX), u64::MAX));
+        assert_eq!(HEADER_MAX, longest.len() - 1);
+        // `i64` parsing takes leading zeros, so a valid header can be padded to any length.
+        let at_max = padded_header(HEADER_MAX, b"{}");
+        assert_eq!(at_max.len(), HEADER_MAX);
+        let mut seg = at_max.clone();
+        seg.extend_from_slice(b"\n{}\n");
+        assert!(matches!(parse_segment(&seg)[..], [Record::Batch { seq: 3, timestamp: 1, body: b"{}", .. }]));
+        // One byte longer, whether the valid header is padded or followed by a space: not a
+        // header (and not read as its first HEADER_MAX bytes).
+        for mut line in [padded_header(HEADER_MAX + 1, b"{}"), [at_max, b" ".to_vec()].concat()] {
+            assert_eq!(line.len(), HEADER_MAX + 1);
+            line.extend_from_slice(b"\n{}\n");
+            let records = parse_segment(&line);
+            assert_eq!(
+                records,
+                [Record::Damaged { offset: 0, len: line.len(), why: Corrupt::Header }],
+                "{}",
+                String::from_utf8_lossy(&line)
+            );
+        }
+    }
+
+    #[test]
+    fn the_record_length_from_header_fields_is_the_encoded_length() {
+        // `record_len` counts the digits of the body length: check each change of width.
+        for len in [0usize, 1, 9, 10, 99, 100, 999, 1000, 12_345] {
+            let body = vec![b'x'; len];
+            for (seq, ts) in [(0, 0), (u64::MAX, i64::MIN), (7, 1_700_000_000)] {
+                let mut seg = Vec::new();
+                encode_batch(&mut seg, seq, ts, &body);
+                assert_eq!(record_len(seq, ts, len as u64), seg.len() as u64, "body {len}, seq {seq}, ts {ts}");
+                assert_eq!(batch_record_len(seq, ts, &body), seg.len() as u64);
+            }
+        }
+    }
+
+    #[test]
+    fn a_cursor_name_no_record_can_carry_is_damage_even_with_a_matching_checksum() {
+        for name in ["caf\u{e9}", "tab\there", "bell\u{7}"] {
+            let fields = cursor_fields(5, name);
+            let line = format!("DCMB2 C {:016x} {name} {:08x}\n", 5, crc32fast::hash(&fields));
+            assert_eq!(
+                parse_segment(line.as_bytes()),
+                [Record::Damaged { offset: 0, len: line.len(), why: Corrupt::Header }],
+                "{name:?}"
+            );
+        }
+    }
+
+    /// A reader whose every other `fill_buf` is interrupted by a signal.
+    struct Interrupted<'a> {
+        data: &'a [u8],
+        interrupt: bool,
+    }
+
+    impl std::io::Read for Interrupted<'_> {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            unreachable!("read through BufRead")
+        }
+    }
+
+    impl BufRead for Interrupted<'_> {
+        fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+            self.interrupt = !self.interrupt;
+            if self.interrupt {
+                return Err(std::io::ErrorKind::Interrupted.into());
+            }
+            // A few bytes at a time, so that lines span several reads.
+            Ok(&self.data[..self.data.len().min(5)])
+        }
+        fn consume(&mut self, n: usize) {
+            self.data = &self.data[n..];
+        }
+    }
+
+    #[test]
+    fn an_interrupted_read_is_retried() {
+        let mut seg = Vec::new();
+        encode_batch(&mut seg, 7, 100, b"{\"a\":1}");
+        encode_done(&mut seg, 7);
+        seg.extend_from_slice(b"garbage\n");
+        encode_batch(&mut seg, 8, 100, b"{\"a\":2}");
+        let mut reader = RecordReader::new(Interrupted { data: &seg, interrupt: false });
+        let mut found = Vec::new();
+        while let Some(f) = reader.next_record().expect("an interrupted read is retried") {
+            found.push(f);
+        }
+        let at = batch_record_len(7, 100, b"{\"a\":1}");
+        assert_eq!(
+            found,
+            [
+                Found::Batch {
+                    seq: 7,
+                    timestamp: 100,
+                    body_offset: at - 8,
+                    body_len: 7,
+                    crc: batch_crc(7, 100, b"{\"a\":1}")
+                },
+                Found::Done { seq: 7 },
+                Found::Damaged { offset: at + 34, len: 8, why: Corrupt::Header },
+                Found::Batch {
+                    seq: 8,
+                    timestamp: 100,
+                    body_offset: at + 42 + at - 8,
+                    body_len: 7,
+                    crc: batch_crc(8, 100, b"{\"a\":2}")
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bit_flip_anywhere_never_yields_a_record_that_was_not_written() {
+        // A flip is detected (damage) or changes nothing read (a hex digit's case): it never
+        // turns into another batch, another batch marked done, or a cursor further on.
+        let mut seg = Vec::new();
+        encode_batch(&mut seg, 0x1f, 1_700_000_000, b"{\"a\":[1,2]}");
+        encode_done(&mut seg, 0x1e);
+        assert!(encode_cursor(&mut seg, "prom", 0x1d));
+        let written = parse_segment(&seg);
+        assert_eq!(written.len(), 3);
+        for at in 0..seg.len() {
+            for bit in 0..8 {
+                let mut flipped = seg.clone();
+                flipped[at] ^= 1 << bit;
+                let records = parse_segment(&flipped);
+                let read: Vec<&Record<'_>> = records.iter().filter(|r| !matches!(r, Record::Damaged { .. })).collect();
+                assert!(read.iter().all(|r| written.contains(r)), "flip of bit {bit} at {at}: {records:?}");
+                assert!(
+                    read.len() < 3 || flipped[at].eq_ignore_ascii_case(&seg[at]),
+                    "flip of bit {bit} at {at} undetected: {records:?}"
+                );
+            }
         }
     }
 }

@@ -1,7 +1,7 @@
 //! The outbox's unit tests: the queue, its files and their damage, on real directories.
 //!
 //! This file holds the shared helpers; the tests are in one file per role: `queue`, `recovery`,
-//! `hostile`, `property`, `cursors`, `bounds` and `read_back`.
+//! `hostile`, `opening`, `property`, `cursors`, `bounds` and `read_back`.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -93,13 +93,18 @@ fn segment_bytes_on_disk(dir: &Path) -> u64 {
     segments(dir).iter().map(|p| std::fs::metadata(p).map_or(0, |m| m.len())).sum()
 }
 
-/// The open descriptors of this process whose file is under `dir`.
-fn fds_under(dir: &Path) -> usize {
+/// The files under `dir` that this process holds open, once per descriptor.
+fn files_open_under(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir("/proc/self/fd")
         .expect("/proc/self/fd")
         .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
         .filter(|target| target.starts_with(dir))
-        .count()
+        .collect()
+}
+
+/// The open descriptors of this process whose file is under `dir`.
+fn fds_under(dir: &Path) -> usize {
+    files_open_under(dir).len()
 }
 
 /// A small tmpfs at a fresh directory, unmounted on drop.
@@ -128,6 +133,8 @@ impl Drop for SmallFs {
 mod bounds;
 mod cursors;
 mod hostile;
+/// Issue 22: what opening an outbox makes of what it finds.
+mod opening;
 /// Issue 14's fuzzing: any sequence of pushes, deliveries, rejections, crashes and cut
 /// files loses nothing inside the bounds, and reports every loss outside them.
 mod property;

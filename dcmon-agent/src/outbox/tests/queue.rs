@@ -206,3 +206,62 @@ fn drops_are_logged_once_then_summarised() {
     let ((), log) = logged(|| o.push_at(1000, fixed(999), t0 + Duration::from_secs(4) + DROP_LOG_EVERY));
     assert!(log.contains("dropped the 116 oldest batches since the last report"), "{log}");
 }
+
+// Issue 22: a config reload's new bounds (`set_limits`) apply from the next push, and the
+// directory the shutdown line names is the outbox's.
+#[test]
+fn new_bounds_apply_from_the_next_push() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = Outbox::open(dir.path(), LIMITS, 0);
+    assert_eq!(o.dir(), dir.path());
+    for i in 0..3 {
+        o.push(0, body(i));
+    }
+    o.set_limits(OutboxLimits { max_bytes: 1, max_age: LIMITS.max_age });
+    assert_eq!((o.stats().batches, o.stats().dropped_total), (3, 0), "nothing dropped until the next push");
+    o.push(0, body(3));
+    assert_eq!((o.stats().batches, o.stats().dropped_total), (1, 3), "all but the newest over a 1-byte bound");
+    assert_eq!(drain(&mut o), [body(3)]);
+}
+
+// Issue 22: a "done" record that cannot be written is logged once per distinct error, and
+// when writing works again that is said once.
+#[test]
+fn a_done_record_that_cannot_be_written_is_logged_once_and_its_recovery_once() {
+    dcmon_tests::require_root("mounting a small tmpfs");
+    let fs = SmallFs::mount("64k");
+    let outbox = fs.0.path().join("outbox");
+    let mut o = Outbox::open(&outbox, LIMITS, 0);
+    // Records of exactly one page: tmpfs then needs a new page for the next byte.
+    // (Bodies of 1000 to 9999 bytes have headers of one length.)
+    let header = usize::try_from(batch_record_len(0, 0, &[b'x'; 4000])).expect("small") - 4000;
+    let page = Bytes::from(format!("\"{}\"", "x".repeat(4096 - header - 2)));
+    for _ in 0..2 {
+        o.push(0, page.clone());
+    }
+    assert_eq!(segment_bytes_on_disk(&outbox), 8192);
+    // Fill the rest of the file system.
+    let filler_path = fs.0.path().join("filler");
+    let mut filler = File::create(&filler_path).expect("filler");
+    while std::io::Write::write_all(&mut filler, &[0; 4096]).is_ok() {}
+    drop(filler);
+
+    let ((), log) = logged(|| {
+        o.remove(0);
+        o.remove(1);
+    });
+    assert_eq!(log.matches("cannot record delivered batches").count(), 1, "{log}");
+    assert!(log.contains("No space left"), "{log}");
+    std::fs::remove_file(&filler_path).expect("free the space");
+    let ((), log) = logged(|| {
+        o.push(0, body(2));
+        o.remove(2);
+        o.push(0, body(3));
+        o.remove(3);
+    });
+    assert_eq!(log.matches("delivered batches are recorded again").count(), 1, "{log}");
+    assert!(!log.contains("cannot record delivered batches"), "{log}");
+    drop(o);
+    let left: Vec<u64> = inspect(&outbox).expect("inspect").iter().map(|b| b.seq).collect();
+    assert_eq!(left, [0, 1], "2 and 3 are marked done; 0 and 1 will be sent again");
+}

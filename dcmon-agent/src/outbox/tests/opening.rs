@@ -1,0 +1,112 @@
+//! Outbox tests of opening: segments that cannot be opened or read, the log line that says
+//! delivery resumes, how new segments are numbered, the size a segment is read up to, and which
+//! segments are held open.
+
+use super::*;
+use crate::outbox::segment::OPEN_SEGMENTS_MAX;
+
+/// Write segment `id` into `dir`: batch `seq` (body [`body`]), and its done record when `done`.
+fn write_segment(dir: &Path, id: u64, seq: u64, done: bool) -> PathBuf {
+    let mut seg = Vec::new();
+    encode_batch(&mut seg, seq, 1, &body(u32::try_from(seq).expect("small")));
+    if done {
+        encode_done(&mut seg, seq);
+    }
+    let path = dir.join(format!("{id:016x}.seg"));
+    std::fs::write(&path, seg).expect("segment");
+    path
+}
+
+#[test]
+fn a_segment_that_cannot_be_opened_is_counted_and_named_and_the_others_delivered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_segment(dir.path(), 0, 0, false);
+    // Not `InvalidData` (what is not a regular file): that one holds nothing an agent wrote.
+    let dangling = dir.path().join("0000000000000001.seg");
+    std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).expect("symlink");
+    write_segment(dir.path(), 2, 1, false);
+
+    let err = inspect(dir.path()).expect_err("inspect cannot read segment 1");
+    assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+    let (mut o, log) = logged(|| Outbox::open(dir.path(), LIMITS, 0));
+    assert!(
+        log.contains(&format!("cannot read {}", dangling.display())) && log.contains("skipping its batches"),
+        "{log}"
+    );
+    assert_eq!(o.stats().corrupt_total, 1);
+    assert_eq!(drain(&mut o), [body(0), body(1)]);
+}
+
+#[test]
+fn a_segment_whose_reading_fails_is_counted_and_named_and_the_others_delivered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_segment(dir.path(), 0, 0, false);
+    // A regular file that opens but cannot be read: nothing is mapped at address 0.
+    let unreadable = dir.path().join("0000000000000001.seg");
+    std::os::unix::fs::symlink("/proc/self/mem", &unreadable).expect("symlink");
+    write_segment(dir.path(), 2, 1, false);
+
+    let (mut o, log) = logged(|| Outbox::open(dir.path(), LIMITS, 0));
+    assert!(
+        log.contains(&format!("cannot read {} (", unreadable.display())) && log.contains("skipping the rest of it"),
+        "{log}"
+    );
+    assert_eq!(o.stats().corrupt_total, 1);
+    assert_eq!(drain(&mut o), [body(0), body(1)]);
+}
+
+#[test]
+fn resuming_delivery_is_logged_only_when_an_earlier_run_left_batches() {
+    const RESUMING: &str = "resuming delivery of batches left by an earlier run";
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut o, log) = logged(|| Outbox::open(dir.path(), LIMITS, 0));
+    assert!(!log.contains(RESUMING), "{log}");
+    o.push(0, body(0));
+    o.push(0, body(1));
+    drop(o);
+    let (mut o, log) = logged(|| Outbox::open(dir.path(), LIMITS, 0));
+    assert!(log.contains(RESUMING) && log.contains("batches=2"), "{log}");
+    assert_eq!(drain(&mut o), [body(0), body(1)]);
+    drop(o);
+    let (_o, log) = logged(|| Outbox::open(dir.path(), LIMITS, 0));
+    assert!(!log.contains(RESUMING), "{log}");
+}
+
+#[test]
+fn new_segments_are_numbered_past_every_segment_found_even_one_deleted_at_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_segment(dir.path(), 5, 0, true);
+    let mut o = Outbox::open(dir.path(), LIMITS, 0);
+    assert!(segments(dir.path()).is_empty(), "a segment with nothing left to deliver is deleted");
+    o.push(0, body(1));
+    assert_eq!(segments(dir.path()), [dir.path().join("0000000000000006.seg")]);
+}
+
+#[test]
+fn a_segment_of_exactly_the_read_maximum_is_read() {
+    // One byte more is moved aside unread: `a_huge_segment_or_declared_length_is_not_read_into_memory`.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let seg = dir.path().join("0000000000000000.seg");
+    File::create(&seg).and_then(|f| f.set_len(SEGMENT_READ_MAX)).expect("sparse file");
+    let o = Outbox::open(dir.path(), LIMITS, 0);
+    assert!(!dir.path().join("corrupt/0000000000000000.seg.oversized").exists(), "set aside unread");
+    // Read: zeros are one record cut short, copied aside; the segment is cut to nothing.
+    assert_eq!(o.stats().corrupt_total, 1);
+    assert!(dir.path().join("corrupt/0000000000000000-at0000000000.batch").exists());
+    assert!(!seg.exists());
+}
+
+#[test]
+fn the_oldest_segments_with_batches_left_are_held_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let paths: Vec<PathBuf> = (0..10).map(|id| write_segment(dir.path(), id, id, id == 2)).collect();
+    let o = Outbox::open(dir.path(), LIMITS, 0);
+    let mut held = files_open_under(dir.path());
+    held.retain(|p| p.extension().is_some_and(|x| x == "seg"));
+    held.sort();
+    // Segment 2 has nothing left; one place is kept for the segment appended to.
+    let want: Vec<PathBuf> = [0, 1, 3, 4, 5, 6, 7].into_iter().map(|i: usize| paths[i].clone()).collect();
+    assert_eq!(want.len(), OPEN_SEGMENTS_MAX - 1);
+    assert_eq!(held, want);
+    drop(o);
+}
