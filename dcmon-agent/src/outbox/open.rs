@@ -152,7 +152,15 @@ impl Outbox {
         let mut done = HashSet::new();
         let mut found = Vec::new();
         for (id, path) in listed {
-            self.next_segment = self.next_segment.max(id + 1);
+            // The agent numbers segments from 0; the last number there is can only be a name
+            // someone else gave a file. Its batches are read; new segments are not numbered past it.
+            match id.checked_add(1) {
+                Some(next) => self.next_segment = self.next_segment.max(next),
+                None => tracing::warn!(
+                    "outbox: {} has the last segment number there is; new segments are numbered after the others",
+                    path.display()
+                ),
+            }
             let file = match open_regular(&path) {
                 Ok(f) => f,
                 Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {

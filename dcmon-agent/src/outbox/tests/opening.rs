@@ -82,6 +82,22 @@ fn new_segments_are_numbered_past_every_segment_found_even_one_deleted_at_open()
     assert_eq!(segments(dir.path()), [dir.path().join("0000000000000006.seg")]);
 }
 
+/// A segment named with the largest number there is (no agent writes one): `id + 1` overflowed
+/// at open, a panic in a debug build.
+#[test]
+fn a_segment_with_the_last_number_there_is_is_read_and_not_numbered_past() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let last = write_segment(dir.path(), u64::MAX, 0, false);
+    write_segment(dir.path(), 3, 1, false);
+    let (mut o, log) = logged(|| Outbox::open(dir.path(), LIMITS, 0));
+    assert!(log.contains(&format!("{} has the last segment number there is", last.display())), "{log}");
+    o.push(0, body(2));
+    assert!(dir.path().join("0000000000000004.seg").exists(), "{:?}", segments(dir.path()));
+    let mut got = drain(&mut o);
+    got.sort();
+    assert_eq!(got, [body(0), body(1), body(2)]);
+}
+
 #[test]
 fn a_segment_of_exactly_the_read_maximum_is_read() {
     // One byte more is moved aside unread: `a_huge_segment_or_declared_length_is_not_read_into_memory`.
