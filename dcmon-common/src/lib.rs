@@ -564,6 +564,7 @@ pub mod ebpf {
     const _: () = assert!(core::mem::size_of::<NetSlot>() == 12);
     const _: () = assert!(NET_DROP_MAP.len() <= 15 && NET_SLOT_MAP.len() <= 15 && TCP_MAP.len() <= 15);
     const _: () = assert!(OOM_MAP.len() <= 15);
+    const _: () = assert!(SLOT_PROBES >= 1);
     const _: () = assert!(core::mem::size_of::<LatencyHist>() == 8 * (LAT_BUCKETS as usize + 1));
     const _: () = assert!(SLOT_TABLE_ENTRIES.is_power_of_two());
     const _: () = assert!(NET_DROP_SLOTS <= NET_SLOTS && NET_SLOTS <= NET_SLOTS_MAX);
@@ -645,7 +646,7 @@ mod tests {
     #[test]
     fn interface_slots_fit_the_budget_at_any_cpu_count() {
         use super::ebpf::{
-            NET_COUNTERS_BUDGET, NET_SLOTS, NET_SLOTS_MAX, NetValue, SLOT_PROBES, net_slot_table_entries, net_slots_for,
+            NET_COUNTERS_BUDGET, NET_SLOTS, NET_SLOTS_MAX, NetValue, net_slot_table_entries, net_slots_for,
         };
         let value = core::mem::size_of::<NetValue>() as u64;
         assert_eq!(net_slots_for(2), NET_SLOTS_MAX);
@@ -660,7 +661,6 @@ mod tests {
             let entries = net_slot_table_entries(slots);
             assert!(entries.is_power_of_two() && entries >= 2 * slots, "{slots} slots: {entries} entries");
         }
-        assert!(SLOT_PROBES >= 1);
     }
 
     #[test]
