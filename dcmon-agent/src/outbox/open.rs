@@ -30,14 +30,14 @@ pub struct StoredBatch {
 pub fn inspect(dir: &Path) -> std::io::Result<Vec<StoredBatch>> {
     let mut batches = Vec::new();
     let mut done = HashSet::new();
-    for (_, path) in list_segments(dir)? {
+    for (_, path) in list_segments(dir).map_err(naming(dir))? {
         let file = match open_regular(&path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::InvalidData => continue,
-            Err(e) => return Err(e),
+            Err(e) => return Err(naming(&path)(e)),
         };
         let mut reader = RecordReader::new(BufReader::new(file.take(SEGMENT_READ_MAX)));
-        while let Some(found) = reader.next_record()? {
+        while let Some(found) = reader.next_record().map_err(naming(&path))? {
             match found {
                 Found::Batch { seq, timestamp, body_len, .. } => {
                     batches.push(StoredBatch { seq, timestamp, bytes: body_len });
@@ -53,6 +53,11 @@ pub fn inspect(dir: &Path) -> std::io::Result<Vec<StoredBatch>> {
     batches.retain(|b| !done.contains(&b.seq));
     batches.sort_by_key(|b| b.seq);
     Ok(batches)
+}
+
+/// The error `e` with the file or directory it is about in front, its kind kept.
+fn naming(path: &Path) -> impl FnOnce(std::io::Error) -> std::io::Error + '_ {
+    move |e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
 impl Outbox {

@@ -28,6 +28,7 @@ fn a_segment_that_cannot_be_opened_is_counted_and_named_and_the_others_delivered
 
     let err = inspect(dir.path()).expect_err("inspect cannot read segment 1");
     assert_eq!(err.kind(), std::io::ErrorKind::NotFound, "{err}");
+    assert!(err.to_string().starts_with(&format!("{}: ", dangling.display())), "names the file: {err}");
     let (mut o, log) = logged(|| Outbox::open(dir.path(), LIMITS, 0));
     assert!(
         log.contains(&format!("cannot read {}", dangling.display())) && log.contains("skipping its batches"),
