@@ -14,7 +14,9 @@
 //! - their own work per event: bpf_stats' ns per run includes its two clock reads and the
 //!   program entry, so an empty `tp_btf` program (`r0 = 0; exit`, loaded with raw bpf(2) calls)
 //!   on the same tracepoints, alternating with dcmon's, measures that floor; dcmon's ns per run
-//!   minus the empty one's is what the programs themselves do per event;
+//!   minus the empty one's is what the programs themselves do per event; a third program that
+//!   only calls bpf_ktime_get_ns measures what one clock read costs there (the I/O latency
+//!   programs read the clock once each, at issue and at completion);
 //! - one round's map reads at a 256-CPU server's scale (16 disks, 32 interfaces): the shared
 //!   arrays (latency histograms, drop counters; read a lookup per slot and, as the agent reads
 //!   them, in one batch) and the per-CPU counter arrays measured at this
@@ -270,14 +272,22 @@ fn bpf_fd<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// An empty tp_btf program attached to `tracepoint`: (program, link); dropping both detaches it.
-fn attach_empty(btf: &Btf<'_>, tracepoint: &str) -> anyhow::Result<(OwnedFd, OwnedFd)> {
+/// `r0 = 0; exit`: a program that does nothing.
+const EMPTY_PROGRAM: [u64; 2] =
+    [u64::from_le_bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]), u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0])];
+
+/// `call bpf_ktime_get_ns; r0 = 0; exit`: reads the clock the latency programs read, once.
+const CLOCK_PROGRAM: [u64; 3] = [
+    u64::from_le_bytes([0x85, 0, 0, 0, 5, 0, 0, 0]), // BPF_FUNC_ktime_get_ns is helper 5
+    u64::from_le_bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]),
+    u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0]),
+];
+
+/// A tp_btf program of `insns` attached to `tracepoint`: (program, link); dropping both detaches it.
+fn attach_raw(btf: &Btf<'_>, tracepoint: &str, insns: &[u64]) -> anyhow::Result<(OwnedFd, OwnedFd)> {
     let btf_id = btf.tracepoint_type_id(tracepoint).with_context(|| format!("no btf_trace_{tracepoint} in BTF"))?;
-    // r0 = 0; exit
-    let insns: [u64; 2] =
-        [u64::from_le_bytes([0xb7, 0, 0, 0, 0, 0, 0, 0]), u64::from_le_bytes([0x95, 0, 0, 0, 0, 0, 0, 0])];
     let mut name = [0u8; 16];
-    name[..11].copy_from_slice(b"dcmon_empty");
+    name[..11].copy_from_slice(b"dcmon_bench");
     let mut log = vec![0u8; 4096];
     let mut attr = ProgLoadAttr {
         prog_type: BPF_PROG_TYPE_TRACING,
@@ -294,19 +304,20 @@ fn attach_empty(btf: &Btf<'_>, tracepoint: &str) -> anyhow::Result<(OwnedFd, Own
     };
     let prog = bpf_fd(BPF_PROG_LOAD, &mut attr).map_err(|e| {
         let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
-        anyhow::anyhow!("BPF_PROG_LOAD of an empty tp_btf/{tracepoint}: {e}: {}", String::from_utf8_lossy(&log[..end]))
+        anyhow::anyhow!("BPF_PROG_LOAD of a bench tp_btf/{tracepoint}: {e}: {}", String::from_utf8_lossy(&log[..end]))
     })?;
     let mut open = RawTracepointAttr { name: 0, prog_fd: prog.as_raw_fd() as u32, _pad: 0 };
-    let link = bpf_fd(BPF_RAW_TRACEPOINT_OPEN, &mut open)
-        .with_context(|| format!("attaching the empty tp_btf/{tracepoint}"))?;
+    let link =
+        bpf_fd(BPF_RAW_TRACEPOINT_OPEN, &mut open).with_context(|| format!("attaching a bench tp_btf/{tracepoint}"))?;
     Ok((prog, link))
 }
 
-/// One tracepoint's ns per run under bpf_stats: an empty program's and dcmon's, the medians of
-/// the alternating rounds and their ranges.
+/// One tracepoint's ns per run under bpf_stats: an empty program's, one that only reads the
+/// clock, and dcmon's, for each of the alternating rounds.
 struct OwnWork {
     tracepoint: &'static str,
     empty: Vec<f64>,
+    clock: Vec<f64>,
     ours: Vec<f64>,
 }
 
@@ -315,31 +326,50 @@ impl OwnWork {
     fn own_ns(&self) -> f64 {
         median(self.ours.clone()) - median(self.empty.clone())
     }
+
+    /// What one bpf_ktime_get_ns costs in this program's place: the clock program's median
+    /// less the empty one's. The latency programs read it once each, and cannot cost less.
+    fn clock_ns(&self) -> f64 {
+        median(self.clock.clone()) - median(self.empty.clone())
+    }
 }
 
-/// [`OWN_WORK_TRACEPOINTS`]' empty programs and dcmon's, attached in turn for `rounds` rounds of
-/// both workloads, bpf_stats held on.
+/// Attaches `insns` to every [`OWN_WORK_TRACEPOINTS`] for one pass of both workloads and returns
+/// each program's ns per run.
+fn bench_program_pass(btf: &Btf<'_>, insns: &[u64], dev: &str) -> anyhow::Result<Vec<f64>> {
+    let programs: Vec<_> =
+        OWN_WORK_TRACEPOINTS.iter().map(|tp| attach_raw(btf, tp, insns)).collect::<Result<_, _>>()?;
+    let counters = || -> io::Result<Vec<(u64, u64)>> {
+        programs.iter().map(|(p, _)| prog_counters(p.as_fd()).map(|c| (c.run_time_ns, c.run_count))).collect()
+    };
+    let before = counters()?;
+    udp_loopback()?;
+    direct_reads(dev)?;
+    Ok(before.into_iter().zip(counters()?).map(|(b, a)| per_run(b, a)).collect())
+}
+
+/// ns per run between two (run time, run count) readings.
+fn per_run((t0, n0): (u64, u64), (t1, n1): (u64, u64)) -> f64 {
+    (t1 - t0) as f64 / (n1 - n0).max(1) as f64
+}
+
+/// [`OWN_WORK_TRACEPOINTS`]' empty programs, clock-only programs and dcmon's, attached in turn
+/// for `rounds` rounds of both workloads, bpf_stats held on.
 fn own_work(dev: &str, rounds: usize) -> anyhow::Result<Vec<OwnWork>> {
     let data = std::fs::read("/sys/kernel/btf/vmlinux").context("reading /sys/kernel/btf/vmlinux")?;
     let btf = Btf::parse(&data).context("parsing the kernel's BTF")?;
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)?;
-    let per_run = |(t0, n0): (u64, u64), (t1, n1): (u64, u64)| (t1 - t0) as f64 / (n1 - n0).max(1) as f64;
     let mut work: Vec<OwnWork> = OWN_WORK_TRACEPOINTS
         .iter()
-        .map(|&tracepoint| OwnWork { tracepoint, empty: Vec::new(), ours: Vec::new() })
+        .map(|&tracepoint| OwnWork { tracepoint, empty: Vec::new(), clock: Vec::new(), ours: Vec::new() })
         .collect();
     for _ in 0..rounds {
-        let empty: Vec<_> = OWN_WORK_TRACEPOINTS.iter().map(|tp| attach_empty(&btf, tp)).collect::<Result<_, _>>()?;
-        let counters = || -> io::Result<Vec<(u64, u64)>> {
-            empty.iter().map(|(p, _)| prog_counters(p.as_fd()).map(|c| (c.run_time_ns, c.run_count))).collect()
-        };
-        let before = counters()?;
-        udp_loopback()?;
-        direct_reads(dev)?;
-        for ((w, b), a) in work.iter_mut().zip(before).zip(counters()?) {
-            w.empty.push(per_run(b, a));
+        for (w, ns) in work.iter_mut().zip(bench_program_pass(&btf, &EMPTY_PROGRAM, dev)?) {
+            w.empty.push(ns);
         }
-        drop(empty);
+        for (w, ns) in work.iter_mut().zip(bench_program_pass(&btf, &CLOCK_PROGRAM, dev)?) {
+            w.clock.push(ns);
+        }
         let probes = Probes::attach(None)?;
         let counters = || -> anyhow::Result<Vec<(u64, u64)>> {
             let stats = probes.program_stats()?;
@@ -364,13 +394,15 @@ fn own_work(dev: &str, rounds: usize) -> anyhow::Result<Vec<OwnWork>> {
 fn print_own_work(work: &[OwnWork]) {
     let range = |v: &[f64]| v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &x| (lo.min(x), hi.max(x)));
     for w in work {
-        let ((elo, ehi), (olo, ohi)) = (range(&w.empty), range(&w.ours));
+        let ((elo, ehi), (clo, chi), (olo, ohi)) = (range(&w.empty), range(&w.clock), range(&w.ours));
         println!(
-            "{}: empty program {:.1} ns/run [{elo:.1}-{ehi:.1}], dcmon's {:.1} [{olo:.1}-{ohi:.1}]: its own work {:.1} ns per event (medians of {} alternating rounds, bpf_stats on)",
+            "{}: empty program {:.1} ns/run [{elo:.1}-{ehi:.1}], clock read only {:.1} [{clo:.1}-{chi:.1}], dcmon's {:.1} [{olo:.1}-{ohi:.1}]: its own work {:.1} ns per event, one clock read {:.1} (medians of {} alternating rounds, bpf_stats on)",
             w.tracepoint,
             median(w.empty.clone()),
+            median(w.clock.clone()),
             median(w.ours.clone()),
             w.own_ns(),
+            w.clock_ns(),
             w.ours.len()
         );
     }
@@ -713,6 +745,7 @@ fn all_json(rounds: usize) -> Value {
                 "empty_ns": median(w.empty.clone()),
                 "ours_ns": median(w.ours.clone()),
                 "own_ns": w.own_ns(),
+                "clock_ns": w.clock_ns(),
             })).collect::<Vec<_>>(),
         })
     }));
