@@ -4,11 +4,13 @@
 //! Prints numbers; it is not a timed test. `json` runs all three parts and prints their
 //! figures as one JSON object (a part that failed as `{"error": "..."}`): `cargo xtask bench`
 //! reads it and sets the figures against the targets. For each workload it alternates runs
-//! without and with the programs attached, `kernel.bpf_stats_enabled` held at 0, and reports
-//! medians:
+//! without programs, with an empty `tp_btf` program on each measured tracepoint (what any
+//! program there costs) and with dcmon's programs attached, `kernel.bpf_stats_enabled` held at
+//! 0, and reports medians:
 //! - N loopback UDP packets (send + receive: one net_dev_xmit and one netif_receive_skb run
-//!   per packet) and N 4 KiB O_DIRECT reads of a loop device backed by /dev/shm
-//!   (block_rq_issue and block_rq_complete run once per read);
+//!   per packet; the sending thread's CPU time, which the receive softirq is charged to) and N
+//!   4 KiB O_DIRECT reads of a loop device backed by /dev/shm (wall time: the loop worker
+//!   completes them; block_rq_issue and block_rq_complete run once per read);
 //! - the programs' in-kernel run time per run from BPF_ENABLE_STATS (a separate run: the
 //!   stats accounting itself costs time);
 //! - their own work per event: bpf_stats' ns per run includes its two clock reads and the
@@ -58,19 +60,35 @@ fn sh(cmd: &[&str]) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// ns per packet for PACKETS loopback UDP round trips of 64-byte datagrams.
+/// This thread's CPU time in ns (CLOCK_THREAD_CPUTIME_ID).
+fn thread_cpu_ns() -> anyhow::Result<u64> {
+    let mut t = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes one timespec to a valid pointer.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } != 0 {
+        bail!("clock_gettime(CLOCK_THREAD_CPUTIME_ID): {}", io::Error::last_os_error());
+    }
+    Ok(t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64)
+}
+
+/// This thread's CPU ns per packet for PACKETS loopback UDP round trips of 64-byte datagrams.
+///
+/// CPU time, not wall time: on loopback the receive path (netif_receive_skb included) runs in
+/// the softirq the send itself raises, in this thread's context, and this kernel charges
+/// softirq time to the task it interrupts (no CONFIG_IRQ_TIME_ACCOUNTING; where it is set the
+/// receive side drops out of the figure). Wall time would add whatever the host's other work
+/// took the CPU for, which swings by microseconds a packet on a shared VM.
 fn udp_loopback() -> anyhow::Result<f64> {
     let rx = std::net::UdpSocket::bind("127.0.0.1:0")?;
     let tx = std::net::UdpSocket::bind("127.0.0.1:0")?;
     tx.connect(rx.local_addr()?)?;
     let payload = [0u8; 64];
     let mut buf = [0u8; 128];
-    let start = Instant::now();
+    let start = thread_cpu_ns()?;
     for _ in 0..PACKETS {
         tx.send(&payload)?;
         rx.recv(&mut buf)?;
     }
-    Ok(start.elapsed().as_nanos() as f64 / PACKETS as f64)
+    Ok((thread_cpu_ns()? - start) as f64 / PACKETS as f64)
 }
 
 struct Aligned(*mut u8, std::alloc::Layout);
@@ -139,43 +157,61 @@ impl Drop for StatsOff {
     }
 }
 
-/// One workload's time per event, without and with the programs, for each round.
+/// One workload's time per event, without programs, with an empty program on each measured
+/// tracepoint, and with dcmon's, for each round.
 struct Added {
     without: Vec<f64>,
+    empty: Vec<f64>,
     with: Vec<f64>,
 }
 
 impl Added {
-    /// Each round's difference: with minus without.
+    /// Each round's difference: with dcmon's programs minus without.
     fn added(&self) -> Vec<f64> {
         self.with.iter().zip(&self.without).map(|(b, a)| b - a).collect()
     }
+
+    /// Each round's difference: with the empty programs minus without, what attaching any
+    /// tp_btf program to these tracepoints costs (the tracepoint's call into BPF).
+    fn added_empty(&self) -> Vec<f64> {
+        self.empty.iter().zip(&self.without).map(|(b, a)| b - a).collect()
+    }
 }
 
-/// Alternates `rounds` runs of `f` without and with the programs attached (after one warm-up),
+/// Alternates `rounds` runs of `f` without programs, with empty programs on
+/// [`OWN_WORK_TRACEPOINTS`] and with dcmon's programs attached (after one warm-up),
 /// `kernel.bpf_stats_enabled` at 0.
-fn compare(rounds: usize, mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<Added> {
+fn compare(btf: &Btf<'_>, rounds: usize, mut f: impl FnMut() -> anyhow::Result<f64>) -> anyhow::Result<Added> {
     let _stats_off = StatsOff::hold()?;
     f()?; // warm-up
-    let (mut without, mut with) = (Vec::new(), Vec::new());
+    let mut added = Added { without: Vec::new(), empty: Vec::new(), with: Vec::new() };
     for _ in 0..rounds {
-        without.push(f()?);
+        added.without.push(f()?);
+        let empty: Vec<_> =
+            OWN_WORK_TRACEPOINTS.iter().map(|tp| attach_raw(btf, tp, &EMPTY_PROGRAM)).collect::<Result<_, _>>()?;
+        added.empty.push(f()?);
+        drop(empty);
         let probes = Probes::attach(None)?;
-        with.push(f()?);
+        added.with.push(f()?);
         drop(probes);
     }
-    Ok(Added { without, with })
+    Ok(added)
+}
+
+/// The median of `v` and its range.
+fn spread(v: Vec<f64>) -> (f64, f64, f64) {
+    let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &d| (lo.min(d), hi.max(d)));
+    (median(v), lo, hi)
 }
 
 /// Prints the medians and the added time: the median of each round's difference and their range.
 fn print_added(name: &str, per: &str, a: &Added) {
-    let added = a.added();
-    let (lo, hi) = added.iter().fold((f64::MAX, f64::MIN), |(lo, hi), &d| (lo.min(d), hi.max(d)));
+    let (added, lo, hi) = spread(a.added());
+    let (empty, elo, ehi) = spread(a.added_empty());
     println!(
-        "{name}: {:.0} ns/{per} without, {:.0} ns/{per} with programs; added {:.0} ns/{per} (median of {} alternating rounds' differences, range {lo:.0} to {hi:.0})",
+        "{name}: {:.0} ns/{per} without, {:.0} ns/{per} with programs; added {added:.0} ns/{per} (median of {} alternating rounds' differences, range {lo:.0} to {hi:.0}); empty programs on the same tracepoints add {empty:.0} ns/{per} (range {elo:.0} to {ehi:.0})",
         median(a.without.clone()),
         median(a.with.clone()),
-        median(added),
         a.without.len(),
     );
 }
@@ -723,9 +759,11 @@ struct Events {
 fn events(rounds: usize) -> anyhow::Result<Events> {
     let disk = ShmLoop::new()?;
     let dev = disk.path();
+    let data = std::fs::read("/sys/kernel/btf/vmlinux").context("reading /sys/kernel/btf/vmlinux")?;
+    let btf = Btf::parse(&data).context("parsing the kernel's BTF")?;
     Ok(Events {
-        packet: compare(rounds, udp_loopback).context("loopback packets")?,
-        read: compare(rounds, || direct_reads(&dev)).context("O_DIRECT reads")?,
+        packet: compare(&btf, rounds, udp_loopback).context("loopback packets")?,
+        read: compare(&btf, rounds, || direct_reads(&dev)).context("O_DIRECT reads")?,
         in_kernel: in_kernel_stats(&dev).context("in-kernel stats pass")?,
         own_work: own_work(&dev, rounds).context("own work against an empty program")?,
     })
@@ -734,7 +772,10 @@ fn events(rounds: usize) -> anyhow::Result<Events> {
 /// Every part as one JSON object; a part that failed as `{"error": "..."}`.
 fn all_json(rounds: usize) -> Value {
     let part = |r: anyhow::Result<Value>| r.unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
-    let added = |a: &Added| json!({"without_ns": a.without, "with_ns": a.with, "added_ns": a.added()});
+    let added = |a: &Added| {
+        json!({"without_ns": a.without, "empty_ns": a.empty, "with_ns": a.with, "added_ns": a.added(),
+               "added_empty_ns": a.added_empty()})
+    };
     let events = part(events(rounds).map(|e| {
         json!({
             "packet": added(&e.packet),
