@@ -201,6 +201,8 @@ pub async fn check(
 /// Runs `f` and returns what it returned and the warnings it logged, one line each, instead
 /// of logging them: the eBPF fallback says why in a warning.
 fn logged_warnings<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
+    #[cfg(test)]
+    crate::test_log::anchor();
     let buffer = SharedBuffer::default();
     let writer = buffer.clone();
     let subscriber = tracing_subscriber::fmt()

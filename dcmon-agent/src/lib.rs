@@ -24,5 +24,7 @@ pub mod outbox;
 pub mod output;
 pub mod register;
 pub mod secure_file;
+#[cfg(test)]
+pub(crate) mod test_log;
 pub mod ticker;
 pub mod upload;

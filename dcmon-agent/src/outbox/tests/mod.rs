@@ -64,6 +64,7 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
 
 /// Run `f` and return what it logged (this thread only).
 pub(super) fn logged<T>(f: impl FnOnce() -> T) -> (T, String) {
+    crate::test_log::anchor();
     let buffer = LogBuffer::default();
     let subscriber = tracing_subscriber::fmt().with_writer(buffer.clone()).with_ansi(false).finish();
     let out = tracing::subscriber::with_default(subscriber, f);
