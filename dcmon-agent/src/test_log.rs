@@ -18,7 +18,6 @@ pub(crate) fn anchor() {
 
 #[cfg(test)]
 mod tests {
-    use std::io::Write as _;
     use std::sync::{Arc, Mutex};
 
     /// Logs a line from a call site no other code reaches.
