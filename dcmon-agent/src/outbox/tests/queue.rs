@@ -265,3 +265,38 @@ fn a_done_record_that_cannot_be_written_is_logged_once_and_its_recovery_once() {
     let left: Vec<u64> = inspect(&outbox).expect("inspect").iter().map(|b| b.seq).collect();
     assert_eq!(left, [0, 1], "2 and 3 are marked done; 0 and 1 will be sent again");
 }
+
+// Issue 22: an fsync that fails (here the directory's: it was moved away) is logged once however
+// often it fails, leaves the data due, and its recovery is logged once it works again.
+#[test]
+fn a_failed_fsync_is_logged_once_leaves_the_data_due_and_its_recovery_is_logged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = dir.path().join("outbox");
+    let moved = dir.path().join("moved");
+    let mut o = Outbox::open(&outbox, LIMITS, 0);
+    o.push(1, body(1));
+    o.push(2, body(2));
+    let job = o.sync_job().expect("a new segment to sync");
+    assert!(job.dir_needed);
+    std::fs::rename(&outbox, &moved).expect("mv");
+    let ((), log) = logged(|| {
+        for _ in 0..2 {
+            let result = job.run();
+            assert!(result.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound), "{result:?}");
+            o.sync_finished(&job, result);
+        }
+    });
+    let line = format!("fsync of {} failed: No such file or directory", outbox.display());
+    assert_eq!(log.matches(&line).count(), 1, "{log}");
+    assert!(o.backlog_needs_sync(), "the data stays due");
+    std::fs::rename(&moved, &outbox).expect("mv back");
+    let ((), log) = logged(|| {
+        let job = o.sync_job().expect("still due");
+        let result = job.run();
+        assert!(result.is_ok(), "{result:?}");
+        o.sync_finished(&job, result);
+    });
+    assert_eq!(log.matches(&format!("fsync works again (was: {line}")).count(), 1, "{log}");
+    assert!(!o.backlog_needs_sync());
+    assert!(o.sync_job().is_none());
+}
