@@ -97,6 +97,22 @@ fn segments_rotate_and_are_deleted_oldest_first() {
     assert!(segments(dir.path()).is_empty());
 }
 
+// Issue 22: a segment takes records until it holds an eighth of the size bound, exactly: a
+// record that would start at that length goes to a new segment.
+#[test]
+fn a_segment_takes_records_until_it_holds_an_eighth_of_the_size_bound() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = batch_record_len(0, 7, &fixed(0));
+    let limits = OutboxLimits { max_bytes: 8 * 2 * one, max_age: Duration::from_secs(3600) };
+    let mut o = Outbox::open(dir.path(), limits, 0);
+    for i in 0..5 {
+        o.push(7, fixed(i));
+    }
+    let sizes: Vec<u64> = segments(dir.path()).iter().map(|p| std::fs::metadata(p).expect("segment").len()).collect();
+    assert_eq!(sizes, [2 * one, 2 * one, one]);
+    assert_eq!(drain(&mut o), (0..5).map(fixed).collect::<Vec<_>>());
+}
+
 #[test]
 fn size_and_age_limits_drop_the_oldest() {
     let dir = tempfile::tempdir().expect("tempdir");
