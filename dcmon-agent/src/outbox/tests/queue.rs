@@ -111,6 +111,17 @@ fn a_segment_takes_records_until_it_holds_an_eighth_of_the_size_bound() {
     let sizes: Vec<u64> = segments(dir.path()).iter().map(|p| std::fs::metadata(p).expect("segment").len()).collect();
     assert_eq!(sizes, [2 * one, 2 * one, one]);
     assert_eq!(drain(&mut o), (0..5).map(fixed).collect::<Vec<_>>());
+    drop(o);
+
+    // A segment this run still appends to goes as soon as it is full and delivered, with no
+    // `D` record (which would have started a new segment): here one record fills it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = OutboxLimits { max_bytes: 8 * one, ..limits };
+    let mut o = Outbox::open(dir.path(), limits, 0);
+    o.push(7, fixed(0));
+    assert_eq!(segment_bytes_on_disk(dir.path()), one);
+    assert_eq!(drain(&mut o), [fixed(0)]);
+    assert!(segments(dir.path()).is_empty(), "{:?}", segments(dir.path()));
 }
 
 #[test]
