@@ -279,3 +279,81 @@ fn with_no_output_nothing_is_stored() {
     drop(o);
     assert_eq!(Outbox::open(dir.path(), LIMITS, 200).stats().batches, 0, "a restart finds nothing to send");
 }
+
+#[test]
+fn each_output_counts_its_failed_attempts_and_reports_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = Outbox::open(dir.path(), LIMITS, 100);
+    o.set_outputs(&names(&["dcmon", "prom"]));
+    o.push(100, body(0));
+    o.send_failed("prom");
+    o.send_failed("prom");
+    o.send_failed("dcmon");
+    assert_eq!(o.output_stats("prom"), OutputStats { sent: 0, failed: 2, dropped: 0 });
+    assert_eq!(o.output_stats("dcmon"), OutputStats { sent: 0, failed: 1, dropped: 0 });
+    let failed = |output: &str| {
+        o.output_samples(100)
+            .into_iter()
+            .find(|s| s.name == "dcmon_output_batches_failed_total" && s.labels == [("output", output.to_owned())])
+            .map(|s| s.value)
+    };
+    assert_eq!(failed("prom"), Some(crate::batch::Value::Count(2)));
+    assert_eq!(failed("dcmon"), Some(crate::batch::Value::Count(1)));
+    assert_eq!(o.stats().batches, 1, "a failed attempt keeps the batch for a retry");
+}
+
+#[test]
+fn the_outputs_are_listed_once_each_in_config_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = Outbox::open(dir.path(), LIMITS, 100);
+    assert_eq!(o.outputs(), [DCMON_OUTPUT], "until set_outputs, the dcmon server is the only output");
+    o.set_outputs(&names(&["prom", "dcmon", "prom"]));
+    assert_eq!(o.outputs(), ["prom", "dcmon"]);
+    o.set_outputs(&[]);
+    assert!(o.outputs().is_empty());
+}
+
+#[test]
+fn only_an_output_name_no_cursor_record_can_carry_is_warned_about() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = Outbox::open(dir.path(), LIMITS, 100);
+    let ((), log) = logged(|| o.set_outputs(&names(&["dcmon", "http://a b/write"])));
+    assert!(log.contains("output name \"http://a b/write\" cannot be stored in a cursor record"), "{log}");
+    assert_eq!(log.matches("cannot be stored").count(), 1, "nothing about dcmon: {log}");
+    let ((), log) = logged(|| o.set_outputs(&names(&["dcmon", "prom-1.example:9090"])));
+    assert!(!log.contains("cannot be stored"), "{log}");
+}
+
+#[test]
+fn an_output_past_the_only_batch_waiting_gets_a_cursor_record() {
+    // One batch, delivered by dcmon and still waiting for prom: dcmon's cursor must reach the
+    // disk, or a restart resends the batch to dcmon.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outputs = names(&["dcmon", "prom"]);
+    let mut o = Outbox::open(dir.path(), LIMITS, 100);
+    o.set_outputs(&outputs);
+    o.push(100, body(0));
+    o.delivered("dcmon", 0);
+    let records = |dir: &Path| -> Vec<String> {
+        let data = std::fs::read(&segments(dir)[0]).expect("read");
+        parse_segment(&data)
+            .iter()
+            .map(|r| match r {
+                Record::Batch { seq, .. } => format!("batch {seq}"),
+                Record::Done { seq } => format!("done {seq}"),
+                Record::Cursor { output, seq } => format!("cursor {output} {seq}"),
+                Record::Damaged { .. } => "damaged".to_owned(),
+            })
+            .collect()
+    };
+    assert_eq!(records(dir.path()), ["batch 0", "cursor dcmon 0"]);
+    drop(o);
+    let mut o = Outbox::open(dir.path(), LIMITS, 100);
+    o.set_outputs(&outputs);
+    assert_eq!(waiting_for(&mut o, "dcmon"), None, "dcmon is not sent batch 0 again");
+    assert_eq!(waiting_for(&mut o, "prom"), Some(0));
+    // prom's delivery releases the batch, and the segment (an earlier run's) goes with it.
+    o.delivered("prom", 0);
+    assert_eq!(o.stats().batches, 0);
+    assert!(segments(dir.path()).is_empty(), "{:?}", segments(dir.path()));
+}

@@ -231,3 +231,31 @@ fn memory_mode_reports_the_real_cause() {
     let why = second.persist_error().expect("memory mode");
     assert!(why.contains(&format!("another dcmon-agent (pid {})", std::process::id())), "{why}");
 }
+
+// A directory deleted just as the segment filled up: the next batch needs a new segment file,
+// and creating it fails with NotFound. That is the deletion to repair (the directory recreated,
+// the batches rewritten), not an error to keep batches in memory for, nor a number to skip
+// (which would try the next number for ever).
+#[test]
+fn a_directory_deleted_when_its_segment_is_full_is_recreated_for_the_next_segment() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = dir.path().join("outbox");
+    // Segments of 60 bytes: every record fills one.
+    let limits = OutboxLimits { max_bytes: 8 * 60, max_age: Duration::from_secs(3600) };
+    let long = |i: u32| Bytes::from(format!("{{\"batch\": {i}, \"pad\": \"{}\"}}", "x".repeat(80)));
+    let path = outbox.clone();
+    let (mut o, stored, persist_error) = within_20s(move || {
+        let mut o = Outbox::open(&path, limits, 0);
+        o.push(0, long(0));
+        std::fs::remove_dir_all(&path).expect("rm -r");
+        o.push(1, long(1));
+        let stored: Vec<i64> = inspect(&path).expect("recreated").iter().map(|b| b.timestamp).collect();
+        let persist_error = o.persist_error().map(str::to_owned);
+        (o, stored, persist_error)
+    })
+    .expect("the push after the deletion hung");
+    assert_eq!(stored, [0, 1]);
+    assert_eq!(persist_error, None);
+    assert_eq!(o.stats().in_memory, 0);
+    assert_eq!(drain(&mut o), [long(0), long(1)]);
+}

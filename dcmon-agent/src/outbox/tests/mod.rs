@@ -1,7 +1,7 @@
 //! The outbox's unit tests: the queue, its files and their damage, on real directories.
 //!
 //! This file holds the shared helpers; the tests are in one file per role: `queue`, `recovery`,
-//! `hostile`, `opening`, `property`, `cursors`, `bounds` and `read_back`.
+//! `hostile`, `opening`, `property`, `cursors`, `bounds`, `read_back` and `repair`.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -143,3 +143,5 @@ mod queue;
 /// Issue 22: reading a batch back for sending.
 mod read_back;
 mod recovery;
+/// Issue 22: files deleted underneath the agent.
+mod repair;

@@ -6,7 +6,7 @@ use super::*;
 use crate::outbox::segment::OPEN_SEGMENTS_MAX;
 
 /// Write segment `id` into `dir`: batch `seq` (body [`body`]), and its done record when `done`.
-fn write_segment(dir: &Path, id: u64, seq: u64, done: bool) -> PathBuf {
+pub(super) fn write_segment(dir: &Path, id: u64, seq: u64, done: bool) -> PathBuf {
     let mut seg = Vec::new();
     encode_batch(&mut seg, seq, 1, &body(u32::try_from(seq).expect("small")));
     if done {

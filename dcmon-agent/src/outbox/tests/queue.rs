@@ -97,6 +97,33 @@ fn segments_rotate_and_are_deleted_oldest_first() {
     assert!(segments(dir.path()).is_empty());
 }
 
+// Issue 22: a segment takes records until it holds an eighth of the size bound, exactly: a
+// record that would start at that length goes to a new segment.
+#[test]
+fn a_segment_takes_records_until_it_holds_an_eighth_of_the_size_bound() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = batch_record_len(0, 7, &fixed(0));
+    let limits = OutboxLimits { max_bytes: 8 * 2 * one, max_age: Duration::from_secs(3600) };
+    let mut o = Outbox::open(dir.path(), limits, 0);
+    for i in 0..5 {
+        o.push(7, fixed(i));
+    }
+    let sizes: Vec<u64> = segments(dir.path()).iter().map(|p| std::fs::metadata(p).expect("segment").len()).collect();
+    assert_eq!(sizes, [2 * one, 2 * one, one]);
+    assert_eq!(drain(&mut o), (0..5).map(fixed).collect::<Vec<_>>());
+    drop(o);
+
+    // A segment this run still appends to goes as soon as it is full and delivered, with no
+    // `D` record (which would have started a new segment): here one record fills it.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = OutboxLimits { max_bytes: 8 * one, ..limits };
+    let mut o = Outbox::open(dir.path(), limits, 0);
+    o.push(7, fixed(0));
+    assert_eq!(segment_bytes_on_disk(dir.path()), one);
+    assert_eq!(drain(&mut o), [fixed(0)]);
+    assert!(segments(dir.path()).is_empty(), "{:?}", segments(dir.path()));
+}
+
 #[test]
 fn size_and_age_limits_drop_the_oldest() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -264,4 +291,39 @@ fn a_done_record_that_cannot_be_written_is_logged_once_and_its_recovery_once() {
     drop(o);
     let left: Vec<u64> = inspect(&outbox).expect("inspect").iter().map(|b| b.seq).collect();
     assert_eq!(left, [0, 1], "2 and 3 are marked done; 0 and 1 will be sent again");
+}
+
+// Issue 22: an fsync that fails (here the directory's: it was moved away) is logged once however
+// often it fails, leaves the data due, and its recovery is logged once it works again.
+#[test]
+fn a_failed_fsync_is_logged_once_leaves_the_data_due_and_its_recovery_is_logged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let outbox = dir.path().join("outbox");
+    let moved = dir.path().join("moved");
+    let mut o = Outbox::open(&outbox, LIMITS, 0);
+    o.push(1, body(1));
+    o.push(2, body(2));
+    let job = o.sync_job().expect("a new segment to sync");
+    assert!(job.dir_needed);
+    std::fs::rename(&outbox, &moved).expect("mv");
+    let ((), log) = logged(|| {
+        for _ in 0..2 {
+            let result = job.run();
+            assert!(result.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound), "{result:?}");
+            o.sync_finished(&job, result);
+        }
+    });
+    let line = format!("fsync of {} failed: No such file or directory", outbox.display());
+    assert_eq!(log.matches(&line).count(), 1, "{log}");
+    assert!(o.backlog_needs_sync(), "the data stays due");
+    std::fs::rename(&moved, &outbox).expect("mv back");
+    let ((), log) = logged(|| {
+        let job = o.sync_job().expect("still due");
+        let result = job.run();
+        assert!(result.is_ok(), "{result:?}");
+        o.sync_finished(&job, result);
+    });
+    assert_eq!(log.matches(&format!("fsync works again (was: {line}")).count(), 1, "{log}");
+    assert!(!o.backlog_needs_sync());
+    assert!(o.sync_job().is_none());
 }
