@@ -127,3 +127,31 @@ fn the_oldest_segments_with_batches_left_are_held_open() {
     assert_eq!(held, want);
     drop(o);
 }
+
+// Issue 22: once this run's segments push the files held open past OPEN_SEGMENTS_MAX, the
+// newest of the read-only ones is closed (it is read last, and opened again then), never the
+// one appended to nor the oldest ones, which are read next.
+#[test]
+fn past_the_limit_the_newest_read_only_segment_is_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let paths: Vec<PathBuf> = (0..10).map(|id| write_segment(dir.path(), id, id, false)).collect();
+    // Two records to a segment of this run's.
+    let one = batch_record_len(10, 1, &body(10));
+    let limits = OutboxLimits { max_bytes: 8 * 2 * one, max_age: Duration::from_secs(3600) };
+    let mut o = Outbox::open(dir.path(), limits, 0);
+    for i in 10..13 {
+        o.push(1, body(i));
+    }
+    assert_eq!(o.stats().in_memory, 0, "{:?}", o.persist_error());
+    let ours = segments(dir.path());
+    assert_eq!(ours.len(), 12, "{ours:?}");
+    let mut held = files_open_under(dir.path());
+    held.retain(|p| p.extension().is_some_and(|x| x == "seg"));
+    held.sort();
+    // 0..=6 held since open; this run's first segment (full, read-only now) closed; its second
+    // (appended to) open.
+    let mut want: Vec<PathBuf> = paths[..7].to_vec();
+    want.push(ours[11].clone());
+    assert_eq!(held, want);
+    assert_eq!(drain(&mut o), (0..13).map(body).collect::<Vec<_>>());
+}
