@@ -155,3 +155,28 @@ fn past_the_limit_the_newest_read_only_segment_is_closed() {
     assert_eq!(held, want);
     assert_eq!(drain(&mut o), (0..13).map(body).collect::<Vec<_>>());
 }
+
+// Issue 22: a delivered segment that cannot be deleted is logged, naming it and why; one that is
+// already gone (deleted by someone else) is nothing to report.
+#[test]
+fn a_delivered_segment_that_cannot_be_deleted_is_logged_and_one_already_gone_is_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gone = write_segment(dir.path(), 0, 0, false);
+    let stuck = write_segment(dir.path(), 1, 1, false);
+    let mut o = Outbox::open(dir.path(), LIMITS, 0);
+    let (seq, b) = o.oldest().expect("batch 0");
+    assert_eq!(b, body(0));
+    std::fs::remove_file(&gone).expect("rm");
+    let ((), log) = logged(|| o.remove(seq));
+    assert!(!log.contains("cannot delete"), "{log}");
+    let (seq, b) = o.oldest().expect("batch 1");
+    assert_eq!(b, body(1));
+    // A directory where the segment was: unlink(2) fails with EISDIR.
+    std::fs::remove_file(&stuck).expect("rm");
+    std::fs::create_dir(&stuck).expect("mkdir");
+    std::fs::write(stuck.join("x"), "x").expect("write");
+    let ((), log) = logged(|| o.remove(seq));
+    let line = format!("cannot delete the delivered segment {}: Is a directory", stuck.display());
+    assert_eq!(log.matches(&line).count(), 1, "{log}");
+    assert_eq!(o.stats().batches, 0);
+}
