@@ -180,3 +180,18 @@ fn a_delivered_segment_that_cannot_be_deleted_is_logged_and_one_already_gone_is_
     assert_eq!(log.matches(&line).count(), 1, "{log}");
     assert_eq!(o.stats().batches, 0);
 }
+
+// Issue 22: the bound on what is read of a segment leaves room for the longest segment a writer
+// makes: records start below the largest segment size, and the last may be the longest record
+// there is (the longest header, a body of MAX_BODY_BYTES).
+#[test]
+fn the_read_maximum_holds_the_longest_segment_a_writer_makes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = Outbox::open(dir.path(), OutboxLimits { max_bytes: u64::MAX, ..LIMITS }, 0);
+    let largest_segment = o.segment_bytes();
+    // Zeroed pages are not touched: this costs no 256 MiB of memory.
+    let max_body = vec![0u8; usize::try_from(MAX_BODY_BYTES).expect("256 MiB fits")];
+    let longest_record = batch_record_len(u64::MAX, i64::MIN, &max_body);
+    let longest_segment = largest_segment - 1 + longest_record;
+    assert!(longest_segment <= SEGMENT_READ_MAX, "{longest_segment} > {SEGMENT_READ_MAX}");
+}
