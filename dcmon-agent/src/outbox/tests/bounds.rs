@@ -1,4 +1,5 @@
-//! Outbox tests at the bounds the reader enforces: the longest body a record may declare.
+//! Outbox tests at the bounds the reader and the writer enforce: the longest body a record may
+//! declare or hold, and the size and age bounds.
 
 use super::*;
 
@@ -48,4 +49,28 @@ fn a_batch_exactly_max_age_old_is_kept_and_dropped_just_after() {
     o.push_at(1060, body(2), t0 + max_age + Duration::from_nanos(1));
     assert_eq!((o.stats().batches, o.stats().dropped_total), (2, 1), "older than max_age: dropped");
     assert_eq!(drain(&mut o), [body(1), body(2)]);
+}
+
+// Issue 22: the writer's bound is the reader's (above): a body of exactly MAX_BODY_BYTES is
+// stored; one byte more is kept in memory, with the reason, since no reader would take its
+// record. A repair (its segment deleted) writes the one again and leaves the other in memory.
+#[test]
+fn a_body_of_exactly_the_maximum_is_stored_and_one_byte_more_kept_in_memory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let max = usize::try_from(MAX_BODY_BYTES).expect("256 MiB fits");
+    let record = batch_record_len(0, 1, &vec![0; max]);
+    let mut o = Outbox::open(dir.path(), LIMITS, 0);
+    o.push(1, Bytes::from(vec![b'x'; max]));
+    assert_eq!(o.stats().in_memory, 0, "{:?}", o.persist_error());
+    assert_eq!(segment_bytes_on_disk(dir.path()), record);
+    o.push(2, Bytes::from(vec![b'y'; max + 1]));
+    assert_eq!(o.stats().in_memory, 1);
+    let why = o.persist_error().expect("the longer body is in memory");
+    assert!(why.contains(&format!("over the {MAX_BODY_BYTES} bytes a record may hold")), "{why}");
+
+    std::fs::remove_file(&segments(dir.path())[0]).expect("rm segment");
+    o.sync_now();
+    assert_eq!(o.stats().in_memory, 1, "only the longer body is still in memory");
+    assert_eq!(segment_bytes_on_disk(dir.path()), record);
+    assert_eq!(o.stats().batches, 2);
 }

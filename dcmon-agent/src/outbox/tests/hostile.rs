@@ -259,3 +259,20 @@ fn a_directory_deleted_when_its_segment_is_full_is_recreated_for_the_next_segmen
     assert_eq!(o.stats().in_memory, 0);
     assert_eq!(drain(&mut o), [long(0), long(1)]);
 }
+
+// Issue 22: a file someone put where the next segment goes (the directory is locked only
+// against other agents) is never appended to: the segment takes the next number.
+#[test]
+fn a_file_put_where_the_next_segment_goes_is_left_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut o = Outbox::open(dir.path(), LIMITS, 0);
+    let foreign = dir.path().join("0000000000000000.seg");
+    std::fs::write(&foreign, "not a segment\n").expect("write");
+    o.push(1, body(1));
+    assert_eq!(o.persist_error(), None);
+    assert_eq!(o.stats().in_memory, 0);
+    assert_eq!(std::fs::read(&foreign).expect("foreign file"), b"not a segment\n");
+    let data = std::fs::read(dir.path().join("0000000000000001.seg")).expect("the next number");
+    assert!(matches!(parse_segment(&data)[..], [Record::Batch { seq: 0, timestamp: 1, .. }]), "{data:?}");
+    assert_eq!(drain(&mut o), [body(1)]);
+}

@@ -127,3 +127,71 @@ fn the_oldest_segments_with_batches_left_are_held_open() {
     assert_eq!(held, want);
     drop(o);
 }
+
+// Issue 22: once this run's segments push the files held open past OPEN_SEGMENTS_MAX, the
+// newest of the read-only ones is closed (it is read last, and opened again then), never the
+// one appended to nor the oldest ones, which are read next.
+#[test]
+fn past_the_limit_the_newest_read_only_segment_is_closed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let paths: Vec<PathBuf> = (0..10).map(|id| write_segment(dir.path(), id, id, false)).collect();
+    // Two records to a segment of this run's.
+    let one = batch_record_len(10, 1, &body(10));
+    let limits = OutboxLimits { max_bytes: 8 * 2 * one, max_age: Duration::from_secs(3600) };
+    let mut o = Outbox::open(dir.path(), limits, 0);
+    for i in 10..13 {
+        o.push(1, body(i));
+    }
+    assert_eq!(o.stats().in_memory, 0, "{:?}", o.persist_error());
+    let ours = segments(dir.path());
+    assert_eq!(ours.len(), 12, "{ours:?}");
+    let mut held = files_open_under(dir.path());
+    held.retain(|p| p.extension().is_some_and(|x| x == "seg"));
+    held.sort();
+    // 0..=6 held since open; this run's first segment (full, read-only now) closed; its second
+    // (appended to) open.
+    let mut want: Vec<PathBuf> = paths[..7].to_vec();
+    want.push(ours[11].clone());
+    assert_eq!(held, want);
+    assert_eq!(drain(&mut o), (0..13).map(body).collect::<Vec<_>>());
+}
+
+// Issue 22: a delivered segment that cannot be deleted is logged, naming it and why; one that is
+// already gone (deleted by someone else) is nothing to report.
+#[test]
+fn a_delivered_segment_that_cannot_be_deleted_is_logged_and_one_already_gone_is_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let gone = write_segment(dir.path(), 0, 0, false);
+    let stuck = write_segment(dir.path(), 1, 1, false);
+    let mut o = Outbox::open(dir.path(), LIMITS, 0);
+    let (seq, b) = o.oldest().expect("batch 0");
+    assert_eq!(b, body(0));
+    std::fs::remove_file(&gone).expect("rm");
+    let ((), log) = logged(|| o.remove(seq));
+    assert!(!log.contains("cannot delete"), "{log}");
+    let (seq, b) = o.oldest().expect("batch 1");
+    assert_eq!(b, body(1));
+    // A directory where the segment was: unlink(2) fails with EISDIR.
+    std::fs::remove_file(&stuck).expect("rm");
+    std::fs::create_dir(&stuck).expect("mkdir");
+    std::fs::write(stuck.join("x"), "x").expect("write");
+    let ((), log) = logged(|| o.remove(seq));
+    let line = format!("cannot delete the delivered segment {}: Is a directory", stuck.display());
+    assert_eq!(log.matches(&line).count(), 1, "{log}");
+    assert_eq!(o.stats().batches, 0);
+}
+
+// Issue 22: the bound on what is read of a segment leaves room for the longest segment a writer
+// makes: records start below the largest segment size, and the last may be the longest record
+// there is (the longest header, a body of MAX_BODY_BYTES).
+#[test]
+fn the_read_maximum_holds_the_longest_segment_a_writer_makes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = Outbox::open(dir.path(), OutboxLimits { max_bytes: u64::MAX, ..LIMITS }, 0);
+    let largest_segment = o.segment_bytes();
+    // Zeroed pages are not touched: this costs no 256 MiB of memory.
+    let max_body = vec![0u8; usize::try_from(MAX_BODY_BYTES).expect("256 MiB fits")];
+    let longest_record = batch_record_len(u64::MAX, i64::MIN, &max_body);
+    let longest_segment = largest_segment - 1 + longest_record;
+    assert!(longest_segment <= SEGMENT_READ_MAX, "{longest_segment} > {SEGMENT_READ_MAX}");
+}

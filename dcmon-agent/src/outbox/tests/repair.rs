@@ -157,3 +157,24 @@ fn a_repair_leaves_in_memory_a_body_no_record_can_hold() {
     assert_eq!(o.stats().in_memory, 1);
     assert_eq!(drain(&mut o), [body(0), Bytes::from_static(b"{\"a\":\n1}")]);
 }
+
+// Issue 22: a segment of this run emptied underneath (truncated to nothing) has its batches
+// rewritten and is deleted at once, even behind an older segment that still has batches to send
+// (deletion otherwise goes oldest first).
+#[test]
+fn a_segment_emptied_underneath_is_deleted_at_once_even_behind_one_still_read() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let older = write_segment(dir.path(), 0, 0, false);
+    let mut o = Outbox::open(dir.path(), LIMITS, 0);
+    o.push(1, body(1));
+    o.push(2, body(2));
+    let emptied = segments(dir.path())[1].clone();
+    File::options().write(true).open(&emptied).and_then(|f| f.set_len(0)).expect("truncate");
+    o.push(3, body(3));
+    let left = segments(dir.path());
+    assert_eq!(left.len(), 2, "{left:?}");
+    assert_eq!(left[0], older);
+    assert!(!left.contains(&emptied), "{left:?}");
+    assert_eq!(o.stats().corrupt_total, 0, "batches 1 and 2 were in memory");
+    assert_eq!(drain(&mut o), (0..4).map(body).collect::<Vec<_>>());
+}
