@@ -543,7 +543,8 @@ mod tests {
         let labels: Labels = vec![("device", "nvme0n1".into())];
         let mut out = vec![Sample::gauge("before", 1.0)];
         DISK_IO_LATENCY.samples(&labels, &le_values([0.5, 1.0]), &[2, 3], 4, 6.5, &mut out);
-        let got: Vec<(&str, Value, Vec<(&str, &str)>)> = out[1..]
+        type Row<'a> = (&'a str, Value, Vec<(&'a str, &'a str)>);
+        let got: Vec<Row<'_>> = out[1..]
             .iter()
             .map(|s| (s.name, s.value, s.labels.iter().map(|(k, v)| (*k, v.as_str())).collect()))
             .collect();
