@@ -40,8 +40,12 @@ impl Value {
     }
 }
 
+/// A label value: held inline up to 24 bytes (every device, interface, program, op and bucket
+/// bound name here), so making or cloning one allocates nothing; longer values on the heap.
+pub type LabelValue = compact_str::CompactString;
+
 /// Label pairs of one sample, in a fixed order. Keys are static: the label names are a contract.
-pub type Labels = Vec<(&'static str, String)>;
+pub type Labels = Vec<(&'static str, LabelValue)>;
 
 /// One metric reading.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,7 +71,7 @@ impl Sample {
 
     /// This sample with one more label.
     #[must_use]
-    pub fn label(mut self, key: &'static str, value: impl Into<String>) -> Self {
+    pub fn label(mut self, key: &'static str, value: impl Into<LabelValue>) -> Self {
         self.labels.push((key, value.into()));
         self
     }
@@ -108,31 +112,48 @@ pub fn histogram_family(name: &str) -> Option<&'static HistogramFamily> {
 }
 
 impl HistogramFamily {
-    /// The samples of one histogram with `labels`: `buckets` are (upper bound in the unit of
-    /// the family, count in that bucket alone) in increasing bound order, `overflow` the count
-    /// above the last bound; the bucket samples are cumulative, the last one `le="+Inf"`.
-    pub fn samples(&self, labels: &Labels, buckets: &[(f64, u64)], overflow: u64, sum: f64) -> Vec<Sample> {
-        let mut out = Vec::with_capacity(buckets.len() + 3);
+    /// Appends to `out` the samples of one histogram with `labels`: `counts[i]` is the count in
+    /// bucket `i` alone, whose upper bound's `le` value is `le[i]` ([`le_values`], made once),
+    /// `overflow` the count above the last bound; the bucket samples are cumulative, the last
+    /// one `le="+Inf"`.
+    pub fn samples(
+        &self,
+        labels: &Labels,
+        le: &[LabelValue],
+        counts: &[u64],
+        overflow: u64,
+        sum: f64,
+        out: &mut Vec<Sample>,
+    ) {
+        debug_assert_eq!(le.len(), counts.len(), "one le value per bucket of {}", self.family);
+        out.reserve(counts.len() + 3);
         // Sized for the `le` label up front: a clone grown by one more label reallocates.
-        let with_le = |le: String| {
+        let with_le = |le: &LabelValue| {
             let mut with = Vec::with_capacity(labels.len() + 1);
             with.extend_from_slice(labels);
-            with.push((LE_LABEL, le));
+            with.push((LE_LABEL, le.clone()));
             with
         };
         let mut cumulative = 0;
-        for &(bound, n) in buckets {
+        for (le, &n) in le.iter().zip(counts) {
             cumulative += n;
-            // Display: the shortest decimal that reads back as the bound, never in exponent
-            // form, so a bound's label value is the same string in every output.
-            out.push(Sample { name: self.bucket, value: Value::Count(cumulative), labels: with_le(bound.to_string()) });
+            out.push(Sample { name: self.bucket, value: Value::Count(cumulative), labels: with_le(le) });
         }
         cumulative += overflow;
-        out.push(Sample { name: self.bucket, value: Value::Count(cumulative), labels: with_le("+Inf".to_owned()) });
+        out.push(Sample { name: self.bucket, value: Value::Count(cumulative), labels: with_le(&LE_INF) });
         out.push(Sample { name: self.sum, value: Value::Gauge(sum), labels: labels.clone() });
         out.push(Sample { name: self.count, value: Value::Count(cumulative), labels: labels.clone() });
-        out
     }
+}
+
+/// The last bucket's `le`.
+const LE_INF: LabelValue = LabelValue::const_new("+Inf");
+
+/// The `le` values of bucket upper `bounds` (in the unit of the family), made once per
+/// histogram kind and kept: Display, the shortest decimal that reads back as the bound, never
+/// in exponent form, so a bound's label value is the same string in every output.
+pub fn le_values(bounds: impl IntoIterator<Item = f64>) -> Vec<LabelValue> {
+    bounds.into_iter().map(|bound| compact_str::format_compact!("{bound}")).collect()
 }
 
 /// A batch ready to send: every metric carries the batch's timestamp.
@@ -241,9 +262,7 @@ impl Batch {
 /// `text` as a JSON string: copied between quotes when nothing in it needs escaping (every
 /// metric name and label key, most label values), else escaped by serde_json.
 fn push_json_str(out: &mut Vec<u8>, text: &str) {
-    // No early exit, so the check compiles to a vector loop over the whole string.
-    let needs_escape = text.bytes().fold(false, |any, b| any | (b < 0x20) | (b == b'"') | (b == b'\\'));
-    if !needs_escape {
+    if !needs_json_escape(text.as_bytes()) {
         out.reserve(text.len() + 2);
         out.push(b'"');
         out.extend_from_slice(text.as_bytes());
@@ -251,6 +270,31 @@ fn push_json_str(out: &mut Vec<u8>, text: &str) {
     } else {
         // Writing a string into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *out, text);
+    }
+}
+
+/// The bytes JSON escapes in a string: control characters, the quote and the backslash.
+const JSON_ESCAPED: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        table[b] = true;
+        b += 1;
+    }
+    table[b'"' as usize] = true;
+    table[b'\\' as usize] = true;
+    table
+};
+
+/// Whether `text` has a byte JSON escapes.
+fn needs_json_escape(text: &[u8]) -> bool {
+    // Label keys and most label values are a few bytes, where the vector loop below runs only
+    // its byte-at-a-time tail (three compares a byte): one table lookup a byte is cheaper there.
+    if text.len() < 16 {
+        text.iter().any(|&b| JSON_ESCAPED[usize::from(b)])
+    } else {
+        // No early exit, so the check compiles to a vector loop over the whole string.
+        text.iter().fold(false, |any, &b| any | (b < 0x20) | (b == b'"') | (b == b'\\'))
     }
 }
 
@@ -269,7 +313,7 @@ impl Serialize for WireLabels<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let mut map = s.serialize_map(Some(self.0.len()))?;
         for (k, v) in self.0 {
-            map.serialize_entry(k, v)?;
+            map.serialize_entry(k, v.as_str())?;
         }
         map.end()
     }
@@ -480,6 +524,72 @@ mod tests {
                     want.insert(key.clone(), label.as_str().into());
                 }
                 proptest::prop_assert_eq!(&m["labels"], &serde_json::Value::Object(want));
+            }
+        }
+    }
+
+    #[test]
+    fn le_values_are_the_bounds_display_never_exponent_form() {
+        let bounds = [0.000_001_024, 0.1, 2.5, 17.179_869_184, 1e-9, 1e21, 3.0];
+        let le = le_values(bounds);
+        let want: Vec<String> = bounds.iter().map(ToString::to_string).collect();
+        assert_eq!(le, want);
+        assert_eq!(le[4], "0.000000001");
+        assert_eq!(le[5], "1000000000000000000000");
+    }
+
+    #[test]
+    fn histogram_samples_are_cumulative_with_le_last_and_labels_first() {
+        let labels: Labels = vec![("device", "nvme0n1".into())];
+        let mut out = vec![Sample::gauge("before", 1.0)];
+        DISK_IO_LATENCY.samples(&labels, &le_values([0.5, 1.0]), &[2, 3], 4, 6.5, &mut out);
+        type Row<'a> = (&'a str, Value, Vec<(&'a str, &'a str)>);
+        let got: Vec<Row<'_>> = out[1..]
+            .iter()
+            .map(|s| (s.name, s.value, s.labels.iter().map(|(k, v)| (*k, v.as_str())).collect()))
+            .collect();
+        let bucket = "disk_io_latency_seconds_bucket";
+        assert_eq!(
+            got,
+            [
+                (bucket, Value::Count(2), vec![("device", "nvme0n1"), ("le", "0.5")]),
+                (bucket, Value::Count(5), vec![("device", "nvme0n1"), ("le", "1")]),
+                (bucket, Value::Count(9), vec![("device", "nvme0n1"), ("le", "+Inf")]),
+                ("disk_io_latency_seconds_sum", Value::Gauge(6.5), vec![("device", "nvme0n1")]),
+                ("disk_io_latency_seconds_count", Value::Count(9), vec![("device", "nvme0n1")]),
+            ]
+        );
+        assert_eq!(out[0].name, "before", "appended, not replaced");
+    }
+
+    /// The point of [`LabelValue`]: the values a cycle makes (device, interface, program and op
+    /// names, bucket bounds) are held inline, so a sample's labels cost no allocation each.
+    #[test]
+    fn short_label_values_are_inline() {
+        let s = Sample::count("x", 1)
+            .label("program", "tcp_retransmit_skb")
+            .label("interface", String::from("veth-dcmon-a0"));
+        assert!(s.labels.iter().all(|(_, v)| !v.is_heap_allocated()), "{s:?}");
+        let long = Sample::count("x", 1).label("model", "SAMSUNG MZQL215THBLA-00A07 with a long name");
+        assert_eq!(long.labels[0].1, "SAMSUNG MZQL215THBLA-00A07 with a long name");
+    }
+
+    /// Both forms of the check (short strings by table, long ones by the vector loop) agree
+    /// with serde_json on every byte, at every position and length around the switch.
+    #[test]
+    fn escape_check_agrees_with_serde_json_for_every_byte_position_and_length() {
+        for len in [1, 2, 7, 8, 15, 16, 17, 31, 32, 33] {
+            for at in [0, len / 2, len - 1] {
+                for byte in 0..=0x7f_u8 {
+                    let mut text = vec![b'a'; len];
+                    text[at] = byte;
+                    let text = String::from_utf8(text).expect("ascii");
+                    let escaped = serde_json::to_string(&text).expect("serde");
+                    assert_eq!(needs_json_escape(text.as_bytes()), escaped.len() != len + 2, "{text:?}");
+                    let mut out = Vec::new();
+                    push_json_str(&mut out, &text);
+                    assert_eq!(String::from_utf8(out).expect("utf8"), escaped, "{text:?}");
+                }
             }
         }
     }

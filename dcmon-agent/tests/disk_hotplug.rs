@@ -16,7 +16,7 @@ use dcmon_agent::host::Host;
 fn devices(c: &mut DiskCollector) -> Vec<String> {
     let mut out: Vec<Sample> = Vec::new();
     c.collect(&mut out).unwrap_or_else(|e| panic!("collect: {e:#}"));
-    out.iter().step_by(4).map(|s| s.labels[0].1.clone()).collect()
+    out.iter().step_by(4).map(|s| s.labels[0].1.to_string()).collect()
 }
 
 #[test]

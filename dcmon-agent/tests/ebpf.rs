@@ -355,7 +355,7 @@ fn latency_histogram(collector: &mut EbpfDiskCollector, device: &str, op: &str) 
     for s in samples.iter().filter(ours) {
         match s.name {
             "disk_io_latency_seconds_bucket" => {
-                let le = s.labels.iter().find(|(k, _)| *k == "le").expect("le label").1.clone();
+                let le = s.labels.iter().find(|(k, _)| *k == "le").expect("le label").1.to_string();
                 buckets.push((le, s.value.as_f64() as u64));
             }
             "disk_io_latency_seconds_sum" => sum = s.value.as_f64(),
@@ -1348,7 +1348,7 @@ fn drops_by_reason(collector: &mut EbpfNetCollector, interface: &str) -> HashMap
             s.name == "network_drops_total" && s.labels.iter().any(|(k, v)| *k == "interface" && v == interface)
         })
         .map(|s| {
-            let reason = s.labels.iter().find(|(k, _)| *k == "reason").expect("reason label").1.clone();
+            let reason = s.labels.iter().find(|(k, _)| *k == "reason").expect("reason label").1.to_string();
             (reason, s.value.as_f64() as u64)
         })
         .collect()
@@ -1592,7 +1592,7 @@ fn an_oom_kill_is_counted_once_with_its_job() {
         samples
             .into_iter()
             .filter(|s| s.name == "oom_kills_total")
-            .map(|s| (s.labels[0].1.clone(), s.value.as_f64() as u64))
+            .map(|s| (s.labels[0].1.to_string(), s.value.as_f64() as u64))
             .collect::<Vec<_>>()
     };
     assert_eq!(kills(&mut collector), vec![], "no kills before");

@@ -47,7 +47,7 @@ fn label_set(samples: &[Sample], name: &str, key: &str) -> Vec<String> {
     samples
         .iter()
         .filter(|s| s.name == name)
-        .filter_map(|s| s.labels.iter().find(|(k, _)| *k == key).map(|(_, v)| v.clone()))
+        .filter_map(|s| s.labels.iter().find(|(k, _)| *k == key).map(|(_, v)| v.to_string()))
         .collect()
 }
 

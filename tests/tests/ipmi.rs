@@ -161,7 +161,7 @@ fn values(samples: &[dcmon_agent::batch::Sample]) -> Values {
                 s.labels
                     .iter()
                     .find(|(key, _)| *key == k)
-                    .map(|(_, v)| v.clone())
+                    .map(|(_, v)| v.to_string())
                     .unwrap_or_else(|| panic!("{} has no {k} label", s.name))
             };
             ((s.name.to_owned(), label("sensor"), label("id")), s.value.as_f64())

@@ -90,7 +90,7 @@ fn samples_have_units_labels_and_big_counters() {
     assert_eq!(get("nvme_critical_temperature_seconds_total").value.as_f64(), 3.0 * 60.0);
     assert_eq!(samples.len(), 12);
     for s in &samples {
-        assert_eq!(s.labels, [("device", "nvme0".to_owned()), ("model", "Samsung SSD 990 PRO 2TB".to_owned())]);
+        assert_eq!(s.labels, [("device", "nvme0".into()), ("model", "Samsung SSD 990 PRO 2TB".into())]);
     }
 }
 

@@ -8,7 +8,7 @@
 
 use super::attr::{RELIST_EVERY, Relist, is_gone, natural_cmp, parse_u64, round_result, sorted_names};
 use super::{CollectError, Collector};
-use crate::batch::Sample;
+use crate::batch::{Labels, Sample};
 use crate::host::{Host, served_from_kernel_memory};
 
 /// This collector's row in the table ([`super::SOURCES`]).
@@ -36,7 +36,7 @@ struct Counter {
     /// Host path, under [`MC_DIR`].
     path: String,
     metric: &'static str,
-    labels: Vec<(&'static str, String)>,
+    labels: Labels,
 }
 
 /// The trailing number of `dimm12`, `csrow0`, `ch1_ce_count`.
@@ -79,7 +79,7 @@ impl EdacCollector {
             for (file, metric) in CONTROLLER_FILES {
                 let path = format!("{dir}/{file}");
                 if exists(&path) {
-                    counters.push(Counter { path, metric, labels: vec![("controller", controller.clone())] });
+                    counters.push(Counter { path, metric, labels: vec![("controller", controller.as_str().into())] });
                 }
             }
             let names = sorted_names(&self.host, &dir).unwrap_or_default();
@@ -96,8 +96,11 @@ impl EdacCollector {
                 ] {
                     let path = format!("{dir}/{name}/{file}");
                     if exists(&path) {
-                        let labels =
-                            vec![("controller", controller.clone()), ("dimm", dimm.clone()), ("label", label.clone())];
+                        let labels = vec![
+                            ("controller", controller.as_str().into()),
+                            ("dimm", dimm.as_str().into()),
+                            ("label", label.as_str().into()),
+                        ];
                         counters.push(Counter { path, metric, labels });
                     }
                 }
@@ -115,10 +118,10 @@ impl EdacCollector {
                     let Some(channel) = index(file, "ch") else { continue };
                     let label = self.label(&format!("{row}/ch{channel}_dimm_label"));
                     let labels = vec![
-                        ("controller", controller.clone()),
-                        ("csrow", csrow.clone()),
-                        ("channel", channel),
-                        ("label", label),
+                        ("controller", controller.as_str().into()),
+                        ("csrow", csrow.as_str().into()),
+                        ("channel", channel.into()),
+                        ("label", label.into()),
                     ];
                     counters.push(Counter {
                         path: format!("{row}/{file}"),
@@ -128,7 +131,7 @@ impl EdacCollector {
                 }
                 let path = format!("{row}/ue_count");
                 if exists(&path) {
-                    let labels = vec![("controller", controller.clone()), ("csrow", csrow.clone())];
+                    let labels = vec![("controller", controller.as_str().into()), ("csrow", csrow.as_str().into())];
                     counters.push(Counter { path, metric: "edac_csrow_uncorrectable_errors_total", labels });
                 }
             }
@@ -191,7 +194,7 @@ mod tests {
     }
 
     fn got(out: &[Sample]) -> Vec<(&str, Value, Vec<String>)> {
-        out.iter().map(|s| (s.name, s.value, s.labels.iter().map(|(_, v)| v.clone()).collect())).collect()
+        out.iter().map(|s| (s.name, s.value, s.labels.iter().map(|(_, v)| v.to_string()).collect())).collect()
     }
 
     #[test]

@@ -306,7 +306,7 @@ mod tests {
                 ("infiniband_hw_counter_total", Value::Count(3)),
             ]
         );
-        let l = |k: &'static str, v: &str| (k, v.to_owned());
+        let l = |k: &'static str, v: &str| (k, v.into());
         assert_eq!(out[0].labels, [l("device", "mlx5_0"), l("port", "1"), l("link_layer", "InfiniBand")]);
         assert_eq!(out[4].labels, [l("device", "mlx5_0"), l("port", "1"), l("counter", "out_of_buffer")]);
     }

@@ -198,7 +198,7 @@ mod tests {
     }
 
     fn values(out: &[Sample], iface: &str) -> Vec<(&'static str, Value)> {
-        out.iter().filter(|s| s.labels == [("interface", iface.to_owned())]).map(|s| (s.name, s.value)).collect()
+        out.iter().filter(|s| s.labels == [("interface", iface.into())]).map(|s| (s.name, s.value)).collect()
     }
 
     #[test]

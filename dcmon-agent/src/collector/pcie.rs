@@ -401,7 +401,7 @@ mod tests {
                 ("pcie_link_degraded", Value::Count(1)),
             ]
         );
-        let l = |k: &'static str, v: &str| (k, v.to_owned());
+        let l = |k: &'static str, v: &str| (k, v.into());
         let device = [l("address", "0000:17:00.0"), l("driver", ""), l("class", "gpu")];
         assert_eq!(out[2].labels, device);
         assert_eq!(out[1].labels[3..], [l("severity", "correctable"), l("type", "RxErr")]);

@@ -131,7 +131,7 @@ mod tests {
         let s: Vec<_> = p.samples("io").collect();
         assert_eq!(s[0].value, Value::Gauge(1145.880517));
         assert_eq!(s[1].value, Value::Gauge(3.947465));
-        assert_eq!(s[1].labels, [("resource", "io".to_owned())]);
+        assert_eq!(s[1].labels, [("resource", "io".into())]);
         assert_eq!((s[0].name, s[1].name), ("pressure_some_seconds_total", "pressure_full_seconds_total"));
     }
 

@@ -9,7 +9,7 @@
 
 use super::attr::{RELIST_EVERY, Relist, index_of, is_gone, is_no_value, parse_i64, round_result, sorted_names};
 use super::{CollectError, Collector};
-use crate::batch::Sample;
+use crate::batch::{Labels, Sample};
 use crate::host::Host;
 
 /// This collector's row in the table ([`super::SOURCES`]).
@@ -33,7 +33,7 @@ struct Sensor {
     /// Host path of the value file.
     path: String,
     metric: &'static str,
-    labels: Vec<(&'static str, String)>,
+    labels: Labels,
 }
 
 /// hwmon and thermal zone temperatures.
@@ -92,7 +92,8 @@ impl TemperatureCollector {
                     continue;
                 }
                 let sensor = self.text(&format!("{dir}/temp{n}_label")).unwrap_or_else(|| format!("temp{n}"));
-                let labels = vec![("chip", chip.clone()), ("sensor", sensor), ("device", device.clone())];
+                let labels: Labels =
+                    vec![("chip", chip.as_str().into()), ("sensor", sensor.into()), ("device", device.as_str().into())];
                 for (suffix, metric) in
                     [("max", "hwmon_temperature_max_celsius"), ("crit", "hwmon_temperature_critical_celsius")]
                 {
@@ -112,7 +113,7 @@ impl TemperatureCollector {
             let Some(n) = index_of(&zone, "thermal_zone") else { continue };
             let dir = format!("/sys/class/thermal/{zone}");
             let kind = self.text(&format!("{dir}/type")).unwrap_or_default();
-            let labels = vec![("zone", n), ("type", kind)];
+            let labels = vec![("zone", n.into()), ("type", kind.into())];
             sensors.push(Sensor { path: format!("{dir}/temp"), metric: "thermal_zone_temperature_celsius", labels });
         }
         self.sensors = sensors;

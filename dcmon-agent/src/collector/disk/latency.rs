@@ -3,13 +3,13 @@
 //! `dcmon_common::ebpf::DISK_LAT_MAP`). Reported since the disk got its slot, cumulative.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use dcmon_common::ebpf::{
     DiskKey, LAT_BUCKETS, LAT_OP_NAMES, LAT_OPS, LatencyHist, OVERFLOW_SLOT, PROG_BLOCK_RQ_ISSUE, lat_bucket_bound_ns,
 };
 
-use crate::batch::{DISK_IO_LATENCY, Labels, Sample};
+use crate::batch::{DISK_IO_LATENCY, LabelValue, Labels, Sample, le_values};
 use crate::ebpf::Probes;
 
 type Hists = [LatencyHist; LAT_OPS as usize];
@@ -17,7 +17,7 @@ type Hists = [LatencyHist; LAT_OPS as usize];
 /// A disk with a slot.
 #[derive(Debug)]
 struct Slotted {
-    name: String,
+    name: LabelValue,
     slot: u32,
     /// The slot's histograms when the disk got it: reported values are the difference.
     start: Hists,
@@ -72,7 +72,7 @@ impl DiskLatency {
                 continue;
             };
             let start = self.probes.disk_latency(slot)?;
-            self.disks.insert(key, Slotted { name: name.to_owned(), slot, start, seen: [false; LAT_OPS as usize] });
+            self.disks.insert(key, Slotted { name: name.into(), slot, start, seen: [false; LAT_OPS as usize] });
         }
         Ok(())
     }
@@ -101,8 +101,8 @@ impl DiskLatency {
                 if !disk.seen[op] {
                     continue;
                 }
-                let labels: Labels = vec![("device", disk.name.clone()), ("op", LAT_OP_NAMES[op].to_owned())];
-                out.extend(histogram_samples(&labels, &hist));
+                let labels: Labels = vec![("device", disk.name.clone()), ("op", LAT_OP_NAMES[op].into())];
+                histogram_samples(&labels, &hist, out);
             }
         }
         // Without the issue program nothing is timed: no overflow count either.
@@ -127,12 +127,21 @@ fn since(now: &LatencyHist, start: &LatencyHist) -> LatencyHist {
     out
 }
 
-/// One histogram as `disk_io_latency_seconds` samples: the bounds of README's bucket table.
-pub fn histogram_samples(labels: &Labels, hist: &LatencyHist) -> Vec<Sample> {
+/// The `le` values of the bounds of README's bucket table, in seconds.
+static LATENCY_LE: LazyLock<Vec<LabelValue>> =
+    LazyLock::new(|| le_values((0..LAT_BUCKETS - 1).map(|k| lat_bucket_bound_ns(k) as f64 / 1e9)));
+
+/// Appends one histogram to `out` as `disk_io_latency_seconds` samples.
+pub fn histogram_samples(labels: &Labels, hist: &LatencyHist, out: &mut Vec<Sample>) {
     let last = (LAT_BUCKETS - 1) as usize;
-    let buckets: Vec<(f64, u64)> =
-        (0..last).map(|k| (lat_bucket_bound_ns(k as u32) as f64 / 1e9, hist.buckets[k])).collect();
-    DISK_IO_LATENCY.samples(labels, &buckets, hist.buckets[last], hist.sum_ns as f64 / 1e9)
+    DISK_IO_LATENCY.samples(
+        labels,
+        &LATENCY_LE,
+        &hist.buckets[..last],
+        hist.buckets[last],
+        hist.sum_ns as f64 / 1e9,
+        out,
+    );
 }
 
 #[cfg(test)]
@@ -148,7 +157,8 @@ mod tests {
         hist.buckets[(LAT_BUCKETS - 1) as usize] = 1; // over 17.18 s
         hist.sum_ns = 20_000_000_123;
         let labels: Labels = vec![("device", "vda".into()), ("op", "read".into())];
-        let samples = histogram_samples(&labels, &hist);
+        let mut samples = Vec::new();
+        histogram_samples(&labels, &hist, &mut samples);
         assert_eq!(samples.len(), LAT_BUCKETS as usize + 2);
         let le = |s: &Sample| s.labels.iter().find(|(k, _)| *k == "le").map(|(_, v)| v.clone());
         let first = &samples[0];
@@ -175,9 +185,11 @@ mod tests {
         hist.buckets[12] = 7;
         hist.sum_ns = 7 * 3_000_000;
         let mut batch = crate::batch::Batch::new("m1", 1);
+        let mut samples = Vec::new();
         for (device, op) in [("vda", "read"), ("vda", "write"), ("loop0", "read")] {
-            batch.extend(histogram_samples(&vec![("device", device.into()), ("op", op.into())], &hist));
+            histogram_samples(&vec![("device", device.into()), ("op", op.into())], &hist, &mut samples);
         }
+        batch.extend(samples);
         batch.push(Sample::count("disk_reads_total", 3).label("device", "vda"));
         let text = crate::output::exposition::render(&batch, crate::output::exposition::Format::Prometheus);
         let text = String::from_utf8(text).expect("utf-8");

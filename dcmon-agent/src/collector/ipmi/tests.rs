@@ -96,7 +96,7 @@ fn samples_carry_sensor_and_id() {
     let l = parse_sdr_list(SIM_SDR_LIST);
     let s = l.readings[6].sample();
     assert_eq!(s.name, "ipmi_temperature_celsius");
-    assert_eq!(s.labels, [("sensor", "Temp".to_owned()), ("id", "6".to_owned())]);
+    assert_eq!(s.labels, [("sensor", "Temp".into()), ("id", "6".into())]);
 }
 
 /// A fake ipmitool: `sdr dump FILE` logs "dump" and writes FILE; `-S FILE sdr list all`

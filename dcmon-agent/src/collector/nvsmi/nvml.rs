@@ -139,7 +139,7 @@ impl Values {
     }
 
     fn push(&mut self, mut s: Sample, labels: &[(&'static str, &str)]) {
-        s.labels.extend(labels.iter().map(|&(k, v)| (k, v.to_owned())));
+        s.labels.extend(labels.iter().map(|&(k, v)| (k, v.into())));
         self.0.push(s);
     }
 }

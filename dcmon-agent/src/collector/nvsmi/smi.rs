@@ -53,7 +53,7 @@ fn hex_cell(v: &str) -> Option<u64> {
 /// A count sample with labels beside the GPU's.
 fn counted(name: &'static str, v: Option<u64>, labels: &[(&'static str, &str)]) -> Option<Sample> {
     let mut s = Sample::count(name, v?);
-    s.labels.extend(labels.iter().map(|&(k, v)| (k, v.to_owned())));
+    s.labels.extend(labels.iter().map(|&(k, v)| (k, v.into())));
     Some(s)
 }
 

@@ -118,10 +118,11 @@ fn health_fields_and_remapped_rows() {
     let spec = SMI.lines().next().unwrap_or_default();
     let line = format!("{spec}, 0x00000000000000A4, 3, [N/A], No, 5, 16, 7, [Not Supported]\n");
     let gpus = parse_query_gpu(&line).expect("parse");
-    type Health = Vec<(String, Vec<(&'static str, String)>, f64)>;
+    type Health = Vec<(String, crate::batch::Labels, f64)>;
     let health: Health =
         gpus[0].values[14..].iter().map(|s| (s.name.to_owned(), s.labels.clone(), s.value.as_f64())).collect();
-    let l = |pairs: &[(&'static str, &str)]| pairs.iter().map(|&(k, v)| (k, v.to_owned())).collect::<Vec<_>>();
+    let l =
+        |pairs: &[(&'static str, &str)]| pairs.iter().map(|&(k, v)| (k, v.into())).collect::<crate::batch::Labels>();
     assert_eq!(
         health,
         vec![

@@ -50,7 +50,7 @@ fn a_batch_stays_until_every_output_has_it() {
     let find = |name: &str, output: &str| {
         samples
             .iter()
-            .find(|s| s.name == name && s.labels == [("output", output.to_owned())])
+            .find(|s| s.name == name && s.labels == [("output", output.into())])
             .map(|s| s.value)
             .expect("sample")
     };
