@@ -294,7 +294,7 @@ fn each_output_counts_its_failed_attempts_and_reports_them() {
     let failed = |output: &str| {
         o.output_samples(100)
             .into_iter()
-            .find(|s| s.name == "dcmon_output_batches_failed_total" && s.labels == [("output", output.to_owned())])
+            .find(|s| s.name == "dcmon_output_batches_failed_total" && s.labels == [("output", output.into())])
             .map(|s| s.value)
     };
     assert_eq!(failed("prom"), Some(crate::batch::Value::Count(2)));
