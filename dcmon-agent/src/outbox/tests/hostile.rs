@@ -276,3 +276,38 @@ fn a_file_put_where_the_next_segment_goes_is_left_alone() {
     assert!(matches!(parse_segment(&data)[..], [Record::Batch { seq: 0, timestamp: 1, .. }]), "{data:?}");
     assert_eq!(drain(&mut o), [body(1)]);
 }
+
+// A directory that stays deleted through the repair: the outbox path is a link to the working
+// directory of a process that sits in the directory, so after the directory is removed the path
+// still names it (deleted, nothing can be created in it), and its lock file lives on under a
+// second name, so the repair finds no lock to take again. The first append finds its segment
+// gone, the repair changes nothing, the second append fails the same way: the batch must be kept
+// in memory with the reason, after one repair, not repaired for ever.
+#[test]
+fn files_that_stay_gone_after_one_repair_are_given_up_on_not_repaired_for_ever() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real).expect("mkdir");
+    let mut sitter = std::process::Command::new("sleep").arg("60").current_dir(&real).spawn().expect("sleep");
+    let link = dir.path().join("outbox");
+    std::os::unix::fs::symlink(format!("/proc/{}/cwd", sitter.id()), &link).expect("symlink");
+    let kept_lock = dir.path().join("lock-kept");
+    let result = within_20s(move || {
+        let mut o = Outbox::open(&link, LIMITS, 0);
+        o.push(0, body(0));
+        std::fs::hard_link(real.join(".lock"), &kept_lock).expect("a second name for the lock");
+        for entry in std::fs::read_dir(&real).expect("list") {
+            std::fs::remove_file(entry.expect("entry").path()).expect("rm");
+        }
+        std::fs::remove_dir(&real).expect("rmdir");
+        o.push(1, body(1));
+        (o.persist_error().map(str::to_owned), o.stats().in_memory, drain(&mut o))
+    });
+    let _ = sitter.kill();
+    let _ = sitter.wait();
+    let (why, in_memory, drained) = result.expect("the push after the deletion did not return: repaired for ever?");
+    let why = why.expect("a persist error");
+    assert!(why.contains("its files keep changing underneath the agent"), "{why}");
+    assert_eq!(in_memory, 2, "the batch read back from the deleted segment and the new one");
+    assert_eq!(drained, [body(0), body(1)]);
+}
