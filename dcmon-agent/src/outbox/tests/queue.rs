@@ -327,3 +327,26 @@ fn a_failed_fsync_is_logged_once_leaves_the_data_due_and_its_recovery_is_logged(
     assert!(!o.backlog_needs_sync());
     assert!(o.sync_job().is_none());
 }
+
+// Issue 22: the size bound counts the segment files too, which can hold more than the batches
+// queued: here a delivered batch that shares its segment with one still queued, and the `D`
+// record of its delivery. Counting the queued batches alone would leave the files over the bound.
+#[test]
+fn the_size_bound_counts_delivered_records_still_on_disk() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let one = batch_record_len(0, 7, &fixed(0));
+    // Segments of two records; the bound holds sixteen.
+    let limits = OutboxLimits { max_bytes: 16 * one, max_age: Duration::from_secs(3600) };
+    let mut o = Outbox::open(dir.path(), limits, 0);
+    for i in 0..16 {
+        o.push(7, fixed(i));
+    }
+    assert_eq!((o.stats().batches, o.stats().dropped_total), (16, 0));
+    let (seq, _) = o.oldest().expect("batch 0");
+    o.remove(seq);
+    assert_eq!(o.stats().bytes, 15 * one);
+    o.push(7, fixed(16));
+    let on_disk = segment_bytes_on_disk(dir.path());
+    assert!(on_disk <= 16 * one, "{on_disk} bytes on disk, bound {}", 16 * one);
+    assert_eq!(o.stats().dropped_total, 1, "batch 1, and its segment with batch 0 went");
+}
