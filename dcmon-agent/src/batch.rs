@@ -594,6 +594,37 @@ mod tests {
         }
     }
 
+    /// Two or three bytes that need escaping in one string, of every kind and pair of kinds, in
+    /// the short and the long form: one escaped byte must not cancel another (an `^` for an `|`
+    /// in the vector loop's fold would, and the string would go out raw: invalid JSON).
+    #[test]
+    fn strings_with_several_bytes_to_escape_are_escaped() {
+        let special = [0x01_u8, 0x1f, b'"', b'\\', b'\n'];
+        for len in [8, 16, 17, 40] {
+            for &first in &special {
+                for &second in &special {
+                    for third in [None, Some(b'"'), Some(0x02)] {
+                        let mut text = vec![b'a'; len];
+                        text[1] = first;
+                        text[len - 2] = second;
+                        if let Some(third) = third {
+                            text[len / 2] = third;
+                        }
+                        let text = String::from_utf8(text).expect("ascii");
+                        assert!(needs_json_escape(text.as_bytes()), "{text:?}");
+                        let mut out = Vec::new();
+                        push_json_str(&mut out, &text);
+                        assert_eq!(
+                            String::from_utf8(out).expect("utf8"),
+                            serde_json::to_string(&text).expect("serde"),
+                            "{text:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn values_as_floats() {
         assert_eq!(Value::Count(1 << 40).as_f64(), 1_099_511_627_776.0);
