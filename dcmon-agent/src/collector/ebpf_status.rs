@@ -4,6 +4,7 @@
 //! (`oom_kills_total`, [`super::oom_kills`]).
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use dcmon_common::collector_names;
 use dcmon_common::ebpf::PROGRAMS;
@@ -11,7 +12,7 @@ use dcmon_common::ebpf::PROGRAMS;
 use super::oom_kills::OomKills;
 use super::{CollectError, Collector};
 use crate::batch::Sample;
-use crate::ebpf::Probes;
+use crate::ebpf::{ProgramStats, Probes};
 use crate::host::{Host, OpenFile, served_from_kernel_memory};
 
 /// The eBPF status collector (`dcmon_ebpf_active`), which [`super::build`] makes with the BPF
@@ -35,6 +36,25 @@ pub struct EbpfStatusCollector {
     inline: bool,
     /// OOM kills by job, with the programs.
     oom: Option<OomKills>,
+    /// The programs' counters as last read, and when.
+    stats: Vec<ProgramStats>,
+    stats_read: Option<Instant>,
+}
+
+/// How old the programs' counters may get before they are read again while
+/// `kernel.bpf_stats_enabled` is off, when only the miss counters are sent. Reading them takes
+/// one `BPF_OBJ_GET_INFO_BY_FD` per program, which at a 1 s interval is most of the eBPF mode's
+/// syscalls (README, Performance); at the default 30 s interval every round reads them.
+pub const STATS_MAX_AGE: Duration = Duration::from_secs(10);
+
+/// Rounds start on a fixed schedule, so the round that comes [`STATS_MAX_AGE`] after a read can
+/// find it a little less old than that: counted as due.
+const STATS_AGE_SLACK: Duration = Duration::from_millis(500);
+
+/// Whether the programs' counters are read this round: every round while their run counts are
+/// sent (`bpf_stats` on), else once the last reading (if any) is [`STATS_MAX_AGE`] old.
+fn stats_due(last_read: Option<Duration>, bpf_stats_on: bool) -> bool {
+    bpf_stats_on || last_read.is_none_or(|age| age + STATS_AGE_SLACK >= STATS_MAX_AGE)
 }
 
 impl EbpfStatusCollector {
@@ -46,7 +66,7 @@ impl EbpfStatusCollector {
         let oom = probes.as_ref().and_then(|p| {
             OomKills::new(&host, Arc::clone(p)).inspect_err(|e| tracing::warn!("OOM kills not reported: {e:#}")).ok()
         });
-        Self { probes, stats_enabled, buf: String::new(), inline, oom }
+        Self { probes, stats_enabled, buf: String::new(), inline, oom, stats: Vec::new(), stats_read: None }
     }
 }
 
@@ -80,18 +100,22 @@ impl Collector for EbpfStatusCollector {
         if let Some(oom) = &mut self.oom {
             oom.samples(out)?;
         }
-        let stats = probes.program_stats()?;
-        for s in &stats {
+        let bpf_stats_on = self.stats_enabled.read_into(&mut self.buf).is_ok() && self.buf.trim() == "1";
+        if stats_due(self.stats_read.map(|t| t.elapsed()), bpf_stats_on) {
+            self.stats = probes.program_stats()?;
+            self.stats_read = Some(Instant::now());
+        }
+        for s in &self.stats {
             if let Some(misses) = s.recursion_misses {
                 out.push(Sample::count("dcmon_ebpf_program_missed_total", misses).label("program", s.program));
             }
         }
         // Run time is only accounted while the sysctl is on; without it the counters are
         // zeros that would read as "costs nothing", so leave them out.
-        if self.stats_enabled.read_into(&mut self.buf).is_err() || self.buf.trim() != "1" {
+        if !bpf_stats_on {
             return Ok(());
         }
-        for s in stats {
+        for s in &self.stats {
             out.push(Sample::count("dcmon_ebpf_program_runs_total", s.run_count).label("program", s.program));
             out.push(
                 Sample::gauge("dcmon_ebpf_program_run_seconds_total", s.run_time_ns as f64 / 1e9)
@@ -99,5 +123,98 @@ impl Collector for EbpfStatusCollector {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn program_counters_are_read_every_round_while_bpf_stats_is_on_else_every_max_age() {
+        assert!(stats_due(None, false), "the first round reads them");
+        assert!(stats_due(None, true));
+        for age in [Duration::ZERO, Duration::from_secs(1), STATS_MAX_AGE] {
+            assert!(stats_due(Some(age), true), "bpf_stats on, {age:?}");
+        }
+        assert!(!stats_due(Some(Duration::ZERO), false));
+        assert!(!stats_due(Some(Duration::from_secs(1)), false), "a 1 s interval reuses the last reading");
+        assert!(!stats_due(Some(STATS_MAX_AGE - Duration::from_secs(1)), false));
+        // A round on schedule may start a little early: still due.
+        assert!(stats_due(Some(STATS_MAX_AGE - Duration::from_millis(100)), false));
+        assert!(stats_due(Some(STATS_MAX_AGE), false));
+        assert!(stats_due(Some(Duration::from_secs(30)), false), "the default interval reads every round");
+    }
+
+    fn program_values(out: &[Sample], name: &str) -> Vec<(String, u64)> {
+        out.iter()
+            .filter(|s| s.name == name)
+            .map(|s| (s.labels[0].1.to_string(), s.value.as_f64() as u64))
+            .collect()
+    }
+
+    /// The programs' counters on the attached programs: the miss counters every round (also
+    /// the rounds that reuse the last reading), the run counts only while bpf_stats is on, and
+    /// then read fresh every round.
+    #[test]
+    fn program_counters_come_from_the_attached_programs() {
+        let required = std::env::var("DCMON_REQUIRE_EBPF").is_ok_and(|v| v == "1");
+        let skip = |why: String| {
+            assert!(!required, "DCMON_REQUIRE_EBPF=1 but {why}");
+            eprintln!("SKIP program_counters_come_from_the_attached_programs: {why}");
+        };
+        let probes = match Probes::attach(None) {
+            Ok(p) => Arc::new(p),
+            Err(e) => return skip(format!("eBPF failed: {e}")),
+        };
+        let attached: Vec<String> =
+            PROGRAMS.iter().filter(|(p, _)| probes.attached(p)).map(|(p, _)| (*p).to_owned()).collect();
+        let mut collector = EbpfStatusCollector::new(Host::new("/"), Some(Arc::clone(&probes)));
+        let stats_on_elsewhere = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
+            .is_ok_and(|v| v.trim() == "1");
+        let mut rounds = Vec::new();
+        for _ in 0..2 {
+            let mut out = Vec::new();
+            collector.collect(&mut out).expect("collect");
+            rounds.push(out);
+        }
+        for out in &rounds {
+            let missed = program_values(out, "dcmon_ebpf_program_missed_total");
+            assert_eq!(missed.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(), attached, "{out:?}");
+            if !stats_on_elsewhere {
+                assert!(program_values(out, "dcmon_ebpf_program_runs_total").is_empty(), "{out:?}");
+            }
+        }
+        // The agent sends run counts while the sysctl is 1 (BPF_ENABLE_STATS alone counts but
+        // leaves the sysctl at 0): set it for the rest of the test, and put it back after.
+        struct Sysctl(String);
+        impl Drop for Sysctl {
+            fn drop(&mut self) {
+                let _ = std::fs::write(STATS_SYSCTL, &self.0);
+            }
+        }
+        const STATS_SYSCTL: &str = "/proc/sys/kernel/bpf_stats_enabled";
+        let was = std::fs::read_to_string(STATS_SYSCTL).expect("bpf_stats_enabled");
+        if let Err(e) = std::fs::write(STATS_SYSCTL, "1") {
+            return skip(format!("setting {STATS_SYSCTL}: {e}"));
+        }
+        let _restore = Sysctl(was);
+        let runs_of = |collector: &mut EbpfStatusCollector| {
+            let mut out = Vec::new();
+            collector.collect(&mut out).expect("collect");
+            let runs = program_values(&out, "dcmon_ebpf_program_runs_total");
+            assert_eq!(runs.iter().map(|(p, _)| p.clone()).collect::<Vec<_>>(), attached, "{out:?}");
+            runs.into_iter().find(|(p, _)| p == dcmon_common::ebpf::PROG_NETIF_RECEIVE_SKB).map(|(_, n)| n)
+        };
+        let before = runs_of(&mut collector).expect("netif_receive_skb attached");
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        for _ in 0..10 {
+            tx.send_to(b"x", rx.local_addr().expect("addr")).expect("send");
+            rx.recv(&mut [0u8; 8]).expect("recv");
+        }
+        // At once, well within STATS_MAX_AGE: read again because the run counts are sent.
+        let after = runs_of(&mut collector).expect("netif_receive_skb attached");
+        assert!(after >= before + 10, "netif_receive_skb runs {before} -> {after} after 10 loopback packets");
     }
 }
