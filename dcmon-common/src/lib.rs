@@ -260,7 +260,11 @@ pub mod ebpf {
 
     /// Array of [`LatencyHist`] shared by all CPUs (atomic adds), indexed by `slot * LAT_OPS + op`: I/O latency per disk
     /// slot and operation, filled on the final completion of a request the programs saw issued.
+    /// Created with [`BPF_F_MMAPABLE`]: the agent reads it through a mapping.
     pub const DISK_LAT_MAP: &str = "DCMON_DISK_LAT";
+    /// `BPF_F_MMAPABLE` (include/uapi/linux/bpf.h, kernel 5.5+): a plain array created with it
+    /// can be mapped into the agent's memory, which then reads it with no bpf(2) call.
+    pub const BPF_F_MMAPABLE: u32 = 1 << 10;
     /// Array of [`DiskSlot`], [`SLOT_TABLE_ENTRIES`] long: the agent's disk slots, direct-mapped
     /// by [`slot_table_index`] with up to [`SLOT_PROBES`] linear probes, so that the completion
     /// program finds a disk's slot with inlined array loads instead of a hash lookup.
@@ -344,7 +348,7 @@ pub mod ebpf {
     pub const LAT_SHIFT: u32 = 10;
 
     /// Array of [`DropCounts`] shared by all CPUs (atomic adds), indexed by interface slot,
-    /// [`NET_DROP_SLOTS`] long: packet drops by reason.
+    /// [`NET_DROP_SLOTS`] long: packet drops by reason. Created with [`BPF_F_MMAPABLE`].
     pub const NET_DROP_MAP: &str = "DCMON_NET_DROP";
     /// Array of [`NetSlot`], [`net_slot_table_entries`] long as loaded: the agent's interface
     /// slots, direct-mapped by [`net_slot_hash`] with up to [`SLOT_PROBES`] probes.

@@ -6,7 +6,7 @@ use aya_ebpf::macros::{btf_tracepoint, map};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray};
 use aya_ebpf::programs::BtfTracePointContext;
 use dcmon_common::ebpf::{
-    AF_INET, AF_INET6, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_BUCKETS, LAT_OPS,
+    AF_INET, AF_INET6, BPF_F_MMAPABLE, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_BUCKETS, LAT_OPS,
     LatencyHist, NET_DROP_SLOTS, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue, OOM_MAP_ENTRIES, OVERFLOW_SLOT,
     OpGroup, RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TcpCounts, lat_bucket, lat_op,
     net_slot_hash, op_group, rq_latency, rq_stamp, rq_stamp_index, rq_stamp_is_own, slot_table_index,
@@ -23,9 +23,10 @@ static DCMON_DISK: PerCpuArray<DiskValue> = PerCpuArray::with_max_entries(DISK_S
 static DCMON_NET: PerCpuArray<NetValue> = PerCpuArray::with_max_entries(NET_SLOTS, 0);
 
 /// Latency histograms per (disk slot, op): see dcmon_common::ebpf::DISK_LAT_MAP. Shared by all
-/// CPUs (atomic adds), so the agent's read copies one value whatever the number of CPUs.
+/// CPUs (atomic adds), so the agent reads one value whatever the number of CPUs, through a
+/// mapping of the array (BPF_F_MMAPABLE).
 #[map]
-static DCMON_DISK_LAT: Array<LatencyHist> = Array::with_max_entries(DISK_SLOTS * LAT_OPS, 0);
+static DCMON_DISK_LAT: Array<LatencyHist> = Array::with_max_entries(DISK_SLOTS * LAT_OPS, BPF_F_MMAPABLE);
 
 /// The agent's disk slots: see dcmon_common::ebpf::DISK_SLOT_MAP.
 #[map]
@@ -37,9 +38,9 @@ static DCMON_DISK_SLOT: Array<DiskSlot> = Array::with_max_entries(SLOT_TABLE_ENT
 static DCMON_RQ_START: Array<u64> = Array::with_max_entries(RQ_START_ENTRIES, 0);
 
 /// Drops per interface slot and reason: see dcmon_common::ebpf::NET_DROP_MAP. Shared by all
-/// CPUs (atomic adds), like DCMON_DISK_LAT.
+/// CPUs (atomic adds) and mapped by the agent, like DCMON_DISK_LAT.
 #[map]
-static DCMON_NET_DROP: Array<DropCounts> = Array::with_max_entries(NET_DROP_SLOTS, 0);
+static DCMON_NET_DROP: Array<DropCounts> = Array::with_max_entries(NET_DROP_SLOTS, BPF_F_MMAPABLE);
 
 /// The agent's interface slots: see dcmon_common::ebpf::NET_SLOT_MAP. The loader sets its
 /// length and `NET_SLOT_MASK` to match.
