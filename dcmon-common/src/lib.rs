@@ -142,6 +142,11 @@ pub mod ebpf {
     pub const OOM_MAP: &str = "DCMON_OOM";
     /// Most memory cgroups with OOM kills tracked.
     pub const OOM_MAP_ENTRIES: u32 = 4096;
+    /// Array of one `u64`, [`BPF_F_MMAPABLE`]: OOM kills of every memory cgroup together, added
+    /// after the victim's [`OOM_MAP`] count. The agent reads it through a mapping each cycle and
+    /// walks [`OOM_MAP`] (a syscall that scans all its buckets, empty or not) only when it differs
+    /// from the sum of the counts the last walk found.
+    pub const OOM_TOTAL_MAP: &str = "DCMON_OOM_TOTAL";
 
     /// `.rodata` global: count only interfaces of the network namespace with this inode number
     /// (the agent's own, whose /proc/net/dev it reports); 0 counts every namespace. Container

@@ -6,10 +6,11 @@ use aya_ebpf::macros::{btf_tracepoint, map};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray};
 use aya_ebpf::programs::BtfTracePointContext;
 use dcmon_common::ebpf::{
-    AF_INET, AF_INET6, BPF_F_MMAPABLE, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_BUCKETS, LAT_OPS,
-    LatencyHist, NET_DROP_SLOTS, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue, OOM_MAP_ENTRIES, OVERFLOW_SLOT,
-    OpGroup, RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TcpCounts, lat_bucket, lat_op,
-    net_slot_hash, op_group, rq_latency, rq_stamp, rq_stamp_index, rq_stamp_is_own, slot_table_index,
+    AF_INET, AF_INET6, BPF_F_MMAPABLE, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_BUCKETS,
+    LAT_OPS, LatencyHist, NET_DROP_SLOTS, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue, OOM_MAP_ENTRIES,
+    OVERFLOW_SLOT, OpGroup, RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TcpCounts,
+    lat_bucket, lat_op, net_slot_hash, op_group, rq_latency, rq_stamp, rq_stamp_index, rq_stamp_is_own,
+    slot_table_index,
 };
 
 /// Per disk slot, per CPU, so the hot path updates its own CPU's copy without locks or atomics
@@ -50,6 +51,10 @@ static DCMON_NET_SLOT: Array<NetSlot> = Array::with_max_entries(SLOT_TABLE_ENTRI
 /// OOM kills per memory cgroup: see dcmon_common::ebpf::OOM_MAP.
 #[map]
 static DCMON_OOM: HashMap<u64, u64> = HashMap::with_max_entries(OOM_MAP_ENTRIES, 0);
+
+/// OOM kills of every memory cgroup together: see dcmon_common::ebpf::OOM_TOTAL_MAP.
+#[map]
+static DCMON_OOM_TOTAL: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 #[unsafe(no_mangle)]
 static OFF_TASK_CGROUPS: u32 = 0;
@@ -515,6 +520,11 @@ pub fn mark_victim(ctx: BtfTracePointContext) -> i32 {
     {
         // SAFETY: as above.
         unsafe { *n += 1 };
+    }
+    // After the per-cgroup count, so an agent that sees the new total finds that count too.
+    if let Some(total) = DCMON_OOM_TOTAL.get_ptr_mut(0) {
+        // SAFETY: a value pointer the lookup returned, 8-byte aligned.
+        unsafe { shared_add(total, 1) };
     }
     0
 }

@@ -26,8 +26,8 @@ use aya::Ebpf;
 use aya::maps::Map;
 use dcmon_common::ebpf::{
     DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_OPS, LatencyHist,
-    NET_DROP_MAP, NET_DROP_SLOTS, NET_MAP, NET_SLOT_MAP, NetKey, NetSlot, NetValue, OOM_MAP, PROGRAMS, TCP_MAP,
-    TcpCounts,
+    NET_DROP_MAP, NET_DROP_SLOTS, NET_MAP, NET_SLOT_MAP, NetKey, NetSlot, NetValue, OOM_MAP, OOM_TOTAL_MAP, PROGRAMS,
+    TCP_MAP, TcpCounts,
 };
 
 pub use load::{LoadError, Reason};
@@ -62,9 +62,10 @@ fn add_tcp(total: &mut TcpCounts, v: &TcpCounts) {
 pub struct Probes {
     ebpf: Mutex<Ebpf>,
     ncpus: usize,
-    /// DCMON_DISK_LAT and DCMON_NET_DROP, mapped once after the load.
+    /// DCMON_DISK_LAT, DCMON_NET_DROP and DCMON_OOM_TOTAL, mapped once after the load.
     disk_lat: mapped::MappedArray<LatencyHist>,
     net_drop: mapped::MappedArray<DropCounts>,
+    oom_total: mapped::MappedArray<u64>,
     disk_slots: Mutex<slots::SlotTable<u32>>,
     net_slots: Mutex<slots::SlotTable<NetKey>>,
     /// Label of each drop reason counter (see [`load::DropReasonNames`]).
@@ -144,11 +145,13 @@ impl Probes {
         let net_slots = slots::net_slots(length(NET_MAP)?, length(NET_SLOT_MAP)?);
         let disk_lat = map_shared(&ebpf, DISK_LAT_MAP)?;
         let net_drop = map_shared(&ebpf, NET_DROP_MAP)?;
+        let oom_total = map_shared(&ebpf, OOM_TOTAL_MAP)?;
         Ok(Self {
             ebpf: Mutex::new(ebpf),
             ncpus,
             disk_lat,
             net_drop,
+            oom_total,
             disk_slots: Mutex::new(slots::disk_slots()),
             net_slots: Mutex::new(net_slots),
             drop_reasons,
@@ -248,7 +251,14 @@ impl Probes {
         &self.failed
     }
 
-    /// OOM kills per victim memory cgroup id since the programs were loaded.
+    /// OOM kills of every memory cgroup together since the programs were loaded, read from the
+    /// mapping (no syscall): the sum of [`Probes::oom_kills`]'s counts once that has caught up.
+    pub fn oom_kill_total(&self) -> u64 {
+        self.oom_total.get(0).unwrap_or_default()
+    }
+
+    /// OOM kills per victim memory cgroup id since the programs were loaded: a walk of the
+    /// hash map, whose every step scans its buckets (see [`Probes::oom_kill_total`]).
     pub fn oom_kills(&self) -> anyhow::Result<Vec<(u64, u64)>> {
         let ebpf = self.ebpf.lock().map_err(|_| anyhow!("eBPF state poisoned by an earlier panic"))?;
         let map = ebpf.map(OOM_MAP).ok_or_else(|| anyhow!("BPF map {OOM_MAP} is not in the loaded object"))?;
