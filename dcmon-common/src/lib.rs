@@ -413,7 +413,8 @@ pub mod ebpf {
     /// `SKB_NOT_DROPPED_YET`: a free that is not a drop, on every kernel with drop reasons.
     pub const SKB_NOT_DROPPED_YET: u32 = 0;
 
-    /// Per-CPU array of one [`TcpCounts`]: TCP retransmits and resets.
+    /// Array of one [`TcpCounts`] shared by all CPUs (atomic adds: retransmits and resets are
+    /// rare next to packets), [`BPF_F_MMAPABLE`]: TCP retransmits and resets.
     pub const TCP_MAP: &str = "DCMON_TCP";
     /// Address families of [`TcpCounts::retrans_segs`], in index order (the `family` label);
     /// the last is any other family.
@@ -423,7 +424,7 @@ pub mod ebpf {
     /// `AF_INET6`.
     pub const AF_INET6: u16 = 10;
 
-    /// TCP events of the counted network namespace on one CPU.
+    /// TCP events of the counted network namespace, all CPUs together.
     #[repr(C)]
     #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
     pub struct TcpCounts {

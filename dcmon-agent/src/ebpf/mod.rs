@@ -48,24 +48,17 @@ fn add_net(total: &mut NetValue, v: &NetValue) {
     total.tx_bytes += v.tx_bytes;
 }
 
-/// Sums one CPU's TCP counters into `total`.
-fn add_tcp(total: &mut TcpCounts, v: &TcpCounts) {
-    for (t, n) in total.retrans_segs.iter_mut().zip(v.retrans_segs) {
-        *t += n;
-    }
-    total.resets_sent += v.resets_sent;
-    total.resets_received += v.resets_received;
-}
-
 /// The loaded and attached programs and their maps. Dropping it detaches everything.
 #[derive(Debug)]
 pub struct Probes {
     ebpf: Mutex<Ebpf>,
     ncpus: usize,
-    /// DCMON_DISK_LAT, DCMON_NET_DROP and DCMON_OOM_TOTAL, mapped once after the load.
+    /// The arrays shared by all CPUs (DCMON_DISK_LAT, DCMON_NET_DROP, DCMON_OOM_TOTAL,
+    /// DCMON_TCP), mapped once after the load.
     disk_lat: mapped::MappedArray<LatencyHist>,
     net_drop: mapped::MappedArray<DropCounts>,
     oom_total: mapped::MappedArray<u64>,
+    tcp: mapped::MappedArray<TcpCounts>,
     disk_slots: Mutex<slots::SlotTable<u32>>,
     net_slots: Mutex<slots::SlotTable<NetKey>>,
     /// Label of each drop reason counter (see [`load::DropReasonNames`]).
@@ -146,12 +139,14 @@ impl Probes {
         let disk_lat = map_shared(&ebpf, DISK_LAT_MAP)?;
         let net_drop = map_shared(&ebpf, NET_DROP_MAP)?;
         let oom_total = map_shared(&ebpf, OOM_TOTAL_MAP)?;
+        let tcp = map_shared(&ebpf, TCP_MAP)?;
         Ok(Self {
             ebpf: Mutex::new(ebpf),
             ncpus,
             disk_lat,
             net_drop,
             oom_total,
+            tcp,
             disk_slots: Mutex::new(slots::disk_slots()),
             net_slots: Mutex::new(net_slots),
             drop_reasons,
@@ -266,11 +261,10 @@ impl Probes {
         map.iter().map(|entry| entry.with_context(|| format!("reading BPF map {OOM_MAP}"))).collect()
     }
 
-    /// The TCP retransmit and reset counters since the programs were loaded, summed over CPUs.
+    /// The TCP retransmit and reset counters since the programs were loaded, read from the
+    /// mapping (no syscall).
     pub fn tcp_counts(&self) -> anyhow::Result<TcpCounts> {
-        let n = self.ncpus;
-        let found = self.with_map_fd(TCP_MAP, |fd| maps::lookup_percpu(fd, n, &[0u32], add_tcp))?;
-        Ok(found.into_iter().next().map(|(_, v)| v).unwrap_or_default())
+        Ok(self.tcp.get(0).unwrap_or_default())
     }
 
     /// The label of drop reason counter `index`: the running kernel's name for that value.
