@@ -24,7 +24,8 @@ pub struct MappedArray<V> {
     mapped_len: usize,
     /// The array's length as loaded.
     entries: u32,
-    /// Words from one entry to the next: the kernel stores each value at `round_up(value_size, 8)`.
+    /// Words from one entry to the next: the kernel stores each value at `round_up(value_size, 8)`
+    /// bytes from the last, which is the value's size here (see [`MappedArray::new`]).
     stride_words: usize,
     _value: PhantomData<V>,
 }
@@ -50,6 +51,8 @@ impl<V: Pod + Default> MappedArray<V> {
             return Err(invalid(format!("created without BPF_F_MMAPABLE (flags {flags:#x}), so it cannot be mapped")));
         }
         let size = std::mem::size_of::<V>();
+        // Whole 64-bit words, aligned: every word is read with one atomic load, and the
+        // kernel's stride (the value size rounded up to 8) is then the value's size.
         if value_size as usize != size || size % 8 != 0 || size == 0 || std::mem::align_of::<V>() != 8 {
             return Err(invalid(format!(
                 "value size {value_size} bytes, expected {size} bytes of 64-bit words (the agent's {})",
@@ -59,7 +62,7 @@ impl<V: Pod + Default> MappedArray<V> {
         if entries == 0 {
             return Err(invalid("no entries".to_owned()));
         }
-        let stride = size.next_multiple_of(8);
+        let stride = (value_size as usize).next_multiple_of(8);
         let mapped_len = (entries as usize * stride).next_multiple_of(page_size());
         // SAFETY: a new read-only shared mapping chosen by the kernel (no address given), of a
         // length no longer than the array's values (the kernel refuses a longer one); it aliases
@@ -86,38 +89,49 @@ impl<V: Pod + Default> MappedArray<V> {
         self.entries == 0
     }
 
-    /// Entry `index`'s words, or None past the end.
-    fn words(&self, index: u32) -> Option<&[AtomicU64]> {
-        if index >= self.entries {
+    /// The words of entries `first..first + n`, or None past the end.
+    fn words(&self, first: usize, n: usize) -> Option<&[AtomicU64]> {
+        if first.checked_add(n)? > self.entries as usize {
             return None;
         }
-        let words = std::mem::size_of::<V>() / 8;
-        // SAFETY: entry `index` lies within the mapping (index < entries, and the mapping holds
+        // SAFETY: the entries lie within the mapping (first + n <= entries, and the mapping holds
         // entries * stride bytes), page-aligned plus a multiple of 8, so every word is aligned.
         // The mapping lives as long as `self`. The kernel writes these words while we read: only
         // atomic loads read them (never a `&u64`), and an atomic load of a lock-free AtomicU64
         // is allowed on read-only memory (std::sync::atomic, "Atomic accesses to read-only
         // memory").
-        Some(unsafe { std::slice::from_raw_parts(self.base.as_ptr().add(index as usize * self.stride_words), words) })
+        Some(unsafe {
+            std::slice::from_raw_parts(self.base.as_ptr().add(first * self.stride_words), n * self.stride_words)
+        })
+    }
+
+    /// Copies of entries `first..first + n` into `out` (n entries long), or None past the end.
+    fn read_into(&self, first: usize, out: &mut [V]) -> Option<()> {
+        let words = self.words(first, out.len())?;
+        // The stride is the value's size (checked in `new`): the entries' words are the values'
+        // words in order.
+        let dst = out.as_mut_ptr().cast::<u64>();
+        for (i, word) in words.iter().enumerate() {
+            // SAFETY: `out` holds out.len() * size_of::<V>() bytes = words.len() words, 8-byte
+            // aligned (checked in `new`), and V is Pod: any bytes are a valid V.
+            unsafe { dst.add(i).write(word.load(Ordering::Relaxed)) };
+        }
+        Some(())
     }
 
     /// A copy of entry `index`, or None past the end.
     pub fn get(&self, index: u32) -> Option<V> {
-        let words = self.words(index)?;
-        let mut value = V::default();
-        let out = (&raw mut value).cast::<u64>();
-        for (i, word) in words.iter().enumerate() {
-            // SAFETY: `value` is size_of::<V>() = words.len() * 8 bytes, 8-byte aligned (checked
-            // in `new`), and V is Pod: any bytes are a valid V.
-            unsafe { out.add(i).write(word.load(Ordering::Relaxed)) };
-        }
-        Some(value)
+        let mut value = [V::default()];
+        self.read_into(index as usize, &mut value)?;
+        Some(value[0])
     }
 
     /// Copies of entries `0..n` (fewer if the array is shorter), in index order.
     pub fn prefix(&self, n: usize) -> Vec<V> {
-        let n = n.min(self.entries as usize) as u32;
-        (0..n).filter_map(|i| self.get(i)).collect()
+        let mut out = vec![V::default(); n.min(self.entries as usize)];
+        // In range: at most `entries` long.
+        let _ = self.read_into(0, &mut out);
+        out
     }
 }
 
