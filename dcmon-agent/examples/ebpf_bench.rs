@@ -468,6 +468,10 @@ struct Reads {
     /// before the mapping), on scratch arrays of the same shape.
     lat_syscall_ns: f64,
     drop_syscall_ns: f64,
+    /// A walk of the (empty) OOM map, which the round made before the OOM total: now only
+    /// after a kill.
+    oom_walk_ns: f64,
+    oom_entries: usize,
     /// The per-CPU counter arrays at this host's CPU count, one batch each, and their slots.
     disk_ns: f64,
     net_ns: f64,
@@ -529,6 +533,8 @@ fn slot_reads() -> anyhow::Result<Reads> {
         ncpus,
         lat_syscall_ns: scratch_read_ns(ARRAY, std::mem::size_of::<LatencyHist>(), lat_entries)?,
         drop_syscall_ns: scratch_read_ns(ARRAY, std::mem::size_of::<DropCounts>(), drop_entries)?,
+        oom_walk_ns: time_ns(&mut || probes.oom_kills().map(|_| ()))?,
+        oom_entries: probes.oom_kills()?.len(),
         lat_ns: time_ns(&mut || probes.disk_latency_all().map(|_| ()))?,
         drop_ns: time_ns(&mut || probes.net_drops_all().map(|_| ()))?,
         tcp_ns: time_ns(&mut || probes.tcp_counts().map(|_| ()))?,
@@ -565,9 +571,11 @@ fn print_reads(r: &Reads) {
         r.oom_ns
     );
     println!(
-        "the same read with bpf(2), one BPF_MAP_LOOKUP_BATCH each (the agent's read before the mapping; scratch arrays of the same shape): latency histograms {:.1} us, drop counters {:.1} us",
+        "the same read with bpf(2), one BPF_MAP_LOOKUP_BATCH each (the agent's read before the mapping; scratch arrays of the same shape): latency histograms {:.1} us, drop counters {:.1} us; a walk of the OOM map ({} entries), every round before the total, now after a kill only: {:.1} us",
         r.lat_syscall_ns / 1e3,
-        r.drop_syscall_ns / 1e3
+        r.drop_syscall_ns / 1e3,
+        r.oom_entries,
+        r.oom_walk_ns / 1e3
     );
     println!(
         "per-CPU counter arrays at {} CPUs: disks ({} slots, one batch) {:.1} us, interfaces ({} slots, one batch) {:.1} us",
