@@ -53,7 +53,7 @@ impl<V: Pod + Default> MappedArray<V> {
         let size = std::mem::size_of::<V>();
         // Whole 64-bit words, aligned: every word is read with one atomic load, and the
         // kernel's stride (the value size rounded up to 8) is then the value's size.
-        if value_size as usize != size || size % 8 != 0 || size == 0 || std::mem::align_of::<V>() != 8 {
+        if value_size as usize != size || !size.is_multiple_of(8) || size == 0 || std::mem::align_of::<V>() != 8 {
             return Err(invalid(format!(
                 "value size {value_size} bytes, expected {size} bytes of 64-bit words (the agent's {})",
                 std::any::type_name::<V>()
