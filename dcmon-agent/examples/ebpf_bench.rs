@@ -20,10 +20,10 @@
 //!   only calls bpf_ktime_get_ns measures what one clock read costs there (the I/O latency
 //!   programs read the clock once each, at issue and at completion);
 //! - one round's map reads at a 256-CPU server's scale (16 disks, 32 interfaces): the shared
-//!   arrays (latency histograms, drop counters; read a lookup per slot and, as the agent reads
-//!   them, in one batch) and the per-CPU counter arrays measured at this
-//!   host's CPU count, the per-CPU arrays computed for 256 CPUs from the cost of one CPU's copy
-//!   measured on scratch maps (`ebpf_bench reads`: only these);
+//!   arrays (latency histograms, drop counters, TCP counters, the OOM kill total), read as the
+//!   agent reads them, through their mapping, and the per-CPU counter arrays (one bpf(2) batch
+//!   each) measured at this host's CPU count, the per-CPU arrays computed for 256 CPUs from the
+//!   cost of one CPU's copy measured on scratch maps (`ebpf_bench reads`: only these);
 //! - `ebpf_bench memory`: the peak resident memory (VmHWM) of a fresh process that does only
 //!   one step of the load each: nothing, read /sys/kernel/btf/vmlinux, our offset parse, aya's
 //!   parse of the whole BTF (which the agent no longer does, for comparison), the stand-in
@@ -41,6 +41,10 @@ use dcmon_agent::ebpf::Probes;
 use dcmon_agent::ebpf::btf::Btf;
 use dcmon_agent::ebpf::maps::prog_counters;
 use serde_json::{Value, json};
+
+#[path = "ebpf_bench/reads.rs"]
+mod reads;
+use reads::{print_reads, slot_reads};
 
 /// Alternating rounds per workload unless `--rounds N` says otherwise.
 const ROUNDS: usize = 7;
@@ -444,233 +448,6 @@ fn print_own_work(work: &[OwnWork]) {
     }
 }
 
-/// Median ns of 201 runs of `f`.
-fn time_ns(f: &mut dyn FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
-    let mut v = Vec::new();
-    for _ in 0..201 {
-        let s = Instant::now();
-        f()?;
-        v.push(s.elapsed().as_nanos() as f64);
-    }
-    Ok(median(v))
-}
-
-/// One round's map reads at a 256-CPU server's scale, ns: what [`slot_reads`] measures.
-struct Reads {
-    ncpus: usize,
-    /// A lookup per slot: 16 disks' latency histograms, 32 interfaces' drop counters.
-    lat_ns: f64,
-    drop_ns: f64,
-    /// One batch each (the agent's round).
-    lat_batch_ns: f64,
-    drop_batch_ns: f64,
-    /// The per-CPU counter arrays at this host's CPU count, one batch each, and their slots.
-    disk_ns: f64,
-    net_ns: f64,
-    tcp_ns: f64,
-    disk_entries: usize,
-    net_entries: usize,
-    copy: CopyCost,
-}
-
-impl Reads {
-    /// The round's per-CPU counter reads at `cpus` possible CPUs, computed from [`CopyCost`]: a
-    /// batch read of `entries` per-CPU values costs the syscall's fixed part once, then every
-    /// possible CPU's copy of each entry.
-    fn per_cpu_computed_ns(&self, cpus: f64) -> f64 {
-        use dcmon_common::ebpf::{DiskValue, NetValue, TcpCounts};
-        let c = &self.copy;
-        let read = |entries: usize, bytes: usize| {
-            c.fixed_ns + entries as f64 * cpus * (c.per_cpu_ns + bytes as f64 * c.per_byte_ns)
-        };
-        read(self.disk_entries, std::mem::size_of::<DiskValue>())
-            + read(self.net_entries, std::mem::size_of::<NetValue>())
-            + read(1, std::mem::size_of::<TcpCounts>())
-    }
-
-    /// The shared arrays' batch reads, measured (they copy one value whatever the CPU count).
-    fn shared_ns(&self) -> f64 {
-        self.lat_batch_ns + self.drop_batch_ns
-    }
-
-    /// The whole round at this host's CPU count, every read measured.
-    fn round_here_ns(&self) -> f64 {
-        self.shared_ns() + self.disk_ns + self.net_ns + self.tcp_ns
-    }
-}
-
-/// One round's reads of the maps at the scale of a 256-CPU GPU server (16 disks, 32
-/// interfaces, given slots here under device numbers and interface indexes no device has):
-/// measured for the shared arrays, whose read does not depend on the CPU count, and for the
-/// per-CPU counter arrays at this host's CPU count, and computed for 256 CPUs from the cost of
-/// one CPU copy measured by `copy_cost`.
-fn slot_reads() -> anyhow::Result<Reads> {
-    use dcmon_common::ebpf::{DiskKey, NetKey};
-    let probes = Probes::attach(None)?;
-    let ncpus = dcmon_agent::ebpf::maps::possible_cpus()?;
-    let mut disk_slots = Vec::new();
-    for minor in 0..16 {
-        disk_slots.push(probes.disk_slot(DiskKey::new(4095, minor))?.context("a free disk slot")?);
-    }
-    let mut net_slots = Vec::new();
-    for ifindex in 0..32 {
-        net_slots.push(probes.net_slot(NetKey { ifindex: 1_000_000 + ifindex, netns: 1 })?.context("a free slot")?);
-    }
-    let lat_ns = time_ns(&mut || {
-        for &slot in &disk_slots {
-            probes.disk_latency(slot)?;
-        }
-        Ok(())
-    })?;
-    let drop_ns = time_ns(&mut || {
-        for &slot in &net_slots {
-            probes.net_drops(slot)?;
-        }
-        Ok(())
-    })?;
-    Ok(Reads {
-        ncpus,
-        lat_ns,
-        drop_ns,
-        lat_batch_ns: time_ns(&mut || probes.disk_latency_all().map(|_| ()))?,
-        drop_batch_ns: time_ns(&mut || probes.net_drops_all().map(|_| ()))?,
-        disk_ns: time_ns(&mut || probes.disk_counters().map(|_| ()))?,
-        net_ns: time_ns(&mut || probes.net_counters().map(|_| ()))?,
-        tcp_ns: time_ns(&mut || probes.tcp_counts().map(|_| ()))?,
-        disk_entries: probes.disk_counters()?.len(),
-        net_entries: probes.net_counters()?.len(),
-        copy: copy_cost()?,
-    })
-}
-
-fn print_reads(r: &Reads) {
-    let c = &r.copy;
-    println!(
-        "lookup, {} possible CPUs: one 8 B array value {:.0} ns; batch of {COPY_KEYS} 8 B values: array {:.1} us, per-CPU array {:.1} us; one per-CPU value of 8 B {:.0} ns, of 32 KiB {:.0} ns => {:.1} ns per CPU copy, {:.3} ns per byte",
-        r.ncpus,
-        c.fixed_ns,
-        c.array_batch_ns / 1e3,
-        c.percpu_batch_ns / 1e3,
-        c.percpu_small_ns,
-        c.percpu_large_ns,
-        c.per_cpu_ns,
-        c.per_byte_ns,
-    );
-    println!(
-        "shared array read (any CPU count), a lookup per slot: 16 disks' latency histograms {:.1} us, 32 interfaces' drop counters {:.1} us",
-        r.lat_ns / 1e3,
-        r.drop_ns / 1e3
-    );
-    println!(
-        "shared array read (any CPU count), one batch (the agent's round): 16 disks' latency histograms {:.1} us, 32 interfaces' drop counters {:.1} us",
-        r.lat_batch_ns / 1e3,
-        r.drop_batch_ns / 1e3
-    );
-    println!(
-        "per-CPU counter arrays at {} CPUs: disks ({} slots, one batch) {:.1} us, interfaces ({} slots, one batch) {:.1} us, TCP {:.1} us",
-        r.ncpus,
-        r.disk_entries,
-        r.disk_ns / 1e3,
-        r.net_entries,
-        r.net_ns / 1e3,
-        r.tcp_ns / 1e3
-    );
-    for cpus in [r.ncpus as f64, 256.0] {
-        let percpu_ns = r.per_cpu_computed_ns(cpus);
-        println!(
-            "round at {cpus} CPUs, 16 disks, 32 interfaces: {:.0} us (shared arrays {:.0} us measured, per-CPU counters {:.0} us computed)",
-            (r.shared_ns() + percpu_ns) / 1e3,
-            r.shared_ns() / 1e3,
-            percpu_ns / 1e3
-        );
-    }
-}
-
-/// Keys of the scratch maps' batch reads in [`copy_cost`].
-const COPY_KEYS: usize = 1024;
-
-/// What one per-CPU map lookup costs: `fixed + cpus * (per_cpu + bytes * per_byte)` ns, and the
-/// scratch-map timings they come from.
-struct CopyCost {
-    fixed_ns: f64,
-    per_cpu_ns: f64,
-    per_byte_ns: f64,
-    array_batch_ns: f64,
-    percpu_batch_ns: f64,
-    percpu_small_ns: f64,
-    percpu_large_ns: f64,
-}
-
-/// The cost of one per-CPU map lookup as `fixed + cpus * (per_cpu + bytes * per_byte)` ns, from
-/// scratch maps made here: a batch read of 1,024 8-byte values from a plain array (one copy per
-/// key) against a per-CPU array (one copy per key and possible CPU) gives the cost of one CPU's
-/// copy; one 32 KiB value against one 8-byte value of a per-CPU array the cost per byte; one
-/// lookup of an 8-byte plain array value the syscall's fixed part. A map sized for 256 CPUs
-/// cannot be made on a host with fewer: the kernel sizes per-CPU values by its possible CPUs.
-fn copy_cost() -> anyhow::Result<CopyCost> {
-    const ARRAY: u32 = 2;
-    const PERCPU_ARRAY: u32 = 6;
-    const LOOKUP_ELEM: libc::c_long = 1;
-    const LOOKUP_BATCH: libc::c_long = 24;
-    const KEYS: usize = COPY_KEYS;
-    let ncpus = dcmon_agent::ebpf::maps::possible_cpus()?;
-    let bpf = |cmd: libc::c_long, attr: &mut [u64]| -> std::io::Result<i64> {
-        // SAFETY: `attr` is a zeroed bpf_attr prefix with the command's fields set; every
-        // address in it points to a live buffer sized for what the command writes.
-        let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr.as_mut_ptr(), std::mem::size_of_val(attr) as u32) };
-        if rc < 0 { Err(std::io::Error::last_os_error()) } else { Ok(rc) }
-    };
-    // Median ns of reading every key of a new map (one lookup, or one batch for many keys).
-    let read_ns = |map_type: u32, value_size: usize, entries: usize| -> anyhow::Result<f64> {
-        let mut create = [0u64; 16];
-        create[0] = u64::from(map_type) | 4 << 32; // map_type, key_size
-        create[1] = value_size as u64 | (entries as u64) << 32; // value_size, max_entries
-        let fd = bpf(0, &mut create).with_context(|| format!("BPF_MAP_CREATE type {map_type}, {value_size} B"))?;
-        // SAFETY: the kernel just returned this fd to us.
-        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-        let copies = if map_type == PERCPU_ARRAY { ncpus } else { 1 };
-        let mut values = vec![0u64; value_size.div_ceil(8) * copies * entries];
-        let mut keys = vec![0u32; entries];
-        let mut out_batch = 0u64;
-        time_ns(&mut || {
-            let mut attr = [0u64; 8];
-            if entries == 1 {
-                attr[0] = fd.as_raw_fd() as u64;
-                attr[1] = keys.as_ptr() as u64;
-                attr[2] = values.as_mut_ptr() as u64;
-                bpf(LOOKUP_ELEM, &mut attr).context("BPF_MAP_LOOKUP_ELEM")?;
-            } else {
-                // in_batch NULL (from the start), out_batch, keys, values, count | map_fd << 32.
-                attr[1] = &raw mut out_batch as u64;
-                attr[2] = keys.as_mut_ptr() as u64;
-                attr[3] = values.as_mut_ptr() as u64;
-                attr[4] = entries as u64 | (fd.as_raw_fd() as u64) << 32;
-                match bpf(LOOKUP_BATCH, &mut attr) {
-                    Ok(_) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                    Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH"),
-                }
-                anyhow::ensure!(attr[4] as u32 as usize == entries, "batch read {} of {entries} keys", attr[4] as u32);
-            }
-            Ok(())
-        })
-    };
-    let fixed = read_ns(ARRAY, 8, 1)?;
-    let (arr_batch, pc_batch) = (read_ns(ARRAY, 8, KEYS)?, read_ns(PERCPU_ARRAY, 8, KEYS)?);
-    let (pc_small, pc_large) = (read_ns(PERCPU_ARRAY, 8, 1)?, read_ns(PERCPU_ARRAY, 32 << 10, 1)?);
-    let per_byte = ((pc_large - pc_small) / ncpus as f64 / ((32 << 10) - 8) as f64).max(0.0);
-    let per_cpu = ((pc_batch - arr_batch) / KEYS as f64 / (ncpus - 1).max(1) as f64).max(0.0);
-    Ok(CopyCost {
-        fixed_ns: fixed,
-        per_cpu_ns: per_cpu,
-        per_byte_ns: per_byte,
-        array_batch_ns: arr_batch,
-        percpu_batch_ns: pc_batch,
-        percpu_small_ns: pc_small,
-        percpu_large_ns: pc_large,
-    })
-}
-
 /// VmHWM of this process, in KiB.
 fn peak_kib() -> anyhow::Result<u64> {
     let status = std::fs::read_to_string("/proc/self/status")?;
@@ -795,7 +572,7 @@ fn all_json(rounds: usize) -> Value {
             "cpus": r.ncpus,
             "round_here_ns": r.round_here_ns(),
             "shared_ns": r.shared_ns(),
-            "per_cpu_here_ns": r.disk_ns + r.net_ns + r.tcp_ns,
+            "per_cpu_here_ns": r.per_cpu_here_ns(),
             "per_cpu_256_ns": r.per_cpu_computed_ns(256.0),
             "per_cpu_copy_ns": r.copy.per_cpu_ns,
             "per_byte_ns": r.copy.per_byte_ns,

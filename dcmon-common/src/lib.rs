@@ -142,6 +142,11 @@ pub mod ebpf {
     pub const OOM_MAP: &str = "DCMON_OOM";
     /// Most memory cgroups with OOM kills tracked.
     pub const OOM_MAP_ENTRIES: u32 = 4096;
+    /// Array of one `u64`, [`BPF_F_MMAPABLE`]: OOM kills of every memory cgroup together, added
+    /// after the victim's [`OOM_MAP`] count. The agent reads it through a mapping each cycle and
+    /// walks [`OOM_MAP`] (a syscall that scans all its buckets, empty or not) only when it differs
+    /// from the sum of the counts the last walk found.
+    pub const OOM_TOTAL_MAP: &str = "DCMON_OOM_TOTAL";
 
     /// `.rodata` global: count only interfaces of the network namespace with this inode number
     /// (the agent's own, whose /proc/net/dev it reports); 0 counts every namespace. Container
@@ -260,7 +265,11 @@ pub mod ebpf {
 
     /// Array of [`LatencyHist`] shared by all CPUs (atomic adds), indexed by `slot * LAT_OPS + op`: I/O latency per disk
     /// slot and operation, filled on the final completion of a request the programs saw issued.
+    /// Created with [`BPF_F_MMAPABLE`]: the agent reads it through a mapping.
     pub const DISK_LAT_MAP: &str = "DCMON_DISK_LAT";
+    /// `BPF_F_MMAPABLE` (include/uapi/linux/bpf.h, kernel 5.5+): a plain array created with it
+    /// can be mapped into the agent's memory, which then reads it with no bpf(2) call.
+    pub const BPF_F_MMAPABLE: u32 = 1 << 10;
     /// Array of [`DiskSlot`], [`SLOT_TABLE_ENTRIES`] long: the agent's disk slots, direct-mapped
     /// by [`slot_table_index`] with up to [`SLOT_PROBES`] linear probes, so that the completion
     /// program finds a disk's slot with inlined array loads instead of a hash lookup.
@@ -344,7 +353,7 @@ pub mod ebpf {
     pub const LAT_SHIFT: u32 = 10;
 
     /// Array of [`DropCounts`] shared by all CPUs (atomic adds), indexed by interface slot,
-    /// [`NET_DROP_SLOTS`] long: packet drops by reason.
+    /// [`NET_DROP_SLOTS`] long: packet drops by reason. Created with [`BPF_F_MMAPABLE`].
     pub const NET_DROP_MAP: &str = "DCMON_NET_DROP";
     /// Array of [`NetSlot`], [`net_slot_table_entries`] long as loaded: the agent's interface
     /// slots, direct-mapped by [`net_slot_hash`] with up to [`SLOT_PROBES`] probes.
@@ -404,7 +413,8 @@ pub mod ebpf {
     /// `SKB_NOT_DROPPED_YET`: a free that is not a drop, on every kernel with drop reasons.
     pub const SKB_NOT_DROPPED_YET: u32 = 0;
 
-    /// Per-CPU array of one [`TcpCounts`]: TCP retransmits and resets.
+    /// Array of one [`TcpCounts`] shared by all CPUs (atomic adds: retransmits and resets are
+    /// rare next to packets), [`BPF_F_MMAPABLE`]: TCP retransmits and resets.
     pub const TCP_MAP: &str = "DCMON_TCP";
     /// Address families of [`TcpCounts::retrans_segs`], in index order (the `family` label);
     /// the last is any other family.
@@ -414,7 +424,7 @@ pub mod ebpf {
     /// `AF_INET6`.
     pub const AF_INET6: u16 = 10;
 
-    /// TCP events of the counted network namespace on one CPU.
+    /// TCP events of the counted network namespace, all CPUs together.
     #[repr(C)]
     #[derive(Clone, Copy, Default, PartialEq, Eq, Debug)]
     pub struct TcpCounts {

@@ -6,10 +6,11 @@ use aya_ebpf::macros::{btf_tracepoint, map};
 use aya_ebpf::maps::{Array, HashMap, PerCpuArray};
 use aya_ebpf::programs::BtfTracePointContext;
 use dcmon_common::ebpf::{
-    AF_INET, AF_INET6, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_BUCKETS, LAT_OPS,
-    LatencyHist, NET_DROP_SLOTS, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue, OOM_MAP_ENTRIES, OVERFLOW_SLOT,
-    OpGroup, RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TcpCounts, lat_bucket, lat_op,
-    net_slot_hash, op_group, rq_latency, rq_stamp, rq_stamp_index, rq_stamp_is_own, slot_table_index,
+    AF_INET, AF_INET6, BPF_F_MMAPABLE, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_BUCKETS,
+    LAT_OPS, LatencyHist, NET_DROP_SLOTS, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue, OOM_MAP_ENTRIES,
+    OVERFLOW_SLOT, OpGroup, RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TCP_FAMILIES,
+    TcpCounts, lat_bucket, lat_op, net_slot_hash, op_group, rq_latency, rq_stamp, rq_stamp_index, rq_stamp_is_own,
+    slot_table_index,
 };
 
 /// Per disk slot, per CPU, so the hot path updates its own CPU's copy without locks or atomics
@@ -23,9 +24,10 @@ static DCMON_DISK: PerCpuArray<DiskValue> = PerCpuArray::with_max_entries(DISK_S
 static DCMON_NET: PerCpuArray<NetValue> = PerCpuArray::with_max_entries(NET_SLOTS, 0);
 
 /// Latency histograms per (disk slot, op): see dcmon_common::ebpf::DISK_LAT_MAP. Shared by all
-/// CPUs (atomic adds), so the agent's read copies one value whatever the number of CPUs.
+/// CPUs (atomic adds), so the agent reads one value whatever the number of CPUs, through a
+/// mapping of the array (BPF_F_MMAPABLE).
 #[map]
-static DCMON_DISK_LAT: Array<LatencyHist> = Array::with_max_entries(DISK_SLOTS * LAT_OPS, 0);
+static DCMON_DISK_LAT: Array<LatencyHist> = Array::with_max_entries(DISK_SLOTS * LAT_OPS, BPF_F_MMAPABLE);
 
 /// The agent's disk slots: see dcmon_common::ebpf::DISK_SLOT_MAP.
 #[map]
@@ -37,9 +39,9 @@ static DCMON_DISK_SLOT: Array<DiskSlot> = Array::with_max_entries(SLOT_TABLE_ENT
 static DCMON_RQ_START: Array<u64> = Array::with_max_entries(RQ_START_ENTRIES, 0);
 
 /// Drops per interface slot and reason: see dcmon_common::ebpf::NET_DROP_MAP. Shared by all
-/// CPUs (atomic adds), like DCMON_DISK_LAT.
+/// CPUs (atomic adds) and mapped by the agent, like DCMON_DISK_LAT.
 #[map]
-static DCMON_NET_DROP: Array<DropCounts> = Array::with_max_entries(NET_DROP_SLOTS, 0);
+static DCMON_NET_DROP: Array<DropCounts> = Array::with_max_entries(NET_DROP_SLOTS, BPF_F_MMAPABLE);
 
 /// The agent's interface slots: see dcmon_common::ebpf::NET_SLOT_MAP. The loader sets its
 /// length and `NET_SLOT_MASK` to match.
@@ -49,6 +51,10 @@ static DCMON_NET_SLOT: Array<NetSlot> = Array::with_max_entries(SLOT_TABLE_ENTRI
 /// OOM kills per memory cgroup: see dcmon_common::ebpf::OOM_MAP.
 #[map]
 static DCMON_OOM: HashMap<u64, u64> = HashMap::with_max_entries(OOM_MAP_ENTRIES, 0);
+
+/// OOM kills of every memory cgroup together: see dcmon_common::ebpf::OOM_TOTAL_MAP.
+#[map]
+static DCMON_OOM_TOTAL: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 #[unsafe(no_mangle)]
 static OFF_TASK_CGROUPS: u32 = 0;
@@ -62,9 +68,10 @@ static OFF_KN_ID: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_CSS_SET_MEMCG: u32 = 0;
 
-/// TCP retransmits and resets: see dcmon_common::ebpf::TCP_MAP.
+/// TCP retransmits and resets: see dcmon_common::ebpf::TCP_MAP. Shared by all CPUs (atomic
+/// adds: these events are rare) and mapped by the agent, like DCMON_DISK_LAT.
 #[map]
-static DCMON_TCP: PerCpuArray<TcpCounts> = PerCpuArray::with_max_entries(1, 0);
+static DCMON_TCP: Array<TcpCounts> = Array::with_max_entries(1, BPF_F_MMAPABLE);
 
 #[unsafe(no_mangle)]
 static OFF_SK_FAMILY: u32 = 0;
@@ -429,11 +436,10 @@ fn counted_sock(sk: usize) -> bool {
     read::<u32>(net, off(&OFF_NET_NS_INUM)) == Some(only)
 }
 
-/// This CPU's TCP counters.
+/// The TCP counters, which every CPU updates through [`shared_add`].
 #[inline(always)]
-fn tcp_counts() -> Option<&'static mut TcpCounts> {
-    // SAFETY: this CPU's copy (see `bump`).
-    DCMON_TCP.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+fn tcp_counts() -> Option<*mut TcpCounts> {
+    DCMON_TCP.get_ptr_mut(0)
 }
 
 /// `tcp_retransmit_skb(const struct sock *sk, const struct sk_buff *skb, ...)`, once per
@@ -467,9 +473,11 @@ pub fn tcp_retransmit_skb(ctx: BtfTracePointContext) -> i32 {
         segs = unsafe { bpf_probe_read_kernel(at) }.unwrap_or(0);
     }
     if let Some(c) = tcp_counts()
-        && let Some(n) = c.retrans_segs.get_mut(family)
+        && family < TCP_FAMILIES.len()
     {
-        *n += u64::from(segs.max(1));
+        // SAFETY: a value pointer the lookup returned; `family` indexes retrans_segs (checked
+        // above), whose counters are 8-byte aligned.
+        unsafe { shared_add((&raw mut (*c).retrans_segs).cast::<u64>().add(family), u64::from(segs.max(1))) };
     }
     0
 }
@@ -483,7 +491,8 @@ pub fn tcp_send_reset(ctx: BtfTracePointContext) -> i32 {
     let counted =
         if sk != 0 { counted_sock(sk) } else { read::<usize>(skb, off(&OFF_SKB_DEV)).and_then(net_key).is_some() };
     if counted && let Some(c) = tcp_counts() {
-        c.resets_sent += 1;
+        // SAFETY: a value pointer the lookup returned.
+        unsafe { shared_add(&raw mut (*c).resets_sent, 1) };
     }
     0
 }
@@ -495,7 +504,8 @@ pub fn tcp_receive_reset(ctx: BtfTracePointContext) -> i32 {
     if counted_sock(sk)
         && let Some(c) = tcp_counts()
     {
-        c.resets_received += 1;
+        // SAFETY: a value pointer the lookup returned.
+        unsafe { shared_add(&raw mut (*c).resets_received, 1) };
     }
     0
 }
@@ -514,6 +524,11 @@ pub fn mark_victim(ctx: BtfTracePointContext) -> i32 {
     {
         // SAFETY: as above.
         unsafe { *n += 1 };
+    }
+    // After the per-cgroup count, so an agent that sees the new total finds that count too.
+    if let Some(total) = DCMON_OOM_TOTAL.get_ptr_mut(0) {
+        // SAFETY: a value pointer the lookup returned, 8-byte aligned.
+        unsafe { shared_add(total, 1) };
     }
     0
 }

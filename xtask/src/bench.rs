@@ -90,27 +90,31 @@ impl Subject {
 
 const KEY: &str = "dcmon_benchKeyBenchKeyBenchKeyBenchKeyBenchKe";
 
+/// `cargo build` arguments for what the bench runs, in release: the agent, the receiver, the
+/// floor and `ebpf_bench` (bench_targets), in one invocation so that their dependencies are
+/// built once, with the same features.
+pub(crate) const RELEASE_BUILD: [&str; 16] = [
+    "build",
+    "--release",
+    "-p",
+    "dcmon-agent",
+    "-p",
+    "dcmon-tests",
+    "--bin",
+    "dcmon-agent",
+    "--bin",
+    "dcmon-test-receiver",
+    "-p",
+    "xtask",
+    "--example",
+    "bench_floor",
+    "--example",
+    "ebpf_bench",
+];
+
 /// Run the benchmark.
 pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
-    let status = Command::new(env!("CARGO"))
-        .current_dir(workspace)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "dcmon-agent",
-            "-p",
-            "dcmon-tests",
-            "--bin",
-            "dcmon-agent",
-            "--bin",
-            "dcmon-test-receiver",
-            "-p",
-            "xtask",
-            "--example",
-            "bench_floor",
-        ])
-        .status()?;
+    let status = Command::new(env!("CARGO")).current_dir(workspace).args(RELEASE_BUILD).status()?;
     if !status.success() {
         bail!("cargo build --release failed");
     }

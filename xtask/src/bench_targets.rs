@@ -71,7 +71,7 @@ pub fn report(workspace: &Path, cycle: &CycleFigures) -> String {
 fn target_lines(figures: &anyhow::Result<Value>, cycle: &CycleFigures) -> String {
     let mut out = String::new();
     out.push_str(&format!(
-        "Per event: `ebpf_bench json --rounds {EVENT_ROUNDS}` (debug build), dcmon's programs attached, empty \
+        "Per event: `ebpf_bench json --rounds {EVENT_ROUNDS}` (release build), dcmon's programs attached, empty \
          tp_btf programs on the same tracepoints, and none, in {EVENT_ROUNDS} alternating rounds with \
          kernel.bpf_stats_enabled=0, the median of the rounds' differences [min–max] (packets: the sending \
          thread's CPU time, which the loopback receive is charged to; reads: wall time); in-kernel time from a separate pass with bpf_stats on; own work: dcmon's \
@@ -288,18 +288,20 @@ fn shell_cargo() -> Command {
     cmd
 }
 
-/// Builds `ebpf_bench` (the dev profile `cargo test --workspace` already built, so in CI this
-/// compiles nothing) and runs `ebpf_bench json`, its stderr passed through.
+/// Builds `ebpf_bench` in release, as the agent is built (the bench's release build already
+/// made it, so this compiles nothing): the round's shared arrays are read as memory, which a
+/// debug build reads ~20 times slower than the release agent (README, Performance). Then runs
+/// `ebpf_bench json`, its stderr passed through.
 fn ebpf_bench(workspace: &Path) -> anyhow::Result<Value> {
     let status = shell_cargo()
         .current_dir(workspace)
-        .args(["build", "--workspace", "--example", "ebpf_bench"])
+        .args(crate::bench::RELEASE_BUILD)
         .status()
         .context("running cargo build")?;
     if !status.success() {
-        bail!("cargo build --example ebpf_bench failed");
+        bail!("cargo build --release --example ebpf_bench failed");
     }
-    let exe = workspace.join("target/debug/examples/ebpf_bench");
+    let exe = workspace.join("target/release/examples/ebpf_bench");
     eprintln!("eBPF costs: {} json --rounds {EVENT_ROUNDS}", exe.display());
     let mut child = Command::new(&exe)
         .args(["json", "--rounds", &EVENT_ROUNDS.to_string()])

@@ -28,6 +28,10 @@ pub struct OomKills {
     root: PathBuf,
     /// Kills per cgroup id at start.
     start: HashMap<u64, u64>,
+    /// Kills per cgroup id as the last walk of the map found them, and their sum: the map is
+    /// walked again only when the kill total differs from that sum.
+    walked: Vec<(u64, u64)>,
+    walked_sum: u64,
     /// Job label per cgroup id, once found.
     labels: HashMap<u64, String>,
     jobs: JobLabels,
@@ -38,14 +42,29 @@ impl OomKills {
     pub fn new(host: &Host, probes: Arc<Probes>) -> anyhow::Result<Self> {
         let v1 = host.path("/sys/fs/cgroup/memory");
         let root = if v1.is_dir() { v1 } else { host.path("/sys/fs/cgroup") };
-        let start = probes.oom_kills()?.into_iter().collect();
-        Ok(Self { probes, root, start, labels: HashMap::new(), jobs: JobLabels::new(MAX_JOBS) })
+        let walked = probes.oom_kills()?;
+        let walked_sum = kill_sum(&walked);
+        let start = walked.iter().copied().collect();
+        Ok(Self { probes, root, start, walked, walked_sum, labels: HashMap::new(), jobs: JobLabels::new(MAX_JOBS) })
+    }
+
+    /// Kills per cgroup id now: the last walk's while the kill total equals its sum, else a new
+    /// walk. A walk that raced a kill (its total counted, its cgroup's count not yet seen) sums
+    /// short and is walked again next time; so is a map too full to hold a kill's cgroup.
+    fn kills(&mut self) -> anyhow::Result<&[(u64, u64)]> {
+        if self.probes.oom_kill_total() != self.walked_sum {
+            self.walked = self.probes.oom_kills()?;
+            self.walked_sum = kill_sum(&self.walked);
+        }
+        Ok(&self.walked)
     }
 
     /// `oom_kills_total` of each job with a kill since start.
     pub fn samples(&mut self, out: &mut Vec<Sample>) -> anyhow::Result<()> {
         let mut by_job: HashMap<String, u64> = HashMap::new();
-        for (id, count) in self.probes.oom_kills()? {
+        // A copy: naming a job below borrows `self` (usually empty, so no allocation).
+        let kills = self.kills()?.to_vec();
+        for (id, count) in kills {
             let n = count.wrapping_sub(self.start.get(&id).copied().unwrap_or(0));
             if n == 0 {
                 continue;
@@ -68,6 +87,11 @@ impl OomKills {
         out.extend(by_job.into_iter().map(|(job, n)| Sample::count("oom_kills_total", n).label("job", job)));
         Ok(())
     }
+}
+
+/// The kills of a walk of the map, all cgroups together.
+fn kill_sum(kills: &[(u64, u64)]) -> u64 {
+    kills.iter().fold(0, |sum, &(_, n)| sum.wrapping_add(n))
 }
 
 /// The path below `root` (`/a/b`, `/` for the root) of the cgroup directory with inode `id`.

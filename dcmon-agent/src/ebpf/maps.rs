@@ -1,13 +1,12 @@
 //! Reading the maps with bpf(2) on the map's fd: `BPF_MAP_LOOKUP_BATCH` reads the used slots of
-//! a per-CPU array in one syscall (aya 0.14 has no batch API), and single lookups, updates and
-//! program counters.
+//! a per-CPU array in one syscall (aya 0.14 has no batch API), and updates and program
+//! counters. The arrays shared by all CPUs are read through a mapping instead ([`super::mapped`]).
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
 
 use aya::Pod;
 
-const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
@@ -145,47 +144,6 @@ pub fn lookup_prefix_percpu<V: Pod + Default>(
         return Err(io::Error::other(format!("batch read of entries 0..{n} returned {got} entries, keys {keys:?}")));
     }
     Ok((0..n).map(|i| sum_percpu(&values[i * ncpus * stride..], ncpus, stride, &add)).collect())
-}
-
-/// Entries `0..n` of an array with one value per entry shared by all CPUs, in index order: one
-/// batch lookup, one copy per entry whatever the number of CPUs.
-pub fn lookup_prefix_shared<V: Pod + Default>(fd: BorrowedFd<'_>, n: usize) -> io::Result<Vec<V>> {
-    lookup_prefix_percpu(fd, 1, n, |total: &mut V, one: &V| *total = *one)
-}
-
-/// The per-CPU sums of `keys` that are in the map (absent keys are left out), one lookup per
-/// key. A batch lookup walks every bucket of the table (65,536 for the network map) whatever
-/// the number of entries, so for a few keys this is far cheaper.
-pub fn lookup_percpu<K: Pod, V: Pod + Default>(
-    fd: BorrowedFd<'_>,
-    ncpus: usize,
-    keys: &[K],
-    add: impl Fn(&mut V, &V),
-) -> io::Result<Vec<(K, V)>> {
-    let stride = std::mem::size_of::<V>().div_ceil(8) * 8;
-    let mut values = vec![0u8; stride * ncpus];
-    let mut out = Vec::with_capacity(keys.len());
-    for key in keys {
-        let mut attr = ElemAttr {
-            map_fd: fd.as_raw_fd() as u32,
-            key: key as *const K as u64,
-            value: values.as_mut_ptr() as u64,
-            ..Default::default()
-        };
-        match bpf(BPF_MAP_LOOKUP_ELEM, &mut attr) {
-            Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => continue,
-            Err(e) => return Err(e),
-        }
-        out.push((*key, sum_percpu(&values, ncpus, stride, &add)));
-    }
-    Ok(out)
-}
-
-/// The values of `keys` in a map with one value per key shared by all CPUs (a plain array or
-/// hash map), absent keys left out: one copy per key whatever the number of CPUs.
-pub fn lookup_shared<K: Pod, V: Pod + Default>(fd: BorrowedFd<'_>, keys: &[K]) -> io::Result<Vec<(K, V)>> {
-    lookup_percpu(fd, 1, keys, |total: &mut V, one: &V| *total = *one)
 }
 
 /// Sets `key` to `value` (creating or replacing it; for an array, `key` is the index).

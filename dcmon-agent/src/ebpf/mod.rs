@@ -7,12 +7,14 @@
 //! - [`btf`]: field offsets from the running kernel's BTF.
 //! - [`load`]: loading the embedded object, attaching, classifying failures.
 //! - [`maps`]: batch reads of the per-CPU arrays, lookups and updates.
+//! - [`mapped`]: the shared arrays mapped into the agent's memory, read with no syscall.
 //! - [`link_events`]: interface changes from rtnetlink, so interfaces are re-listed only then.
 //! - [`slots`]: the slot tables that give each disk and interface its slot.
 
 pub mod btf;
 pub mod link_events;
 pub mod load;
+pub mod mapped;
 pub mod maps;
 pub mod slots;
 
@@ -24,8 +26,8 @@ use aya::Ebpf;
 use aya::maps::Map;
 use dcmon_common::ebpf::{
     DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_OPS, LatencyHist,
-    NET_DROP_MAP, NET_DROP_SLOTS, NET_MAP, NET_SLOT_MAP, NetKey, NetSlot, NetValue, OOM_MAP, PROGRAMS, TCP_MAP,
-    TcpCounts,
+    NET_DROP_MAP, NET_DROP_SLOTS, NET_MAP, NET_SLOT_MAP, NetKey, NetSlot, NetValue, OOM_MAP, OOM_TOTAL_MAP, PROGRAMS,
+    TCP_MAP, TcpCounts,
 };
 
 pub use load::{LoadError, Reason};
@@ -46,20 +48,17 @@ fn add_net(total: &mut NetValue, v: &NetValue) {
     total.tx_bytes += v.tx_bytes;
 }
 
-/// Sums one CPU's TCP counters into `total`.
-fn add_tcp(total: &mut TcpCounts, v: &TcpCounts) {
-    for (t, n) in total.retrans_segs.iter_mut().zip(v.retrans_segs) {
-        *t += n;
-    }
-    total.resets_sent += v.resets_sent;
-    total.resets_received += v.resets_received;
-}
-
 /// The loaded and attached programs and their maps. Dropping it detaches everything.
 #[derive(Debug)]
 pub struct Probes {
     ebpf: Mutex<Ebpf>,
     ncpus: usize,
+    /// The arrays shared by all CPUs (DCMON_DISK_LAT, DCMON_NET_DROP, DCMON_OOM_TOTAL,
+    /// DCMON_TCP), mapped once after the load.
+    disk_lat: mapped::MappedArray<LatencyHist>,
+    net_drop: mapped::MappedArray<DropCounts>,
+    oom_total: mapped::MappedArray<u64>,
+    tcp: mapped::MappedArray<TcpCounts>,
     disk_slots: Mutex<slots::SlotTable<u32>>,
     net_slots: Mutex<slots::SlotTable<NetKey>>,
     /// Label of each drop reason counter (see [`load::DropReasonNames`]).
@@ -99,6 +98,18 @@ pub fn left_out_message(program: &str, why: &str) -> String {
     format!("eBPF program {program} not loaded, its metrics are absent: {why}")
 }
 
+/// Maps array `name` of the loaded object read-only, at the length and value size it was
+/// loaded with.
+fn map_shared<V: aya::Pod + Default>(ebpf: &Ebpf, name: &str) -> Result<mapped::MappedArray<V>, LoadError> {
+    let error = |detail: String| LoadError { reason: Reason::Other, detail };
+    let Some(Map::Array(data)) = ebpf.map(name) else {
+        return Err(error(format!("BPF map {name} is not an array in the loaded object")));
+    };
+    let info = data.info().map_err(|e| error(format!("BPF map {name}: {e}")))?;
+    mapped::MappedArray::new(name, data.fd().as_fd(), info.max_entries(), info.value_size(), info.map_flags())
+        .map_err(|e| error(format!("mapping the shared array: {e}")))
+}
+
 impl Probes {
     /// Loads the embedded object and attaches every program, counting the interfaces of
     /// network namespace `netns` (its inode number; None: every namespace).
@@ -125,9 +136,17 @@ impl Probes {
             _ => Err(LoadError { reason: Reason::Other, detail: format!("BPF map {name} is not an array") }),
         };
         let net_slots = slots::net_slots(length(NET_MAP)?, length(NET_SLOT_MAP)?);
+        let disk_lat = map_shared(&ebpf, DISK_LAT_MAP)?;
+        let net_drop = map_shared(&ebpf, NET_DROP_MAP)?;
+        let oom_total = map_shared(&ebpf, OOM_TOTAL_MAP)?;
+        let tcp = map_shared(&ebpf, TCP_MAP)?;
         Ok(Self {
             ebpf: Mutex::new(ebpf),
             ncpus,
+            disk_lat,
+            net_drop,
+            oom_total,
+            tcp,
             disk_slots: Mutex::new(slots::disk_slots()),
             net_slots: Mutex::new(net_slots),
             drop_reasons,
@@ -194,20 +213,20 @@ impl Probes {
         Ok(())
     }
 
-    /// The drop counts of interface slot `slot` by reason value since the programs were loaded.
+    /// The drop counts of interface slot `slot` by reason value since the programs were loaded
+    /// (none for a slot without drop counters: its drops are counted in the overflow slot).
     pub fn net_drops(&self, slot: u32) -> anyhow::Result<DropCounts> {
-        let found = self.with_map_fd(NET_DROP_MAP, |fd| maps::lookup_shared(fd, &[slot]))?;
-        Ok(found.into_iter().next().map(|(_, v)| v).unwrap_or_default())
+        Ok(self.net_drop.get(slot).unwrap_or_default())
     }
 
     /// The drop counts of every interface slot handed out below `NET_DROP_SLOTS` and of the
-    /// slots below them (the overflow and no-device slots first), indexed by slot: one batch read of the array's
-    /// prefix instead of a lookup per slot.
+    /// slots below them (the overflow and no-device slots first), indexed by slot: read from
+    /// the mapping of the array's prefix, no syscall.
     pub fn net_drops_all(&self) -> anyhow::Result<Vec<DropCounts>> {
         let end = self.net_slots.lock().map_err(|_| anyhow!("interface slots poisoned by an earlier panic"))?.end();
         // Only the low slots have drop counters (higher ones count their drops in the overflow).
         let end = end.min(NET_DROP_SLOTS);
-        self.with_map_fd(NET_DROP_MAP, |fd| maps::lookup_prefix_shared(fd, end as usize))
+        Ok(self.net_drop.prefix(end as usize))
     }
 
     /// Whether program `name` is loaded and attached.
@@ -227,7 +246,14 @@ impl Probes {
         &self.failed
     }
 
-    /// OOM kills per victim memory cgroup id since the programs were loaded.
+    /// OOM kills of every memory cgroup together since the programs were loaded, read from the
+    /// mapping (no syscall): the sum of [`Probes::oom_kills`]'s counts once that has caught up.
+    pub fn oom_kill_total(&self) -> u64 {
+        self.oom_total.get(0).unwrap_or_default()
+    }
+
+    /// OOM kills per victim memory cgroup id since the programs were loaded: a walk of the
+    /// hash map, whose every step scans its buckets (see [`Probes::oom_kill_total`]).
     pub fn oom_kills(&self) -> anyhow::Result<Vec<(u64, u64)>> {
         let ebpf = self.ebpf.lock().map_err(|_| anyhow!("eBPF state poisoned by an earlier panic"))?;
         let map = ebpf.map(OOM_MAP).ok_or_else(|| anyhow!("BPF map {OOM_MAP} is not in the loaded object"))?;
@@ -235,11 +261,10 @@ impl Probes {
         map.iter().map(|entry| entry.with_context(|| format!("reading BPF map {OOM_MAP}"))).collect()
     }
 
-    /// The TCP retransmit and reset counters since the programs were loaded, summed over CPUs.
+    /// The TCP retransmit and reset counters since the programs were loaded, read from the
+    /// mapping (no syscall).
     pub fn tcp_counts(&self) -> anyhow::Result<TcpCounts> {
-        let n = self.ncpus;
-        let found = self.with_map_fd(TCP_MAP, |fd| maps::lookup_percpu(fd, n, &[0u32], add_tcp))?;
-        Ok(found.into_iter().next().map(|(_, v)| v).unwrap_or_default())
+        Ok(self.tcp.get(0).unwrap_or_default())
     }
 
     /// The label of drop reason counter `index`: the running kernel's name for that value.
@@ -259,24 +284,17 @@ impl Probes {
     /// The latency histograms of `slot`, one per op (`LAT_OP_NAMES` order), since the programs
     /// were loaded.
     pub fn disk_latency(&self, slot: u32) -> anyhow::Result<[LatencyHist; LAT_OPS as usize]> {
-        let keys: Vec<u32> = (0..LAT_OPS).map(|op| slot * LAT_OPS + op).collect();
-        let found = self.with_map_fd(DISK_LAT_MAP, |fd| maps::lookup_shared(fd, &keys))?;
-        let mut out = [LatencyHist::default(); LAT_OPS as usize];
-        for (key, hist) in found {
-            if let Some(o) = out.get_mut((key % LAT_OPS) as usize) {
-                *o = hist;
-            }
-        }
-        Ok(out)
+        Ok(std::array::from_fn(|op| {
+            slot.checked_mul(LAT_OPS).and_then(|first| self.disk_lat.get(first + op as u32)).unwrap_or_default()
+        }))
     }
 
     /// The latency histograms of every disk slot handed out and of the slots below them (the
-    /// overflow slot first), indexed by slot, one per op: one batch read of the array's prefix
-    /// instead of a lookup per slot and op.
+    /// overflow slot first), indexed by slot, one per op: read from the mapping of the array's
+    /// prefix, no syscall.
     pub fn disk_latency_all(&self) -> anyhow::Result<Vec<[LatencyHist; LAT_OPS as usize]>> {
         let end = self.disk_slots.lock().map_err(|_| anyhow!("disk slots poisoned by an earlier panic"))?.end();
-        let entries = end as usize * LAT_OPS as usize;
-        let flat: Vec<LatencyHist> = self.with_map_fd(DISK_LAT_MAP, |fd| maps::lookup_prefix_shared(fd, entries))?;
+        let flat = self.disk_lat.prefix(end as usize * LAT_OPS as usize);
         Ok(flat.chunks_exact(LAT_OPS as usize).map(|ops| std::array::from_fn(|op| ops[op])).collect())
     }
 

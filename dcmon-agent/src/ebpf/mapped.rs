@@ -1,0 +1,233 @@
+//! Read-only mappings of the BPF arrays created with `BPF_F_MMAPABLE`: the agent reads their
+//! values as memory, with no bpf(2) call a cycle. The programs update these arrays with atomic
+//! adds while the agent reads, so every read here is an atomic load of one 64-bit word.
+
+use std::io;
+use std::marker::PhantomData;
+use std::os::fd::{AsRawFd as _, BorrowedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use aya::Pod;
+use dcmon_common::ebpf::BPF_F_MMAPABLE;
+
+/// A `BPF_F_MMAPABLE` array of `V` mapped read-only into this process; unmapped on drop.
+///
+/// `V` is made only of `u64` words (checked in [`MappedArray::new`]): each is read with its own
+/// atomic load, so a value read while a program adds to it may mix words from before and after
+/// that add (as a bpf(2) lookup's copy may), but never holds a torn word.
+#[derive(Debug)]
+pub struct MappedArray<V> {
+    /// The first word of entry 0; the mapping starts here.
+    base: NonNull<AtomicU64>,
+    /// Bytes mapped (a whole number of pages).
+    mapped_len: usize,
+    /// The array's length as loaded.
+    entries: u32,
+    /// Words from one entry to the next: the kernel stores each value at `round_up(value_size, 8)`
+    /// bytes from the last, which is the value's size here (see [`MappedArray::new`]).
+    stride_words: usize,
+    _value: PhantomData<V>,
+}
+
+// SAFETY: the mapping is shared memory that is only read, through atomic loads; nothing in it
+// is tied to the thread that made it.
+unsafe impl<V> Send for MappedArray<V> {}
+// SAFETY: as above: concurrent reads are atomic loads.
+unsafe impl<V> Sync for MappedArray<V> {}
+
+/// The size of a memory page.
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).ok().filter(|&n| n > 0).unwrap_or(4096)
+}
+
+impl<V: Pod + Default> MappedArray<V> {
+    /// Maps array `name` (its fd, and its length, value size and flags as loaded) read-only.
+    pub fn new(name: &str, fd: BorrowedFd<'_>, entries: u32, value_size: u32, flags: u32) -> io::Result<Self> {
+        let invalid = |what: String| io::Error::new(io::ErrorKind::InvalidInput, format!("BPF map {name}: {what}"));
+        if flags & BPF_F_MMAPABLE == 0 {
+            return Err(invalid(format!("created without BPF_F_MMAPABLE (flags {flags:#x}), so it cannot be mapped")));
+        }
+        let size = std::mem::size_of::<V>();
+        // Whole 64-bit words, aligned: every word is read with one atomic load, and the
+        // kernel's stride (the value size rounded up to 8) is then the value's size.
+        if value_size as usize != size || !size.is_multiple_of(8) || size == 0 || std::mem::align_of::<V>() != 8 {
+            return Err(invalid(format!(
+                "value size {value_size} bytes, expected {size} bytes of 64-bit words (the agent's {})",
+                std::any::type_name::<V>()
+            )));
+        }
+        if entries == 0 {
+            return Err(invalid("no entries".to_owned()));
+        }
+        let stride = (value_size as usize).next_multiple_of(8);
+        let mapped_len = (entries as usize * stride).next_multiple_of(page_size());
+        // SAFETY: a new read-only shared mapping chosen by the kernel (no address given), of a
+        // length no longer than the array's values (the kernel refuses a longer one); it aliases
+        // no Rust object.
+        let addr = unsafe {
+            libc::mmap(std::ptr::null_mut(), mapped_len, libc::PROT_READ, libc::MAP_SHARED, fd.as_raw_fd(), 0)
+        };
+        if addr == libc::MAP_FAILED {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(e.kind(), format!("BPF map {name}: mmap of {mapped_len} bytes: {e}")));
+        }
+        let base = NonNull::new(addr.cast::<AtomicU64>())
+            .ok_or_else(|| io::Error::other(format!("BPF map {name}: mmap returned address 0")))?;
+        Ok(Self { base, mapped_len, entries, stride_words: stride / 8, _value: PhantomData })
+    }
+
+    /// The array's length.
+    pub fn len(&self) -> u32 {
+        self.entries
+    }
+
+    /// Whether the array has no entries (never: [`MappedArray::new`] refuses such a map).
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+
+    /// The words of entries `first..first + n`, or None past the end.
+    fn words(&self, first: usize, n: usize) -> Option<&[AtomicU64]> {
+        if first.checked_add(n)? > self.entries as usize {
+            return None;
+        }
+        // SAFETY: the entries lie within the mapping (first + n <= entries, and the mapping holds
+        // entries * stride bytes), page-aligned plus a multiple of 8, so every word is aligned.
+        // The mapping lives as long as `self`. The kernel writes these words while we read: only
+        // atomic loads read them (never a `&u64`), and an atomic load of a lock-free AtomicU64
+        // is allowed on read-only memory (std::sync::atomic, "Atomic accesses to read-only
+        // memory").
+        Some(unsafe {
+            std::slice::from_raw_parts(self.base.as_ptr().add(first * self.stride_words), n * self.stride_words)
+        })
+    }
+
+    /// Copies of entries `first..first + n` into `out` (n entries long), or None past the end.
+    fn read_into(&self, first: usize, out: &mut [V]) -> Option<()> {
+        let words = self.words(first, out.len())?;
+        // The stride is the value's size (checked in `new`): the entries' words are the values'
+        // words in order.
+        let dst = out.as_mut_ptr().cast::<u64>();
+        for (i, word) in words.iter().enumerate() {
+            // SAFETY: `out` holds out.len() * size_of::<V>() bytes = words.len() words, 8-byte
+            // aligned (checked in `new`), and V is Pod: any bytes are a valid V.
+            unsafe { dst.add(i).write(word.load(Ordering::Relaxed)) };
+        }
+        Some(())
+    }
+
+    /// A copy of entry `index`, or None past the end.
+    pub fn get(&self, index: u32) -> Option<V> {
+        let mut value = [V::default()];
+        self.read_into(index as usize, &mut value)?;
+        Some(value[0])
+    }
+
+    /// Copies of entries `0..n` (fewer if the array is shorter), in index order.
+    pub fn prefix(&self, n: usize) -> Vec<V> {
+        let mut out = vec![V::default(); n.min(self.entries as usize)];
+        // In range: at most `entries` long.
+        let _ = self.read_into(0, &mut out);
+        out
+    }
+}
+
+impl<V> Drop for MappedArray<V> {
+    fn drop(&mut self) {
+        // SAFETY: the mapping `new` made, of this length; no reference into it outlives `self`
+        // (`words` borrows `self`).
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.mapped_len) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsFd as _, FromRawFd as _, OwnedFd};
+
+    use super::*;
+    use crate::ebpf::maps::update;
+
+    /// A new BPF array of `entries` values of `value_size` bytes with `flags`; None (the test
+    /// skipped) where this process may not create one, unless DCMON_REQUIRE_EBPF=1.
+    fn scratch_array(value_size: u32, entries: u32, flags: u32) -> Option<OwnedFd> {
+        const BPF_MAP_CREATE: libc::c_long = 0;
+        const BPF_MAP_TYPE_ARRAY: u64 = 2;
+        // union bpf_attr's map_create member: map_type, key_size, value_size, max_entries, map_flags.
+        let mut attr = [0u64; 8];
+        attr[0] = BPF_MAP_TYPE_ARRAY | 4 << 32;
+        attr[1] = u64::from(value_size) | u64::from(entries) << 32;
+        attr[2] = u64::from(flags);
+        // SAFETY: a zeroed bpf_attr prefix of the size passed, with map_create's fields set.
+        let fd = unsafe {
+            libc::syscall(libc::SYS_bpf, BPF_MAP_CREATE, attr.as_mut_ptr(), std::mem::size_of_val(&attr) as u32)
+        };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            assert!(!dcmon_tests::privilege::ebpf_required(), "DCMON_REQUIRE_EBPF=1 but BPF_MAP_CREATE failed: {e}");
+            eprintln!("SKIP: BPF_MAP_CREATE (needs root or CAP_BPF): {e}");
+            return None;
+        }
+        // SAFETY: the kernel just returned this fd to us.
+        Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    /// Whether a mapping of this process starts at `addr` (/proc/self/maps).
+    fn mapped_at(addr: usize) -> bool {
+        let maps = std::fs::read_to_string("/proc/self/maps").expect("read /proc/self/maps");
+        maps.lines().any(|l| l.split('-').next().is_some_and(|start| usize::from_str_radix(start, 16) == Ok(addr)))
+    }
+
+    /// Entry `i`'s value in the scratch array: each word says which entry and which word it is.
+    fn value(i: u32) -> [u64; 3] {
+        [u64::from(i) << 32 | 0xa, u64::from(i) << 32 | 0xb, u64::from(i) << 32 | 0xc]
+    }
+
+    /// Values written with bpf(2) are read back through the mapping at their own entry, those
+    /// that straddle a page boundary included; a later update is seen without mapping again;
+    /// the mapping is gone once dropped.
+    #[test]
+    fn reads_each_entry_the_kernel_wrote() {
+        // 600 entries of 24 bytes: four pages, entries 170 and 341 across page boundaries.
+        let Some(fd) = scratch_array(24, 600, BPF_F_MMAPABLE) else { return };
+        let written = [0u32, 1, 169, 170, 171, 341, 598, 599];
+        for i in written {
+            update(fd.as_fd(), &i, &value(i)).expect("BPF_MAP_UPDATE_ELEM");
+        }
+        let array = MappedArray::<[u64; 3]>::new("scratch", fd.as_fd(), 600, 24, BPF_F_MMAPABLE).expect("mmap");
+        assert_eq!(array.len(), 600);
+        for i in 0..600 {
+            let want = if written.contains(&i) { value(i) } else { [0; 3] };
+            assert_eq!(array.get(i), Some(want), "entry {i}");
+        }
+        assert_eq!(array.get(600), None);
+        assert_eq!(array.prefix(3), vec![value(0), value(1), [0; 3]]);
+        assert_eq!(array.prefix(1000).len(), 600);
+        update(fd.as_fd(), &2u32, &value(2)).expect("BPF_MAP_UPDATE_ELEM");
+        assert_eq!(array.get(2), Some(value(2)), "shared memory, not a copy made at mmap");
+        let start = array.base.as_ptr() as usize;
+        assert!(mapped_at(start), "mapped at {start:#x}");
+        drop(array);
+        assert!(!mapped_at(start), "still mapped at {start:#x} after drop");
+    }
+
+    /// A map made without BPF_F_MMAPABLE, or whose value is not what the agent reads, is a clear
+    /// error naming the map; so is a kernel refusing the mmap.
+    #[test]
+    fn a_map_that_cannot_be_mapped_is_an_error_naming_it() {
+        let Some(plain) = scratch_array(24, 4, 0) else { return };
+        let e = MappedArray::<[u64; 3]>::new("DCMON_X", plain.as_fd(), 4, 24, 0).expect_err("not mmapable");
+        assert!(e.to_string().starts_with("BPF map DCMON_X: created without BPF_F_MMAPABLE"), "{e}");
+        // Told it is mmapable, the kernel still refuses.
+        let e = MappedArray::<[u64; 3]>::new("DCMON_X", plain.as_fd(), 4, 24, BPF_F_MMAPABLE).expect_err("kernel");
+        assert!(e.to_string().starts_with("BPF map DCMON_X: mmap of 4096 bytes: "), "{e}");
+        let Some(fd) = scratch_array(24, 4, BPF_F_MMAPABLE) else { return };
+        let e = MappedArray::<[u64; 2]>::new("DCMON_Y", fd.as_fd(), 4, 24, BPF_F_MMAPABLE).expect_err("size");
+        assert!(e.to_string().starts_with("BPF map DCMON_Y: value size 24 bytes, expected 16 bytes"), "{e}");
+        // Longer than the array: the kernel refuses to map past its values.
+        let e = MappedArray::<[u64; 3]>::new("DCMON_Y", fd.as_fd(), 4096, 24, BPF_F_MMAPABLE).expect_err("length");
+        assert!(e.to_string().contains("mmap of 98304 bytes"), "{e}");
+    }
+}
