@@ -9,6 +9,8 @@
 //! stores Infinity in a way that breaks every later read of the machine, so this module is the
 //! one place that guarantees: integer second timestamps, string labels, finite values only.
 
+use std::sync::Arc;
+
 use serde::ser::{SerializeMap, SerializeStruct};
 use serde::{Serialize, Serializer};
 
@@ -44,8 +46,116 @@ impl Value {
 /// bound name here), so making or cloning one allocates nothing; longer values on the heap.
 pub type LabelValue = compact_str::CompactString;
 
-/// Label pairs of one sample, in a fixed order. Keys are static: the label names are a contract.
-pub type Labels = Vec<(&'static str, LabelValue)>;
+/// One label: its name (static: the label names are a contract) and value.
+pub type LabelPair = (&'static str, LabelValue);
+
+/// Label pairs of one sample, in a fixed order. Most samples build their own; a series sent
+/// every round with the same labels (a histogram's buckets) can share one set made once, so
+/// that its samples cost no allocation a round (README, Performance). Reads as a slice.
+#[derive(Clone)]
+pub enum Labels {
+    /// Built for this sample.
+    Owned(Vec<LabelPair>),
+    /// Made once and shared; [`Labels::push`] copies it first.
+    Shared(Arc<[LabelPair]>),
+}
+
+impl Labels {
+    /// No labels; allocates nothing.
+    pub const fn new() -> Self {
+        Labels::Owned(Vec::new())
+    }
+
+    /// A set to share between samples: clones of it copy no pairs.
+    pub fn shared(pairs: impl IntoIterator<Item = LabelPair>) -> Self {
+        Labels::Shared(pairs.into_iter().collect())
+    }
+
+    /// Appends a label (copying a shared set first).
+    pub fn push(&mut self, pair: LabelPair) {
+        self.to_mut().push(pair);
+    }
+
+    fn to_mut(&mut self) -> &mut Vec<LabelPair> {
+        if let Labels::Shared(pairs) = self {
+            *self = Labels::Owned(pairs.to_vec());
+        }
+        match self {
+            Labels::Owned(pairs) => pairs,
+            Labels::Shared(_) => unreachable!("made owned just above"),
+        }
+    }
+}
+
+impl Default for Labels {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::ops::Deref for Labels {
+    type Target = [LabelPair];
+
+    fn deref(&self) -> &[LabelPair] {
+        match self {
+            Labels::Owned(pairs) => pairs,
+            Labels::Shared(pairs) => pairs,
+        }
+    }
+}
+
+impl std::fmt::Debug for Labels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl PartialEq for Labels {
+    fn eq(&self, other: &Self) -> bool {
+        self[..] == other[..]
+    }
+}
+
+impl Eq for Labels {}
+
+impl std::hash::Hash for Labels {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self[..].hash(state);
+    }
+}
+
+impl<const N: usize> PartialEq<[LabelPair; N]> for Labels {
+    fn eq(&self, other: &[LabelPair; N]) -> bool {
+        self[..] == other[..]
+    }
+}
+
+impl From<Vec<LabelPair>> for Labels {
+    fn from(pairs: Vec<LabelPair>) -> Self {
+        Labels::Owned(pairs)
+    }
+}
+
+impl FromIterator<LabelPair> for Labels {
+    fn from_iter<I: IntoIterator<Item = LabelPair>>(pairs: I) -> Self {
+        Labels::Owned(pairs.into_iter().collect())
+    }
+}
+
+impl<'a> IntoIterator for &'a Labels {
+    type Item = &'a LabelPair;
+    type IntoIter = std::slice::Iter<'a, LabelPair>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl Extend<LabelPair> for Labels {
+    fn extend<I: IntoIterator<Item = LabelPair>>(&mut self, pairs: I) {
+        self.to_mut().extend(pairs);
+    }
+}
 
 /// One metric reading.
 #[derive(Debug, Clone, PartialEq)]
@@ -111,38 +221,45 @@ pub fn histogram_family(name: &str) -> Option<&'static HistogramFamily> {
     HISTOGRAM_FAMILIES.iter().find(|h| name == h.bucket || name == h.sum || name == h.count)
 }
 
+/// The label sets of one histogram series (say `device="vda",op="read"`), made once when the
+/// series first has data and shared by every round's samples: the series' own (for `_sum` and
+/// `_count`) and one per bucket with its `le`, the last `+Inf`.
+#[derive(Debug, Clone)]
+pub struct HistogramLabels {
+    series: Labels,
+    buckets: Vec<Labels>,
+}
+
+impl HistogramLabels {
+    /// The sets of the series with `labels` whose bucket bounds have the `le` values `le`
+    /// ([`le_values`], made once), followed by `+Inf`.
+    pub fn new(labels: &[LabelPair], le: &[LabelValue]) -> Self {
+        let with_le = |le: &LabelValue| Labels::shared(labels.iter().cloned().chain([(LE_LABEL, le.clone())]));
+        Self {
+            series: Labels::shared(labels.iter().cloned()),
+            buckets: le.iter().chain([&LE_INF]).map(with_le).collect(),
+        }
+    }
+}
+
 impl HistogramFamily {
     /// Appends to `out` the samples of one histogram with `labels`: `counts[i]` is the count in
-    /// bucket `i` alone, whose upper bound's `le` value is `le[i]` ([`le_values`], made once),
-    /// `overflow` the count above the last bound; the bucket samples are cumulative, the last
-    /// one `le="+Inf"`.
-    pub fn samples(
-        &self,
-        labels: &Labels,
-        le: &[LabelValue],
-        counts: &[u64],
-        overflow: u64,
-        sum: f64,
-        out: &mut Vec<Sample>,
-    ) {
-        debug_assert_eq!(le.len(), counts.len(), "one le value per bucket of {}", self.family);
+    /// bucket `i` alone (one count per bound of `labels`), `overflow` the count above the last
+    /// bound; the bucket samples are cumulative, the last one `le="+Inf"`.
+    pub fn samples(&self, labels: &HistogramLabels, counts: &[u64], overflow: u64, sum: f64, out: &mut Vec<Sample>) {
+        debug_assert_eq!(labels.buckets.len(), counts.len() + 1, "one le value per bucket of {}", self.family);
         out.reserve(counts.len() + 3);
-        // Sized for the `le` label up front: a clone grown by one more label reallocates.
-        let with_le = |le: &LabelValue| {
-            let mut with = Vec::with_capacity(labels.len() + 1);
-            with.extend_from_slice(labels);
-            with.push((LE_LABEL, le.clone()));
-            with
-        };
         let mut cumulative = 0;
-        for (le, &n) in le.iter().zip(counts) {
+        for (le, &n) in labels.buckets.iter().zip(counts) {
             cumulative += n;
-            out.push(Sample { name: self.bucket, value: Value::Count(cumulative), labels: with_le(le) });
+            out.push(Sample { name: self.bucket, value: Value::Count(cumulative), labels: le.clone() });
         }
         cumulative += overflow;
-        out.push(Sample { name: self.bucket, value: Value::Count(cumulative), labels: with_le(&LE_INF) });
-        out.push(Sample { name: self.sum, value: Value::Gauge(sum), labels: labels.clone() });
-        out.push(Sample { name: self.count, value: Value::Count(cumulative), labels: labels.clone() });
+        if let Some(inf) = labels.buckets.last() {
+            out.push(Sample { name: self.bucket, value: Value::Count(cumulative), labels: inf.clone() });
+        }
+        out.push(Sample { name: self.sum, value: Value::Gauge(sum), labels: labels.series.clone() });
+        out.push(Sample { name: self.count, value: Value::Count(cumulative), labels: labels.series.clone() });
     }
 }
 
@@ -539,10 +656,41 @@ mod tests {
     }
 
     #[test]
+    fn shared_labels_are_shared_by_clones_and_copied_by_a_push() {
+        let shared = Labels::shared([("device", "vda".into()), ("op", "read".into())]);
+        let clone = shared.clone();
+        let (Labels::Shared(a), Labels::Shared(b)) = (&shared, &clone) else { panic!("{shared:?} {clone:?}") };
+        assert!(Arc::ptr_eq(a, b), "a clone shares the pairs");
+        let mut grown = clone.clone();
+        grown.push(("le", "0.5".into()));
+        assert_eq!(grown, [("device", "vda".into()), ("op", "read".into()), ("le", "0.5".into())]);
+        assert_eq!(shared, [("device", "vda".into()), ("op", "read".into())], "the shared set is unchanged");
+        assert_eq!(clone, shared);
+        assert_eq!(Labels::from(vec![("device", "vda".into()), ("op", "read".into())]), shared, "equal by pairs");
+        let mut extended = Labels::new();
+        extended.extend(shared.iter().cloned());
+        assert_eq!(format!("{extended:?}"), format!("{shared:?}"));
+    }
+
+    #[test]
+    fn a_histograms_labels_are_made_once_and_shared_by_every_rounds_samples() {
+        let labels = HistogramLabels::new(&[("device", "nvme0n1".into())], &le_values([0.5, 1.0]));
+        let mut rounds = [Vec::new(), Vec::new()];
+        for out in &mut rounds {
+            DISK_IO_LATENCY.samples(&labels, &[2, 3], 4, 6.5, out);
+        }
+        assert_eq!(rounds[0], rounds[1]);
+        for (a, b) in rounds[0].iter().zip(&rounds[1]) {
+            let (Labels::Shared(a), Labels::Shared(b)) = (&a.labels, &b.labels) else { panic!("{a:?} {b:?}") };
+            assert!(Arc::ptr_eq(a, b), "{a:?}");
+        }
+    }
+
+    #[test]
     fn histogram_samples_are_cumulative_with_le_last_and_labels_first() {
-        let labels: Labels = vec![("device", "nvme0n1".into())];
+        let labels = HistogramLabels::new(&[("device", "nvme0n1".into())], &le_values([0.5, 1.0]));
         let mut out = vec![Sample::gauge("before", 1.0)];
-        DISK_IO_LATENCY.samples(&labels, &le_values([0.5, 1.0]), &[2, 3], 4, 6.5, &mut out);
+        DISK_IO_LATENCY.samples(&labels, &[2, 3], 4, 6.5, &mut out);
         type Row<'a> = (&'a str, Value, Vec<(&'a str, &'a str)>);
         let got: Vec<Row<'_>> = out[1..]
             .iter()

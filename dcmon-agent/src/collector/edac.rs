@@ -79,7 +79,7 @@ impl EdacCollector {
             for (file, metric) in CONTROLLER_FILES {
                 let path = format!("{dir}/{file}");
                 if exists(&path) {
-                    counters.push(Counter { path, metric, labels: vec![("controller", controller.as_str().into())] });
+                    counters.push(Counter { path, metric, labels: vec![("controller", controller.as_str().into())].into() });
                 }
             }
             let names = sorted_names(&self.host, &dir).unwrap_or_default();
@@ -101,7 +101,7 @@ impl EdacCollector {
                             ("dimm", dimm.as_str().into()),
                             ("label", label.as_str().into()),
                         ];
-                        counters.push(Counter { path, metric, labels });
+                        counters.push(Counter { path, metric, labels: labels.into() });
                     }
                 }
             }
@@ -126,13 +126,13 @@ impl EdacCollector {
                     counters.push(Counter {
                         path: format!("{row}/{file}"),
                         metric: "edac_csrow_correctable_errors_total",
-                        labels,
+                        labels: labels.into(),
                     });
                 }
                 let path = format!("{row}/ue_count");
                 if exists(&path) {
                     let labels = vec![("controller", controller.as_str().into()), ("csrow", csrow.as_str().into())];
-                    counters.push(Counter { path, metric: "edac_csrow_uncorrectable_errors_total", labels });
+                    counters.push(Counter { path, metric: "edac_csrow_uncorrectable_errors_total", labels: labels.into() });
                 }
             }
         }

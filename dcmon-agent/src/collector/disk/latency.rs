@@ -9,7 +9,7 @@ use dcmon_common::ebpf::{
     DiskKey, LAT_BUCKETS, LAT_OP_NAMES, LAT_OPS, LatencyHist, OVERFLOW_SLOT, PROG_BLOCK_RQ_ISSUE, lat_bucket_bound_ns,
 };
 
-use crate::batch::{DISK_IO_LATENCY, LabelValue, Labels, Sample, le_values};
+use crate::batch::{DISK_IO_LATENCY, HistogramLabels, LabelValue, Sample, le_values};
 use crate::ebpf::Probes;
 
 type Hists = [LatencyHist; LAT_OPS as usize];
@@ -21,8 +21,8 @@ struct Slotted {
     slot: u32,
     /// The slot's histograms when the disk got it: reported values are the difference.
     start: Hists,
-    /// Ops that have had an I/O since; their series are sent from then on.
-    seen: [bool; LAT_OPS as usize],
+    /// Per op, once it has had an I/O since: its series' labels. Its series are sent from then on.
+    labels: [Option<HistogramLabels>; LAT_OPS as usize],
 }
 
 /// The latency histograms of the disks the agent reports, and their slots.
@@ -72,7 +72,7 @@ impl DiskLatency {
                 continue;
             };
             let start = self.probes.disk_latency(slot)?;
-            self.disks.insert(key, Slotted { name: name.into(), slot, start, seen: [false; LAT_OPS as usize] });
+            self.disks.insert(key, Slotted { name: name.into(), slot, start, labels: Default::default() });
         }
         Ok(())
     }
@@ -97,12 +97,13 @@ impl DiskLatency {
             let now = slots.get(disk.slot as usize).unwrap_or(&zero);
             for (op, (now, start)) in now.iter().zip(&disk.start).enumerate() {
                 let hist = since(now, start);
-                disk.seen[op] |= count(&hist) > 0;
-                if !disk.seen[op] {
-                    continue;
+                if disk.labels[op].is_none() && count(&hist) > 0 {
+                    let series = [("device", disk.name.clone()), ("op", LAT_OP_NAMES[op].into())];
+                    disk.labels[op] = Some(HistogramLabels::new(&series, &LATENCY_LE));
                 }
-                let labels: Labels = vec![("device", disk.name.clone()), ("op", LAT_OP_NAMES[op].into())];
-                histogram_samples(&labels, &hist, out);
+                if let Some(labels) = &disk.labels[op] {
+                    histogram_samples(labels, &hist, out);
+                }
             }
         }
         // Without the issue program nothing is timed: no overflow count either.
@@ -131,17 +132,11 @@ fn since(now: &LatencyHist, start: &LatencyHist) -> LatencyHist {
 static LATENCY_LE: LazyLock<Vec<LabelValue>> =
     LazyLock::new(|| le_values((0..LAT_BUCKETS - 1).map(|k| lat_bucket_bound_ns(k) as f64 / 1e9)));
 
-/// Appends one histogram to `out` as `disk_io_latency_seconds` samples.
-pub fn histogram_samples(labels: &Labels, hist: &LatencyHist, out: &mut Vec<Sample>) {
+/// Appends one histogram to `out` as `disk_io_latency_seconds` samples, with `labels` made
+/// from [`LATENCY_LE`].
+pub fn histogram_samples(labels: &HistogramLabels, hist: &LatencyHist, out: &mut Vec<Sample>) {
     let last = (LAT_BUCKETS - 1) as usize;
-    DISK_IO_LATENCY.samples(
-        labels,
-        &LATENCY_LE,
-        &hist.buckets[..last],
-        hist.buckets[last],
-        hist.sum_ns as f64 / 1e9,
-        out,
-    );
+    DISK_IO_LATENCY.samples(labels, &hist.buckets[..last], hist.buckets[last], hist.sum_ns as f64 / 1e9, out);
 }
 
 #[cfg(test)]
@@ -156,9 +151,9 @@ mod tests {
         hist.buckets[5] = 3; // 16.384 to 32.768 µs
         hist.buckets[(LAT_BUCKETS - 1) as usize] = 1; // over 17.18 s
         hist.sum_ns = 20_000_000_123;
-        let labels: Labels = vec![("device", "vda".into()), ("op", "read".into())];
+        let labels = [("device", "vda".into()), ("op", "read".into())];
         let mut samples = Vec::new();
-        histogram_samples(&labels, &hist, &mut samples);
+        histogram_samples(&HistogramLabels::new(&labels, &LATENCY_LE), &hist, &mut samples);
         assert_eq!(samples.len(), LAT_BUCKETS as usize + 2);
         let le = |s: &Sample| s.labels.iter().find(|(k, _)| *k == "le").map(|(_, v)| v.clone());
         let first = &samples[0];
@@ -187,7 +182,8 @@ mod tests {
         let mut batch = crate::batch::Batch::new("m1", 1);
         let mut samples = Vec::new();
         for (device, op) in [("vda", "read"), ("vda", "write"), ("loop0", "read")] {
-            histogram_samples(&vec![("device", device.into()), ("op", op.into())], &hist, &mut samples);
+            let labels = HistogramLabels::new(&[("device", device.into()), ("op", op.into())], &LATENCY_LE);
+            histogram_samples(&labels, &hist, &mut samples);
         }
         batch.extend(samples);
         batch.push(Sample::count("disk_reads_total", 3).label("device", "vda"));

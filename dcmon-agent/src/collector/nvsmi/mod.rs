@@ -96,7 +96,7 @@ impl GpuReading {
     /// The samples of this GPU.
     pub fn samples(&self) -> impl Iterator<Item = Sample> + '_ {
         self.values.iter().map(|s| {
-            let mut labelled = self.labelled(Sample { labels: Vec::new(), ..s.clone() });
+            let mut labelled = self.labelled(Sample { labels: crate::batch::Labels::new(), ..s.clone() });
             labelled.labels.extend(s.labels.iter().cloned());
             labelled
         })
