@@ -21,9 +21,11 @@
 //!   programs read the clock once each, at issue and at completion);
 //! - one round's map reads at a 256-CPU server's scale (16 disks, 32 interfaces): the shared
 //!   arrays (latency histograms, drop counters, TCP counters, the OOM kill total), read as the
-//!   agent reads them, through their mapping, and the per-CPU counter arrays (one bpf(2) batch
-//!   each) measured at this host's CPU count, the per-CPU arrays computed for 256 CPUs from the
-//!   cost of one CPU's copy measured on scratch maps (`ebpf_bench reads`: only these);
+//!   agent reads them, through their mapping, and the counters laid out per CPU, summed from
+//!   their mapping as the agent does, measured at this host's CPU count and on scratch mapped
+//!   arrays sized for 256 CPU ids, in cache and after evicting the caches; beside them what the
+//!   per-CPU arrays' bpf(2) batch reads cost before, computed for 256 CPUs from the cost of one
+//!   CPU's copy measured on scratch maps (`ebpf_bench reads`: only these);
 //! - `ebpf_bench memory`: the peak resident memory (VmHWM) of a fresh process that does only
 //!   one step of the load each: nothing, read /sys/kernel/btf/vmlinux, our offset parse, aya's
 //!   parse of the whole BTF (which the agent no longer does, for comparison), the stand-in
@@ -573,10 +575,9 @@ fn all_json(rounds: usize) -> Value {
             "round_here_ns": r.round_here_ns(),
             "shared_ns": r.shared_ns(),
             "per_cpu_here_ns": r.per_cpu_here_ns(),
-            "per_cpu_256_ns": r.per_cpu_computed_ns(256.0),
-            "per_cpu_copy_ns": r.copy.per_cpu_ns,
-            "per_byte_ns": r.copy.per_byte_ns,
-            "fixed_ns": r.copy.fixed_ns,
+            "per_cpu_256_ns": r.at_256.cold_ns,
+            "per_cpu_256_warm_ns": r.at_256.warm_ns,
+            "per_cpu_256_syscall_ns": r.per_cpu_syscall_computed_ns(256.0),
         })
     }));
     let memory = part(

@@ -126,10 +126,14 @@ fn a_program_that_cannot_load_leaves_the_others_attached() {
     rx.connect(rx.local_addr().expect("addr")).expect("connect");
     rx.send(b"x").expect("send");
     // No interface has a slot here: the packets count in the overflow slot.
-    let map =
-        aya::maps::PerCpuArray::<_, NetValue>::try_from(ebpf.map(NET_MAP).expect("net map")).expect("per-CPU array");
-    let overflow = map.get(&dcmon_common::ebpf::OVERFLOW_SLOT, 0).expect("overflow slot");
-    let (rx, tx): (u64, u64) = overflow.iter().fold((0, 0), |(r, t), v| (r + v.rx_packets, t + v.tx_packets));
+    let map = aya::maps::Array::<_, NetValue>::try_from(ebpf.map(NET_MAP).expect("net map")).expect("array");
+    let cpus = dcmon_agent::ebpf::maps::possible_cpu_ids().expect("possible CPUs");
+    let slots = map.len() / dcmon_agent::ebpf::maps::cpu_id_span(&cpus);
+    let overflow = cpus.iter().map(|&cpu| {
+        let index = dcmon_common::ebpf::per_cpu_index(cpu, slots, dcmon_common::ebpf::OVERFLOW_SLOT);
+        map.get(&index, 0).expect("overflow slot")
+    });
+    let (rx, tx): (u64, u64) = overflow.fold((0, 0), |(r, t), v| (r + v.rx_packets, t + v.tx_packets));
     assert!(rx > 0 && tx > 0, "net_dev_xmit and netif_receive_skb attached and counting: rx {rx}, tx {tx}");
 }
 
@@ -683,8 +687,9 @@ fn an_interface_beyond_the_compiled_slots_is_counted_in_its_own_slot() {
         return;
     };
     let slots = probes.net_slot_count().expect("slot count");
-    let cpus = dcmon_agent::ebpf::maps::possible_cpus().expect("possible CPUs");
-    assert_eq!(slots, dcmon_common::ebpf::net_slots_for(cpus as u32), "the counters' length as loaded");
+    let ids = dcmon_agent::ebpf::maps::possible_cpu_ids().expect("possible CPUs");
+    let cpus = dcmon_agent::ebpf::maps::cpu_id_span(&ids);
+    assert_eq!(slots, dcmon_common::ebpf::net_slots_for(cpus), "the counters' length as loaded");
     assert!(slots > NET_SLOTS + 8, "{cpus} possible CPUs give {slots} slots, no more than the compiled {NET_SLOTS}");
     // Interfaces that do not exist take every slot the object was compiled with.
     for i in 0..NET_SLOTS {
@@ -707,6 +712,83 @@ fn an_interface_beyond_the_compiled_slots_is_counted_in_its_own_slot() {
     // length), the slot's deltas would be zero. (The overflow itself is not checked: the other
     // tests' host traffic lands there, as no host interface has a slot in these probes.)
     assert_eq!(ebpf, proc, "lo in slot {slot}: eBPF vs /proc/net/dev (rx, tx) byte deltas");
+}
+
+/// Pins the calling thread to CPU `cpu` and checks it runs there.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is an empty set; CPU_SET and sched_setaffinity on this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        let rc = libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set);
+        assert_eq!(rc, 0, "sched_setaffinity to CPU {cpu}: {}", std::io::Error::last_os_error());
+        assert_eq!(libc::sched_getcpu(), cpu as i32, "running on CPU {cpu} after pinning");
+    }
+}
+
+/// The counters are laid out per CPU in one array and summed by the agent: datagrams sent on
+/// loopback from the first CPU and then the last (loopback receives them in the softirq of the
+/// sending CPU), in a namespace with nothing else on it, are counted exactly in lo's slot. A
+/// sum that read one CPU's copy, or a copy at the wrong stride, would miss one CPU's count.
+#[test]
+fn traffic_on_two_cpus_is_summed_exactly_in_one_slot() {
+    if !can_run("per-CPU layout") {
+        return;
+    }
+    let ids = dcmon_agent::ebpf::maps::possible_cpu_ids().expect("possible CPUs");
+    let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if online < 2 {
+        assert!(!required(), "DCMON_REQUIRE_EBPF=1 but this host has {online} CPU: the layout needs two");
+        eprintln!("SKIP per-CPU layout: one CPU");
+        return;
+    }
+    let a = Netns::new("cpus");
+    let Some(probes) = (match Probes::attach(Some(a.inode())) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            assert!(!required(), "DCMON_REQUIRE_EBPF=1 but eBPF failed: {e}");
+            eprintln!("SKIP per-CPU layout: {e}");
+            None
+        }
+    }) else {
+        return;
+    };
+    let (ifindex, _) = a.iface("lo");
+    let key = NetKey { ifindex, netns: a.inode() };
+    let slot = probes.net_slot(key).expect("slot").expect("a free slot");
+    let before = net_value(&probes, key);
+    // The first and the last CPU this process may run on.
+    let allowed: Vec<usize> = (0..ids.len().max(online))
+        .filter(|&cpu| {
+            // SAFETY: a zeroed set filled by sched_getaffinity for this thread.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) == 0 && libc::CPU_ISSET(cpu, &set)
+            }
+        })
+        .collect();
+    let (first, last) = (allowed[0], allowed[allowed.len() - 1]);
+    assert_ne!(first, last, "two CPUs allowed: {allowed:?}");
+    let sends = [(first, 3usize), (last, 5usize)];
+    a.within(move || {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:40007").expect("bind receiver");
+        rx.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind sender");
+        let mut buf = [0u8; 64];
+        for (cpu, n) in sends {
+            pin_to_cpu(cpu);
+            for _ in 0..n {
+                tx.send_to(b"per-cpu", "127.0.0.1:40007").expect("send");
+                assert_eq!(rx.recv(&mut buf).expect("receive"), 7);
+            }
+        }
+    });
+    let after = net_value(&probes, key);
+    let packets = (after.rx_packets - before.rx_packets, after.tx_packets - before.tx_packets);
+    assert_eq!(packets, (8, 8), "lo in slot {slot}: (rx, tx) packets sent 3 on CPU {first} and 5 on CPU {last}");
+    // 7 bytes of payload + 8 UDP + 20 IPv4 + 14 Ethernet a datagram.
+    let bytes = (after.rx_bytes - before.rx_bytes, after.tx_bytes - before.tx_bytes);
+    assert_eq!(bytes, (8 * 35, 8 * 49), "lo in slot {slot}: (rx, tx) bytes (rx without the link header)");
 }
 
 fn names_and_labels(collector: &mut dyn Collector) -> BTreeSet<String> {

@@ -26,14 +26,35 @@ pub const SECTOR_BYTES: u64 = 512;
 /// Every type is `#[repr(C)]` with explicit padding and a compile-time size check, because the
 /// kernel copies map keys and values byte for byte between the two sides.
 pub mod ebpf {
-    /// Per-CPU array of [`DiskValue`], [`DISK_SLOTS`] long, indexed by the disk's slot (see
-    /// [`DISK_SLOT_MAP`]), filled on block request completion: an inlined array lookup per
-    /// completion instead of a hash lookup. Disks without a slot count in [`OVERFLOW_SLOT`].
+    /// Array of [`DiskValue`] laid out per CPU by hand ([`per_cpu_index`] with [`DISK_SLOTS`]
+    /// slots a CPU), [`BPF_F_MMAPABLE`]: each CPU's program updates its own copy without
+    /// atomics, and the agent sums the copies from a mapping of the array, with no syscall.
+    /// Indexed by the disk's slot (see [`DISK_SLOT_MAP`]), filled on block request completion:
+    /// an inlined array lookup per completion instead of a hash lookup. Disks without a slot
+    /// count in [`OVERFLOW_SLOT`]. The loader sets its length to [`per_cpu_entries`].
     pub const DISK_MAP: &str = "DCMON_DISK";
-    /// Per-CPU array of [`NetValue`], [`net_slots_for`] the possible CPUs long as loaded, indexed by the interface's slot (see
+    /// Array of [`NetValue`] laid out per CPU like [`DISK_MAP`], with [`net_slots_for`] the
+    /// CPU ids slots a CPU as loaded ([`NET_SLOT_COUNT`]), indexed by the interface's slot (see
     /// [`NET_SLOT_MAP`]), filled on packet receive and transmit. Interfaces without a slot count
     /// in [`OVERFLOW_SLOT`].
     pub const NET_MAP: &str = "DCMON_NET";
+    /// Bytes of a cache line: one CPU's region of a per-CPU laid-out array ([`per_cpu_index`])
+    /// is a whole number of them, so two CPUs never write the same line.
+    pub const CACHE_LINE: u64 = 64;
+
+    /// The entry of `slot` in CPU `cpu`'s copy of an array laid out per CPU with `slots`
+    /// slots a CPU: CPU regions one after the other.
+    #[inline(always)]
+    pub const fn per_cpu_index(cpu: u32, slots: u32, slot: u32) -> u32 {
+        cpu.wrapping_mul(slots).wrapping_add(slot)
+    }
+
+    /// The length of an array laid out per CPU with `slots` slots a CPU, for CPU ids below
+    /// `cpu_ids` (the highest possible CPU id + 1: ids may have gaps, and every id the kernel
+    /// can run a program on needs its region). None when it does not fit a u32.
+    pub const fn per_cpu_entries(cpu_ids: u32, slots: u32) -> Option<u32> {
+        cpu_ids.checked_mul(slots)
+    }
 
     /// `tp_btf/block_rq_complete`: counts completed reads and writes per disk.
     pub const PROG_BLOCK_RQ_COMPLETE: &str = "block_rq_complete";
@@ -373,19 +394,21 @@ pub mod ebpf {
     /// 1,280 bytes whatever the CPUs): an interface with a higher slot counts its drops in
     /// the overflow slot.
     pub const NET_DROP_SLOTS: u32 = 256;
-    /// `.rodata` global: [`NET_MAP`]'s length as loaded; the programs count no slot at or
-    /// above it.
+    /// `.rodata` global: the interface slots a CPU of [`NET_MAP`] as loaded (its per-CPU
+    /// stride); the programs count no slot at or above it.
     pub const NET_SLOT_COUNT: &str = "NET_SLOT_COUNT";
     /// `.rodata` global: [`NET_SLOT_MAP`]'s length as loaded minus one (a power of two minus
     /// one): the mask of [`net_slot_hash`].
     pub const NET_SLOT_MASK: &str = "NET_SLOT_MASK";
 
-    /// The interface slots to load on a host with `possible_cpus` possible CPUs: as many as
-    /// [`NET_COUNTERS_BUDGET`] holds, from [`NET_SLOTS`] to [`NET_SLOTS_MAX`].
-    pub const fn net_slots_for(possible_cpus: u32) -> u32 {
-        let per_slot =
-            core::mem::size_of::<NetValue>() as u64 * if possible_cpus == 0 { 1 } else { possible_cpus as u64 };
-        let fit = NET_COUNTERS_BUDGET / per_slot;
+    /// The interface slots to load on a host whose CPU ids are below `cpu_ids` (the highest
+    /// possible CPU id + 1; the per-CPU regions of [`NET_MAP`] are that many): as many as
+    /// [`NET_COUNTERS_BUDGET`] holds, from [`NET_SLOTS`] to [`NET_SLOTS_MAX`], a whole number
+    /// of cache lines a CPU.
+    pub const fn net_slots_for(cpu_ids: u32) -> u32 {
+        let per_slot = core::mem::size_of::<NetValue>() as u64 * if cpu_ids == 0 { 1 } else { cpu_ids as u64 };
+        let per_line = CACHE_LINE / core::mem::size_of::<NetValue>() as u64;
+        let fit = NET_COUNTERS_BUDGET / per_slot / per_line * per_line;
         if fit < NET_SLOTS as u64 {
             NET_SLOTS
         } else if fit > NET_SLOTS_MAX as u64 {
@@ -578,6 +601,11 @@ pub mod ebpf {
     const _: () = assert!(core::mem::size_of::<LatencyHist>() == 8 * (LAT_BUCKETS as usize + 1));
     const _: () = assert!(SLOT_TABLE_ENTRIES.is_power_of_two());
     const _: () = assert!(NET_DROP_SLOTS <= NET_SLOTS && NET_SLOTS <= NET_SLOTS_MAX);
+    // Whole cache lines a CPU in the per-CPU laid-out arrays (net_slots_for rounds to them).
+    const _: () = assert!(DISK_SLOTS as u64 * core::mem::size_of::<DiskValue>() as u64 % CACHE_LINE == 0);
+    const _: () = assert!(CACHE_LINE % core::mem::size_of::<NetValue>() as u64 == 0);
+    const _: () = assert!(NET_SLOTS as u64 * core::mem::size_of::<NetValue>() as u64 % CACHE_LINE == 0);
+    const _: () = assert!(NET_SLOTS_MAX as u64 * core::mem::size_of::<NetValue>() as u64 % CACHE_LINE == 0);
 
     // SAFETY: plain-old-data: repr(C), only integers, no padding bytes (sizes asserted above),
     // every bit pattern valid.
@@ -656,7 +684,8 @@ mod tests {
     #[test]
     fn interface_slots_fit_the_budget_at_any_cpu_count() {
         use super::ebpf::{
-            NET_COUNTERS_BUDGET, NET_SLOTS, NET_SLOTS_MAX, NetValue, net_slot_table_entries, net_slots_for,
+            CACHE_LINE, NET_COUNTERS_BUDGET, NET_SLOTS, NET_SLOTS_MAX, NetValue, net_slot_table_entries,
+            net_slots_for,
         };
         let value = core::mem::size_of::<NetValue>() as u64;
         assert_eq!(net_slots_for(2), NET_SLOTS_MAX);
@@ -665,9 +694,11 @@ mod tests {
         assert_eq!(net_slots_for(256), 512);
         assert_eq!(net_slots_for(8192), NET_SLOTS, "never fewer than the compiled slots");
         assert_eq!(net_slots_for(0), NET_SLOTS_MAX, "a count of 0 is treated as 1");
+        assert_eq!(net_slots_for(96), 1364, "4 MiB / (96 x 32 B) = 1365.3, down to whole lines");
         for cpus in [1u32, 2, 3, 7, 16, 96, 128, 255, 256, 512] {
             let slots = net_slots_for(cpus);
             assert!(slots as u64 * cpus as u64 * value <= NET_COUNTERS_BUDGET, "{cpus} CPUs: {slots} slots");
+            assert_eq!(slots as u64 * value % CACHE_LINE, 0, "{cpus} CPUs: {slots} slots share a line across CPUs");
             let entries = net_slot_table_entries(slots);
             assert!(entries.is_power_of_two() && entries >= 2 * slots, "{slots} slots: {entries} entries");
         }

@@ -1,27 +1,30 @@
 //! The programs and maps. Names are the contract in `dcmon_common::ebpf`.
 
 use aya_ebpf::bindings::BPF_NOEXIST;
-use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel};
+use aya_ebpf::helpers::{bpf_get_smp_processor_id, bpf_ktime_get_ns, bpf_probe_read_kernel};
 use aya_ebpf::macros::{btf_tracepoint, map};
-use aya_ebpf::maps::{Array, HashMap, PerCpuArray};
+use aya_ebpf::maps::{Array, HashMap};
 use aya_ebpf::programs::BtfTracePointContext;
 use dcmon_common::ebpf::{
     AF_INET, AF_INET6, BPF_F_MMAPABLE, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_BUCKETS,
     LAT_OPS, LatencyHist, NET_DROP_SLOTS, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue, OOM_MAP_ENTRIES,
-    OVERFLOW_SLOT, OpGroup, RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TCP_FAMILIES,
+    OVERFLOW_SLOT, OpGroup, RQ_START_ENTRIES, per_cpu_index, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TCP_FAMILIES,
     TcpCounts, lat_bucket, lat_op, net_slot_hash, op_group, rq_latency, rq_stamp, rq_stamp_index, rq_stamp_is_own,
     slot_table_index,
 };
 
-/// Per disk slot, per CPU, so the hot path updates its own CPU's copy without locks or atomics
-/// (the agent sums the copies), and finds it with an array lookup the verifier inlines.
+/// Per disk slot, per CPU, laid out by hand (`cpu * DISK_SLOTS + slot`), so the hot path
+/// updates its own CPU's copy without locks or atomics and finds it with an array lookup the
+/// verifier inlines, while the agent sums the copies from a mapping (BPF_F_MMAPABLE) rather
+/// than a per-CPU map's bpf(2) copy. The loader sets its length for the host's CPU ids.
 #[map]
-static DCMON_DISK: PerCpuArray<DiskValue> = PerCpuArray::with_max_entries(DISK_SLOTS, 0);
+static DCMON_DISK: Array<DiskValue> = Array::with_max_entries(DISK_SLOTS, BPF_F_MMAPABLE);
 
-/// Per interface slot, per CPU, like DCMON_DISK. The loader sets its length from the number of
-/// possible CPUs (dcmon_common::ebpf::net_slots_for) and `NET_SLOT_COUNT` to match.
+/// Per interface slot, per CPU, like DCMON_DISK, `NET_SLOT_COUNT` slots a CPU. The loader sets
+/// that count from the host's CPU ids (dcmon_common::ebpf::net_slots_for) and the length to
+/// match.
 #[map]
-static DCMON_NET: PerCpuArray<NetValue> = PerCpuArray::with_max_entries(NET_SLOTS, 0);
+static DCMON_NET: Array<NetValue> = Array::with_max_entries(NET_SLOTS, BPF_F_MMAPABLE);
 
 /// Latency histograms per (disk slot, op): see dcmon_common::ebpf::DISK_LAT_MAP. Shared by all
 /// CPUs (atomic adds), so the agent reads one value whatever the number of CPUs, through a
@@ -160,11 +163,16 @@ fn read<T: Copy>(base: usize, offset: usize) -> Option<T> {
     Some(unsafe { core::ptr::read_volatile((base + offset) as *const T) })
 }
 
-/// Adds to this CPU's copy of `slot` in `map` (slots out of range are not counted: the agent
-/// never hands them out).
+/// Adds to this CPU's copy of `slot` in `map`, laid out `slots` slots a CPU (slots out of
+/// range are not counted: the agent never hands them out).
 #[inline(always)]
-fn bump<V>(map: &PerCpuArray<V>, slot: u32, add: impl Fn(&mut V)) {
-    if let Some(v) = map.get_ptr_mut(slot) {
+fn bump<V>(map: &Array<V>, slots: u32, slot: u32, add: impl Fn(&mut V)) {
+    if slot >= slots {
+        return;
+    }
+    // SAFETY: a helper call without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    if let Some(v) = map.get_ptr_mut(per_cpu_index(cpu, slots, slot)) {
         // SAFETY: this CPU's copy of the value. Nothing else writes it while we run: tracing
         // programs run with migration disabled, and the kernel skips (and counts in
         // recursion_misses) a run of this program that would nest on the same CPU.
@@ -214,11 +222,11 @@ fn try_block_rq_complete(ctx: &BtfTracePointContext) -> Option<()> {
     let done = u64::from(last);
     let sectors = u64::from(nr_bytes >> 9);
     match group {
-        OpGroup::Read => bump(&DCMON_DISK, slot, |v: &mut DiskValue| {
+        OpGroup::Read => bump(&DCMON_DISK, DISK_SLOTS, slot, |v: &mut DiskValue| {
             v.reads += done;
             v.read_sectors += sectors;
         }),
-        OpGroup::Write => bump(&DCMON_DISK, slot, |v: &mut DiskValue| {
+        OpGroup::Write => bump(&DCMON_DISK, DISK_SLOTS, slot, |v: &mut DiskValue| {
             v.writes += done;
             v.write_sectors += sectors;
         }),
@@ -335,7 +343,7 @@ fn try_netif_receive_skb(ctx: &BtfTracePointContext) -> Option<()> {
     let len: u32 = read(skb, off(&OFF_SKB_LEN))?;
     let dev: usize = read(skb, off(&OFF_SKB_DEV))?;
     let slot = net_slot(net_key(dev)?);
-    bump(&DCMON_NET, slot, |v: &mut NetValue| {
+    bump(&DCMON_NET, off(&NET_SLOT_COUNT) as u32, slot, |v: &mut NetValue| {
         v.rx_packets += 1;
         v.rx_bytes += u64::from(len);
     });
@@ -360,7 +368,7 @@ fn try_net_dev_xmit(ctx: &BtfTracePointContext) -> Option<()> {
     let dev: usize = ctx.arg(2);
     let len: u32 = ctx.arg(3);
     let slot = net_slot(net_key(dev)?);
-    bump(&DCMON_NET, slot, |v: &mut NetValue| {
+    bump(&DCMON_NET, off(&NET_SLOT_COUNT) as u32, slot, |v: &mut NetValue| {
         v.tx_packets += 1;
         v.tx_bytes += u64::from(len);
     });

@@ -1,5 +1,5 @@
 //! `ebpf_bench reads`: one round's map reads at a 256-CPU server's scale (see the bench's
-//! module doc), and what one bpf(2) read costs on scratch maps.
+//! module doc), and what one bpf(2) read costs on scratch maps (the reads before the mapping).
 
 use std::os::fd::AsRawFd as _;
 use std::time::Instant;
@@ -37,19 +37,31 @@ pub struct Reads {
     /// after a kill.
     pub oom_walk_ns: f64,
     pub oom_entries: usize,
-    /// The per-CPU counter arrays at this host's CPU count, one batch each, and their slots.
+    /// The counters laid out per CPU at this host's CPU ids, summed from their mapping as the
+    /// agent reads them each round, and the slots read.
     pub disk_ns: f64,
     pub net_ns: f64,
     pub disk_entries: usize,
     pub net_entries: usize,
+    /// The same sums over scratch mapped arrays sized as a 256-CPU host's (the loader's
+    /// lengths for 256 CPU ids): with the arrays in cache, and after evicting the caches (the
+    /// agent reads once a second, so its lines are likely cold).
+    pub at_256: PerCpuSums,
     pub copy: CopyCost,
 }
 
+/// ns to sum the disk and interface counters of a per-CPU laid-out array of some size.
+pub struct PerCpuSums {
+    pub warm_ns: f64,
+    pub cold_ns: f64,
+}
+
 impl Reads {
-    /// The round's per-CPU counter reads at `cpus` possible CPUs, computed from [`CopyCost`]: a
+    /// The round's per-CPU counter reads at `cpus` possible CPUs as two BPF_MAP_LOOKUP_BATCH
+    /// of per-CPU arrays (the agent's read before the mapping), computed from [`CopyCost`]: a
     /// batch read of `entries` per-CPU values costs the syscall's fixed part once, then every
     /// possible CPU's copy of each entry.
-    pub fn per_cpu_computed_ns(&self, cpus: f64) -> f64 {
+    pub fn per_cpu_syscall_computed_ns(&self, cpus: f64) -> f64 {
         use dcmon_common::ebpf::{DiskValue, NetValue};
         let c = &self.copy;
         let read = |entries: usize, bytes: usize| {
@@ -65,7 +77,7 @@ impl Reads {
         self.lat_ns + self.drop_ns + self.tcp_ns + self.oom_ns
     }
 
-    /// The per-CPU counter arrays' batch reads at this host's CPU count, measured.
+    /// The per-CPU laid-out counters' sums at this host's CPU ids, measured.
     pub fn per_cpu_here_ns(&self) -> f64 {
         self.disk_ns + self.net_ns
     }
@@ -74,14 +86,19 @@ impl Reads {
     pub fn round_here_ns(&self) -> f64 {
         self.shared_ns() + self.per_cpu_here_ns()
     }
+
+    /// The whole round at 256 CPUs: the shared arrays measured here, the per-CPU counters
+    /// summed from 256-CPU-sized scratch arrays with cold caches, measured.
+    pub fn round_256_ns(&self) -> f64 {
+        self.shared_ns() + self.at_256.cold_ns
+    }
 }
 
 /// One round's reads of the maps at the scale of a 256-CPU GPU server (16 disks, 32
 /// interfaces, given slots here under device numbers and interface indexes no device has):
 /// measured for the shared arrays (read through their mapping), whose read does not depend on
-/// the CPU count, and for the
-/// per-CPU counter arrays at this host's CPU count, and computed for 256 CPUs from the cost of
-/// one CPU copy measured by `copy_cost`.
+/// the CPU count, for the per-CPU laid-out counters at this host's CPU count, and for the same
+/// counters summed from scratch mapped arrays sized for 256 CPU ids.
 pub fn slot_reads() -> anyhow::Result<Reads> {
     use dcmon_common::ebpf::{DiskKey, DropCounts, LatencyHist, NetKey};
     let probes = Probes::attach(None)?;
@@ -111,6 +128,7 @@ pub fn slot_reads() -> anyhow::Result<Reads> {
         net_ns: time_ns(&mut || probes.net_counters().map(|_| ()))?,
         disk_entries: probes.disk_counters()?.len(),
         net_entries: probes.net_counters()?.len(),
+        at_256: sums_at_cpus(256, probes.disk_counters()?.len(), probes.net_counters()?.len())?,
         copy: copy_cost()?,
     })
 }
@@ -143,22 +161,89 @@ pub fn print_reads(r: &Reads) {
         r.oom_walk_ns / 1e3
     );
     println!(
-        "per-CPU counter arrays at {} CPUs: disks ({} slots, one batch) {:.1} us, interfaces ({} slots, one batch) {:.1} us",
+        "per-CPU laid-out counters summed from their mapping at {} CPUs (the agent's round): disks ({} slots) {:.2} us, interfaces ({} slots) {:.2} us",
         r.ncpus,
         r.disk_entries,
         r.disk_ns / 1e3,
         r.net_entries,
         r.net_ns / 1e3,
     );
-    for cpus in [r.ncpus as f64, 256.0] {
-        let percpu_ns = r.per_cpu_computed_ns(cpus);
-        println!(
-            "round at {cpus} CPUs, 16 disks, 32 interfaces: {:.0} us (shared arrays {:.1} us measured, per-CPU counters {:.0} us computed)",
-            (r.shared_ns() + percpu_ns) / 1e3,
-            r.shared_ns() / 1e3,
-            percpu_ns / 1e3
-        );
+    println!(
+        "the same sums from scratch mapped arrays sized for 256 CPU ids: {:.1} us in cache, {:.1} us after evicting the caches",
+        r.at_256.warm_ns / 1e3,
+        r.at_256.cold_ns / 1e3,
+    );
+    println!(
+        "round at {} CPUs, 16 disks, 32 interfaces: {:.1} us measured; at 256 CPUs: {:.1} us (shared arrays {:.1} us, per-CPU sums {:.1} us cold, measured)",
+        r.ncpus,
+        r.round_here_ns() / 1e3,
+        r.round_256_ns() / 1e3,
+        r.shared_ns() / 1e3,
+        r.at_256.cold_ns / 1e3,
+    );
+    println!(
+        "before the mapping, the per-CPU counters as two per-CPU array batch reads: {:.0} us at 256 CPUs (computed from the copy costs above)",
+        r.per_cpu_syscall_computed_ns(256.0) / 1e3
+    );
+}
+
+/// Bytes written between cold runs of [`sums_at_cpus`]: more than any last-level cache here.
+const EVICT_BYTES: usize = 64 << 20;
+
+/// The ns to sum `disk_slots` disk and `net_slots` interface slots over `cpus` CPU ids from
+/// scratch BPF_F_MMAPABLE arrays of the lengths the loader gives a host with that many CPU ids,
+/// with the summing code the agent runs: median of 201 runs in cache, and of 51 runs each
+/// after writing [`EVICT_BYTES`] elsewhere.
+fn sums_at_cpus(cpus: u32, disk_slots: usize, net_slots: usize) -> anyhow::Result<PerCpuSums> {
+    use dcmon_agent::ebpf::mapped::MappedPerCpuArray;
+    use dcmon_common::ebpf::{DISK_SLOTS, DiskValue, NetValue, net_slots_for, per_cpu_entries};
+    let ids: Vec<u32> = (0..cpus).collect();
+    let (_disk_fd, disk) = scratch_mapped::<DiskValue>(per_cpu_entries(cpus, DISK_SLOTS).context("disk length")?)?;
+    let (_net_fd, net) = scratch_mapped::<NetValue>(per_cpu_entries(cpus, net_slots_for(cpus)).context("net length")?)?;
+    let disk = MappedPerCpuArray::new("scratch disk", disk, ids.clone())?;
+    let net = MappedPerCpuArray::new("scratch net", net, ids)?;
+    let sum = || {
+        std::hint::black_box(disk.sum_prefix(disk_slots));
+        std::hint::black_box(net.sum_prefix(net_slots));
+    };
+    let warm_ns = time_ns(&mut || {
+        sum();
+        Ok(())
+    })?;
+    let mut evict = vec![0u8; EVICT_BYTES];
+    let mut cold = Vec::new();
+    for i in 0..51u8 {
+        evict.iter_mut().step_by(64).for_each(|b| *b = b.wrapping_add(i));
+        std::hint::black_box(&evict);
+        let s = Instant::now();
+        sum();
+        cold.push(s.elapsed().as_nanos() as f64);
     }
+    Ok(PerCpuSums { warm_ns, cold_ns: median(cold) })
+}
+
+/// A new BPF_F_MMAPABLE array of `entries` values of `V`, and its mapping.
+fn scratch_mapped<V: aya::Pod + Default>(
+    entries: u32,
+) -> anyhow::Result<(std::os::fd::OwnedFd, dcmon_agent::ebpf::mapped::MappedArray<V>)> {
+    use dcmon_common::ebpf::BPF_F_MMAPABLE;
+    use std::os::fd::AsFd as _;
+    let value_size = std::mem::size_of::<V>() as u32;
+    // union bpf_attr's map_create member: map_type, key_size, value_size, max_entries, map_flags.
+    let mut attr = [0u64; 8];
+    attr[0] = u64::from(ARRAY) | 4 << 32;
+    attr[1] = u64::from(value_size) | u64::from(entries) << 32;
+    attr[2] = u64::from(BPF_F_MMAPABLE);
+    // SAFETY: a zeroed bpf_attr prefix of the size passed, with map_create's fields set.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, 0, attr.as_mut_ptr(), std::mem::size_of_val(&attr) as u32) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("BPF_MAP_CREATE mmapable array of {entries} x {value_size} B"));
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
+    let mapped = dcmon_agent::ebpf::mapped::MappedArray::new("scratch", fd.as_fd(), entries, value_size, BPF_F_MMAPABLE)?;
+    Ok((fd, mapped))
 }
 
 /// Keys of the scratch maps' batch reads in [`copy_cost`].

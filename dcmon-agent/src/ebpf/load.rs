@@ -8,9 +8,9 @@ use std::path::Path;
 use aya::programs::BtfTracePoint;
 use aya::{Ebpf, EbpfLoader};
 use dcmon_common::ebpf::{
-    DROP_REASON_CONSUMED, DROP_REASONS, NET_MAP, NET_SLOT_COUNT, NET_SLOT_MAP, NET_SLOT_MASK, NETNS_FILTER,
+    DISK_MAP, DISK_SLOTS, DROP_REASON_CONSUMED, DROP_REASONS, NET_MAP, NET_SLOT_COUNT, NET_SLOT_MAP, NET_SLOT_MASK, NETNS_FILTER,
     OFF_CSS_SET_MEMCG, OFFSETS, PROGRAM_NEEDS, PROGRAM_OFFSETS, PROGRAMS, TCP_RETRANSMIT_HAS_ERR,
-    net_slot_table_entries, net_slots_for,
+    net_slot_table_entries, net_slots_for, per_cpu_entries,
 };
 
 use super::btf::{Btf, BtfError};
@@ -364,13 +364,22 @@ pub fn load_object_with(
     loader.override_global(NETNS_FILTER, &netns, true);
     loader.override_global(TCP_RETRANSMIT_HAS_ERR, &facts.retransmit_has_err, true);
     loader.override_global(DROP_REASON_CONSUMED, &facts.consumed, true);
-    // The interface counters take slots x possible CPUs of kernel memory: as many slots as the
-    // budget allows on this host, and the programs told the lengths they index.
-    let cpus = super::maps::possible_cpus()
-        .map_err(|e| LoadError { reason: Reason::Other, detail: format!("counting possible CPUs: {e}") })?;
-    let net_slots = net_slots_for(u32::try_from(cpus).unwrap_or(u32::MAX));
+    // The counters are laid out per CPU id (highest possible + 1: the list may have gaps), and
+    // the interface counters take slots x CPU ids of kernel memory: as many slots as the budget
+    // allows on this host, and the programs told the lengths they index.
+    let cpu_ids = super::maps::possible_cpu_ids()
+        .map_err(|e| LoadError { reason: Reason::Other, detail: format!("listing possible CPUs: {e}") })?;
+    let span = super::maps::cpu_id_span(&cpu_ids);
+    let net_slots = net_slots_for(span);
     let net_slot_mask = net_slot_table_entries(net_slots) - 1;
-    loader.map_max_entries(NET_MAP, net_slots);
+    let entries = |name: &str, slots: u32| {
+        per_cpu_entries(span, slots).ok_or_else(|| LoadError {
+            reason: Reason::Other,
+            detail: format!("BPF map {name}: {slots} slots for each of {span} CPU ids overflow an array's length"),
+        })
+    };
+    loader.map_max_entries(DISK_MAP, entries(DISK_MAP, DISK_SLOTS)?);
+    loader.map_max_entries(NET_MAP, entries(NET_MAP, net_slots)?);
     loader.map_max_entries(NET_SLOT_MAP, net_slot_mask + 1);
     loader.override_global(NET_SLOT_COUNT, &net_slots, true);
     loader.override_global(NET_SLOT_MASK, &net_slot_mask, true);

@@ -135,6 +135,56 @@ impl<V: Pod + Default> MappedArray<V> {
     }
 }
 
+/// A mapped array laid out per CPU by hand (`dcmon_common::ebpf::per_cpu_index`): `slots`
+/// entries a CPU id, CPU after CPU, each CPU's program adding to its own copy without atomics.
+/// `V` is made of `u64` counters, summed word by word over the CPUs.
+#[derive(Debug)]
+pub struct MappedPerCpuArray<V> {
+    array: MappedArray<V>,
+    /// Entries a CPU id: the stride from one CPU's copy of a slot to the next.
+    slots: u32,
+    /// The possible CPU ids: only their regions are read (a gap's regions stay zero).
+    cpus: Vec<u32>,
+}
+
+impl<V: Pod + Default> MappedPerCpuArray<V> {
+    /// `array` laid out for the CPU ids `cpus` (ascending): its length must be a whole number
+    /// of regions, one per id below the highest + 1.
+    pub fn new(name: &str, array: MappedArray<V>, cpus: Vec<u32>) -> io::Result<Self> {
+        let span = super::maps::cpu_id_span(&cpus);
+        if span == 0 || array.len() % span != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("BPF map {name}: {} entries are not a whole number of regions for CPU ids 0..{span}", array.len()),
+            ));
+        }
+        Ok(Self { slots: array.len() / span, array, cpus })
+    }
+
+    /// Entries a CPU id.
+    pub fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    /// Slots `0..n` (fewer if a CPU has fewer), each summed over the CPUs' copies.
+    pub fn sum_prefix(&self, n: usize) -> Vec<V> {
+        let n = n.min(self.slots as usize);
+        let words_per_value = std::mem::size_of::<V>() / 8;
+        let mut sums = vec![0u64; n * words_per_value];
+        for &cpu in &self.cpus {
+            let Some(words) = self.array.words(cpu as usize * self.slots as usize, n) else { continue };
+            for (sum, word) in sums.iter_mut().zip(words) {
+                *sum = sum.wrapping_add(word.load(Ordering::Relaxed));
+            }
+        }
+        let mut out = vec![V::default(); n];
+        // SAFETY: `out` holds n values of V, V is made of u64 words only (checked in
+        // MappedArray::new) and Pod, and `sums` holds exactly n * words_per_value words.
+        unsafe { std::ptr::copy_nonoverlapping(sums.as_ptr(), out.as_mut_ptr().cast::<u64>(), sums.len()) };
+        out
+    }
+}
+
 impl<V> Drop for MappedArray<V> {
     fn drop(&mut self) {
         // SAFETY: the mapping `new` made, of this length; no reference into it outlives `self`
@@ -229,5 +279,31 @@ mod tests {
         // Longer than the array: the kernel refuses to map past its values.
         let e = MappedArray::<[u64; 3]>::new("DCMON_Y", fd.as_fd(), 4096, 24, BPF_F_MMAPABLE).expect_err("length");
         assert!(e.to_string().contains("mmap of 98304 bytes"), "{e}");
+    }
+
+    /// Each slot is the sum of its copies in the regions of the possible CPU ids (`slots`
+    /// entries a region, ids with a gap), never of a neighbouring slot or of a gap's region.
+    #[test]
+    fn per_cpu_copies_are_summed_per_slot_over_the_possible_ids() {
+        // CPU ids 0, 1 and 3 (2 is not possible): four regions of 4 slots of 16 bytes.
+        let Some(fd) = scratch_array(16, 16, BPF_F_MMAPABLE) else { return };
+        let copy = |cpu: u32, slot: u32| [u64::from(cpu + 1) << 8 | u64::from(slot), u64::from(cpu + 1) * 1000];
+        for cpu in 0..4 {
+            for slot in 0..4 {
+                update(fd.as_fd(), &(cpu * 4 + slot), &copy(cpu, slot)).expect("BPF_MAP_UPDATE_ELEM");
+            }
+        }
+        let array = MappedArray::<[u64; 2]>::new("DCMON_Z", fd.as_fd(), 16, 16, BPF_F_MMAPABLE).expect("mmap");
+        let per_cpu = MappedPerCpuArray::new("DCMON_Z", array, vec![0, 1, 3]).expect("layout");
+        assert_eq!(per_cpu.slots(), 4);
+        let want = |slot: u32| [0u32, 1, 3].iter().fold([0u64; 2], |s, &c| [s[0] + copy(c, slot)[0], s[1] + copy(c, slot)[1]]);
+        assert_eq!(per_cpu.sum_prefix(3), vec![want(0), want(1), want(2)]);
+        assert_eq!(want(1), [(1 << 8 | 1) + (2 << 8 | 1) + (4 << 8 | 1), 7000], "the gap's region left out");
+        assert_eq!(per_cpu.sum_prefix(9).len(), 4, "no further than a region");
+        // A length that is not whole regions for the ids is refused, naming the map.
+        let fd = scratch_array(16, 10, BPF_F_MMAPABLE).expect("created above");
+        let array = MappedArray::<[u64; 2]>::new("DCMON_Z", fd.as_fd(), 10, 16, BPF_F_MMAPABLE).expect("mmap");
+        let e = MappedPerCpuArray::new("DCMON_Z", array, vec![0, 1, 3]).expect_err("10 entries, 4 ids");
+        assert!(e.to_string().starts_with("BPF map DCMON_Z: 10 entries are not a whole number of regions"), "{e}");
     }
 }

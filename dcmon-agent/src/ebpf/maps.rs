@@ -1,6 +1,6 @@
-//! Reading the maps with bpf(2) on the map's fd: `BPF_MAP_LOOKUP_BATCH` reads the used slots of
-//! a per-CPU array in one syscall (aya 0.14 has no batch API), and updates and program
-//! counters. The arrays shared by all CPUs are read through a mapping instead ([`super::mapped`]).
+//! Map updates and program counters with bpf(2) on the fd, and the possible CPU ids the
+//! arrays laid out per CPU are sized for. The counters are read through a mapping of their
+//! arrays instead ([`super::mapped`]), with no syscall.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -8,7 +8,6 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use aya::Pod;
 
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
 /// `union bpf_attr`'s `info` member.
@@ -57,20 +56,6 @@ pub fn prog_counters(prog_fd: BorrowedFd<'_>) -> io::Result<ProgCounters> {
     })
 }
 
-/// `union bpf_attr`'s `batch` member (include/uapi/linux/bpf.h).
-#[repr(C)]
-#[derive(Default)]
-struct BatchAttr {
-    in_batch: u64,
-    out_batch: u64,
-    keys: u64,
-    values: u64,
-    count: u32,
-    map_fd: u32,
-    elem_flags: u64,
-    flags: u64,
-}
-
 /// `union bpf_attr`'s map element member.
 #[repr(C)]
 #[derive(Default)]
@@ -97,53 +82,39 @@ pub fn possible_cpus() -> io::Result<usize> {
     aya::util::nr_cpus().map_err(|(path, e)| io::Error::new(e.kind(), format!("{path}: {e}")))
 }
 
-/// The sum of one entry's `ncpus` per-CPU values, laid out at `stride` bytes from the start of
-/// `values`, with `add` adding one CPU's value into the total.
-fn sum_percpu<V: Pod + Default>(values: &[u8], ncpus: usize, stride: usize, add: &impl Fn(&mut V, &V)) -> V {
-    let mut total = V::default();
-    for cpu in 0..ncpus {
-        let one = &values[cpu * stride..][..std::mem::size_of::<V>()];
-        // SAFETY: `one` holds size_of::<V>() bytes (the slicing checked it) and V is Pod.
-        let v = unsafe { std::ptr::read_unaligned(one.as_ptr().cast::<V>()) };
-        add(&mut total, &v);
-    }
-    total
+/// Where the kernel lists the CPU ids it may ever run on.
+pub const POSSIBLE_CPUS: &str = "/sys/devices/system/cpu/possible";
+
+/// The possible CPU ids, ascending, from [`POSSIBLE_CPUS`] (ids may have gaps: "0-3,8-11").
+pub fn possible_cpu_ids() -> io::Result<Vec<u32>> {
+    let text = std::fs::read_to_string(POSSIBLE_CPUS)
+        .map_err(|e| io::Error::new(e.kind(), format!("{POSSIBLE_CPUS}: {e}")))?;
+    parse_cpu_list(text.trim()).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{POSSIBLE_CPUS}: {e}")))
 }
 
-/// The per-CPU sums of entries `0..n` of a per-CPU array, in index order: one batch lookup,
-/// which copies `n * ncpus` values (the slots the agent handed out are the low ones).
-pub fn lookup_prefix_percpu<V: Pod + Default>(
-    fd: BorrowedFd<'_>,
-    ncpus: usize,
-    n: usize,
-    add: impl Fn(&mut V, &V),
-) -> io::Result<Vec<V>> {
-    if n == 0 {
-        return Ok(Vec::new());
+/// The CPU ids of a kernel cpu list ("0-3,8,10-11"), ascending: ranges and single ids,
+/// comma-separated. An error names the part that is not an id or an ascending range.
+pub fn parse_cpu_list(list: &str) -> Result<Vec<u32>, String> {
+    let mut ids = Vec::new();
+    for part in list.split(',') {
+        let id = |s: &str| s.parse::<u32>().map_err(|_| format!("`{part}` in cpu list `{list}` is not a CPU id or id range"));
+        let (first, last) = match part.split_once('-') {
+            Some((a, b)) => (id(a)?, id(b)?),
+            None => (id(part)?, id(part)?),
+        };
+        if first > last || ids.last().is_some_and(|&prev| prev >= first) {
+            return Err(format!("`{part}` in cpu list `{list}` is not an ascending range after the ones before"));
+        }
+        ids.extend(first..=last);
     }
-    let stride = std::mem::size_of::<V>().div_ceil(8) * 8;
-    let mut keys = vec![0u32; n];
-    let mut values = vec![0u8; n * stride * ncpus];
-    let mut next: u32 = 0;
-    let mut attr = BatchAttr {
-        out_batch: &mut next as *mut u32 as u64,
-        keys: keys.as_mut_ptr() as u64,
-        values: values.as_mut_ptr() as u64,
-        count: n as u32,
-        map_fd: fd.as_raw_fd() as u32,
-        ..Default::default()
-    };
-    match bpf(BPF_MAP_LOOKUP_BATCH, &mut attr) {
-        // ENOENT: the read reached the array's end; `count` says how many it returned.
-        Ok(()) => {}
-        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-        Err(e) => return Err(e),
-    }
-    let got = attr.count as usize;
-    if got != n || keys.iter().enumerate().any(|(i, &k)| k as usize != i) {
-        return Err(io::Error::other(format!("batch read of entries 0..{n} returned {got} entries, keys {keys:?}")));
-    }
-    Ok((0..n).map(|i| sum_percpu(&values[i * ncpus * stride..], ncpus, stride, &add)).collect())
+    Ok(ids)
+}
+
+/// The CPU ids below which every id in `ids` lies: the highest + 1 (0 for none). The kernel's
+/// `bpf_get_smp_processor_id` returns any of them, so an array laid out per CPU needs that
+/// many regions, not one per possible CPU.
+pub fn cpu_id_span(ids: &[u32]) -> u32 {
+    ids.iter().max().map_or(0, |&max| max.saturating_add(1))
 }
 
 /// Sets `key` to `value` (creating or replacing it; for an array, `key` is the index).
@@ -155,4 +126,33 @@ pub fn update<K: Pod, V: Pod>(fd: BorrowedFd<'_>, key: &K, value: &V) -> io::Res
         ..Default::default()
     };
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Ranges, single ids and gaps; the span is the highest id + 1, not the count.
+    #[test]
+    fn cpu_lists_with_gaps_span_to_the_highest_id() {
+        assert_eq!(parse_cpu_list("0"), Ok(vec![0]));
+        assert_eq!(parse_cpu_list("0-3"), Ok(vec![0, 1, 2, 3]));
+        let ids = parse_cpu_list("0-3,8-11").expect("list with a gap");
+        assert_eq!(ids, vec![0, 1, 2, 3, 8, 9, 10, 11]);
+        assert_eq!((ids.len(), cpu_id_span(&ids)), (8, 12), "8 CPUs, ids up to 11");
+        assert_eq!(cpu_id_span(&parse_cpu_list("0,2,5-6").expect("list")), 7);
+        assert_eq!(cpu_id_span(&[]), 0);
+        for bad in ["", "0-", "a", "3-1", "0-3,2", "0,,1", "0-1-2"] {
+            let e = parse_cpu_list(bad).expect_err(bad);
+            assert!(e.contains(&format!("cpu list `{bad}`")), "{bad}: {e}");
+        }
+    }
+
+    /// This host's list parses, and its span covers every possible CPU.
+    #[test]
+    fn this_hosts_possible_cpus_parse() {
+        let ids = possible_cpu_ids().expect("possible CPU ids");
+        assert_eq!(ids.len(), possible_cpus().expect("count"), "{ids:?}");
+        assert!(cpu_id_span(&ids) as usize >= ids.len());
+    }
 }

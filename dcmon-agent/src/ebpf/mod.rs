@@ -1,13 +1,13 @@
-//! Kernel counters from BPF programs: the programs count disk and network I/O in per-CPU arrays
-//! indexed by the slot the agent gives each disk and interface,
+//! Kernel counters from BPF programs: the programs count disk and network I/O in arrays laid
+//! out per CPU, indexed by CPU and the slot the agent gives each disk and interface,
 //! and [`Probes`] loads them, attaches them and reads the maps. A library: it knows nothing of
 //! collectors or the config (the collectors that report these counters are
 //! `collector::disk::ebpf` and `collector::net::ebpf`).
 //!
 //! - [`btf`]: field offsets from the running kernel's BTF.
 //! - [`load`]: loading the embedded object, attaching, classifying failures.
-//! - [`maps`]: batch reads of the per-CPU arrays, lookups and updates.
-//! - [`mapped`]: the shared arrays mapped into the agent's memory, read with no syscall.
+//! - [`maps`]: updates, program counters, the possible CPU ids.
+//! - [`mapped`]: the arrays mapped into the agent's memory, read with no syscall.
 //! - [`link_events`]: interface changes from rtnetlink, so interfaces are re-listed only then.
 //! - [`slots`]: the slot tables that give each disk and interface its slot.
 
@@ -25,34 +25,20 @@ use anyhow::{Context as _, anyhow};
 use aya::Ebpf;
 use aya::maps::Map;
 use dcmon_common::ebpf::{
-    DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_OPS, LatencyHist,
+    DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DISK_SLOTS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_OPS, LatencyHist,
     NET_DROP_MAP, NET_DROP_SLOTS, NET_MAP, NET_SLOT_MAP, NetKey, NetSlot, NetValue, OOM_MAP, OOM_TOTAL_MAP, PROGRAMS,
     TCP_MAP, TcpCounts,
 };
 
 pub use load::{LoadError, Reason};
 
-/// Sums one CPU's disk counters into `total`.
-fn add_disk(total: &mut DiskValue, v: &DiskValue) {
-    total.reads += v.reads;
-    total.read_sectors += v.read_sectors;
-    total.writes += v.writes;
-    total.write_sectors += v.write_sectors;
-}
-
-/// Sums one CPU's interface counters into `total`.
-fn add_net(total: &mut NetValue, v: &NetValue) {
-    total.rx_packets += v.rx_packets;
-    total.rx_bytes += v.rx_bytes;
-    total.tx_packets += v.tx_packets;
-    total.tx_bytes += v.tx_bytes;
-}
-
 /// The loaded and attached programs and their maps. Dropping it detaches everything.
 #[derive(Debug)]
 pub struct Probes {
     ebpf: Mutex<Ebpf>,
-    ncpus: usize,
+    /// The counters laid out per CPU (DCMON_DISK, DCMON_NET), mapped once after the load.
+    disk: mapped::MappedPerCpuArray<DiskValue>,
+    net: mapped::MappedPerCpuArray<NetValue>,
     /// The arrays shared by all CPUs (DCMON_DISK_LAT, DCMON_NET_DROP, DCMON_OOM_TOTAL,
     /// DCMON_TCP), mapped once after the load.
     disk_lat: mapped::MappedArray<LatencyHist>,
@@ -110,6 +96,16 @@ fn map_shared<V: aya::Pod + Default>(ebpf: &Ebpf, name: &str) -> Result<mapped::
         .map_err(|e| error(format!("mapping the shared array: {e}")))
 }
 
+/// Maps array `name`, laid out per CPU for the CPU ids `cpus`, read-only.
+fn map_per_cpu<V: aya::Pod + Default>(
+    ebpf: &Ebpf,
+    name: &str,
+    cpus: &[u32],
+) -> Result<mapped::MappedPerCpuArray<V>, LoadError> {
+    mapped::MappedPerCpuArray::new(name, map_shared(ebpf, name)?, cpus.to_vec())
+        .map_err(|e| LoadError { reason: Reason::Other, detail: e.to_string() })
+}
+
 impl Probes {
     /// Loads the embedded object and attaches every program, counting the interfaces of
     /// network namespace `netns` (its inode number; None: every namespace).
@@ -125,24 +121,33 @@ impl Probes {
         }
         let failed = failed.into_iter().map(|(p, e)| (p, e.to_string())).collect();
         release_freed_heap();
-        let ncpus = maps::possible_cpus()
-            .map_err(|e| LoadError { reason: Reason::Other, detail: format!("counting possible CPUs: {e}") })?;
+        let cpus = maps::possible_cpu_ids()
+            .map_err(|e| LoadError { reason: Reason::Other, detail: format!("listing possible CPUs: {e}") })?;
+        let disk = map_per_cpu(&ebpf, DISK_MAP, &cpus)?;
+        if disk.slots() != DISK_SLOTS {
+            return Err(LoadError {
+                reason: Reason::Other,
+                detail: format!("BPF map {DISK_MAP}: {} slots a CPU as loaded, expected {DISK_SLOTS}", disk.slots()),
+            });
+        }
+        let net = map_per_cpu(&ebpf, NET_MAP, &cpus)?;
         // The slot table follows the lengths the maps were loaded with (see load::load_object_with).
-        let length = |name: &str| match ebpf.map(name) {
-            Some(Map::PerCpuArray(data) | Map::Array(data)) => data
+        let table_length = match ebpf.map(NET_SLOT_MAP) {
+            Some(Map::Array(data)) => data
                 .info()
                 .map(|info| info.max_entries())
-                .map_err(|e| LoadError { reason: Reason::Other, detail: format!("BPF map {name}: {e}") }),
-            _ => Err(LoadError { reason: Reason::Other, detail: format!("BPF map {name} is not an array") }),
-        };
-        let net_slots = slots::net_slots(length(NET_MAP)?, length(NET_SLOT_MAP)?);
+                .map_err(|e| LoadError { reason: Reason::Other, detail: format!("BPF map {NET_SLOT_MAP}: {e}") }),
+            _ => Err(LoadError { reason: Reason::Other, detail: format!("BPF map {NET_SLOT_MAP} is not an array") }),
+        }?;
+        let net_slots = slots::net_slots(net.slots(), table_length);
         let disk_lat = map_shared(&ebpf, DISK_LAT_MAP)?;
         let net_drop = map_shared(&ebpf, NET_DROP_MAP)?;
         let oom_total = map_shared(&ebpf, OOM_TOTAL_MAP)?;
         let tcp = map_shared(&ebpf, TCP_MAP)?;
         Ok(Self {
             ebpf: Mutex::new(ebpf),
-            ncpus,
+            disk,
+            net,
             disk_lat,
             net_drop,
             oom_total,
@@ -299,11 +304,10 @@ impl Probes {
     }
 
     /// The counters of every disk slot handed out and of the slots below them (the overflow
-    /// slot first), indexed by slot, summed over CPUs: one batch read.
+    /// slot first), indexed by slot, summed over CPUs: read from the mapping, no syscall.
     pub fn disk_counters(&self) -> anyhow::Result<Vec<DiskValue>> {
         let end = self.disk_slots.lock().map_err(|_| anyhow!("disk slots poisoned by an earlier panic"))?.end();
-        let n = self.ncpus;
-        self.with_map_fd(DISK_MAP, |fd| maps::lookup_prefix_percpu(fd, n, end as usize, add_disk))
+        Ok(self.disk.sum_prefix(end as usize))
     }
 
     /// Every disk with a slot and its counters since the slot was given, summed over CPUs.
@@ -315,11 +319,10 @@ impl Probes {
     }
 
     /// The counters of every interface slot handed out and of the slots below them, indexed by
-    /// slot, summed over CPUs: one batch read.
+    /// slot, summed over CPUs: read from the mapping, no syscall.
     pub fn net_counters(&self) -> anyhow::Result<Vec<NetValue>> {
         let end = self.net_slots.lock().map_err(|_| anyhow!("interface slots poisoned by an earlier panic"))?.end();
-        let n = self.ncpus;
-        self.with_map_fd(NET_MAP, |fd| maps::lookup_prefix_percpu(fd, n, end as usize, add_net))
+        Ok(self.net.sum_prefix(end as usize))
     }
 
     /// Every interface with a slot and its counters since the slot was given, summed over CPUs.
