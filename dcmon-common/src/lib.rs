@@ -602,10 +602,10 @@ pub mod ebpf {
     const _: () = assert!(SLOT_TABLE_ENTRIES.is_power_of_two());
     const _: () = assert!(NET_DROP_SLOTS <= NET_SLOTS && NET_SLOTS <= NET_SLOTS_MAX);
     // Whole cache lines a CPU in the per-CPU laid-out arrays (net_slots_for rounds to them).
-    const _: () = assert!(DISK_SLOTS as u64 * core::mem::size_of::<DiskValue>() as u64 % CACHE_LINE == 0);
-    const _: () = assert!(CACHE_LINE % core::mem::size_of::<NetValue>() as u64 == 0);
-    const _: () = assert!(NET_SLOTS as u64 * core::mem::size_of::<NetValue>() as u64 % CACHE_LINE == 0);
-    const _: () = assert!(NET_SLOTS_MAX as u64 * core::mem::size_of::<NetValue>() as u64 % CACHE_LINE == 0);
+    const _: () = assert!((DISK_SLOTS as u64 * core::mem::size_of::<DiskValue>() as u64).is_multiple_of(CACHE_LINE));
+    const _: () = assert!(CACHE_LINE.is_multiple_of(core::mem::size_of::<NetValue>() as u64));
+    const _: () = assert!((NET_SLOTS as u64 * core::mem::size_of::<NetValue>() as u64).is_multiple_of(CACHE_LINE));
+    const _: () = assert!((NET_SLOTS_MAX as u64 * core::mem::size_of::<NetValue>() as u64).is_multiple_of(CACHE_LINE));
 
     // SAFETY: plain-old-data: repr(C), only integers, no padding bytes (sizes asserted above),
     // every bit pattern valid.
@@ -684,8 +684,7 @@ mod tests {
     #[test]
     fn interface_slots_fit_the_budget_at_any_cpu_count() {
         use super::ebpf::{
-            CACHE_LINE, NET_COUNTERS_BUDGET, NET_SLOTS, NET_SLOTS_MAX, NetValue, net_slot_table_entries,
-            net_slots_for,
+            CACHE_LINE, NET_COUNTERS_BUDGET, NET_SLOTS, NET_SLOTS_MAX, NetValue, net_slot_table_entries, net_slots_for,
         };
         let value = core::mem::size_of::<NetValue>() as u64;
         assert_eq!(net_slots_for(2), NET_SLOTS_MAX);

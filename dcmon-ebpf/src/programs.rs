@@ -8,9 +8,9 @@ use aya_ebpf::programs::BtfTracePointContext;
 use dcmon_common::ebpf::{
     AF_INET, AF_INET6, BPF_F_MMAPABLE, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_BUCKETS,
     LAT_OPS, LatencyHist, NET_DROP_SLOTS, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue, OOM_MAP_ENTRIES,
-    OVERFLOW_SLOT, OpGroup, RQ_START_ENTRIES, per_cpu_index, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TCP_FAMILIES,
-    TcpCounts, lat_bucket, lat_op, net_slot_hash, op_group, rq_latency, rq_stamp, rq_stamp_index, rq_stamp_is_own,
-    slot_table_index,
+    OVERFLOW_SLOT, OpGroup, RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TCP_FAMILIES,
+    TcpCounts, lat_bucket, lat_op, net_slot_hash, op_group, per_cpu_index, rq_latency, rq_stamp, rq_stamp_index,
+    rq_stamp_is_own, slot_table_index,
 };
 
 /// Per disk slot, per CPU, laid out by hand (`cpu * DISK_SLOTS + slot`), so the hot path

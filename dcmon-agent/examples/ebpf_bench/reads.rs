@@ -242,7 +242,8 @@ fn scratch_mapped<V: aya::Pod + Default>(
     }
     // SAFETY: the kernel just returned this fd to us.
     let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd as i32) };
-    let mapped = dcmon_agent::ebpf::mapped::MappedArray::new("scratch", fd.as_fd(), entries, value_size, BPF_F_MMAPABLE)?;
+    let mapped =
+        dcmon_agent::ebpf::mapped::MappedArray::new("scratch", fd.as_fd(), entries, value_size, BPF_F_MMAPABLE)?;
     Ok((fd, mapped))
 }
 

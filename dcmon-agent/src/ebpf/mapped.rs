@@ -152,10 +152,13 @@ impl<V: Pod + Default> MappedPerCpuArray<V> {
     /// of regions, one per id below the highest + 1.
     pub fn new(name: &str, array: MappedArray<V>, cpus: Vec<u32>) -> io::Result<Self> {
         let span = super::maps::cpu_id_span(&cpus);
-        if span == 0 || array.len() % span != 0 {
+        if span == 0 || !array.len().is_multiple_of(span) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("BPF map {name}: {} entries are not a whole number of regions for CPU ids 0..{span}", array.len()),
+                format!(
+                    "BPF map {name}: {} entries are not a whole number of regions for CPU ids 0..{span}",
+                    array.len()
+                ),
             ));
         }
         Ok(Self { slots: array.len() / span, array, cpus })
@@ -296,7 +299,8 @@ mod tests {
         let array = MappedArray::<[u64; 2]>::new("DCMON_Z", fd.as_fd(), 16, 16, BPF_F_MMAPABLE).expect("mmap");
         let per_cpu = MappedPerCpuArray::new("DCMON_Z", array, vec![0, 1, 3]).expect("layout");
         assert_eq!(per_cpu.slots(), 4);
-        let want = |slot: u32| [0u32, 1, 3].iter().fold([0u64; 2], |s, &c| [s[0] + copy(c, slot)[0], s[1] + copy(c, slot)[1]]);
+        let want =
+            |slot: u32| [0u32, 1, 3].iter().fold([0u64; 2], |s, &c| [s[0] + copy(c, slot)[0], s[1] + copy(c, slot)[1]]);
         assert_eq!(per_cpu.sum_prefix(3), vec![want(0), want(1), want(2)]);
         assert_eq!(want(1), [(1 << 8 | 1) + (2 << 8 | 1) + (4 << 8 | 1), 7000], "the gap's region left out");
         assert_eq!(per_cpu.sum_prefix(9).len(), 4, "no further than a region");

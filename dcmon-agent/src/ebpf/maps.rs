@@ -97,7 +97,9 @@ pub fn possible_cpu_ids() -> io::Result<Vec<u32>> {
 pub fn parse_cpu_list(list: &str) -> Result<Vec<u32>, String> {
     let mut ids = Vec::new();
     for part in list.split(',') {
-        let id = |s: &str| s.parse::<u32>().map_err(|_| format!("`{part}` in cpu list `{list}` is not a CPU id or id range"));
+        let id = |s: &str| {
+            s.parse::<u32>().map_err(|_| format!("`{part}` in cpu list `{list}` is not a CPU id or id range"))
+        };
         let (first, last) = match part.split_once('-') {
             Some((a, b)) => (id(a)?, id(b)?),
             None => (id(part)?, id(part)?),
