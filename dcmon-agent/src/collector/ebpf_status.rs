@@ -12,7 +12,7 @@ use dcmon_common::ebpf::PROGRAMS;
 use super::oom_kills::OomKills;
 use super::{CollectError, Collector};
 use crate::batch::Sample;
-use crate::ebpf::{ProgramStats, Probes};
+use crate::ebpf::{Probes, ProgramStats};
 use crate::host::{Host, OpenFile, served_from_kernel_memory};
 
 /// The eBPF status collector (`dcmon_ebpf_active`), which [`super::build`] makes with the BPF
@@ -147,10 +147,7 @@ mod tests {
     }
 
     fn program_values(out: &[Sample], name: &str) -> Vec<(String, u64)> {
-        out.iter()
-            .filter(|s| s.name == name)
-            .map(|s| (s.labels[0].1.to_string(), s.value.as_f64() as u64))
-            .collect()
+        out.iter().filter(|s| s.name == name).map(|s| (s.labels[0].1.to_string(), s.value.as_f64() as u64)).collect()
     }
 
     /// The programs' counters on the attached programs: the miss counters every round (also
@@ -170,8 +167,8 @@ mod tests {
         let attached: Vec<String> =
             PROGRAMS.iter().filter(|(p, _)| probes.attached(p)).map(|(p, _)| (*p).to_owned()).collect();
         let mut collector = EbpfStatusCollector::new(Host::new("/"), Some(Arc::clone(&probes)));
-        let stats_on_elsewhere = std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled")
-            .is_ok_and(|v| v.trim() == "1");
+        let stats_on_elsewhere =
+            std::fs::read_to_string("/proc/sys/kernel/bpf_stats_enabled").is_ok_and(|v| v.trim() == "1");
         let mut rounds = Vec::new();
         for _ in 0..2 {
             let mut out = Vec::new();

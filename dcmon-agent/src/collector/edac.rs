@@ -79,7 +79,11 @@ impl EdacCollector {
             for (file, metric) in CONTROLLER_FILES {
                 let path = format!("{dir}/{file}");
                 if exists(&path) {
-                    counters.push(Counter { path, metric, labels: vec![("controller", controller.as_str().into())].into() });
+                    counters.push(Counter {
+                        path,
+                        metric,
+                        labels: vec![("controller", controller.as_str().into())].into(),
+                    });
                 }
             }
             let names = sorted_names(&self.host, &dir).unwrap_or_default();
@@ -132,7 +136,11 @@ impl EdacCollector {
                 let path = format!("{row}/ue_count");
                 if exists(&path) {
                     let labels = vec![("controller", controller.as_str().into()), ("csrow", csrow.as_str().into())];
-                    counters.push(Counter { path, metric: "edac_csrow_uncorrectable_errors_total", labels: labels.into() });
+                    counters.push(Counter {
+                        path,
+                        metric: "edac_csrow_uncorrectable_errors_total",
+                        labels: labels.into(),
+                    });
                 }
             }
         }

@@ -93,7 +93,8 @@ impl TemperatureCollector {
                 }
                 let sensor = self.text(&format!("{dir}/temp{n}_label")).unwrap_or_else(|| format!("temp{n}"));
                 let labels: Labels =
-                    vec![("chip", chip.as_str().into()), ("sensor", sensor.into()), ("device", device.as_str().into())].into();
+                    vec![("chip", chip.as_str().into()), ("sensor", sensor.into()), ("device", device.as_str().into())]
+                        .into();
                 for (suffix, metric) in
                     [("max", "hwmon_temperature_max_celsius"), ("crit", "hwmon_temperature_critical_celsius")]
                 {
@@ -114,7 +115,11 @@ impl TemperatureCollector {
             let dir = format!("/sys/class/thermal/{zone}");
             let kind = self.text(&format!("{dir}/type")).unwrap_or_default();
             let labels = vec![("zone", n.into()), ("type", kind.into())];
-            sensors.push(Sensor { path: format!("{dir}/temp"), metric: "thermal_zone_temperature_celsius", labels: labels.into() });
+            sensors.push(Sensor {
+                path: format!("{dir}/temp"),
+                metric: "thermal_zone_temperature_celsius",
+                labels: labels.into(),
+            });
         }
         self.sensors = sensors;
         self.thresholds = thresholds;
