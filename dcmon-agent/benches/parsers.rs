@@ -4,7 +4,7 @@
 //! `cargo bench -p dcmon-agent --bench parsers`
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use dcmon_agent::batch::{Batch, Sample};
+use dcmon_agent::batch::{Batch, DISK_IO_LATENCY, HistogramLabels, Sample, le_values};
 use dcmon_agent::collector::disk::{WholeDisks, parse_block_stat, parse_diskstats};
 use dcmon_agent::collector::net::parse_net_dev;
 use dcmon_agent::collector::os::{parse_cpu_ticks, parse_loadavg, parse_meminfo};
@@ -67,6 +67,28 @@ fn serialization(c: &mut Criterion) {
     }
     let n = batch.samples().len();
     c.bench_function(&format!("Batch::to_json ({n} metrics)"), |b| b.iter(|| std::hint::black_box(&batch).to_json()));
+
+    // The eBPF mode's round on a host with 4 disks: each disk's read, write and flush latency
+    // histograms (26 buckets, sum, count), their labels made once and shared as the collector
+    // shares them, beside the counters.
+    let le = le_values((0..25).map(|k| f64::from(1u32 << k) * 1.024e-6));
+    let mut hist_batch = Batch::new("6b1c0e2f9a8d4e7c8f1a2b3c4d5e6f70", 1_795_540_732);
+    let mut samples = Vec::new();
+    for d in 0..4 {
+        for op in ["read", "write", "flush"] {
+            let labels = HistogramLabels::new(&[("device", format!("nvme{d}n1").into()), ("op", op.into())], &le);
+            let counts: Vec<u64> = (0..25).map(|k| if (8..18).contains(&k) { 91_233 * k } else { 0 }).collect();
+            DISK_IO_LATENCY.samples(&labels, &counts, 3, 1_234.567_891, &mut samples);
+        }
+        for name in ["disk_reads_total", "disk_read_bytes_total", "disk_writes_total", "disk_write_bytes_total"] {
+            samples.push(Sample::count(name, 91_233_400_112 * 512).label("device", format!("nvme{d}n1")));
+        }
+    }
+    hist_batch.extend(samples);
+    let n = hist_batch.samples().len();
+    c.bench_function(&format!("Batch::to_json eBPF round, 12 latency histograms ({n} metrics)"), |b| {
+        b.iter(|| std::hint::black_box(&hist_batch).to_json())
+    });
 }
 
 criterion_group!(benches, parsers, serialization);

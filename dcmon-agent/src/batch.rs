@@ -51,13 +51,30 @@ pub type LabelPair = (&'static str, LabelValue);
 
 /// Label pairs of one sample, in a fixed order. Most samples build their own; a series sent
 /// every round with the same labels (a histogram's buckets) can share one set made once, so
-/// that its samples cost no allocation a round (README, Performance). Reads as a slice.
+/// that its samples cost no allocation a round and its JSON is written once (README,
+/// Performance). Reads as a slice.
 #[derive(Clone)]
 pub enum Labels {
     /// Built for this sample.
     Owned(Vec<LabelPair>),
     /// Made once and shared; [`Labels::push`] copies it first.
-    Shared(Arc<[LabelPair]>),
+    Shared(Arc<SharedLabels>),
+}
+
+/// A label set made once and shared by many samples, with the JSON object [`Batch::to_json`]
+/// writes for it, encoded when the set is made.
+#[derive(Debug)]
+pub struct SharedLabels {
+    pairs: Box<[LabelPair]>,
+    json: Box<[u8]>,
+}
+
+impl SharedLabels {
+    fn new(pairs: Box<[LabelPair]>) -> Self {
+        let mut json = Vec::new();
+        push_json_labels(&mut json, &pairs);
+        Self { pairs, json: json.into_boxed_slice() }
+    }
 }
 
 impl Labels {
@@ -68,7 +85,7 @@ impl Labels {
 
     /// A set to share between samples: clones of it copy no pairs.
     pub fn shared(pairs: impl IntoIterator<Item = LabelPair>) -> Self {
-        Labels::Shared(pairs.into_iter().collect())
+        Labels::Shared(Arc::new(SharedLabels::new(pairs.into_iter().collect())))
     }
 
     /// Appends a label (copying a shared set first).
@@ -77,8 +94,8 @@ impl Labels {
     }
 
     fn to_mut(&mut self) -> &mut Vec<LabelPair> {
-        if let Labels::Shared(pairs) = self {
-            *self = Labels::Owned(pairs.to_vec());
+        if let Labels::Shared(shared) = self {
+            *self = Labels::Owned(shared.pairs.to_vec());
         }
         match self {
             Labels::Owned(pairs) => pairs,
@@ -99,7 +116,7 @@ impl std::ops::Deref for Labels {
     fn deref(&self) -> &[LabelPair] {
         match self {
             Labels::Owned(pairs) => pairs,
-            Labels::Shared(pairs) => pairs,
+            Labels::Shared(shared) => &shared.pairs,
         }
     }
 }
@@ -353,16 +370,12 @@ impl Batch {
                 Value::Count(v) => serde_json::to_writer(&mut out, &v),
                 Value::Gauge(v) => serde_json::to_writer(&mut out, &v),
             };
-            out.extend_from_slice(b",\"labels\":{");
-            for (j, (key, value)) in sample.labels.iter().enumerate() {
-                if j > 0 {
-                    out.push(b',');
-                }
-                push_json_str(&mut out, key);
-                out.push(b':');
-                push_json_str(&mut out, value);
+            out.extend_from_slice(b",\"labels\":");
+            match &sample.labels {
+                Labels::Owned(pairs) => push_json_labels(&mut out, pairs),
+                Labels::Shared(shared) => out.extend_from_slice(&shared.json),
             }
-            out.extend_from_slice(b"},\"timestamp\":");
+            out.extend_from_slice(b",\"timestamp\":");
             out.extend_from_slice(&timestamp);
             out.push(b'}');
         }
@@ -374,6 +387,21 @@ impl Batch {
     pub fn to_json_pretty(&self) -> Vec<u8> {
         serde_json::to_vec_pretty(self).unwrap_or_default()
     }
+}
+
+/// `pairs` as a JSON object.
+#[inline]
+fn push_json_labels(out: &mut Vec<u8>, pairs: &[LabelPair]) {
+    out.push(b'{');
+    for (j, (key, value)) in pairs.iter().enumerate() {
+        if j > 0 {
+            out.push(b',');
+        }
+        push_json_str(out, key);
+        out.push(b':');
+        push_json_str(out, value);
+    }
+    out.push(b'}');
 }
 
 /// `text` as a JSON string: copied between quotes when nothing in it needs escaping (every
@@ -540,6 +568,8 @@ mod tests {
                     }
                     b.push(s.label("model", odd[i % odd.len()]));
                     b.push(Sample::gauge("quote\"in_name", 1.0));
+                    let shared = Labels::shared(odd.iter().skip(i).take(i % 4).map(|l| ("device", (*l).into())));
+                    b.push(Sample { name: "disk_io_latency_seconds_bucket", value, labels: shared });
                 }
                 assert_eq!(
                     String::from_utf8(b.to_json()).expect("utf8"),
@@ -617,14 +647,14 @@ mod tests {
             ),
         ) {
             let mut b = Batch::new(machine_id.as_str(), timestamp);
-            for (name, value, labels) in &samples {
+            for (i, (name, value, labels)) in samples.iter().enumerate() {
                 // Names and label keys are `&'static str` (the code's constants): leaking the
                 // generated ones is a few bytes per case.
-                let mut s = Sample::count(Box::leak(name.clone().into_boxed_str()), *value);
-                for (key, label) in labels {
-                    s = s.label(Box::leak(key.clone().into_boxed_str()), label.as_str());
-                }
-                b.push(s);
+                let leak = |text: &String| -> &'static str { Box::leak(text.clone().into_boxed_str()) };
+                let pairs = labels.iter().map(|(key, label)| (leak(key), LabelValue::from(label.as_str())));
+                // Every other sample's set is shared, whose JSON is encoded when it is made.
+                let labels = if i % 2 == 0 { Labels::shared(pairs) } else { pairs.collect() };
+                b.push(Sample { name: leak(name), value: Value::Count(*value), labels });
             }
             let body = b.to_json();
             let reference = serde_json::to_vec(&b).expect("serde");
