@@ -53,6 +53,9 @@ pub async fn check(
             for key in &l.unknown_keys {
                 r.line("WARN", "config", format!("unknown key `{key}` is ignored"));
             }
+            for warning in l.config.warnings() {
+                r.line("WARN", "config", warning);
+            }
             l.config
         }
         Err(e) => {
@@ -284,5 +287,30 @@ mod tests {
             report.text.lines().filter_map(|l| l.get(7..)?.strip_prefix("collector ")?.split(':').next()).collect();
         assert_eq!(reported, want, "{}", report.text);
         assert!(report.text.contains("[ OK ] collector os: "), "{}", report.text);
+    }
+
+    #[tokio::test]
+    async fn check_shows_the_configs_warnings() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut config, _) = Config::parse(
+            Path::new("config.json"),
+            r#"{"collector_timeout": 5, "filesystems": {"timeout": 5}}"#,
+            &collector::schema(),
+        )
+        .expect("valid");
+        config.machine_id = Some("check-test".into());
+        config.api_key_file = dir.path().join("api_key");
+        config.server_url = "http://127.0.0.1:9".into();
+        config.connect_timeout = 1;
+        config.exporters = Exporters::none();
+        let loaded = Loaded { config, unknown_keys: Vec::new(), from_file: true };
+        let report = check(Path::new("config.json"), Ok(loaded)).await;
+        assert!(
+            report.text.contains(
+                "[WARN] config: `filesystems.timeout` (5 s) is not below `collector_timeout` (5 s): the round is cut"
+            ),
+            "{}",
+            report.text
+        );
     }
 }

@@ -172,6 +172,9 @@ fn load_config(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
     for key in &unknown_keys {
         tracing::warn!("config {}: unknown key `{key}` ignored", path.display());
     }
+    for warning in config.warnings() {
+        tracing::warn!("config {}: {warning}", path.display());
+    }
     if !from_file {
         tracing::info!("config {} not found: using defaults", path.display());
     }

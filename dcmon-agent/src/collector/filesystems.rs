@@ -129,6 +129,10 @@ impl Section for FilesystemsConfig {
     fn durations(&self) -> Vec<(&'static str, u64, Limit)> {
         vec![("filesystems.timeout", self.timeout, UP_TO_AN_HOUR)]
     }
+
+    fn round_timeouts(&self) -> Vec<(&'static str, u64)> {
+        vec![("filesystems.timeout", self.timeout)]
+    }
 }
 
 /// One line of mountinfo.

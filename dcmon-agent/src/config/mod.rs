@@ -544,6 +544,25 @@ impl Config {
         durations
     }
 
+    /// Advice about values that are valid but defeat their purpose: a section's round timeout
+    /// ([`Section::round_timeouts`]) not below `collector_timeout`. Logged at start and shown
+    /// by `check`; the agent runs anyway.
+    pub fn warnings(&self) -> Vec<String> {
+        let round = self.collector_timeout;
+        self.sections
+            .0
+            .iter()
+            .flat_map(|(_, section)| section.round_timeouts())
+            .filter(|&(_, secs)| secs >= round)
+            .map(|(field, secs)| {
+                format!(
+                    "`{field}` ({secs} s) is not below `collector_timeout` ({round} s): the round is cut before \
+                     that wait ends and the whole collector's round fails, instead of only the part that is slow"
+                )
+            })
+            .collect()
+    }
+
     /// Whether this config may load eBPF programs (every mode but an explicit "off").
     pub fn ebpf_may_load(&self) -> bool {
         self.ebpf != EbpfMode::Off

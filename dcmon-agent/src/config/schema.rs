@@ -41,6 +41,12 @@ pub trait Section: Any + fmt::Debug + Send + Sync {
     fn validate(&self) -> Result<(), (&'static str, String)> {
         Ok(())
     }
+    /// The timeouts (seconds, by dotted name) that bound a wait inside one round of its
+    /// collector, such as one GPU's readings: below `collector_timeout` they mark the one slow
+    /// part and the round goes on; at or above it the round is cut first and fails whole.
+    fn round_timeouts(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// One section type, as the parser handles it without naming it: how to read it from its

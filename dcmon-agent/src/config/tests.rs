@@ -36,6 +36,24 @@ fn unknown_keys_are_reported_not_fatal() {
 }
 
 #[test]
+fn a_round_timeout_not_below_collector_timeout_is_a_warning_naming_both() {
+    assert_eq!(parse("{}").expect("defaults").0.warnings(), Vec::<String>::new(), "the defaults are consistent");
+    let (c, _) = parse(r#"{"collector_timeout": 10, "nvsmi": {"gpu_timeout": 9}, "filesystems": {"timeout": 9}}"#)
+        .expect("below");
+    assert_eq!(c.warnings(), Vec::<String>::new());
+    let (c, _) = parse(r#"{"collector_timeout": 10, "nvsmi": {"gpu_timeout": 10}, "filesystems": {"timeout": 30}}"#)
+        .expect("valid, with advice");
+    let warnings = c.warnings();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings.iter().any(|w| w.starts_with("`nvsmi.gpu_timeout` (10 s) is not below `collector_timeout` (10 s)"))
+    );
+    assert!(
+        warnings.iter().any(|w| w.starts_with("`filesystems.timeout` (30 s) is not below `collector_timeout` (10 s)"))
+    );
+}
+
+#[test]
 fn an_exporter_given_twice_is_an_error() {
     let err = parse(r#"{"exporters": {"apt": true, "nvme": false, "apt": false}}"#).expect_err("twice");
     let msg = err.to_string();

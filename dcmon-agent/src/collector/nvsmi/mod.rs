@@ -70,6 +70,10 @@ impl Section for NvsmiConfig {
     fn durations(&self) -> Vec<(&'static str, u64, Limit)> {
         vec![("nvsmi.timeout", self.timeout, UP_TO_AN_HOUR), ("nvsmi.gpu_timeout", self.gpu_timeout, UP_TO_AN_HOUR)]
     }
+
+    fn round_timeouts(&self) -> Vec<(&'static str, u64)> {
+        vec![("nvsmi.gpu_timeout", self.gpu_timeout)]
+    }
 }
 
 /// Where the loader finds NVML when the config names no path: the driver ships the versioned
