@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
 
-use crate::batch::{Batch, Sample};
+use crate::batch::{Batch, Labels, Sample, Value};
 use crate::collector::{CollectError, Collector};
 
 type RunResult = (Box<dyn Collector>, Vec<Sample>, Result<(), CollectError>, Duration);
@@ -20,6 +20,8 @@ enum SlotState {
 
 struct Slot {
     name: &'static str,
+    /// Its `collector` label, made once and shared by every round's self-metrics.
+    labels: Labels,
     state: SlotState,
     /// The last failure logged, so a failure repeating every round is logged once.
     last_error: Option<String>,
@@ -85,6 +87,7 @@ impl Scheduler {
             .into_iter()
             .map(|c| Slot {
                 name: c.name(),
+                labels: Labels::shared([("collector", c.name().into())]),
                 state: SlotState::Idle(c),
                 last_error: None,
                 last_len: 0,
@@ -150,7 +153,7 @@ impl Scheduler {
                 },
                 SlotState::Overrunning(h) => {
                     slot.state = SlotState::Overrunning(h);
-                    self_samples.extend(outcome_samples(slot.name, self.collector_timeout, false));
+                    self_samples.extend(outcome_samples(&slot.labels, self.collector_timeout, false));
                     log_failure(slot, "still running from an earlier round (not started again)".into());
                 }
             }
@@ -175,7 +178,7 @@ impl Scheduler {
             match tokio::time::timeout_at(deadline, &mut handle).await {
                 Err(_elapsed) => {
                     slot.state = SlotState::Overrunning(handle);
-                    self_samples.extend(outcome_samples(slot.name, self.collector_timeout, false));
+                    self_samples.extend(outcome_samples(&slot.labels, self.collector_timeout, false));
                     log_failure(slot, format!("timed out after {:?}", self.collector_timeout));
                 }
                 // run_collector catches panics, so a JoinError means the runtime is shutting down.
@@ -206,7 +209,7 @@ fn record(slot: &mut Slot, (c, samples, result, took): RunResult, batch: &mut Ba
                 tracing::info!(collector = slot.name, "collector recovered");
             }
             slot.state = SlotState::Idle(c);
-            self_samples.extend(outcome_samples(slot.name, took, true));
+            self_samples.extend(outcome_samples(&slot.labels, took, true));
         }
         Err(CollectError::NotPresent(why)) => {
             tracing::info!(collector = slot.name, "not collecting: {why}");
@@ -215,7 +218,7 @@ fn record(slot: &mut Slot, (c, samples, result, took): RunResult, batch: &mut Ba
         }
         Err(CollectError::Failed(e)) => {
             slot.state = SlotState::Idle(c);
-            self_samples.extend(outcome_samples(slot.name, took, false));
+            self_samples.extend(outcome_samples(&slot.labels, took, false));
             log_failure(slot, format!("{e:#}"));
         }
     }
@@ -235,10 +238,14 @@ fn run_collector(mut c: Box<dyn Collector>, capacity: usize) -> RunResult {
     (c, samples, result, start.elapsed())
 }
 
-fn outcome_samples(collector: &'static str, took: Duration, success: bool) -> [Sample; 2] {
+fn outcome_samples(collector: &Labels, took: Duration, success: bool) -> [Sample; 2] {
     [
-        Sample::gauge("dcmon_collector_duration_seconds", took.as_secs_f64()).label("collector", collector),
-        Sample::count("dcmon_collector_success", u64::from(success)).label("collector", collector),
+        Sample {
+            name: "dcmon_collector_duration_seconds",
+            value: Value::Gauge(took.as_secs_f64()),
+            labels: collector.clone(),
+        },
+        Sample { name: "dcmon_collector_success", value: Value::Count(u64::from(success)), labels: collector.clone() },
     ]
 }
 
@@ -260,7 +267,6 @@ fn log_failure(slot: &mut Slot, msg: String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::Value;
 
     struct Fixed(&'static str, Result<(), &'static str>, Duration);
 
@@ -284,6 +290,25 @@ mod tests {
 
     fn success_of(b: &Batch, collector: &str) -> Option<Value> {
         b.samples().iter().find(|s| s.name == "dcmon_collector_success" && s.labels[0].1 == collector).map(|s| s.value)
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_collectors_self_metric_label_is_made_once_and_shared_by_every_round() {
+        let mut s =
+            Scheduler::new(vec![Box::new(Fixed("ok", Ok(()), Duration::ZERO))], "m".into(), Duration::from_secs(5));
+        let rounds = [s.collect(1).await, s.collect(2).await];
+        let labels: Vec<&Labels> = rounds
+            .iter()
+            .flat_map(|b| b.samples())
+            .filter(|x| x.name.starts_with("dcmon_collector_"))
+            .map(|x| &x.labels)
+            .collect();
+        assert_eq!(labels.len(), 4, "duration and success, two rounds");
+        for l in &labels {
+            assert_eq!(**l, [("collector", "ok".into())]);
+            let (Labels::Shared(a), Labels::Shared(b)) = (l, labels[0]) else { panic!("{l:?}") };
+            assert!(std::sync::Arc::ptr_eq(a, b));
+        }
     }
 
     /// An inline collector that sleeps `.0[round]` (then nothing).

@@ -11,7 +11,7 @@ use dcmon_common::ebpf::PROGRAMS;
 
 use super::oom_kills::OomKills;
 use super::{CollectError, Collector};
-use crate::batch::Sample;
+use crate::batch::{Labels, Sample, Value};
 use crate::ebpf::{Probes, ProgramStats};
 use crate::host::{Host, OpenFile, served_from_kernel_memory};
 
@@ -39,6 +39,9 @@ pub struct EbpfStatusCollector {
     /// The programs' counters as last read, and when.
     stats: Vec<ProgramStats>,
     stats_read: Option<Instant>,
+    /// Each program's `program` label, in [`PROGRAMS`] order: made once and shared by every
+    /// round's samples (README, Performance).
+    program_labels: [Labels; PROGRAMS.len()],
 }
 
 /// How old the programs' counters may get before they are read again while
@@ -66,7 +69,25 @@ impl EbpfStatusCollector {
         let oom = probes.as_ref().and_then(|p| {
             OomKills::new(&host, Arc::clone(p)).inspect_err(|e| tracing::warn!("OOM kills not reported: {e:#}")).ok()
         });
-        Self { probes, stats_enabled, buf: String::new(), inline, oom, stats: Vec::new(), stats_read: None }
+        Self {
+            probes,
+            stats_enabled,
+            buf: String::new(),
+            inline,
+            oom,
+            stats: Vec::new(),
+            stats_read: None,
+            program_labels: PROGRAMS.map(|(program, _)| Labels::shared([("program", program.into())])),
+        }
+    }
+
+    /// A sample of `program`'s (one of [`PROGRAMS`]) with its shared label.
+    fn program_sample(&self, name: &'static str, program: &str, value: Value) -> Sample {
+        let labels = match PROGRAMS.iter().position(|&(p, _)| p == program) {
+            Some(i) => self.program_labels[i].clone(),
+            None => Labels::shared([("program", program.into())]),
+        };
+        Sample { name, value, labels }
     }
 }
 
@@ -95,7 +116,7 @@ impl Collector for EbpfStatusCollector {
         };
         for (program, _) in PROGRAMS {
             let attached = if probes.attached(program) { 1.0 } else { 0.0 };
-            out.push(Sample::gauge("dcmon_ebpf_program_attached", attached).label("program", program));
+            out.push(self.program_sample("dcmon_ebpf_program_attached", program, Value::Gauge(attached)));
         }
         if let Some(oom) = &mut self.oom {
             oom.samples(out)?;
@@ -107,7 +128,7 @@ impl Collector for EbpfStatusCollector {
         }
         for s in &self.stats {
             if let Some(misses) = s.recursion_misses {
-                out.push(Sample::count("dcmon_ebpf_program_missed_total", misses).label("program", s.program));
+                out.push(self.program_sample("dcmon_ebpf_program_missed_total", s.program, Value::Count(misses)));
             }
         }
         // Run time is only accounted while the sysctl is on; without it the counters are
@@ -116,11 +137,9 @@ impl Collector for EbpfStatusCollector {
             return Ok(());
         }
         for s in &self.stats {
-            out.push(Sample::count("dcmon_ebpf_program_runs_total", s.run_count).label("program", s.program));
-            out.push(
-                Sample::gauge("dcmon_ebpf_program_run_seconds_total", s.run_time_ns as f64 / 1e9)
-                    .label("program", s.program),
-            );
+            out.push(self.program_sample("dcmon_ebpf_program_runs_total", s.program, Value::Count(s.run_count)));
+            let seconds = Value::Gauge(s.run_time_ns as f64 / 1e9);
+            out.push(self.program_sample("dcmon_ebpf_program_run_seconds_total", s.program, seconds));
         }
         Ok(())
     }
@@ -144,6 +163,20 @@ mod tests {
         assert!(stats_due(Some(STATS_MAX_AGE - Duration::from_millis(100)), false));
         assert!(stats_due(Some(STATS_MAX_AGE), false));
         assert!(stats_due(Some(Duration::from_secs(30)), false), "the default interval reads every round");
+    }
+
+    #[test]
+    fn a_programs_label_is_made_once_and_shared_by_every_rounds_samples() {
+        let collector = EbpfStatusCollector::new(Host::new("/"), None);
+        for (program, _) in PROGRAMS {
+            let a = collector.program_sample("dcmon_ebpf_program_attached", program, Value::Gauge(1.0));
+            let b = collector.program_sample("dcmon_ebpf_program_missed_total", program, Value::Count(0));
+            assert_eq!(a.labels, [("program", program.into())]);
+            let (Labels::Shared(a), Labels::Shared(b)) = (&a.labels, &b.labels) else { panic!("{a:?} {b:?}") };
+            assert!(Arc::ptr_eq(a, b), "{program}");
+        }
+        let other = collector.program_sample("dcmon_ebpf_program_attached", "not_ours", Value::Gauge(0.0));
+        assert_eq!(other.labels, [("program", "not_ours".into())]);
     }
 
     fn program_values(out: &[Sample], name: &str) -> Vec<(String, u64)> {
