@@ -42,6 +42,9 @@ pub mod ebpf {
     /// is a whole number of them, so two CPUs never write the same line.
     pub const CACHE_LINE: u64 = 64;
 
+    mod issue_stamps;
+    pub use issue_stamps::*;
+
     /// The entry of `slot` in CPU `cpu`'s copy of an array laid out per CPU with `slots`
     /// slots a CPU: CPU regions one after the other.
     #[inline(always)]
@@ -115,7 +118,7 @@ pub mod ebpf {
                 "OFF_DISK_FIRST_MINOR",
             ],
         ),
-        (PROG_BLOCK_RQ_ISSUE, &["OFF_RQ_CMD_FLAGS"]),
+        (PROG_BLOCK_RQ_ISSUE, &["OFF_RQ_CMD_FLAGS", "OFF_RQ_Q"]),
         (PROG_NETIF_RECEIVE_SKB, &["OFF_SKB_LEN", "OFF_SKB_DEV", "OFF_DEV_IFINDEX", "OFF_DEV_NET", "OFF_NET_NS_INUM"]),
         (PROG_NET_DEV_XMIT, &["OFF_DEV_IFINDEX", "OFF_DEV_NET", "OFF_NET_NS_INUM"]),
         (PROG_KFREE_SKB, &["OFF_SKB_DEV", "OFF_DEV_IFINDEX", "OFF_DEV_NET", "OFF_NET_NS_INUM"]),
