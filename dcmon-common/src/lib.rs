@@ -299,7 +299,8 @@ pub mod ebpf {
     /// program finds a disk's slot with inlined array loads instead of a hash lookup.
     pub const DISK_SLOT_MAP: &str = "DCMON_DISK_SLOT";
     /// Array of u64 shared by all CPUs, [`RQ_START_ENTRIES`] long: issue stamps of requests in
-    /// flight, direct-mapped by the request's address ([`rq_stamp_index`]), each stamp the
+    /// flight that the kernel does not stamp itself ([`IssueStamps`]), direct-mapped by the
+    /// request's address ([`rq_stamp_index`]), each stamp the
     /// issue time with check bits of the address ([`rq_stamp`]). Set at `block_rq_issue`, taken
     /// and cleared at the final `block_rq_complete`: an array load and store where a hash map
     /// would cost a lookup. A completion whose entry is empty or holds another request's

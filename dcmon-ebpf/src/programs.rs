@@ -36,8 +36,8 @@ static DCMON_DISK_LAT: Array<LatencyHist> = Array::with_max_entries(DISK_SLOTS *
 #[map]
 static DCMON_DISK_SLOT: Array<DiskSlot> = Array::with_max_entries(SLOT_TABLE_ENTRIES, 0);
 
-/// Issue stamps of requests in flight, direct-mapped by address: see
-/// dcmon_common::ebpf::RQ_START_MAP.
+/// Issue stamps of requests in flight that the kernel does not stamp, direct-mapped by
+/// address: see dcmon_common::ebpf::RQ_START_MAP.
 #[map]
 static DCMON_RQ_START: Array<u64> = Array::with_max_entries(RQ_START_ENTRIES, 0);
 
