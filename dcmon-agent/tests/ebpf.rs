@@ -596,12 +596,55 @@ fn kernel_stamps_time_requests_whose_table_entries_are_clobbered() {
         assert!(!required() || expected_issue_stamps() != IssueStamps::Kernel, "{:?}", probes.issue_stamps());
         return eprintln!("SKIP: this kernel's BTF does not allow the kernel-stamp path");
     }
+    let (timed, sum, took, written) = reads_over_a_clobbered_table(&probes);
+    assert_eq!(timed, CLOBBERED_READS as u64, "every read timed from its kernel stamp");
+    assert!(sum > 0.0 && sum <= took.as_secs_f64(), "sum {sum} s of reads that took {took:?} together");
+    // Every block device here has writeback throttling, so QUEUE_FLAG_STATS: no request of any
+    // disk, this test's or another's, is stamped in the table.
+    assert_eq!(written, 0, "the issue program wrote {written} table entries");
+}
+
+/// A kernel whose BTF has `io_start_time_ns` but no `QUEUE_FLAG_STATS` enumerator (older
+/// kernels `#define` it): the issue program stamps every request in the table, and each
+/// completion still takes the kernel's stamp. Here the loader reads a copy of this kernel's BTF
+/// with the enumerator renamed.
+#[test]
+fn without_the_flag_in_btf_every_request_is_stamped_and_the_kernels_stamp_still_used() {
+    if !can_run("kernel stamps without QUEUE_FLAG_STATS") {
+        return;
+    }
+    let btf = std::fs::read(load::VMLINUX_BTF).expect("read the kernel's BTF");
+    let name = b"\0QUEUE_FLAG_STATS\0";
+    let Some(at) = btf.windows(name.len()).position(|w| w == name) else {
+        return eprintln!("SKIP: this kernel's BTF has no QUEUE_FLAG_STATS enumerator to take away");
+    };
+    let mut renamed = btf.clone();
+    renamed[at + name.len() - 2] = b'Z';
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), &renamed).expect("write the renamed BTF");
+    let probes = match Probes::attach_with(file.path(), None, load::KernelStamps::Use) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            assert!(!required(), "DCMON_REQUIRE_EBPF=1 but eBPF failed: {e}");
+            return eprintln!("SKIP: {e}");
+        }
+    };
+    assert_eq!(probes.issue_stamps(), IssueStamps::KernelAtCompletion);
+    let (timed, _, _, written) = reads_over_a_clobbered_table(&probes);
+    assert_eq!(timed, CLOBBERED_READS as u64, "every read timed from its kernel stamp");
+    assert!(written > 0, "the issue program stamped no request in the table");
+}
+
+/// Reads a fresh loop device (writeback throttling on) [`CLOBBERED_READS`] times with the
+/// stamp table of `probes` overwritten by [`CLOBBERED`] first: (reads timed, their `_sum`,
+/// the time the reads took together, table entries changed since).
+fn reads_over_a_clobbered_table(probes: &Arc<Probes>) -> (u64, f64, Duration, usize) {
     let disk = Loop::new(16 << 20);
     let _ = Command::new("udevadm").arg("settle").status();
     let wbt = std::fs::read_to_string(format!("/sys/block/{}/queue/wbt_lat_usec", disk.name())).unwrap_or_default();
     assert!(wbt.trim().parse::<u64>().is_ok_and(|usec| usec > 0), "{}: wbt off ({wbt:?})", disk.name());
-    let mut collector = EbpfDiskCollector::new(Host::default(), match_all(), probes.clone()).expect("collector");
-    let (_, _, count0) = latency_histogram(&mut collector, disk.name(), "read");
+    let mut collector = EbpfDiskCollector::new(Host::default(), match_all(), Arc::clone(probes)).expect("collector");
+    let (_, sum0, count0) = latency_histogram(&mut collector, disk.name(), "read");
     probes
         .with_map_fd(RQ_START_MAP, |fd| (0..RQ_START_ENTRIES).try_for_each(|i| maps::update(fd, &i, &CLOBBERED)))
         .expect("clobber the stamp table");
@@ -619,19 +662,12 @@ fn kernel_stamps_time_requests_whose_table_entries_are_clobbered() {
     }
     let took = t.elapsed();
     drop(f);
-    let (buckets, sum, count1) = latency_histogram(&mut collector, disk.name(), "read");
-    let table = stamp_table(&probes);
-    let written = table.iter().filter(|&&e| e != CLOBBERED).count();
-    eprintln!(
-        "{CLOBBERED_READS} reads in {took:?}: {} timed, sum {sum} s; {written} table entries written",
-        count1 - count0
-    );
-    assert_eq!(count1 - count0, CLOBBERED_READS as u64, "every read timed from its kernel stamp");
+    let (buckets, sum1, count1) = latency_histogram(&mut collector, disk.name(), "read");
+    let written = stamp_table(probes).iter().filter(|&&e| e != CLOBBERED).count();
+    let (timed, sum) = (count1 - count0, sum1 - sum0);
+    eprintln!("{CLOBBERED_READS} reads in {took:?}: {timed} timed, sum {sum} s; {written} table entries written");
     assert_eq!(buckets.last().map(|(_, n)| *n), Some(count1), "+Inf bucket equals the count");
-    assert!(sum > 0.0 && sum <= took.as_secs_f64(), "sum {sum} s of reads that took {took:?} together");
-    // Every block device here has writeback throttling, so QUEUE_FLAG_STATS: no request of any
-    // disk, this test's or another's, is stamped in the table.
-    assert_eq!(written, 0, "the issue program wrote {written} table entries");
+    (timed, sum, took, written)
 }
 
 /// A network namespace, deleted on drop.

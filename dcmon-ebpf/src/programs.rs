@@ -318,13 +318,21 @@ fn time_request(rq: u64, slot: u32, op: u32) {
     // While the offset is 0 (rodata) the verifier drops this branch.
     let kernel_stamp = if io_start != 0 { read::<u64>(rq as usize, io_start).unwrap_or(0) } else { 0 };
     let ns = if kernel_stamp != 0 {
+        if global_u64(&QUEUE_STATS_MASK) == 0 {
+            // The issue program stamped this request in the table too (IssueStamps::
+            // KernelAtCompletion): clear it, or the address, back from its pool and ended
+            // without being started (no kernel stamp then), would find this stamp.
+            let _ = take_table_stamp(rq);
+        }
         // SAFETY: a helper call.
         match kernel_stamp_latency(kernel_stamp, unsafe { bpf_ktime_get_ns() }) {
             Some(ns) => ns,
             None => return,
         }
     } else {
-        match table_latency(rq) {
+        let Some((id, stamp)) = take_table_stamp(rq) else { return };
+        // SAFETY: a helper call.
+        match rq_latency(id, stamp, unsafe { bpf_ktime_get_ns() }) {
             Some(ns) => ns,
             None => return,
         }
@@ -332,10 +340,10 @@ fn time_request(rq: u64, slot: u32, op: u32) {
     add_latency(slot, op, ns);
 }
 
-/// The time since request `rq`'s stamp in the table, taking the stamp, or None when its entry
-/// holds no stamp of its own.
+/// Takes request `rq`'s stamp from the table: (its id, the stamp), or None when its entry holds
+/// no stamp of its own.
 #[inline(always)]
-fn table_latency(rq: u64) -> Option<u64> {
+fn take_table_stamp(rq: u64) -> Option<(u64, u64)> {
     let rq = request_id(rq)?;
     let entry = DCMON_RQ_START.get_ptr_mut(rq_stamp_index(rq))?;
     // SAFETY: a value pointer the lookup returned.
@@ -347,8 +355,7 @@ fn table_latency(rq: u64) -> Option<u64> {
     // being started again, finds no stamp. A request mapped to the same entry and stamped
     // between the read and this store loses its stamp and goes untimed: never a wrong time.
     unsafe { core::ptr::write_volatile(entry, 0) };
-    // SAFETY: a helper call.
-    rq_latency(rq, stamp, unsafe { bpf_ktime_get_ns() })
+    Some((rq, stamp))
 }
 
 /// Adds one latency of `ns` to disk slot `slot`'s histogram of `op`.
