@@ -97,6 +97,9 @@ pub async fn check(
             _ => ("WARN", "unavailable, procfs is used (why: the warning below)"),
         };
         r.line(status, "eBPF", detail);
+        if let Some(stamps) = collectors.iter().find_map(|c| c.bpf_issue_stamps()) {
+            r.line(" OK ", "eBPF I/O latency", format!("issue times from {}", stamps.describe()));
+        }
     }
     for (program, why) in &left_out {
         r.line("WARN", &format!("eBPF program {program}"), format!("not loaded, its metrics are absent: {why}"));

@@ -22,12 +22,12 @@ use dcmon_agent::collector::disk::{
 use dcmon_agent::collector::net::ebpf::{EbpfNetCollector, header_adjust};
 use dcmon_agent::collector::net::{NetCollector, parse_net_dev};
 use dcmon_agent::config::DeviceFilter;
-use dcmon_agent::ebpf::{Probes, load};
+use dcmon_agent::ebpf::{Probes, load, maps};
 use dcmon_agent::filter::PatternList;
 use dcmon_agent::host::Host;
 use dcmon_common::ebpf::{
-    DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DiskKey, NET_DROP_MAP, NET_MAP, NET_SLOT_MAP, NET_SLOTS, NetKey, NetValue,
-    OVERFLOW_SLOT, PROGRAMS, RQ_START_MAP,
+    DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DiskKey, IssueStamps, NET_DROP_MAP, NET_MAP, NET_SLOT_MAP, NET_SLOTS,
+    NetKey, NetValue, OVERFLOW_SLOT, PROGRAMS, RQ_START_ENTRIES, RQ_START_MAP, issue_stamps,
 };
 
 fn required() -> bool {
@@ -41,10 +41,15 @@ fn can_run(what: &str) -> bool {
 }
 
 fn attach(what: &str) -> Option<Arc<Probes>> {
+    attach_with(what, load::KernelStamps::Use)
+}
+
+/// [`attach`], choosing whether the I/O latency programs may take the kernel's issue stamps.
+fn attach_with(what: &str, kernel_stamps: load::KernelStamps) -> Option<Arc<Probes>> {
     if !can_run(what) {
         return None;
     }
-    match Probes::attach(None) {
+    match Probes::attach_with(std::path::Path::new(load::VMLINUX_BTF), None, kernel_stamps) {
         Ok(p) => Some(Arc::new(p)),
         Err(e) => {
             assert!(!required(), "DCMON_REQUIRE_EBPF=1 but eBPF failed: {e}");
@@ -392,11 +397,37 @@ const THROTTLE_IOPS: u32 = 20;
 /// the syscall, the loop device's queueing, the wake-up.
 const USER_OVERHEAD: Duration = Duration::from_millis(10);
 
+/// Where issue times come from when the programs may take the kernel's: what this kernel's BTF
+/// allows (on this VM's 6.18 every field and flag is there: the kernel path).
+fn expected_issue_stamps() -> IssueStamps {
+    let facts = load::kernel_facts(std::path::Path::new(load::VMLINUX_BTF)).expect("kernel BTF");
+    let [io_start, queue_flags, stats_flag] = facts.stamp_facts;
+    issue_stamps(io_start, queue_flags, stats_flag, true).0
+}
+
 #[test]
 fn read_latency_histogram_agrees_with_the_latencies_the_reads_took() {
     let Some(probes) = attach("I/O latency histogram") else {
         return;
     };
+    assert_eq!(probes.issue_stamps(), expected_issue_stamps());
+    read_latency_known_answer(&probes, "latency-kernel");
+}
+
+/// The same known answer with the kernel's stamps turned off: the stamp table's path, which
+/// kernels without them take, is exact too.
+#[test]
+fn read_latency_histogram_agrees_from_the_stamp_table() {
+    let Some(probes) = attach_with("I/O latency histogram, stamp table", load::KernelStamps::Off) else {
+        return;
+    };
+    assert_eq!(probes.issue_stamps(), IssueStamps::Table);
+    read_latency_known_answer(&probes, "latency-table");
+}
+
+/// Reads through a blkio throttle whose latencies the test measures itself, against the
+/// histogram `probes` keep of them; `tag` names the test's blkio group.
+fn read_latency_known_answer(probes: &Arc<Probes>, tag: &str) {
     if !std::path::Path::new(BLKIO_ROOT).join("blkio.throttle.read_iops_device").exists() {
         assert!(!required(), "DCMON_REQUIRE_EBPF=1 but there is no cgroup v1 blkio throttling");
         eprintln!("SKIP: no cgroup v1 blkio throttling at {BLKIO_ROOT}");
@@ -409,10 +440,10 @@ fn read_latency_histogram_agrees_with_the_latencies_the_reads_took() {
     let outer = Loop::over(&inner);
     let _ = Command::new("udevadm").arg("settle").status();
     std::thread::sleep(Duration::from_millis(500));
-    let group = BlkioGroup::new("latency");
+    let group = BlkioGroup::new(tag);
     group.throttle_reads(&inner.number(), THROTTLE_IOPS);
 
-    let mut collector = EbpfDiskCollector::new(Host::default(), match_all(), probes.clone()).expect("collector");
+    let mut collector = EbpfDiskCollector::new(Host::default(), match_all(), Arc::clone(probes)).expect("collector");
     // The first round gives the disk its slot.
     let (before, sum0, count0) = latency_histogram(&mut collector, outer.name(), "read");
     let f = std::fs::OpenOptions::new()
@@ -529,12 +560,114 @@ fn histograms_shared_by_every_cpu_lose_no_count() {
     // 88 runs here while builds wrote to the disk, on bc83a92 too), at most one per such
     // request. None is lost to two CPUs adding at once.
     assert!(count1 - count0 <= issued, "more completions than reads: {}", count1 - count0);
+    // With the kernel's own stamps no read goes through the table: none may be lost to it.
+    let others = if probes.issue_stamps() == IssueStamps::Kernel { 0 } else { others };
     assert!(
         issued - (count1 - count0) <= missed + others,
         "{} of {issued} reads timed, {missed} skipped, {others} requests of other devices meanwhile",
         count1 - count0
     );
     assert_eq!(buckets.last().map(|(_, n)| *n), Some(count1), "+Inf bucket equals the count");
+}
+
+/// What the stamp table is filled with in `kernel_stamps_time_requests_whose_table_entries_are_clobbered`:
+/// no request's stamp but by a 1-in-65,536 chance of its check bits.
+const CLOBBERED: u64 = 0x5a5a_0000_0000_0001;
+/// Reads in that test.
+const CLOBBERED_READS: usize = 300;
+
+/// Every entry of the stamp table of `probes`.
+fn stamp_table(probes: &Probes) -> Vec<u64> {
+    probes
+        .with_map_fd(RQ_START_MAP, |fd| (0..RQ_START_ENTRIES).map(|i| maps::lookup::<u32, u64>(fd, &i)).collect())
+        .expect("read the stamp table")
+}
+
+/// On the kernel path the completion takes the request's own `io_start_time_ns` and the issue
+/// program writes nothing: with every stamp-table entry overwritten by garbage, each read is
+/// still timed, and the garbage is still there after. A completion that looked in the table
+/// would time none of them; an issue program that stamped the table would overwrite entries.
+#[test]
+fn kernel_stamps_time_requests_whose_table_entries_are_clobbered() {
+    let Some(probes) = attach("kernel issue stamps") else {
+        return;
+    };
+    if probes.issue_stamps() != IssueStamps::Kernel {
+        assert!(!required() || expected_issue_stamps() != IssueStamps::Kernel, "{:?}", probes.issue_stamps());
+        return eprintln!("SKIP: this kernel's BTF does not allow the kernel-stamp path");
+    }
+    let (timed, sum, took, written) = reads_over_a_clobbered_table(&probes);
+    assert_eq!(timed, CLOBBERED_READS as u64, "every read timed from its kernel stamp");
+    assert!(sum > 0.0 && sum <= took.as_secs_f64(), "sum {sum} s of reads that took {took:?} together");
+    // Every block device here has writeback throttling, so QUEUE_FLAG_STATS: no request of any
+    // disk, this test's or another's, is stamped in the table.
+    assert_eq!(written, 0, "the issue program wrote {written} table entries");
+}
+
+/// A kernel whose BTF has `io_start_time_ns` but no `QUEUE_FLAG_STATS` enumerator (older
+/// kernels `#define` it): the issue program stamps every request in the table, and each
+/// completion still takes the kernel's stamp. Here the loader reads a copy of this kernel's BTF
+/// with the enumerator renamed.
+#[test]
+fn without_the_flag_in_btf_every_request_is_stamped_and_the_kernels_stamp_still_used() {
+    if !can_run("kernel stamps without QUEUE_FLAG_STATS") {
+        return;
+    }
+    let btf = std::fs::read(load::VMLINUX_BTF).expect("read the kernel's BTF");
+    let name = b"\0QUEUE_FLAG_STATS\0";
+    let Some(at) = btf.windows(name.len()).position(|w| w == name) else {
+        return eprintln!("SKIP: this kernel's BTF has no QUEUE_FLAG_STATS enumerator to take away");
+    };
+    let mut renamed = btf.clone();
+    renamed[at + name.len() - 2] = b'Z';
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), &renamed).expect("write the renamed BTF");
+    let probes = match Probes::attach_with(file.path(), None, load::KernelStamps::Use) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            assert!(!required(), "DCMON_REQUIRE_EBPF=1 but eBPF failed: {e}");
+            return eprintln!("SKIP: {e}");
+        }
+    };
+    assert_eq!(probes.issue_stamps(), IssueStamps::KernelAtCompletion);
+    let (timed, _, _, written) = reads_over_a_clobbered_table(&probes);
+    assert_eq!(timed, CLOBBERED_READS as u64, "every read timed from its kernel stamp");
+    assert!(written > 0, "the issue program stamped no request in the table");
+}
+
+/// Reads a fresh loop device (writeback throttling on) [`CLOBBERED_READS`] times with the
+/// stamp table of `probes` overwritten by [`CLOBBERED`] first: (reads timed, their `_sum`,
+/// the time the reads took together, table entries changed since).
+fn reads_over_a_clobbered_table(probes: &Arc<Probes>) -> (u64, f64, Duration, usize) {
+    let disk = Loop::new(16 << 20);
+    let _ = Command::new("udevadm").arg("settle").status();
+    let wbt = std::fs::read_to_string(format!("/sys/block/{}/queue/wbt_lat_usec", disk.name())).unwrap_or_default();
+    assert!(wbt.trim().parse::<u64>().is_ok_and(|usec| usec > 0), "{}: wbt off ({wbt:?})", disk.name());
+    let mut collector = EbpfDiskCollector::new(Host::default(), match_all(), Arc::clone(probes)).expect("collector");
+    let (_, sum0, count0) = latency_histogram(&mut collector, disk.name(), "read");
+    probes
+        .with_map_fd(RQ_START_MAP, |fd| (0..RQ_START_ENTRIES).try_for_each(|i| maps::update(fd, &i, &CLOBBERED)))
+        .expect("clobber the stamp table");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&disk.dev)
+        .expect("open loop device O_DIRECT");
+    let buf = Aligned::new(4096);
+    let t = std::time::Instant::now();
+    for i in 0..CLOBBERED_READS {
+        // SAFETY: buf is 4 KiB, aligned; fd is open.
+        let n = unsafe { libc::pread(f.as_raw_fd(), buf.ptr.cast(), 4096, (i * 4096) as libc::off_t) };
+        assert_eq!(n, 4096, "pread: {}", std::io::Error::last_os_error());
+    }
+    let took = t.elapsed();
+    drop(f);
+    let (buckets, sum1, count1) = latency_histogram(&mut collector, disk.name(), "read");
+    let written = stamp_table(probes).iter().filter(|&&e| e != CLOBBERED).count();
+    let (timed, sum) = (count1 - count0, sum1 - sum0);
+    eprintln!("{CLOBBERED_READS} reads in {took:?}: {timed} timed, sum {sum} s; {written} table entries written");
+    assert_eq!(buckets.last().map(|(_, n)| *n), Some(count1), "+Inf bucket equals the count");
+    (timed, sum, took, written)
 }
 
 /// A network namespace, deleted on drop.

@@ -42,6 +42,9 @@ pub mod ebpf {
     /// is a whole number of them, so two CPUs never write the same line.
     pub const CACHE_LINE: u64 = 64;
 
+    mod issue_stamps;
+    pub use issue_stamps::*;
+
     /// The entry of `slot` in CPU `cpu`'s copy of an array laid out per CPU with `slots`
     /// slots a CPU: CPU regions one after the other.
     #[inline(always)]
@@ -115,7 +118,7 @@ pub mod ebpf {
                 "OFF_DISK_FIRST_MINOR",
             ],
         ),
-        (PROG_BLOCK_RQ_ISSUE, &["OFF_RQ_CMD_FLAGS"]),
+        (PROG_BLOCK_RQ_ISSUE, &["OFF_RQ_CMD_FLAGS", "OFF_RQ_Q"]),
         (PROG_NETIF_RECEIVE_SKB, &["OFF_SKB_LEN", "OFF_SKB_DEV", "OFF_DEV_IFINDEX", "OFF_DEV_NET", "OFF_NET_NS_INUM"]),
         (PROG_NET_DEV_XMIT, &["OFF_DEV_IFINDEX", "OFF_DEV_NET", "OFF_NET_NS_INUM"]),
         (PROG_KFREE_SKB, &["OFF_SKB_DEV", "OFF_DEV_IFINDEX", "OFF_DEV_NET", "OFF_NET_NS_INUM"]),
@@ -296,7 +299,8 @@ pub mod ebpf {
     /// program finds a disk's slot with inlined array loads instead of a hash lookup.
     pub const DISK_SLOT_MAP: &str = "DCMON_DISK_SLOT";
     /// Array of u64 shared by all CPUs, [`RQ_START_ENTRIES`] long: issue stamps of requests in
-    /// flight, direct-mapped by the request's address ([`rq_stamp_index`]), each stamp the
+    /// flight that the kernel does not stamp itself ([`IssueStamps`]), direct-mapped by the
+    /// request's address ([`rq_stamp_index`]), each stamp the
     /// issue time with check bits of the address ([`rq_stamp`]). Set at `block_rq_issue`, taken
     /// and cleared at the final `block_rq_complete`: an array load and store where a hash map
     /// would cost a lookup. A completion whose entry is empty or holds another request's

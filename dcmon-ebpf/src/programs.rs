@@ -9,8 +9,8 @@ use dcmon_common::ebpf::{
     AF_INET, AF_INET6, BPF_F_MMAPABLE, DISK_SLOTS, DROP_REASONS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_BUCKETS,
     LAT_OPS, LatencyHist, NET_DROP_SLOTS, NET_SLOTS, NO_DEVICE_SLOT, NetKey, NetSlot, NetValue, OOM_MAP_ENTRIES,
     OVERFLOW_SLOT, OpGroup, RQ_START_ENTRIES, SKB_NOT_DROPPED_YET, SLOT_PROBES, SLOT_TABLE_ENTRIES, TCP_FAMILIES,
-    TcpCounts, lat_bucket, lat_op, net_slot_hash, op_group, per_cpu_index, rq_latency, rq_stamp, rq_stamp_index,
-    rq_stamp_is_own, slot_table_index,
+    TcpCounts, kernel_stamp_latency, lat_bucket, lat_op, net_slot_hash, op_group, per_cpu_index, rq_latency, rq_stamp,
+    rq_stamp_index, rq_stamp_is_own, slot_table_index,
 };
 
 /// Per disk slot, per CPU, laid out by hand (`cpu * DISK_SLOTS + slot`), so the hot path
@@ -36,8 +36,8 @@ static DCMON_DISK_LAT: Array<LatencyHist> = Array::with_max_entries(DISK_SLOTS *
 #[map]
 static DCMON_DISK_SLOT: Array<DiskSlot> = Array::with_max_entries(SLOT_TABLE_ENTRIES, 0);
 
-/// Issue stamps of requests in flight, direct-mapped by address: see
-/// dcmon_common::ebpf::RQ_START_MAP.
+/// Issue stamps of requests in flight that the kernel does not stamp, direct-mapped by
+/// address: see dcmon_common::ebpf::RQ_START_MAP.
 #[map]
 static DCMON_RQ_START: Array<u64> = Array::with_max_entries(RQ_START_ENTRIES, 0);
 
@@ -116,6 +116,15 @@ static OFF_DEV_IFINDEX: u32 = 0;
 static OFF_DEV_NET: u32 = 0;
 #[unsafe(no_mangle)]
 static OFF_NET_NS_INUM: u32 = 0;
+/// dcmon_common::ebpf::OFF_RQ_IO_START: 0 while the completion is not to read it.
+#[unsafe(no_mangle)]
+static OFF_RQ_IO_START: u32 = 0;
+/// dcmon_common::ebpf::OFF_Q_QUEUE_FLAGS.
+#[unsafe(no_mangle)]
+static OFF_Q_QUEUE_FLAGS: u32 = 0;
+/// dcmon_common::ebpf::QUEUE_STATS_MASK: 0 while the issue program stamps every request.
+#[unsafe(no_mangle)]
+static QUEUE_STATS_MASK: u64 = 0;
 /// dcmon_common::ebpf::NETNS_FILTER.
 #[unsafe(no_mangle)]
 static NETNS_FILTER: u32 = 0;
@@ -146,6 +155,13 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 fn off(global: &'static u32) -> usize {
     // SAFETY: a valid, aligned static.
     unsafe { core::ptr::read_volatile(global) as usize }
+}
+
+/// [`off`] for a 64-bit global.
+#[inline(always)]
+fn global_u64(global: &'static u64) -> u64 {
+    // SAFETY: a valid, aligned static.
+    unsafe { core::ptr::read_volatile(global) }
 }
 
 /// Reads a `T` at `base + offset` of a kernel struct reached from a tp_btf argument.
@@ -237,10 +253,20 @@ fn try_block_rq_complete(ctx: &BtfTracePointContext) -> Option<()> {
 const NOT_TIMED: u32 = LAT_OPS;
 
 /// `block_rq_issue(struct request *rq)`, from blk_mq_start_request when the driver takes the
-/// request: stamps the time for [`time_request`].
+/// request: stamps the time for [`time_request`], unless the kernel stamps it right after
+/// (its queue has QUEUE_FLAG_STATS: dcmon_common::ebpf::IssueStamps).
 #[btf_tracepoint(function = "block_rq_issue")]
 pub fn block_rq_issue(ctx: BtfTracePointContext) -> i32 {
     let rq: u64 = ctx.arg(0);
+    let stats_mask = global_u64(&QUEUE_STATS_MASK);
+    // While the mask is 0 (rodata) the verifier drops this branch.
+    if stats_mask != 0
+        && let Some(q) = read::<usize>(rq as usize, off(&OFF_RQ_Q))
+        && let Some(flags) = read::<u64>(q, off(&OFF_Q_QUEUE_FLAGS))
+        && flags & stats_mask != 0
+    {
+        return 0;
+    }
     if let Some(cmd_flags) = read::<u32>(rq as usize, off(&OFF_RQ_CMD_FLAGS))
         && lat_op(cmd_flags).is_some()
     {
@@ -282,24 +308,59 @@ fn disk_slot(dev: u32) -> u32 {
     OVERFLOW_SLOT
 }
 
-/// Adds the issue-to-completion time of request `rq` to disk slot `slot`'s histogram of `op`.
-/// A request whose entry holds no stamp of its own (issued before the programs attached, or
-/// overwritten by another request mapped to the same entry) is not timed.
+/// Adds the issue-to-completion time of request `rq` to disk slot `slot`'s histogram of `op`,
+/// from the kernel's issue stamp when the request has one, else from the stamp table. A request
+/// with neither (issued before the programs attached, or its table entry overwritten by
+/// another request mapped to the same entry) is not timed.
 #[inline(always)]
 fn time_request(rq: u64, slot: u32, op: u32) {
-    let Some(rq) = request_id(rq) else { return };
-    let Some(entry) = DCMON_RQ_START.get_ptr_mut(rq_stamp_index(rq)) else { return };
+    let io_start = off(&OFF_RQ_IO_START);
+    // While the offset is 0 (rodata) the verifier drops this branch.
+    let kernel_stamp = if io_start != 0 { read::<u64>(rq as usize, io_start).unwrap_or(0) } else { 0 };
+    let ns = if kernel_stamp != 0 {
+        if global_u64(&QUEUE_STATS_MASK) == 0 {
+            // The issue program stamped this request in the table too (IssueStamps::
+            // KernelAtCompletion): clear it, or the address, back from its pool and ended
+            // without being started (no kernel stamp then), would find this stamp.
+            let _ = take_table_stamp(rq);
+        }
+        // SAFETY: a helper call.
+        match kernel_stamp_latency(kernel_stamp, unsafe { bpf_ktime_get_ns() }) {
+            Some(ns) => ns,
+            None => return,
+        }
+    } else {
+        let Some((id, stamp)) = take_table_stamp(rq) else { return };
+        // SAFETY: a helper call.
+        match rq_latency(id, stamp, unsafe { bpf_ktime_get_ns() }) {
+            Some(ns) => ns,
+            None => return,
+        }
+    };
+    add_latency(slot, op, ns);
+}
+
+/// Takes request `rq`'s stamp from the table: (its id, the stamp), or None when its entry holds
+/// no stamp of its own.
+#[inline(always)]
+fn take_table_stamp(rq: u64) -> Option<(u64, u64)> {
+    let rq = request_id(rq)?;
+    let entry = DCMON_RQ_START.get_ptr_mut(rq_stamp_index(rq))?;
     // SAFETY: a value pointer the lookup returned.
     let stamp = unsafe { core::ptr::read_volatile(entry) };
     if !rq_stamp_is_own(rq, stamp) {
-        return;
+        return None;
     }
     // SAFETY: as above. Cleared, so that this request's address, back from its pool without
     // being started again, finds no stamp. A request mapped to the same entry and stamped
     // between the read and this store loses its stamp and goes untimed: never a wrong time.
     unsafe { core::ptr::write_volatile(entry, 0) };
-    // SAFETY: a helper call.
-    let Some(ns) = rq_latency(rq, stamp, unsafe { bpf_ktime_get_ns() }) else { return };
+    Some((rq, stamp))
+}
+
+/// Adds one latency of `ns` to disk slot `slot`'s histogram of `op`.
+#[inline(always)]
+fn add_latency(slot: u32, op: u32, ns: u64) {
     let Some(hist) = DCMON_DISK_LAT.get_ptr_mut(slot * LAT_OPS + op) else { return };
     let bucket = lat_bucket(ns) as usize;
     if bucket < LAT_BUCKETS as usize {

@@ -100,6 +100,11 @@ pub trait Collector: Send + 'static {
     fn bpf_programs_left_out(&self) -> &[(&'static str, String)] {
         &[]
     }
+    /// Where the I/O latency programs this collector reads take issue times from (`check`
+    /// shows it); None for collectors without them.
+    fn bpf_issue_stamps(&self) -> Option<dcmon_common::ebpf::IssueStamps> {
+        None
+    }
 }
 
 /// One collector as the rest of the agent sees it (see the module docs).

@@ -297,6 +297,15 @@ impl<'a> Btf<'a> {
         Ok((0..t.vlen).map(|e| (self.name(self.word(&t, e * 2)).to_owned(), self.word(&t, e * 2 + 1))).collect())
     }
 
+    /// The value of enumerator `name` in whichever enum holds it, named or anonymous (the
+    /// kernel declares many flag bits in anonymous enums); `None` when no enum has it.
+    pub fn enumerator(&self, name: &str) -> Option<u32> {
+        (1..=self.starts.len() as u32).find_map(|id| {
+            let t = self.get(id).filter(|t| t.kind == KIND_ENUM)?;
+            (0..t.vlen).find(|&e| self.name(self.word(&t, e * 2)) == name).map(|e| self.word(&t, e * 2 + 1))
+        })
+    }
+
     /// Byte offset of `path` (dotted, e.g. `nd_net.net`) in `struct strukt`, checking that the
     /// field is `size` bytes wide.
     pub fn field_offset(&self, strukt: &str, path: &str, size: u32) -> Result<u32, BtfError> {
@@ -383,6 +392,16 @@ mod tests {
         assert!(value("SKB_DROP_REASON_NETFILTER_DROP").is_some(), "{reasons:?}");
         eprintln!("skb_drop_reason: {} values, max {:?}", reasons.len(), reasons.iter().map(|r| r.1).max());
         assert!(matches!(btf.enum_values("no_such_enum"), Err(BtfError::NoEnum(_))));
+        assert_eq!(btf.enumerator("SKB_DROP_REASON_NOT_SPECIFIED"), Some(2));
+        // A bit of `queue_flags`: an enum value on recent kernels, a #define (no BTF) on older.
+        if let Some(bit) = btf.enumerator("QUEUE_FLAG_STATS") {
+            assert!(bit < 64, "QUEUE_FLAG_STATS = {bit}");
+        }
+        for (global, strukt, field, size) in dcmon_common::ebpf::STAMP_OFFSETS {
+            let at = btf.field_offset(strukt, field, size);
+            eprintln!("{global}: {at:?}");
+            assert!(at.is_ok_and(|at| at > 0), "{global}: {strukt}.{field}");
+        }
         // (rq, error, nr_bytes); the retransmit tracepoint passes the attempt's error since 6.x.
         assert_eq!(btf.tracepoint_args("block_rq_complete"), Some(3));
         assert_eq!(btf.tracepoint_args("tcp_retransmit_skb"), Some(3));
@@ -403,6 +422,18 @@ mod tests {
         blob.extend_from_slice(&t);
         blob.extend_from_slice(strings);
         blob
+    }
+
+    #[test]
+    fn enumerators_are_found_in_anonymous_enums() {
+        // 1: enum e { A = 3 }, 2: enum { B = 7, C = 9 } (anonymous, like the queue flags).
+        let strings = b"\0e\0A\0B\0C\0";
+        let (e, a, b, c) = (1u32, 3, 5, 7);
+        let blob = blob_of(&[&[e, KIND_ENUM << 24 | 1, 4, a, 3], &[0, KIND_ENUM << 24 | 2, 4, b, 7, c, 9]], strings);
+        let btf = Btf::parse(&blob).expect("parse");
+        assert_eq!((btf.enumerator("A"), btf.enumerator("B"), btf.enumerator("C")), (Some(3), Some(7), Some(9)));
+        assert_eq!(btf.enumerator("e"), None, "an enum's own name is not an enumerator");
+        assert_eq!(btf.enumerator("D"), None);
     }
 
     #[test]

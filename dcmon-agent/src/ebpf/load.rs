@@ -8,8 +8,9 @@ use std::path::Path;
 use aya::programs::BtfTracePoint;
 use aya::{Ebpf, EbpfLoader};
 use dcmon_common::ebpf::{
-    DISK_MAP, DISK_SLOTS, DROP_REASON_CONSUMED, DROP_REASONS, NET_MAP, NET_SLOT_COUNT, NET_SLOT_MAP, NET_SLOT_MASK,
-    NETNS_FILTER, OFF_CSS_SET_MEMCG, OFFSETS, PROGRAM_NEEDS, PROGRAM_OFFSETS, PROGRAMS, TCP_RETRANSMIT_HAS_ERR,
+    DISK_MAP, DISK_SLOTS, DROP_REASON_CONSUMED, DROP_REASONS, IssueStamps, NET_MAP, NET_SLOT_COUNT, NET_SLOT_MAP,
+    NET_SLOT_MASK, NETNS_FILTER, OFF_CSS_SET_MEMCG, OFF_Q_QUEUE_FLAGS, OFF_RQ_IO_START, OFFSETS, PROGRAM_NEEDS,
+    PROGRAM_OFFSETS, PROGRAMS, QUEUE_FLAG_STATS, QUEUE_STATS_MASK, STAMP_OFFSETS, TCP_RETRANSMIT_HAS_ERR, issue_stamps,
     net_slot_table_entries, net_slots_for, per_cpu_entries,
 };
 
@@ -220,6 +221,24 @@ pub struct KernelFacts {
     /// `(tracepoint, type id of its btf_trace_<tracepoint> typedef)` for each tracepoint of
     /// [`PROGRAMS`] this kernel has: all a tp_btf program needs of the kernel's BTF.
     pub tracepoint_ids: Vec<(&'static str, u32)>,
+    /// The offsets of `request.io_start_time_ns` and `request_queue.queue_flags`
+    /// (`dcmon_common::ebpf::STAMP_OFFSETS`) and the value of `QUEUE_FLAG_STATS`, each None
+    /// when this kernel's BTF lacks it.
+    pub stamp_facts: [Option<u32>; 3],
+    /// Where the programs take issue times from: chosen by [`load_object_with`] from
+    /// `stamp_facts` ([`IssueStamps::Table`] until then).
+    pub issue_stamps: IssueStamps,
+}
+
+/// Whether the programs may time requests from the kernel's own issue stamps where it has
+/// them (`dcmon_common::ebpf::IssueStamps`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelStamps {
+    /// Where this kernel's BTF has what they need: the agent's choice.
+    Use,
+    /// Never: every request is stamped in the table, as on a kernel without them (tests run
+    /// that path this way).
+    Off,
 }
 
 /// The label of drop reason counter `i` (see `dcmon_common::ebpf::DROP_REASONS`): the kernel's
@@ -270,7 +289,22 @@ fn facts_from(btf_path: &Path, data: &[u8]) -> Result<KernelFacts, LoadError> {
     }
     let retransmit_has_err = u32::from(btf.tracepoint_args("tcp_retransmit_skb").is_some_and(|n| n >= 3));
     let tracepoint_ids = PROGRAMS.iter().filter_map(|&(_, tp)| Some((tp, btf.tracepoint_type_id(tp)?))).collect();
-    Ok(KernelFacts { offsets, missing, drop_reasons, consumed, retransmit_has_err, tracepoint_ids })
+    let [(_, rq_strukt, rq_field, rq_size), (_, q_strukt, q_field, q_size)] = STAMP_OFFSETS;
+    let stamp_facts = [
+        btf.field_offset(rq_strukt, rq_field, rq_size).ok(),
+        btf.field_offset(q_strukt, q_field, q_size).ok(),
+        btf.enumerator(QUEUE_FLAG_STATS),
+    ];
+    Ok(KernelFacts {
+        offsets,
+        missing,
+        drop_reasons,
+        consumed,
+        retransmit_has_err,
+        tracepoint_ids,
+        stamp_facts,
+        issue_stamps: IssueStamps::Table,
+    })
 }
 
 /// A stand-in for the kernel's BTF holding only what attaching tp_btf programs reads of it:
@@ -340,7 +374,7 @@ fn raise_memlock() {
 /// none (its programs read fields through the offset globals set here; a test checks this).
 /// What attaching needs of it comes from [`attach_btf`].
 pub fn load_object(object: &[u8], netns: Option<u32>) -> Result<(Ebpf, aya::Btf, KernelFacts), LoadError> {
-    load_object_with(Path::new(VMLINUX_BTF), object, netns)
+    load_object_with(Path::new(VMLINUX_BTF), object, netns, KernelStamps::Use)
 }
 
 /// [`load_object`] with the kernel's BTF read from `btf_path` (under the configured host root).
@@ -348,13 +382,14 @@ pub fn load_object_with(
     btf_path: &Path,
     object: &[u8],
     netns: Option<u32>,
+    kernel_stamps: KernelStamps,
 ) -> Result<(Ebpf, aya::Btf, KernelFacts), LoadError> {
     // `EbpfLoader::new` parses the whole kernel BTF into aya's types whatever is set later,
     // the biggest allocation of the load: made first and dropped at once, before anything else
     // is held, so the later steps reuse its freed heap instead of adding to the peak.
     let mut loader = EbpfLoader::new();
     loader.btf(None);
-    let facts = kernel_facts(btf_path)?;
+    let mut facts = kernel_facts(btf_path)?;
     let tracepoints_btf = attach_btf(&facts.tracepoint_ids)?;
     raise_memlock();
     for (global, off) in &facts.offsets {
@@ -364,6 +399,12 @@ pub fn load_object_with(
     loader.override_global(NETNS_FILTER, &netns, true);
     loader.override_global(TCP_RETRANSMIT_HAS_ERR, &facts.retransmit_has_err, true);
     loader.override_global(DROP_REASON_CONSUMED, &facts.consumed, true);
+    let [io_start, queue_flags, stats_flag] = facts.stamp_facts;
+    let (stamps, globals) = issue_stamps(io_start, queue_flags, stats_flag, kernel_stamps == KernelStamps::Use);
+    loader.override_global(OFF_RQ_IO_START, &globals.off_rq_io_start, true);
+    loader.override_global(OFF_Q_QUEUE_FLAGS, &globals.off_q_queue_flags, true);
+    loader.override_global(QUEUE_STATS_MASK, &globals.queue_stats_mask, true);
+    facts.issue_stamps = stamps;
     // The counters are laid out per CPU id (highest possible + 1: the list may have gaps), and
     // the interface counters take slots x CPU ids of kernel memory: as many slots as the budget
     // allows on this host, and the programs told the lengths they index.
@@ -423,24 +464,36 @@ pub struct Attached {
     pub drop_reasons: DropReasonNames,
     /// Optional programs left out, with why (each leaves only its own metrics absent).
     pub failed: Vec<(&'static str, LoadError)>,
+    /// Where the I/O latency programs take issue times from.
+    pub issue_stamps: IssueStamps,
 }
 
 /// Loads `object` with the kernel's BTF from `btf_path` and attaches every program in
 /// [`PROGRAMS`] it can, trying again on a transient error ([`retry_transient`]). A program that
 /// cannot be attached is left out and listed in [`Attached::failed`]; the caller decides what
 /// runs without it (see `dcmon_common::ebpf::DISK_PROGRAMS`).
-pub fn load_and_attach(btf_path: &Path, object: &[u8], netns: Option<u32>) -> Result<Attached, LoadError> {
+pub fn load_and_attach(
+    btf_path: &Path,
+    object: &[u8],
+    netns: Option<u32>,
+    kernel_stamps: KernelStamps,
+) -> Result<Attached, LoadError> {
     // A failed attempt's `Ebpf` is dropped, detaching whatever it had attached.
-    retry_transient(|| load_and_attach_once(btf_path, object, netns))
+    retry_transient(|| load_and_attach_once(btf_path, object, netns, kernel_stamps))
 }
 
-fn load_and_attach_once(btf_path: &Path, object: &[u8], netns: Option<u32>) -> Result<Attached, LoadError> {
-    let (mut ebpf, btf, facts) = load_object_with(btf_path, object, netns)?;
+fn load_and_attach_once(
+    btf_path: &Path,
+    object: &[u8],
+    netns: Option<u32>,
+    kernel_stamps: KernelStamps,
+) -> Result<Attached, LoadError> {
+    let (mut ebpf, btf, facts) = load_object_with(btf_path, object, netns, kernel_stamps)?;
     let failed = attach_programs(&mut ebpf, &btf, &PROGRAMS, &facts.missing);
     if let Some((_, e)) = failed.iter().find(|(_, e)| e.reason == Reason::Transient) {
         return Err(LoadError { reason: e.reason, detail: e.detail.clone() });
     }
-    Ok(Attached { ebpf, drop_reasons: facts.drop_reasons, failed })
+    Ok(Attached { ebpf, drop_reasons: facts.drop_reasons, failed, issue_stamps: facts.issue_stamps })
 }
 
 /// Loads and attaches each of `programs` (name, tracepoint) that it can, and says why for the

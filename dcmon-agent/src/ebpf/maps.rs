@@ -7,6 +7,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use aya::Pod;
 
+const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
 const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
 
@@ -128,6 +129,19 @@ pub fn update<K: Pod, V: Pod>(fd: BorrowedFd<'_>, key: &K, value: &V) -> io::Res
         ..Default::default()
     };
     bpf(BPF_MAP_UPDATE_ELEM, &mut attr)
+}
+
+/// The value at `key` (for an array, `key` is the index).
+pub fn lookup<K: Pod, V: Pod + Default>(fd: BorrowedFd<'_>, key: &K) -> io::Result<V> {
+    let mut value = V::default();
+    let mut attr = ElemAttr {
+        map_fd: fd.as_raw_fd() as u32,
+        key: key as *const K as u64,
+        value: &mut value as *mut V as u64,
+        ..Default::default()
+    };
+    bpf(BPF_MAP_LOOKUP_ELEM, &mut attr)?;
+    Ok(value)
 }
 
 #[cfg(test)]

@@ -25,9 +25,9 @@ use anyhow::{Context as _, anyhow};
 use aya::Ebpf;
 use aya::maps::Map;
 use dcmon_common::ebpf::{
-    DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DISK_SLOTS, DiskKey, DiskSlot, DiskValue, DropCounts, LAT_OPS, LatencyHist,
-    NET_DROP_MAP, NET_DROP_SLOTS, NET_MAP, NET_SLOT_MAP, NetKey, NetSlot, NetValue, OOM_MAP, OOM_TOTAL_MAP, PROGRAMS,
-    TCP_MAP, TcpCounts,
+    DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DISK_SLOTS, DiskKey, DiskSlot, DiskValue, DropCounts, IssueStamps, LAT_OPS,
+    LatencyHist, NET_DROP_MAP, NET_DROP_SLOTS, NET_MAP, NET_SLOT_MAP, NetKey, NetSlot, NetValue, OOM_MAP,
+    OOM_TOTAL_MAP, PROG_BLOCK_RQ_COMPLETE, PROGRAMS, TCP_MAP, TcpCounts,
 };
 
 pub use load::{LoadError, Reason};
@@ -51,6 +51,8 @@ pub struct Probes {
     drop_reasons: load::DropReasonNames,
     /// Optional programs that could not be loaded, with why.
     failed: Vec<(&'static str, String)>,
+    /// Where the I/O latency programs take issue times from.
+    issue_stamps: IssueStamps,
 }
 
 /// Per-program counters from `kernel.bpf_stats_enabled`.
@@ -115,9 +117,23 @@ impl Probes {
 
     /// [`Probes::attach`] with the kernel's BTF read from `btf_path`.
     pub fn attach_with_btf(btf_path: &std::path::Path, netns: Option<u32>) -> Result<Self, LoadError> {
-        let load::Attached { ebpf, drop_reasons, failed } = load::load_and_attach(btf_path, load::OBJECT, netns)?;
+        Self::attach_with(btf_path, netns, load::KernelStamps::Use)
+    }
+
+    /// [`Probes::attach_with_btf`], choosing whether the I/O latency programs may take the
+    /// kernel's own issue stamps.
+    pub fn attach_with(
+        btf_path: &std::path::Path,
+        netns: Option<u32>,
+        kernel_stamps: load::KernelStamps,
+    ) -> Result<Self, LoadError> {
+        let load::Attached { ebpf, drop_reasons, failed, issue_stamps } =
+            load::load_and_attach(btf_path, load::OBJECT, netns, kernel_stamps)?;
         for (program, e) in &failed {
             tracing::warn!("{}", left_out_message(program, &e.to_string()));
+        }
+        if failed.iter().all(|(p, _)| *p != PROG_BLOCK_RQ_COMPLETE) {
+            tracing::info!("I/O latency issue times: {}", issue_stamps.describe());
         }
         let failed = failed.into_iter().map(|(p, e)| (p, e.to_string())).collect();
         release_freed_heap();
@@ -156,10 +172,17 @@ impl Probes {
             net_slots: Mutex::new(net_slots),
             drop_reasons,
             failed,
+            issue_stamps,
         })
     }
 
-    fn with_map_fd<T>(&self, name: &str, f: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<T>) -> anyhow::Result<T> {
+    /// Runs `f` with the file descriptor of map `name` of the loaded object (tests read and
+    /// write the maps through it with [`maps::lookup`] and [`maps::update`]).
+    pub fn with_map_fd<T>(
+        &self,
+        name: &str,
+        f: impl FnOnce(BorrowedFd<'_>) -> std::io::Result<T>,
+    ) -> anyhow::Result<T> {
         let ebpf = self.ebpf.lock().map_err(|_| anyhow!("eBPF state poisoned by an earlier panic"))?;
         match ebpf.map(name) {
             Some(Map::PerCpuArray(data) | Map::Array(data) | Map::LruHashMap(data)) => {
@@ -249,6 +272,11 @@ impl Probes {
     /// The optional programs that could not be loaded, with why.
     pub fn failed_programs(&self) -> &[(&'static str, String)] {
         &self.failed
+    }
+
+    /// Where the I/O latency programs take issue times from.
+    pub fn issue_stamps(&self) -> IssueStamps {
+        self.issue_stamps
     }
 
     /// OOM kills of every memory cgroup together since the programs were loaded, read from the

@@ -265,6 +265,10 @@ impl Collector for EbpfDiskCollector {
         true
     }
 
+    fn bpf_issue_stamps(&self) -> Option<dcmon_common::ebpf::IssueStamps> {
+        Some(self.probes.issue_stamps())
+    }
+
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
         let disks = self.read_all()?;
         out.extend(disks.iter().flat_map(DiskCounters::samples));
