@@ -1,5 +1,6 @@
 //! The wire body: `Batch::to_json` (hand-written around serde_json) for arbitrary machine ids,
-//! label values and values is byte for byte what serde_json writes, and parses back to them.
+//! label values (owned and shared label sets) and values is byte for byte what serde_json
+//! writes, and parses back to them.
 #![no_main]
 use arbitrary::Arbitrary;
 use dcmon_agent::batch::{Batch, Labels, Sample, Value};
@@ -21,6 +22,8 @@ struct FuzzSample {
     name: u8,
     value: FuzzValue,
     labels: Vec<(u8, String)>,
+    /// Whether its label set is a shared one, whose JSON is encoded when it is made.
+    shared: bool,
 }
 
 #[derive(Debug, Arbitrary)]
@@ -38,7 +41,8 @@ fuzz_target!(|input: FuzzBatch| {
             FuzzValue::Count(v) => Value::Count(v),
             FuzzValue::Gauge(v) => Value::Gauge(v),
         };
-        let labels: Labels = s.labels.into_iter().map(|(k, v)| (KEYS[usize::from(k) % KEYS.len()], v.into())).collect();
+        let pairs = s.labels.into_iter().map(|(k, v)| (KEYS[usize::from(k) % KEYS.len()], v.into()));
+        let labels: Labels = if s.shared { Labels::shared(pairs) } else { pairs.collect() };
         let sample = Sample { name: NAMES[usize::from(s.name) % NAMES.len()], value, labels };
         if value.is_finite() {
             pushed.push(sample.clone());
