@@ -13,8 +13,11 @@ use anyhow::{Context as _, bail};
 use crate::clean_command;
 
 /// The files checked by default.
-pub const FILES: [&str; 15] = [
-    "dcmon-agent/src/batch.rs",
+pub const FILES: [&str; 18] = [
+    "dcmon-agent/src/batch/mod.rs",
+    "dcmon-agent/src/batch/histogram.rs",
+    "dcmon-agent/src/batch/json.rs",
+    "dcmon-agent/src/batch/labels.rs",
     "dcmon-agent/src/collector/os.rs",
     "dcmon-agent/src/collector/net/mod.rs",
     "dcmon-agent/src/deliver/mod.rs",
