@@ -188,7 +188,7 @@ mod tests {
     /// then read fresh every round.
     #[test]
     fn program_counters_come_from_the_attached_programs() {
-        let required = std::env::var("DCMON_REQUIRE_EBPF").is_ok_and(|v| v == "1");
+        let required = dcmon_tests::privilege::ebpf_required();
         let skip = |why: String| {
             assert!(!required, "DCMON_REQUIRE_EBPF=1 but {why}");
             eprintln!("SKIP program_counters_come_from_the_attached_programs: {why}");

@@ -393,7 +393,7 @@ mod tests {
     /// The raw bpf_prog_info offsets agree with aya's parsed info (run count and time).
     #[test]
     fn prog_counters_match_aya() {
-        let required = std::env::var("DCMON_REQUIRE_EBPF").is_ok_and(|v| v == "1");
+        let required = dcmon_tests::privilege::ebpf_required();
         let skip = |why: String| {
             assert!(!required, "DCMON_REQUIRE_EBPF=1 but {why}");
             eprintln!("SKIP prog_counters_match_aya: {why}");
