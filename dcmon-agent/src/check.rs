@@ -8,6 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bytes::Bytes;
+use dcmon_common::ebpf::TimedRequests;
 
 use crate::agent::{Outcome, Scheduler};
 use crate::batch::Sample;
@@ -97,8 +98,9 @@ pub async fn check(
             _ => ("WARN", "unavailable, procfs is used (why: the warning below)"),
         };
         r.line(status, "eBPF", detail);
-        if let Some(stamps) = collectors.iter().find_map(|c| c.bpf_issue_stamps()) {
-            r.line(" OK ", "eBPF I/O latency", format!("issue times from {}", stamps.describe()));
+        if let Some(timing) = collectors.iter().find_map(|c| c.bpf_latency_timing()) {
+            let (status, detail) = latency_line(&timing);
+            r.line(status, "eBPF I/O latency", detail);
         }
     }
     for (program, why) in &left_out {
@@ -204,6 +206,13 @@ pub async fn check(
     r
 }
 
+/// The `eBPF I/O latency` line: what is timed and from where; a warning when some or all
+/// requests go untimed (`block_rq_issue` left out).
+fn latency_line(timing: &crate::ebpf::LatencyTiming) -> (&'static str, String) {
+    let status = if timing.timed() == TimedRequests::All { " OK " } else { "WARN" };
+    (status, timing.describe())
+}
+
 /// Runs `f` and returns what it returned and the warnings it logged, one line each, instead
 /// of logging them: the eBPF fallback says why in a warning.
 fn logged_warnings<T>(f: impl FnOnce() -> T) -> (T, Vec<String>) {
@@ -290,6 +299,41 @@ mod tests {
             report.text.lines().filter_map(|l| l.get(7..)?.strip_prefix("collector ")?.split(':').next()).collect();
         assert_eq!(reported, want, "{}", report.text);
         assert!(report.text.contains("[ OK ] collector os: "), "{}", report.text);
+    }
+
+    /// Without block_rq_issue the line says what is still timed and why the rest is not,
+    /// where it used to name the issue-time path as if every request were timed.
+    #[test]
+    fn the_latency_line_says_what_is_timed_without_the_issue_program() {
+        use crate::ebpf::LatencyTiming;
+        use dcmon_common::ebpf::IssueStamps;
+        let why = "a tracepoint the programs need is missing in this kernel: program block_rq_issue";
+        let timing = |stamps, issue_left_out: Option<&str>| LatencyTiming {
+            stamps,
+            complete_left_out: None,
+            issue_left_out: issue_left_out.map(str::to_owned),
+        };
+        let (status, text) = latency_line(&timing(IssueStamps::Kernel, None));
+        assert_eq!((status, text), (" OK ", format!("issue times from {}", IssueStamps::Kernel.describe())));
+        for stamps in [IssueStamps::Kernel, IssueStamps::KernelAtCompletion] {
+            let (status, text) = latency_line(&timing(stamps, Some(why)));
+            assert_eq!(status, "WARN", "{stamps:?}");
+            assert_eq!(
+                text,
+                format!(
+                    "only requests the kernel stamps itself are timed (io_start_time_ns, on queues with \
+                     QUEUE_FLAG_STATS, which writeback throttling turns on); those of other queues are not, as \
+                     block_rq_issue did not load: {why}"
+                ),
+                "{stamps:?}"
+            );
+        }
+        let (status, text) = latency_line(&timing(IssueStamps::Table, Some(why)));
+        assert_eq!(status, "WARN");
+        assert!(text.starts_with("not timed: "), "{text}");
+        assert!(text.ends_with(&format!("which block_rq_issue fills, and it did not load: {why}")), "{text}");
+        // The table path with every program is timed as ever.
+        assert_eq!(latency_line(&timing(IssueStamps::Table, None)).0, " OK ");
     }
 
     #[tokio::test]

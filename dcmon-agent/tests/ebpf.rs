@@ -369,6 +369,11 @@ impl Drop for BlkioGroup {
 fn latency_histogram(collector: &mut EbpfDiskCollector, device: &str, op: &str) -> (Vec<(String, u64)>, f64, u64) {
     let mut samples = Vec::new();
     collector.collect(&mut samples).expect("collect");
+    histogram_in(&samples, device, op)
+}
+
+/// [`latency_histogram`] of `device` and `op` among `samples`.
+fn histogram_in(samples: &[dcmon_agent::batch::Sample], device: &str, op: &str) -> (Vec<(String, u64)>, f64, u64) {
     let ours = |s: &&dcmon_agent::batch::Sample| {
         s.labels.iter().any(|(k, v)| *k == "device" && v == device)
             && s.labels.iter().any(|(k, v)| *k == "op" && v == op)
@@ -668,6 +673,135 @@ fn reads_over_a_clobbered_table(probes: &Arc<Probes>) -> (u64, f64, Duration, us
     eprintln!("{CLOBBERED_READS} reads in {took:?}: {timed} timed, sum {sum} s; {written} table entries written");
     assert_eq!(buckets.last().map(|(_, n)| *n), Some(count1), "+Inf bucket equals the count");
     (timed, sum, took, written)
+}
+
+/// [`Probes`] attached with a copy of this kernel's BTF in which tracepoint `block_rq_issue` is
+/// missing (its `btf_trace_` typedef renamed, as in tests/ebpf_partial.rs): every program but
+/// that one loads, as on a kernel that lacks it or whose verifier refuses it.
+fn attach_without_the_issue_program(what: &str, kernel_stamps: load::KernelStamps) -> Option<Arc<Probes>> {
+    if !can_run(what) {
+        return None;
+    }
+    let mut btf = std::fs::read(load::VMLINUX_BTF).expect("read the kernel's BTF");
+    let name = b"\0btf_trace_block_rq_issue\0";
+    let at: Vec<usize> = btf.windows(name.len()).enumerate().filter(|(_, w)| w == name).map(|(i, _)| i).collect();
+    assert_eq!(at.len(), 1, "btf_trace_block_rq_issue once in the string section");
+    btf[at[0] + name.len() - 2] = b'#';
+    let file = tempfile::NamedTempFile::new().expect("temp file");
+    std::fs::write(file.path(), &btf).expect("write the BTF copy");
+    let probes = match Probes::attach_with(file.path(), None, kernel_stamps) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            assert!(!required(), "DCMON_REQUIRE_EBPF=1 but eBPF failed: {e}");
+            eprintln!("SKIP {what}: {e}");
+            return None;
+        }
+    };
+    let failed: Vec<&str> = probes.failed_programs().iter().map(|(p, _)| *p).collect();
+    assert_eq!(failed, ["block_rq_issue"], "{:?}", probes.failed_programs());
+    Some(probes)
+}
+
+/// `n` reads of 4 KiB with O_DIRECT from block device `dev`.
+fn direct_reads(dev: &str, n: usize) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(dev)
+        .unwrap_or_else(|e| panic!("open {dev} O_DIRECT: {e}"));
+    let buf = Aligned::new(4096);
+    for i in 0..n {
+        // SAFETY: buf is 4 KiB, aligned; fd is open.
+        let r = unsafe { libc::pread(f.as_raw_fd(), buf.ptr.cast(), 4096, (i * 4096) as libc::off_t) };
+        assert_eq!(r, 4096, "pread {dev}: {}", std::io::Error::last_os_error());
+    }
+}
+
+/// The values of `dcmon_ebpf_overflow_total{map}` among `samples`: one, or none when absent.
+fn overflow_in(samples: &[dcmon_agent::batch::Sample], map: &str) -> Vec<u64> {
+    samples
+        .iter()
+        .filter(|s| s.name == "dcmon_ebpf_overflow_total" && s.labels.iter().any(|(k, v)| *k == "map" && v == map))
+        .map(|s| s.value.as_f64() as u64)
+        .collect()
+}
+
+/// Without `block_rq_issue` the kernel-stamp path still times every request the kernel stamps
+/// (every loop device here has writeback throttling, so QUEUE_FLAG_STATS): each read of a
+/// slotted loop device is in its histogram, and the overflow slot's count, where the reads of
+/// a loop device the filter leaves out are timed, is reported and holds them.
+#[test]
+fn without_the_issue_program_the_kernels_stamps_time_every_read() {
+    let Some(probes) = attach_without_the_issue_program("I/O latency without block_rq_issue", load::KernelStamps::Use)
+    else {
+        return;
+    };
+    if probes.issue_stamps() != IssueStamps::Kernel {
+        assert!(!required() || expected_issue_stamps() != IssueStamps::Kernel, "{:?}", probes.issue_stamps());
+        return eprintln!("SKIP: this kernel's BTF does not allow the kernel-stamp path");
+    }
+    assert_eq!(probes.latency_timing().timed(), dcmon_common::ebpf::TimedRequests::KernelStamped);
+    let (slotted, left_out) = (Loop::new(16 << 20), Loop::new(16 << 20));
+    let _ = Command::new("udevadm").arg("settle").status();
+    for disk in [&slotted, &left_out] {
+        let wbt = std::fs::read_to_string(format!("/sys/block/{}/queue/wbt_lat_usec", disk.name())).unwrap_or_default();
+        assert!(wbt.trim().parse::<u64>().is_ok_and(|usec| usec > 0), "{}: wbt off ({wbt:?})", disk.name());
+    }
+    let filter = DeviceFilter { include: PatternList::new([slotted.name()]), exclude: PatternList::default() };
+    let mut collector = EbpfDiskCollector::new(Host::default(), filter, Arc::clone(&probes)).expect("collector");
+    let round = |collector: &mut EbpfDiskCollector| {
+        let mut samples = Vec::new();
+        collector.collect(&mut samples).expect("collect");
+        (histogram_in(&samples, slotted.name(), "read").2, overflow_in(&samples, "disk_latency"))
+    };
+    let (count0, overflow0) = round(&mut collector);
+    direct_reads(&slotted.dev, CLOBBERED_READS);
+    direct_reads(&left_out.dev, CLOBBERED_READS);
+    let (count1, overflow1) = round(&mut collector);
+    eprintln!(
+        "{CLOBBERED_READS} reads each: {} timed in the slot, overflow {overflow0:?} -> {overflow1:?}",
+        count1 - count0
+    );
+    assert_eq!(count1 - count0, CLOBBERED_READS as u64, "every read of {} timed", slotted.name());
+    let ([overflow0], [overflow1]) = (overflow0.as_slice(), overflow1.as_slice()) else {
+        panic!("dcmon_ebpf_overflow_total{{map=\"disk_latency\"}} once a round: {overflow0:?}, {overflow1:?}");
+    };
+    // Other disks the filter leaves out (the host's) add to it too: at least ours.
+    assert!(
+        overflow1 - overflow0 >= CLOBBERED_READS as u64,
+        "reads of {} in the overflow: {}",
+        left_out.name(),
+        overflow1 - overflow0
+    );
+}
+
+/// The stamp-table path without `block_rq_issue` times nothing: the completions are still
+/// counted, but no histogram and no latency overflow count is reported.
+#[test]
+fn without_the_issue_program_the_table_path_reports_no_latency() {
+    let Some(probes) = attach_without_the_issue_program("table path without block_rq_issue", load::KernelStamps::Off)
+    else {
+        return;
+    };
+    assert_eq!(probes.issue_stamps(), IssueStamps::Table);
+    assert_eq!(probes.latency_timing().timed(), dcmon_common::ebpf::TimedRequests::Nothing);
+    let disk = Loop::new(16 << 20);
+    let _ = Command::new("udevadm").arg("settle").status();
+    let mut collector = EbpfDiskCollector::new(Host::default(), match_all(), Arc::clone(&probes)).expect("collector");
+    let mut samples = Vec::new();
+    collector.collect(&mut samples).expect("collect");
+    direct_reads(&disk.dev, READS);
+    samples.clear();
+    collector.collect(&mut samples).expect("collect");
+    let reads = samples
+        .iter()
+        .find(|s| s.name == "disk_reads_total" && s.labels.iter().any(|(k, v)| *k == "device" && v == disk.name()))
+        .map(|s| s.value.as_f64() as u64);
+    assert!(reads.is_some_and(|n| n >= READS as u64), "{} reads counted: {reads:?}", disk.name());
+    let latency: Vec<&str> =
+        samples.iter().filter(|s| s.name.starts_with("disk_io_latency_seconds")).map(|s| s.name).collect();
+    assert!(latency.is_empty(), "nothing is timed, yet {latency:?}");
+    assert_eq!(overflow_in(&samples, "disk_latency"), Vec::<u64>::new());
 }
 
 /// A network namespace, deleted on drop.

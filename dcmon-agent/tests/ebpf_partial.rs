@@ -150,6 +150,39 @@ async fn check_names_the_program_left_out_and_why() {
     assert_eq!(active, [1.0]);
 }
 
+/// Without `block_rq_issue` the disk side stays on eBPF and the completion still times what the
+/// kernel stamps: `check` says so (not the issue-time path as if every request were timed),
+/// and a round reports the latency overflow count with the histograms.
+#[tokio::test]
+async fn check_says_what_is_timed_without_the_issue_program() {
+    let Some(root) = host_root_without("block_rq_issue") else { return };
+    let facts = dcmon_agent::ebpf::load::kernel_facts(Path::new(VMLINUX)).expect("kernel BTF");
+    let [io_start, queue_flags, stats_flag] = facts.stamp_facts;
+    let (stamps, _) = dcmon_common::ebpf::issue_stamps(io_start, queue_flags, stats_flag, true);
+    let text = check_text(config(root.path())).await;
+    assert!(
+        text.contains("[ OK ] eBPF: programs load and attach: disk and network I/O counted in the kernel\n"),
+        "{text}"
+    );
+    let latency: Vec<&str> = text.lines().filter(|l| l.contains("eBPF I/O latency")).collect();
+    let timed = if stamps == dcmon_common::ebpf::IssueStamps::Table {
+        "[WARN] eBPF I/O latency: not timed: "
+    } else {
+        "[WARN] eBPF I/O latency: only requests the kernel stamps itself are timed (io_start_time_ns, on queues \
+         with QUEUE_FLAG_STATS, which writeback throttling turns on); those of other queues are not, as \
+         block_rq_issue did not load: a tracepoint the programs need is missing in this kernel: program \
+         block_rq_issue (tp_btf/block_rq_issue): load:"
+    };
+    assert!(latency.len() == 1 && latency[0].starts_with(timed), "{stamps:?}: {text}");
+    assert!(text.contains("[WARN] eBPF program block_rq_issue: not loaded, its metrics are absent: "), "{text}");
+    let batch = one_round(&config(root.path()), true, true).await;
+    let overflow = batch.samples().iter().filter(|s| {
+        s.name == "dcmon_ebpf_overflow_total" && s.labels.iter().any(|(k, v)| *k == "map" && v == "disk_latency")
+    });
+    let expected = usize::from(stamps != dcmon_common::ebpf::IssueStamps::Table);
+    assert_eq!(overflow.count(), expected, "{stamps:?}: the latency overflow count is sent when requests are timed");
+}
+
 /// Without `program`'s tracepoint, the side it counts (`on_ebpf`, "disk" or "network") stays on
 /// eBPF and the other (`on_procfs`) is read from procfs, as `check` says and a round shows;
 /// `"on"` refuses to run so. `left_with_it` are the programs that only work for `program`: they

@@ -100,9 +100,9 @@ pub trait Collector: Send + 'static {
     fn bpf_programs_left_out(&self) -> &[(&'static str, String)] {
         &[]
     }
-    /// Where the I/O latency programs this collector reads take issue times from (`check`
-    /// shows it); None for collectors without them.
-    fn bpf_issue_stamps(&self) -> Option<dcmon_common::ebpf::IssueStamps> {
+    /// What the I/O latency programs this collector reads time, and where they take issue
+    /// times from (`check` shows it); None for collectors without them.
+    fn bpf_latency_timing(&self) -> Option<crate::ebpf::LatencyTiming> {
         None
     }
 }

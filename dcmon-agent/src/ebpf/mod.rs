@@ -27,7 +27,7 @@ use aya::maps::Map;
 use dcmon_common::ebpf::{
     DISK_LAT_MAP, DISK_MAP, DISK_SLOT_MAP, DISK_SLOTS, DiskKey, DiskSlot, DiskValue, DropCounts, IssueStamps, LAT_OPS,
     LatencyHist, NET_DROP_MAP, NET_DROP_SLOTS, NET_MAP, NET_SLOT_MAP, NetKey, NetSlot, NetValue, OOM_MAP,
-    OOM_TOTAL_MAP, PROG_BLOCK_RQ_COMPLETE, PROGRAMS, TCP_MAP, TcpCounts,
+    OOM_TOTAL_MAP, PROG_BLOCK_RQ_COMPLETE, PROG_BLOCK_RQ_ISSUE, PROGRAMS, TCP_MAP, TcpCounts, TimedRequests,
 };
 
 pub use load::{LoadError, Reason};
@@ -80,10 +80,58 @@ fn release_freed_heap() {
     }
 }
 
+/// [`LatencyTiming`] of path `stamps` with the programs `failed` left out.
+fn latency_timing(stamps: IssueStamps, failed: &[(&'static str, String)]) -> LatencyTiming {
+    let why = |program: &str| failed.iter().find(|(p, _)| *p == program).map(|(_, why)| why.clone());
+    LatencyTiming { stamps, complete_left_out: why(PROG_BLOCK_RQ_COMPLETE), issue_left_out: why(PROG_BLOCK_RQ_ISSUE) }
+}
+
 /// The log line for a program that could not be loaded: `check` shows these on lines of
 /// their own and recognises them among the other warnings by this text.
 pub fn left_out_message(program: &str, why: &str) -> String {
     format!("eBPF program {program} not loaded, its metrics are absent: {why}")
+}
+
+/// What the I/O latency histograms time on a load: where issue times come from, and why
+/// `block_rq_complete` or `block_rq_issue` is not attached where one is not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LatencyTiming {
+    /// Where issue times come from.
+    pub stamps: IssueStamps,
+    /// Why `block_rq_complete` is not attached (then nothing is timed); None when it is.
+    pub complete_left_out: Option<String>,
+    /// Why `block_rq_issue` is not attached; None when it is.
+    pub issue_left_out: Option<String>,
+}
+
+impl LatencyTiming {
+    /// Which requests are timed.
+    pub fn timed(&self) -> TimedRequests {
+        if self.complete_left_out.is_some() {
+            return TimedRequests::Nothing;
+        }
+        self.stamps.timed(self.issue_left_out.is_none())
+    }
+
+    /// What the log line at load and `check` say: which requests are timed, and from where.
+    pub fn describe(&self) -> String {
+        match (self.timed(), &self.complete_left_out, &self.issue_left_out) {
+            (_, Some(why), _) => format!("not timed: {PROG_BLOCK_RQ_COMPLETE} did not load: {why}"),
+            (TimedRequests::All, _, _) => format!("issue times from {}", self.stamps.describe()),
+            (TimedRequests::KernelStamped, _, why) => format!(
+                "only requests the kernel stamps itself are timed (io_start_time_ns, on queues with \
+                 QUEUE_FLAG_STATS, which writeback throttling turns on); those of other queues are not, \
+                 as {PROG_BLOCK_RQ_ISSUE} did not load: {}",
+                why.as_deref().unwrap_or_default()
+            ),
+            (TimedRequests::Nothing, _, why) => format!(
+                "not timed: the kernel's own issue stamps are not used on this load (no io_start_time_ns \
+                 in its BTF, or turned off), so issue times come only from the programs' stamp table, \
+                 which {PROG_BLOCK_RQ_ISSUE} fills, and it did not load: {}",
+                why.as_deref().unwrap_or_default()
+            ),
+        }
+    }
 }
 
 /// Maps array `name` of the loaded object read-only, at the length and value size it was
@@ -132,10 +180,12 @@ impl Probes {
         for (program, e) in &failed {
             tracing::warn!("{}", left_out_message(program, &e.to_string()));
         }
-        if failed.iter().all(|(p, _)| *p != PROG_BLOCK_RQ_COMPLETE) {
-            tracing::info!("I/O latency issue times: {}", issue_stamps.describe());
+        let failed: Vec<(&'static str, String)> = failed.into_iter().map(|(p, e)| (p, e.to_string())).collect();
+        let timing = latency_timing(issue_stamps, &failed);
+        if timing.complete_left_out.is_none() {
+            // Info, not a warning: a program left out is warned about above already.
+            tracing::info!("I/O latency: {}", timing.describe());
         }
-        let failed = failed.into_iter().map(|(p, e)| (p, e.to_string())).collect();
         release_freed_heap();
         let cpus = maps::possible_cpu_ids()
             .map_err(|e| LoadError { reason: Reason::Other, detail: format!("listing possible CPUs: {e}") })?;
@@ -279,6 +329,11 @@ impl Probes {
         self.issue_stamps
     }
 
+    /// What the I/O latency histograms time with the programs attached here.
+    pub fn latency_timing(&self) -> LatencyTiming {
+        latency_timing(self.issue_stamps, &self.failed)
+    }
+
     /// OOM kills of every memory cgroup together since the programs were loaded, read from the
     /// mapping (no syscall): the sum of [`Probes::oom_kills`]'s counts once that has caught up.
     pub fn oom_kill_total(&self) -> u64 {
@@ -389,6 +444,24 @@ impl Probes {
 #[cfg(test)]
 mod tests {
     use std::os::fd::AsFd as _;
+
+    use dcmon_common::ebpf::{IssueStamps, TimedRequests};
+
+    /// The timing follows the programs left out: without the completion nothing is timed
+    /// (the issue program is left out with it), without the issue program what the path allows.
+    #[test]
+    fn latency_timing_follows_the_programs_left_out() {
+        let issue = ("block_rq_issue", "left out, it only works for block_rq_complete".to_owned());
+        let complete = ("block_rq_complete", "no such tracepoint".to_owned());
+        let all = super::latency_timing(IssueStamps::Kernel, &[("kfree_skb", "x".to_owned())]);
+        assert_eq!((all.timed(), all.issue_left_out), (TimedRequests::All, None));
+        let partial = super::latency_timing(IssueStamps::Kernel, std::slice::from_ref(&issue));
+        assert_eq!(partial.timed(), TimedRequests::KernelStamped);
+        assert!(partial.describe().ends_with(&format!("did not load: {}", issue.1)), "{}", partial.describe());
+        let none = super::latency_timing(IssueStamps::Kernel, &[complete.clone(), issue]);
+        assert_eq!(none.timed(), TimedRequests::Nothing);
+        assert_eq!(none.describe(), "not timed: block_rq_complete did not load: no such tracepoint");
+    }
 
     /// The raw bpf_prog_info offsets agree with aya's parsed info (run count and time).
     #[test]

@@ -51,6 +51,29 @@ impl IssueStamps {
             Self::Table => "the programs' stamp table only",
         }
     }
+
+    /// Which requests `block_rq_complete` times on this path, with `block_rq_issue` attached
+    /// or not. Without it the table is never stamped, but the completion still takes the
+    /// kernel's stamp on the kernel-stamp paths.
+    pub const fn timed(self, issue_attached: bool) -> TimedRequests {
+        match (self, issue_attached) {
+            (_, true) => TimedRequests::All,
+            (Self::Kernel | Self::KernelAtCompletion, false) => TimedRequests::KernelStamped,
+            (Self::Table, false) => TimedRequests::Nothing,
+        }
+    }
+}
+
+/// Which requests the I/O latency histograms time (`block_rq_complete` attached).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum TimedRequests {
+    /// Every read, write, flush and discard (less the table's collisions, README).
+    All,
+    /// Only the requests the kernel stamps itself (queues with `QUEUE_FLAG_STATS`):
+    /// `block_rq_issue` is not attached.
+    KernelStamped,
+    /// None: the table path without `block_rq_issue`.
+    Nothing,
 }
 
 /// The values of [`OFF_RQ_IO_START`], [`OFF_Q_QUEUE_FLAGS`] and [`QUEUE_STATS_MASK`].
@@ -120,6 +143,16 @@ mod tests {
         assert_eq!(issue_stamps(None, Some(32), Some(7), true), (IssueStamps::Table, zero));
         assert_eq!(issue_stamps(Some(112), Some(32), Some(7), false), (IssueStamps::Table, zero));
         assert_eq!(issue_stamps(Some(0), Some(32), Some(7), true), (IssueStamps::Table, zero));
+    }
+
+    #[test]
+    fn without_the_issue_program_only_the_kernels_stamps_time() {
+        for path in [IssueStamps::Kernel, IssueStamps::KernelAtCompletion, IssueStamps::Table] {
+            assert_eq!(path.timed(true), TimedRequests::All, "{path:?}");
+        }
+        assert_eq!(IssueStamps::Kernel.timed(false), TimedRequests::KernelStamped);
+        assert_eq!(IssueStamps::KernelAtCompletion.timed(false), TimedRequests::KernelStamped);
+        assert_eq!(IssueStamps::Table.timed(false), TimedRequests::Nothing);
     }
 
     #[test]

@@ -265,8 +265,8 @@ impl Collector for EbpfDiskCollector {
         true
     }
 
-    fn bpf_issue_stamps(&self) -> Option<dcmon_common::ebpf::IssueStamps> {
-        Some(self.probes.issue_stamps())
+    fn bpf_latency_timing(&self) -> Option<crate::ebpf::LatencyTiming> {
+        Some(self.probes.latency_timing())
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {

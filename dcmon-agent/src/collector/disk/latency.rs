@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, LazyLock};
 
 use dcmon_common::ebpf::{
-    DiskKey, LAT_BUCKETS, LAT_OP_NAMES, LAT_OPS, LatencyHist, OVERFLOW_SLOT, PROG_BLOCK_RQ_ISSUE, lat_bucket_bound_ns,
+    DiskKey, LAT_BUCKETS, LAT_OP_NAMES, LAT_OPS, LatencyHist, OVERFLOW_SLOT, TimedRequests, lat_bucket_bound_ns,
 };
 
 use crate::batch::{DISK_IO_LATENCY, HistogramLabels, LabelValue, Sample, le_values};
@@ -29,11 +29,19 @@ struct Slotted {
 #[derive(Debug)]
 pub struct DiskLatency {
     probes: Arc<Probes>,
+    reported: Reported,
+    /// Whether the lack of a free slot was logged already.
+    warned_full: bool,
+}
+
+/// What is reported of the slots' histograms, apart from the programs that fill them.
+#[derive(Debug)]
+struct Reported {
     disks: HashMap<DiskKey, Slotted>,
     /// Completions in the overflow slot at start.
     overflow_start: u64,
-    /// Whether the lack of a free slot was logged already.
-    warned_full: bool,
+    /// Which requests the programs time: with none, nothing is reported.
+    timed: TimedRequests,
 }
 
 fn count(h: &LatencyHist) -> u64 {
@@ -44,7 +52,8 @@ impl DiskLatency {
     /// Reads the overflow slot's starting count.
     pub fn new(probes: Arc<Probes>) -> anyhow::Result<Self> {
         let overflow_start = probes.disk_latency(OVERFLOW_SLOT)?.iter().map(count).sum();
-        Ok(Self { probes, disks: HashMap::new(), overflow_start, warned_full: false })
+        let timed = probes.latency_timing().timed();
+        Ok(Self { probes, reported: Reported { disks: HashMap::new(), overflow_start, timed }, warned_full: false })
     }
 
     /// Gives a slot to each of `disks` (whole request-based disks the filter allows) that has
@@ -52,6 +61,7 @@ impl DiskLatency {
     pub fn sync<'a>(&mut self, disks: impl IntoIterator<Item = (DiskKey, &'a str)>) -> anyhow::Result<()> {
         let wanted: HashMap<DiskKey, &str> = disks.into_iter().collect();
         let gone: Vec<DiskKey> = self
+            .reported
             .disks
             .iter()
             .filter(|(key, d)| wanted.get(key).is_none_or(|name| *name != d.name))
@@ -61,7 +71,7 @@ impl DiskLatency {
             self.forget(key)?;
         }
         for (key, name) in wanted {
-            if self.disks.contains_key(&key) {
+            if self.reported.disks.contains_key(&key) {
                 continue;
             }
             let Some(slot) = self.probes.disk_slot(key)? else {
@@ -72,25 +82,38 @@ impl DiskLatency {
                 continue;
             };
             let start = self.probes.disk_latency(slot)?;
-            self.disks.insert(key, Slotted { name: name.into(), slot, start, labels: Default::default() });
+            self.reported.disks.insert(key, Slotted { name: name.into(), slot, start, labels: Default::default() });
         }
         Ok(())
     }
 
     /// Takes disk `key`'s slot back (it is gone, or its number now names another disk).
     pub fn forget(&mut self, key: DiskKey) -> anyhow::Result<()> {
-        if self.disks.remove(&key).is_some() {
+        if self.reported.disks.remove(&key).is_some() {
             self.probes.release_disk_slot(key)?;
         }
         Ok(())
     }
 
     /// The histograms of every slotted disk with I/O, in device-number order, and the overflow
-    /// slot's count.
+    /// slot's count; nothing when the programs time no request.
     pub fn samples(&mut self, out: &mut Vec<Sample>) -> anyhow::Result<()> {
+        let slots = self.probes.disk_latency_all()?;
+        self.reported.samples(&slots, out);
+        Ok(())
+    }
+}
+
+impl Reported {
+    /// [`DiskLatency::samples`] from the slots' histograms `slots` (indexed by slot).
+    fn samples(&mut self, slots: &[Hists], out: &mut Vec<Sample>) {
+        // What is timed is what is reported: without block_rq_issue the kernel-stamp paths
+        // still time requests (the overflow slot's too), the table path none.
+        if self.timed == TimedRequests::Nothing {
+            return;
+        }
         let mut keys: Vec<DiskKey> = self.disks.keys().copied().collect();
         keys.sort_by_key(|k| (k.major(), k.minor()));
-        let slots = self.probes.disk_latency_all()?;
         let zero = [LatencyHist::default(); LAT_OPS as usize];
         for key in keys {
             let Some(disk) = self.disks.get_mut(&key) else { continue };
@@ -106,15 +129,11 @@ impl DiskLatency {
                 }
             }
         }
-        // Without the issue program nothing is timed: no overflow count either.
-        if self.probes.attached(PROG_BLOCK_RQ_ISSUE) {
-            let overflow: u64 = slots.get(OVERFLOW_SLOT as usize).unwrap_or(&zero).iter().map(count).sum();
-            out.push(
-                Sample::count("dcmon_ebpf_overflow_total", overflow.wrapping_sub(self.overflow_start))
-                    .label("map", "disk_latency"),
-            );
-        }
-        Ok(())
+        let overflow: u64 = slots.get(OVERFLOW_SLOT as usize).unwrap_or(&zero).iter().map(count).sum();
+        out.push(
+            Sample::count("dcmon_ebpf_overflow_total", overflow.wrapping_sub(self.overflow_start))
+                .label("map", "disk_latency"),
+        );
     }
 }
 
@@ -172,6 +191,60 @@ mod tests {
         let count = &samples[LAT_BUCKETS as usize + 1];
         assert_eq!((count.name, count.value), ("disk_io_latency_seconds_count", Value::Count(6)));
         assert!(samples.iter().all(|s| s.labels[..2] == labels[..]));
+    }
+
+    /// The overflow slot (0) and disk vda's (1), each with reads in bucket 3, vda's slot given
+    /// when its slot held one read already and the overflow's start at 1.
+    fn reported(timed: TimedRequests) -> (Reported, Vec<Hists>) {
+        let mut slots = vec![[LatencyHist::default(); LAT_OPS as usize]; 2];
+        slots[0][0].buckets[3] = 4;
+        slots[1][0].buckets[3] = 6;
+        slots[1][0].sum_ns = 6 * 10_000;
+        let mut start = [LatencyHist::default(); LAT_OPS as usize];
+        start[0].buckets[3] = 1;
+        start[0].sum_ns = 10_000;
+        let vda = Slotted { name: "vda".into(), slot: 1, start, labels: Default::default() };
+        let disks = HashMap::from([(DiskKey::new(253, 0), vda)]);
+        (Reported { disks, overflow_start: 1, timed }, slots)
+    }
+
+    /// (name, value) of each sample but the histogram's buckets.
+    fn summary(samples: &[Sample]) -> Vec<(&'static str, Value)> {
+        samples.iter().filter(|s| s.name != "disk_io_latency_seconds_bucket").map(|s| (s.name, s.value)).collect()
+    }
+
+    /// Without block_rq_issue the kernel-stamp paths still time requests, into the overflow
+    /// slot too: its count is reported with the histograms, as with every program attached.
+    #[test]
+    fn the_overflow_count_is_sent_whenever_requests_are_timed() {
+        for timed in [TimedRequests::All, TimedRequests::KernelStamped] {
+            let (mut reported, slots) = reported(timed);
+            let mut out = Vec::new();
+            reported.samples(&slots, &mut out);
+            assert_eq!(
+                summary(&out),
+                [
+                    ("disk_io_latency_seconds_sum", Value::Gauge(0.00005)),
+                    ("disk_io_latency_seconds_count", Value::Count(5)),
+                    ("dcmon_ebpf_overflow_total", Value::Count(3)),
+                ],
+                "{timed:?}"
+            );
+            let overflow = out.last().expect("overflow sample");
+            assert_eq!(
+                overflow.labels.iter().find(|(k, _)| *k == "map").map(|(_, v)| v.to_string()).as_deref(),
+                Some("disk_latency")
+            );
+        }
+    }
+
+    /// The table path without block_rq_issue times nothing: no histogram, no overflow count.
+    #[test]
+    fn nothing_is_reported_when_nothing_is_timed() {
+        let (mut reported, slots) = reported(TimedRequests::Nothing);
+        let mut out = Vec::new();
+        reported.samples(&slots, &mut out);
+        assert!(out.is_empty(), "{out:?}");
     }
 
     #[test]
