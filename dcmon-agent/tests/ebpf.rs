@@ -1326,8 +1326,28 @@ fn link_changes_in_the_agents_namespace_show_in_the_next_round() {
     let pid = std::process::id();
     let (first, peer, renamed) = (format!("dcla{pid}"), format!("dclp{pid}"), format!("dclb{pid}"));
     let mut collector = EbpfNetCollector::new(Host::default(), match_all(), probes).expect("collector");
+    // Both ways of reading a round: `read_all`, and `collect`, whose samples carry label sets
+    // made at the last re-list (a round after read_all's, with no link change between).
     let names = |c: &mut EbpfNetCollector| -> Vec<String> {
-        c.read_all().expect("collector").into_iter().map(|i| i.interface).filter(|n| n.starts_with("dcl")).collect()
+        let read: Vec<String> = c
+            .read_all()
+            .expect("collector")
+            .into_iter()
+            .map(|i| i.interface)
+            .filter(|n| n.starts_with("dcl"))
+            .collect();
+        let mut samples = Vec::new();
+        c.collect(&mut samples).expect("collect");
+        for metric in ["network_receive_bytes_total", "network_transmit_bytes_total"] {
+            let labelled: Vec<String> = samples
+                .iter()
+                .filter(|s| s.name == metric)
+                .filter_map(|s| s.labels.iter().find(|(k, _)| *k == "interface").map(|(_, v)| v.to_string()))
+                .filter(|n| n.starts_with("dcl"))
+                .collect();
+            assert_eq!(labelled, read, "{metric}");
+        }
+        read
     };
     assert_eq!(names(&mut collector), Vec::<String>::new());
     run(&["ip", "link", "add", &first, "type", "veth", "peer", "name", &peer]);

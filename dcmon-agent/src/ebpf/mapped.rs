@@ -128,10 +128,18 @@ impl<V: Pod + Default> MappedArray<V> {
 
     /// Copies of entries `0..n` (fewer if the array is shorter), in index order.
     pub fn prefix(&self, n: usize) -> Vec<V> {
-        let mut out = vec![V::default(); n.min(self.entries as usize)];
-        // In range: at most `entries` long.
-        let _ = self.read_into(0, &mut out);
+        let mut out = Vec::new();
+        self.prefix_into(n, &mut out);
         out
+    }
+
+    /// [`MappedArray::prefix`] into `out` (replacing what it held), reusing its memory.
+    pub fn prefix_into(&self, n: usize, out: &mut Vec<V>) {
+        // Not cleared first: every entry kept is overwritten below, and a buffer of the same
+        // length as last time is then written once, not zeroed and written.
+        out.resize(n.min(self.entries as usize), V::default());
+        // In range: at most `entries` long.
+        let _ = self.read_into(0, out);
     }
 }
 
@@ -171,20 +179,28 @@ impl<V: Pod + Default> MappedPerCpuArray<V> {
 
     /// Slots `0..n` (fewer if a CPU has fewer), each summed over the CPUs' copies.
     pub fn sum_prefix(&self, n: usize) -> Vec<V> {
+        let mut out = Vec::new();
+        self.sum_prefix_into(n, &mut out);
+        out
+    }
+
+    /// [`MappedPerCpuArray::sum_prefix`] into `out` (replacing what it held), so that a caller
+    /// reading every round reuses one buffer instead of allocating two.
+    pub fn sum_prefix_into(&self, n: usize, out: &mut Vec<V>) {
         let n = n.min(self.slots as usize);
+        out.resize(n, V::default());
         let words_per_value = std::mem::size_of::<V>() / 8;
-        let mut sums = vec![0u64; n * words_per_value];
+        // SAFETY: `out` holds n values of V, V is made of u64 words only, 8-byte aligned (checked
+        // in MappedArray::new) and Pod (any words are a valid V): n * words_per_value words.
+        let sums = unsafe { std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<u64>(), n * words_per_value) };
+        // Zero whatever V's Default is: the sums start from nothing.
+        sums.fill(0);
         for &cpu in &self.cpus {
             let Some(words) = self.array.words(cpu as usize * self.slots as usize, n) else { continue };
             for (sum, word) in sums.iter_mut().zip(words) {
                 *sum = sum.wrapping_add(word.load(Ordering::Relaxed));
             }
         }
-        let mut out = vec![V::default(); n];
-        // SAFETY: `out` holds n values of V, V is made of u64 words only (checked in
-        // MappedArray::new) and Pod, and `sums` holds exactly n * words_per_value words.
-        unsafe { std::ptr::copy_nonoverlapping(sums.as_ptr(), out.as_mut_ptr().cast::<u64>(), sums.len()) };
-        out
     }
 }
 
@@ -258,6 +274,10 @@ mod tests {
         assert_eq!(array.get(600), None);
         assert_eq!(array.prefix(3), vec![value(0), value(1), [0; 3]]);
         assert_eq!(array.prefix(1000).len(), 600);
+        // A buffer reused from an earlier, longer read holds just the entries asked for.
+        let mut reused = vec![[7u64; 3]; 5];
+        array.prefix_into(3, &mut reused);
+        assert_eq!(reused, vec![value(0), value(1), [0; 3]]);
         update(fd.as_fd(), &2u32, &value(2)).expect("BPF_MAP_UPDATE_ELEM");
         assert_eq!(array.get(2), Some(value(2)), "shared memory, not a copy made at mmap");
         let start = array.base.as_ptr() as usize;
@@ -304,6 +324,10 @@ mod tests {
         assert_eq!(per_cpu.sum_prefix(3), vec![want(0), want(1), want(2)]);
         assert_eq!(want(1), [(1 << 8 | 1) + (2 << 8 | 1) + (4 << 8 | 1), 7000], "the gap's region left out");
         assert_eq!(per_cpu.sum_prefix(9).len(), 4, "no further than a region");
+        // A buffer reused from an earlier read: summed from zero, its old values and length gone.
+        let mut reused = vec![[9u64; 2]; 6];
+        per_cpu.sum_prefix_into(3, &mut reused);
+        assert_eq!(reused, vec![want(0), want(1), want(2)]);
         // A length that is not whole regions for the ids is refused, naming the map.
         let fd = scratch_array(16, 10, BPF_F_MMAPABLE).expect("created above");
         let array = MappedArray::<[u64; 2]>::new("DCMON_Z", fd.as_fd(), 10, 16, BPF_F_MMAPABLE).expect("mmap");

@@ -301,10 +301,18 @@ impl Probes {
     /// slots below them (the overflow and no-device slots first), indexed by slot: read from
     /// the mapping of the array's prefix, no syscall.
     pub fn net_drops_all(&self) -> anyhow::Result<Vec<DropCounts>> {
+        let mut out = Vec::new();
+        self.net_drops_all_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// [`Probes::net_drops_all`] into `out`, reusing its memory (a collector's every round).
+    pub fn net_drops_all_into(&self, out: &mut Vec<DropCounts>) -> anyhow::Result<()> {
         let end = self.net_slots.lock().map_err(|_| anyhow!("interface slots poisoned by an earlier panic"))?.end();
         // Only the low slots have drop counters (higher ones count their drops in the overflow).
         let end = end.min(NET_DROP_SLOTS);
-        Ok(self.net_drop.prefix(end as usize))
+        self.net_drop.prefix_into(end as usize, out);
+        Ok(())
     }
 
     /// Whether program `name` is loaded and attached.
@@ -389,8 +397,16 @@ impl Probes {
     /// The counters of every disk slot handed out and of the slots below them (the overflow
     /// slot first), indexed by slot, summed over CPUs: read from the mapping, no syscall.
     pub fn disk_counters(&self) -> anyhow::Result<Vec<DiskValue>> {
+        let mut out = Vec::new();
+        self.disk_counters_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// [`Probes::disk_counters`] into `out`, reusing its memory (a collector's every round).
+    pub fn disk_counters_into(&self, out: &mut Vec<DiskValue>) -> anyhow::Result<()> {
         let end = self.disk_slots.lock().map_err(|_| anyhow!("disk slots poisoned by an earlier panic"))?.end();
-        Ok(self.disk.sum_prefix(end as usize))
+        self.disk.sum_prefix_into(end as usize, out);
+        Ok(())
     }
 
     /// Every disk with a slot and its counters since the slot was given, summed over CPUs.
@@ -404,8 +420,16 @@ impl Probes {
     /// The counters of every interface slot handed out and of the slots below them, indexed by
     /// slot, summed over CPUs: read from the mapping, no syscall.
     pub fn net_counters(&self) -> anyhow::Result<Vec<NetValue>> {
+        let mut out = Vec::new();
+        self.net_counters_into(&mut out)?;
+        Ok(out)
+    }
+
+    /// [`Probes::net_counters`] into `out`, reusing its memory (a collector's every round).
+    pub fn net_counters_into(&self, out: &mut Vec<NetValue>) -> anyhow::Result<()> {
         let end = self.net_slots.lock().map_err(|_| anyhow!("interface slots poisoned by an earlier panic"))?.end();
-        Ok(self.net.sum_prefix(end as usize))
+        self.net.sum_prefix_into(end as usize, out);
+        Ok(())
     }
 
     /// Every interface with a slot and its counters since the slot was given, summed over CPUs.

@@ -28,7 +28,11 @@ struct Slotted {
 #[derive(Debug)]
 pub struct NetDrops {
     probes: Arc<Probes>,
-    ifaces: HashMap<NetKey, Slotted>,
+    /// In name order, the order the samples are sent in: sorted when the interfaces are synced,
+    /// not every round.
+    ifaces: Vec<(NetKey, Slotted)>,
+    /// The drop counters of the slots, as of the last round (kept to reuse its memory).
+    slots: Vec<DropCounts>,
     /// The no-device slot at start.
     no_device_start: DropCounts,
     /// Drops in the overflow slot at start.
@@ -45,20 +49,42 @@ impl NetDrops {
         let no_device_start = probes.net_drops(NO_DEVICE_SLOT)?;
         let overflow_start = probes.net_drops(OVERFLOW_SLOT)?.reasons.iter().sum();
         let tcp_start = probes.tcp_counts()?;
-        Ok(Self { probes, ifaces: HashMap::new(), no_device_start, overflow_start, warned_full: false, tcp_start })
+        Ok(Self {
+            probes,
+            ifaces: Vec::new(),
+            slots: Vec::new(),
+            no_device_start,
+            overflow_start,
+            warned_full: false,
+            tcp_start,
+        })
     }
 
     /// Gives a slot to each of `ifaces` (interfaces the filter allows) that has none, follows
     /// renames, and takes back the slots of interfaces no longer among them.
     pub fn sync<'a>(&mut self, ifaces: impl IntoIterator<Item = (NetKey, &'a str)>) -> anyhow::Result<()> {
         let wanted: HashMap<NetKey, &str> = ifaces.into_iter().collect();
-        let gone: Vec<NetKey> = self.ifaces.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
+        let mut had: HashMap<NetKey, Slotted> = self.ifaces.drain(..).collect();
+        // Put back into name order whatever happens below (an error leaves the slots taken
+        // so far in place).
+        let result = self.sync_into(&wanted, &mut had);
+        self.ifaces.extend(had);
+        self.ifaces.sort_by(|(_, a), (_, b)| a.name.cmp(&b.name));
+        result
+    }
+
+    fn sync_into(
+        &mut self,
+        wanted: &HashMap<NetKey, &str>,
+        ifaces: &mut HashMap<NetKey, Slotted>,
+    ) -> anyhow::Result<()> {
+        let gone: Vec<NetKey> = ifaces.keys().filter(|k| !wanted.contains_key(k)).copied().collect();
         for key in gone {
-            self.ifaces.remove(&key);
+            ifaces.remove(&key);
             self.probes.release_net_slot(key)?;
         }
-        for (key, name) in wanted {
-            if let Some(i) = self.ifaces.get_mut(&key) {
+        for (&key, &name) in wanted {
+            if let Some(i) = ifaces.get_mut(&key) {
                 if i.name != name {
                     name.clone_into(&mut i.name);
                 }
@@ -77,7 +103,7 @@ impl NetDrops {
                 continue;
             };
             let start = self.probes.net_drops(slot)?;
-            self.ifaces.insert(key, Slotted { name: name.to_owned(), slot, start });
+            ifaces.insert(key, Slotted { name: name.to_owned(), slot, start });
         }
         Ok(())
     }
@@ -86,12 +112,10 @@ impl NetDrops {
     /// then the drops of packets without a device (no `interface` label), and the overflow
     /// slot's count.
     pub fn samples(&mut self, out: &mut Vec<Sample>) -> anyhow::Result<()> {
-        let mut ifaces: Vec<&Slotted> = self.ifaces.values().collect();
-        ifaces.sort_by(|a, b| a.name.cmp(&b.name));
-        let slots = self.probes.net_drops_all()?;
-        let zero = DropCounts::default();
+        self.probes.net_drops_all_into(&mut self.slots)?;
+        let (slots, zero) = (&self.slots, DropCounts::default());
         let slot = |slot: u32| slots.get(slot as usize).unwrap_or(&zero);
-        for i in ifaces {
+        for (_, i) in &self.ifaces {
             self.push(slot(i.slot), &i.start, Some(&i.name), out);
         }
         self.push(slot(NO_DEVICE_SLOT), &self.no_device_start, None, out);
@@ -127,7 +151,10 @@ impl NetDrops {
     fn push(&self, now: &DropCounts, start: &DropCounts, interface: Option<&str>, out: &mut Vec<Sample>) {
         for (index, (n, s)) in now.reasons.iter().zip(&start.reasons).enumerate() {
             let n = n.wrapping_sub(*s);
-            let Some(reason) = self.probes.drop_reason_name(index).filter(|_| n > 0) else { continue };
+            if n == 0 {
+                continue;
+            }
+            let Some(reason) = self.probes.drop_reason_name(index) else { continue };
             let sample = Sample::count("network_drops_total", n);
             let sample = match interface {
                 Some(name) => sample.label("interface", name),

@@ -19,7 +19,7 @@ use dcmon_common::ebpf::{NetKey, NetValue, OVERFLOW_SLOT};
 
 use super::drops::NetDrops;
 use super::{InterfaceCounters, parse_net_dev};
-use crate::batch::Sample;
+use crate::batch::{Labels, Sample, Value};
 use crate::collector::{CollectError, Collector};
 use crate::config::DeviceFilter;
 use crate::ebpf::Probes;
@@ -62,6 +62,18 @@ struct Counted {
     baseline: (u64, u64),
     /// The slot's counters then.
     start: NetValue,
+    /// `interface="name"`, made once per re-list and shared by every round's two samples.
+    labels: Labels,
+}
+
+impl Counted {
+    /// (rx bytes, tx bytes) to report, from the slots' counters `now`.
+    fn bytes(&self, now: &[NetValue]) -> (u64, u64) {
+        let (base_rx, base_tx) = self.baseline;
+        let (now_rx, now_tx) = header_adjust(self.arphrd, now.get(self.slot as usize).unwrap_or(&NetValue::default()));
+        let (s_rx, s_tx) = header_adjust(self.arphrd, &self.start);
+        (base_rx.wrapping_add(now_rx.wrapping_sub(s_rx)), base_tx.wrapping_add(now_tx.wrapping_sub(s_tx)))
+    }
 }
 
 /// Network I/O from the `netif_receive_skb` and `net_dev_xmit` programs, for the interfaces
@@ -97,6 +109,8 @@ pub struct EbpfNetCollector {
     unslotted: HashSet<String>,
     /// The interfaces were re-listed since `drops` last followed them.
     drops_stale: bool,
+    /// The slots' counters as of the last round, kept so a round allocates nothing.
+    counters: Vec<NetValue>,
 }
 
 /// Inode number of the network namespace that `/proc/self/ns/net` under `host` names.
@@ -139,6 +153,7 @@ impl EbpfNetCollector {
             drops_stale: true,
             plan: Vec::new(),
             unslotted: HashSet::new(),
+            counters: Vec::new(),
         };
         c.inline = served_from_kernel_memory(collector_names::NET, [c.host.path("/sys/class/net").as_path()]);
         c.read_all()?;
@@ -209,28 +224,32 @@ impl EbpfNetCollector {
     /// re-lists a round reads the counters and walks the plan the last re-list made, without a
     /// lookup per interface.
     pub fn read_all(&mut self) -> anyhow::Result<Vec<InterfaceCounters>> {
-        let now = if self.stale || self.link_events.as_ref().is_none_or(LinkEvents::changed) {
+        self.read_counters()?;
+        self.with_unslotted()
+    }
+
+    /// Re-lists the interfaces if they changed, and reads the slots' counters into `counters`.
+    fn read_counters(&mut self) -> anyhow::Result<()> {
+        if self.stale || self.link_events.as_ref().is_none_or(LinkEvents::changed) {
             self.stale = true;
             self.drops_stale = true;
             self.refresh_interfaces()?;
-            let now = self.make_plan()?;
+            self.counters = self.make_plan()?;
             self.stale = false;
-            now
         } else {
-            self.probes.net_counters()?
-        };
-        self.overflow = overflow_packets(&now).wrapping_sub(self.overflow_start);
+            self.probes.net_counters_into(&mut self.counters)?;
+        }
+        self.overflow = overflow_packets(&self.counters).wrapping_sub(self.overflow_start);
+        Ok(())
+    }
+
+    /// The planned interfaces' counters as of [`EbpfNetCollector::read_counters`], and those
+    /// of the interfaces without a slot from /proc/net/dev, in name order.
+    fn with_unslotted(&self) -> anyhow::Result<Vec<InterfaceCounters>> {
         let mut out = Vec::with_capacity(self.plan.len() + self.unslotted.len());
-        let zero = NetValue::default();
         for c in &self.plan {
-            let (base_rx, base_tx) = c.baseline;
-            let (now_rx, now_tx) = header_adjust(c.arphrd, now.get(c.slot as usize).unwrap_or(&zero));
-            let (s_rx, s_tx) = header_adjust(c.arphrd, &c.start);
-            out.push(InterfaceCounters {
-                interface: c.name.clone(),
-                receive_bytes: base_rx.wrapping_add(now_rx.wrapping_sub(s_rx)),
-                transmit_bytes: base_tx.wrapping_add(now_tx.wrapping_sub(s_tx)),
-            });
+            let (receive_bytes, transmit_bytes) = c.bytes(&self.counters);
+            out.push(InterfaceCounters { interface: c.name.clone(), receive_bytes, transmit_bytes });
         }
         // The plan is in name order; interfaces without a slot come from /proc/net/dev.
         if !self.unslotted.is_empty() {
@@ -270,11 +289,12 @@ impl EbpfNetCollector {
         let mut plan: Vec<Counted> = slotted
             .into_iter()
             .map(|(name, i, slot)| Counted {
-                name,
                 arphrd: i.arphrd,
                 slot,
                 baseline: self.baseline.get(&i.key).copied().unwrap_or((0, 0)),
                 start: self.start.get(&i.key).map_or_else(NetValue::default, |&(_, v)| v),
+                labels: Labels::shared([("interface", name.as_str().into())]),
+                name,
             })
             .collect();
         plan.sort_unstable_by(|a, b| a.name.cmp(&b.name));
@@ -304,8 +324,19 @@ impl Collector for EbpfNetCollector {
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
-        let ifaces = self.read_all()?;
-        out.extend(ifaces.iter().flat_map(InterfaceCounters::samples));
+        self.read_counters()?;
+        if self.unslotted.is_empty() {
+            // Every interface has a slot: its samples straight from the plan, with its shared
+            // label set, allocating nothing.
+            for c in &self.plan {
+                let (rx, tx) = c.bytes(&self.counters);
+                for (name, value) in [("network_receive_bytes_total", rx), ("network_transmit_bytes_total", tx)] {
+                    out.push(Sample { name, value: Value::Count(value), labels: c.labels.clone() });
+                }
+            }
+        } else {
+            out.extend(self.with_unslotted()?.iter().flat_map(InterfaceCounters::samples));
+        }
         out.push(Sample::count("dcmon_ebpf_overflow_total", self.overflow).label("map", "net"));
         // The interfaces change only when re-listed: following them every round would cost a
         // few hash lookups per interface for nothing.
