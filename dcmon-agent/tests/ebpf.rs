@@ -1442,6 +1442,14 @@ fn disk_with_iostats_off_follows_proc() {
 /// A loop device's (reads, sectors read) from its /sys/block stat file once udev's probing
 /// holds still, and what `collector` reports for it meanwhile.
 fn loop_reads_settled(name: &str, collector: &mut EbpfDiskCollector) -> ((u64, u64), Option<(u64, u64)>) {
+    settled(name, || {
+        collector.read_all().expect("collector").into_iter().find(|d| d.device == name).map(|d| (d.reads, d.read_bytes))
+    })
+}
+
+/// A disk's (reads, sectors read) from its /sys/block stat file once udev's probing holds
+/// still, and what `read` returned meanwhile.
+fn settled<T>(name: &str, mut read: impl FnMut() -> T) -> ((u64, u64), T) {
     let stat = || {
         let text = std::fs::read_to_string(format!("/sys/block/{name}/stat")).expect("stat");
         let c = parse_block_stat(name, &text).unwrap_or_else(|e| panic!("/sys/block/{name}/stat: {e:#}"));
@@ -1449,13 +1457,91 @@ fn loop_reads_settled(name: &str, collector: &mut EbpfDiskCollector) -> ((u64, u
     };
     for _ in 0..20 {
         let before = stat();
-        let got = collector.read_all().expect("collector").into_iter().find(|d| d.device == name);
+        let got = read();
         if stat() == before {
-            return (before, got.map(|d| (d.reads, d.read_bytes)));
+            return (before, got);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("{name}'s counters kept moving for 2 s");
+}
+
+/// What a round of `collector.collect` reports for disk `name`: its (reads, bytes read) if
+/// reported, and the count of its read latency histogram (0 while absent).
+fn collected_reads(collector: &mut EbpfDiskCollector, name: &str) -> (Option<(u64, u64)>, u64) {
+    let mut samples = Vec::new();
+    collector.collect(&mut samples).expect("collect");
+    let value = |metric: &str| {
+        samples
+            .iter()
+            .find(|s| s.name == metric && s.labels.iter().any(|(k, v)| *k == "device" && v == name))
+            .map(|s| s.value.as_f64() as u64)
+    };
+    (value("disk_reads_total").zip(value("disk_read_bytes_total")), histogram_in(&samples, name, "read").2)
+}
+
+/// `count` direct 4 KiB reads of block device `dev` (`/dev/loopN`).
+fn direct_reads_of(dev: &str, count: u32) {
+    run(&["dd", &format!("if={dev}"), "of=/dev/null", "bs=4096", &format!("count={count}"), "iflag=direct"]);
+}
+
+/// A disk that appears after the collector started is reported from the next listing on, its
+/// counters and its latency histograms both: the rounds reuse what a listing decided, so each
+/// listing must decide again, and the latency slots must follow it.
+#[test]
+fn a_disk_that_appears_is_reported_with_its_latency_from_the_next_listing() {
+    let Some(probes) = attach("disk appearing") else {
+        return;
+    };
+    let mut collector =
+        EbpfDiskCollector::new(Host::default(), match_all(), probes).expect("collector").relist_every(Duration::ZERO);
+    // A round before the disk exists: its latency slots are synced to the disks then.
+    let _ = collected_reads(&mut collector, "none");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let backing = dir.path().join("disk.img");
+    std::fs::write(&backing, vec![0u8; 1 << 20]).expect("backing file");
+    let dev = common::LoopDevice::add();
+    let (name, path) = (dev.name(), format!("/dev/{}", dev.name()));
+    run(&["losetup", &path, backing.to_str().expect("utf-8 path")]);
+    let _ = Command::new("udevadm").arg("settle").status();
+    // The round that lists it gives it its slots; the reads after are timed.
+    let _ = collected_reads(&mut collector, &name);
+    direct_reads_of(&path, 8);
+    let (want, (got, timed)) = settled(&name, || collected_reads(&mut collector, &name));
+    run(&["losetup", "-d", &path]);
+    assert_eq!(got, Some(want), "{name}'s counters from the listing after it appeared");
+    assert!(timed >= 8, "{name}'s 8 reads timed in its latency histogram: {timed}");
+}
+
+/// queue/iostats switched off (the disk is read from its stat file) and on again (from its
+/// slot, counted afresh from /proc): what a round reports equals /proc throughout. The slot's
+/// start that a round reuses is dropped while the disk is read from its stat file, so the reads
+/// made meanwhile, which /proc did not count, are not added when it is back.
+#[test]
+fn iostats_switched_off_and_on_again_follows_proc_throughout() {
+    let Some(probes) = attach("iostats switched") else {
+        return;
+    };
+    let lo = Loop::new(16 << 20);
+    let name = lo.name().to_owned();
+    let iostats = format!("/sys/block/{name}/queue/iostats");
+    struct Restore(String);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            let _ = std::fs::write(&self.0, "1");
+        }
+    }
+    let _restore = Restore(iostats.clone());
+    let filter = DeviceFilter { include: PatternList::new([name.as_str()]), exclude: PatternList::default() };
+    let mut collector = EbpfDiskCollector::new(Host::default(), filter, probes).expect("collector");
+    for (step, set) in [("on", None), ("off", Some("0")), ("on again", Some("1"))] {
+        if let Some(value) = set {
+            std::fs::write(&iostats, value).expect("set queue/iostats");
+        }
+        direct_reads_of(&lo.dev, 8);
+        let (want, (got, _)) = settled(&name, || collected_reads(&mut collector, &name));
+        assert_eq!(got, Some(want), "iostats {step}");
+    }
 }
 
 /// The eBPF disk collector's re-list when a disk vanishes: a loop device removed is dropped in

@@ -8,17 +8,17 @@
 //! Disks come from the [`DiskInventory`], listed again every [`super::RELIST_EVERY`] and at
 //! once when one vanishes; the kernel key (dev_t) never changes under a name.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use dcmon_common::collector_names;
 use dcmon_common::ebpf::{DiskKey, DiskValue, OVERFLOW_SLOT};
+use dcmon_common::{SECTOR_BYTES, collector_names};
 
 use super::latency::DiskLatency;
 use super::{DiskCounters, DiskInventory, is_vanished, parse_block_stat, parse_diskstats_lines};
-use crate::batch::Sample;
+use crate::batch::{Labels, Sample};
 use crate::collector::{CollectError, Collector};
 use crate::config::DeviceFilter;
 use crate::ebpf::Probes;
@@ -26,6 +26,44 @@ use crate::host::{Host, OpenFile, served_from_kernel_memory};
 
 /// Each slotted disk's slot and the slot's counters when the disk got it.
 type SlotStarts = HashMap<DiskKey, (u32, DiskValue)>;
+
+/// A disk of the last listing that the filter allows and whose number is known, with what its
+/// rounds need: the filter, the names and the files are decided once per listing, not per round.
+#[derive(Debug)]
+struct Listed {
+    name: String,
+    key: DiskKey,
+    request_based: bool,
+    /// Its queue/iostats (request-based disks), kept open: it is re-read every round.
+    iostats: OpenFile,
+    /// Its stat file, kept open (opened when first read).
+    stat: OpenFile,
+    /// `device="name"`, made once and shared by every round's samples.
+    labels: Labels,
+    /// Its slot, the slot's counters when it got it and /proc's then: a copy of `start` and
+    /// `baseline`, so a round looks up neither. None while not counted from a slot.
+    counted: Option<(u32, DiskValue, DiskValue)>,
+    /// This round: its slot (None: read from its stat file) ...
+    slot: Option<u32>,
+    /// ... and its (reads, read bytes, writes, write bytes); None: not reported (vanished).
+    values: Option<[u64; 4]>,
+}
+
+impl Listed {
+    fn new(host: &Host, name: &str, key: DiskKey, request_based: bool) -> Self {
+        Self {
+            name: name.to_owned(),
+            key,
+            request_based,
+            iostats: OpenFile::new(host, format!("/sys/block/{name}/queue/iostats")),
+            stat: OpenFile::new(host, format!("/sys/block/{name}/stat")),
+            labels: Labels::shared([("device", name.into())]),
+            counted: None,
+            slot: None,
+            values: None,
+        }
+    }
+}
 
 /// Disk I/O from the `block_rq_complete` program.
 ///
@@ -50,10 +88,13 @@ pub struct EbpfDiskCollector {
     overflow: u64,
     /// The whole disks, as last listed.
     inventory: DiskInventory,
-    /// Each request-based disk's queue/iostats, kept open: it is re-read every round.
-    iostats: HashMap<String, OpenFile>,
-    /// The stat file of each disk read from the kernel's counters, kept open.
-    stats: HashMap<String, OpenFile>,
+    /// The disks of the last listing the filter allows, in device-number order (the order of
+    /// /proc/diskstats, which the samples follow); made at each listing.
+    listed: Vec<Listed>,
+    /// The disks were listed since `latency` last followed them.
+    latency_stale: bool,
+    /// The slots' counters as of the last round, kept so a round allocates nothing.
+    counters: Vec<DiskValue>,
     buf: String,
     /// Whether /sys/block is on sysfs (see [`served_from_kernel_memory`]).
     inline: bool,
@@ -76,8 +117,9 @@ impl EbpfDiskCollector {
             start: HashMap::new(),
             overflow_start,
             overflow: 0,
-            iostats: HashMap::new(),
-            stats: HashMap::new(),
+            listed: Vec::new(),
+            latency_stale: true,
+            counters: Vec::new(),
             buf: String::new(),
             inline,
             latency,
@@ -94,16 +136,30 @@ impl EbpfDiskCollector {
 
     /// The counters of every whole disk the filter allows, in device-number order.
     pub fn read_all(&mut self) -> anyhow::Result<Vec<DiskCounters>> {
+        self.read_round()?;
+        let reported = self.listed.iter().filter_map(|l| Some((l, l.values?)));
+        Ok(reported
+            .map(|(l, [reads, read_bytes, writes, write_bytes])| DiskCounters {
+                device: l.name.clone(),
+                reads,
+                read_bytes,
+                writes,
+                write_bytes,
+            })
+            .collect())
+    }
+
+    /// Lists the disks when due, and reads every listed disk's counters into its `values`.
+    fn read_round(&mut self) -> anyhow::Result<()> {
         if self.inventory.is_due() {
             self.relist()?;
         }
-        let (counters, vanished) = self.read_known()?;
-        if vanished {
+        if self.read_known()? {
             // A disk went away: list again now so a disk reusing its number starts clean.
             self.relist()?;
-            return Ok(self.read_known()?.0);
+            self.read_known()?;
         }
-        Ok(counters)
+        Ok(())
     }
 
     fn relist(&mut self) -> anyhow::Result<()> {
@@ -115,16 +171,35 @@ impl EbpfDiskCollector {
             self.latency.forget(key)?;
             self.probes.release_disk_slot(key)?;
         }
-        let inventory = &self.inventory;
-        self.iostats.retain(|name, _| inventory.contains(name));
-        self.stats.retain(|name, _| inventory.contains(name));
+        // The filter's decisions, once per listing. A disk listed before under the same name,
+        // number and type keeps its open files and label set.
+        let mut before: HashMap<String, Listed> = self.listed.drain(..).map(|l| (l.name.clone(), l)).collect();
+        for (name, disk) in self.inventory.disks().filter(|(name, _)| self.filter.allows(name)) {
+            let Some(key) = disk.key else { continue };
+            let mut l = match before.remove(name) {
+                Some(l) if l.key == key && l.request_based == disk.request_based => l,
+                _ => Listed::new(&self.host, name, key, disk.request_based),
+            };
+            l.counted = self
+                .start
+                .get(&key)
+                .map(|&(slot, start)| (slot, start, self.baseline.get(&key).copied().unwrap_or_default()));
+            self.listed.push(l);
+        }
+        // The order of /proc/diskstats: by device number.
+        self.listed.sort_by_key(|l| (l.key.major(), l.key.minor()));
+        // A disk left out (renamed to a name the filter refuses) is counted afresh when back.
+        let listed = &self.listed;
+        self.start.retain(|key, _| listed.iter().any(|l| l.key == *key));
+        self.latency_stale = true;
         Ok(())
     }
 
-    /// The counters of the disks listed last, and whether one of them has vanished since.
-    fn read_known(&mut self) -> anyhow::Result<(Vec<DiskCounters>, bool)> {
+    /// Reads the counters of the disks listed last into their `values`; whether one of them
+    /// has vanished since.
+    fn read_known(&mut self) -> anyhow::Result<bool> {
         let mut vanished = false;
-        let (host, buf) = (&self.host, &mut self.buf);
+        let buf = &mut self.buf;
         // Disks the programs cannot mirror: bio-based ones, and request-based ones whose
         // statistics are switched off (queue/iostats = 0: /proc stands still while requests
         // still complete); those are read from their stat files. queue/iostats is read every
@@ -132,76 +207,73 @@ impl EbpfDiskCollector {
         // removed disk in the very next round. A disk whose number could not be read is left
         // out until a listing reads it. A disk without a slot (all taken) is read from its
         // stat file too.
-        let (mut from_proc, mut mapped, mut fresh) = (Vec::new(), Vec::new(), Vec::new());
-        for (name, disk) in self.inventory.disks().filter(|(name, _)| self.filter.allows(name)) {
-            let Some(key) = disk.key else { continue };
-            let mirrored = disk.request_based && {
-                let iostats = self
-                    .iostats
-                    .entry(name.to_owned())
-                    .or_insert_with(|| OpenFile::new(host, format!("/sys/block/{name}/queue/iostats")));
-                match iostats.read_into(buf) {
+        let mut fresh = Vec::new();
+        for l in &mut self.listed {
+            l.values = None;
+            let mirrored = l.request_based
+                && match l.iostats.read_into(buf) {
                     Ok(()) => buf.trim() != "0",
                     Err(_) => {
                         vanished = true;
                         true
                     }
-                }
-            };
-            let slot = if mirrored { self.probes.disk_slot(key)? } else { None };
-            match slot {
+                };
+            l.slot = if mirrored { self.probes.disk_slot(l.key)? } else { None };
+            match l.slot {
                 Some(slot) => {
-                    if self.start.get(&key).is_none_or(|&(had, _)| had != slot) {
-                        fresh.push((key, slot));
+                    if l.counted.is_none_or(|(had, _, _)| had != slot) {
+                        fresh.push((l.key, slot));
                     }
-                    mapped.push((key, slot, name));
                 }
-                None => from_proc.push((key, name)),
+                None => {
+                    // Read from its stat file for a while (iostats off): counted afresh when back.
+                    if l.counted.take().is_some() {
+                        self.start.remove(&l.key);
+                    }
+                    match l.stat.read_into(buf) {
+                        Ok(()) => {
+                            let c = parse_block_stat(&l.name, buf)
+                                .with_context(|| format!("parsing {}", l.stat.path().display()))?;
+                            l.values = Some(c.values());
+                        }
+                        // Removed since the listing: not reported, and forgotten at the next listing.
+                        Err(e) if is_vanished(&e) => vanished = true,
+                        Err(e) => return Err(e.into()),
+                    }
+                }
             }
         }
-        let mut out: Vec<(DiskKey, DiskCounters)> = Vec::with_capacity(from_proc.len() + mapped.len());
-        for (key, name) in from_proc {
-            let stat = self
-                .stats
-                .entry(name.to_owned())
-                .or_insert_with(|| OpenFile::new(host, format!("/sys/block/{name}/stat")));
-            match stat.read_into(buf) {
-                Ok(()) => out.push((
-                    key,
-                    parse_block_stat(name, buf).with_context(|| format!("parsing {}", stat.path().display()))?,
-                )),
-                // Removed since the listing: not reported, and forgotten at the next listing.
-                Err(e) if is_vanished(&e) => vanished = true,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        // A disk read from its stat file for a while (iostats off) is counted afresh when back.
-        let counted: HashSet<DiskKey> = mapped.iter().map(|&(key, _, _)| key).collect();
-        self.start.retain(|key, _| counted.contains(key));
-        let now = if fresh.is_empty() {
-            self.probes.disk_counters()?
+        if fresh.is_empty() {
+            self.probes.disk_counters_into(&mut self.counters)?;
         } else {
-            take_baselines(&self.host, &self.probes, (&mut self.baseline, &mut self.start), &fresh)?
-        };
-        self.overflow = overflow_completions(&now).wrapping_sub(self.overflow_start);
-        let zero = DiskValue::default();
-        for (key, slot, name) in mapped {
-            let base = self.baseline.get(&key).unwrap_or(&zero);
-            let start = self.start.get(&key).map_or(&zero, |(_, v)| v);
-            let now = now.get(slot as usize).unwrap_or(&zero);
-            let cont = |b: u64, n: u64, s: u64| b.wrapping_add(n.wrapping_sub(s));
-            let counters = DiskCounters::from_sectors(
-                name.to_owned(),
-                cont(base.reads, now.reads, start.reads),
-                cont(base.read_sectors, now.read_sectors, start.read_sectors),
-                cont(base.writes, now.writes, start.writes),
-                cont(base.write_sectors, now.write_sectors, start.write_sectors),
-            );
-            out.push((key, counters));
+            self.counters = take_baselines(&self.host, &self.probes, (&mut self.baseline, &mut self.start), &fresh)?;
+            for l in &mut self.listed {
+                if l.slot.is_some() && fresh.iter().any(|&(key, _)| key == l.key) {
+                    l.counted = self
+                        .start
+                        .get(&l.key)
+                        .map(|&(slot, start)| (slot, start, self.baseline.get(&l.key).copied().unwrap_or_default()));
+                }
+            }
         }
-        // The order of /proc/diskstats: by device number.
-        out.sort_by_key(|(k, _)| (k.major(), k.minor()));
-        Ok((out.into_iter().map(|(_, c)| c).collect(), vanished))
+        self.overflow = overflow_completions(&self.counters).wrapping_sub(self.overflow_start);
+        let zero = DiskValue::default();
+        for l in &mut self.listed {
+            let (Some(slot), Some((_, start, base))) = (l.slot, &l.counted) else { continue };
+            let now = self.counters.get(slot as usize).unwrap_or(&zero);
+            let cont = |b: u64, n: u64, s: u64| b.wrapping_add(n.wrapping_sub(s));
+            let reads = cont(base.reads, now.reads, start.reads);
+            let read_sectors = cont(base.read_sectors, now.read_sectors, start.read_sectors);
+            let writes = cont(base.writes, now.writes, start.writes);
+            let write_sectors = cont(base.write_sectors, now.write_sectors, start.write_sectors);
+            l.values = Some([
+                reads,
+                read_sectors.wrapping_mul(SECTOR_BYTES),
+                writes,
+                write_sectors.wrapping_mul(SECTOR_BYTES),
+            ]);
+        }
+        Ok(vanished)
     }
 }
 
@@ -270,15 +342,19 @@ impl Collector for EbpfDiskCollector {
     }
 
     fn collect(&mut self, out: &mut Vec<Sample>) -> Result<(), CollectError> {
-        let disks = self.read_all()?;
-        out.extend(disks.iter().flat_map(DiskCounters::samples));
-        let filter = &self.filter;
-        let timed = self
-            .inventory
-            .disks()
-            .filter(|(name, disk)| disk.request_based && filter.allows(name))
-            .filter_map(|(name, disk)| Some((disk.key?, name)));
-        self.latency.sync(timed)?;
+        self.read_round()?;
+        for l in &self.listed {
+            if let Some(values) = l.values {
+                DiskCounters::push_shared(values, &l.labels, out);
+            }
+        }
+        // The disks change only at a listing: following them every round would cost a few
+        // hash lookups per disk for nothing.
+        if self.latency_stale {
+            let timed = self.listed.iter().filter(|l| l.request_based).map(|l| (l.key, l.name.as_str()));
+            self.latency.sync(timed)?;
+            self.latency_stale = false;
+        }
         out.push(Sample::count("dcmon_ebpf_overflow_total", self.overflow).label("map", "disk"));
         self.latency.samples(out)?;
         Ok(())

@@ -37,7 +37,9 @@ pub struct DiskLatency {
 /// What is reported of the slots' histograms, apart from the programs that fill them.
 #[derive(Debug)]
 struct Reported {
-    disks: HashMap<DiskKey, Slotted>,
+    /// In device-number order, the order the samples are sent in: sorted when the disks are
+    /// synced, not every round.
+    disks: Vec<(DiskKey, Slotted)>,
     /// Completions in the overflow slot at start.
     overflow_start: u64,
     /// Which requests the programs time: with none, nothing is reported.
@@ -53,7 +55,7 @@ impl DiskLatency {
     pub fn new(probes: Arc<Probes>) -> anyhow::Result<Self> {
         let overflow_start = probes.disk_latency(OVERFLOW_SLOT)?.iter().map(count).sum();
         let timed = probes.latency_timing().timed();
-        Ok(Self { probes, reported: Reported { disks: HashMap::new(), overflow_start, timed }, warned_full: false })
+        Ok(Self { probes, reported: Reported { disks: Vec::new(), overflow_start, timed }, warned_full: false })
     }
 
     /// Gives a slot to each of `disks` (whole request-based disks the filter allows) that has
@@ -70,8 +72,15 @@ impl DiskLatency {
         for key in gone {
             self.forget(key)?;
         }
+        let result = self.add(wanted);
+        self.reported.disks.sort_by_key(|(k, _)| (k.major(), k.minor()));
+        result
+    }
+
+    /// Gives a slot to each of `wanted` that has none (unsorted: the caller sorts).
+    fn add(&mut self, wanted: HashMap<DiskKey, &str>) -> anyhow::Result<()> {
         for (key, name) in wanted {
-            if self.reported.disks.contains_key(&key) {
+            if self.reported.disks.iter().any(|(k, _)| *k == key) {
                 continue;
             }
             let Some(slot) = self.probes.disk_slot(key)? else {
@@ -82,14 +91,16 @@ impl DiskLatency {
                 continue;
             };
             let start = self.probes.disk_latency(slot)?;
-            self.reported.disks.insert(key, Slotted { name: name.into(), slot, start, labels: Default::default() });
+            self.reported.disks.push((key, Slotted { name: name.into(), slot, start, labels: Default::default() }));
         }
         Ok(())
     }
 
     /// Takes disk `key`'s slot back (it is gone, or its number now names another disk).
     pub fn forget(&mut self, key: DiskKey) -> anyhow::Result<()> {
-        if self.reported.disks.remove(&key).is_some() {
+        if let Some(at) = self.reported.disks.iter().position(|(k, _)| *k == key) {
+            // `remove`, not `swap_remove`: the rest stay in device-number order.
+            self.reported.disks.remove(at);
             self.probes.release_disk_slot(key)?;
         }
         Ok(())
@@ -98,26 +109,22 @@ impl DiskLatency {
     /// The histograms of every slotted disk with I/O, in device-number order, and the overflow
     /// slot's count; nothing when the programs time no request.
     pub fn samples(&mut self, out: &mut Vec<Sample>) -> anyhow::Result<()> {
-        let slots = self.probes.disk_latency_all()?;
-        self.reported.samples(&slots, out);
-        Ok(())
+        // Only the slots reported, each read from the mapping: no copy of every slot a round.
+        let probes = &self.probes;
+        self.reported.samples(|slot| probes.disk_latency(slot), out)
     }
 }
 
 impl Reported {
-    /// [`DiskLatency::samples`] from the slots' histograms `slots` (indexed by slot).
-    fn samples(&mut self, slots: &[Hists], out: &mut Vec<Sample>) {
+    /// [`DiskLatency::samples`] from the slots' histograms (`hists` of a slot).
+    fn samples(&mut self, hists: impl Fn(u32) -> anyhow::Result<Hists>, out: &mut Vec<Sample>) -> anyhow::Result<()> {
         // What is timed is what is reported: without block_rq_issue the kernel-stamp paths
         // still time requests (the overflow slot's too), the table path none.
         if self.timed == TimedRequests::Nothing {
-            return;
+            return Ok(());
         }
-        let mut keys: Vec<DiskKey> = self.disks.keys().copied().collect();
-        keys.sort_by_key(|k| (k.major(), k.minor()));
-        let zero = [LatencyHist::default(); LAT_OPS as usize];
-        for key in keys {
-            let Some(disk) = self.disks.get_mut(&key) else { continue };
-            let now = slots.get(disk.slot as usize).unwrap_or(&zero);
+        for (_, disk) in &mut self.disks {
+            let now = hists(disk.slot)?;
             for (op, (now, start)) in now.iter().zip(&disk.start).enumerate() {
                 let hist = since(now, start);
                 if disk.labels[op].is_none() && count(&hist) > 0 {
@@ -129,11 +136,12 @@ impl Reported {
                 }
             }
         }
-        let overflow: u64 = slots.get(OVERFLOW_SLOT as usize).unwrap_or(&zero).iter().map(count).sum();
+        let overflow: u64 = hists(OVERFLOW_SLOT)?.iter().map(count).sum();
         out.push(
             Sample::count("dcmon_ebpf_overflow_total", overflow.wrapping_sub(self.overflow_start))
                 .label("map", "disk_latency"),
         );
+        Ok(())
     }
 }
 
@@ -204,8 +212,13 @@ mod tests {
         start[0].buckets[3] = 1;
         start[0].sum_ns = 10_000;
         let vda = Slotted { name: "vda".into(), slot: 1, start, labels: Default::default() };
-        let disks = HashMap::from([(DiskKey::new(253, 0), vda)]);
+        let disks = vec![(DiskKey::new(253, 0), vda)];
         (Reported { disks, overflow_start: 1, timed }, slots)
+    }
+
+    /// The histograms of a slot of `slots` (zeros past the end, as the mapping reads them).
+    fn of(slots: &[Hists]) -> impl Fn(u32) -> anyhow::Result<Hists> + '_ {
+        |slot| Ok(slots.get(slot as usize).copied().unwrap_or([LatencyHist::default(); LAT_OPS as usize]))
     }
 
     /// (name, value) of each sample but the histogram's buckets.
@@ -220,7 +233,7 @@ mod tests {
         for timed in [TimedRequests::All, TimedRequests::KernelStamped] {
             let (mut reported, slots) = reported(timed);
             let mut out = Vec::new();
-            reported.samples(&slots, &mut out);
+            reported.samples(of(&slots), &mut out).expect("samples");
             assert_eq!(
                 summary(&out),
                 [
@@ -243,7 +256,7 @@ mod tests {
     fn nothing_is_reported_when_nothing_is_timed() {
         let (mut reported, slots) = reported(TimedRequests::Nothing);
         let mut out = Vec::new();
-        reported.samples(&slots, &mut out);
+        reported.samples(of(&slots), &mut out).expect("samples");
         assert!(out.is_empty(), "{out:?}");
     }
 

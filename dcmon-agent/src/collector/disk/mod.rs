@@ -20,7 +20,7 @@ use dcmon_common::{SECTOR_BYTES, collector_names};
 use procfs_core::DiskStat;
 
 use super::{CollectError, Collector};
-use crate::batch::Sample;
+use crate::batch::{Labels, Sample, Value};
 use crate::config::DeviceFilter;
 use crate::host::{Host, OpenFile, ReadError, served_from_kernel_memory};
 pub use inventory::{Disk, DiskInventory, RELIST_EVERY};
@@ -33,6 +33,10 @@ pub const SOURCE: super::Source = super::Source {
     section: None,
     build: Some(|host, config| Box::new(DiskCollector::new(host.clone(), config.disks.clone()))),
 };
+
+/// The metrics of each disk, in the order [`DiskCounters::samples`] sends them.
+const DISK_METRICS: [&str; 4] =
+    ["disk_reads_total", "disk_read_bytes_total", "disk_writes_total", "disk_write_bytes_total"];
 
 /// Counters of one whole disk, in the units the metrics use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,15 +66,24 @@ impl DiskCounters {
         }
     }
 
+    /// The four metrics of this disk, with one label set that every round shares (`labels`:
+    /// `device="name"`, made once), in [`DiskCounters::samples`]' order.
+    pub fn push_shared(values: [u64; 4], labels: &Labels, out: &mut Vec<Sample>) {
+        for (name, value) in DISK_METRICS.into_iter().zip(values) {
+            out.push(Sample { name, value: Value::Count(value), labels: labels.clone() });
+        }
+    }
+
+    /// (reads, read bytes, writes, write bytes), as [`DiskCounters::samples`] sends them.
+    pub fn values(&self) -> [u64; 4] {
+        [self.reads, self.read_bytes, self.writes, self.write_bytes]
+    }
+
     /// The four metrics of this disk.
     pub fn samples(&self) -> [Sample; 4] {
         let d = &self.device;
-        [
-            Sample::count("disk_reads_total", self.reads).label("device", d.as_str()),
-            Sample::count("disk_read_bytes_total", self.read_bytes).label("device", d.as_str()),
-            Sample::count("disk_writes_total", self.writes).label("device", d.as_str()),
-            Sample::count("disk_write_bytes_total", self.write_bytes).label("device", d.as_str()),
-        ]
+        let values = self.values();
+        std::array::from_fn(|i| Sample::count(DISK_METRICS[i], values[i]).label("device", d.as_str()))
     }
 }
 
