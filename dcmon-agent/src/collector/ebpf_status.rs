@@ -36,12 +36,15 @@ pub struct EbpfStatusCollector {
     inline: bool,
     /// OOM kills by job, with the programs.
     oom: Option<OomKills>,
-    /// The programs' counters as last read, and when.
-    stats: Vec<ProgramStats>,
+    /// The programs' counters as last read, each with its index in [`PROGRAMS`], and when.
+    stats: Vec<(usize, ProgramStats)>,
     stats_read: Option<Instant>,
     /// Each program's `program` label, in [`PROGRAMS`] order: made once and shared by every
     /// round's samples (README, Performance).
     program_labels: [Labels; PROGRAMS.len()],
+    /// Whether each program (in [`PROGRAMS`] order) is attached: fixed at the load, so not
+    /// looked up among the failed programs every round.
+    attached: [bool; PROGRAMS.len()],
 }
 
 /// How old the programs' counters may get before they are read again while
@@ -70,7 +73,6 @@ impl EbpfStatusCollector {
             OomKills::new(&host, Arc::clone(p)).inspect_err(|e| tracing::warn!("OOM kills not reported: {e:#}")).ok()
         });
         Self {
-            probes,
             stats_enabled,
             buf: String::new(),
             inline,
@@ -78,16 +80,14 @@ impl EbpfStatusCollector {
             stats: Vec::new(),
             stats_read: None,
             program_labels: PROGRAMS.map(|(program, _)| Labels::shared([("program", program.into())])),
+            attached: PROGRAMS.map(|(program, _)| probes.as_ref().is_some_and(|p| p.attached(program))),
+            probes,
         }
     }
 
-    /// A sample of `program`'s (one of [`PROGRAMS`]) with its shared label.
-    fn program_sample(&self, name: &'static str, program: &str, value: Value) -> Sample {
-        let labels = match PROGRAMS.iter().position(|&(p, _)| p == program) {
-            Some(i) => self.program_labels[i].clone(),
-            None => Labels::shared([("program", program.into())]),
-        };
-        Sample { name, value, labels }
+    /// A sample of program `i` of [`PROGRAMS`], with its shared label.
+    fn program_sample(&self, name: &'static str, i: usize, value: Value) -> Sample {
+        Sample { name, value, labels: self.program_labels[i].clone() }
     }
 }
 
@@ -114,21 +114,24 @@ impl Collector for EbpfStatusCollector {
         let Some(probes) = &self.probes else {
             return Ok(());
         };
-        for (program, _) in PROGRAMS {
-            let attached = if probes.attached(program) { 1.0 } else { 0.0 };
-            out.push(self.program_sample("dcmon_ebpf_program_attached", program, Value::Gauge(attached)));
+        for (i, attached) in self.attached.iter().enumerate() {
+            let value = Value::Gauge(if *attached { 1.0 } else { 0.0 });
+            out.push(self.program_sample("dcmon_ebpf_program_attached", i, value));
         }
         if let Some(oom) = &mut self.oom {
             oom.samples(out)?;
         }
         let bpf_stats_on = self.stats_enabled.read_into(&mut self.buf).is_ok() && self.buf.trim() == "1";
         if stats_due(self.stats_read.map(|t| t.elapsed()), bpf_stats_on) {
-            self.stats = probes.program_stats()?;
+            // Each program's index found once per reading, not per sample every round.
+            let index = |s: &ProgramStats| PROGRAMS.iter().position(|&(p, _)| p == s.program);
+            let stats = probes.program_stats()?.into_iter().filter_map(|s| Some((index(&s)?, s)));
+            self.stats = stats.collect();
             self.stats_read = Some(Instant::now());
         }
-        for s in &self.stats {
+        for (i, s) in &self.stats {
             if let Some(misses) = s.recursion_misses {
-                out.push(self.program_sample("dcmon_ebpf_program_missed_total", s.program, Value::Count(misses)));
+                out.push(self.program_sample("dcmon_ebpf_program_missed_total", *i, Value::Count(misses)));
             }
         }
         // Run time is only accounted while the sysctl is on; without it the counters are
@@ -136,10 +139,10 @@ impl Collector for EbpfStatusCollector {
         if !bpf_stats_on {
             return Ok(());
         }
-        for s in &self.stats {
-            out.push(self.program_sample("dcmon_ebpf_program_runs_total", s.program, Value::Count(s.run_count)));
+        for (i, s) in &self.stats {
+            out.push(self.program_sample("dcmon_ebpf_program_runs_total", *i, Value::Count(s.run_count)));
             let seconds = Value::Gauge(s.run_time_ns as f64 / 1e9);
-            out.push(self.program_sample("dcmon_ebpf_program_run_seconds_total", s.program, seconds));
+            out.push(self.program_sample("dcmon_ebpf_program_run_seconds_total", *i, seconds));
         }
         Ok(())
     }
@@ -168,15 +171,13 @@ mod tests {
     #[test]
     fn a_programs_label_is_made_once_and_shared_by_every_rounds_samples() {
         let collector = EbpfStatusCollector::new(Host::new("/"), None);
-        for (program, _) in PROGRAMS {
-            let a = collector.program_sample("dcmon_ebpf_program_attached", program, Value::Gauge(1.0));
-            let b = collector.program_sample("dcmon_ebpf_program_missed_total", program, Value::Count(0));
-            assert_eq!(a.labels, [("program", program.into())]);
+        for (i, (program, _)) in PROGRAMS.iter().enumerate() {
+            let a = collector.program_sample("dcmon_ebpf_program_attached", i, Value::Gauge(1.0));
+            let b = collector.program_sample("dcmon_ebpf_program_missed_total", i, Value::Count(0));
+            assert_eq!(a.labels, [("program", (*program).into())]);
             let (Labels::Shared(a), Labels::Shared(b)) = (&a.labels, &b.labels) else { panic!("{a:?} {b:?}") };
             assert!(Arc::ptr_eq(a, b), "{program}");
         }
-        let other = collector.program_sample("dcmon_ebpf_program_attached", "not_ours", Value::Gauge(0.0));
-        assert_eq!(other.labels, [("program", "not_ours".into())]);
     }
 
     fn program_values(out: &[Sample], name: &str) -> Vec<(String, u64)> {

@@ -136,8 +136,12 @@ impl<V: Pod + Default> MappedArray<V> {
     /// [`MappedArray::prefix`] into `out` (replacing what it held), reusing its memory.
     pub fn prefix_into(&self, n: usize, out: &mut Vec<V>) {
         // Not cleared first: every entry kept is overwritten below, and a buffer of the same
-        // length as last time is then written once, not zeroed and written.
-        out.resize(n.min(self.entries as usize), V::default());
+        // length as last time is then written once, not zeroed and written (nor is a default
+        // value made for `resize` to not use).
+        let n = n.min(self.entries as usize);
+        if out.len() != n {
+            out.resize(n, V::default());
+        }
         // In range: at most `entries` long.
         let _ = self.read_into(0, out);
     }
@@ -188,7 +192,9 @@ impl<V: Pod + Default> MappedPerCpuArray<V> {
     /// reading every round reuses one buffer instead of allocating two.
     pub fn sum_prefix_into(&self, n: usize, out: &mut Vec<V>) {
         let n = n.min(self.slots as usize);
-        out.resize(n, V::default());
+        if out.len() != n {
+            out.resize(n, V::default());
+        }
         let words_per_value = std::mem::size_of::<V>() / 8;
         // SAFETY: `out` holds n values of V, V is made of u64 words only, 8-byte aligned (checked
         // in MappedArray::new) and Pod (any words are a valid V): n * words_per_value words.
@@ -278,6 +284,10 @@ mod tests {
         let mut reused = vec![[7u64; 3]; 5];
         array.prefix_into(3, &mut reused);
         assert_eq!(reused, vec![value(0), value(1), [0; 3]]);
+        // And one of the same length: every entry overwritten.
+        reused.iter_mut().for_each(|v| *v = [7; 3]);
+        array.prefix_into(3, &mut reused);
+        assert_eq!(reused, vec![value(0), value(1), [0; 3]]);
         update(fd.as_fd(), &2u32, &value(2)).expect("BPF_MAP_UPDATE_ELEM");
         assert_eq!(array.get(2), Some(value(2)), "shared memory, not a copy made at mmap");
         let start = array.base.as_ptr() as usize;
@@ -328,6 +338,9 @@ mod tests {
         let mut reused = vec![[9u64; 2]; 6];
         per_cpu.sum_prefix_into(3, &mut reused);
         assert_eq!(reused, vec![want(0), want(1), want(2)]);
+        reused.iter_mut().for_each(|v| *v = [9; 2]);
+        per_cpu.sum_prefix_into(3, &mut reused);
+        assert_eq!(reused, vec![want(0), want(1), want(2)], "the same length");
         // A length that is not whole regions for the ids is refused, naming the map.
         let fd = scratch_array(16, 10, BPF_F_MMAPABLE).expect("created above");
         let array = MappedArray::<[u64; 2]>::new("DCMON_Z", fd.as_fd(), 10, 16, BPF_F_MMAPABLE).expect("mmap");
