@@ -194,13 +194,15 @@ pub fn run(workspace: &Path, args: &BenchArgs) -> anyhow::Result<()> {
         }
         out.push('\n');
     }
-    if let (Some(procfs_ms), Some(ebpf_ms), Some(ebpf_hwm_kib)) = (
+    if let (Some(procfs_ms), Some(ebpf_ms), Some(procfs_bytes), Some(ebpf_bytes), Some(ebpf_hwm_kib)) = (
         column(Subject::Agent, |r| r.cpu_ms_sched),
         column(Subject::AgentEbpf, |r| r.cpu_ms_sched),
+        column(Subject::Agent, |r| r.bytes_per_cycle),
+        column(Subject::AgentEbpf, |r| r.bytes_per_cycle),
         column(Subject::AgentEbpf, |r| r.hwm_kib),
     ) {
         wait_for_quiet_host()?;
-        let cycle = crate::bench_targets::CycleFigures { procfs_ms, ebpf_ms, ebpf_hwm_kib };
+        let cycle = crate::bench_targets::CycleFigures { procfs_ms, ebpf_ms, procfs_bytes, ebpf_bytes, ebpf_hwm_kib };
         out.push_str(&crate::bench_targets::report(workspace, &cycle));
     }
     if !args.no_scale {
