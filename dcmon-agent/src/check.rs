@@ -88,6 +88,7 @@ pub async fn check(
     };
     let left_out: Vec<(&str, String)> =
         collectors.iter().flat_map(|c| c.bpf_programs_left_out().iter().map(|(p, why)| (*p, why.clone()))).collect();
+    let timing = collectors.iter().find_map(|c| c.bpf_latency_timing());
     if !collectors.is_empty() {
         let counted = |name: &str| collectors.iter().any(|c| c.name() == name && c.uses_bpf_programs());
         let (status, detail) = match (config.ebpf, counted("disk"), counted("net")) {
@@ -98,16 +99,17 @@ pub async fn check(
             _ => ("WARN", "unavailable, procfs is used (why: the warning below)"),
         };
         r.line(status, "eBPF", detail);
-        if let Some(timing) = collectors.iter().find_map(|c| c.bpf_latency_timing()) {
-            let (status, detail) = latency_line(&timing);
+        if let Some(timing) = &timing {
+            let (status, detail) = latency_line(timing);
             r.line(status, "eBPF I/O latency", detail);
         }
     }
     for (program, why) in &left_out {
-        r.line("WARN", &format!("eBPF program {program}"), format!("not loaded, its metrics are absent: {why}"));
+        r.line("WARN", &format!("eBPF program {program}"), left_out_detail(program, why, timing.as_ref()));
     }
-    // Each left-out program was also logged while building; its own line above says it.
-    let logged: Vec<String> = left_out.iter().map(|(p, why)| crate::ebpf::left_out_message(p, why)).collect();
+    // Each left-out program was also logged while building; its own line above says it. Known
+    // by the start alone: the log named the loss before a collector could fall back.
+    let logged: Vec<String> = left_out.iter().map(|(p, _)| crate::ebpf::left_out_start(p)).collect();
     for warning in build_warnings.into_iter().filter(|w| !logged.iter().any(|l| w.starts_with(l.as_str()))) {
         r.line("WARN", "collectors", warning);
     }
@@ -211,6 +213,13 @@ pub async fn check(
 fn latency_line(timing: &crate::ebpf::LatencyTiming) -> (&'static str, String) {
     let status = if timing.timed() == TimedRequests::All { " OK " } else { "WARN" };
     (status, timing.describe())
+}
+
+/// The line of a program left out, after its name: what is lost and why. For `block_rq_issue`
+/// that is not its metrics while `block_rq_complete` times what the kernel stamps itself: the
+/// I/O latency line says which requests (`timing`: the disk collector's, None without one).
+fn left_out_detail(program: &str, why: &str, timing: Option<&crate::ebpf::LatencyTiming>) -> String {
+    format!("not loaded, {}: {why}", crate::ebpf::left_out_loss(program, timing))
 }
 
 /// Runs `f` and returns what it returned and the warnings it logged, one line each, instead
@@ -334,6 +343,47 @@ mod tests {
         assert!(text.ends_with(&format!("which block_rq_issue fills, and it did not load: {why}")), "{text}");
         // The table path with every program is timed as ever.
         assert_eq!(latency_line(&timing(IssueStamps::Table, None)).0, " OK ");
+    }
+
+    /// A program's line says what is lost without it: for block_rq_issue, while
+    /// block_rq_complete is attached, the latency of requests the kernel does not stamp (all of
+    /// it on the stamp-table path), where it said "its metrics are absent" while the completion
+    /// still sent the histograms of the kernel-stamped requests.
+    #[test]
+    fn the_line_of_a_program_left_out_says_what_is_lost() {
+        use crate::ebpf::LatencyTiming;
+        use dcmon_common::ebpf::IssueStamps;
+        let why = "a tracepoint the programs need is missing in this kernel: program block_rq_issue";
+        let timing = |stamps, complete_left_out: Option<&str>| LatencyTiming {
+            stamps,
+            complete_left_out: complete_left_out.map(str::to_owned),
+            issue_left_out: Some(why.to_owned()),
+        };
+        for stamps in [IssueStamps::Kernel, IssueStamps::KernelAtCompletion] {
+            assert_eq!(
+                left_out_detail("block_rq_issue", why, Some(&timing(stamps, None))),
+                format!(
+                    "not loaded, the latency of requests the kernel does not stamp itself is not measured (see the \
+                     I/O latency line): {why}"
+                ),
+                "{stamps:?}"
+            );
+        }
+        assert_eq!(
+            left_out_detail("block_rq_issue", why, Some(&timing(IssueStamps::Table, None))),
+            format!("not loaded, no I/O latency is measured (see the I/O latency line): {why}")
+        );
+        // Without the completion program (or a collector reading them) the latency metrics are
+        // absent, as every other program's metrics are without it.
+        let generic = |why: &str| format!("not loaded, its metrics are absent: {why}");
+        let no_complete = timing(IssueStamps::Kernel, Some("no such tracepoint"));
+        assert_eq!(left_out_detail("block_rq_issue", why, Some(&no_complete)), generic(why));
+        assert_eq!(left_out_detail("block_rq_issue", why, None), generic(why));
+        for (program, _) in dcmon_common::ebpf::PROGRAMS.iter().filter(|(p, _)| *p != "block_rq_issue") {
+            for t in [None, Some(&timing(IssueStamps::Kernel, None)), Some(&timing(IssueStamps::Table, None))] {
+                assert_eq!(left_out_detail(program, "x", t), generic("x"), "{program}");
+            }
+        }
     }
 
     #[tokio::test]

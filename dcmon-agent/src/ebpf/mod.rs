@@ -86,10 +86,32 @@ fn latency_timing(stamps: IssueStamps, failed: &[(&'static str, String)]) -> Lat
     LatencyTiming { stamps, complete_left_out: why(PROG_BLOCK_RQ_COMPLETE), issue_left_out: why(PROG_BLOCK_RQ_ISSUE) }
 }
 
-/// The log line for a program that could not be loaded: `check` shows these on lines of
-/// their own and recognises them among the other warnings by this text.
-pub fn left_out_message(program: &str, why: &str) -> String {
-    format!("eBPF program {program} not loaded, its metrics are absent: {why}")
+/// The log line for a program that could not be loaded, `timing` being what the I/O latency
+/// programs time on this load. `check` shows these on lines of their own and recognises them
+/// among the other warnings by their start, [`left_out_start`].
+pub fn left_out_message(program: &str, why: &str, timing: &LatencyTiming) -> String {
+    format!("{}{}: {why}", left_out_start(program), left_out_loss(program, Some(timing)))
+}
+
+/// How [`left_out_message`] starts for `program`.
+pub fn left_out_start(program: &str) -> String {
+    format!("eBPF program {program} not loaded, ")
+}
+
+/// What the agent goes without when `program` is left out: its metrics, but for
+/// `block_rq_issue`, which only stamps requests for `block_rq_complete`: while that one is
+/// attached, the requests the kernel stamps itself are still timed. `timing`: what the I/O
+/// latency programs time (None where no collector reads them).
+pub fn left_out_loss(program: &str, timing: Option<&LatencyTiming>) -> &'static str {
+    let timed =
+        timing.filter(|t| program == PROG_BLOCK_RQ_ISSUE && t.complete_left_out.is_none()).map(LatencyTiming::timed);
+    match timed {
+        Some(TimedRequests::KernelStamped) => {
+            "the latency of requests the kernel does not stamp itself is not measured (see the I/O latency line)"
+        }
+        Some(TimedRequests::Nothing) => "no I/O latency is measured (see the I/O latency line)",
+        _ => "its metrics are absent",
+    }
 }
 
 /// What the I/O latency histograms time on a load: where issue times come from, and why
@@ -177,11 +199,11 @@ impl Probes {
     ) -> Result<Self, LoadError> {
         let load::Attached { ebpf, drop_reasons, failed, issue_stamps } =
             load::load_and_attach(btf_path, load::OBJECT, netns, kernel_stamps)?;
-        for (program, e) in &failed {
-            tracing::warn!("{}", left_out_message(program, &e.to_string()));
-        }
         let failed: Vec<(&'static str, String)> = failed.into_iter().map(|(p, e)| (p, e.to_string())).collect();
         let timing = latency_timing(issue_stamps, &failed);
+        for (program, why) in &failed {
+            tracing::warn!("{}", left_out_message(program, why, &timing));
+        }
         if timing.complete_left_out.is_none() {
             // Info, not a warning: a program left out is warned about above already.
             tracing::info!("I/O latency: {}", timing.describe());

@@ -19,7 +19,7 @@ use dcmon_common::ebpf::{NetKey, NetValue, OVERFLOW_SLOT};
 
 use super::drops::NetDrops;
 use super::{InterfaceCounters, parse_net_dev};
-use crate::batch::{Labels, Sample, Value};
+use crate::batch::{Labels, Sample};
 use crate::collector::{CollectError, Collector};
 use crate::config::DeviceFilter;
 use crate::ebpf::Probes;
@@ -293,7 +293,7 @@ impl EbpfNetCollector {
                 slot,
                 baseline: self.baseline.get(&i.key).copied().unwrap_or((0, 0)),
                 start: self.start.get(&i.key).map_or_else(NetValue::default, |&(_, v)| v),
-                labels: Labels::shared([("interface", name.as_str().into())]),
+                labels: Labels::shared(InterfaceCounters::labels(&name)),
                 name,
             })
             .collect();
@@ -330,9 +330,7 @@ impl Collector for EbpfNetCollector {
             // label set, allocating nothing.
             for c in &self.plan {
                 let (rx, tx) = c.bytes(&self.counters);
-                for (name, value) in [("network_receive_bytes_total", rx), ("network_transmit_bytes_total", tx)] {
-                    out.push(Sample { name, value: Value::Count(value), labels: c.labels.clone() });
-                }
+                out.extend(InterfaceCounters::samples_with(c.labels.clone(), rx, tx));
             }
         } else {
             out.extend(self.with_unslotted()?.iter().flat_map(InterfaceCounters::samples));

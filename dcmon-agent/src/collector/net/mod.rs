@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use dcmon_common::collector_names;
 
 use super::{CollectError, Collector};
-use crate::batch::Sample;
+use crate::batch::{LabelPair, Labels, Sample, Value};
 use crate::config::DeviceFilter;
 use crate::host::{Host, OpenFile, served_from_kernel_memory};
 
@@ -33,13 +33,25 @@ pub struct InterfaceCounters {
 }
 
 impl InterfaceCounters {
+    /// The label set of interface `name`'s samples: `interface="name"`.
+    pub fn labels(name: &str) -> [LabelPair; 1] {
+        [("interface", name.into())]
+    }
+
+    /// The two metrics of one interface, labelled `labels` (made from
+    /// [`InterfaceCounters::labels`]): every path, procfs and eBPF, builds them here. With a
+    /// shared set (the eBPF collector's, made once per re-list) they allocate nothing.
+    pub fn samples_with(labels: Labels, receive_bytes: u64, transmit_bytes: u64) -> [Sample; 2] {
+        [
+            Sample { name: "network_receive_bytes_total", value: Value::Count(receive_bytes), labels: labels.clone() },
+            Sample { name: "network_transmit_bytes_total", value: Value::Count(transmit_bytes), labels },
+        ]
+    }
+
     /// The two metrics of this interface.
     pub fn samples(&self) -> [Sample; 2] {
-        let i = self.interface.as_str();
-        [
-            Sample::count("network_receive_bytes_total", self.receive_bytes).label("interface", i),
-            Sample::count("network_transmit_bytes_total", self.transmit_bytes).label("interface", i),
-        ]
+        let labels = Self::labels(&self.interface).into_iter().collect();
+        Self::samples_with(labels, self.receive_bytes, self.transmit_bytes)
     }
 }
 
@@ -156,6 +168,26 @@ vethab12: 100 1 0 0 0 0 0 0 200 2 0 0 0 0 0 0
                 InterfaceCounters { interface: "eth0".into(), receive_bytes: 98_765_432, transmit_bytes: 12_345_678 },
             ]
         );
+    }
+
+    /// The procfs path's samples (owned labels) and the eBPF fast path's (one shared set) come
+    /// from one constructor: the same names, values and labels; the shared set stays shared.
+    #[test]
+    fn samples_are_the_same_with_owned_and_shared_labels() {
+        let eth0 = InterfaceCounters { interface: "eth0".into(), receive_bytes: 7, transmit_bytes: u64::MAX };
+        let owned = eth0.samples();
+        let expected = [("network_receive_bytes_total", 7), ("network_transmit_bytes_total", u64::MAX)];
+        for (s, (name, value)) in owned.iter().zip(expected) {
+            assert_eq!((s.name, s.value), (name, Value::Count(value)));
+            assert_eq!(s.labels, [("interface", "eth0".into())], "{s:?}");
+        }
+        let shared = Labels::shared(InterfaceCounters::labels("eth0"));
+        let fast = InterfaceCounters::samples_with(shared.clone(), 7, u64::MAX);
+        assert_eq!(fast, owned);
+        let Labels::Shared(set) = &shared else { panic!("{shared:?}") };
+        for s in &fast {
+            assert!(matches!(&s.labels, Labels::Shared(l) if std::sync::Arc::ptr_eq(l, set)), "{s:?}: a copy");
+        }
     }
 
     #[test]
