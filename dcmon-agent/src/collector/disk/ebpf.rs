@@ -17,6 +17,7 @@ use dcmon_common::ebpf::{DiskKey, DiskValue, OVERFLOW_SLOT};
 use dcmon_common::{SECTOR_BYTES, collector_names};
 
 use super::latency::DiskLatency;
+use super::removals::DiskRemovals;
 use super::{DiskCounters, DiskInventory, is_vanished, parse_block_stat, parse_diskstats_lines};
 use crate::batch::{Labels, Sample};
 use crate::collector::{CollectError, Collector};
@@ -95,6 +96,12 @@ pub struct EbpfDiskCollector {
     overflow: u64,
     /// The whole disks, as last listed.
     inventory: DiskInventory,
+    /// The kernel's disk removals; None where its uevents cannot be had: /sys/block is then
+    /// read every round instead.
+    removals: Option<DiskRemovals>,
+    /// A removal was reported: check /sys/block in the next round too, as the kernel sends the
+    /// uevent before the disk leaves /sys/block.
+    recheck_listing: bool,
     /// The disks of the last listing the filter allows, in device-number order (the order of
     /// /proc/diskstats, which the samples follow); made at each listing.
     listed: Vec<Listed>,
@@ -117,6 +124,12 @@ impl EbpfDiskCollector {
         let inline = served_from_kernel_memory(collector_names::DISK, [host.path("/sys/block").as_path()]);
         let mut c = Self {
             inventory: DiskInventory::new(host.clone()),
+            removals: DiskRemovals::subscribe()
+                .inspect_err(|e| {
+                    tracing::debug!("no uevents ({e}): /sys/block is read every round to notice a removed disk")
+                })
+                .ok(),
+            recheck_listing: false,
             host,
             filter,
             probes,
@@ -159,8 +172,17 @@ impl EbpfDiskCollector {
     /// Lists the disks when due, and reads every listed disk's counters into its `values`.
     fn read_round(&mut self) -> anyhow::Result<()> {
         // A removed disk whose slot stands still reads none of its files in a round (see
-        // read_known): one read of /sys/block notices it instead.
-        if self.inventory.is_due() || self.inventory.lost_a_disk() {
+        // read_known): its uevent, or else one read of /sys/block, notices it instead.
+        let lost = match &self.removals {
+            Some(removals) => {
+                let removed = removals.removed();
+                let lost = removed || (self.recheck_listing && self.inventory.lost_a_disk());
+                self.recheck_listing = removed;
+                lost
+            }
+            None => self.inventory.lost_a_disk(),
+        };
+        if self.inventory.is_due() || lost {
             self.relist()?;
         }
         if self.read_known()? {
