@@ -10,7 +10,9 @@ use dcmon_common::ebpf::DiskKey;
 use crate::host::{Host, ReadError};
 
 /// How often /sys/block is listed again to find disks that appeared. A disk that goes away is
-/// noticed at once: reading one of its files fails, and the collector lists again.
+/// noticed at once: reading one of its files fails, or (the eBPF collector, which reads no file
+/// of an idle disk) its removal uevent arrives or [`DiskInventory::lost_a_disk`] misses it, and
+/// the collector lists again.
 pub const RELIST_EVERY: Duration = Duration::from_secs(10);
 
 /// One whole disk.
