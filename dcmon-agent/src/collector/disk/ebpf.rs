@@ -17,6 +17,7 @@ use dcmon_common::ebpf::{DiskKey, DiskValue, OVERFLOW_SLOT};
 use dcmon_common::{SECTOR_BYTES, collector_names};
 
 use super::latency::DiskLatency;
+use super::removals::DiskRemovals;
 use super::{DiskCounters, DiskInventory, is_vanished, parse_block_stat, parse_diskstats_lines};
 use crate::batch::{Labels, Sample};
 use crate::collector::{CollectError, Collector};
@@ -34,8 +35,13 @@ struct Listed {
     name: String,
     key: DiskKey,
     request_based: bool,
-    /// Its queue/iostats (request-based disks), kept open: it is re-read every round.
+    /// Its queue/iostats (request-based disks), kept open: read again in a round where its
+    /// slot's counters moved since the last read.
     iostats: OpenFile,
+    /// Its slot and the slot's counters when queue/iostats was last read (None: read it this
+    /// round), and what it said: statistics on.
+    iostats_checked: Option<(u32, DiskValue)>,
+    iostats_on: bool,
     /// Its stat file, kept open (opened when first read).
     stat: OpenFile,
     /// `device="name"`, made once and shared by every round's samples.
@@ -57,6 +63,8 @@ impl Listed {
             request_based,
             iostats: OpenFile::new(host, format!("/sys/block/{name}/queue/iostats")),
             stat: OpenFile::new(host, format!("/sys/block/{name}/stat")),
+            iostats_checked: None,
+            iostats_on: true,
             labels: Labels::shared([("device", name.into())]),
             counted: None,
             slot: None,
@@ -88,6 +96,12 @@ pub struct EbpfDiskCollector {
     overflow: u64,
     /// The whole disks, as last listed.
     inventory: DiskInventory,
+    /// The kernel's disk removals; None where its uevents cannot be had: /sys/block is then
+    /// read every round instead.
+    removals: Option<DiskRemovals>,
+    /// A removal was reported: check /sys/block in the next round too, as the kernel sends the
+    /// uevent before the disk leaves /sys/block.
+    recheck_listing: bool,
     /// The disks of the last listing the filter allows, in device-number order (the order of
     /// /proc/diskstats, which the samples follow); made at each listing.
     listed: Vec<Listed>,
@@ -110,6 +124,12 @@ impl EbpfDiskCollector {
         let inline = served_from_kernel_memory(collector_names::DISK, [host.path("/sys/block").as_path()]);
         let mut c = Self {
             inventory: DiskInventory::new(host.clone()),
+            removals: DiskRemovals::subscribe()
+                .inspect_err(|e| {
+                    tracing::debug!("no uevents ({e}): /sys/block is read every round to notice a removed disk")
+                })
+                .ok(),
+            recheck_listing: false,
             host,
             filter,
             probes,
@@ -151,7 +171,18 @@ impl EbpfDiskCollector {
 
     /// Lists the disks when due, and reads every listed disk's counters into its `values`.
     fn read_round(&mut self) -> anyhow::Result<()> {
-        if self.inventory.is_due() {
+        // A removed disk whose slot stands still reads none of its files in a round (see
+        // read_known): its uevent, or else one read of /sys/block, notices it instead.
+        let lost = match &self.removals {
+            Some(removals) => {
+                let removed = removals.removed();
+                let lost = removed || (self.recheck_listing && self.inventory.lost_a_disk());
+                self.recheck_listing = removed;
+                lost
+            }
+            None => self.inventory.lost_a_disk(),
+        };
+        if self.inventory.is_due() || lost {
             self.relist()?;
         }
         if self.read_known()? {
@@ -200,25 +231,43 @@ impl EbpfDiskCollector {
     fn read_known(&mut self) -> anyhow::Result<bool> {
         let mut vanished = false;
         let buf = &mut self.buf;
+        // The slots' counters first: they decide which disks need their queue/iostats read.
+        self.probes.disk_counters_into(&mut self.counters)?;
         // Disks the programs cannot mirror: bio-based ones, and request-based ones whose
         // statistics are switched off (queue/iostats = 0: /proc stands still while requests
-        // still complete); those are read from their stat files. queue/iostats is read every
-        // round: iostats can be toggled at runtime, and a failed read is what notices a
-        // removed disk in the very next round. A disk whose number could not be read is left
-        // out until a listing reads it. A disk without a slot (all taken) is read from its
-        // stat file too.
+        // still complete); those are read from their stat files. iostats can be toggled at
+        // runtime, but it only matters for requests that complete: queue/iostats is read again
+        // only in a round where the disk's slot counted some since the last read (a disk with
+        // no completion stands still in /proc and in its slot alike), which spares the idle
+        // disks a file read a round. A failed read notices a removed disk, and
+        // `DiskInventory::lost_a_disk` the idle ones. A disk whose number could not be read is
+        // left out until a listing reads it. A disk without a slot (all taken) is read from
+        // its stat file too.
         let mut fresh = Vec::new();
         for l in &mut self.listed {
             l.values = None;
-            let mirrored = l.request_based
-                && match l.iostats.read_into(buf) {
-                    Ok(()) => buf.trim() != "0",
-                    Err(_) => {
-                        vanished = true;
-                        true
-                    }
-                };
-            l.slot = if mirrored { self.probes.disk_slot(l.key)? } else { None };
+            l.slot = None;
+            if l.request_based
+                && let Some(slot) = self.probes.disk_slot(l.key)?
+            {
+                let now = self.counters.get(slot as usize).copied();
+                let still = now.is_some_and(|now| l.iostats_checked == Some((slot, now)));
+                if !still {
+                    l.iostats_checked = now.map(|now| (slot, now));
+                    l.iostats_on = match l.iostats.read_into(buf) {
+                        Ok(()) => buf.trim() != "0",
+                        Err(_) => {
+                            // Read again next round; counted from its slot in this one.
+                            l.iostats_checked = None;
+                            vanished = true;
+                            true
+                        }
+                    };
+                }
+                if l.iostats_on {
+                    l.slot = Some(slot);
+                }
+            }
             match l.slot {
                 Some(slot) => {
                     if l.counted.is_none_or(|(had, _, _)| had != slot) {
@@ -243,9 +292,7 @@ impl EbpfDiskCollector {
                 }
             }
         }
-        if fresh.is_empty() {
-            self.probes.disk_counters_into(&mut self.counters)?;
-        } else {
+        if !fresh.is_empty() {
             self.counters = take_baselines(&self.host, &self.probes, (&mut self.baseline, &mut self.start), &fresh)?;
             for l in &mut self.listed {
                 if l.slot.is_some() && fresh.iter().any(|&(key, _)| key == l.key) {

@@ -10,7 +10,9 @@ use dcmon_common::ebpf::DiskKey;
 use crate::host::{Host, ReadError};
 
 /// How often /sys/block is listed again to find disks that appeared. A disk that goes away is
-/// noticed at once: reading one of its files fails, and the collector lists again.
+/// noticed at once: reading one of its files fails, or (the eBPF collector, which reads no file
+/// of an idle disk) its removal uevent arrives or [`DiskInventory::lost_a_disk`] misses it, and
+/// the collector lists again.
 pub const RELIST_EVERY: Duration = Duration::from_secs(10);
 
 /// One whole disk.
@@ -27,6 +29,8 @@ pub struct Disk {
 #[derive(Debug)]
 pub struct DiskInventory {
     host: Host,
+    /// `/sys/block` under the host root, made once: [`Self::lost_a_disk`] reads it every round.
+    sys_block: std::path::PathBuf,
     /// By name, so iteration is in name order.
     disks: BTreeMap<String, Disk>,
     relist_every: Duration,
@@ -37,7 +41,8 @@ pub struct DiskInventory {
 impl DiskInventory {
     /// The disks of `host`, not listed yet.
     pub fn new(host: Host) -> Self {
-        Self { host, disks: BTreeMap::new(), relist_every: RELIST_EVERY, listed_at: None }
+        let sys_block = host.path("/sys/block");
+        Self { host, sys_block, disks: BTreeMap::new(), relist_every: RELIST_EVERY, listed_at: None }
     }
 
     /// List again every `every` (default [`RELIST_EVERY`]).
@@ -81,6 +86,19 @@ impl DiskInventory {
     /// The disks of the last listing, in name order.
     pub fn disks(&self) -> impl Iterator<Item = (&str, Disk)> {
         self.disks.iter().map(|(name, d)| (name.as_str(), *d))
+    }
+
+    /// Whether a disk of the last listing is missing from /sys/block now: one directory read,
+    /// no file per disk, so a round can notice a removed disk without reading each disk's
+    /// files. Disks that appeared are left for the next listing. False when /sys/block cannot
+    /// be read (the collectors' reads of their files notice what they can then).
+    pub fn lost_a_disk(&self) -> bool {
+        let Ok(dir) = std::fs::read_dir(&self.sys_block) else { return false };
+        let present = dir
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_str().is_some_and(|name| self.disks.contains_key(name)))
+            .count();
+        present < self.disks.len()
     }
 
     /// Whether the last listing had a disk named `name`.
@@ -149,10 +167,18 @@ mod tests {
             [Disk { key: Some(DiskKey::new(7, 9)), request_based: true }],
             "a missing number is read again"
         );
+        // Nothing gone since: no disk lost. A disk that appeared is not a loss either.
+        assert!(!inventory.lost_a_disk());
+        write_sys_block(root, &[("vdb", Some("254:0"), true), ("odd", Some("7:9"), true), ("new", Some("7:1"), true)]);
+        assert!(!inventory.lost_a_disk(), "a disk appeared, none lost");
+        write_sys_block(root, &[("odd", Some("7:9"), true), ("new", Some("7:1"), true)]);
+        assert!(inventory.lost_a_disk(), "vdb removed");
+        write_sys_block(root, &[("vdb", Some("254:0"), true), ("odd", Some("7:9"), true)]);
         // No /sys/block: an error naming it, and the last listing kept.
         std::fs::remove_dir_all(root.join("sys")).expect("rm");
         let err = inventory.relist().expect_err("no /sys/block");
         assert!(err.to_string().contains(&root.join("sys/block").display().to_string()), "{err}");
         assert!(inventory.contains("vdb"));
+        assert!(!inventory.lost_a_disk(), "no /sys/block to read: left to the reads of the disks' files");
     }
 }

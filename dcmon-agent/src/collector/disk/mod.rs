@@ -11,6 +11,7 @@
 pub mod ebpf;
 mod inventory;
 pub mod latency;
+mod removals;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
