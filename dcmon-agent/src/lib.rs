@@ -19,6 +19,7 @@ pub mod footprint;
 pub mod host;
 pub mod install;
 pub mod jobs;
+pub mod netlink;
 pub mod notify;
 pub mod outbox;
 pub mod output;

@@ -3,7 +3,9 @@
 //! round (a directory walk of four syscalls, against one `recv` that finds nothing).
 
 use std::io;
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::OwnedFd;
+
+use crate::netlink::{self, Drained};
 
 /// A non-blocking `NETLINK_ROUTE` socket subscribed to `RTMGRP_LINK` in this network namespace.
 #[derive(Debug)]
@@ -14,55 +16,19 @@ pub struct LinkEvents {
 impl LinkEvents {
     /// Subscribe. Fails where netlink is not available (a seccomp filter, an old kernel).
     pub fn subscribe() -> io::Result<Self> {
-        // SAFETY: plain socket(2); the result is checked before it is owned.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a new descriptor owned by nothing else.
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_nl is plain data; all-zero is a valid value to fill in.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = u16::try_from(libc::AF_NETLINK).unwrap_or_default();
-        addr.nl_groups = u32::try_from(libc::RTMGRP_LINK).unwrap_or_default();
-        let len = u32::try_from(std::mem::size_of::<libc::sockaddr_nl>()).unwrap_or_default();
-        // SAFETY: `addr` is a valid sockaddr_nl of `len` bytes.
-        if unsafe { libc::bind(socket.as_raw_fd(), (&raw const addr).cast(), len) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self { socket })
+        let groups = u32::try_from(libc::RTMGRP_LINK).unwrap_or_default();
+        Ok(Self { socket: netlink::subscribe(libc::NETLINK_ROUTE, libc::SOCK_RAW, groups)? })
     }
 
     /// Whether any link changed since the last call: drains what is queued without waiting.
     /// An overflowed queue (ENOBUFS: events were lost) and any other error count as a change,
     /// so the caller re-lists rather than trusting a stale list.
     pub fn changed(&self) -> bool {
-        // Left uninitialised: the messages are only counted, never read, and zeroing 8 KiB
-        // every round was the largest part of the network collector's own work.
+        // The messages are only counted, never read.
         let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 8192];
-        let mut changed = false;
-        loop {
-            // SAFETY: receives at most `buf.len()` bytes into `buf`.
-            let n = unsafe { libc::recv(self.socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n > 0 {
-                changed = true;
-                continue;
-            }
-            if n == 0 {
-                return true;
-            }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::WouldBlock => return changed,
-                io::ErrorKind::Interrupted => {}
-                _ => return true,
-            }
+        match netlink::drain(&self.socket, &mut buf, usize::MAX, |_| {}) {
+            Drained::Messages(n) => n > 0,
+            Drained::Unknown => true,
         }
     }
 }

@@ -4,7 +4,9 @@
 //! that costs as much as a dozen disk files).
 
 use std::io;
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::OwnedFd;
+
+use crate::netlink::{self, Drained};
 
 /// The kernel's uevent multicast group (udev's own re-broadcasts are group 2).
 const KERNEL_GROUP: u32 = 1;
@@ -22,29 +24,7 @@ pub struct DiskRemovals {
 impl DiskRemovals {
     /// Subscribe. Fails where netlink is not available (a seccomp filter, an old kernel).
     pub fn subscribe() -> io::Result<Self> {
-        // SAFETY: plain socket(2); the result is checked before it is owned.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                libc::NETLINK_KOBJECT_UEVENT,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` is a new descriptor owned by nothing else.
-        let socket = unsafe { OwnedFd::from_raw_fd(fd) };
-        // SAFETY: sockaddr_nl is plain data; all-zero is a valid value to fill in.
-        let mut addr: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
-        addr.nl_family = u16::try_from(libc::AF_NETLINK).unwrap_or_default();
-        addr.nl_groups = KERNEL_GROUP;
-        let len = u32::try_from(std::mem::size_of::<libc::sockaddr_nl>()).unwrap_or_default();
-        // SAFETY: `addr` is a valid sockaddr_nl of `len` bytes.
-        if unsafe { libc::bind(socket.as_raw_fd(), (&raw const addr).cast(), len) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(Self { socket })
+        Ok(Self { socket: netlink::subscribe(libc::NETLINK_KOBJECT_UEVENT, libc::SOCK_DGRAM, KERNEL_GROUP)? })
     }
 
     /// Whether a whole disk may have been removed since the last call: drains what is queued
@@ -55,26 +35,10 @@ impl DiskRemovals {
         // A uevent is at most 2 KiB of text (the kernel's UEVENT_BUFFER_SIZE) and its header.
         let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
         let mut removed = false;
-        for _ in 0..MAX_MESSAGES {
-            // SAFETY: receives at most `buf.len()` bytes into `buf`.
-            let n = unsafe { libc::recv(self.socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if let Ok(n @ 1..) = usize::try_from(n) {
-                // SAFETY: recv initialised the first `n` bytes (n <= buf.len()).
-                let message = unsafe { std::slice::from_raw_parts(buf.as_ptr().cast::<u8>(), n.min(buf.len())) };
-                removed |= is_disk_removal(message);
-                continue;
-            }
-            if n == 0 {
-                return true;
-            }
-            let e = io::Error::last_os_error();
-            match e.kind() {
-                io::ErrorKind::WouldBlock => return removed,
-                io::ErrorKind::Interrupted => {}
-                _ => return true,
-            }
+        match netlink::drain(&self.socket, &mut buf, MAX_MESSAGES, |m| removed |= is_disk_removal(m)) {
+            Drained::Messages(_) => removed,
+            Drained::Unknown => true,
         }
-        true
     }
 }
 
